@@ -1,0 +1,147 @@
+// latro_engine's torch-free core: the hot paths of LaTRO training on raw pointers.
+//
+//   token_logprobs          log_softmax(logits)[target] with one read of the logits (+ backward)
+//   sample                  temperature / top-k / top-p / min-p sampling, counter-based RNG
+//   stop_positions(_step)   where a stop sequence ("The answer is", EOS) begins in each row
+//   rloo_advantages         leave-one-out baselines within groups of k samples
+//   latro_rewards           self-reward minus the KL term, with the non-stop penalty
+//
+// Conventions: row-major matrices with an explicit row stride (elements) and unit stride along
+// the last dimension; int64 ids; float32 results. Every function validates its arguments and
+// throws latro::Error naming the argument. CPU functions are single-threaded and take an
+// optional row range [row_begin, row_end) so the caller can spread rows over its own threads
+// (row_end = -1 means all rows); results do not depend on how the rows are split.
+#pragma once
+
+#include <cstdint>
+
+#include "latro/error.h"
+#include "latro/philox.h"
+#include "latro/types.h"
+
+namespace latro {
+
+constexpr int kVersionMajor = 0;
+constexpr int kVersionMinor = 1;
+const char* version();
+
+// ---------------------------------------------------------------- token log-probabilities
+struct TokenLogprobsArgs {
+  const void* logits = nullptr;  // [rows, vocab] of `dtype`, row stride `row_stride`
+  DType dtype = DType::Float32;
+  int64_t rows = 0;
+  int64_t vocab = 0;
+  int64_t row_stride = -1;          // -1: vocab (dense rows)
+  const int64_t* targets = nullptr;  // [rows], each in [0, vocab) or == ignore_index
+  int64_t ignore_index = -100;
+  float* logprobs = nullptr;  // out [rows]: log_softmax(logits[r])[targets[r]], 0 where ignored
+  float* lse = nullptr;       // optional out [rows]: log-sum-exp of the row, 0 where ignored
+};
+
+// Online log-sum-exp in float32 blocks with a float64 running total; never materializes a
+// float32 copy of a row.
+void token_logprobs(const TokenLogprobsArgs& args, int64_t row_begin = 0, int64_t row_end = -1);
+
+// The simple forms for embedders: dense rows, ignore_index -100.
+void token_logprobs(const float* logits, int64_t rows, int64_t vocab, const int64_t* targets,
+                    float* out);
+void token_logprobs(const bfloat16* logits, int64_t rows, int64_t vocab, const int64_t* targets,
+                    float* out);
+void token_logprobs(const float16* logits, int64_t rows, int64_t vocab, const int64_t* targets,
+                    float* out);
+
+struct TokenLogprobsBackwardArgs {
+  const void* logits = nullptr;  // as in the forward
+  DType dtype = DType::Float32;
+  int64_t rows = 0;
+  int64_t vocab = 0;
+  int64_t row_stride = -1;
+  const int64_t* targets = nullptr;
+  int64_t ignore_index = -100;
+  const float* lse = nullptr;            // [rows], from the forward
+  const float* grad_logprobs = nullptr;  // [rows], any upstream gradient
+  void* grad_logits = nullptr;  // out [rows, vocab] of `dtype`; may alias `logits` exactly
+  int64_t grad_row_stride = -1;  // -1: vocab
+};
+
+// grad_logits[r, v] = grad_logprobs[r] * ([v == targets[r]] - exp(logits[r, v] - lse[r])),
+// zero rows where the target is ignore_index.
+void token_logprobs_backward(const TokenLogprobsBackwardArgs& args, int64_t row_begin = 0,
+                             int64_t row_end = -1);
+
+// ---------------------------------------------------------------- sampling
+struct SampleArgs {
+  const void* logits = nullptr;  // [rows, vocab] of `dtype`
+  DType dtype = DType::Float32;
+  int64_t rows = 0;
+  int64_t vocab = 0;
+  int64_t row_stride = -1;
+  // One seed for the batch (per_row_seeds = false: seeds[0], random stream = row index) or
+  // one per row (seeds[row], stream 0, so a row's draws do not depend on its batch position).
+  const int64_t* seeds = nullptr;
+  bool per_row_seeds = false;
+  const int64_t* offset = nullptr;  // the decode step: one value, readable where the kernel runs
+  float temperature = 1.0f;         // 0: greedy (argmax, lowest id on ties, log-prob 0)
+  int64_t top_k = 0;                // 0: off; else keep logits >= the k-th largest (ties kept)
+  float top_p = 1.0f;               // 1: off; else the smallest nucleus of mass >= top_p
+  float min_p = 0.0f;               // 0: off; else keep p >= min_p * max p
+  int64_t* ids = nullptr;           // out [rows]
+  float* logprobs = nullptr;        // out [rows]: log-prob of ids under the kept distribution
+};
+
+// Filtering order: scale by 1/temperature; top-k and min-p (both thresholds on the scaled
+// logits, order-free); then top-p over the renormalized survivors. A token is drawn as
+// argmax(scaled logit + Gumbel noise) over the kept set, with the noise of token v taken from
+// Philox at counter (v / 4, stream, offset) under the seed: the same inputs give the same ids
+// on every call and every backend (up to ties within rounding).
+void sample(const SampleArgs& args, int64_t row_begin = 0, int64_t row_end = -1);
+
+// Checks the scalar options alone (temperature finite and >= 0, top_k >= 0, top_p in (0, 1],
+// min_p in [0, 1]); sample() calls it too.
+void check_sampling_options(float temperature, int64_t top_k, float top_p, float min_p);
+
+// ---------------------------------------------------------------- stop detection
+// A set of token sequences, sequence i = tokens[offsets[i] .. offsets[i + 1]); count + 1 offsets.
+struct StopSequences {
+  const int64_t* tokens = nullptr;
+  const int64_t* offsets = nullptr;
+  int64_t count = 0;
+};
+
+// Checks offsets are non-decreasing from 0 and every sequence is non-empty.
+void check_stop_sequences(const StopSequences& stops);
+
+// out[r] = the index where the earliest occurrence (starting at or after `start`) of any stop
+// sequence begins in tokens[r, :len], or len where none occurs.
+void stop_positions(const int64_t* tokens, int64_t rows, int64_t len, int64_t row_stride,
+                    const StopSequences& stops, int64_t start, int64_t* out,
+                    int64_t row_begin = 0, int64_t row_end = -1);
+
+// The incremental form for decode loops: only stop sequences that end exactly at `step` (the
+// newest token) are checked. positions_out[r] = positions_in[r] if that row had already
+// stopped (positions_in[r] != len), else the start of the first stop sequence (in the given
+// order) that ends at `step` and begins at or after `start`, else len. positions_out may alias
+// positions_in. Calling it for step = start, start + 1, ... reports where each row first
+// completed a stop sequence.
+void stop_positions_step(const int64_t* tokens, int64_t rows, int64_t len, int64_t row_stride,
+                         const StopSequences& stops, int64_t step, int64_t start,
+                         const int64_t* positions_in, int64_t* positions_out,
+                         int64_t row_begin = 0, int64_t row_end = -1);
+
+// ---------------------------------------------------------------- rewards and advantages
+// rewards [groups * k], grouped contiguously: out[i] = r_i - (sum of its group - r_i) / (k - 1).
+void rloo_advantages(const float* rewards, int64_t groups, int64_t k, float* out);
+
+enum class PenaltyMode : int {
+  Constant = 0,   // rows that never stopped get `nonstop_penalty`
+  BatchMean = 1,  // ... get nonstop_penalty * mean(answer_logp over all n rows), as the
+                  // reference implementation does
+};
+
+// out[i] = answer_logp[i] - kl_coef * (rationale_logp[i] - ref_rationale_logp[i]) for rows that
+// finished, the penalty for rows that did not.
+void latro_rewards(const float* answer_logp, const float* rationale_logp,
+                   const float* ref_rationale_logp, const bool* finished, int64_t n,
+                   float kl_coef, float nonstop_penalty, PenaltyMode mode, float* out);
+
+}  // namespace latro

@@ -1,0 +1,162 @@
+// Sampling with temperature, top-k, top-p and min-p on the CPU (semantics in latro.h).
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <vector>
+
+#include "cpu_common.h"
+#include "latro/latro.h"
+
+namespace latro {
+namespace {
+
+using detail::exp_nonpositive;
+using detail::kNegInf;
+
+// Gumbel noise from 23-bit uniforms lies in [-2.82, 16.64], so a token whose scaled logit is
+// more than this below the best one can never win the argmax: skipping its noise is exact.
+constexpr float kGumbelSpan = 20.0f;
+
+struct RowScratch {
+  std::vector<float> scaled;     // logits / temperature
+  std::vector<float> selection;  // copy for nth_element
+  std::vector<int64_t> order;    // candidates for top-p
+};
+
+template <typename T>
+void greedy_row(const T* row, int64_t vocab, int64_t r, int64_t* id, float* logprob) {
+  int64_t best = -1;
+  float best_value = kNegInf;
+  for (int64_t v = 0; v < vocab; ++v) {
+    const float x = to_float(row[v]);
+    LATRO_CHECK(x == x, "logits row ", r, " contains NaN");
+    if (best < 0 || x > best_value) {
+      best = v;
+      best_value = x;
+    }
+  }
+  *id = best;
+  *logprob = 0.0f;  // a point mass
+}
+
+template <typename T>
+void sample_row(const SampleArgs& args, const T* row, int64_t r, uint64_t seed, uint32_t stream,
+                uint64_t step, RowScratch& scratch) {
+  const int64_t vocab = args.vocab;
+  std::vector<float>& s = scratch.scaled;
+  s.resize(static_cast<size_t>(vocab));
+  float m = kNegInf;
+  for (int64_t v = 0; v < vocab; ++v) {
+    s[v] = to_float(row[v]) / args.temperature;
+    LATRO_CHECK(s[v] == s[v], "logits row ", r, " contains NaN");
+    m = s[v] > m ? s[v] : m;
+  }
+  LATRO_CHECK(m != kNegInf, "logits row ", r, " has no finite value");
+  LATRO_CHECK(m != -kNegInf, "logits row ", r, " contains +inf");
+
+  // Thresholds of top-k and min-p: keep s >= kth_largest and s - m >= log(min_p).
+  float kth_largest = kNegInf;
+  if (args.top_k > 0 && args.top_k < vocab) {
+    std::vector<float>& sel = scratch.selection;
+    sel.assign(s.begin(), s.end());
+    std::nth_element(sel.begin(), sel.begin() + (args.top_k - 1), sel.end(), std::greater<float>());
+    kth_largest = sel[static_cast<size_t>(args.top_k - 1)];
+  }
+  const float log_min_p =
+      args.min_p > 0.0f ? static_cast<float>(std::log(static_cast<double>(args.min_p))) : kNegInf;
+  auto kept_before_top_p = [&](int64_t v) {
+    return s[v] != kNegInf && s[v] >= kth_largest && (s[v] - m) >= log_min_p;
+  };
+
+  // Top-p over the renormalized survivors: walk them by decreasing logit until the mass reaches
+  // top_p; every token at least as likely as the last one walked is kept (ties stay together).
+  float nucleus_floor = kNegInf;
+  if (args.top_p < 1.0f) {
+    std::vector<int64_t>& order = scratch.order;
+    order.clear();
+    double mass = 0.0;
+    for (int64_t v = 0; v < vocab; ++v) {
+      if (kept_before_top_p(v)) {
+        order.push_back(v);
+        mass += std::exp(static_cast<double>(s[v]) - m);
+      }
+    }
+    std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+      return s[a] > s[b] || (s[a] == s[b] && a < b);
+    });
+    const double target = static_cast<double>(args.top_p) * mass;
+    double cumulative = 0.0;
+    nucleus_floor = s[order.back()];
+    for (int64_t v : order) {
+      cumulative += std::exp(static_cast<double>(s[v]) - m);
+      if (cumulative >= target) {
+        nucleus_floor = s[v];
+        break;
+      }
+    }
+  }
+
+  // Gumbel-max over the kept set, and the kept set's normalizer for the log-prob.
+  const float floor = std::max(nucleus_floor, m - kGumbelSpan);
+  int64_t best = -1;
+  float best_key = kNegInf;
+  double kept_mass = 0.0;
+  uint32_t cached_block = 0xFFFFFFFFu;
+  Philox4 words{};
+  for (int64_t v = 0; v < vocab; ++v) {
+    if (!kept_before_top_p(v) || s[v] < nucleus_floor) continue;
+    kept_mass += static_cast<double>(exp_nonpositive(s[v] - m));
+    if (s[v] < floor) continue;
+    const uint32_t block = static_cast<uint32_t>(v >> 2);
+    if (block != cached_block) {
+      words = sampling_random_block(seed, stream, step, block);
+      cached_block = block;
+    }
+    const float key = s[v] + gumbel_noise(words.v[v & 3]);
+    if (best < 0 || key > best_key) {
+      best = v;
+      best_key = key;
+    }
+  }
+  args.ids[r] = best;
+  args.logprobs[r] =
+      static_cast<float>(static_cast<double>(s[best]) - m - std::log(kept_mass));
+}
+
+}  // namespace
+
+void check_sampling_options(float temperature, int64_t top_k, float top_p, float min_p) {
+  LATRO_CHECK(std::isfinite(temperature) && temperature >= 0.0f,
+              "temperature must be a finite number >= 0, got ", temperature);
+  LATRO_CHECK(top_k >= 0, "top_k must be >= 0 (0 disables it), got ", top_k);
+  LATRO_CHECK(top_p > 0.0f && top_p <= 1.0f, "top_p must be in (0, 1], got ", top_p);
+  LATRO_CHECK(min_p >= 0.0f && min_p <= 1.0f, "min_p must be in [0, 1], got ", min_p);
+}
+
+void sample(const SampleArgs& args, int64_t row_begin, int64_t row_end) {
+  detail::check_matrix(args.logits, args.rows, args.vocab, "logits");
+  detail::resolve_row_range(args.rows, row_begin, row_end);
+  const int64_t stride = detail::resolve_row_stride(args.row_stride, args.vocab, "row_stride");
+  check_sampling_options(args.temperature, args.top_k, args.top_p, args.min_p);
+  LATRO_CHECK(args.seeds != nullptr, "seeds is a null pointer");
+  LATRO_CHECK(args.offset != nullptr, "offset is a null pointer");
+  LATRO_CHECK(args.ids != nullptr || args.rows == 0, "ids (output) is a null pointer");
+  LATRO_CHECK(args.logprobs != nullptr || args.rows == 0, "logprobs (output) is a null pointer");
+  LATRO_CHECK(*args.offset >= 0, "offset must be >= 0, got ", *args.offset);
+  LATRO_DISPATCH_DTYPE(args.dtype, T, [&] {
+    const T* logits = static_cast<const T*>(args.logits);
+    RowScratch scratch;
+    for (int64_t r = row_begin; r < row_end; ++r) {
+      const T* row = logits + r * stride;
+      if (args.temperature == 0.0f) {
+        greedy_row(row, args.vocab, r, &args.ids[r], &args.logprobs[r]);
+        continue;
+      }
+      const uint64_t seed = static_cast<uint64_t>(args.per_row_seeds ? args.seeds[r] : args.seeds[0]);
+      const uint32_t stream = args.per_row_seeds ? 0u : static_cast<uint32_t>(r);
+      sample_row(args, row, r, seed, stream, static_cast<uint64_t>(*args.offset), scratch);
+    }
+  });
+}
+
+}  // namespace latro

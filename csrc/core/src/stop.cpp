@@ -1,0 +1,94 @@
+// Stop-sequence detection ("The answer is", EOS, ...) over token rows.
+#include "cpu_common.h"
+#include "latro/latro.h"
+
+namespace latro {
+namespace {
+
+bool occurs_at(const int64_t* row, int64_t len, const StopSequences& stops, int64_t which,
+               int64_t begin) {
+  const int64_t* seq = stops.tokens + stops.offsets[which];
+  const int64_t n = stops.offsets[which + 1] - stops.offsets[which];
+  if (begin < 0 || begin + n > len) return false;
+  for (int64_t i = 0; i < n; ++i) {
+    if (row[begin + i] != seq[i]) return false;
+  }
+  return true;
+}
+
+void check_rows(const int64_t* tokens, int64_t rows, int64_t len, int64_t row_stride,
+                int64_t start) {
+  LATRO_CHECK(rows >= 0, "rows must be >= 0, got ", rows);
+  LATRO_CHECK(len >= 0, "len must be >= 0, got ", len);
+  LATRO_CHECK(tokens != nullptr || rows == 0 || len == 0, "tokens is a null pointer");
+  LATRO_CHECK(row_stride >= len, "row_stride = ", row_stride, " is smaller than len = ", len);
+  LATRO_CHECK(start >= 0 && start <= len, "start must be in [0, ", len, "], got ", start);
+}
+
+}  // namespace
+
+void check_stop_sequences(const StopSequences& stops) {
+  LATRO_CHECK(stops.count >= 0, "stop_sequences count must be >= 0, got ", stops.count);
+  if (stops.count == 0) return;
+  LATRO_CHECK(stops.offsets != nullptr, "stop_sequences offsets is a null pointer");
+  LATRO_CHECK(stops.tokens != nullptr, "stop_sequences tokens is a null pointer");
+  LATRO_CHECK(stops.offsets[0] == 0, "stop_sequences offsets must start at 0, got ",
+              stops.offsets[0]);
+  for (int64_t i = 0; i < stops.count; ++i) {
+    LATRO_CHECK(stops.offsets[i + 1] > stops.offsets[i], "stop_sequences[", i,
+                "] is empty (offsets must increase strictly)");
+  }
+}
+
+void stop_positions(const int64_t* tokens, int64_t rows, int64_t len, int64_t row_stride,
+                    const StopSequences& stops, int64_t start, int64_t* out, int64_t row_begin,
+                    int64_t row_end) {
+  check_rows(tokens, rows, len, row_stride, start);
+  check_stop_sequences(stops);
+  detail::resolve_row_range(rows, row_begin, row_end);
+  LATRO_CHECK(out != nullptr || rows == 0, "out is a null pointer");
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    const int64_t* row = tokens + r * row_stride;
+    int64_t found = len;
+    for (int64_t begin = start; begin < len && found == len; ++begin) {
+      for (int64_t which = 0; which < stops.count; ++which) {
+        if (occurs_at(row, len, stops, which, begin)) {
+          found = begin;
+          break;
+        }
+      }
+    }
+    out[r] = found;
+  }
+}
+
+void stop_positions_step(const int64_t* tokens, int64_t rows, int64_t len, int64_t row_stride,
+                         const StopSequences& stops, int64_t step, int64_t start,
+                         const int64_t* positions_in, int64_t* positions_out, int64_t row_begin,
+                         int64_t row_end) {
+  check_rows(tokens, rows, len, row_stride, start);
+  check_stop_sequences(stops);
+  detail::resolve_row_range(rows, row_begin, row_end);
+  LATRO_CHECK(step >= 0 && step < len, "step must be in [0, ", len, "), got ", step);
+  LATRO_CHECK((positions_in != nullptr && positions_out != nullptr) || rows == 0,
+              "positions is a null pointer");
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    int64_t position = positions_in[r];
+    LATRO_CHECK(position >= 0 && position <= len, "positions[", r, "] = ", position,
+                " is outside [0, ", len, "]");
+    if (position == len) {
+      const int64_t* row = tokens + r * row_stride;
+      for (int64_t which = 0; which < stops.count; ++which) {
+        const int64_t n = stops.offsets[which + 1] - stops.offsets[which];
+        const int64_t begin = step + 1 - n;
+        if (begin >= start && occurs_at(row, len, stops, which, begin)) {
+          position = begin;
+          break;
+        }
+      }
+    }
+    positions_out[r] = position;
+  }
+}
+
+}  // namespace latro

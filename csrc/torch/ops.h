@@ -1,0 +1,55 @@
+// Shared pieces of the tensor ops: argument validation (identical for every backend) and the
+// row walker that hands uniformly strided runs of rows to the core.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <string>
+
+#include "checks.h"
+
+namespace latro_torch {
+
+// token_logprobs: logits [..., V] floating, targets int64 [...], same device.
+void check_token_logprobs(const at::Tensor& logits, const at::Tensor& targets);
+// sample: logits [B, V], seeds int64 0-d or [B], offset int64 0-d, all on one device.
+void check_sample(const at::Tensor& logits, const at::Tensor& seeds, const at::Tensor& offset,
+                  double temperature, int64_t top_k, double top_p, double min_p);
+// stop_positions: tokens int64 [B, T]; stop_tokens int64 [S] and stop_offsets int64 [n + 1].
+void check_stop_table(const at::Tensor& tokens, const at::Tensor& stop_tokens,
+                      const at::Tensor& stop_offsets, int64_t start);
+void check_rloo(const at::Tensor& rewards, int64_t k);
+void check_latro_rewards(const at::Tensor& answer_logp, const at::Tensor& rationale_logp,
+                         const at::Tensor& ref_rationale_logp, const at::Tensor& finished,
+                         const std::string& penalty_mode);
+latro::PenaltyMode parse_penalty_mode(const std::string& penalty_mode);
+
+// The logits as rows of a matrix: a tensor [..., V] whose last dimension is dense. Rows that
+// share all leading indices but the last form runs with one stride, which is what the core
+// takes; `for_each_run` visits the runs that cover rows [begin, end).
+struct RowLayout {
+  explicit RowLayout(const at::Tensor& t);
+  int64_t rows = 0;
+  int64_t vocab = 0;
+  template <typename F>
+  void for_each_run(int64_t begin, int64_t end, F&& fn) const {
+    while (begin < end) {
+      const int64_t outer = begin / inner_rows_;
+      const int64_t inner = begin % inner_rows_;
+      const int64_t count = std::min(end - begin, inner_rows_ - inner);
+      fn(outer_offset(outer) + inner * inner_stride_, inner_stride_, begin, count);
+      begin += count;
+    }
+  }
+
+ private:
+  int64_t outer_offset(int64_t outer) const;
+  std::vector<int64_t> outer_sizes_, outer_strides_;
+  int64_t inner_rows_ = 1;
+  int64_t inner_stride_ = 0;
+};
+
+// Rows per parallel task so each task touches about 64 KiB of logits.
+inline int64_t row_grain(int64_t vocab) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(vocab, 1)); }
+
+}  // namespace latro_torch

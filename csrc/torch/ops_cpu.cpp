@@ -1,0 +1,260 @@
+// CPU implementations of the latro_engine ops: validate, lay the tensors out as the core
+// expects, and spread rows over ATen's intra-op threads.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "ops.h"
+
+namespace latro_torch {
+namespace {
+
+// Logits rows must be dense along the vocabulary and must not overlap (expanded tensors).
+at::Tensor rows_for_core(const at::Tensor& t) {
+  const bool dense_last = t.stride(-1) == 1;
+  const bool overlapping = t.dim() >= 2 && t.size(-2) > 1 && t.stride(-2) < t.size(-1);
+  return dense_last && !overlapping ? t : t.contiguous();
+}
+
+const char* bytes(const at::Tensor& t) { return static_cast<const char*>(t.data_ptr()); }
+
+std::tuple<at::Tensor, at::Tensor> token_logprobs_cpu(const at::Tensor& logits_in,
+                                                      const at::Tensor& targets_in,
+                                                      int64_t ignore_index) {
+  check_token_logprobs(logits_in, targets_in);
+  const at::Tensor logits = rows_for_core(logits_in);
+  const at::Tensor targets = targets_in.contiguous();
+  const auto opts = logits.options().dtype(at::kFloat);
+  at::Tensor logprobs = at::empty(targets.sizes(), opts);
+  at::Tensor lse = at::empty(targets.sizes(), opts);
+  const RowLayout layout(logits);
+  if (layout.rows == 0) return {logprobs, lse};
+  latro::TokenLogprobsArgs base;
+  base.dtype = core_dtype(logits, "logits");
+  base.vocab = layout.vocab;
+  base.ignore_index = ignore_index;
+  const int64_t element = logits.element_size();
+  const int64_t* target_ptr = targets.data_ptr<int64_t>();
+  float* out = logprobs.data_ptr<float>();
+  float* lse_out = lse.data_ptr<float>();
+  call_core([&] {
+    at::parallel_for(0, layout.rows, row_grain(layout.vocab), [&](int64_t begin, int64_t end) {
+      layout.for_each_run(begin, end, [&](int64_t offset, int64_t stride, int64_t first, int64_t count) {
+        latro::TokenLogprobsArgs args = base;
+        args.logits = bytes(logits) + offset * element;
+        args.rows = count;
+        args.row_stride = stride;
+        args.targets = target_ptr + first;
+        args.logprobs = out + first;
+        args.lse = lse_out + first;
+        latro::token_logprobs(args);
+      });
+    });
+  });
+  return {logprobs, lse};
+}
+
+void check_backward_inputs(const at::Tensor& grad, const at::Tensor& logits,
+                           const at::Tensor& targets, const at::Tensor& lse) {
+  check_token_logprobs(logits, targets);
+  check_dtype(lse, at::kFloat, "lse");
+  TORCH_CHECK_VALUE(lse.sizes() == targets.sizes(), "lse must have the shape of targets ",
+                    targets.sizes(), ", got ", lse.sizes());
+  TORCH_CHECK_VALUE(grad.sizes() == targets.sizes(), "grad_logprobs must have the shape of targets ",
+                    targets.sizes(), ", got ", grad.sizes());
+  check_same_device(grad, logits, "grad_logprobs", "logits");
+  check_same_device(lse, logits, "lse", "logits");
+}
+
+// Writes the gradient of rows of `logits` into `grad_logits` (dense rows), which may be
+// `logits` itself.
+void token_logprobs_backward_into(const at::Tensor& grad_in, const at::Tensor& logits,
+                                  const at::Tensor& targets_in, const at::Tensor& lse_in,
+                                  int64_t ignore_index, const at::Tensor& grad_logits) {
+  const RowLayout layout(logits);
+  if (layout.rows == 0) return;
+  const at::Tensor grad = grad_in.to(at::kFloat).contiguous();
+  const at::Tensor targets = targets_in.contiguous();
+  const at::Tensor lse = lse_in.contiguous();
+  const RowLayout out_layout(grad_logits);
+  latro::TokenLogprobsBackwardArgs base;
+  base.dtype = core_dtype(logits, "logits");
+  base.vocab = layout.vocab;
+  base.ignore_index = ignore_index;
+  const int64_t element = logits.element_size();
+  char* out_bytes = static_cast<char*>(grad_logits.data_ptr());
+  call_core([&] {
+    at::parallel_for(0, layout.rows, row_grain(layout.vocab), [&](int64_t begin, int64_t end) {
+      layout.for_each_run(begin, end, [&](int64_t offset, int64_t stride, int64_t first, int64_t count) {
+        // Output runs may be split differently (dense output): walk them inside this run.
+        out_layout.for_each_run(first, first + count, [&](int64_t out_offset, int64_t out_stride,
+                                                          int64_t out_first, int64_t out_count) {
+          latro::TokenLogprobsBackwardArgs args = base;
+          args.logits = bytes(logits) + (offset + (out_first - first) * stride) * element;
+          args.row_stride = stride;
+          args.rows = out_count;
+          args.targets = targets.data_ptr<int64_t>() + out_first;
+          args.lse = lse.data_ptr<float>() + out_first;
+          args.grad_logprobs = grad.data_ptr<float>() + out_first;
+          args.grad_logits = out_bytes + out_offset * element;
+          args.grad_row_stride = out_stride;
+          latro::token_logprobs_backward(args);
+        });
+      });
+    });
+  });
+}
+
+at::Tensor token_logprobs_backward_cpu(const at::Tensor& grad, const at::Tensor& logits_in,
+                                       const at::Tensor& targets, const at::Tensor& lse,
+                                       int64_t ignore_index) {
+  check_backward_inputs(grad, logits_in, targets, lse);
+  const at::Tensor logits = rows_for_core(logits_in);
+  at::Tensor grad_logits = at::empty(logits.sizes(), logits.options());
+  token_logprobs_backward_into(grad, logits, targets, lse, ignore_index, grad_logits);
+  return grad_logits;
+}
+
+void token_logprobs_backward_inplace_cpu(const at::Tensor& grad, at::Tensor& logits,
+                                         const at::Tensor& targets, const at::Tensor& lse,
+                                         int64_t ignore_index) {
+  check_backward_inputs(grad, logits, targets, lse);
+  TORCH_CHECK_VALUE(logits.is_contiguous(), "logits must be contiguous to be overwritten in place");
+  token_logprobs_backward_into(grad, logits, targets, lse, ignore_index, logits);
+}
+
+std::tuple<at::Tensor, at::Tensor> sample_cpu(const at::Tensor& logits_in, const at::Tensor& seeds_in,
+                                              const at::Tensor& offset, double temperature,
+                                              int64_t top_k, double top_p, double min_p) {
+  check_sample(logits_in, seeds_in, offset, temperature, top_k, top_p, min_p);
+  const at::Tensor logits = rows_for_core(logits_in);
+  const at::Tensor seeds = seeds_in.contiguous();
+  const int64_t rows = logits.size(0);
+  at::Tensor ids = at::empty({rows}, logits.options().dtype(at::kLong));
+  at::Tensor logprobs = at::empty({rows}, logits.options().dtype(at::kFloat));
+  if (rows == 0) return {ids, logprobs};
+  latro::SampleArgs args;
+  args.logits = logits.data_ptr();
+  args.dtype = core_dtype(logits, "logits");
+  args.rows = rows;
+  args.vocab = logits.size(1);
+  args.row_stride = rows > 1 ? logits.stride(0) : logits.size(1);
+  args.seeds = seeds.data_ptr<int64_t>();
+  args.per_row_seeds = seeds.dim() == 1;
+  args.offset = offset.data_ptr<int64_t>();
+  args.temperature = static_cast<float>(temperature);
+  args.top_k = top_k;
+  args.top_p = static_cast<float>(top_p);
+  args.min_p = static_cast<float>(min_p);
+  args.ids = ids.data_ptr<int64_t>();
+  args.logprobs = logprobs.data_ptr<float>();
+  call_core([&] {
+    at::parallel_for(0, rows, row_grain(args.vocab),
+                     [&](int64_t begin, int64_t end) { latro::sample(args, begin, end); });
+  });
+  return {ids, logprobs};
+}
+
+struct StopTable {
+  at::Tensor tokens, stop_tokens, stop_offsets;
+  latro::StopSequences view() const {
+    return {stop_tokens.data_ptr<int64_t>(), stop_offsets.data_ptr<int64_t>(),
+            stop_offsets.size(0) - 1};
+  }
+};
+
+StopTable stop_table(const at::Tensor& tokens, const at::Tensor& stop_tokens,
+                     const at::Tensor& stop_offsets, int64_t start) {
+  check_stop_table(tokens, stop_tokens, stop_offsets, start);
+  StopTable table{tokens.contiguous(), stop_tokens.contiguous(), stop_offsets.contiguous()};
+  const int64_t* offsets = table.stop_offsets.data_ptr<int64_t>();
+  const int64_t count = table.stop_offsets.size(0) - 1;
+  TORCH_CHECK_VALUE(offsets[count] == table.stop_tokens.size(0),
+                    "stop_sequences offsets end at ", offsets[count], " but there are ",
+                    table.stop_tokens.size(0), " stop tokens");
+  call_core([&] { latro::check_stop_sequences(table.view()); });
+  return table;
+}
+
+at::Tensor stop_positions_cpu(const at::Tensor& tokens, const at::Tensor& stop_tokens,
+                              const at::Tensor& stop_offsets, int64_t start) {
+  const StopTable table = stop_table(tokens, stop_tokens, stop_offsets, start);
+  const int64_t rows = tokens.size(0), len = tokens.size(1);
+  at::Tensor out = at::empty({rows}, tokens.options());
+  if (rows == 0) return out;
+  call_core([&] {
+    at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+      latro::stop_positions(table.tokens.data_ptr<int64_t>(), rows, len, len, table.view(), start,
+                            out.data_ptr<int64_t>(), begin, end);
+    });
+  });
+  return out;
+}
+
+at::Tensor stop_positions_step_cpu(const at::Tensor& tokens, const at::Tensor& stop_tokens,
+                                   const at::Tensor& stop_offsets, const at::Tensor& step,
+                                   const at::Tensor& positions_in, int64_t start) {
+  const StopTable table = stop_table(tokens, stop_tokens, stop_offsets, start);
+  check_dtype(step, at::kLong, "step");
+  check_same_device(step, tokens, "step", "tokens");
+  TORCH_CHECK_VALUE(step.dim() == 0, "step must be an int or a 0-d tensor, got shape ", step.sizes());
+  check_dtype(positions_in, at::kLong, "positions");
+  check_same_device(positions_in, tokens, "positions", "tokens");
+  TORCH_CHECK_VALUE(positions_in.dim() == 1 && positions_in.size(0) == tokens.size(0),
+                    "positions must have shape [B] = [", tokens.size(0), "], got ",
+                    positions_in.sizes());
+  const int64_t rows = tokens.size(0), len = tokens.size(1);
+  const at::Tensor positions = positions_in.contiguous();
+  at::Tensor out = at::empty({rows}, tokens.options());
+  if (rows == 0) return out;
+  const int64_t step_value = step.item<int64_t>();
+  call_core([&] {
+    latro::stop_positions_step(table.tokens.data_ptr<int64_t>(), rows, len, len, table.view(),
+                               step_value, start, positions.data_ptr<int64_t>(),
+                               out.data_ptr<int64_t>());
+  });
+  return out;
+}
+
+at::Tensor rloo_advantages_cpu(const at::Tensor& rewards_in, int64_t k) {
+  check_rloo(rewards_in, k);
+  const at::Tensor rewards = rewards_in.contiguous();
+  at::Tensor out = at::empty_like(rewards);
+  call_core([&] {
+    latro::rloo_advantages(rewards.data_ptr<float>(), rewards.size(0) / k, k,
+                           out.data_ptr<float>());
+  });
+  return out;
+}
+
+at::Tensor latro_rewards_cpu(const at::Tensor& answer_logp, const at::Tensor& rationale_logp,
+                             const at::Tensor& ref_rationale_logp, const at::Tensor& finished,
+                             double kl_coef, double nonstop_penalty,
+                             c10::string_view penalty_mode_view) {
+  const std::string penalty_mode(penalty_mode_view);
+  check_latro_rewards(answer_logp, rationale_logp, ref_rationale_logp, finished, penalty_mode);
+  const at::Tensor a = answer_logp.contiguous(), r = rationale_logp.contiguous(),
+                   ref = ref_rationale_logp.contiguous(), f = finished.contiguous();
+  at::Tensor out = at::empty_like(a);
+  call_core([&] {
+    latro::latro_rewards(a.data_ptr<float>(), r.data_ptr<float>(), ref.data_ptr<float>(),
+                         f.data_ptr<bool>(), a.size(0), static_cast<float>(kl_coef),
+                         static_cast<float>(nonstop_penalty), parse_penalty_mode(penalty_mode),
+                         out.data_ptr<float>());
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace latro_torch
+
+TORCH_LIBRARY_IMPL(latro_engine, CPU, m) {
+  m.impl("token_logprobs", &latro_torch::token_logprobs_cpu);
+  m.impl("token_logprobs_backward", &latro_torch::token_logprobs_backward_cpu);
+  m.impl("token_logprobs_backward_", &latro_torch::token_logprobs_backward_inplace_cpu);
+  m.impl("sample", &latro_torch::sample_cpu);
+  m.impl("stop_positions", &latro_torch::stop_positions_cpu);
+  m.impl("stop_positions_step", &latro_torch::stop_positions_step_cpu);
+  m.impl("rloo_advantages", &latro_torch::rloo_advantages_cpu);
+  m.impl("latro_rewards", &latro_torch::latro_rewards_cpu);
+}

@@ -1,0 +1,297 @@
+// The latro_engine op library: schemas, validation shared by every backend, the chunked
+// LM-head scorer (device-agnostic: matmuls through ATen, the row kernels through the
+// dispatcher) and the Python module that carries the non-tensor helpers.
+#include <torch/extension.h>
+
+#include <cmath>
+
+#include "ops.h"
+
+namespace latro_torch {
+
+// ------------------------------------------------------------------ validation
+void check_token_logprobs(const at::Tensor& logits, const at::Tensor& targets) {
+  core_dtype(logits, "logits");
+  check_dtype(targets, at::kLong, "targets");
+  check_same_device(targets, logits, "targets", "logits");
+  TORCH_CHECK_VALUE(logits.dim() >= 1, "logits must have at least 1 dimension (the vocabulary)");
+  TORCH_CHECK_VALUE(logits.size(-1) > 0, "logits has an empty vocabulary dimension");
+  TORCH_CHECK_VALUE(targets.sizes() == logits.sizes().slice(0, logits.dim() - 1),
+                    "targets must have shape logits.shape[:-1] = ",
+                    logits.sizes().slice(0, logits.dim() - 1), ", got ", targets.sizes());
+}
+
+void check_sample(const at::Tensor& logits, const at::Tensor& seeds, const at::Tensor& offset,
+                  double temperature, int64_t top_k, double top_p, double min_p) {
+  core_dtype(logits, "logits");
+  check_dim(logits, 2, "logits");
+  TORCH_CHECK_VALUE(logits.size(1) > 0, "logits has an empty vocabulary dimension");
+  check_dtype(seeds, at::kLong, "seed");
+  check_dtype(offset, at::kLong, "offset");
+  check_same_device(seeds, logits, "seed", "logits");
+  check_same_device(offset, logits, "offset", "logits");
+  TORCH_CHECK_VALUE(seeds.dim() == 0 || (seeds.dim() == 1 && seeds.size(0) == logits.size(0)),
+                    "seed must be an int, a 0-d tensor or a tensor of shape [B] = [",
+                    logits.size(0), "], got shape ", seeds.sizes());
+  TORCH_CHECK_VALUE(offset.dim() == 0, "offset must be an int or a 0-d tensor, got shape ",
+                    offset.sizes());
+  call_core([&] {
+    latro::check_sampling_options(static_cast<float>(temperature), top_k,
+                                  static_cast<float>(top_p), static_cast<float>(min_p));
+  });
+}
+
+void check_stop_table(const at::Tensor& tokens, const at::Tensor& stop_tokens,
+                      const at::Tensor& stop_offsets, int64_t start) {
+  check_dtype(tokens, at::kLong, "tokens");
+  check_dim(tokens, 2, "tokens");
+  check_dtype(stop_tokens, at::kLong, "stop_sequences");
+  check_dtype(stop_offsets, at::kLong, "stop_sequences offsets");
+  check_dim(stop_tokens, 1, "stop_sequences tokens");
+  check_dim(stop_offsets, 1, "stop_sequences offsets");
+  check_same_device(stop_tokens, tokens, "stop_sequences", "tokens");
+  check_same_device(stop_offsets, tokens, "stop_sequences offsets", "tokens");
+  TORCH_CHECK_VALUE(stop_offsets.size(0) >= 1, "stop_sequences offsets must hold count + 1 values");
+  TORCH_CHECK_VALUE(start >= 0 && start <= tokens.size(1), "start must be in [0, ",
+                    tokens.size(1), "], got ", start);
+}
+
+void check_rloo(const at::Tensor& rewards, int64_t k) {
+  check_dtype(rewards, at::kFloat, "rewards");
+  check_dim(rewards, 1, "rewards");
+  TORCH_CHECK_VALUE(k >= 2, "k must be >= 2 for a leave-one-out baseline, got ", k);
+  TORCH_CHECK_VALUE(rewards.size(0) > 0, "rewards is empty");
+  TORCH_CHECK_VALUE(rewards.size(0) % k == 0, "k = ", k, " does not divide the ",
+                    rewards.size(0), " rewards (they must be grouped by prompt, k per group)");
+}
+
+latro::PenaltyMode parse_penalty_mode(const std::string& penalty_mode) {
+  if (penalty_mode == "constant") return latro::PenaltyMode::Constant;
+  if (penalty_mode == "batch_mean") return latro::PenaltyMode::BatchMean;
+  TORCH_CHECK_VALUE(false, "penalty_mode must be 'constant' or 'batch_mean', got '",
+                    penalty_mode, "'");
+}
+
+void check_latro_rewards(const at::Tensor& answer_logp, const at::Tensor& rationale_logp,
+                         const at::Tensor& ref_rationale_logp, const at::Tensor& finished,
+                         const std::string& penalty_mode) {
+  check_dtype(answer_logp, at::kFloat, "answer_logp");
+  check_dim(answer_logp, 1, "answer_logp");
+  TORCH_CHECK_VALUE(answer_logp.size(0) > 0, "answer_logp is empty");
+  const std::pair<const at::Tensor*, const char*> others[] = {
+      {&rationale_logp, "rationale_logp"}, {&ref_rationale_logp, "ref_rationale_logp"}};
+  for (const auto& [t, name] : others) {
+    check_dtype(*t, at::kFloat, name);
+    check_same_device(*t, answer_logp, name, "answer_logp");
+    TORCH_CHECK_VALUE(t->sizes() == answer_logp.sizes(), name, " must have the shape of answer_logp ",
+                      answer_logp.sizes(), ", got ", t->sizes());
+  }
+  check_dtype(finished, at::kBool, "finished");
+  check_same_device(finished, answer_logp, "finished", "answer_logp");
+  TORCH_CHECK_VALUE(finished.sizes() == answer_logp.sizes(),
+                    "finished must have the shape of answer_logp ", answer_logp.sizes(), ", got ",
+                    finished.sizes());
+  parse_penalty_mode(penalty_mode);
+}
+
+// ------------------------------------------------------------------ row layout
+RowLayout::RowLayout(const at::Tensor& t) {
+  TORCH_INTERNAL_ASSERT(t.dim() >= 1 && t.stride(-1) == 1, "RowLayout needs a dense last dim");
+  vocab = t.size(-1);
+  rows = t.numel() / std::max<int64_t>(vocab, 1);
+  if (t.dim() == 1) {
+    inner_rows_ = 1;
+    inner_stride_ = vocab;
+    return;
+  }
+  inner_rows_ = std::max<int64_t>(t.size(-2), 1);
+  // A single row per run never steps: any stride >= vocab describes it.
+  inner_stride_ = inner_rows_ == 1 ? vocab : t.stride(-2);
+  TORCH_INTERNAL_ASSERT(inner_stride_ >= vocab, "RowLayout needs non-overlapping rows");
+  for (int64_t d = 0; d + 2 < t.dim(); ++d) {
+    outer_sizes_.push_back(t.size(d));
+    outer_strides_.push_back(t.stride(d));
+  }
+}
+
+int64_t RowLayout::outer_offset(int64_t outer) const {
+  int64_t offset = 0;
+  for (int64_t d = static_cast<int64_t>(outer_sizes_.size()) - 1; d >= 0; --d) {
+    offset += (outer % outer_sizes_[d]) * outer_strides_[d];
+    outer /= outer_sizes_[d];
+  }
+  return offset;
+}
+
+// ------------------------------------------------------------------ linear_token_logprobs
+namespace {
+
+void check_linear(const at::Tensor& hidden, const at::Tensor& weight,
+                  const std::optional<at::Tensor>& bias, const at::Tensor& targets) {
+  core_dtype(hidden, "hidden");
+  check_dim(hidden, 2, "hidden");
+  check_dim(weight, 2, "weight");
+  TORCH_CHECK_TYPE(weight.scalar_type() == hidden.scalar_type(), "weight must have the dtype of hidden (",
+                   hidden.scalar_type(), "), got ", weight.scalar_type());
+  check_same_device(weight, hidden, "weight", "hidden");
+  TORCH_CHECK_VALUE(weight.size(1) == hidden.size(1), "weight must have shape [V, D] with D = ",
+                    hidden.size(1), " (hidden's last dim), got ", weight.sizes());
+  TORCH_CHECK_VALUE(weight.size(0) > 0, "weight has an empty vocabulary dimension");
+  if (bias) {
+    TORCH_CHECK_TYPE(bias->scalar_type() == hidden.scalar_type(), "bias must have the dtype of hidden (",
+                     hidden.scalar_type(), "), got ", bias->scalar_type());
+    check_same_device(*bias, hidden, "bias", "hidden");
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0),
+                      "bias must have shape [V] = [", weight.size(0), "], got ", bias->sizes());
+  }
+  check_dtype(targets, at::kLong, "targets");
+  check_same_device(targets, hidden, "targets", "hidden");
+  TORCH_CHECK_VALUE(targets.dim() == 1 && targets.size(0) == hidden.size(0),
+                    "targets must have shape [N] = [", hidden.size(0), "], got ", targets.sizes());
+}
+
+// Rows per chunk: at most about 2^25 logits (128 MiB in float32) unless the caller says.
+int64_t resolve_chunk(int64_t chunk_size, int64_t rows, int64_t vocab) {
+  TORCH_CHECK_VALUE(chunk_size >= 0, "chunk_size must be positive (or None), got ", chunk_size);
+  if (chunk_size == 0) chunk_size = std::max<int64_t>(1, (int64_t{1} << 25) / vocab);
+  return std::max<int64_t>(1, std::min(chunk_size, std::max<int64_t>(rows, 1)));
+}
+
+at::Tensor chunk_logits(const at::Tensor& h, const at::Tensor& weight,
+                        const std::optional<at::Tensor>& bias) {
+  return bias ? at::addmm(*bias, h, weight.t()) : at::mm(h, weight.t());
+}
+
+const c10::TypedOperatorHandle<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&,
+                                                                  const at::Tensor&, int64_t)>&
+token_logprobs_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("latro_engine::token_logprobs", "")
+                             .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&,
+                                                                      const at::Tensor&, int64_t)>();
+  return op;
+}
+
+const c10::TypedOperatorHandle<void(const at::Tensor&, at::Tensor&, const at::Tensor&,
+                                    const at::Tensor&, int64_t)>&
+token_logprobs_backward_inplace_op() {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("latro_engine::token_logprobs_backward_", "")
+          .typed<void(const at::Tensor&, at::Tensor&, const at::Tensor&, const at::Tensor&,
+                      int64_t)>();
+  return op;
+}
+
+std::tuple<at::Tensor, at::Tensor> linear_token_logprobs(const at::Tensor& hidden,
+                                                         const at::Tensor& weight,
+                                                         const std::optional<at::Tensor>& bias,
+                                                         const at::Tensor& targets,
+                                                         int64_t chunk_size, int64_t ignore_index) {
+  at::NoGradGuard no_grad;  // the Python autograd registration owns the gradient
+  check_linear(hidden, weight, bias, targets);
+  const int64_t rows = hidden.size(0);
+  const int64_t chunk = resolve_chunk(chunk_size, rows, weight.size(0));
+  auto opts = hidden.options().dtype(at::kFloat);
+  at::Tensor logprobs = at::empty({rows}, opts);
+  at::Tensor lse = at::empty({rows}, opts);
+  for (int64_t begin = 0; begin < rows; begin += chunk) {
+    const int64_t n = std::min(chunk, rows - begin);
+    const at::Tensor logits = chunk_logits(hidden.narrow(0, begin, n), weight, bias);
+    auto [lp, l] = token_logprobs_op().call(logits, targets.narrow(0, begin, n), ignore_index);
+    logprobs.narrow(0, begin, n).copy_(lp);
+    lse.narrow(0, begin, n).copy_(l);
+  }
+  return {logprobs, lse};
+}
+
+// The backward recomputes each chunk's logits, turns them into their gradient in place, and
+// feeds the two matmuls: grad_hidden[chunk] = G W, grad_weight += G^T hidden[chunk].
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_backward(
+    const at::Tensor& grad_logprobs, const at::Tensor& hidden, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& targets, const at::Tensor& lse,
+    int64_t chunk_size, int64_t ignore_index) {
+  at::NoGradGuard no_grad;  // a backward is not differentiated again
+  check_linear(hidden, weight, bias, targets);
+  const int64_t rows = hidden.size(0);
+  const int64_t chunk = resolve_chunk(chunk_size, rows, weight.size(0));
+  at::Tensor grad_hidden = at::empty_like(hidden, at::MemoryFormat::Contiguous);
+  at::Tensor grad_weight = at::zeros_like(weight, at::MemoryFormat::Contiguous);
+  at::Tensor grad_bias = at::zeros({weight.size(0)}, hidden.options().dtype(at::kFloat));
+  const at::Tensor grad = grad_logprobs.to(at::kFloat).contiguous();
+  for (int64_t begin = 0; begin < rows; begin += chunk) {
+    const int64_t n = std::min(chunk, rows - begin);
+    const at::Tensor h = hidden.narrow(0, begin, n);
+    at::Tensor logits = chunk_logits(h, weight, bias);
+    token_logprobs_backward_inplace_op().call(grad.narrow(0, begin, n), logits,
+                                              targets.narrow(0, begin, n),
+                                              lse.narrow(0, begin, n), ignore_index);
+    at::Tensor grad_hidden_rows = grad_hidden.narrow(0, begin, n);
+    at::mm_out(grad_hidden_rows, logits, weight);
+    grad_weight.addmm_(logits.t(), h);
+    if (bias) grad_bias.add_(logits.sum(0, /*keepdim=*/false, at::kFloat));
+  }
+  return {grad_hidden, grad_weight, grad_bias.to(hidden.scalar_type())};
+}
+
+}  // namespace
+}  // namespace latro_torch
+
+// ------------------------------------------------------------------ registration
+TORCH_LIBRARY(latro_engine, m) {
+  m.def("token_logprobs(Tensor logits, Tensor targets, int ignore_index) -> (Tensor, Tensor)");
+  m.def(
+      "token_logprobs_backward(Tensor grad_logprobs, Tensor logits, Tensor targets, Tensor lse, "
+      "int ignore_index) -> Tensor");
+  // The same, overwriting the logits with their gradient (the chunked scorer's backward).
+  m.def(
+      "token_logprobs_backward_(Tensor grad_logprobs, Tensor(a!) logits, Tensor targets, "
+      "Tensor lse, int ignore_index) -> ()");
+  m.def(
+      "linear_token_logprobs(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, "
+      "int chunk_size, int ignore_index) -> (Tensor, Tensor)");
+  m.def(
+      "linear_token_logprobs_backward(Tensor grad_logprobs, Tensor hidden, Tensor weight, "
+      "Tensor? bias, Tensor targets, Tensor lse, int chunk_size, int ignore_index) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "sample(Tensor logits, Tensor seeds, Tensor offset, float temperature, int top_k, "
+      "float top_p, float min_p) -> (Tensor, Tensor)");
+  m.def(
+      "stop_positions(Tensor tokens, Tensor stop_tokens, Tensor stop_offsets, int start) "
+      "-> Tensor");
+  m.def(
+      "stop_positions_step(Tensor tokens, Tensor stop_tokens, Tensor stop_offsets, Tensor step, "
+      "Tensor positions, int start) -> Tensor");
+  m.def("rloo_advantages(Tensor rewards, int k) -> Tensor");
+  m.def(
+      "latro_rewards(Tensor answer_logp, Tensor rationale_logp, Tensor ref_rationale_logp, "
+      "Tensor finished, float kl_coef, float nonstop_penalty, str penalty_mode) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(latro_engine, CPU, m) {
+  m.impl("linear_token_logprobs", &latro_torch::linear_token_logprobs);
+  m.impl("linear_token_logprobs_backward", &latro_torch::linear_token_logprobs_backward);
+}
+
+#ifdef LATRO_WITH_CUDA
+TORCH_LIBRARY_IMPL(latro_engine, CUDA, m) {
+  m.impl("linear_token_logprobs", &latro_torch::linear_token_logprobs);
+  m.impl("linear_token_logprobs_backward", &latro_torch::linear_token_logprobs_backward);
+}
+#endif
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.doc() = "latro_engine native ops (registered as torch.ops.latro_engine.*)";
+  module.def("core_version", &latro::version, "Version of the torch-free core library.");
+  module.def(
+      "has_cuda",
+      [] {
+#ifdef LATRO_WITH_CUDA
+        return true;
+#else
+        return false;
+#endif
+      },
+      "Whether the CUDA kernels were compiled into this build.");
+}

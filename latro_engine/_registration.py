@@ -1,0 +1,137 @@
+"""Python-side registrations for the native ops: fake (meta) kernels so torch.compile and
+FakeTensor tracing see shapes without running the kernels, and autograd formulas for the two
+differentiable ops. Imported by :mod:`latro_engine.ops` when the extension is loaded."""
+
+from __future__ import annotations
+
+import torch
+
+_LIB = "latro_engine"
+
+
+def _scores_like(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    return t.new_empty(shape, dtype=torch.float32)
+
+
+@torch.library.register_fake(f"{_LIB}::token_logprobs")
+def _(logits, targets, ignore_index):
+    shape = logits.shape[:-1]
+    return _scores_like(logits, shape), _scores_like(logits, shape)
+
+
+@torch.library.register_fake(f"{_LIB}::token_logprobs_backward")
+def _(grad_logprobs, logits, targets, lse, ignore_index):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake(f"{_LIB}::token_logprobs_backward_")
+def _(grad_logprobs, logits, targets, lse, ignore_index):
+    return None
+
+
+@torch.library.register_fake(f"{_LIB}::linear_token_logprobs")
+def _(hidden, weight, bias, targets, chunk_size, ignore_index):
+    shape = hidden.shape[:1]
+    return _scores_like(hidden, shape), _scores_like(hidden, shape)
+
+
+@torch.library.register_fake(f"{_LIB}::linear_token_logprobs_backward")
+def _(grad_logprobs, hidden, weight, bias, targets, lse, chunk_size, ignore_index):
+    return (
+        torch.empty_like(hidden, memory_format=torch.contiguous_format),
+        torch.empty_like(weight, memory_format=torch.contiguous_format),
+        hidden.new_empty(weight.shape[:1]),
+    )
+
+
+@torch.library.register_fake(f"{_LIB}::sample")
+def _(logits, seeds, offset, temperature, top_k, top_p, min_p):
+    rows = logits.shape[:1]
+    return logits.new_empty(rows, dtype=torch.int64), _scores_like(logits, rows)
+
+
+@torch.library.register_fake(f"{_LIB}::stop_positions")
+def _(tokens, stop_tokens, stop_offsets, start):
+    return tokens.new_empty(tokens.shape[:1])
+
+
+@torch.library.register_fake(f"{_LIB}::stop_positions_step")
+def _(tokens, stop_tokens, stop_offsets, step, positions, start):
+    return tokens.new_empty(tokens.shape[:1])
+
+
+@torch.library.register_fake(f"{_LIB}::rloo_advantages")
+def _(rewards, k):
+    return torch.empty_like(rewards)
+
+
+@torch.library.register_fake(f"{_LIB}::latro_rewards")
+def _(answer_logp, rationale_logp, ref_rationale_logp, finished, kl_coef, nonstop_penalty, penalty_mode):
+    return torch.empty_like(answer_logp)
+
+
+# ----------------------------------------------------------------------------- autograd
+# Both ops return (logprobs, lse). With upstream gradients g (logprobs) and h (lse) the logits
+# get g * onehot(target) - (g - h) * softmax: the kernels compute u * (onehot - softmax) for any
+# per-row u, so they run with u = g - h and h * onehot(target) is added on top. Rows whose
+# target is ignore_index have constant outputs (0) and get no gradient.
+def _upstream(grad_logprobs, grad_lse, lse):
+    g = grad_logprobs if grad_logprobs is not None else torch.zeros_like(lse)
+    return g if grad_lse is None else g - grad_lse
+
+
+def _lse_target_weight(grad_lse, targets, ignore_index):
+    """h masked to the rows with a real target, and those targets made safe to index."""
+    kept = targets != ignore_index
+    return torch.where(kept, grad_lse, 0.0), torch.where(kept, targets, 0)
+
+
+def _token_logprobs_setup(ctx, inputs, output):
+    logits, targets, ignore_index = inputs
+    ctx.save_for_backward(logits, targets, output[1])
+    ctx.ignore_index = ignore_index
+    ctx.set_materialize_grads(False)  # an unused output then brings None, not zeros
+
+
+def _token_logprobs_backward(ctx, grad_logprobs, grad_lse):
+    logits, targets, lse = ctx.saved_tensors
+    grad = torch.ops.latro_engine.token_logprobs_backward(
+        _upstream(grad_logprobs, grad_lse, lse), logits, targets, lse, ctx.ignore_index
+    )
+    if grad_lse is not None:
+        weight, safe = _lse_target_weight(grad_lse, targets, ctx.ignore_index)
+        grad = grad.scatter_add(-1, safe.unsqueeze(-1), weight.unsqueeze(-1).to(grad.dtype))
+    return grad, None, None
+
+
+torch.library.register_autograd(
+    f"{_LIB}::token_logprobs", _token_logprobs_backward, setup_context=_token_logprobs_setup
+)
+
+
+def _linear_setup(ctx, inputs, output):
+    hidden, weight, bias, targets, chunk_size, ignore_index = inputs
+    ctx.save_for_backward(hidden, weight, bias, targets, output[1])
+    ctx.chunk_size, ctx.ignore_index = chunk_size, ignore_index
+    ctx.has_bias = bias is not None
+    ctx.set_materialize_grads(False)
+
+
+def _linear_backward(ctx, grad_logprobs, grad_lse):
+    hidden, weight, bias, targets, lse = ctx.saved_tensors
+    grad_hidden, grad_weight, grad_bias = torch.ops.latro_engine.linear_token_logprobs_backward(
+        _upstream(grad_logprobs, grad_lse, lse), hidden, weight, bias, targets, lse,
+        ctx.chunk_size, ctx.ignore_index,
+    )
+    if grad_lse is not None:
+        h, safe = _lse_target_weight(grad_lse, targets, ctx.ignore_index)
+        h = h.to(hidden.dtype)
+        grad_hidden = grad_hidden + h.unsqueeze(-1) * weight[safe]
+        grad_weight = grad_weight.index_add(0, safe, h.unsqueeze(-1) * hidden)
+        grad_bias = grad_bias.index_add(0, safe, h)
+    return grad_hidden, grad_weight, grad_bias if ctx.has_bias else None, None, None, None
+
+
+torch.library.register_autograd(
+    f"{_LIB}::linear_token_logprobs", _linear_backward, setup_context=_linear_setup
+)

@@ -1,0 +1,259 @@
+"""The tensor ops of latro_engine: one documented wrapper per op.
+
+Each wrapper runs the native kernel (``torch.ops.latro_engine.*``) or the pure-torch reference
+in :mod:`latro_engine.reference`, chosen per call by :func:`latro_engine._extension.use_native`.
+Both backends return the same results and raise the same errors (``TypeError`` for a wrong
+dtype, ``ValueError`` for other bad input, each naming the argument).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import lru_cache
+
+import torch
+
+from latro_engine import reference
+from latro_engine._extension import native_available, use_native
+
+__all__ = [
+    "StopSequences",
+    "latro_rewards",
+    "linear_token_logprobs",
+    "rloo_advantages",
+    "sample",
+    "stop_positions",
+    "stop_positions_step",
+    "token_logprobs",
+]
+
+
+def token_logprobs(
+    logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = -100
+) -> torch.Tensor:
+    """Log-probability of each target token.
+
+    Args:
+        logits: ``[..., V]`` float32, bfloat16 or float16 (any strides).
+        targets: int64 ``[...]`` (``logits.shape[:-1]``), each in ``[0, V)`` or ``ignore_index``.
+    Returns:
+        float32 ``[...]``: ``log_softmax(logits.float(), -1)`` gathered at ``targets``, 0 where
+        the target is ``ignore_index``. Differentiable w.r.t. ``logits``. The native forward
+        reads the logits once (online log-sum-exp in float32) and keeps no ``[..., V]`` copy.
+    """
+    if use_native(logits.device):
+        return torch.ops.latro_engine.token_logprobs(logits, targets, ignore_index)[0]
+    return reference.token_logprobs(logits, targets, ignore_index=ignore_index)
+
+
+def linear_token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Token log-probabilities straight from hidden states and an LM head.
+
+    Args:
+        hidden: ``[N, D]``; weight: ``[V, D]``; bias: optional ``[V]`` (all one float dtype).
+        targets: int64 ``[N]``.
+        chunk_size: rows per chunk (default: about 2^25 logits per chunk).
+    Returns:
+        float32 ``[N]`` equal to ``token_logprobs(hidden @ weight.T + bias, targets)`` while never
+        holding more than ``chunk_size x V`` logits. Differentiable w.r.t. hidden, weight and
+        bias; the backward recomputes each chunk and accepts any per-token upstream gradient.
+    """
+    if chunk_size is not None and chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive (or None), got {chunk_size}")
+    if use_native(hidden.device):
+        return torch.ops.latro_engine.linear_token_logprobs(
+            hidden, weight, bias, targets, chunk_size or 0, ignore_index
+        )[0]
+    return reference.linear_token_logprobs(
+        hidden, weight, targets, bias=bias, chunk_size=chunk_size, ignore_index=ignore_index
+    )
+
+
+def _device_int(value: int | torch.Tensor, device: torch.device, name: str) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int or an int64 tensor, got {type(value).__name__}")
+    return torch.tensor(value, dtype=torch.int64, device=device)
+
+
+def sample(
+    logits: torch.Tensor,
+    *,
+    seed: int | torch.Tensor,
+    offset: int | torch.Tensor = 0,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draws one token per row.
+
+    Args:
+        logits: ``[B, V]`` float32, bfloat16 or float16.
+        seed: an int (one stream per row index) or an int64 tensor ``[B]`` (each row its own
+            seed, so a row's draws do not depend on where it sits in the batch).
+        offset: the decode step, an int or a 0-d int64 tensor on the logits' device (keeps the
+            device path free of host synchronization and CUDA-graph capturable).
+        temperature: 0 means greedy. top_k (0 = off), top_p (1 = off), min_p (0 = off):
+            top-k and min-p first, then top-p over the renormalized survivors; ties at a
+            threshold are kept.
+    Returns:
+        ``(ids, logprobs)``: int64 ``[B]`` and the float32 log-probability of each id under the
+        distribution actually sampled from (0 for greedy). Counter-based (Philox) Gumbel-max:
+        the same inputs give the same ids on every call and backend; never an id outside the
+        kept set or of probability 0.
+    """
+    logits = logits.detach()
+    seed_t = _device_int(seed, logits.device, "seed")
+    offset_t = _device_int(offset, logits.device, "offset")
+    if use_native(logits.device):
+        return torch.ops.latro_engine.sample(
+            logits, seed_t, offset_t, float(temperature), int(top_k), float(top_p), float(min_p)
+        )
+    return reference.sample(
+        logits, seed=seed_t, offset=offset_t, temperature=temperature, top_k=top_k, top_p=top_p,
+        min_p=min_p,
+    )
+
+
+class StopSequences:
+    """Stop sequences packed for the ops: flat token ids and offsets on one device.
+
+    Build it once per decode loop; the stop ops also accept a plain list of token-id lists.
+    """
+
+    def __init__(self, sequences: Sequence[Sequence[int]], device: torch.device | str = "cpu"):
+        self.sequences = reference.check_stop_sequences(sequences)
+        flat = [t for seq in self.sequences for t in seq]
+        offsets = [0]
+        for seq in self.sequences:
+            offsets.append(offsets[-1] + len(seq))
+        self.tokens = torch.tensor(flat, dtype=torch.int64, device=device)
+        self.offsets = torch.tensor(offsets, dtype=torch.int64, device=device)
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    def __repr__(self) -> str:
+        return f"StopSequences({self.sequences})"
+
+
+@lru_cache(maxsize=64)
+def _packed(sequences: tuple[tuple[int, ...], ...], device: torch.device) -> StopSequences:
+    return StopSequences(sequences, device)
+
+
+def _as_stop_sequences(stops: Sequence[Sequence[int]] | StopSequences, device: torch.device) -> StopSequences:
+    if isinstance(stops, StopSequences):
+        if stops.tokens.device != device:
+            raise ValueError(f"stop_sequences are on {stops.tokens.device} but tokens are on {device}")
+        return stops
+    checked = reference.check_stop_sequences(stops)
+    return _packed(tuple(tuple(seq) for seq in checked), device)
+
+
+def stop_positions(
+    tokens: torch.Tensor,
+    stop_sequences: Sequence[Sequence[int]] | StopSequences,
+    *,
+    start: int = 0,
+) -> torch.Tensor:
+    """Where each row's earliest stop sequence begins.
+
+    Args:
+        tokens: int64 ``[B, T]``. stop_sequences: token-id lists (each non-empty).
+        start: occurrences must begin at or after this index.
+    Returns:
+        int64 ``[B]``: the start index of the earliest occurrence of any stop sequence, or T.
+    """
+    if not isinstance(tokens, torch.Tensor):
+        raise TypeError("tokens must be an int64 tensor")
+    stops = _as_stop_sequences(stop_sequences, tokens.device)
+    if use_native(tokens.device):
+        return torch.ops.latro_engine.stop_positions(tokens, stops.tokens, stops.offsets, start)
+    return reference.stop_positions(tokens, stops.sequences, start=start)
+
+
+def stop_positions_step(
+    tokens: torch.Tensor,
+    stop_sequences: Sequence[Sequence[int]] | StopSequences,
+    *,
+    step: int | torch.Tensor,
+    positions: torch.Tensor,
+    start: int = 0,
+) -> torch.Tensor:
+    """The incremental form of :func:`stop_positions` for decode loops.
+
+    Only stop sequences that end exactly at ``step`` (the newest token) are checked. Rows whose
+    ``positions`` entry is still T (not stopped) get the start of the first stop sequence (in
+    list order) ending there and beginning at or after ``start``; other rows keep theirs.
+    Called at every step it reports where each row first *completed* a stop sequence, which is
+    what a decode loop can know (it can differ from :func:`stop_positions` only when a longer
+    stop sequence that began earlier completes later).
+    Returns the new positions, int64 ``[B]``.
+    """
+    if not isinstance(tokens, torch.Tensor):
+        raise TypeError("tokens must be an int64 tensor")
+    stops = _as_stop_sequences(stop_sequences, tokens.device)
+    step_t = _device_int(step, tokens.device, "step")
+    if use_native(tokens.device):
+        return torch.ops.latro_engine.stop_positions_step(
+            tokens, stops.tokens, stops.offsets, step_t, positions, start
+        )
+    return reference.stop_positions_step(
+        tokens, stops.sequences, step=step_t, positions=positions, start=start
+    )
+
+
+def rloo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
+    """Leave-one-out advantages: ``A_i = r_i - (sum of its group - r_i) / (k - 1)``.
+
+    rewards: float32 ``[G * k]``, grouped contiguously by prompt (k samples each); k >= 2.
+    """
+    rewards = rewards.detach()
+    if use_native(rewards.device):
+        return torch.ops.latro_engine.rloo_advantages(rewards, int(k))
+    return reference.rloo_advantages(rewards, int(k))
+
+
+def latro_rewards(
+    answer_logp: torch.Tensor,
+    rationale_logp: torch.Tensor,
+    ref_rationale_logp: torch.Tensor,
+    finished: torch.Tensor,
+    *,
+    kl_coef: float,
+    nonstop_penalty: float,
+    penalty_mode: str = "constant",
+) -> torch.Tensor:
+    """LaTRO's per-sample reward, float32 ``[N]``.
+
+    ``r = answer_logp - kl_coef * (rationale_logp - ref_rationale_logp)`` for rows that finished;
+    rows that never stopped get ``nonstop_penalty`` (``penalty_mode="constant"``) or
+    ``nonstop_penalty * mean(answer_logp)`` (``"batch_mean"``, the reference code's choice).
+    ``finished`` is bool ``[N]``. No gradient flows through the result.
+    """
+    answer_logp, rationale_logp, ref_rationale_logp = (
+        answer_logp.detach(), rationale_logp.detach(), ref_rationale_logp.detach())
+    if use_native(answer_logp.device):
+        return torch.ops.latro_engine.latro_rewards(
+            answer_logp, rationale_logp, ref_rationale_logp, finished, float(kl_coef),
+            float(nonstop_penalty), penalty_mode,
+        )
+    return reference.latro_rewards(
+        answer_logp, rationale_logp, ref_rationale_logp, finished, kl_coef=kl_coef,
+        nonstop_penalty=nonstop_penalty, penalty_mode=penalty_mode,
+    )
+
+
+if native_available():
+    from latro_engine import _registration  # noqa: F401  (fake kernels and autograd)

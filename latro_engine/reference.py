@@ -1,0 +1,462 @@
+"""Pure-torch reference implementations of the ops in :mod:`latro_engine.ops`.
+
+They serve twice: as the fallback backend when the native extension is not built (or
+``LATRO_BACKEND=torch``), and as the oracle in the tests (pass float64 logits to get float64
+results). They check their arguments exactly like the native ops and raise the same errors:
+``TypeError`` for a wrong dtype, ``ValueError`` for everything else, each naming the argument.
+Semantics are documented once, in ``csrc/core/include/latro/latro.h`` and in ``ops``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+# ----------------------------------------------------------------------------- checks
+def _check_dtype(t: torch.Tensor, dtypes: Sequence[torch.dtype], name: str) -> None:
+    if t.dtype not in dtypes:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must be {allowed}, got {str(t.dtype).replace('torch.', '')}")
+
+
+def _check_same_device(t: torch.Tensor, ref: torch.Tensor, name: str, ref_name: str) -> None:
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
+
+
+def _check_logits(logits: torch.Tensor, name: str = "logits") -> None:
+    # float64 is accepted here only: it is how the tests ask for the float64 oracle.
+    _check_dtype(logits, (*_FLOAT_DTYPES, torch.float64), name)
+    if logits.dim() < 1:
+        raise ValueError(f"{name} must have at least 1 dimension (the vocabulary)")
+    if logits.shape[-1] == 0:
+        raise ValueError(f"{name} has an empty vocabulary dimension")
+
+
+def _check_targets(targets: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
+    if bool(bad.any()):
+        index = tuple(int(i) for i in bad.nonzero()[0])
+        value = int(targets[index])
+        raise ValueError(
+            f"targets[{', '.join(map(str, index))}] = {value} is out of range for vocab size "
+            f"{vocab} (ignore_index is {ignore_index})"
+        )
+
+
+def check_sampling_options(temperature: float, top_k: int, top_p: float, min_p: float) -> None:
+    """Raises ValueError for options the sampler cannot honour (NaN temperature, ...)."""
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 disables it), got {top_k}")
+    if not (0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if not (0 <= min_p <= 1):
+        raise ValueError(f"min_p must be in [0, 1], got {min_p}")
+
+
+def _result_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------- scoring
+def token_logprobs(
+    logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = -100
+) -> torch.Tensor:
+    """``log_softmax(logits.float(), -1)`` gathered at ``targets``; 0 where ignored."""
+    _check_logits(logits)
+    _check_dtype(targets, (torch.int64,), "targets")
+    _check_same_device(targets, logits, "targets", "logits")
+    if targets.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"targets must have shape logits.shape[:-1] = {list(logits.shape[:-1])}, "
+            f"got {list(targets.shape)}"
+        )
+    _check_targets(targets, logits.shape[-1], ignore_index)
+    ignored = targets == ignore_index
+    safe = torch.where(ignored, torch.zeros_like(targets), targets)
+    logp = torch.log_softmax(logits.to(_result_dtype(logits)), dim=-1)
+    picked = logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    return torch.where(ignored, torch.zeros_like(picked), picked)
+
+
+def _check_linear(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor
+) -> None:
+    _check_dtype(hidden, (*_FLOAT_DTYPES, torch.float64), "hidden")
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must have 2 dimension(s), got shape {list(hidden.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must have 2 dimension(s), got shape {list(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight must have the dtype of hidden ({hidden.dtype}), got {weight.dtype}")
+    _check_same_device(weight, hidden, "weight", "hidden")
+    if weight.shape[1] != hidden.shape[1]:
+        raise ValueError(
+            f"weight must have shape [V, D] with D = {hidden.shape[1]} (hidden's last dim), "
+            f"got {list(weight.shape)}"
+        )
+    if weight.shape[0] == 0:
+        raise ValueError("weight has an empty vocabulary dimension")
+    if bias is not None:
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias must have the dtype of hidden ({hidden.dtype}), got {bias.dtype}")
+        _check_same_device(bias, hidden, "bias", "hidden")
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias must have shape [V] = [{weight.shape[0]}], got {list(bias.shape)}")
+    _check_dtype(targets, (torch.int64,), "targets")
+    _check_same_device(targets, hidden, "targets", "hidden")
+    if targets.shape != (hidden.shape[0],):
+        raise ValueError(f"targets must have shape [N] = [{hidden.shape[0]}], got {list(targets.shape)}")
+
+
+def default_chunk_size(rows: int, vocab: int) -> int:
+    """Rows per chunk: about 2^25 logits (128 MiB in float32), as the native op chooses."""
+    return max(1, min(max(rows, 1), (1 << 25) // vocab))
+
+
+def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.addmm(bias, h, weight.t()) if bias is not None else h @ weight.t()
+
+
+class _ChunkedLinearLogprobs(torch.autograd.Function):
+    """The LM-head scorer in plain torch: chunks of rows, logits recomputed in the backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk, ignore_index):  # type: ignore[override]
+        out = torch.empty(hidden.shape[0], dtype=_result_dtype(hidden), device=hidden.device)
+        lse = torch.empty_like(out)
+        for begin in range(0, hidden.shape[0], chunk):
+            logits = _chunk_logits(hidden[begin : begin + chunk], weight, bias)
+            logits = logits.to(out.dtype)
+            t = targets[begin : begin + chunk]
+            ignored = t == ignore_index
+            chunk_lse = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(-1, torch.where(ignored, 0, t).unsqueeze(-1)).squeeze(-1)
+            out[begin : begin + chunk] = torch.where(ignored, 0.0, picked - chunk_lse)
+            lse[begin : begin + chunk] = chunk_lse
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.chunk, ctx.ignore_index = chunk, ignore_index
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros_like(weight)
+        grad_bias = torch.zeros_like(bias) if bias is not None else None
+        for begin in range(0, hidden.shape[0], ctx.chunk):
+            h = hidden[begin : begin + ctx.chunk]
+            logits = _chunk_logits(h, weight, bias).to(lse.dtype)
+            t = targets[begin : begin + ctx.chunk]
+            ignored = t == ctx.ignore_index
+            g = torch.where(ignored, 0.0, grad_out[begin : begin + ctx.chunk].to(lse.dtype))
+            grad_logits = -torch.exp(logits - lse[begin : begin + ctx.chunk, None]) * g[:, None]
+            grad_logits.scatter_add_(-1, torch.where(ignored, 0, t)[:, None], g[:, None])
+            grad_logits = grad_logits.to(hidden.dtype)
+            grad_hidden[begin : begin + ctx.chunk] = grad_logits @ weight
+            grad_weight += grad_logits.t() @ h
+            if grad_bias is not None:
+                grad_bias += grad_logits.sum(0)
+        return grad_hidden, grad_weight, grad_bias, None, None, None
+
+
+def linear_token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """``token_logprobs(hidden @ weight.T + bias, targets)`` computed chunk by chunk."""
+    _check_linear(hidden, weight, bias, targets)
+    if chunk_size is not None and chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive (or None), got {chunk_size}")
+    _check_targets(targets, weight.shape[0], ignore_index)
+    chunk = chunk_size or default_chunk_size(hidden.shape[0], weight.shape[0])
+    return _ChunkedLinearLogprobs.apply(hidden, weight, bias, targets, chunk, ignore_index)
+
+
+# ----------------------------------------------------------------------------- sampling
+_PHILOX_M = (0xD2511F53, 0xCD9E8D57)
+_PHILOX_W = (0x9E3779B9, 0xBB67AE85)
+
+
+def _mulhilo32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo) 32-bit halves of a * b for uint32 values held in int64 without overflow."""
+    p_lo = a * (b & 0xFFFF)
+    p_hi = a * (b >> 16)
+    t = ((p_hi & 0xFFFF) << 16) + p_lo
+    return (p_hi >> 16) + (t >> 32), t & _MASK32
+
+
+def philox4x32_10(counter: Sequence[torch.Tensor], key: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Philox4x32-10 on broadcastable int64 tensors holding uint32 words."""
+    c0, c1, c2, c3 = counter
+    k0, k1 = key
+    for _ in range(10):
+        hi0, lo0 = _mulhilo32(_PHILOX_M[0], c0)
+        hi1, lo1 = _mulhilo32(_PHILOX_M[1], c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0 = (k0 + _PHILOX_W[0]) & _MASK32
+        k1 = (k1 + _PHILOX_W[1]) & _MASK32
+    return [c0, c1, c2, c3]
+
+
+def gumbel_noise(seeds: torch.Tensor, streams: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
+    """The sampler's Gumbel noise, float32 [B, vocab], for per-row seeds and streams [B]."""
+    device = seeds.device
+    blocks = torch.arange((vocab + 3) // 4, dtype=torch.int64, device=device)[None, :]
+    step_t = torch.tensor(step, dtype=torch.int64, device=device)
+    counter = (
+        blocks,
+        (streams & _MASK32)[:, None],
+        (step_t & _MASK32).expand(1, 1),
+        ((step_t >> 32) & _MASK32).expand(1, 1),
+    )
+    key = ((seeds & _MASK32)[:, None], ((seeds >> 32) & _MASK32)[:, None])
+    words = torch.stack(torch.broadcast_tensors(*philox4x32_10(counter, key)), dim=-1)
+    bits = words.reshape(seeds.shape[0], -1)[:, :vocab]
+    uniform = ((bits >> 9).to(torch.float32) + 0.5) * 2.0**-23
+    return -torch.log(-torch.log(uniform))
+
+
+def kept_mask(
+    logits: torch.Tensor, *, temperature: float, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0
+) -> torch.Tensor:
+    """The tokens the sampler may draw from, bool [B, V] (semantics in latro.h)."""
+    scaled = logits.float() / torch.tensor(temperature, dtype=torch.float32)
+    if bool(torch.isnan(scaled).any()):
+        row = int(torch.isnan(scaled).any(-1).nonzero()[0])
+        raise ValueError(f"logits row {row} contains NaN")
+    m = scaled.max(-1, keepdim=True).values
+    if bool((m == -math.inf).any()):
+        raise ValueError(f"logits row {int((m[:, 0] == -math.inf).nonzero()[0])} has no finite value")
+    if bool((m == math.inf).any()):
+        raise ValueError(f"logits row {int((m[:, 0] == math.inf).nonzero()[0])} contains +inf")
+    keep = scaled > -math.inf
+    vocab = scaled.shape[-1]
+    if 0 < top_k < vocab:
+        keep &= scaled >= scaled.topk(top_k, dim=-1).values[:, -1:]
+    if min_p > 0:
+        keep &= (scaled - m) >= torch.tensor(math.log(min_p), dtype=torch.float32)
+    if top_p < 1:
+        weights = torch.where(keep, torch.exp(scaled.double() - m.double()), 0.0)
+        order = torch.sort(-scaled, dim=-1, stable=True).indices
+        cumulative = weights.gather(-1, order).cumsum(-1)
+        target = top_p * weights.sum(-1, keepdim=True)
+        last = torch.searchsorted(cumulative, target).clamp(max=vocab - 1)
+        floor = scaled.gather(-1, order.gather(-1, last))
+        keep &= scaled >= floor
+    return keep
+
+
+def _as_seed_tensor(seed: int | torch.Tensor, rows: int, device: torch.device) -> tuple[torch.Tensor, bool]:
+    if isinstance(seed, torch.Tensor):
+        _check_dtype(seed, (torch.int64,), "seed")
+        if seed.dim() == 1 and seed.shape[0] == rows:
+            return seed.to(device), True
+        if seed.dim() == 0:
+            return seed.to(device).reshape(1).expand(rows), False
+        raise ValueError(
+            f"seed must be an int, a 0-d tensor or a tensor of shape [B] = [{rows}], "
+            f"got shape {list(seed.shape)}"
+        )
+    return torch.full((rows,), int(seed), dtype=torch.int64, device=device), False
+
+
+def sample(
+    logits: torch.Tensor,
+    *,
+    seed: int | torch.Tensor,
+    offset: int | torch.Tensor = 0,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gumbel-max sampling with Philox noise: the same draws as the native sampler."""
+    _check_dtype(logits, _FLOAT_DTYPES, "logits")
+    if logits.dim() != 2:
+        raise ValueError(f"logits must have 2 dimension(s), got shape {list(logits.shape)}")
+    if logits.shape[1] == 0:
+        raise ValueError("logits has an empty vocabulary dimension")
+    check_sampling_options(temperature, top_k, top_p, min_p)
+    if isinstance(offset, torch.Tensor):
+        _check_dtype(offset, (torch.int64,), "offset")
+        if offset.dim() != 0:
+            raise ValueError(f"offset must be an int or a 0-d tensor, got shape {list(offset.shape)}")
+    step = int(offset)
+    if step < 0:
+        raise ValueError(f"offset must be >= 0, got {step}")
+    rows, vocab = logits.shape
+    seeds, per_row = _as_seed_tensor(seed, rows, logits.device)
+    if rows == 0:
+        empty = torch.empty(0, device=logits.device)
+        return empty.long(), empty.float()
+    if temperature == 0:
+        if bool(torch.isnan(logits).any()):
+            raise ValueError(f"logits row {int(torch.isnan(logits).any(-1).nonzero()[0])} contains NaN")
+        ids = logits.float().argmax(-1)
+        return ids, torch.zeros(rows, dtype=torch.float32, device=logits.device)
+    keep = kept_mask(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    scaled = logits.float() / torch.tensor(temperature, dtype=torch.float32)
+    streams = torch.zeros_like(seeds) if per_row else torch.arange(rows, device=logits.device)
+    keys = torch.where(keep, scaled + gumbel_noise(seeds, streams, step, vocab), -math.inf)
+    ids = keys.argmax(-1)
+    m = scaled.max(-1).values.double()
+    mass = torch.where(keep, torch.exp(scaled.double() - m[:, None]), 0.0).sum(-1)
+    chosen = scaled.gather(-1, ids[:, None])[:, 0].double()
+    return ids, (chosen - m - torch.log(mass)).float()
+
+
+# ----------------------------------------------------------------------------- stops
+def check_stop_sequences(stop_sequences: Sequence[Sequence[int]]) -> list[list[int]]:
+    """Validates a list of token-id lists and returns it as plain lists of ints."""
+    if isinstance(stop_sequences, torch.Tensor) or isinstance(stop_sequences, (str, bytes)):
+        raise ValueError("stop_sequences must be a list of token-id lists")
+    result = []
+    for i, seq in enumerate(stop_sequences):
+        ids = seq.tolist() if isinstance(seq, torch.Tensor) else list(seq)
+        if len(ids) == 0:
+            raise ValueError(f"stop_sequences[{i}] is empty")
+        if not all(isinstance(t, int) for t in ids):
+            raise ValueError(f"stop_sequences[{i}] must hold integer token ids, got {ids!r}")
+        result.append([int(t) for t in ids])
+    return result
+
+
+def _check_tokens(tokens: torch.Tensor, start: int) -> None:
+    _check_dtype(tokens, (torch.int64,), "tokens")
+    if tokens.dim() != 2:
+        raise ValueError(f"tokens must have 2 dimension(s), got shape {list(tokens.shape)}")
+    if not 0 <= start <= tokens.shape[1]:
+        raise ValueError(f"start must be in [0, {tokens.shape[1]}], got {start}")
+
+
+def _matches_at(tokens: torch.Tensor, seq: list[int], begin: int) -> torch.Tensor:
+    window = tokens[:, begin : begin + len(seq)]
+    return (window == torch.tensor(seq, dtype=tokens.dtype, device=tokens.device)).all(-1)
+
+
+def stop_positions(
+    tokens: torch.Tensor, stop_sequences: Sequence[Sequence[int]], *, start: int = 0
+) -> torch.Tensor:
+    """Index where the earliest stop sequence at or after ``start`` begins, else T. int64 [B]."""
+    _check_tokens(tokens, start)
+    seqs = check_stop_sequences(stop_sequences)
+    rows, length = tokens.shape
+    found = torch.full((rows,), length, dtype=torch.int64, device=tokens.device)
+    for seq in seqs:
+        n = len(seq)
+        if length - n + 1 <= start:
+            continue
+        windows = tokens.unfold(1, n, 1)[:, start:]  # [B, T - n + 1 - start, n]
+        hits = (windows == torch.tensor(seq, dtype=tokens.dtype, device=tokens.device)).all(-1)
+        first = torch.where(hits.any(-1), hits.int().argmax(-1) + start, length)
+        found = torch.minimum(found, first)
+    return found
+
+
+def stop_positions_step(
+    tokens: torch.Tensor,
+    stop_sequences: Sequence[Sequence[int]],
+    *,
+    step: int | torch.Tensor,
+    positions: torch.Tensor,
+    start: int = 0,
+) -> torch.Tensor:
+    """The incremental form: rows still at T get the start of the first stop ending at ``step``."""
+    _check_tokens(tokens, start)
+    seqs = check_stop_sequences(stop_sequences)
+    rows, length = tokens.shape
+    _check_dtype(positions, (torch.int64,), "positions")
+    if positions.shape != (rows,):
+        raise ValueError(f"positions must have shape [B] = [{rows}], got {list(positions.shape)}")
+    step = int(step)
+    if not 0 <= step < length:
+        raise ValueError(f"step must be in [0, {length}), got {step}")
+    result = positions.clone()
+    open_rows = positions == length
+    for seq in seqs:
+        begin = step + 1 - len(seq)
+        if begin < start:
+            continue
+        hit = open_rows & _matches_at(tokens, seq, begin)
+        result = torch.where(hit, begin, result)
+        open_rows &= ~hit
+    return result
+
+
+# ----------------------------------------------------------------------------- rewards
+def rloo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
+    """``A_i = r_i - (sum of its group - r_i) / (k - 1)``; rewards grouped k per prompt."""
+    _check_dtype(rewards, (torch.float32, torch.float64), "rewards")
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must have 1 dimension(s), got shape {list(rewards.shape)}")
+    if k < 2:
+        raise ValueError(f"k must be >= 2 for a leave-one-out baseline, got {k}")
+    if rewards.shape[0] == 0:
+        raise ValueError("rewards is empty")
+    if rewards.shape[0] % k:
+        raise ValueError(
+            f"k = {k} does not divide the {rewards.shape[0]} rewards (they must be grouped by "
+            f"prompt, k per group)"
+        )
+    r = rewards.double().view(-1, k)
+    baseline = (r.sum(-1, keepdim=True) - r) / (k - 1)
+    return (r - baseline).view(-1).to(rewards.dtype)
+
+
+PENALTY_MODES = ("constant", "batch_mean")
+
+
+def latro_rewards(
+    answer_logp: torch.Tensor,
+    rationale_logp: torch.Tensor,
+    ref_rationale_logp: torch.Tensor,
+    finished: torch.Tensor,
+    *,
+    kl_coef: float,
+    nonstop_penalty: float,
+    penalty_mode: str = "constant",
+) -> torch.Tensor:
+    """``r = answer_logp - kl_coef * (rationale_logp - ref_rationale_logp)``; penalty if unfinished."""
+    _check_dtype(answer_logp, (torch.float32, torch.float64), "answer_logp")
+    if answer_logp.dim() != 1:
+        raise ValueError(f"answer_logp must have 1 dimension(s), got shape {list(answer_logp.shape)}")
+    if answer_logp.shape[0] == 0:
+        raise ValueError("answer_logp is empty")
+    for t, name in ((rationale_logp, "rationale_logp"), (ref_rationale_logp, "ref_rationale_logp")):
+        _check_dtype(t, (answer_logp.dtype,), name)
+        _check_same_device(t, answer_logp, name, "answer_logp")
+        if t.shape != answer_logp.shape:
+            raise ValueError(
+                f"{name} must have the shape of answer_logp {list(answer_logp.shape)}, got {list(t.shape)}"
+            )
+    _check_dtype(finished, (torch.bool,), "finished")
+    _check_same_device(finished, answer_logp, "finished", "answer_logp")
+    if finished.shape != answer_logp.shape:
+        raise ValueError(
+            f"finished must have the shape of answer_logp {list(answer_logp.shape)}, got {list(finished.shape)}"
+        )
+    if penalty_mode not in PENALTY_MODES:
+        raise ValueError(f"penalty_mode must be 'constant' or 'batch_mean', got '{penalty_mode}'")
+    for value, name in ((kl_coef, "kl_coef"), (nonstop_penalty, "nonstop_penalty")):
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be finite, got {value}")
+    a = answer_logp.double()
+    reward = a - kl_coef * (rationale_logp.double() - ref_rationale_logp.double())
+    penalty = nonstop_penalty * a.mean() if penalty_mode == "batch_mean" else torch.tensor(
+        float(nonstop_penalty), dtype=torch.float64, device=a.device
+    )
+    return torch.where(finished, reward, penalty).to(answer_logp.dtype)

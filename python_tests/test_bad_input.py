@@ -1,0 +1,140 @@
+"""Every bad input gives a clear error naming the argument, on every backend."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import device_backend_pairs
+
+from latro_engine import ops
+
+PAIRS = device_backend_pairs()
+
+
+def _raises(exc, match):
+    return pytest.raises(exc, match=match)
+
+
+@pytest.mark.parametrize("device,backend", PAIRS)
+def test_token_logprobs_errors(device, backend, use_backend):
+    use_backend(backend)
+    logits = torch.randn(3, 5, device=device)
+    t = torch.tensor([0, 1, 2], device=device)
+    with _raises(TypeError, "logits"):
+        ops.token_logprobs(logits.long(), t)
+    with _raises(TypeError, "targets"):
+        ops.token_logprobs(logits, t.int())
+    with _raises(ValueError, "targets must have shape"):
+        ops.token_logprobs(logits, t[:2])
+    with _raises(ValueError, r"targets\[1\] = 5 is out of range"):
+        ops.token_logprobs(logits, torch.tensor([0, 5, 1], device=device))
+    with _raises(ValueError, "out of range"):
+        ops.token_logprobs(logits, torch.tensor([0, -1, 1], device=device))
+    with _raises(ValueError, "empty vocabulary"):
+        ops.token_logprobs(torch.randn(3, 0, device=device), t)
+    if torch.cuda.is_available():
+        with _raises(ValueError, "targets is on"):
+            ops.token_logprobs(logits.cuda() if device == "cpu" else logits.cpu(), t)
+    assert ops.token_logprobs(torch.randn(0, 5, device=device), t[:0]).shape == (0,)
+
+
+@pytest.mark.parametrize("device,backend", PAIRS)
+def test_linear_token_logprobs_errors(device, backend, use_backend):
+    use_backend(backend)
+    h, w, t = torch.randn(4, 3, device=device), torch.randn(7, 3, device=device), torch.zeros(4, dtype=torch.long, device=device)
+    with _raises(ValueError, "weight must have shape"):
+        ops.linear_token_logprobs(h, torch.randn(7, 2, device=device), t)
+    with _raises(TypeError, "weight must have the dtype"):
+        ops.linear_token_logprobs(h, w.half(), t)
+    with _raises(ValueError, "bias must have shape"):
+        ops.linear_token_logprobs(h, w, t, bias=torch.randn(6, device=device))
+    with _raises(ValueError, "targets must have shape"):
+        ops.linear_token_logprobs(h, w, t[:3])
+    with _raises(ValueError, "chunk_size"):
+        ops.linear_token_logprobs(h, w, t, chunk_size=0)
+    with _raises(ValueError, "out of range"):
+        ops.linear_token_logprobs(h, w, t + 7)
+
+
+@pytest.mark.parametrize("device,backend", PAIRS)
+def test_sample_errors(device, backend, use_backend):
+    use_backend(backend)
+    logits = torch.randn(3, 5, device=device)
+    for kw, match in [
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(min_p=-0.1), "min_p"),
+        (dict(top_k=-2), "top_k"),
+    ]:
+        with _raises(ValueError, match):
+            ops.sample(logits, seed=0, **kw)
+    with _raises(ValueError, "seed must be"):
+        ops.sample(logits, seed=torch.arange(2, device=device))
+    with _raises(TypeError, "seed"):
+        ops.sample(logits, seed=1.5)
+    with _raises(TypeError, "seed"):
+        ops.sample(logits, seed=torch.arange(3, device=device).float())
+    with _raises(ValueError, "offset must be"):
+        ops.sample(logits, seed=0, offset=torch.arange(2, device=device))
+    with _raises(ValueError, "logits must have 2"):
+        ops.sample(logits[0], seed=0)
+    with _raises(TypeError, "logits"):
+        ops.sample(logits.long(), seed=0)
+    bad = logits.clone()
+    bad[1, 2] = float("nan")
+    with _raises(ValueError, "row 1 contains NaN"):
+        ops.sample(bad, seed=0)
+    with _raises(ValueError, "no finite value"):
+        ops.sample(torch.full((2, 4), float("-inf"), device=device), seed=0)
+
+
+@pytest.mark.parametrize("device,backend", PAIRS)
+def test_stop_errors(device, backend, use_backend):
+    use_backend(backend)
+    tokens = torch.zeros(2, 5, dtype=torch.long, device=device)
+    with _raises(ValueError, r"stop_sequences\[1\] is empty"):
+        ops.stop_positions(tokens, [[1], []])
+    with _raises(ValueError, "stop_sequences"):
+        ops.stop_positions(tokens, [["a"]])
+    with _raises(TypeError, "tokens"):
+        ops.stop_positions(tokens.float(), [[1]])
+    with _raises(ValueError, "start"):
+        ops.stop_positions(tokens, [[1]], start=6)
+    positions = torch.full((2,), 5, device=device)
+    with _raises(ValueError, "step"):
+        ops.stop_positions_step(tokens, [[1]], step=5, positions=positions)
+    with _raises(ValueError, "positions must have shape"):
+        ops.stop_positions_step(tokens, [[1]], step=0, positions=positions[:1])
+
+
+@pytest.mark.parametrize("device,backend", PAIRS)
+def test_reward_errors(device, backend, use_backend):
+    use_backend(backend)
+    r = torch.randn(6, device=device)
+    with _raises(ValueError, "k must be >= 2"):
+        ops.rloo_advantages(r, 1)
+    with _raises(ValueError, "does not divide"):
+        ops.rloo_advantages(r, 4)
+    with _raises(ValueError, "rewards is empty"):
+        ops.rloo_advantages(r[:0], 2)
+    with _raises(TypeError, "rewards"):
+        ops.rloo_advantages(r.long(), 2)
+    f = torch.ones(6, dtype=torch.bool, device=device)
+    with _raises(ValueError, "penalty_mode"):
+        ops.latro_rewards(r, r, r, f, kl_coef=0.1, nonstop_penalty=0.0, penalty_mode="mean")
+    with _raises(ValueError, "rationale_logp must have the shape"):
+        ops.latro_rewards(r, r[:3], r, f, kl_coef=0.1, nonstop_penalty=0.0)
+    with _raises(TypeError, "finished"):
+        ops.latro_rewards(r, r, r, f.float(), kl_coef=0.1, nonstop_penalty=0.0)
+    with _raises(ValueError, "kl_coef"):
+        ops.latro_rewards(r, r, r, f, kl_coef=float("nan"), nonstop_penalty=0.0)
+    with _raises(ValueError, "answer_logp is empty"):
+        ops.latro_rewards(r[:0], r[:0], r[:0], f[:0], kl_coef=0.1, nonstop_penalty=0.0)
+
+
+def test_unknown_backend_is_rejected(use_backend):
+    use_backend("fast")
+    with _raises(ValueError, "LATRO_BACKEND"):
+        ops.rloo_advantages(torch.randn(4), 2)

@@ -1,0 +1,63 @@
+"""Builds latro_engine's native extension (latro_engine._C) with torch's cpp_extension.
+
+CUDA kernels are compiled when a CUDA toolkit and a CUDA-enabled torch are both present
+(decided from the toolkit, not from whether a GPU is visible). Environment switches:
+  LATRO_SKIP_CUDA=1   never compile CUDA sources
+  LATRO_FORCE_CUDA=1  fail unless CUDA sources are compiled
+  TORCH_CUDA_ARCH_LIST  GPU architectures (default "8.0;9.0")
+  LATRO_SKIP_EXTENSION=1  install the pure-Python package only (reference backend)
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _sources(pattern: str) -> list[str]:
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def _extensions() -> tuple[list, dict]:
+    if os.environ.get("LATRO_SKIP_EXTENSION") == "1":
+        return [], {}
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+    skip_cuda = os.environ.get("LATRO_SKIP_CUDA") == "1"
+    force_cuda = os.environ.get("LATRO_FORCE_CUDA") == "1"
+    toolkit = CUDA_HOME is not None
+    cuda_torch = torch.version.cuda is not None
+    use_cuda = not skip_cuda and toolkit and cuda_torch
+    if force_cuda and not use_cuda:
+        raise RuntimeError(
+            f"LATRO_FORCE_CUDA=1 but CUDA cannot be built (toolkit found: {toolkit}, "
+            f"torch built with CUDA: {cuda_torch}, LATRO_SKIP_CUDA: {skip_cuda})"
+        )
+    sources = _sources("csrc/core/src/*.cpp") + _sources("csrc/torch/*.cpp")
+    include_dirs = [os.path.join(ROOT, "csrc/core/include"), os.path.join(ROOT, "csrc/torch")]
+    cxx_flags = ["-O3"]  # the language standard follows torch (C++17 or newer)
+    if use_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        sources += _sources("csrc/core/src/*.cu") + _sources("csrc/torch/*.cu")
+        ext = CUDAExtension(
+            "latro_engine._C",
+            sources,
+            include_dirs=include_dirs,
+            define_macros=[("LATRO_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
+        )
+    else:
+        ext = CppExtension(
+            "latro_engine._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags}
+        )
+    print(f"latro_engine: building the native extension with CUDA {'on' if use_cuda else 'off'}")
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
