@@ -53,7 +53,10 @@ def _extensions() -> tuple[list, dict]:
         )
     else:
         ext = CppExtension(
-            "latro_engine._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags}
+            "latro_engine._C",
+            sources,
+            include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx_flags},
         )
     print(f"latro_engine: building the native extension with CUDA {'on' if use_cuda else 'off'}")
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}

@@ -49,8 +49,11 @@ def use_native(device: torch.device) -> bool:
         device.type == "cpu" or (device.type == "cuda" and native_has_cuda())
     )
     if requested == "native" and not native:
-        reason = f"the extension did not load ({_IMPORT_ERROR})" if _C is None else (
-            f"it has no kernels for {device.type}")
+        reason = (
+            f"the extension did not load ({_IMPORT_ERROR})"
+            if _C is None
+            else (f"it has no kernels for {device.type}")
+        )
         raise RuntimeError(f"LATRO_BACKEND=native but {reason}")
     return native
 

@@ -66,7 +66,15 @@ def _(rewards, k):
 
 
 @torch.library.register_fake(f"{_LIB}::latro_rewards")
-def _(answer_logp, rationale_logp, ref_rationale_logp, finished, kl_coef, nonstop_penalty, penalty_mode):
+def _(
+    answer_logp,
+    rationale_logp,
+    ref_rationale_logp,
+    finished,
+    kl_coef,
+    nonstop_penalty,
+    penalty_mode,
+):
     return torch.empty_like(answer_logp)
 
 
@@ -120,8 +128,14 @@ def _linear_setup(ctx, inputs, output):
 def _linear_backward(ctx, grad_logprobs, grad_lse):
     hidden, weight, bias, targets, lse = ctx.saved_tensors
     grad_hidden, grad_weight, grad_bias = torch.ops.latro_engine.linear_token_logprobs_backward(
-        _upstream(grad_logprobs, grad_lse, lse), hidden, weight, bias, targets, lse,
-        ctx.chunk_size, ctx.ignore_index,
+        _upstream(grad_logprobs, grad_lse, lse),
+        hidden,
+        weight,
+        bias,
+        targets,
+        lse,
+        ctx.chunk_size,
+        ctx.ignore_index,
     )
     if grad_lse is not None:
         h, safe = _lse_target_weight(grad_lse, targets, ctx.ignore_index)

@@ -34,14 +34,15 @@ def token_logprobs(
     """Log-probability of each target token.
 
     Args:
-        logits: ``[..., V]`` float32, bfloat16 or float16 (any strides).
+        logits: ``[..., V]`` float32, bfloat16 or float16 (any strides); float64 runs the
+            reference on every backend (for gradcheck and oracles).
         targets: int64 ``[...]`` (``logits.shape[:-1]``), each in ``[0, V)`` or ``ignore_index``.
     Returns:
         float32 ``[...]``: ``log_softmax(logits.float(), -1)`` gathered at ``targets``, 0 where
         the target is ``ignore_index``. Differentiable w.r.t. ``logits``. The native forward
         reads the logits once (online log-sum-exp in float32) and keeps no ``[..., V]`` copy.
     """
-    if use_native(logits.device):
+    if use_native(logits.device) and logits.dtype != torch.float64:
         return torch.ops.latro_engine.token_logprobs(logits, targets, ignore_index)[0]
     return reference.token_logprobs(logits, targets, ignore_index=ignore_index)
 
@@ -58,7 +59,8 @@ def linear_token_logprobs(
     """Token log-probabilities straight from hidden states and an LM head.
 
     Args:
-        hidden: ``[N, D]``; weight: ``[V, D]``; bias: optional ``[V]`` (all one float dtype).
+        hidden: ``[N, D]``; weight: ``[V, D]``; bias: optional ``[V]`` (all one float dtype;
+            float64 runs the reference on every backend).
         targets: int64 ``[N]``.
         chunk_size: rows per chunk (default: about 2^25 logits per chunk).
     Returns:
@@ -68,7 +70,7 @@ def linear_token_logprobs(
     """
     if chunk_size is not None and chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive (or None), got {chunk_size}")
-    if use_native(hidden.device):
+    if use_native(hidden.device) and hidden.dtype != torch.float64:
         return torch.ops.latro_engine.linear_token_logprobs(
             hidden, weight, bias, targets, chunk_size or 0, ignore_index
         )[0]
@@ -120,7 +122,12 @@ def sample(
             logits, seed_t, offset_t, float(temperature), int(top_k), float(top_p), float(min_p)
         )
     return reference.sample(
-        logits, seed=seed_t, offset=offset_t, temperature=temperature, top_k=top_k, top_p=top_p,
+        logits,
+        seed=seed_t,
+        offset=offset_t,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
         min_p=min_p,
     )
 
@@ -152,10 +159,14 @@ def _packed(sequences: tuple[tuple[int, ...], ...], device: torch.device) -> Sto
     return StopSequences(sequences, device)
 
 
-def _as_stop_sequences(stops: Sequence[Sequence[int]] | StopSequences, device: torch.device) -> StopSequences:
+def _as_stop_sequences(
+    stops: Sequence[Sequence[int]] | StopSequences, device: torch.device
+) -> StopSequences:
     if isinstance(stops, StopSequences):
         if stops.tokens.device != device:
-            raise ValueError(f"stop_sequences are on {stops.tokens.device} but tokens are on {device}")
+            raise ValueError(
+                f"stop_sequences are on {stops.tokens.device} but tokens are on {device}"
+            )
         return stops
     checked = reference.check_stop_sequences(stops)
     return _packed(tuple(tuple(seq) for seq in checked), device)
@@ -243,15 +254,28 @@ def latro_rewards(
     ``finished`` is bool ``[N]``. No gradient flows through the result.
     """
     answer_logp, rationale_logp, ref_rationale_logp = (
-        answer_logp.detach(), rationale_logp.detach(), ref_rationale_logp.detach())
+        answer_logp.detach(),
+        rationale_logp.detach(),
+        ref_rationale_logp.detach(),
+    )
     if use_native(answer_logp.device):
         return torch.ops.latro_engine.latro_rewards(
-            answer_logp, rationale_logp, ref_rationale_logp, finished, float(kl_coef),
-            float(nonstop_penalty), penalty_mode,
+            answer_logp,
+            rationale_logp,
+            ref_rationale_logp,
+            finished,
+            float(kl_coef),
+            float(nonstop_penalty),
+            penalty_mode,
         )
     return reference.latro_rewards(
-        answer_logp, rationale_logp, ref_rationale_logp, finished, kl_coef=kl_coef,
-        nonstop_penalty=nonstop_penalty, penalty_mode=penalty_mode,
+        answer_logp,
+        rationale_logp,
+        ref_rationale_logp,
+        finished,
+        kl_coef=kl_coef,
+        nonstop_penalty=nonstop_penalty,
+        penalty_mode=penalty_mode,
     )
 
 

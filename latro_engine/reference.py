@@ -96,7 +96,9 @@ def _check_linear(
     if weight.dim() != 2:
         raise ValueError(f"weight must have 2 dimension(s), got shape {list(weight.shape)}")
     if weight.dtype != hidden.dtype:
-        raise TypeError(f"weight must have the dtype of hidden ({hidden.dtype}), got {weight.dtype}")
+        raise TypeError(
+            f"weight must have the dtype of hidden ({hidden.dtype}), got {weight.dtype}"
+        )
     _check_same_device(weight, hidden, "weight", "hidden")
     if weight.shape[1] != hidden.shape[1]:
         raise ValueError(
@@ -107,14 +109,20 @@ def _check_linear(
         raise ValueError("weight has an empty vocabulary dimension")
     if bias is not None:
         if bias.dtype != hidden.dtype:
-            raise TypeError(f"bias must have the dtype of hidden ({hidden.dtype}), got {bias.dtype}")
+            raise TypeError(
+                f"bias must have the dtype of hidden ({hidden.dtype}), got {bias.dtype}"
+            )
         _check_same_device(bias, hidden, "bias", "hidden")
         if bias.shape != (weight.shape[0],):
-            raise ValueError(f"bias must have shape [V] = [{weight.shape[0]}], got {list(bias.shape)}")
+            raise ValueError(
+                f"bias must have shape [V] = [{weight.shape[0]}], got {list(bias.shape)}"
+            )
     _check_dtype(targets, (torch.int64,), "targets")
     _check_same_device(targets, hidden, "targets", "hidden")
     if targets.shape != (hidden.shape[0],):
-        raise ValueError(f"targets must have shape [N] = [{hidden.shape[0]}], got {list(targets.shape)}")
+        raise ValueError(
+            f"targets must have shape [N] = [{hidden.shape[0]}], got {list(targets.shape)}"
+        )
 
 
 def default_chunk_size(rows: int, vocab: int) -> int:
@@ -199,7 +207,9 @@ def _mulhilo32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (p_hi >> 16) + (t >> 32), t & _MASK32
 
 
-def philox4x32_10(counter: Sequence[torch.Tensor], key: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+def philox4x32_10(
+    counter: Sequence[torch.Tensor], key: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
     """Philox4x32-10 on broadcastable int64 tensors holding uint32 words."""
     c0, c1, c2, c3 = counter
     k0, k1 = key
@@ -231,7 +241,12 @@ def gumbel_noise(seeds: torch.Tensor, streams: torch.Tensor, step: int, vocab: i
 
 
 def kept_mask(
-    logits: torch.Tensor, *, temperature: float, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0
+    logits: torch.Tensor,
+    *,
+    temperature: float,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
 ) -> torch.Tensor:
     """The tokens the sampler may draw from, bool [B, V] (semantics in latro.h)."""
     scaled = logits.float() / torch.tensor(temperature, dtype=torch.float32)
@@ -240,7 +255,9 @@ def kept_mask(
         raise ValueError(f"logits row {row} contains NaN")
     m = scaled.max(-1, keepdim=True).values
     if bool((m == -math.inf).any()):
-        raise ValueError(f"logits row {int((m[:, 0] == -math.inf).nonzero()[0])} has no finite value")
+        raise ValueError(
+            f"logits row {int((m[:, 0] == -math.inf).nonzero()[0])} has no finite value"
+        )
     if bool((m == math.inf).any()):
         raise ValueError(f"logits row {int((m[:, 0] == math.inf).nonzero()[0])} contains +inf")
     keep = scaled > -math.inf
@@ -260,7 +277,9 @@ def kept_mask(
     return keep
 
 
-def _as_seed_tensor(seed: int | torch.Tensor, rows: int, device: torch.device) -> tuple[torch.Tensor, bool]:
+def _as_seed_tensor(
+    seed: int | torch.Tensor, rows: int, device: torch.device
+) -> tuple[torch.Tensor, bool]:
     if isinstance(seed, torch.Tensor):
         _check_dtype(seed, (torch.int64,), "seed")
         if seed.dim() == 1 and seed.shape[0] == rows:
@@ -294,7 +313,9 @@ def sample(
     if isinstance(offset, torch.Tensor):
         _check_dtype(offset, (torch.int64,), "offset")
         if offset.dim() != 0:
-            raise ValueError(f"offset must be an int or a 0-d tensor, got shape {list(offset.shape)}")
+            raise ValueError(
+                f"offset must be an int or a 0-d tensor, got shape {list(offset.shape)}"
+            )
     step = int(offset)
     if step < 0:
         raise ValueError(f"offset must be >= 0, got {step}")
@@ -305,7 +326,9 @@ def sample(
         return empty.long(), empty.float()
     if temperature == 0:
         if bool(torch.isnan(logits).any()):
-            raise ValueError(f"logits row {int(torch.isnan(logits).any(-1).nonzero()[0])} contains NaN")
+            raise ValueError(
+                f"logits row {int(torch.isnan(logits).any(-1).nonzero()[0])} contains NaN"
+            )
         ids = logits.float().argmax(-1)
         return ids, torch.zeros(rows, dtype=torch.float32, device=logits.device)
     keep = kept_mask(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
@@ -433,7 +456,9 @@ def latro_rewards(
     """``r = answer_logp - kl_coef * (rationale_logp - ref_rationale_logp)``; penalty if unfinished."""
     _check_dtype(answer_logp, (torch.float32, torch.float64), "answer_logp")
     if answer_logp.dim() != 1:
-        raise ValueError(f"answer_logp must have 1 dimension(s), got shape {list(answer_logp.shape)}")
+        raise ValueError(
+            f"answer_logp must have 1 dimension(s), got shape {list(answer_logp.shape)}"
+        )
     if answer_logp.shape[0] == 0:
         raise ValueError("answer_logp is empty")
     for t, name in ((rationale_logp, "rationale_logp"), (ref_rationale_logp, "ref_rationale_logp")):
@@ -456,7 +481,9 @@ def latro_rewards(
             raise ValueError(f"{name} must be finite, got {value}")
     a = answer_logp.double()
     reward = a - kl_coef * (rationale_logp.double() - ref_rationale_logp.double())
-    penalty = nonstop_penalty * a.mean() if penalty_mode == "batch_mean" else torch.tensor(
-        float(nonstop_penalty), dtype=torch.float64, device=a.device
+    penalty = (
+        nonstop_penalty * a.mean()
+        if penalty_mode == "batch_mean"
+        else torch.tensor(float(nonstop_penalty), dtype=torch.float64, device=a.device)
     )
     return torch.where(finished, reward, penalty).to(answer_logp.dtype)

@@ -16,10 +16,10 @@ def test_rloo_matches_hand_computation(device, backend, groups, k, use_backend):
     rewards = torch.randn(groups * k, device=device) * 5
     out = ops.rloo_advantages(rewards, k)
     r = rewards.double().view(groups, k).cpu().tolist()
-    expected = [
-        ri - (sum(group) - ri) / (k - 1) for group in r for ri in group
-    ]
-    torch.testing.assert_close(out.double().cpu(), torch.tensor(expected, dtype=torch.float64), atol=1e-5, rtol=1e-6)
+    expected = [ri - (sum(group) - ri) / (k - 1) for group in r for ri in group]
+    torch.testing.assert_close(
+        out.double().cpu(), torch.tensor(expected, dtype=torch.float64), atol=1e-5, rtol=1e-6
+    )
     # each group's advantages sum to zero: sum_i (r_i - (S - r_i)/(k-1)) = S - S = 0
     assert out.view(groups, k).sum(-1).abs().max() < 1e-4
 
@@ -34,17 +34,32 @@ def test_latro_rewards(device, backend, mode, use_backend):
     ref = -torch.rand(n, device=device) * 30
     finished = torch.rand(n, device=device) > 0.3
     finished[0], finished[1] = True, False
-    out = ops.latro_rewards(answer, rationale, ref, finished, kl_coef=0.05, nonstop_penalty=-2.5, penalty_mode=mode)
-    a, r, f = answer.double().tolist(), (rationale.double() - ref.double()).tolist(), finished.tolist()
+    out = ops.latro_rewards(
+        answer, rationale, ref, finished, kl_coef=0.05, nonstop_penalty=-2.5, penalty_mode=mode
+    )
+    a, r, f = (
+        answer.double().tolist(),
+        (rationale.double() - ref.double()).tolist(),
+        finished.tolist(),
+    )
     penalty = -2.5 if mode == "constant" else -2.5 * sum(a) / n
     expected = [a[i] - 0.05 * r[i] if f[i] else penalty for i in range(n)]
-    torch.testing.assert_close(out.double().cpu(), torch.tensor(expected, dtype=torch.float64), atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(
+        out.double().cpu(), torch.tensor(expected, dtype=torch.float64), atol=1e-5, rtol=1e-6
+    )
 
 
 @pytest.mark.parametrize("device,backend", device_backend_pairs())
 def test_no_gradient_flows_through_rewards(device, backend, use_backend):
     use_backend(backend)
     answer = torch.randn(4, device=device, requires_grad=True)
-    out = ops.latro_rewards(answer, answer, answer, torch.ones(4, dtype=torch.bool, device=device), kl_coef=0.1, nonstop_penalty=0.0)
+    out = ops.latro_rewards(
+        answer,
+        answer,
+        answer,
+        torch.ones(4, dtype=torch.bool, device=device),
+        kl_coef=0.1,
+        nonstop_penalty=0.0,
+    )
     assert not out.requires_grad
     assert not ops.rloo_advantages(answer, 2).requires_grad

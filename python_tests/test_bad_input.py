@@ -41,7 +41,11 @@ def test_token_logprobs_errors(device, backend, use_backend):
 @pytest.mark.parametrize("device,backend", PAIRS)
 def test_linear_token_logprobs_errors(device, backend, use_backend):
     use_backend(backend)
-    h, w, t = torch.randn(4, 3, device=device), torch.randn(7, 3, device=device), torch.zeros(4, dtype=torch.long, device=device)
+    h, w, t = (
+        torch.randn(4, 3, device=device),
+        torch.randn(7, 3, device=device),
+        torch.zeros(4, dtype=torch.long, device=device),
+    )
     with _raises(ValueError, "weight must have shape"):
         ops.linear_token_logprobs(h, torch.randn(7, 2, device=device), t)
     with _raises(TypeError, "weight must have the dtype"):

@@ -28,13 +28,17 @@ def _full_logits_oracle(hidden, weight, bias, targets):
 
 
 @pytest.mark.parametrize("device,backend", device_backend_pairs())
-@pytest.mark.parametrize("n,d,v,chunk", [(1, 8, 7, None), (7, 16, 97, 3), (97, 32, 1025, 10), (33, 24, 128_256, 16)])
+@pytest.mark.parametrize(
+    "n,d,v,chunk", [(1, 8, 7, None), (7, 16, 97, 3), (97, 32, 1025, 10), (33, 24, 128_256, 16)]
+)
 @pytest.mark.parametrize("bias", [False, True])
 def test_forward_matches_full_logits(device, backend, n, d, v, chunk, bias, use_backend):
     use_backend(backend)
     hidden, weight, b, targets = _case(n, d, v, torch.float32, device, bias, seed=n + v)
     out = ops.linear_token_logprobs(hidden, weight, targets, bias=b, chunk_size=chunk)
-    torch.testing.assert_close(out.double(), _full_logits_oracle(hidden, weight, b, targets), atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        out.double(), _full_logits_oracle(hidden, weight, b, targets), atol=2e-5, rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize("device,backend", device_backend_pairs())
@@ -56,7 +60,9 @@ def test_backward_matches_full_logits(device, backend, bias, use_backend):
     hidden, weight, b, targets = _case(37, 12, 211, torch.float32, device, bias, seed=4)
     upstream = torch.randn(37, device=device)
     leaves = [t.clone().requires_grad_() for t in (hidden, weight) + ((b,) if bias else ())]
-    out = ops.linear_token_logprobs(leaves[0], leaves[1], targets, bias=leaves[2] if bias else None, chunk_size=5)
+    out = ops.linear_token_logprobs(
+        leaves[0], leaves[1], targets, bias=leaves[2] if bias else None, chunk_size=5
+    )
     (out * upstream).sum().backward()
     ref = [t.double().requires_grad_() for t in (hidden, weight) + ((b,) if bias else ())]
     expected = _full_logits_oracle(ref[0], ref[1], ref[2] if bias else None, targets)
@@ -77,7 +83,9 @@ def test_gradcheck_float64_reference_and_native_jacobian(device, backend, use_ba
         return ops.linear_token_logprobs(h, w, targets, bias=b, chunk_size=2)
 
     assert torch.autograd.gradcheck(f, (hidden, weight, bias))
-    expected = torch.autograd.functional.jacobian(f, (hidden.detach(), weight.detach(), bias.detach()))
+    expected = torch.autograd.functional.jacobian(
+        f, (hidden.detach(), weight.detach(), bias.detach())
+    )
     use_backend(backend)
     got = torch.autograd.functional.jacobian(
         f, (hidden.detach().float(), weight.detach().float(), bias.detach().float())

@@ -33,22 +33,47 @@ def _op_samples(device: str):
     rewards = torch.randn(12, generator=g).to(device)
     finished = torch.tensor([True, False] * 6, device=device)
     return {
-        "token_logprobs": [(logits.clone().requires_grad_(), targets, -100), (logits.bfloat16(), targets, -100)],
-        "token_logprobs_backward": [(torch.randn(5, 7).to(device), logits.detach(), targets, lse, -100)],
-        "token_logprobs_backward_": [(torch.randn(5, 7).to(device), logits.detach().clone(), targets, lse, -100)],
+        "token_logprobs": [
+            (logits.clone().requires_grad_(), targets, -100),
+            (logits.bfloat16(), targets, -100),
+        ],
+        "token_logprobs_backward": [
+            (torch.randn(5, 7).to(device), logits.detach(), targets, lse, -100)
+        ],
+        "token_logprobs_backward_": [
+            (torch.randn(5, 7).to(device), logits.detach().clone(), targets, lse, -100)
+        ],
         "linear_token_logprobs": [
-            (hidden.clone().requires_grad_(), weight.clone().requires_grad_(), bias.clone().requires_grad_(), t9, 4, -100),
+            (
+                hidden.clone().requires_grad_(),
+                weight.clone().requires_grad_(),
+                bias.clone().requires_grad_(),
+                t9,
+                4,
+                -100,
+            ),
             (hidden.detach(), weight.detach(), None, t9, 0, -100),
         ],
         "linear_token_logprobs_backward": [
-            (torch.randn(9).to(device), hidden.detach(), weight.detach(), bias, t9, lin_lse, 4, -100)
+            (
+                torch.randn(9).to(device),
+                hidden.detach(),
+                weight.detach(),
+                bias,
+                t9,
+                lin_lse,
+                4,
+                -100,
+            )
         ],
         "sample": [
             (logits[0].detach(), scalar(3), scalar(2), 0.8, 10, 0.9, 0.05),
             (logits[0].detach(), torch.arange(7, device=device), scalar(0), 1.0, 0, 1.0, 0.0),
         ],
         "stop_positions": [(tokens, stop_tokens, stop_offsets, 1)],
-        "stop_positions_step": [(tokens, stop_tokens, stop_offsets, scalar(4), torch.full((6,), 11, device=device), 0)],
+        "stop_positions_step": [
+            (tokens, stop_tokens, stop_offsets, scalar(4), torch.full((6,), 11, device=device), 0)
+        ],
         "rloo_advantages": [(rewards, 4)],
         "latro_rewards": [(rewards, rewards * 2, rewards * 3, finished, 0.05, -1.0, "batch_mean")],
     }
@@ -79,14 +104,19 @@ def test_compiles_with_torch_compile():
     logits = torch.randn(3, 11, requires_grad=True)
     targets = torch.tensor([1, 2, 3])
     score(logits, targets).backward()
-    expected = torch.autograd.grad(torch.log_softmax(logits, -1).gather(-1, targets[:, None]).sum(), logits)[0]
+    expected = torch.autograd.grad(
+        torch.log_softmax(logits, -1).gather(-1, targets[:, None]).sum(), logits
+    )[0]
     torch.testing.assert_close(logits.grad, expected)
 
 
 def _run_python(code: str, **env) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-W", "always::RuntimeWarning", "-c", textwrap.dedent(code)],
-        capture_output=True, text=True, env={**os.environ, **env}, timeout=300,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=300,
     )
 
 

@@ -123,7 +123,9 @@ def _chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
     dof = int(cells.sum()) - 1
     if dof == 0:
         return 1.0
-    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), stat.double() / 2))
+    return float(
+        torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), stat.double() / 2)
+    )
 
 
 @pytest.mark.parametrize("device,backend", device_backend_pairs())
@@ -154,6 +156,7 @@ def test_chi_square_detects_a_wrong_distribution():
 
 def test_philox_known_answers():
     """Philox4x32-10 test vectors from the Random123 distribution."""
+
     def run(counter, key):
         words = reference.philox4x32_10(
             [torch.tensor([c], dtype=torch.int64) for c in counter],
@@ -165,4 +168,8 @@ def test_philox_known_answers():
     m = 0xFFFFFFFF
     assert run([m, m, m, m], [m, m]) == [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]
     assert run([0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344], [0xA4093822, 0x299F31D0]) == [
-        0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]
+        0xD16CFE09,
+        0x94FDCCEB,
+        0x5001E420,
+        0x24126EA1,
+    ]

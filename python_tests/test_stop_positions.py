@@ -26,7 +26,11 @@ def _first_completed(tokens: list[list[int]], stops: list[list[int]], start: int
     for row in tokens:
         found = len(row)
         for step in range(start, len(row)):
-            hits = [step + 1 - len(s) for s in stops if step + 1 - len(s) >= start and row[step + 1 - len(s) : step + 1] == s]
+            hits = [
+                step + 1 - len(s)
+                for s in stops
+                if step + 1 - len(s) >= start and row[step + 1 - len(s) : step + 1] == s
+            ]
             if hits:
                 found = hits[0]
                 break
@@ -74,7 +78,9 @@ def test_incremental_form_reports_first_completed_stop(device, backend, start, u
     stops = ops.StopSequences([[1, 2, 3], [3], [2, 2]], device=device)
     positions = torch.full((64,), 40, dtype=torch.int64, device=device)
     for step in range(start, 40):
-        positions = ops.stop_positions_step(tokens, stops, step=step, positions=positions, start=start)
+        positions = ops.stop_positions_step(
+            tokens, stops, step=step, positions=positions, start=start
+        )
     assert positions.tolist() == _first_completed(tokens.cpu().tolist(), stops.sequences, start)
 
 
@@ -83,15 +89,23 @@ def test_incremental_form_keeps_stopped_rows(device, backend, use_backend):
     use_backend(backend)
     tokens = torch.tensor([[7, 7, 7], [1, 7, 1]], device=device)
     positions = torch.tensor([1, 3], device=device)
-    out = ops.stop_positions_step(tokens, [[7]], step=torch.tensor(2, device=device), positions=positions)
+    out = ops.stop_positions_step(
+        tokens, [[7]], step=torch.tensor(2, device=device), positions=positions
+    )
     assert out.tolist() == [1, 3]  # row 0 had stopped at 1; row 1's newest token is no stop
-    out = ops.stop_positions_step(tokens, [[7]], step=1, positions=torch.tensor([3, 3], device=device))
+    out = ops.stop_positions_step(
+        tokens, [[7]], step=1, positions=torch.tensor([3, 3], device=device)
+    )
     assert out.tolist() == [1, 1]
 
 
 @pytest.mark.parametrize("device,backend", device_backend_pairs())
 def test_empty_rows_and_non_contiguous(device, backend, use_backend):
     use_backend(backend)
-    assert ops.stop_positions(torch.zeros(3, 0, dtype=torch.long, device=device), [[1]]).tolist() == [0, 0, 0]
-    tokens = torch.tensor([[1, 2, 3, 4], [4, 3, 2, 1]], device=device).t()  # rows [1, 4], [2, 3], [3, 2], [4, 1]
+    assert ops.stop_positions(
+        torch.zeros(3, 0, dtype=torch.long, device=device), [[1]]
+    ).tolist() == [0, 0, 0]
+    tokens = torch.tensor(
+        [[1, 2, 3, 4], [4, 3, 2, 1]], device=device
+    ).t()  # rows [1, 4], [2, 3], [3, 2], [4, 1]
     assert ops.stop_positions(tokens, [[3]]).tolist() == [2, 1, 0, 2]

@@ -124,5 +124,7 @@ def test_gradcheck_float64_reference_and_native_backward(device, backend, use_ba
     x32 = logits.detach().float().requires_grad_()
     jac = torch.autograd.functional.jacobian(lambda x: ops.token_logprobs(x, targets), x32)
     use_backend("torch")
-    jac64 = torch.autograd.functional.jacobian(lambda x: ops.token_logprobs(x, targets), logits.detach())
+    jac64 = torch.autograd.functional.jacobian(
+        lambda x: ops.token_logprobs(x, targets), logits.detach()
+    )
     torch.testing.assert_close(jac.double(), jac64, atol=1e-6, rtol=1e-5)

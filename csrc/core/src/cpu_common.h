@@ -13,13 +13,13 @@ namespace latro::detail {
 
 // Resolves [row_begin, row_end) against `rows` (row_end = -1: all rows) and checks it.
 inline void resolve_row_range(int64_t rows, int64_t& row_begin, int64_t& row_end) {
-  if (row_end < 0) row_end = rows;
+  if (row_end == -1) row_end = rows;
   LATRO_CHECK(row_begin >= 0 && row_begin <= row_end && row_end <= rows,
               "row range [", row_begin, ", ", row_end, ") is not inside [0, ", rows, ")");
 }
 
 inline int64_t resolve_row_stride(int64_t row_stride, int64_t vocab, const char* name) {
-  if (row_stride < 0) return vocab;
+  if (row_stride == -1) return vocab;
   LATRO_CHECK(row_stride >= vocab, name, " = ", row_stride,
               " is smaller than the row length (vocab = ", vocab, ")");
   return row_stride;

@@ -115,8 +115,10 @@ inline const float* load_block(const float16* row, int64_t n, float* buffer) {
   return buffer;
 }
 
+// In float64: the caller subtracts it from a logit, and rounding lse to float32 first would
+// cost up to half an ulp of the lse (large for logits in the thousands).
 template <typename T>
-float row_logsumexp(const T* row, int64_t vocab) {
+double row_logsumexp(const T* row, int64_t vocab) {
   float buffer[kBlock];
   float running_max = kNegInf;
   double total = 0.0;
@@ -135,7 +137,7 @@ float row_logsumexp(const T* row, int64_t vocab) {
   }
   // All -inf: lse -inf, so every log-prob is -inf - -inf = NaN, as torch's log_softmax gives.
   if (running_max == kNegInf) return kNegInf;
-  return static_cast<float>(static_cast<double>(running_max) + std::log(total));
+  return static_cast<double>(running_max) + std::log(total);
 }
 
 void check_targets(const int64_t* targets, int64_t vocab, int64_t ignore_index, int64_t row_begin,
@@ -160,9 +162,9 @@ void token_logprobs_rows(const TokenLogprobsArgs& args, int64_t stride, int64_t 
       continue;
     }
     const T* row = logits + r * stride;
-    const float lse = row_logsumexp(row, args.vocab);
-    args.logprobs[r] = to_float(row[target]) - lse;
-    if (args.lse) args.lse[r] = lse;
+    const double lse = row_logsumexp(row, args.vocab);
+    args.logprobs[r] = static_cast<float>(static_cast<double>(to_float(row[target])) - lse);
+    if (args.lse) args.lse[r] = static_cast<float>(lse);
   }
 }
 

@@ -1,0 +1,609 @@
+// latro::sample: the kept set of top-k / top-p / min-p against a float64 reference that follows
+// the semantics documented in latro.h, the returned log-probabilities, determinism and the
+// per-row / per-batch seeding contract, and the distribution of the draws.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <random>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "latro/latro.h"
+#include "test_util.h"
+
+namespace {
+
+using latro::DType;
+using namespace latro_test;
+
+struct Options {
+  float temperature = 1.0f;
+  int64_t top_k = 0;
+  float top_p = 1.0f;
+  float min_p = 0.0f;
+};
+
+std::string options_str(const Options& o) {
+  return "temperature " + std::to_string(o.temperature) + ", top_k " + std::to_string(o.top_k) +
+         ", top_p " + std::to_string(o.top_p) + ", min_p " + std::to_string(o.min_p);
+}
+
+// ---------------------------------------------------------------- the float64 reference
+// The kept set of one row, from the documentation of SampleArgs: scale by 1/temperature; keep
+// logits >= the k-th largest (ties kept) and p >= min_p * max p; then the smallest nucleus of the
+// renormalized survivors whose mass reaches top_p. Decisions within `eps` of a threshold are
+// rounding-dependent: `allowed` holds every token a correct float32 kernel may keep, and
+// `robust` says whether `kept` is the only correct answer.
+struct KeptSet {
+  std::vector<double> scaled;  // logit / temperature
+  std::vector<bool> kept;      // the exact float64 decision
+  std::vector<bool> allowed;   // kept, or within rounding of a threshold
+  bool robust = true;
+  double log_norm = 0.0;  // log-sum-exp of the scaled logits over `kept`
+};
+
+KeptSet reference_kept_set(const std::vector<double>& logits, const Options& o) {
+  constexpr double eps = 1e-4;
+  const size_t n = logits.size();
+  KeptSet ks;
+  ks.scaled.resize(n);
+  for (size_t v = 0; v < n; ++v) ks.scaled[v] = logits[v] / o.temperature;
+  ks.kept.assign(n, true);
+  ks.allowed.assign(n, true);
+  for (size_t v = 0; v < n; ++v) {
+    if (ks.scaled[v] == -kInf) ks.kept[v] = ks.allowed[v] = false;  // probability 0
+  }
+  const double max = *std::max_element(ks.scaled.begin(), ks.scaled.end());
+  auto near = [&](double a, double b) { return std::fabs(a - b) <= eps * std::max(1.0, std::fabs(b)); };
+
+  if (o.top_k > 0 && static_cast<size_t>(o.top_k) < n) {
+    std::vector<double> sorted = ks.scaled;
+    std::nth_element(sorted.begin(), sorted.begin() + (o.top_k - 1), sorted.end(),
+                     std::greater<double>());
+    const double kth = sorted[static_cast<size_t>(o.top_k) - 1];
+    for (size_t v = 0; v < n; ++v) {
+      if (ks.scaled[v] < kth) {
+        ks.kept[v] = false;
+        if (near(ks.scaled[v], kth)) ks.robust = false;
+        else ks.allowed[v] = false;
+      }
+    }
+  }
+  if (o.min_p > 0.0f) {
+    const double threshold = max + std::log(static_cast<double>(o.min_p));
+    for (size_t v = 0; v < n; ++v) {
+      if (near(ks.scaled[v], threshold)) ks.robust = false;
+      if (ks.scaled[v] < threshold) {
+        ks.kept[v] = false;
+        if (!near(ks.scaled[v], threshold)) ks.allowed[v] = false;
+      }
+    }
+  }
+  if (o.top_p < 1.0f) {
+    // Renormalize over the survivors (the exact ones; if those are not robust, neither is this).
+    std::vector<double> q(n, 0.0);
+    double total = 0.0;
+    for (size_t v = 0; v < n; ++v) {
+      if (ks.kept[v]) total += q[v] = std::exp(ks.scaled[v] - max);
+    }
+    for (double& x : q) x /= total;
+    std::vector<size_t> order;
+    for (size_t v = 0; v < n; ++v) {
+      if (ks.kept[v]) order.push_back(v);
+    }
+    std::sort(order.begin(), order.end(), [&](size_t a, size_t b) { return q[a] > q[b]; });
+    const double p = o.top_p;
+    double greater = 0.0;  // mass of the tokens strictly more likely than the current group
+    for (size_t i = 0; i < order.size();) {
+      size_t j = i;  // [i, j): a group of equally likely tokens
+      double group_mass = 0.0;
+      while (j < order.size() && q[order[j]] == q[order[i]]) group_mass += q[order[j++]];
+      const bool tie = j - i > 1;
+      if (std::fabs(greater - p) <= eps ||
+          (tie && greater < p + eps && greater + group_mass > p - eps)) {
+        ks.robust = false;
+      }
+      for (size_t g = i; g < j; ++g) {
+        // A token is in the nucleus while the mass before it is below top_p.
+        if (!(greater < p)) {
+          ks.kept[order[g]] = false;
+          if (!(greater < p + eps)) ks.allowed[order[g]] = false;
+        }
+      }
+      greater += group_mass;
+      i = j;
+    }
+  }
+  std::vector<double> kept_values;
+  for (size_t v = 0; v < n; ++v) {
+    if (ks.kept[v]) kept_values.push_back(ks.scaled[v]);
+  }
+  ks.log_norm = logsumexp(kept_values);
+  return ks;
+}
+
+// What the documentation says a draw is: argmax over the kept set of scaled logit + Gumbel
+// noise, the noise of token v from Philox block v / 4 (word v % 4) at (stream, offset) under the
+// seed. Returns -1 when the two best scores are too close to call.
+int64_t reference_gumbel_draw(const KeptSet& ks, uint64_t seed, uint32_t stream, uint64_t offset) {
+  int64_t best = -1;
+  double best_score = -kInf, second = -kInf;
+  for (size_t v = 0; v < ks.scaled.size(); ++v) {
+    if (!ks.kept[v]) continue;
+    const latro::Philox4 block =
+        latro::sampling_random_block(seed, stream, offset, static_cast<uint32_t>(v / 4));
+    const double score = ks.scaled[v] + static_cast<double>(latro::gumbel_noise(block.v[v % 4]));
+    if (score > best_score) {
+      second = best_score;
+      best_score = score;
+      best = static_cast<int64_t>(v);
+    } else if (score > second) {
+      second = score;
+    }
+  }
+  if (best_score - second < 1e-4 * std::max(1.0, std::fabs(best_score))) return -1;
+  return best;
+}
+
+// ---------------------------------------------------------------- calling the kernel
+struct Draws {
+  std::vector<int64_t> ids;
+  std::vector<float> logprobs;
+};
+
+latro::SampleArgs sample_args(const Matrix& logits, const std::vector<int64_t>& seeds,
+                              bool per_row_seeds, const int64_t* offset, const Options& o,
+                              Draws& out) {
+  out.ids.assign(static_cast<size_t>(logits.rows), -7);
+  out.logprobs.assign(static_cast<size_t>(logits.rows), 7.0f);
+  latro::SampleArgs args;
+  args.logits = logits.data();
+  args.dtype = logits.dtype;
+  args.rows = logits.rows;
+  args.vocab = logits.cols;
+  args.row_stride = logits.stride;
+  args.seeds = seeds.data();
+  args.per_row_seeds = per_row_seeds;
+  args.offset = offset;
+  args.temperature = o.temperature;
+  args.top_k = o.top_k;
+  args.top_p = o.top_p;
+  args.min_p = o.min_p;
+  args.ids = out.ids.data();
+  args.logprobs = out.logprobs.data();
+  return args;
+}
+
+Draws run_sample(const Matrix& logits, const std::vector<int64_t>& seeds, bool per_row_seeds,
+                 int64_t offset, const Options& o) {
+  Draws out;
+  latro::sample(sample_args(logits, seeds, per_row_seeds, &offset, o, out));
+  return out;
+}
+
+// Copies rows of `src` (in the given order) into a new matrix of the same dtype and stride.
+Matrix gather_rows(const Matrix& src, const std::vector<int64_t>& rows) {
+  Matrix m = src;
+  m.rows = static_cast<int64_t>(rows.size());
+  m.storage.assign(static_cast<size_t>(m.rows * m.stride) * m.element_size(), 0);
+  const size_t row_bytes = static_cast<size_t>(src.stride) * src.element_size();
+  for (size_t i = 0; i < rows.size(); ++i) {
+    std::memcpy(m.storage.data() + i * row_bytes,
+                src.storage.data() + static_cast<size_t>(rows[i]) * row_bytes, row_bytes);
+  }
+  return m;
+}
+
+// Random logits with about 10% of the entries at -inf (never in the first column, so no row is
+// entirely -inf).
+Matrix random_logits_with_masked(DType dtype, int64_t rows, int64_t vocab, int64_t stride,
+                                 std::mt19937& rng) {
+  Matrix m = random_matrix(dtype, rows, vocab, stride, rng);
+  std::uniform_real_distribution<double> u(0.0, 1.0);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t v = 1; v < vocab; ++v) {
+      if (u(rng) < 0.1) m.set(r, v, -std::numeric_limits<float>::infinity());
+    }
+  }
+  return m;
+}
+
+std::vector<int64_t> random_seeds(int64_t n, std::mt19937_64& rng) {
+  std::vector<int64_t> seeds(static_cast<size_t>(n));
+  for (auto& s : seeds) s = static_cast<int64_t>(rng());
+  return seeds;
+}
+
+const std::vector<Options>& filter_configs() {
+  static const std::vector<Options> configs = {
+      {1.0f, 0, 1.0f, 0.0f},     // plain
+      {0.7f, 5, 1.0f, 0.0f},     // top-k
+      {1.0f, 0, 0.9f, 0.0f},     // top-p
+      {1.0f, 0, 0.3f, 0.0f},     // tight top-p
+      {1.0f, 0, 1.0f, 0.1f},     // min-p
+      {1.3f, 40, 0.95f, 0.05f},  // everything
+      {0.5f, 1, 1.0f, 0.0f},     // top-k 1: only the argmax survives
+      {2.0f, 3, 0.5f, 0.3f},
+  };
+  return configs;
+}
+
+// ---------------------------------------------------------------- parametrized: dtype x size
+using Shape = std::tuple<DType, int64_t, int64_t>;  // dtype, rows, vocab
+
+class SampleTest : public ::testing::TestWithParam<Shape> {
+ protected:
+  DType dtype() const { return std::get<0>(GetParam()); }
+  int64_t rows() const { return std::get<1>(GetParam()); }
+  int64_t vocab() const { return std::get<2>(GetParam()); }
+  unsigned seed() const { return static_cast<unsigned>(99 + rows() * 13 + vocab() * 5 + static_cast<int>(dtype())); }
+};
+
+TEST_P(SampleTest, DrawsFromTheKeptSetWithItsLogprob) {
+  std::mt19937 rng(seed());
+  std::mt19937_64 seed_rng(seed());
+  const Matrix logits = random_logits_with_masked(dtype(), rows(), vocab(), vocab() + 3, rng);
+  int robust_rows = 0;
+  for (size_t c = 0; c < filter_configs().size(); ++c) {
+    const Options& o = filter_configs()[c];
+    const bool per_row = c % 2 == 1;  // both seeding modes, over alternate configurations
+    SCOPED_TRACE(options_str(o) + (per_row ? ", per-row seeds" : ", one seed"));
+    const auto seeds = random_seeds(per_row ? rows() : 1, seed_rng);
+    const int64_t offset = 5;
+    const Draws d = run_sample(logits, seeds, per_row, offset, o);
+    for (int64_t r = 0; r < rows(); ++r) {
+      const KeptSet ks = reference_kept_set(row_values(logits, r), o);
+      const int64_t id = d.ids[static_cast<size_t>(r)];
+      ASSERT_GE(id, 0) << "row " << r;
+      ASSERT_LT(id, vocab()) << "row " << r;
+      EXPECT_TRUE(ks.allowed[static_cast<size_t>(id)])
+          << "row " << r << " drew " << id << ", outside the kept set";
+      EXPECT_LE(d.logprobs[static_cast<size_t>(r)], 0.0f) << "row " << r;
+      if (ks.robust) {
+        ++robust_rows;
+        const double want = ks.scaled[static_cast<size_t>(id)] - ks.log_norm;
+        EXPECT_TRUE(close(d.logprobs[static_cast<size_t>(r)], want, float32_result_tolerance()))
+            << "row " << r << " id " << id;
+      }
+    }
+  }
+  EXPECT_GT(robust_rows, 0);
+}
+
+TEST_P(SampleTest, MatchesTheDocumentedGumbelConstruction) {
+  std::mt19937 rng(seed() + 1);
+  std::mt19937_64 seed_rng(seed() + 1);
+  const Matrix logits = random_logits_with_masked(dtype(), rows(), vocab(), vocab(), rng);
+  int compared = 0;
+  for (size_t c = 0; c < filter_configs().size(); ++c) {
+    const Options& o = filter_configs()[c];
+    const bool per_row = c % 2 == 0;  // the other half than in DrawsFromTheKeptSetWithItsLogprob
+    SCOPED_TRACE(options_str(o) + (per_row ? ", per-row seeds" : ", one seed"));
+    const auto seeds = random_seeds(per_row ? rows() : 1, seed_rng);
+    const int64_t offset = static_cast<int64_t>(seed_rng() >> 20);
+    const Draws d = run_sample(logits, seeds, per_row, offset, o);
+    for (int64_t r = 0; r < rows(); ++r) {
+      const KeptSet ks = reference_kept_set(row_values(logits, r), o);
+      if (!ks.robust) continue;
+      const uint64_t seed = static_cast<uint64_t>(seeds[per_row ? static_cast<size_t>(r) : 0]);
+      const uint32_t stream = per_row ? 0u : static_cast<uint32_t>(r);
+      const int64_t want = reference_gumbel_draw(ks, seed, stream, static_cast<uint64_t>(offset));
+      if (want < 0) continue;  // a near tie: either answer is right
+      ++compared;
+      EXPECT_EQ(d.ids[static_cast<size_t>(r)], want) << "row " << r;
+    }
+  }
+  EXPECT_GT(compared, 0);
+}
+
+TEST_P(SampleTest, Deterministic) {
+  std::mt19937 rng(seed() + 2);
+  std::mt19937_64 seed_rng(seed() + 2);
+  const Matrix logits = random_matrix(dtype(), rows(), vocab(), vocab(), rng);
+  for (const bool per_row : {false, true}) {
+    const auto seeds = random_seeds(per_row ? rows() : 1, seed_rng);
+    const Options o{0.9f, 50, 0.9f, 0.01f};
+    const Draws a = run_sample(logits, seeds, per_row, 3, o);
+    const Draws b = run_sample(logits, seeds, per_row, 3, o);
+    EXPECT_EQ(a.ids, b.ids);
+    for (size_t r = 0; r < a.logprobs.size(); ++r) {
+      EXPECT_EQ(latro::float_to_bits(a.logprobs[r]), latro::float_to_bits(b.logprobs[r]));
+    }
+  }
+}
+
+TEST_P(SampleTest, PerRowSeedsDoNotDependOnTheBatch) {
+  std::mt19937 rng(seed() + 3);
+  std::mt19937_64 seed_rng(seed() + 3);
+  const Matrix logits = random_matrix(dtype(), rows(), vocab(), vocab(), rng);
+  const auto seeds = random_seeds(rows(), seed_rng);
+  const Options o{1.0f, 0, 0.95f, 0.0f};
+  const Draws whole = run_sample(logits, seeds, true, 11, o);
+
+  // Reversed batch order: every row keeps its draw.
+  std::vector<int64_t> order(static_cast<size_t>(rows()));
+  std::iota(order.rbegin(), order.rend(), int64_t{0});
+  std::vector<int64_t> reversed_seeds;
+  for (int64_t r : order) reversed_seeds.push_back(seeds[static_cast<size_t>(r)]);
+  const Draws reversed = run_sample(gather_rows(logits, order), reversed_seeds, true, 11, o);
+  for (size_t i = 0; i < order.size(); ++i) {
+    const size_t r = static_cast<size_t>(order[i]);
+    EXPECT_EQ(reversed.ids[i], whole.ids[r]) << "row " << r << " at position " << i;
+    EXPECT_EQ(reversed.logprobs[i], whole.logprobs[r]) << "row " << r;
+  }
+  // Alone in a batch of one.
+  for (int64_t r = 0; r < std::min<int64_t>(rows(), 8); ++r) {
+    const Draws alone = run_sample(gather_rows(logits, {r}), {seeds[static_cast<size_t>(r)]}, true, 11, o);
+    EXPECT_EQ(alone.ids[0], whole.ids[static_cast<size_t>(r)]) << "row " << r;
+    EXPECT_EQ(alone.logprobs[0], whole.logprobs[static_cast<size_t>(r)]) << "row " << r;
+  }
+}
+
+TEST_P(SampleTest, OneSeedRowRangesMatchTheWholeBatch) {
+  std::mt19937 rng(seed() + 4);
+  const Matrix logits = random_matrix(dtype(), rows(), vocab(), vocab(), rng);
+  const std::vector<int64_t> seeds = {-1234567890123LL};
+  const Options o{0.8f, 20, 1.0f, 0.0f};
+  const int64_t offset = 2;
+  const Draws whole = run_sample(logits, seeds, false, offset, o);
+  for (const int64_t k : {int64_t{0}, int64_t{1}, rows() / 2, rows()}) {
+    if (k > rows()) continue;
+    Draws split;
+    const auto args = sample_args(logits, seeds, false, &offset, o, split);
+    latro::sample(args, 0, k);
+    latro::sample(args, k, rows());
+    EXPECT_EQ(split.ids, whole.ids) << "split at " << k;
+    for (size_t r = 0; r < whole.logprobs.size(); ++r) {
+      EXPECT_EQ(split.logprobs[r], whole.logprobs[r]) << "row " << r << ", split at " << k;
+    }
+  }
+}
+
+TEST_P(SampleTest, OffsetAndSeedChangeTheDraws) {
+  if (vocab() < 97) GTEST_SKIP() << "needs a vocabulary where collisions are unlikely";
+  std::mt19937 rng(seed() + 5);
+  // Flat logits: every token equally likely, so different noise means different ids.
+  Matrix logits = random_matrix(dtype(), rows(), vocab(), vocab(), rng, 0.01);
+  const std::vector<int64_t> seeds = {77};
+  const Draws a = run_sample(logits, seeds, false, 0, {});
+  const Draws b = run_sample(logits, seeds, false, 1, {});
+  const Draws c = run_sample(logits, {78}, false, 0, {});
+  int differ_offset = 0, differ_seed = 0;
+  for (size_t r = 0; r < a.ids.size(); ++r) {
+    differ_offset += a.ids[r] != b.ids[r];
+    differ_seed += a.ids[r] != c.ids[r];
+  }
+  EXPECT_GE(differ_offset, static_cast<int>(a.ids.size()) / 2);
+  EXPECT_GE(differ_seed, static_cast<int>(a.ids.size()) / 2);
+  if (rows() > 1) {  // one seed: rows have their own streams
+    std::vector<int64_t> same_logits_rows(static_cast<size_t>(rows()), 0);
+    const Draws same = run_sample(gather_rows(logits, same_logits_rows), seeds, false, 0, {});
+    EXPECT_GT(std::count(same.ids.begin(), same.ids.end(), same.ids[0]), 0);
+    EXPECT_LT(std::count(same.ids.begin(), same.ids.end(), same.ids[0]), rows());
+  }
+}
+
+TEST_P(SampleTest, GreedyIsArgmaxWithLogprobZero) {
+  std::mt19937 rng(seed() + 6);
+  Matrix logits = random_logits_with_masked(dtype(), rows(), vocab(), vocab() + 1, rng);
+  // Make ties: in odd rows copy the row's maximum into a later and an earlier column.
+  for (int64_t r = 1; r < rows(); r += 2) {
+    if (vocab() < 3) break;
+    logits.set(r, vocab() - 1, 50.0f);
+    logits.set(r, vocab() / 2, 50.0f);
+  }
+  for (const Options& o : {Options{0.0f, 0, 1.0f, 0.0f}, Options{0.0f, 5, 0.5f, 0.2f}}) {
+    const Draws d = run_sample(logits, {1}, false, 0, o);
+    for (int64_t r = 0; r < rows(); ++r) {
+      const auto values = row_values(logits, r);
+      const int64_t want = std::max_element(values.begin(), values.end()) - values.begin();
+      EXPECT_EQ(d.ids[static_cast<size_t>(r)], want) << "row " << r;
+      EXPECT_EQ(d.logprobs[static_cast<size_t>(r)], 0.0f) << "row " << r;
+    }
+  }
+}
+
+std::string shape_name(const ::testing::TestParamInfo<Shape>& info) {
+  return dtype_str(std::get<0>(info.param)) + "_rows" + std::to_string(std::get<1>(info.param)) +
+         "_vocab" + std::to_string(std::get<2>(info.param));
+}
+
+INSTANTIATE_TEST_SUITE_P(DTypesAndSizes, SampleTest,
+                         ::testing::Combine(::testing::Values(DType::Float32, DType::BFloat16,
+                                                              DType::Float16),
+                                            ::testing::Values<int64_t>(1, 7, 97),
+                                            ::testing::Values<int64_t>(1, 7, 97, 1025, 32000)),
+                         shape_name);
+
+// ---------------------------------------------------------------- distribution of the draws
+// vocab 7, 20000 draws (one row per draw: per-row seeds in one half, one seed with 10000 streams
+// in the other): every kept id's frequency within 5 sigma of its probability under the kept
+// distribution, tokens outside the kept set (and -inf tokens) never drawn.
+class SampleFrequencies : public ::testing::TestWithParam<std::tuple<DType, Options>> {};
+
+TEST_P(SampleFrequencies, MatchTheKeptDistribution) {
+  const DType dtype = std::get<0>(GetParam());
+  const Options o = std::get<1>(GetParam());
+  const std::vector<float> row = {1.5f, 0.25f, -std::numeric_limits<float>::infinity(), 1.0f,
+                                  -0.5f, 0.75f, -2.0f};
+  const int64_t vocab = static_cast<int64_t>(row.size());
+  const int64_t draws = 10000;
+  Matrix logits;
+  logits.dtype = dtype;
+  logits.rows = draws;
+  logits.cols = logits.stride = vocab;
+  logits.storage.assign(static_cast<size_t>(draws * vocab) * logits.element_size(), 0);
+  for (int64_t r = 0; r < draws; ++r) {
+    for (int64_t v = 0; v < vocab; ++v) logits.set(r, v, row[static_cast<size_t>(v)]);
+  }
+  const KeptSet ks = reference_kept_set(row_values(logits, 0), o);
+  ASSERT_TRUE(ks.robust) << "test design: the kept set must not be a rounding question";
+
+  std::vector<int64_t> counts(static_cast<size_t>(vocab), 0);
+  std::mt19937_64 seed_rng(555);
+  const Draws per_row = run_sample(logits, random_seeds(draws, seed_rng), true, 0, o);
+  const Draws one_seed = run_sample(logits, {static_cast<int64_t>(seed_rng())}, false, 3, o);
+  for (const Draws* d : {&per_row, &one_seed}) {
+    for (size_t r = 0; r < d->ids.size(); ++r) {
+      const int64_t id = d->ids[r];
+      ASSERT_GE(id, 0);
+      ASSERT_LT(id, vocab);
+      ++counts[static_cast<size_t>(id)];
+      ASSERT_TRUE(close(d->logprobs[r], ks.scaled[static_cast<size_t>(id)] - ks.log_norm,
+                        float32_result_tolerance()));
+    }
+  }
+  const double n = 2.0 * draws;
+  for (int64_t v = 0; v < vocab; ++v) {
+    if (!ks.kept[static_cast<size_t>(v)]) {
+      EXPECT_EQ(counts[static_cast<size_t>(v)], 0) << "token " << v << " is not in the kept set";
+      continue;
+    }
+    const double p = std::exp(ks.scaled[static_cast<size_t>(v)] - ks.log_norm);
+    const double sigma = std::sqrt(n * p * (1 - p));
+    EXPECT_NEAR(static_cast<double>(counts[static_cast<size_t>(v)]), n * p, 5 * sigma + 1e-9)
+        << "token " << v << " (p = " << p << ")";
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Options, SampleFrequencies,
+    ::testing::Combine(::testing::Values(DType::Float32, DType::BFloat16, DType::Float16),
+                       ::testing::Values(Options{1.0f, 0, 1.0f, 0.0f},   // all but -inf
+                                         Options{0.7f, 0, 1.0f, 0.0f},   // sharper
+                                         Options{2.0f, 3, 1.0f, 0.0f},   // top-k 3
+                                         Options{1.0f, 0, 0.8f, 0.0f},   // top-p
+                                         Options{1.0f, 0, 1.0f, 0.3f},   // min-p
+                                         Options{1.2f, 5, 0.9f, 0.1f})), // all three
+    [](const ::testing::TestParamInfo<std::tuple<DType, Options>>& info) {
+      const Options& o = std::get<1>(info.param);
+      std::string name = dtype_str(std::get<0>(info.param)) + "_t" +
+                         std::to_string(static_cast<int>(o.temperature * 10)) + "_k" +
+                         std::to_string(o.top_k) + "_p" +
+                         std::to_string(static_cast<int>(o.top_p * 100)) + "_minp" +
+                         std::to_string(static_cast<int>(o.min_p * 100));
+      return name;
+    });
+
+// ---------------------------------------------------------------- more kept-set semantics
+TEST(SampleSemantics, TopKKeepsTiesAndLargeKKeepsEverything) {
+  // Three tokens tie at the 2nd-largest value: top_k = 2 keeps all four of the top values.
+  const std::vector<float> row = {0.0f, 3.0f, 2.0f, 2.0f, -1.0f, 2.0f};
+  Matrix logits;
+  logits.rows = 4000;
+  logits.cols = logits.stride = static_cast<int64_t>(row.size());
+  logits.storage.assign(static_cast<size_t>(logits.rows * logits.cols) * 4, 0);
+  for (int64_t r = 0; r < logits.rows; ++r) {
+    for (int64_t v = 0; v < logits.cols; ++v) logits.set(r, v, row[static_cast<size_t>(v)]);
+  }
+  std::vector<int64_t> counts(row.size(), 0);
+  for (int64_t id : run_sample(logits, {9}, false, 0, {1.0f, 2, 1.0f, 0.0f}).ids) ++counts[static_cast<size_t>(id)];
+  EXPECT_EQ(counts[0], 0);
+  EXPECT_EQ(counts[4], 0);
+  for (size_t v : {1, 2, 3, 5}) EXPECT_GT(counts[v], 0) << "token " << v;
+
+  // top_k larger than the vocabulary: nothing is filtered.
+  std::fill(counts.begin(), counts.end(), 0);
+  const Draws d = run_sample(logits, {9}, false, 0, {1.0f, 1000, 1.0f, 0.0f});
+  for (int64_t id : d.ids) ++counts[static_cast<size_t>(id)];
+  for (size_t v = 0; v < row.size(); ++v) EXPECT_GT(counts[v], 0) << "token " << v;
+  const KeptSet ks = reference_kept_set(row_values(logits, 0), {});
+  EXPECT_TRUE(close(d.logprobs[0], ks.scaled[static_cast<size_t>(d.ids[0])] - ks.log_norm,
+                    float32_result_tolerance()));
+}
+
+TEST(SampleSemantics, MinusInfinityNeverDrawn) {
+  // One finite token among -inf: always drawn, with log-prob 0, whatever the options.
+  const int64_t vocab = 1025;
+  Matrix logits;
+  logits.rows = 64;
+  logits.cols = logits.stride = vocab;
+  logits.storage.assign(static_cast<size_t>(logits.rows * vocab) * 4, 0);
+  for (int64_t r = 0; r < logits.rows; ++r) {
+    for (int64_t v = 0; v < vocab; ++v) {
+      logits.set(r, v, v == (r * 37) % vocab ? -5.0f : -std::numeric_limits<float>::infinity());
+    }
+  }
+  for (const Options& o : filter_configs()) {
+    const Draws d = run_sample(logits, {4242}, false, 1, o);
+    for (int64_t r = 0; r < logits.rows; ++r) {
+      EXPECT_EQ(d.ids[static_cast<size_t>(r)], (r * 37) % vocab) << options_str(o);
+      EXPECT_TRUE(close(d.logprobs[static_cast<size_t>(r)], 0.0, float32_result_tolerance()));
+    }
+  }
+}
+
+// ---------------------------------------------------------------- argument errors
+class SampleErrors : public ::testing::Test {
+ protected:
+  std::mt19937 rng{3};
+  Matrix logits = random_matrix(DType::Float32, 2, 16, 16, rng);
+  std::vector<int64_t> seeds = {1, 2};
+  int64_t offset = 0;
+  Draws out;
+  latro::SampleArgs args(const Options& o = {}) {
+    return sample_args(logits, seeds, true, &offset, o, out);
+  }
+};
+
+TEST_F(SampleErrors, BadOptions) {
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const float inf = std::numeric_limits<float>::infinity();
+  EXPECT_NO_THROW(latro::sample(args()));
+  EXPECT_LATRO_ERROR(latro::sample(args({nan, 0, 1.0f, 0.0f})), "temperature");
+  EXPECT_LATRO_ERROR(latro::sample(args({-0.5f, 0, 1.0f, 0.0f})), "temperature");
+  EXPECT_LATRO_ERROR(latro::sample(args({inf, 0, 1.0f, 0.0f})), "temperature");
+  EXPECT_LATRO_ERROR(latro::sample(args({1.0f, -1, 1.0f, 0.0f})), "top_k");
+  EXPECT_LATRO_ERROR(latro::sample(args({1.0f, 0, 0.0f, 0.0f})), "top_p");
+  EXPECT_LATRO_ERROR(latro::sample(args({1.0f, 0, 1.5f, 0.0f})), "top_p");
+  EXPECT_LATRO_ERROR(latro::sample(args({1.0f, 0, -0.1f, 0.0f})), "top_p");
+  EXPECT_LATRO_ERROR(latro::sample(args({1.0f, 0, nan, 0.0f})), "top_p");
+  EXPECT_LATRO_ERROR(latro::sample(args({1.0f, 0, 1.0f, -0.1f})), "min_p");
+  EXPECT_LATRO_ERROR(latro::sample(args({1.0f, 0, 1.0f, 1.5f})), "min_p");
+  EXPECT_LATRO_ERROR(latro::sample(args({1.0f, 0, 1.0f, nan})), "min_p");
+  // The boundaries are valid.
+  EXPECT_NO_THROW(latro::sample(args({0.0f, 0, 1.0f, 0.0f})));
+  EXPECT_NO_THROW(latro::sample(args({1.0f, 0, 1.0f, 1.0f})));
+  EXPECT_NO_THROW(latro::sample(args({1.0f, 0, 1e-6f, 0.0f})));
+
+  EXPECT_LATRO_ERROR(latro::check_sampling_options(nan, 0, 1.0f, 0.0f), "temperature");
+  EXPECT_LATRO_ERROR(latro::check_sampling_options(1.0f, -3, 1.0f, 0.0f), "top_k");
+  EXPECT_LATRO_ERROR(latro::check_sampling_options(1.0f, 0, 0.0f, 0.0f), "top_p");
+  EXPECT_LATRO_ERROR(latro::check_sampling_options(1.0f, 0, 1.0f, 2.0f), "min_p");
+  EXPECT_NO_THROW(latro::check_sampling_options(0.0f, 10, 0.5f, 0.5f));
+}
+
+TEST_F(SampleErrors, NullPointers) {
+  auto a = args();
+  a.seeds = nullptr;
+  EXPECT_LATRO_ERROR(latro::sample(a), "seeds");
+  a = args();
+  a.offset = nullptr;
+  EXPECT_LATRO_ERROR(latro::sample(a), "offset");
+  a = args();
+  a.logits = nullptr;
+  EXPECT_LATRO_ERROR(latro::sample(a), "logits");
+  a = args();
+  a.ids = nullptr;
+  EXPECT_LATRO_ERROR(latro::sample(a), "ids");
+}
+
+TEST_F(SampleErrors, BadSizes) {
+  auto a = args();
+  a.rows = -1;
+  EXPECT_LATRO_ERROR(latro::sample(a), "rows");
+  a = args();
+  a.vocab = 0;
+  EXPECT_LATRO_ERROR(latro::sample(a), "vocab");
+  a = args();
+  a.row_stride = 15;
+  EXPECT_LATRO_ERROR(latro::sample(a), "row_stride");
+  EXPECT_THROW(latro::sample(args(), 0, 3), latro::Error);
+  EXPECT_THROW(latro::sample(args(), 2, 1), latro::Error);
+}
+
+}  // namespace

@@ -1,0 +1,251 @@
+"""Crash-safe checkpoints: everything needed to continue a run exactly where it stopped.
+
+A checkpoint is a directory ``checkpoint-<step>/`` holding the model in ``save_pretrained``
+format (safetensors; adapters only for LoRA), the tokenizer, ``optim.pt`` (optimizer and
+scheduler state), ``rng.pt`` (torch, CUDA, Python and NumPy generators) and
+``trainer_state.json`` (step, data position, config). It is written into a temporary
+directory, flushed to disk, then renamed into place: a crash leaves either the previous
+complete checkpoint or the new one, never a half-written one. ``latest`` names the newest.
+State files load with ``torch.load(weights_only=True)``, which cannot run code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "checkpoint-"
+STATE_FILE = "trainer_state.json"
+LATEST_FILE = "latest"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete or unsafe to load."""
+
+
+# ----------------------------------------------------------------------------- file helpers
+def _fsync_tree(path: Path) -> None:
+    for root, _, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as handle:
+                os.fsync(handle.fileno())
+        _fsync_dir(Path(root))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Writes a small file by temp + rename, so readers never see a partial file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+# ----------------------------------------------------------------------------- RNG state
+def rng_state() -> dict[str, Any]:
+    """All generator states as tensors and plain Python values (weights_only-loadable)."""
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [
+            np_name,
+            torch.from_numpy(np_keys.astype(np.int64)),
+            int(np_pos),
+            int(np_has_gauss),
+            float(np_gauss),
+        ],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, gauss_value = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss_value))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------- save / find
+def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
+    return Path(output_dir) / f"{PREFIX}{step}"
+
+
+def save_checkpoint(
+    output_dir: str | Path,
+    step: int,
+    *,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    trainer_state: dict[str, Any],
+    keep: int = 2,
+) -> Path:
+    """Writes checkpoint-<step> atomically, points ``latest`` at it, prunes older ones."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    final = checkpoint_dir(output_dir, step)
+    tmp = output_dir / f".tmp-{PREFIX}{step}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    model.save_pretrained(tmp / "model", safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp / "model")
+    torch.save(
+        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt"
+    )
+    torch.save(rng_state(), tmp / "rng.pt")
+    (tmp / STATE_FILE).write_text(
+        json.dumps({**trainer_state, "step": step}, indent=1, sort_keys=True)
+    )
+    _fsync_tree(tmp)
+    if final.exists():  # a checkpoint of the same step from an earlier, interrupted run
+        trash = output_dir / f".trash-{PREFIX}{step}-{os.getpid()}"
+        os.replace(final, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    os.replace(tmp, final)
+    _fsync_dir(output_dir)
+    write_text_atomic(output_dir / LATEST_FILE, final.name + "\n")
+    _prune(output_dir, keep, protect=final)
+    logger.info("saved %s", final)
+    return final
+
+
+def _complete(path: Path) -> bool:
+    return (
+        (path / STATE_FILE).is_file()
+        and (path / "optim.pt").is_file()
+        and (path / "rng.pt").is_file()
+    )
+
+
+def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints, oldest first."""
+    found = []
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    for path in root.iterdir():
+        match = re.fullmatch(rf"{PREFIX}(\d+)", path.name)
+        if match and path.is_dir() and _complete(path):
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint (the ``latest`` pointer is a hint, the scan decides)."""
+    checkpoints = list_checkpoints(output_dir)
+    return checkpoints[-1][1] if checkpoints else None
+
+
+def _prune(output_dir: Path, keep: int, protect: Path) -> None:
+    for root in output_dir.glob(f".tmp-{PREFIX}*"):
+        if root != protect:
+            shutil.rmtree(root, ignore_errors=True)  # left by crashed writers
+    if keep <= 0:
+        return
+    for _, path in list_checkpoints(output_dir)[:-keep]:
+        if path != protect:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- load
+def _safe_torch_load(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle payloads, foreign classes, truncated files
+        raise CheckpointError(
+            f"refusing to load {path}: it is not a plain tensor/state file ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''}). Checkpoint state files are loaded "
+            "with weights_only=True so that they cannot run code."
+        ) from error
+
+
+def load_model_weights(model: torch.nn.Module, model_dir: Path) -> None:
+    """Loads safetensors weights saved by save_pretrained into ``model`` in place."""
+    from safetensors.torch import load_file
+
+    if hasattr(model, "peft_config"):
+        from peft import set_peft_model_state_dict
+
+        files = sorted(model_dir.glob("adapter_model*.safetensors"))
+        if not files:
+            raise CheckpointError(f"{model_dir}: no adapter_model.safetensors")
+        state: dict[str, torch.Tensor] = {}
+        for f in files:
+            state.update(load_file(f))
+        set_peft_model_state_dict(model, state)
+        return
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(
+            f"{model_dir}: no safetensors weights (pickled weights are not loaded)"
+        )
+    state = {}
+    for f in files:
+        state.update(load_file(f))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # Tied parameters (e.g. lm_head = embed_tokens) are saved once.
+    all_names = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    tied = all_names - {name for name, _ in model.named_parameters()}
+    missing = [m for m in missing if m not in tied and m in all_names]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{model_dir}: weights do not fit the model (missing {missing[:5]}, "
+            f"unexpected {list(unexpected)[:5]})"
+        )
+
+
+def load_checkpoint(
+    path: str | Path,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    restore_rng: bool = True,
+) -> dict[str, Any]:
+    """Restores a checkpoint into live objects; returns the trainer state (step, data position)."""
+    path = Path(path)
+    if not _complete(path):
+        raise CheckpointError(f"{path} is not a complete checkpoint")
+    optim_state = _safe_torch_load(path / "optim.pt")
+    rng = _safe_torch_load(path / "rng.pt")
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{path / STATE_FILE}: not valid JSON ({error})") from error
+    load_model_weights(model, path / "model")
+    if optimizer is not None:
+        optimizer.load_state_dict(optim_state["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(optim_state["scheduler"])
+    if restore_rng:
+        set_rng_state(rng)
+    return state

@@ -1,0 +1,441 @@
+"""Datasets for LaTRO: loading GSM8K / ARC / generic records, and building prompts.
+
+Loading is strict about what a bad row is and lenient about what happens next: every
+malformed row (bad JSON or CSV, undecodable bytes, missing or empty fields, a GSM8K answer
+that is not a number, a duplicate id) is reported with its 1-based line number, then either
+skipped with a warning (``on_error="skip"``) or collected into one :class:`DataError`
+(``on_error="raise"``). Callers never see a raw ``KeyError`` / ``JSONDecodeError`` /
+``UnicodeDecodeError``, because a crash halfway through a multi-hour run is far more costly
+than a clear message at start-up.
+
+Prompts follow LATRO.md: the question goes through the model's chat template with the
+generation prompt when the tokenizer has one, and the answer y is "The answer is {gold}."
+(the caller appends the model's end-of-turn token).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Literal
+
+from latro_engine.answers import normalize_number
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ARC_INSTRUCTION",
+    "DataError",
+    "DatasetSpec",
+    "Example",
+    "GSM8K_TEMPLATE",
+    "answer_text",
+    "build_prompt",
+    "format_arc_question",
+    "gold_answer_string",
+    "load_arc",
+    "load_dataset",
+    "load_gsm8k",
+    "load_hf_dataset",
+    "load_records",
+]
+
+OnError = Literal["skip", "raise"]
+GSM8K_TEMPLATE = "{question} Let's think step by step."
+ARC_INSTRUCTION = (
+    "Let's think step by step first then print your answer like "
+    "'The answer is (one of the options)'."
+)
+_MAX_LISTED = 20  # problems spelled out in one DataError message; the rest are counted
+_JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+_SURROGATE = re.compile("[\udc80-\udcff]")  # undecodable bytes under "surrogateescape"
+
+
+class DataError(ValueError):
+    """A data file is unusable, or (with ``on_error="raise"``) has malformed rows.
+
+    ``problems`` holds ``(line, reason)`` pairs (line 0 when the problem is the whole file).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], problems: list[tuple[int, str]]):
+        self.path = str(path)
+        self.problems = problems
+        shown = "; ".join(f"line {ln}: {why}" if ln else why for ln, why in problems[:_MAX_LISTED])
+        more = len(problems) - _MAX_LISTED
+        suffix = f"; ... and {more} more" if more > 0 else ""
+        super().__init__(f"{self.path}: {shown}{suffix}")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One question with its gold answer.
+
+    ``answer`` is the gold as text: the number for GSM8K ("72"), the option label for
+    multiple choice ("B"). ``options`` holds ``(label, text)`` pairs, empty for open answers.
+    ``source_line`` points back into the file so an odd example can be found by hand.
+    """
+
+    id: str
+    question: str
+    answer: str
+    options: tuple[tuple[str, str], ...] = ()
+    source_line: int = 0
+
+
+class _RowError(Exception):
+    """A row-level problem, carried to the loader loop that knows the line number."""
+
+
+def _text(record: Mapping[str, Any], key: str, *, allow_number: bool = False) -> str:
+    """``record[key]`` as stripped, non-empty text; numbers allowed for answers ("72" or 72)."""
+    if key not in record or record[key] is None:
+        raise _RowError(f"missing field {key!r}")
+    value = record[key]
+    if allow_number and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        raise _RowError(f"field {key!r} is {type(value).__name__}, not text")
+    if not value.strip():
+        raise _RowError(f"empty field {key!r}")
+    return value.strip()
+
+
+def _gsm8k_row(record: Mapping[str, Any], line: int, default_id: str) -> Example:
+    """GSM8K: the gold is what follows the last "####", commas removed, and must be numeric."""
+    question = _text(record, "question")
+    full = _text(record, "answer", allow_number=True)
+    if "####" not in full:
+        raise _RowError("answer has no '####' marker")
+    gold = full.rsplit("####", 1)[1].replace(",", "").strip()
+    if not gold:
+        raise _RowError("empty answer after '####'")
+    if normalize_number(gold) is None:
+        raise _RowError(f"non-numeric answer {gold!r}")
+    rid = str(record["id"]) if record.get("id") not in (None, "") else default_id
+    return Example(id=rid, question=question, answer=gold, source_line=line)
+
+
+def _arc_row(record: Mapping[str, Any], line: int, default_id: str) -> Example:
+    """ARC, in the Hugging Face layout or AI2's original one (question.stem/question.choices)."""
+    q = record.get("question")
+    if isinstance(q, Mapping):  # AI2: {"question": {"stem", "choices": [{"text", "label"}]}}
+        stem = _text(q, "stem")
+        raw = q.get("choices")
+        if not isinstance(raw, list):
+            raise _RowError("missing field 'question.choices'")
+    else:  # Hugging Face: {"question": str, "choices": {"text": [...], "label": [...]}}
+        stem = _text(record, "question")
+        ch = record.get("choices")
+        if not isinstance(ch, Mapping):
+            raise _RowError("missing field 'choices'")
+        texts, labels = ch.get("text"), ch.get("label")
+        if not isinstance(texts, list) or not isinstance(labels, list):
+            raise _RowError("'choices' needs lists 'text' and 'label'")
+        if len(texts) != len(labels):
+            raise _RowError(f"{len(texts)} choice texts but {len(labels)} labels")
+        raw = [{"text": t, "label": lb} for t, lb in zip(texts, labels, strict=True)]
+    options = []
+    for c in raw:
+        if not isinstance(c, Mapping):
+            raise _RowError("a choice is not an object")
+        options.append((_text(c, "label", allow_number=True), _text(c, "text")))
+    if len(options) < 2:
+        raise _RowError(f"{len(options)} options; multiple choice needs at least 2")
+    labels_seen = [lb for lb, _ in options]
+    if len(set(labels_seen)) != len(labels_seen):
+        raise _RowError(f"repeated option labels {labels_seen}")
+    key = _text(record, "answerKey", allow_number=True)
+    if key not in labels_seen:
+        raise _RowError(f"answerKey {key!r} is not one of the labels {labels_seen}")
+    rid = str(record["id"]) if record.get("id") not in (None, "") else default_id
+    return Example(id=rid, question=stem, answer=key, options=tuple(options), source_line=line)
+
+
+def _fields_row(
+    question_field: str, answer_field: str, id_field: str | None
+) -> Callable[[Mapping[str, Any], int, str], Example]:
+    """A parser for generic records with the given field names."""
+
+    def parse(record: Mapping[str, Any], line: int, default_id: str) -> Example:
+        question = _text(record, question_field)
+        answer = _text(record, answer_field, allow_number=True)
+        rid = _text(record, id_field, allow_number=True) if id_field else default_id
+        return Example(id=rid, question=question, answer=answer, source_line=line)
+
+    return parse
+
+
+_Row = tuple[int, "Mapping[str, Any] | None", "str | None"]  # (line, record, problem)
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise DataError(path, [(0, f"cannot read file: {exc}")]) from exc
+
+
+def _jsonl_rows(path: Path) -> Iterator[_Row]:
+    """Decode and parse each line on its own, so one bad line costs one row, not the file."""
+    data = _read_bytes(path)
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]  # a UTF-8 byte-order mark from some editors
+    for line_no, raw in enumerate(data.split(b"\n"), start=1):
+        if not raw.strip():
+            continue  # blank lines (including the one after the final newline) are not rows
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            yield line_no, None, f"not valid UTF-8 (byte {exc.start})"
+            continue
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as exc:
+            yield line_no, None, f"invalid JSON ({exc.msg} at column {exc.colno})"
+            continue
+        if not isinstance(record, dict):
+            yield line_no, None, f"expected a JSON object, got {type(record).__name__}"
+            continue
+        yield line_no, record, None
+
+
+def _csv_rows(path: Path, required: Sequence[str]) -> Iterator[_Row]:
+    """CSV with a header row. Bytes that are not UTF-8 are kept as surrogates while parsing
+    (quoted fields may span lines, so the file cannot be decoded line by line) and the rows
+    that hold them are reported; row numbers are the line where the row starts. A header
+    without a ``required`` column is a configuration error, raised whatever ``on_error``."""
+    text = _read_bytes(path).decode("utf-8-sig", errors="surrogateescape")
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = [h.strip() for h in next(reader, [])]
+    except csv.Error as exc:
+        raise DataError(path, [(1, f"unreadable CSV header: {exc}")]) from exc
+    missing = [f for f in required if f not in header]
+    if missing:
+        raise DataError(path, [(1, f"CSV header {header} lacks column(s) {missing}")])
+    while True:
+        start = reader.line_num + 1
+        try:
+            cells = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            yield start, None, f"invalid CSV ({exc})"
+            continue
+        if not any(c.strip() for c in cells):
+            continue
+        if any(_SURROGATE.search(c) for c in cells):
+            yield start, None, "not valid UTF-8"
+        elif len(cells) != len(header):
+            yield start, None, f"{len(cells)} fields, header has {len(header)}"
+        else:
+            yield start, dict(zip(header, cells, strict=True)), None
+
+
+def _collect(
+    path: Path,
+    rows: Iterable[_Row],
+    parse: Callable[[Mapping[str, Any], int, str], Example],
+    on_error: OnError,
+) -> list[Example]:
+    """Run ``parse`` over ``rows``, enforce unique ids, and apply the ``on_error`` policy."""
+    if on_error not in ("skip", "raise"):
+        raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
+    examples: list[Example] = []
+    problems: list[tuple[int, str]] = []
+    first_line: dict[str, int] = {}
+    for line, record, problem in rows:
+        if problem is None and record is not None:
+            try:
+                ex = parse(record, line, f"{path.stem}-{line}")
+            except _RowError as exc:
+                problem = str(exc)
+            else:
+                if ex.id in first_line:
+                    problem = f"duplicate id {ex.id!r} (first at line {first_line[ex.id]})"
+                else:
+                    first_line[ex.id] = line
+                    examples.append(ex)
+                    continue
+        problems.append((line, problem or "malformed row"))
+        if on_error == "skip":
+            logger.warning("%s: line %d: %s; skipping", path, line, problem)
+    if problems and on_error == "raise":
+        raise DataError(path, problems)
+    if not examples:
+        raise DataError(path, [(0, "no valid rows")] + problems)
+    if problems:
+        logger.warning("%s: skipped %d malformed rows, kept %d", path, len(problems), len(examples))
+    logger.info("%s: loaded %d examples", path, len(examples))
+    return examples
+
+
+def load_gsm8k(path: str | os.PathLike[str], *, on_error: OnError = "skip") -> list[Example]:
+    """GSM8K in its own JSONL layout ({"question", "answer": "... #### 72"}).
+
+    Ids are the row's "id" field when present, else "<file stem>-<line>" (e.g. "test-17"),
+    stable across runs so evaluation records can be compared.
+    """
+    p = Path(path)
+    return _collect(p, _jsonl_rows(p), _gsm8k_row, on_error)
+
+
+def load_arc(path: str | os.PathLike[str], *, on_error: OnError = "skip") -> list[Example]:
+    """ARC-Challenge as JSONL in the Hugging Face or the original AI2 layout (mixed is fine).
+
+    The gold ``answer`` is the option label (``answerKey``); labels are kept as given, since
+    some ARC questions use "1".."4" instead of "A".."D".
+    """
+    p = Path(path)
+    return _collect(p, _jsonl_rows(p), _arc_row, on_error)
+
+
+def load_records(
+    path: str | os.PathLike[str],
+    question_field: str = "question",
+    answer_field: str = "answer",
+    id_field: str | None = None,
+    *,
+    on_error: OnError = "skip",
+) -> list[Example]:
+    """Open-answer records from JSONL or CSV (chosen by extension) with custom field names.
+
+    The answer is taken verbatim (stripped); no "####" parsing. A CSV whose header lacks a
+    named column is a configuration error, raised whatever ``on_error`` says.
+    """
+    p = Path(path)
+    suffix = p.suffix.lower()
+    if suffix in _JSONL_SUFFIXES:
+        rows = _jsonl_rows(p)
+    elif suffix == ".csv":
+        rows = _csv_rows(p, [f for f in (question_field, answer_field, id_field) if f])
+    else:
+        raise DataError(p, [(0, f"unknown file type {suffix!r}; use .jsonl or .csv")])
+    return _collect(p, rows, _fields_row(question_field, answer_field, id_field), on_error)
+
+
+@dataclass
+class DatasetSpec:
+    """Where a dataset lives and how to read it (the ``data:`` block of a run config).
+
+    ``format`` is gsm8k | arc | jsonl | csv; the field names apply to jsonl/csv only.
+    ``on_error`` defaults to "skip" so one bad row does not stop a run; the warnings say which.
+    """
+
+    format: Literal["gsm8k", "arc", "jsonl", "csv"]
+    path: str
+    question_field: str = "question"
+    answer_field: str = "answer"
+    id_field: str | None = None
+    on_error: OnError = "skip"
+
+
+def load_dataset(spec: DatasetSpec | Mapping[str, Any]) -> list[Example]:
+    """Load the dataset a :class:`DatasetSpec` (or an equivalent mapping) describes."""
+    if isinstance(spec, Mapping):
+        known = {f.name for f in fields(DatasetSpec)}
+        unknown = sorted(set(spec) - known)
+        if unknown:
+            raise ValueError(f"unknown dataset spec keys {unknown}; known: {sorted(known)}")
+        if "format" not in spec or "path" not in spec:
+            raise ValueError("a dataset spec needs 'format' and 'path'")
+        spec = DatasetSpec(**spec)
+    fmt = spec.format.lower()
+    if fmt == "gsm8k":
+        return load_gsm8k(spec.path, on_error=spec.on_error)
+    if fmt == "arc":
+        return load_arc(spec.path, on_error=spec.on_error)
+    if fmt in ("jsonl", "csv"):
+        suffix = Path(spec.path).suffix.lower()
+        expected = _JSONL_SUFFIXES if fmt == "jsonl" else (".csv",)
+        if suffix not in expected:
+            raise DataError(spec.path, [(0, f"format {fmt!r} but file extension {suffix!r}")])
+        return load_records(
+            spec.path,
+            spec.question_field,
+            spec.answer_field,
+            spec.id_field,
+            on_error=spec.on_error,
+        )
+    raise ValueError(f"unknown dataset format {spec.format!r}; use gsm8k, arc, jsonl or csv")
+
+
+_HF_NAMES = {
+    "gsm8k": ("openai/gsm8k", "main", _gsm8k_row),
+    "arc": ("allenai/ai2_arc", "ARC-Challenge", _arc_row),
+}
+
+
+def load_hf_dataset(name: str, split: str, *, on_error: OnError = "skip") -> list[Example]:
+    """GSM8K or ARC-Challenge from the Hugging Face Hub ("gsm8k" | "arc").
+
+    Needs the optional ``datasets`` package and network access; the local loaders are the
+    supported path (tests and offline clusters never touch this). Row numbers are 1-based
+    indices into the split.
+    """
+    if name not in _HF_NAMES:
+        raise ValueError(f"unknown hub dataset {name!r}; use one of {sorted(_HF_NAMES)}")
+    try:
+        import datasets  # optional dependency, imported only when asked for
+    except ImportError as exc:
+        raise ImportError("load_hf_dataset needs `pip install datasets`") from exc
+    repo, config, parse = _HF_NAMES[name]
+    rows = datasets.load_dataset(repo, config, split=split)
+    source = Path(f"{name}-{split}")
+    return _collect(source, ((i, dict(r), None) for i, r in enumerate(rows, 1)), parse, on_error)
+
+
+def format_arc_question(example: Example) -> str:
+    """The paper's ARC prompt body: question, "(A) text (B) text ...", then the instruction."""
+    if not example.options:
+        raise ValueError(f"example {example.id!r} has no options")
+    opts = " ".join(f"({label}) {text}" for label, text in example.options)
+    return f"Question: {example.question}\nOptions: {opts}\n{ARC_INSTRUCTION}"
+
+
+def build_prompt(
+    tokenizer: Any,
+    question: str,
+    *,
+    template: str = GSM8K_TEMPLATE,
+    use_chat_template: bool | Literal["auto"] = "auto",
+) -> str:
+    """The prompt text x for ``question``: ``template`` filled in, then the chat template.
+
+    Instruct models (all three in the paper) were tuned on their chat format, so the question
+    goes in as a user turn with the generation prompt appended; "auto" does that only when the
+    tokenizer has a chat template, so base models and toy tokenizers get plain text. For ARC
+    pass ``format_arc_question(ex)`` with ``template="{question}"``. ``str.format`` fills only
+    the template, so braces inside the question are safe.
+    """
+    content = template.format(question=question)
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if not (has_template if use_chat_template == "auto" else use_chat_template):
+        return content
+    if not has_template:
+        raise ValueError("use_chat_template=True but the tokenizer has no chat template")
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+    )
+    return str(prompt)
+
+
+def answer_text(gold: str, template: str = "The answer is {answer}.") -> str:
+    """The LaTRO answer y for ``gold`` (the caller appends the end-of-turn token)."""
+    return template.format(answer=gold)
+
+
+def gold_answer_string(example: Example) -> str:
+    """The gold as it should follow "The answer is": "(B) text" for multiple choice (so the
+    self-reward scores the option the ARC prompt asks for), the number otherwise."""
+    for label, text in example.options:
+        if label == example.answer:
+            return f"({label}) {text}"
+    return example.answer

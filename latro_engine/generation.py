@@ -1,0 +1,166 @@
+"""Prompt tokenization and text generation on top of the rollout sampler, and model
+evaluation (greedy and maj@k) on a dataset."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from latro_engine.config import LatroConfig
+from latro_engine.data import Example, answer_text, build_prompt, gold_answer_string
+from latro_engine.evaluation import EvalResult, Kind, evaluate
+from latro_engine.rollout import sample_rationales
+
+_USE_CHAT = {"auto": "auto", "on": True, "off": False}
+
+
+def pad_id(tokenizer: Any) -> int:
+    """The pad id, falling back to EOS for tokenizers without one (Llama's)."""
+    value = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if value is None:
+        raise ValueError("the tokenizer has neither a pad nor an EOS token")
+    return int(value)
+
+
+def eos_ids(tokenizer: Any) -> list[int]:
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no EOS token (needed to end answers and completions)")
+    return [int(tokenizer.eos_token_id)]
+
+
+def prompt_texts(tokenizer: Any, examples: Sequence[Example], config: LatroConfig) -> list[str]:
+    return [
+        build_prompt(
+            tokenizer,
+            ex.question,
+            template=config.prompt_template,
+            use_chat_template=_USE_CHAT[config.use_chat_template],
+        )
+        for ex in examples
+    ]
+
+
+def left_pad(
+    sequences: Sequence[Sequence[int]], pad: int, device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> left-padded ids and mask, int64 [N, max_len]."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad, dtype=torch.int64)
+    mask = torch.zeros((len(sequences), width), dtype=torch.int64)
+    for i, seq in enumerate(sequences):
+        if not seq:
+            raise ValueError(f"prompt {i} tokenizes to nothing")
+        ids[i, width - len(seq) :] = torch.tensor(seq, dtype=torch.int64)
+        mask[i, width - len(seq) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def encode_prompts(
+    tokenizer: Any, examples: Sequence[Example], config: LatroConfig, device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    texts = prompt_texts(tokenizer, examples, config)
+    encoded = [tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
+    return left_pad(encoded, pad_id(tokenizer), device)
+
+
+def encode_answers(
+    tokenizer: Any, examples: Sequence[Example], config: LatroConfig
+) -> list[list[int]]:
+    """y per example: answer_prefix + answer_template filled with the gold, then EOS."""
+    out = []
+    for ex in examples:
+        text = config.answer_prefix + answer_text(gold_answer_string(ex), config.answer_template)
+        out.append(
+            list(tokenizer(text, add_special_tokens=False)["input_ids"]) + eos_ids(tokenizer)
+        )
+    return out
+
+
+@torch.no_grad()
+def complete(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    config: LatroConfig,
+    *,
+    num_samples: int,
+    seed: int,
+    device: torch.device | str,
+) -> list[list[str]]:
+    """Per example: the greedy completion, then ``num_samples`` sampled ones (until EOS)."""
+    ids, mask = encode_prompts(tokenizer, examples, config, device)
+    max_new = config.eval_max_new_tokens or config.max_rationale_tokens + 32
+    common = dict(
+        max_new_tokens=max_new, stop_sequences=[eos_ids(tokenizer)], pad_token_id=pad_id(tokenizer)
+    )
+    was_training = model.training
+    model.eval()
+    try:
+        greedy = sample_rationales(model, ids, mask, k=1, temperature=0.0, seed=seed, **common)
+        texts = [
+            [tokenizer.decode(t, skip_special_tokens=True)] for t in greedy.rationale_token_lists()
+        ]
+        if num_samples:
+            sampled = sample_rationales(
+                model,
+                ids,
+                mask,
+                k=num_samples,
+                temperature=config.eval_temperature,
+                top_k=config.top_k,
+                top_p=config.top_p,
+                min_p=config.min_p,
+                seed=seed + 1,
+                **common,
+            )
+            tokens = sampled.rationale_token_lists()
+            for i, row in enumerate(texts):
+                row.extend(
+                    tokenizer.decode(t, skip_special_tokens=True)
+                    for t in tokens[i * num_samples : (i + 1) * num_samples]
+                )
+    finally:
+        model.train(was_training)
+    return texts
+
+
+def evaluate_model(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    config: LatroConfig,
+    *,
+    kind: Kind = "gsm8k",
+    maj_k: int | None = None,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+) -> EvalResult:
+    """Zero-shot greedy and maj@k accuracy (the paper's protocol)."""
+    device = device or next(model.parameters()).device
+    num = config.maj_k if maj_k is None else maj_k
+    counter = {"batch": 0}
+
+    def generate_fn(batch: Sequence[Example], num_samples: int) -> list[list[str]]:
+        counter["batch"] += 1
+        return complete(
+            model,
+            tokenizer,
+            batch,
+            config,
+            num_samples=num_samples,
+            seed=seed * 7919 + counter["batch"] * 2,
+            device=device,
+        )
+
+    template = config.answer_template.split("{answer}")[0].strip() or "The answer is"
+    return evaluate(
+        list(examples),
+        generate_fn,
+        kind=kind,
+        num_samples=num,
+        batch_size=config.eval_batch_size,
+        template=template,
+        progress=config.progress,
+    )

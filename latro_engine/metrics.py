@@ -1,0 +1,120 @@
+"""Training metrics: JSON lines per step, optional TensorBoard, and a PNG of the curves."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PLOT_KEYS = (
+    "reward_mean",
+    "answer_logp_mean",
+    "kl_mean",
+    "rationale_length_mean",
+    "finished_frac",
+    "loss",
+    "eval_greedy_accuracy",
+    "lr",
+)
+
+
+class MetricsLog:
+    """Appends one JSON object per record to ``path``; mirrors scalars to TensorBoard.
+
+    Resuming truncates records newer than the checkpoint's step, so the file of a resumed run
+    equals the file of an uninterrupted one.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        tensorboard_dir: str | Path | None = None,
+        resume_step: int | None = None,
+    ):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            self.path.write_text("")
+        else:
+            kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+            self.path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+        self._writer = None
+        if tensorboard_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._writer = SummaryWriter(str(tensorboard_dir))
+            except ImportError:
+                logger.warning("tensorboard is not installed; metrics go to %s only", self.path)
+
+    def write(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record, sort_keys=True) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        if self._writer is not None:
+            step = int(record.get("step", 0))
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step" and math.isfinite(value):
+                    self._writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """Records of a metrics file; a torn last line (crash mid-write) is dropped."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def plot_curves(
+    records: Sequence[dict[str, Any]],
+    path: str | Path,
+    *,
+    keys: Sequence[str] = DEFAULT_PLOT_KEYS,
+    title: str = "LaTRO training",
+) -> Path | None:
+    """Saves a grid of line plots, one per metric present in the records."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    present = [k for k in keys if any(isinstance(r.get(k), (int, float)) for r in records)]
+    if not present:
+        return None
+    cols = min(4, len(present))
+    rows = math.ceil(len(present) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+    for ax, key in zip(axes.flat, present):
+        points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+        xs, ys = zip(*points)
+        ax.plot(xs, ys, marker="." if len(xs) < 30 else None)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(present) :]:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,125 @@
+"""The LaTRO objective on per-sequence log-probabilities.
+
+With K rationales z_k per question, the self-reward R_k = log p(y | x, z_k), the reward
+r_k = R_k - kl_coef * (log p(z_k|x) - log p_ref(z_k|x)) (a penalty instead for rationales that
+never stopped) and the leave-one-out advantage A_k = r_k - mean of the other K - 1 rewards,
+
+    loss = mean_i[-A_i * log p(z_i|x)] + sft_weight * mean_i[-log p(y|x, z_i)]
+
+whose gradient is the paper's estimator mean_k[A_k grad log p(z_k|x) + grad log p(y|x,z_k)].
+Rewards and advantages carry no gradient; there is no ratio, clipping or length normalisation.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from latro_engine import ops
+
+
+def latro_loss(
+    answer_logp: torch.Tensor,
+    rationale_logp: torch.Tensor,
+    ref_rationale_logp: torch.Tensor,
+    finished: torch.Tensor,
+    *,
+    k: int,
+    kl_coef: float = 0.05,
+    sft_weight: float = 1.0,
+    nonstop_penalty: float = -10.0,
+    penalty_mode: str = "constant",
+    advantages: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The LaTRO loss and its statistics.
+
+    Args:
+        answer_logp: log p(y | x, z_i), float32 [N] with N = groups * k, samples of one prompt
+            contiguous; carries the gradient of the answer term.
+        rationale_logp: log p(z_i | x) summed over the rationale tokens (the answer template
+            excluded), float32 [N]; carries the policy-gradient term.
+        ref_rationale_logp: the frozen reference model's log p_ref(z_i | x), float32 [N].
+        finished: bool [N], False for rationales cut off at the length limit.
+        k: samples per prompt (>= 2). kl_coef: beta. sft_weight: weight of the answer term
+            (the paper's gradient has 1; the reference code's recipe uses 0).
+        nonstop_penalty, penalty_mode: see :func:`latro_engine.ops.latro_rewards`.
+        advantages: precomputed advantages (when the rewards of a whole batch were computed
+            in an earlier pass); computed here from the inputs when None.
+    Returns:
+        (loss, stats) where stats holds plain floats for logging.
+    """
+    if advantages is None:
+        rewards = ops.latro_rewards(
+            answer_logp,
+            rationale_logp,
+            ref_rationale_logp,
+            finished,
+            kl_coef=kl_coef,
+            nonstop_penalty=nonstop_penalty,
+            penalty_mode=penalty_mode,
+        )
+        advantages = ops.rloo_advantages(rewards, k)
+    else:
+        rewards = None
+    advantages = advantages.detach().to(rationale_logp.dtype)
+    pg_loss = -(advantages * rationale_logp).mean()
+    sft_loss = -answer_logp.mean()
+    loss = pg_loss + sft_weight * sft_loss
+    stats = {
+        "loss": float(loss.detach()),
+        "pg_loss": float(pg_loss.detach()),
+        "sft_loss": float(sft_loss.detach()),
+        "advantage_abs_mean": float(advantages.abs().mean()),
+    }
+    if rewards is not None:
+        stats.update(
+            reward_stats(rewards, answer_logp, rationale_logp, ref_rationale_logp, finished)
+        )
+    return loss, stats
+
+
+def reward_stats(
+    rewards: torch.Tensor,
+    answer_logp: torch.Tensor,
+    rationale_logp: torch.Tensor,
+    ref_rationale_logp: torch.Tensor,
+    finished: torch.Tensor,
+) -> dict[str, float]:
+    """Means over the batch of what the rewards are made of, for the metrics log."""
+    kl = (rationale_logp.detach() - ref_rationale_logp.detach()).float()
+    return {
+        "reward_mean": float(rewards.mean()),
+        "reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
+        "answer_logp_mean": float(answer_logp.detach().float().mean()),
+        "rationale_logp_mean": float(rationale_logp.detach().float().mean()),
+        "kl_mean": float(kl.mean()),
+        "finished_frac": float(finished.float().mean()),
+    }
+
+
+def batch_advantages(
+    answer_logp: torch.Tensor,
+    rationale_logp: torch.Tensor,
+    ref_rationale_logp: torch.Tensor,
+    finished: torch.Tensor,
+    *,
+    k: int,
+    kl_coef: float,
+    nonstop_penalty: float,
+    penalty_mode: str,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Rewards and RLOO advantages of a whole batch from no-grad scores, with their stats:
+    the first half of a step whose gradient pass then runs in micro-batches."""
+    rewards = ops.latro_rewards(
+        answer_logp,
+        rationale_logp,
+        ref_rationale_logp,
+        finished,
+        kl_coef=kl_coef,
+        nonstop_penalty=nonstop_penalty,
+        penalty_mode=penalty_mode,
+    )
+    advantages = ops.rloo_advantages(rewards, k)
+    stats = reward_stats(rewards, answer_logp, rationale_logp, ref_rationale_logp, finished)
+    stats["advantage_std"] = float(advantages.std()) if advantages.numel() > 1 else 0.0
+    stats["advantage_abs_max"] = float(advantages.abs().max())
+    return advantages, stats

@@ -1,0 +1,361 @@
+"""Self-reward scoring: log p(z|x) and log p(y|x,z) from ONE forward pass per model.
+
+The reference code runs separate no-grad forwards over [x, z] and [x, z, y], each with a float32
+log_softmax over the whole vocabulary and sequence (see /work/shared/LATRO.md). A causal model
+gives both sums from a single pass over [x, z, y]: the positions that predict z see only x and
+the earlier z tokens. Here that pass runs the decoder body only (no LM head), gathers the hidden
+states at the positions that predict rationale and answer tokens, and feeds just those rows to
+:func:`latro_engine.ops.linear_token_logprobs`, which never holds [tokens, V] logits in float32.
+
+Rows are left-padded (pads moved to the left, as in the reference code) with position ids
+``cumsum(mask) - 1`` clamped at 0, which is what sampling used, so scores match the sampler's
+view of each sequence.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from latro_engine import ops
+from latro_engine.rollout import Rollout
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "SequenceScores",
+    "pack_sequences",
+    "reference_logprobs",
+    "reference_model",
+    "score_reference",
+    "score_rollout",
+    "score_sequences",
+]
+
+#: Config fields that transform the LM head's output (soft-capping, scaling); a model that sets
+#: one of them to a non-neutral value is scored through its full logits.
+_LOGIT_TRANSFORMS: dict[str, object] = {
+    "final_logit_softcapping": None,
+    "logit_scale": 1.0,
+    "logits_scaling": 1.0,
+    "scale_width": 1.0,
+    "dim_model_base": None,
+}
+
+# model -> whether hidden @ lm_head.weight.T (+ bias) reproduces its logits (checked once).
+_fast_path_ok: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class SequenceScores:
+    """Per-row sums, float32 ``[B]`` (differentiable when computed with grad), and counts.
+
+    Attributes:
+        rationale_logp: sum of log p(z_t | x, z_<t) over the rationale tokens (0 if empty).
+        answer_logp: sum of log p(y_t | x, z, y_<t) over the answer tokens (0 if not scored).
+        rationale_tokens, answer_tokens: int64 ``[B]`` token counts.
+    """
+
+    rationale_logp: torch.Tensor
+    answer_logp: torch.Tensor
+    rationale_tokens: torch.Tensor
+    answer_tokens: torch.Tensor
+
+
+def _as_padded(
+    seqs: torch.Tensor | Sequence[Sequence[int]] | None,
+    lengths: torch.Tensor | None,
+    rows: int,
+    group_size: int,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids [B, A], lengths [B]) from token lists or a right-padded tensor plus lengths.
+
+    Per-prompt answers (``rows / group_size`` of them) are repeated over the prompt's samples.
+    """
+    if seqs is None:
+        return torch.zeros(rows, 0, dtype=torch.int64, device=device), torch.zeros(
+            rows, dtype=torch.int64, device=device)
+    if isinstance(seqs, torch.Tensor):
+        ids = seqs.to(device=device, dtype=torch.int64)
+        if ids.dim() != 2:
+            raise ValueError(f"answer_ids must be [B, A], got {list(ids.shape)}")
+        lens = (torch.full((ids.shape[0],), ids.shape[1], dtype=torch.int64) if lengths is None
+                else lengths).to(device=device, dtype=torch.int64)
+    else:
+        lists = [list(map(int, s)) for s in seqs]
+        width = max((len(s) for s in lists), default=0)
+        ids = torch.zeros(len(lists), width, dtype=torch.int64)
+        for i, s in enumerate(lists):
+            ids[i, : len(s)] = torch.tensor(s, dtype=torch.int64)
+        ids, lens = ids.to(device), torch.tensor([len(s) for s in lists], dtype=torch.int64, device=device)
+    if ids.shape[0] != rows:
+        if group_size > 1 and ids.shape[0] * group_size == rows:
+            ids, lens = ids.repeat_interleave(group_size, 0), lens.repeat_interleave(group_size, 0)
+        else:
+            raise ValueError(f"expected {rows} answers (one per row) or {rows // max(group_size, 1)} "
+                             f"(one per prompt), got {ids.shape[0]}")
+    return ids, lens
+
+
+def pack_sequences(
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    rationale_ids: torch.Tensor,
+    rationale_lengths: torch.Tensor,
+    answer_ids: torch.Tensor,
+    answer_lengths: torch.Tensor,
+    pad_token_id: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Builds left-padded ``[x (non-pad), z[:len], y[:len]]`` rows.
+
+    Returns ``(input_ids [B, T], attention_mask [B, T], rationale_start [B], answer_start [B])``
+    where the starts are column indices of the first rationale / answer token in each row.
+    Vectorized: every token's destination column is computed from per-row lengths, no loop.
+    """
+    device = prompt_ids.device
+    rows = prompt_ids.shape[0]
+    prompt_mask = prompt_mask.long()
+    p_len = prompt_mask.sum(-1)
+    r_len, a_len = rationale_lengths.long(), answer_lengths.long()
+    total = p_len + r_len + a_len
+    width = int(total.max()) if rows else 0
+    offset = width - total  # left padding per row
+    ids = torch.full((rows, width), pad_token_id, dtype=torch.int64, device=device)
+    mask = torch.zeros((rows, width), dtype=torch.int64, device=device)
+
+    def place(src: torch.Tensor, valid: torch.Tensor, rank: torch.Tensor, start: torch.Tensor) -> None:
+        r, c = valid.nonzero(as_tuple=True)
+        dest = start[r] + rank[r, c]
+        ids[r, dest] = src[r, c].long()
+        mask[r, dest] = 1
+
+    prompt_rank = prompt_mask.cumsum(-1) - 1  # works for any padding side
+    place(prompt_ids, prompt_mask.bool(), prompt_rank, offset)
+    r_cols = torch.arange(rationale_ids.shape[1], device=device).expand(rows, -1)
+    place(rationale_ids, r_cols < r_len[:, None], r_cols, offset + p_len)
+    a_cols = torch.arange(answer_ids.shape[1], device=device).expand(rows, -1)
+    place(answer_ids, a_cols < a_len[:, None], a_cols, offset + p_len + r_len)
+    return ids, mask, offset + p_len, offset + p_len + r_len
+
+
+def _decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The decoder body (hidden states out, no LM head) and the LM head."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if decoder is None or decoder is model:
+        decoder = getattr(model, "model", None)
+        if decoder is None:
+            decoder = model.base_model
+    return decoder, model.get_output_embeddings()
+
+
+def _transforms_logits(model: torch.nn.Module) -> bool:
+    config = model.config
+    configs = [config]
+    if hasattr(config, "get_text_config"):
+        configs.append(config.get_text_config(decoder=True))
+    for cfg in configs:
+        for name, neutral in _LOGIT_TRANSFORMS.items():
+            value = getattr(cfg, name, neutral)
+            if value is not None and value != neutral:
+                return True
+    return False
+
+
+@torch.no_grad()
+def _probe_fast_path(model: torch.nn.Module, decoder: torch.nn.Module, head: torch.nn.Module) -> bool:
+    """Checks once, on a 3-token input, that ``head(decoder(x))`` equals ``model(x).logits``.
+
+    Catches output transforms the config list does not know. The probe avoids the pad id (its
+    embedding may be all zeros, giving zero logits that hide any transform). Runs with dropout
+    off and restores every module's train/eval flag afterwards.
+    """
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        pad = getattr(model.config, "pad_token_id", None)
+        probe = [t for t in range(1, 8) if t != pad and t < head.weight.shape[0]][:3] or [0]
+        x = torch.tensor([probe], dtype=torch.int64, device=head.weight.device)
+        logits = model(input_ids=x).logits.float()
+        mine = head(decoder(input_ids=x).last_hidden_state).float()
+        if logits.shape != mine.shape:
+            return False
+        # two matmul paths round differently; half precision needs a looser bound
+        tol = 1e-3 if head.weight.dtype in (torch.float32, torch.float64) else 3e-2
+        return bool((logits - mine).abs().max() <= tol * (1 + logits.abs().max()))
+    finally:
+        for m, mode in flags:
+            m.training = mode
+
+
+def _use_fast_path(model: torch.nn.Module, decoder: torch.nn.Module, head: torch.nn.Module) -> bool:
+    if type(head) is not torch.nn.Linear or _transforms_logits(model):
+        return False
+    if model not in _fast_path_ok:
+        _fast_path_ok[model] = _probe_fast_path(model, decoder, head)
+        if not _fast_path_ok[model]:
+            logger.warning("%s: LM head output is transformed; scoring through full logits",
+                           type(model).__name__)
+    return _fast_path_ok[model]
+
+
+def _score_batch(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    mask: torch.Tensor,
+    r_start: torch.Tensor,
+    r_len: torch.Tensor,
+    a_start: torch.Tensor,
+    a_len: torch.Tensor,
+    fast_path: bool | None,
+    chunk_size: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, width = input_ids.shape
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    cols = torch.arange(width, device=input_ids.device).expand(rows, -1)
+    in_z = (cols >= r_start[:, None]) & (cols < (r_start + r_len)[:, None])
+    in_y = (cols >= a_start[:, None]) & (cols < (a_start + a_len)[:, None])
+    # column c is predicted by the hidden state at c - 1 (prompts are non-empty, so c >= 1)
+    row_idx, col_idx = (in_z | in_y).nonzero(as_tuple=True)
+    targets = input_ids[row_idx, col_idx]
+    is_answer = in_y[row_idx, col_idx]
+
+    decoder, head = _decoder_and_head(model)
+    if fast_path is None:
+        fast_path = _use_fast_path(model, decoder, head)
+    if fast_path:
+        hidden = decoder(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                         use_cache=False).last_hidden_state
+        rows_h = hidden[row_idx, col_idx - 1].to(head.weight.dtype)  # autocast may differ
+        logp = ops.linear_token_logprobs(rows_h, head.weight, targets, bias=head.bias,
+                                         chunk_size=chunk_size)
+    else:
+        logits = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                       use_cache=False).logits
+        logp = ops.token_logprobs(logits[row_idx, col_idx - 1], targets)
+    zeros = logp.new_zeros(rows)
+    rationale = zeros.index_add(0, row_idx, torch.where(is_answer, 0.0, logp))
+    answer = zeros.index_add(0, row_idx, torch.where(is_answer, logp, 0.0))
+    return rationale, answer
+
+
+def score_sequences(
+    model: torch.nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    rationale_ids: torch.Tensor,
+    rationale_lengths: torch.Tensor,
+    answer_ids: torch.Tensor | Sequence[Sequence[int]] | None = None,
+    answer_lengths: torch.Tensor | None = None,
+    *,
+    group_size: int = 1,
+    micro_batch_size: int | None = None,
+    fast_path: bool | None = None,
+    chunk_size: int | None = None,
+) -> SequenceScores:
+    """log p(z|x) and log p(y|x,z) per row from one forward pass over ``[x, z, y]``.
+
+    Args:
+        model: a Hugging Face causal LM (or peft wrapper). Train/eval mode is the caller's.
+        prompt_ids, prompt_mask: ``[B, P]`` (any padding side; each row >= 1 real token).
+        rationale_ids: ``[B, L]`` right-padded; rationale_lengths: int64 ``[B]`` (0 allowed).
+        answer_ids: per-row answer tokens (e.g. " The answer is 7." + EOS), as token lists or a
+            right-padded ``[B, A]`` tensor with ``answer_lengths``; per-prompt answers (B /
+            group_size of them) are repeated. None scores the rationale only.
+        micro_batch_size: rows per forward (default: all). Rows are sorted by length first so
+            micro-batches carry little padding. With grad enabled every micro-batch's graph
+            is kept until backward; use it to bound memory under ``torch.no_grad()``.
+        fast_path: None picks automatically: decoder body + ``ops.linear_token_logprobs`` on
+            the LM head, which never materializes ``[B, T, V]`` logits, unless the head is
+            not a plain ``nn.Linear`` (e.g. LoRA on the head) or the model transforms its
+            logits (Gemma-2 ``final_logit_softcapping``, Cohere ``logit_scale``, Granite
+            ``logits_scaling``, or anything a one-time 2-token probe detects); those go
+            through the full model and ``ops.token_logprobs`` on the gathered logits.
+        chunk_size: forwarded to ``ops.linear_token_logprobs``.
+    Returns:
+        :class:`SequenceScores`, float32 sums in the input row order.
+    """
+    device = prompt_ids.device
+    rows = prompt_ids.shape[0]
+    a_ids, a_len = _as_padded(answer_ids, answer_lengths, rows, group_size, device)
+    r_len = rationale_lengths.to(device=device, dtype=torch.int64)
+    if rows and bool((prompt_mask.sum(-1) == 0).any()):
+        raise ValueError("every prompt needs at least one real token")
+    ids, mask, r_start, a_start = pack_sequences(prompt_ids, prompt_mask, rationale_ids, r_len, a_ids, a_len)
+    counts = (r_len, a_len)
+    step = micro_batch_size if micro_batch_size and micro_batch_size < rows else rows
+    if step == rows:
+        if rows == 0:
+            empty = torch.zeros(0, dtype=torch.float32, device=device)
+            return SequenceScores(empty, empty.clone(), *counts)
+        out = _score_batch(model, ids, mask, r_start, r_len, a_start, a_len, fast_path, chunk_size)
+        return SequenceScores(out[0], out[1], *counts)
+
+    order = torch.argsort(mask.sum(-1), stable=True)
+    parts_z, parts_y = [], []
+    for begin in range(0, rows, step):
+        idx = order[begin: begin + step]
+        sub_mask = mask[idx]
+        drop = int((sub_mask.sum(0) == 0).sum())  # all-pad leading columns of this micro-batch
+        z, y = _score_batch(model, ids[idx, drop:], sub_mask[:, drop:], r_start[idx] - drop, r_len[idx],
+                            a_start[idx] - drop, a_len[idx], fast_path, chunk_size)
+        parts_z.append(z)
+        parts_y.append(y)
+    inverse = torch.argsort(order)
+    return SequenceScores(torch.cat(parts_z)[inverse], torch.cat(parts_y)[inverse], *counts)
+
+
+def score_rollout(
+    model: torch.nn.Module,
+    rollout: Rollout,
+    answer_ids: torch.Tensor | Sequence[Sequence[int]] | None = None,
+    answer_lengths: torch.Tensor | None = None,
+    **kwargs,
+) -> SequenceScores:
+    """:func:`score_sequences` on a :class:`~latro_engine.rollout.Rollout` (answers per row or
+    per prompt)."""
+    return score_sequences(
+        model, rollout.prompt_ids, rollout.prompt_mask, rollout.rationale_ids,
+        rollout.rationale_lengths, answer_ids, answer_lengths, group_size=rollout.group_size, **kwargs,
+    )
+
+
+def score_reference(model: torch.nn.Module, *args, **kwargs) -> SequenceScores:
+    """:func:`score_sequences` under ``torch.no_grad()`` (frozen reference model, rewards)."""
+    with torch.no_grad():
+        return score_sequences(model, *args, **kwargs)
+
+
+@contextmanager
+def reference_model(policy: torch.nn.Module, ref_model: torch.nn.Module | None = None) -> Iterator[torch.nn.Module]:
+    """Yields the model that computes p0, the frozen initial model of LaTRO's KL term.
+
+    With a separate ``ref_model`` it is used as is. Without one, a peft model (anything with
+    ``disable_adapter()``, imported lazily: peft is optional) is its own reference with its
+    adapters switched off for the duration, so no second copy of the weights is needed.
+    """
+    if ref_model is not None:
+        yield ref_model
+        return
+    if not hasattr(policy, "disable_adapter"):
+        raise ValueError("no reference model given and the policy has no adapters to disable "
+                         "(pass ref_model, or wrap the policy with peft LoRA)")
+    with policy.disable_adapter():
+        yield policy
+
+
+def reference_logprobs(
+    policy: torch.nn.Module, ref_model: torch.nn.Module | None, *args, **kwargs
+) -> SequenceScores:
+    """Scores with the reference model (see :func:`reference_model`) under no_grad.
+
+    Takes :func:`score_sequences`' arguments after the model; pass no answers to score only
+    log p0(z|x), which is all the KL term needs.
+    """
+    with reference_model(policy, ref_model) as ref:
+        return score_reference(ref, *args, **kwargs)

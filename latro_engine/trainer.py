@@ -1,0 +1,490 @@
+"""The LaTRO trainer and the SFT baseline trainer.
+
+One LaTRO step: sample K rationales for each of ``prompts_per_step`` questions (stopping each at
+an answer template or EOS), score log p(z|x) and log p(y|x,z) in one pass over [x, z, y],
+score log p_ref(z|x), turn them into rewards and leave-one-out advantages, and take one
+optimizer step over micro-batches with gradient accumulation (on-policy).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from latro_engine import checkpoint as ckpt
+from latro_engine.config import LatroConfig
+from latro_engine.data import Example
+from latro_engine.evaluation import EvalResult, Kind, write_eval_jsonl
+from latro_engine.generation import encode_answers, encode_prompts, evaluate_model, pad_id
+from latro_engine.metrics import MetricsLog, plot_curves, read_metrics
+from latro_engine.objective import batch_advantages, latro_loss
+from latro_engine.rollout import Rollout, sample_rationales, stop_token_sequences
+from latro_engine.scoring import reference_logprobs, score_sequences
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. too many non-finite steps in a row)."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _lr_lambda(config: LatroConfig):
+    def factor(step: int) -> float:
+        if config.warmup_steps and step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        if config.lr_schedule == "constant":
+            return 1.0
+        remaining = config.steps - config.warmup_steps
+        return max(0.0, 1.0 - (step - config.warmup_steps) / max(1, remaining))
+
+    return factor
+
+
+class _Trainer:
+    """What LaTRO and SFT share: device, optimizer, data order, checkpoints, metrics, eval."""
+
+    name = "trainer"
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        train_dataset: Sequence[Example],
+        config: LatroConfig,
+        eval_dataset: Sequence[Example] | None = None,
+        *,
+        eval_kind: Kind = "gsm8k",
+    ):
+        if len(train_dataset) == 0:
+            raise ValueError("train_dataset is empty")
+        self.config = config
+        self.tokenizer = tokenizer
+        self.train_dataset = list(train_dataset)
+        self.eval_dataset = list(eval_dataset) if eval_dataset is not None else None
+        self.eval_kind = eval_kind
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        if config.deterministic:
+            torch.use_deterministic_algorithms(True)
+        seed_everything(config.seed)
+        self.device = resolve_device(config.device)
+        self.model = self._prepare_model(model.to(self.device))
+        self.autocast = self.device.type == "cuda" and config.bf16 != "off" or config.bf16 == "on"
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the model has no trainable parameters")
+        self.optimizer = torch.optim.AdamW(
+            params,
+            lr=config.learning_rate,
+            betas=config.adam_betas,
+            weight_decay=config.weight_decay,
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(config))
+        self.output_dir = Path(config.output_dir)
+        self.step = 0
+        self.epoch, self.index = 0, 0
+        self.nonfinite_in_a_row = 0
+        self.skipped_steps = 0
+        self._order = self._epoch_order(0)
+
+    # ------------------------------------------------------------------ set-up
+    def _prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        if self.config.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+            model.gradient_checkpointing_enable()
+        if self.config.lora_rank:
+            try:
+                from peft import LoraConfig, get_peft_model
+            except ImportError as error:
+                raise ImportError("lora_rank > 0 needs peft: pip install peft") from error
+            model = get_peft_model(
+                model,
+                LoraConfig(
+                    r=self.config.lora_rank,
+                    lora_alpha=self.config.lora_alpha,
+                    lora_dropout=self.config.lora_dropout,
+                    target_modules=list(self.config.lora_target_modules),
+                    task_type="CAUSAL_LM",
+                ),
+            )
+        model.train()
+        return model
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast)
+
+    # ------------------------------------------------------------------ data order
+    def _epoch_order(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.train_dataset), generator=g).tolist()
+
+    def _next_examples(self, count: int) -> list[Example]:
+        batch = []
+        while len(batch) < count:
+            if self.index >= len(self._order):
+                self.epoch, self.index = self.epoch + 1, 0
+                self._order = self._epoch_order(self.epoch)
+            batch.append(self.train_dataset[self._order[self.index]])
+            self.index += 1
+        return batch
+
+    # ------------------------------------------------------------------ checkpoints
+    def _trainer_state(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "index": self.index,
+            "skipped_steps": self.skipped_steps,
+            "nonfinite_in_a_row": self.nonfinite_in_a_row,
+            "trainer": self.name,
+            "config": self.config.to_dict(),
+        }
+
+    def save_checkpoint(self) -> Path:
+        return ckpt.save_checkpoint(
+            self.output_dir,
+            self.step,
+            model=self.model,
+            tokenizer=self.tokenizer,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            trainer_state=self._trainer_state(),
+            keep=self.config.keep_checkpoints,
+        )
+
+    def resume_from(self, path: str | Path) -> None:
+        state = ckpt.load_checkpoint(
+            path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler
+        )
+        self.step = int(state["step"])
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))
+        self._order = self._epoch_order(self.epoch)
+        logger.info("resumed from %s at step %d", path, self.step)
+
+    # ------------------------------------------------------------------ optimizer step
+    def _apply_gradients(self) -> tuple[float, bool]:
+        """Clips and steps; a non-finite gradient skips the step (counted) instead."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm or float("inf"))
+        finite = bool(torch.isfinite(norm))
+        if finite:
+            self.optimizer.step()
+            self.nonfinite_in_a_row = 0
+        else:
+            self.skipped_steps += 1
+            self.nonfinite_in_a_row += 1
+            logger.warning("step %d: non-finite gradient norm, update skipped", self.step + 1)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return float(norm), finite
+
+    # ------------------------------------------------------------------ loop
+    def train_step(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def train(self) -> list[dict[str, Any]]:
+        """Runs (or resumes) training to ``config.steps``; returns the metric records."""
+        config = self.config
+        resume_step = None
+        if config.resume:
+            latest = ckpt.latest_checkpoint(self.output_dir)
+            if latest is not None:
+                self.resume_from(latest)
+                resume_step = self.step
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        config.save_yaml(self.output_dir / "config.yaml")
+        log = MetricsLog(
+            self.output_dir / "metrics.jsonl",
+            resume_step=resume_step,
+            tensorboard_dir=self.output_dir / "tensorboard" if config.tensorboard else None,
+        )
+        bar = tqdm(
+            total=config.steps, initial=self.step, desc=self.name, disable=not config.progress
+        )
+        try:
+            while self.step < config.steps:
+                record = self.train_step()
+                self.step += 1
+                record = {"step": self.step, "lr": self.scheduler.get_last_lr()[0], **record}
+                if config.eval_every and self.eval_dataset and self.step % config.eval_every == 0:
+                    result = self.evaluate(maj_k=0)
+                    record["eval_greedy_accuracy"] = result.greedy_accuracy
+                if self.step % config.log_every == 0 or self.step == config.steps:
+                    log.write(record)
+                bar.update(1)
+                bar.set_postfix(
+                    {k: f"{record[k]:.3g}" for k in ("loss", "reward_mean") if k in record}
+                )
+                limit = 5
+                if self.nonfinite_in_a_row >= limit:
+                    path = self.save_checkpoint()
+                    raise TrainingError(
+                        f"{limit} non-finite steps in a row at step {self.step}; "
+                        f"stopped and saved {path}"
+                    )
+                if (
+                    config.save_every and self.step % config.save_every == 0
+                ) or self.step == config.steps:
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+            log.close()
+        records = read_metrics(self.output_dir / "metrics.jsonl")
+        if config.plot:
+            plot_curves(
+                records, self.output_dir / "training_curves.png", title=f"{self.name} training"
+            )
+        return records
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(
+        self,
+        dataset: Sequence[Example] | None = None,
+        *,
+        maj_k: int | None = None,
+        write_path: str | Path | None = None,
+    ) -> EvalResult:
+        """Greedy and maj@k accuracy on ``dataset`` (default: the eval dataset)."""
+        examples = dataset if dataset is not None else self.eval_dataset
+        if not examples:
+            raise ValueError("no evaluation dataset")
+        with self._autocast():
+            result = evaluate_model(
+                self.model,
+                self.tokenizer,
+                examples,
+                self.config,
+                kind=self.eval_kind,
+                maj_k=maj_k,
+                seed=self.config.seed + 17,
+                device=self.device,
+            )
+        if write_path is not None:
+            write_eval_jsonl(result, write_path)
+        return result
+
+
+class LatroTrainer(_Trainer):
+    """LaTRO: self-rewarding latent-reasoning optimization (Chen et al. 2024).
+
+    ``LatroTrainer(model, tokenizer, train_dataset, config, eval_dataset=None, ref_model=None)``;
+    the reference model p0 is ``ref_model``, else the policy with its LoRA adapters disabled
+    (``lora_rank > 0``), else a frozen copy of the initial model.
+    """
+
+    name = "latro"
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        train_dataset: Sequence[Example],
+        config: LatroConfig,
+        eval_dataset: Sequence[Example] | None = None,
+        ref_model: torch.nn.Module | None = None,
+        *,
+        eval_kind: Kind = "gsm8k",
+    ):
+        if ref_model is None and not config.lora_rank:
+            ref_model = copy.deepcopy(model)
+        super().__init__(model, tokenizer, train_dataset, config, eval_dataset, eval_kind=eval_kind)
+        self.ref_model = ref_model
+        if ref_model is not None:
+            self.ref_model = ref_model.to(self.device).eval().requires_grad_(False)
+        self.stops = stop_token_sequences(tokenizer, config.stop_strings, include_eos=True)
+
+    def _rollout(self, examples: list[Example]) -> tuple[Rollout, list[list[int]]]:
+        config = self.config
+        prompt_ids, prompt_mask = encode_prompts(self.tokenizer, examples, config, self.device)
+        answers = encode_answers(self.tokenizer, examples, config)
+        self.model.eval()  # sample without dropout
+        try:
+            with self._autocast():
+                rollout = sample_rationales(
+                    self.model,
+                    prompt_ids,
+                    prompt_mask,
+                    k=config.k,
+                    max_new_tokens=config.max_rationale_tokens,
+                    stop_sequences=self.stops,
+                    pad_token_id=pad_id(self.tokenizer),
+                    seed=config.seed * 1_000_003 + self.step,
+                    temperature=config.temperature,
+                    top_k=config.top_k,
+                    top_p=config.top_p,
+                    min_p=config.min_p,
+                )
+        finally:
+            self.model.train()
+        per_row_answers = [answers[i // config.k] for i in range(rollout.batch_size)]
+        return rollout, per_row_answers
+
+    def _score(
+        self,
+        model,
+        rollout: Rollout,
+        rows: torch.Tensor,
+        answers: list[list[int]] | None,
+        micro_batch_size: int | None = None,
+    ):
+        idx = rows.tolist()
+        with self._autocast():
+            return score_sequences(
+                model,
+                rollout.prompt_ids[rows],
+                rollout.prompt_mask[rows],
+                rollout.rationale_ids[rows],
+                rollout.rationale_lengths[rows],
+                [answers[i] for i in idx] if answers is not None else None,
+                micro_batch_size=micro_batch_size,
+            )
+
+    def _reference(self, rollout: Rollout, rows: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            return reference_logprobs(
+                self.model,
+                self.ref_model,
+                rollout.prompt_ids[rows],
+                rollout.prompt_mask[rows],
+                rollout.rationale_ids[rows],
+                rollout.rationale_lengths[rows],
+                micro_batch_size=self.config.micro_batch_size * 4,
+            ).rationale_logp
+
+    def train_step(self) -> dict[str, Any]:
+        config = self.config
+        start = time.perf_counter()
+        examples = self._next_examples(config.prompts_per_step)
+        rollout, answers = self._rollout(examples)
+        rollout_time = time.perf_counter() - start
+        total = rollout.batch_size
+        device = rollout.prompt_ids.device
+        all_rows = torch.arange(total, device=device)
+        mb = config.micro_batch_size
+        # When micro-batches hold whole groups and the penalty needs no batch-wide mean, the
+        # rewards of a micro-batch come from its own gradient pass: two forwards per sequence
+        # (reference, policy) instead of three.
+        fused = mb % config.k == 0 and config.penalty_mode == "constant"
+        stats: dict[str, float] = {}
+        advantages = None
+        if not fused:
+            with torch.no_grad():
+                scores = self._score(
+                    self.model, rollout, all_rows, answers, micro_batch_size=mb * 4
+                )
+            ref = self._reference(rollout, all_rows)
+            advantages, stats = batch_advantages(
+                scores.answer_logp,
+                scores.rationale_logp,
+                ref,
+                rollout.finished,
+                k=config.k,
+                kl_coef=config.kl_coef,
+                nonstop_penalty=config.nonstop_penalty,
+                penalty_mode=config.penalty_mode,
+            )
+        score_time = time.perf_counter() - start - rollout_time
+        sums: dict[str, float] = {}
+        for begin in range(0, total, mb):
+            rows = all_rows[begin : begin + mb]
+            weight = len(rows) / total
+            ref_mb = self._reference(rollout, rows) if fused else None
+            scores = self._score(self.model, rollout, rows, answers)
+            with self._autocast():
+                loss, mb_stats = latro_loss(
+                    scores.answer_logp,
+                    scores.rationale_logp,
+                    ref_mb if fused else torch.zeros_like(scores.rationale_logp),
+                    rollout.finished[rows],
+                    k=config.k,
+                    kl_coef=config.kl_coef,
+                    sft_weight=config.sft_weight,
+                    nonstop_penalty=config.nonstop_penalty,
+                    penalty_mode=config.penalty_mode,
+                    advantages=None if fused else advantages[rows],
+                )
+            (loss * weight).backward()
+            for key, value in mb_stats.items():
+                sums[key] = sums.get(key, 0.0) + value * weight
+        grad_norm, finite = self._apply_gradients()
+        elapsed = time.perf_counter() - start
+        lengths = rollout.rationale_lengths.float()
+        tokens = int(rollout.rationale_lengths.sum()) + int(rollout.prompt_mask.sum())
+        return {
+            **stats,
+            **sums,
+            "grad_norm": grad_norm,
+            "update_skipped": not finite,
+            "skipped_steps": self.skipped_steps,
+            "rationale_length_mean": float(lengths.mean()),
+            "rationale_length_max": float(lengths.max()),
+            "finished_frac": float(rollout.finished.float().mean()),
+            "samples_per_s": total / elapsed,
+            "tokens_per_s": tokens / elapsed,
+            "rollout_s": rollout_time,
+            "score_s": score_time,
+            "train_s": elapsed - rollout_time - score_time,
+        }
+
+
+class SFTTrainer(_Trainer):
+    """The SFT baseline of the paper: question -> answer template, same data and budget
+    (``steps`` x ``prompts_per_step`` questions), loss = -mean_i log p(y_i | x_i)."""
+
+    name = "sft"
+
+    def train_step(self) -> dict[str, Any]:
+        config = self.config
+        start = time.perf_counter()
+        examples = self._next_examples(config.prompts_per_step)
+        prompt_ids, prompt_mask = encode_prompts(self.tokenizer, examples, config, self.device)
+        answers = encode_answers(self.tokenizer, examples, config)
+        empty = torch.zeros((len(examples), 0), dtype=torch.int64, device=self.device)
+        no_rationale = torch.zeros(len(examples), dtype=torch.int64, device=self.device)
+        total, loss_sum = len(examples), 0.0
+        for begin in range(0, total, config.micro_batch_size):
+            sl = slice(begin, begin + config.micro_batch_size)
+            with self._autocast():
+                scores = score_sequences(
+                    self.model,
+                    prompt_ids[sl],
+                    prompt_mask[sl],
+                    empty[sl],
+                    no_rationale[sl],
+                    answers[sl],
+                )
+                loss = -scores.answer_logp.mean()
+            weight = scores.answer_logp.shape[0] / total
+            (loss * weight).backward()
+            loss_sum += float(loss.detach()) * weight
+        grad_norm, finite = self._apply_gradients()
+        elapsed = time.perf_counter() - start
+        return {
+            "loss": loss_sum,
+            "answer_logp_mean": -loss_sum,
+            "grad_norm": grad_norm,
+            "update_skipped": not finite,
+            "skipped_steps": self.skipped_steps,
+            "samples_per_s": total / elapsed,
+        }

@@ -1,0 +1,342 @@
+"""Dataset loading (real GSM8K, malformed rows, CSV, ARC) and prompt building."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import pytest
+
+from latro_engine.data import (
+    DataError,
+    DatasetSpec,
+    Example,
+    answer_text,
+    build_prompt,
+    format_arc_question,
+    gold_answer_string,
+    load_arc,
+    load_dataset,
+    load_gsm8k,
+    load_hf_dataset,
+    load_records,
+)
+
+
+def _gsm8k_dir() -> Path:
+    """$LATRO_DATA_DIR (the data root, or its gsm8k/ folder), else ../shared/data/gsm8k."""
+    env = os.environ.get("LATRO_DATA_DIR")
+    if env:
+        root = Path(env)
+        return root if (root / "train.jsonl").exists() else root / "gsm8k"
+    return Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gsm8k"
+
+
+GSM8K_DIR = _gsm8k_dir()
+needs_gsm8k = pytest.mark.skipif(
+    not (GSM8K_DIR / "train.jsonl").exists(), reason=f"GSM8K not found at {GSM8K_DIR}"
+)
+
+
+# ------------------------------------------------------------------------ real GSM8K
+
+
+@needs_gsm8k
+@pytest.mark.parametrize(("split", "size"), [("train", 7473), ("test", 1319)])
+def test_real_gsm8k_loads_every_row(split, size):
+    examples = load_gsm8k(GSM8K_DIR / f"{split}.jsonl", on_error="raise")
+    assert len(examples) == size
+    assert len({e.id for e in examples}) == size
+    assert [e.source_line for e in examples] == list(range(1, size + 1))
+    for e in examples:
+        assert e.question and "####" not in e.answer and "," not in e.answer
+        float(e.answer)  # every gold is a plain number
+        assert e.options == ()
+
+
+@needs_gsm8k
+def test_real_gsm8k_first_example():
+    first = load_gsm8k(GSM8K_DIR / "train.jsonl")[0]
+    assert first.id == "train-1"
+    assert first.answer == "72"
+    assert first.question.startswith("Natalia sold clips")
+
+
+# ------------------------------------------------------------------------ malformed rows
+
+
+def _row(qid: str, question: str = "How many?", answer: str = "So 3.\n#### 3") -> bytes:
+    return json.dumps({"id": qid, "question": question, "answer": answer}).encode() + b"\n"
+
+
+@pytest.fixture
+def bad_gsm8k(tmp_path: Path) -> Path:
+    lines = [
+        _row("a"),  # 1 ok
+        b'{"id": "b", "question": "Broken",\n',  # 2 invalid JSON
+        json.dumps({"id": "c", "question": "No answer"}).encode() + b"\n",  # 3 missing field
+        _row("d", question="   "),  # 4 empty question
+        _row("e", answer="It is seven.\n#### seven"),  # 5 non-numeric answer
+        b'{"id": "f", "question": "caf\xe9", "answer": "#### 1"}\n',  # 6 latin-1 byte
+        _row("g", answer="#### 1,234"),  # 7 ok, comma removed
+        b"\n",  # 8 blank: not a row
+        _row("a"),  # 9 duplicate id
+        b"[1, 2, 3]\n",  # 10 not an object
+        _row("k", answer="No marker 5"),  # 11 no ####
+        _row("l", answer="####   "),  # 12 empty after ####
+        b'{"id": "m", "question": "Cut off", "answer": "#### 4"',  # 13 truncated, no newline
+    ]
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b"".join(lines))
+    return path
+
+
+BAD_LINES = [2, 3, 4, 5, 6, 9, 10, 11, 12, 13]
+
+
+def test_malformed_rows_skipped_with_line_warnings(bad_gsm8k, caplog):
+    with caplog.at_level(logging.WARNING, logger="latro_engine.data"):
+        examples = load_gsm8k(bad_gsm8k, on_error="skip")
+    assert [(e.id, e.answer, e.source_line) for e in examples] == [("a", "3", 1), ("g", "1234", 7)]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    for line in BAD_LINES:
+        assert any(f"line {line}:" in w for w in warnings), line
+    assert any("skipped 10 malformed rows, kept 2" in w for w in warnings)
+    joined = "\n".join(warnings)
+    for reason in ("invalid JSON", "missing field 'answer'", "empty field 'question'",
+                   "non-numeric answer 'seven'", "not valid UTF-8", "duplicate id 'a'",
+                   "expected a JSON object", "no '####'", "empty answer"):  # fmt: skip
+        assert reason in joined, reason
+
+
+def test_malformed_rows_raise_lists_every_line(bad_gsm8k):
+    with pytest.raises(DataError) as info:
+        load_gsm8k(bad_gsm8k, on_error="raise")
+    err = info.value
+    assert isinstance(err, ValueError)
+    assert [line for line, _ in err.problems] == BAD_LINES
+    msg = str(err)
+    assert str(bad_gsm8k) in msg
+    for line in BAD_LINES:
+        assert f"line {line}:" in msg
+    assert "line 13: invalid JSON" in msg  # the truncated last line
+    assert "line 9: duplicate id 'a' (first at line 1)" in msg
+
+
+def test_no_valid_rows_raises_in_both_modes(tmp_path):
+    path = tmp_path / "allbad.jsonl"
+    path.write_bytes(b"not json\n" + _row("x", answer="#### many"))
+    for mode in ("skip", "raise"):
+        with pytest.raises(DataError, match=r"line 1: invalid JSON"):
+            load_gsm8k(path, on_error=mode)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match="no valid rows"):
+        load_gsm8k(empty)
+
+
+def test_missing_file_and_bad_mode(tmp_path):
+    with pytest.raises(DataError, match="cannot read"):
+        load_gsm8k(tmp_path / "nope.jsonl")
+    (tmp_path / "ok.jsonl").write_bytes(_row("a"))
+    with pytest.raises(ValueError, match="on_error"):
+        load_gsm8k(tmp_path / "ok.jsonl", on_error="ignore")  # type: ignore[arg-type]
+
+
+def test_bom_and_crlf_tolerated(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + _row("a").replace(b"\n", b"\r\n") + _row("b"))
+    assert [e.id for e in load_gsm8k(path, on_error="raise")] == ["a", "b"]
+
+
+# ------------------------------------------------------------------------ generic records
+
+
+def test_csv_with_custom_fields(tmp_path, caplog):
+    path = tmp_path / "qa.csv"
+    path.write_bytes(
+        b"uid,prompt,target\n"  # 1 header
+        b'q1,"What is 2+2?",4\n'  # 2
+        b'q2,"A question\nover two lines",yes\n'  # 3-4
+        b"q3,,5\n"  # 5 empty question
+        b"q4,short row\n"  # 6 wrong field count
+        b"q5,caf\xe9?,1\n"  # 7 undecodable
+        b"q1,again,2\n"  # 8 duplicate id
+        b"q6,Last one,  7  \n"  # 9
+    )
+    with caplog.at_level(logging.WARNING, logger="latro_engine.data"):
+        examples = load_records(path, "prompt", "target", "uid")
+    assert [(e.id, e.question, e.answer, e.source_line) for e in examples] == [
+        ("q1", "What is 2+2?", "4", 2),
+        ("q2", "A question\nover two lines", "yes", 3),
+        ("q6", "Last one", "7", 9),
+    ]
+    with pytest.raises(DataError) as info:
+        load_records(path, "prompt", "target", "uid", on_error="raise")
+    assert [line for line, _ in info.value.problems] == [5, 6, 7, 8]
+    assert "line 6: 2 fields, header has 3" in str(info.value)
+
+
+def test_csv_missing_column_is_a_config_error(tmp_path):
+    path = tmp_path / "qa.csv"
+    path.write_text("question,answer\nq,1\n")
+    for mode in ("skip", "raise"):
+        with pytest.raises(DataError, match="lacks column"):
+            load_records(path, "question", "label", on_error=mode)
+
+
+def test_jsonl_records_default_ids_and_numeric_answers(tmp_path):
+    path = tmp_path / "recs.jsonl"
+    rows = [{"q": "one?", "a": 1}, {"q": "two?", "a": "2"}, {"q": "bad", "a": True}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    examples = load_records(path, "q", "a")
+    assert [(e.id, e.answer) for e in examples] == [("recs-1", "1"), ("recs-2", "2")]
+    with pytest.raises(DataError, match="line 3: field 'a' is bool"):
+        load_records(path, "q", "a", on_error="raise")
+
+
+def test_unknown_extension(tmp_path):
+    path = tmp_path / "data.parquet"
+    path.write_text("x")
+    with pytest.raises(DataError, match="unknown file type"):
+        load_records(path)
+
+
+# ------------------------------------------------------------------------ ARC
+
+
+HF_ARC = {
+    "id": "Mercury_1",
+    "question": "Which is a liquid at room temperature?",
+    "choices": {"text": ["iron", "water", "salt", "sand"], "label": ["A", "B", "C", "D"]},
+    "answerKey": "B",
+}
+AI2_ARC = {
+    "id": "NYSED_2",
+    "question": {
+        "stem": "How many legs does an insect have?",
+        "choices": [{"text": "4", "label": "1"}, {"text": "6", "label": "2"}],
+    },
+    "answerKey": "2",
+}
+
+
+def test_arc_both_formats(tmp_path):
+    path = tmp_path / "arc.jsonl"
+    path.write_text(json.dumps(HF_ARC) + "\n" + json.dumps(AI2_ARC) + "\n")
+    hf, ai2 = load_arc(path, on_error="raise")
+    assert hf == Example(
+        id="Mercury_1",
+        question="Which is a liquid at room temperature?",
+        answer="B",
+        options=(("A", "iron"), ("B", "water"), ("C", "salt"), ("D", "sand")),
+        source_line=1,
+    )
+    assert ai2.options == (("1", "4"), ("2", "6")) and ai2.answer == "2"
+    assert ai2.question == "How many legs does an insect have?"
+
+
+def test_arc_malformed(tmp_path):
+    bad_key = dict(HF_ARC, id="x", answerKey="E")
+    uneven = dict(HF_ARC, id="y", choices={"text": ["a", "b"], "label": ["A"]})
+    no_choices = {"id": "z", "question": {"stem": "q"}, "answerKey": "A"}
+    path = tmp_path / "arc.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [HF_ARC, bad_key, uneven, no_choices]))
+    with pytest.raises(DataError) as info:
+        load_arc(path, on_error="raise")
+    msg = str(info.value)
+    assert "line 2: answerKey 'E' is not one of the labels" in msg
+    assert "line 3: 2 choice texts but 1 labels" in msg
+    assert "line 4: missing field 'question.choices'" in msg
+    assert [e.id for e in load_arc(path)] == ["Mercury_1"]
+
+
+def test_format_arc_question_and_gold_string():
+    ex = Example("i", "Which is wet?", "B", (("A", "sand"), ("B", "water")))
+    assert format_arc_question(ex) == (
+        "Question: Which is wet?\nOptions: (A) sand (B) water\n"
+        "Let's think step by step first then print your answer like "
+        "'The answer is (one of the options)'."
+    )
+    assert gold_answer_string(ex) == "(B) water"
+    assert gold_answer_string(Example("g", "q", "72")) == "72"
+    with pytest.raises(ValueError):
+        format_arc_question(Example("g", "q", "72"))
+
+
+# ------------------------------------------------------------------------ load_dataset
+
+
+def test_load_dataset_dispatch(tmp_path):
+    jl = tmp_path / "g.jsonl"
+    jl.write_bytes(_row("a") + _row("b", answer="#### 2"))
+    assert [e.answer for e in load_dataset({"format": "gsm8k", "path": str(jl)})] == ["3", "2"]
+    csv_path = tmp_path / "r.csv"
+    csv_path.write_text("p,t\nhi,1\n")
+    spec = DatasetSpec(format="csv", path=str(csv_path), question_field="p", answer_field="t")
+    assert load_dataset(spec)[0].question == "hi"
+    recs = load_dataset({"format": "jsonl", "path": str(jl), "on_error": "raise"})
+    assert recs[0].answer == "So 3.\n#### 3"  # generic records keep the answer verbatim
+    arc = tmp_path / "a.jsonl"
+    arc.write_text(json.dumps(HF_ARC) + "\n")
+    assert load_dataset({"format": "arc", "path": str(arc)})[0].answer == "B"
+    with pytest.raises(ValueError, match="unknown dataset spec keys"):
+        load_dataset({"format": "gsm8k", "path": str(jl), "split": "x"})
+    with pytest.raises(ValueError, match="unknown dataset format"):
+        load_dataset({"format": "parquet", "path": str(jl)})
+    with pytest.raises(DataError, match="extension"):
+        load_dataset({"format": "csv", "path": str(jl)})
+
+
+def test_load_hf_dataset_without_datasets_package():
+    with pytest.raises(ValueError, match="unknown hub dataset"):
+        load_hf_dataset("mmlu", "test")
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="pip install datasets"):
+            load_hf_dataset("gsm8k", "test")
+    else:
+        pytest.skip("datasets is installed; loading would need the network")
+
+
+# ------------------------------------------------------------------------ prompts
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def char_tokenizer():
+    from latro_engine.tokenizer import train_char_tokenizer
+
+    return train_char_tokenizer(["abcdefghijklmnopqrstuvwxyz ABC 0123456789.?'{}|<>"])
+
+
+def test_build_prompt_plain_without_chat_template(char_tokenizer):
+    assert not getattr(char_tokenizer, "chat_template", None)
+    assert build_prompt(char_tokenizer, "What is 2+2?") == "What is 2+2? Let's think step by step."
+    with pytest.raises(ValueError, match="no chat template"):
+        build_prompt(char_tokenizer, "q", use_chat_template=True)
+
+
+def test_build_prompt_through_chat_template(char_tokenizer):
+    tok = char_tokenizer
+    tok.chat_template = CHAT_TEMPLATE
+    try:
+        got = build_prompt(tok, "What is {x}?")  # braces in the question are left alone
+        assert got == "<|user|>What is {x}? Let's think step by step.<|end|><|assistant|>"
+        plain = build_prompt(tok, "Q", template="{question}", use_chat_template=False)
+        assert plain == "Q"
+    finally:
+        tok.chat_template = None
+
+
+def test_answer_text():
+    assert answer_text("72") == "The answer is 72."
+    assert answer_text("(B) water") == "The answer is (B) water."
+    assert answer_text("5", template="Answer: {answer}") == "Answer: 5"

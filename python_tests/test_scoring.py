@@ -1,0 +1,254 @@
+"""Single-pass scoring against plain per-sequence full-logit computations."""
+
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+
+import pytest
+import torch
+import transformers
+
+from latro_engine.rollout import Rollout
+from latro_engine.scoring import (
+    pack_sequences,
+    reference_logprobs,
+    score_reference,
+    score_rollout,
+    score_sequences,
+)
+
+PAD, VOCAB = 0, 29
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads (their spinning slows a shared CPU)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _llama(seed: int = 0, **extra) -> transformers.LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, pad_token_id=PAD, **extra,
+    )
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def llama() -> transformers.LlamaForCausalLM:
+    return _llama()
+
+
+# prompts of different lengths, rationales including empty ones, answers of different lengths
+PROMPTS = [[1, 5, 6, 7], [1, 9], [1, 3, 4, 8, 10, 12], [1, 14]]
+RATIONALES = [[11, 12, 13], [], [15, 16, 17, 18, 19], [20]]
+ANSWERS = [[21, 22, 2], [23, 2], [24, 25, 26, 2], [2]]
+
+
+def _inputs(prompts=PROMPTS, rationales=RATIONALES):
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[PAD] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    r_width = max(max(len(r) for r in rationales), 1)
+    r_ids = torch.tensor([r + [PAD] * (r_width - len(r)) for r in rationales])
+    r_len = torch.tensor([len(r) for r in rationales])
+    return ids, mask, r_ids, r_len
+
+
+def _plain_sum(model, context: list[int], target: list[int], dtype=torch.float64) -> torch.Tensor:
+    """sum log p(target | context) from model(...) full logits on the unpadded sequence."""
+    if not target:
+        return torch.zeros((), dtype=dtype)
+    seq = torch.tensor([context + target])
+    logits = model(input_ids=seq).logits[0, len(context) - 1: -1].to(dtype)
+    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(target)[:, None]).sum()
+
+
+def _oracle(model, dtype=torch.float64):
+    z = torch.stack([_plain_sum(model, p, r, dtype) for p, r in zip(PROMPTS, RATIONALES)])
+    y = torch.stack([_plain_sum(model, p + r, a, dtype) for p, r, a in zip(PROMPTS, RATIONALES, ANSWERS)])
+    return z, y
+
+
+def test_pack_sequences_left_pads_and_concatenates():
+    ids, mask, r_ids, r_len = _inputs()
+    a_ids = torch.tensor([a + [PAD] * (4 - len(a)) for a in ANSWERS])
+    a_len = torch.tensor([len(a) for a in ANSWERS])
+    packed, pmask, r_start, a_start = pack_sequences(ids, mask, r_ids, r_len, a_ids, a_len, PAD)
+    for row in range(len(PROMPTS)):
+        want = PROMPTS[row] + RATIONALES[row] + ANSWERS[row]
+        width = packed.shape[1]
+        assert packed[row, width - len(want):].tolist() == want
+        assert pmask[row].tolist() == [0] * (width - len(want)) + [1] * len(want)
+        assert int(r_start[row]) == width - len(want) + len(PROMPTS[row])
+        assert int(a_start[row]) == int(r_start[row]) + len(RATIONALES[row])
+
+
+@pytest.mark.parametrize("fast_path", [None, True, False])
+def test_single_pass_matches_separate_sequences(llama, fast_path):
+    ids, mask, r_ids, r_len = _inputs()
+    with torch.no_grad():
+        got = score_sequences(llama, ids, mask, r_ids, r_len, ANSWERS, fast_path=fast_path)
+        want_z, want_y = _oracle(copy.deepcopy(llama).double())
+    assert got.rationale_logp.dtype == torch.float32
+    torch.testing.assert_close(got.rationale_logp.double(), want_z, rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(got.answer_logp.double(), want_y, rtol=1e-5, atol=2e-5)
+    assert got.rationale_logp[1] == 0  # empty rationale
+    assert got.rationale_tokens.tolist() == [3, 0, 5, 1]
+    assert got.answer_tokens.tolist() == [3, 2, 4, 1]
+
+
+def test_gradients_match_plain_torch(llama):
+    ids, mask, r_ids, r_len = _inputs()
+    weights = torch.tensor([0.7, -1.3, 0.4, 2.0])  # advantage-like per-row weights
+    llama.zero_grad()
+    got = score_sequences(llama, ids, mask, r_ids, r_len, ANSWERS)
+    (weights * got.rationale_logp + got.answer_logp).sum().backward()
+    mine = {n: p.grad.clone() for n, p in llama.named_parameters()}
+    llama.zero_grad()
+    z, y = _oracle(llama, dtype=torch.float32)
+    (weights * z + y).sum().backward()
+    for name, param in llama.named_parameters():
+        torch.testing.assert_close(mine[name], param.grad, rtol=1e-4, atol=1e-5, msg=name)
+    assert any(g.abs().sum() > 0 for g in mine.values())
+    llama.zero_grad()
+
+
+def test_micro_batches_equal_one_batch(llama):
+    prompts, rationales = PROMPTS * 2, RATIONALES[::-1] * 2
+    answers = ANSWERS * 2
+    ids, mask, r_ids, r_len = _inputs(prompts, rationales)
+    with torch.no_grad():
+        whole = score_sequences(llama, ids, mask, r_ids, r_len, answers)
+        for size in (1, 3, 5):
+            part = score_sequences(llama, ids, mask, r_ids, r_len, answers, micro_batch_size=size)
+            torch.testing.assert_close(part.rationale_logp, whole.rationale_logp, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(part.answer_logp, whole.answer_logp, rtol=1e-5, atol=1e-5)
+
+
+def test_rollout_with_per_prompt_answers_and_no_answer(llama):
+    ids, mask, r_ids, r_len = _inputs()
+    k = 2
+    rollout = Rollout(
+        prompt_ids=ids.repeat_interleave(k, 0), prompt_mask=mask.repeat_interleave(k, 0),
+        rationale_ids=r_ids.repeat_interleave(k, 0), rationale_lengths=r_len.repeat_interleave(k, 0),
+        finished=torch.ones(len(PROMPTS) * k, dtype=torch.bool),
+        sample_logprobs=torch.zeros(r_ids.repeat_interleave(k, 0).shape), group_size=k,
+    )
+    with torch.no_grad():
+        per_row = score_sequences(llama, ids, mask, r_ids, r_len, ANSWERS)
+        grouped = score_rollout(llama, rollout, ANSWERS)
+        only_z = score_reference(llama, ids, mask, r_ids, r_len)
+    torch.testing.assert_close(grouped.answer_logp, per_row.answer_logp.repeat_interleave(k))
+    torch.testing.assert_close(only_z.rationale_logp, per_row.rationale_logp, rtol=1e-5, atol=1e-5)
+    assert bool((only_z.answer_logp == 0).all()) and not only_z.rationale_logp.requires_grad
+    # a right-padded answer tensor with lengths is accepted too
+    a_ids = torch.tensor([a + [PAD] * (4 - len(a)) for a in ANSWERS])
+    a_len = torch.tensor([len(a) for a in ANSWERS])
+    with torch.no_grad():
+        tensor_form = score_sequences(llama, ids, mask, r_ids, r_len, a_ids, a_len)
+    torch.testing.assert_close(tensor_form.answer_logp, per_row.answer_logp)
+
+
+class _CappedLlama(transformers.LlamaForCausalLM):
+    """Transforms its logits in forward without saying so in the config: only the probe sees it."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits = 3.0 * torch.tanh(out.logits / 3.0)
+        return out
+
+
+def test_transformed_logits_fall_back_to_full_logits():
+    torch.manual_seed(1)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, pad_token_id=PAD,
+    )
+    model = _CappedLlama(config).eval()
+    torch.nn.init.normal_(model.lm_head.weight, std=2.0)  # logits well beyond the cap
+    ids, mask, r_ids, r_len = _inputs()
+    with torch.no_grad():
+        auto = score_sequences(model, ids, mask, r_ids, r_len, ANSWERS)
+        fast = score_sequences(model, ids, mask, r_ids, r_len, ANSWERS, fast_path=True)
+        want_z, want_y = _oracle(model)
+    torch.testing.assert_close(auto.answer_logp.double(), want_y, rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(auto.rationale_logp.double(), want_z, rtol=1e-5, atol=2e-5)
+    assert not torch.allclose(fast.answer_logp.double(), want_y, atol=1e-2)
+
+
+def test_softcapping_config_selects_full_logits():
+    gemma = pytest.importorskip("transformers.models.gemma2")
+    torch.manual_seed(2)
+    config = gemma.Gemma2Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, pad_token_id=PAD,
+        final_logit_softcapping=1.0,
+    )
+    model = gemma.Gemma2ForCausalLM(config).eval()
+    ids, mask, r_ids, r_len = _inputs()
+    with torch.no_grad():
+        auto = score_sequences(model, ids, mask, r_ids, r_len, ANSWERS)
+        want_z, want_y = _oracle(model)
+    torch.testing.assert_close(auto.answer_logp.double(), want_y, rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(auto.rationale_logp.double(), want_z, rtol=1e-5, atol=2e-5)
+
+
+class _AdapterLlama(transformers.LlamaForCausalLM):
+    """peft's interface without peft: ``disable_adapter()`` restores the base LM head."""
+
+    def attach_adapter(self, delta: torch.Tensor) -> None:
+        self.delta = delta
+        with torch.no_grad():
+            self.lm_head.weight += delta
+
+    @contextmanager
+    def disable_adapter(self):
+        with torch.no_grad():
+            self.lm_head.weight -= self.delta
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                self.lm_head.weight += self.delta
+
+
+def test_reference_logprobs_with_ref_model_or_disabled_adapter():
+    base = _llama(seed=3)
+    policy = _AdapterLlama(base.config).eval()
+    policy.load_state_dict(base.state_dict())
+    policy.attach_adapter(0.5 * torch.randn_like(policy.lm_head.weight))
+    ids, mask, r_ids, r_len = _inputs()
+    with torch.no_grad():
+        want = score_sequences(base, ids, mask, r_ids, r_len).rationale_logp
+        tuned = score_sequences(policy, ids, mask, r_ids, r_len).rationale_logp
+    via_ref = reference_logprobs(policy, base, ids, mask, r_ids, r_len).rationale_logp
+    via_adapter = reference_logprobs(policy, None, ids, mask, r_ids, r_len).rationale_logp
+    torch.testing.assert_close(via_ref, want)
+    torch.testing.assert_close(via_adapter, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(tuned, want, atol=1e-3)
+    with torch.no_grad():  # adapter back on afterwards
+        torch.testing.assert_close(score_sequences(policy, ids, mask, r_ids, r_len).rationale_logp, tuned)
+    with pytest.raises(ValueError, match="reference"):
+        reference_logprobs(base, None, ids, mask, r_ids, r_len)
+
+
+def test_reference_logprobs_with_peft_lora():
+    peft = pytest.importorskip("peft")
+    base = _llama(seed=4)
+    policy = peft.get_peft_model(_llama(seed=4), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    for name, param in policy.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.5)
+    ids, mask, r_ids, r_len = _inputs()
+    with torch.no_grad():
+        want = score_sequences(base, ids, mask, r_ids, r_len, ANSWERS)
+        tuned = score_sequences(policy, ids, mask, r_ids, r_len, ANSWERS)
+    got = reference_logprobs(policy, None, ids, mask, r_ids, r_len, ANSWERS)
+    torch.testing.assert_close(got.rationale_logp, want.rationale_logp, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(tuned.rationale_logp, want.rationale_logp, atol=1e-3)

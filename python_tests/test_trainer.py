@@ -1,0 +1,95 @@
+"""End to end on a tiny random model: LaTRO and SFT steps, metrics, checkpoints, exact resume."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import tiny
+import torch
+
+from latro_engine import checkpoint as ckpt
+from latro_engine.metrics import read_metrics
+from latro_engine.trainer import LatroTrainer, SFTTrainer
+
+TIMING = {"rollout_s", "score_s", "train_s", "samples_per_s", "tokens_per_s"}
+
+
+def _strip_timing(records):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
+
+
+@pytest.mark.parametrize("micro_batch_size,penalty_mode,penalty", [(4, "constant", -10.0), (3, "batch_mean", 2.0)])
+def test_latro_trains_and_checkpoints(tmp_path, micro_batch_size, penalty_mode, penalty):
+    config = tiny.config(tmp_path, micro_batch_size=micro_batch_size, penalty_mode=penalty_mode,
+                         nonstop_penalty=penalty, plot=True, eval_every=2)
+    data = tiny.examples(16)
+    trainer = LatroTrainer(tiny.model(), tiny.tokenizer(), data, config, eval_dataset=data[:4])
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    records = trainer.train()
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for r in records:
+        for key in ("loss", "pg_loss", "sft_loss", "reward_mean", "kl_mean", "rationale_length_mean",
+                    "finished_frac", "tokens_per_s", "lr", "grad_norm"):
+            assert math.isfinite(r[key]), (key, r)
+        assert 0 <= r["finished_frac"] <= 1
+    assert "eval_greedy_accuracy" in records[1]
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+    assert (tmp_path / "run" / "training_curves.png").stat().st_size > 0
+    latest = ckpt.latest_checkpoint(tmp_path / "run")
+    assert latest.name == "checkpoint-3"
+    reloaded = tiny.model(seed=5)
+    ckpt.load_checkpoint(latest, model=reloaded, restore_rng=False)
+    for a, b in zip(trainer.model.state_dict().values(), reloaded.state_dict().values()):
+        assert torch.equal(a, b)
+    # The policy moved but the frozen reference did not.
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.ref_model.parameters()))
+
+
+@pytest.fixture(autouse=True)
+def _nondeterministic_after_each_test():
+    yield
+    torch.use_deterministic_algorithms(False)  # the trainer switches it on for the process
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
+    data = tiny.examples(16)
+    full = tiny.config(tmp_path / "full", steps=4, save_every=2, deterministic=True)
+    LatroTrainer(tiny.model(), tiny.tokenizer(), data, full).train()
+    reference = _strip_timing(read_metrics(tmp_path / "full" / "run" / "metrics.jsonl"))
+
+    # The same run crashes during step 3, after the step-2 checkpoint...
+    crashing = tiny.config(tmp_path / "part", steps=4, save_every=2, deterministic=True)
+    trainer = LatroTrainer(tiny.model(), tiny.tokenizer(), data, crashing)
+    original_step = LatroTrainer.train_step
+
+    def crash_at_step_3(self):
+        if self.step == 2:
+            raise KeyboardInterrupt("simulated crash")
+        return original_step(self)
+
+    monkeypatch.setattr(LatroTrainer, "train_step", crash_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    monkeypatch.setattr(LatroTrainer, "train_step", original_step)
+    # ... and is started again from the same base model, as a user would after a crash.
+    LatroTrainer(tiny.model(), tiny.tokenizer(), data, crashing).train()
+    got = _strip_timing(read_metrics(tmp_path / "part" / "run" / "metrics.jsonl"))
+    assert got == reference
+
+
+def test_sft_baseline_trains(tmp_path):
+    config = tiny.config(tmp_path, micro_batch_size=3)
+    trainer = SFTTrainer(tiny.model(), tiny.tokenizer(), tiny.examples(8), config)
+    records = trainer.train()
+    assert len(records) == 3 and all(math.isfinite(r["loss"]) for r in records)
+    assert records[-1]["loss"] < records[0]["loss"] * 1.5
+
+
+def test_evaluate_writes_per_example_jsonl(tmp_path):
+    config = tiny.config(tmp_path)
+    data = tiny.examples(5)
+    trainer = LatroTrainer(tiny.model(), tiny.tokenizer(), data, config, eval_dataset=data)
+    result = trainer.evaluate(maj_k=2, write_path=tmp_path / "eval.jsonl")
+    assert result.n == 5 and 0 <= result.greedy_accuracy <= 1 and result.maj_accuracy is not None
+    assert len((tmp_path / "eval.jsonl").read_text().splitlines()) == 5

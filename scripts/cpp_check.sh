@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The repeatable C++ job: build the torch-free core and its GoogleTest suite, run ctest, install
+# the package, build and run an outside consumer (examples/embed_scorer) against the installed
+# prefix, and refuse torch headers under csrc/core.
+#
+#   scripts/cpp_check.sh                 # Release build in build/cpp
+#   LATRO_SANITIZE=ON scripts/cpp_check.sh   # address + undefined behaviour sanitizers
+#   CMAKE_ARGS="-DLATRO_ENABLE_CUDA=OFF" scripts/cpp_check.sh
+#
+# Environment: JOBS (default 2), BUILD_DIR (default build/cpp), CMAKE_ARGS (extra configure
+# arguments), LATRO_SANITIZE (ON/OFF, default OFF).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+JOBS="${JOBS:-2}"
+BUILD_DIR="${BUILD_DIR:-build/cpp}"
+INSTALL_DIR="${BUILD_DIR}-install"
+EXAMPLE_DIR="${BUILD_DIR}-embed_scorer"
+SANITIZE="${LATRO_SANITIZE:-OFF}"
+read -r -a EXTRA_ARGS <<< "${CMAKE_ARGS:-}"
+
+step() { printf '\n== %s\n' "$*"; }
+
+# -- 1. no torch under csrc/core ------------------------------------------------------------
+step "checking that csrc/core includes no torch / ATen / c10 headers"
+if grep -rnE '^[[:space:]]*#[[:space:]]*include[[:space:]]*[<"](torch|ATen|c10)/' csrc/core; then
+  echo "error: csrc/core must stay torch-free (see STYLE.md, point 1)" >&2
+  exit 1
+fi
+echo "ok"
+
+# -- 2. configure + build ---------------------------------------------------------------------
+NINJA_ARGS=()
+if command -v ninja >/dev/null 2>&1; then NINJA_ARGS=(-G Ninja); fi
+GENERATOR_ARGS=()
+if [[ ! -f "$BUILD_DIR/CMakeCache.txt" ]]; then
+  GENERATOR_ARGS=("${NINJA_ARGS[@]}")  # an existing build dir keeps the generator it was made with
+fi
+step "configuring $BUILD_DIR"
+cmake -S . -B "$BUILD_DIR" "${GENERATOR_ARGS[@]}" \
+  -DCMAKE_BUILD_TYPE=Release -DLATRO_BUILD_TESTS=ON -DLATRO_SANITIZE="$SANITIZE" \
+  "${EXTRA_ARGS[@]}"
+step "building"
+cmake --build "$BUILD_DIR" --parallel "$JOBS"
+
+# -- 3. tests ---------------------------------------------------------------------------------
+step "ctest"
+ctest --test-dir "$BUILD_DIR" --output-on-failure --parallel "$JOBS"
+
+# -- 4. install + outside consumer ------------------------------------------------------------
+step "installing into $INSTALL_DIR"
+rm -rf "$INSTALL_DIR" "$EXAMPLE_DIR"
+cmake --install "$BUILD_DIR" --prefix "$INSTALL_DIR"
+
+step "building examples/embed_scorer against the installed package"
+CONSUMER_ARGS=()
+if [[ "$SANITIZE" == "ON" ]]; then
+  # The installed static library holds sanitized objects: the consumer must link the runtimes.
+  CONSUMER_ARGS=(-DCMAKE_CXX_FLAGS="-fsanitize=address,undefined"
+                 -DCMAKE_EXE_LINKER_FLAGS="-fsanitize=address,undefined")
+fi
+cmake -S examples/embed_scorer -B "$EXAMPLE_DIR" "${NINJA_ARGS[@]}" \
+  -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$(cd "$INSTALL_DIR" && pwd)" "${CONSUMER_ARGS[@]}"
+cmake --build "$EXAMPLE_DIR" --parallel "$JOBS"
+"$EXAMPLE_DIR/embed_scorer"
+
+step "cpp_check: all passed"
