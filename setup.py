@@ -32,18 +32,24 @@ def _extensions() -> tuple[list, dict]:
     force_cuda = os.environ.get("LATRO_FORCE_CUDA") == "1"
     toolkit = CUDA_HOME is not None
     cuda_torch = torch.version.cuda is not None
-    use_cuda = not skip_cuda and toolkit and cuda_torch
+    cuda_sources = _sources("csrc/core/src/*.cu") + _sources("csrc/torch/*.cu")
+    # Without .cu kernels there is nothing to compile for CUDA, and registering CUDA entry
+    # points would send CUDA tensors to kernels that do not exist.
+    use_cuda = not skip_cuda and toolkit and cuda_torch and bool(cuda_sources)
     if force_cuda and not use_cuda:
         raise RuntimeError(
             f"LATRO_FORCE_CUDA=1 but CUDA cannot be built (toolkit found: {toolkit}, "
-            f"torch built with CUDA: {cuda_torch}, LATRO_SKIP_CUDA: {skip_cuda})"
+            f"torch built with CUDA: {cuda_torch}, CUDA sources: {len(cuda_sources)}, "
+            f"LATRO_SKIP_CUDA: {skip_cuda})"
         )
     sources = _sources("csrc/core/src/*.cpp") + _sources("csrc/torch/*.cpp")
     include_dirs = [os.path.join(ROOT, "csrc/core/include"), os.path.join(ROOT, "csrc/torch")]
-    cxx_flags = ["-O3"]  # the language standard follows torch (C++17 or newer)
+    # The language standard follows torch (C++17 or newer). -Wno-psabi: the core's inline
+    # AVX helpers trigger GCC's ABI notes, which do not apply to inlined code.
+    cxx_flags = ["-O3", "-Wno-psabi"]
     if use_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-        sources += _sources("csrc/core/src/*.cu") + _sources("csrc/torch/*.cu")
+        sources += cuda_sources
         ext = CUDAExtension(
             "latro_engine._C",
             sources,

@@ -1,20 +1,18 @@
 """Embedded synthetic reasoning task: left-to-right arithmetic chains modulo 10.
 
-A question reads ``"What is 3+4*2-5 mod 10, left to right?"``.  Written out step by step
-(``" 3+4=7. 7*2=4. 4-5=9."``) every step is a single-digit table look-up plus a copy of the
-next operator and operand, which a tiny language model learns quickly; answered directly,
-the model has to compose 3-5 such look-ups in one forward pass, which a sub-million-parameter
-model mostly cannot.  The question writes operations with the same symbols as the rationale
-(rather than "Add 4. Times 2.") because that makes the copy a plain induction pattern
-("+4" was just used, so copy what follows "+4" in the question), which a tiny model picks up
-within a few hundred steps, and it keeps texts short, which is what pretraining time scales
-with on a CPU.  That gap (latent reasoning ability that greedy decoding does not use) is
-exactly what LaTRO is meant to unlock, so the demo can show it offline on a laptop CPU.
+A question reads ``"Start with 3. a+4 b*2 c-5. Result mod 10?"``.  Written out step by step
+(``" 3. a+4=7. b*2=4. c-5=9."``) every step copies its label, operator and operand from the
+question (the rationale's "b*2" repeats the question's "b*2": a single induction-head hop)
+and does one single-digit table look-up on the running value, which sits a fixed distance
+back; a tiny language model learns that quickly.  Answered directly, the model has to
+compose 3-5 look-ups in one forward pass, which a sub-million-parameter model mostly cannot.
+That gap (latent reasoning ability that greedy decoding does not use) is exactly what LaTRO
+is meant to unlock, so the demo can show it offline on a laptop CPU.
 
 Text format, shared with the LaTRO engine::
 
     prompt     = question + COT_TRIGGER                 e.g. "... mod 10? Let's think step by step."
-    rationale  = "" (direct answer) or " 3+4=7. 7*2=4. 4-5=9."
+    rationale  = "" (direct answer) or " 3. a+4=7. b*2=4. c-5=9."
     answer y   = " The answer is 9."                    (format_answer), then EOS
 
 so ``prompt + rationale + format_answer(a)`` is always well-formed text whether the
@@ -46,7 +44,11 @@ ANSWER_PREFIX = " The answer is"
 # op name -> symbol, used in both the question and the rationale
 _OPS: dict[str, str] = {"add": "+", "sub": "-", "mul": "*"}
 _SYMBOL_TO_OP = {sym: name for name, sym in _OPS.items()}
-_STEP_RE = re.compile(r"(\d+)([+*-])(\d+)=(\d+)\.")
+_STEP_RE = re.compile(r"[a-j]([+*-])(\d+)=(\d+)\.")
+_START_RE = re.compile(r"^ ?(\d+)\.")
+# Step labels: the rationale's "b*2=" repeats the question's "b*2", so copying a step is a
+# single induction-head hop, and the running value sits a fixed distance back.
+_LABELS = "abcdefghij"
 _ANSWER_RE = re.compile(r"The answer is\s*(-?\d+)")
 
 
@@ -89,6 +91,8 @@ class CorpusSettings:
     direct_fraction: float = 0.6
     noisy_fraction: float = 0.5
     step_error_prob: float = 0.25
+    drill_fraction: float = 0.25
+    drill_facts: int = 12
 
 
 @dataclass(frozen=True)
@@ -102,8 +106,8 @@ class Problem:
     @property
     def question(self) -> str:
         """The natural-language question (without the CoT trigger)."""
-        chain = str(self.start) + "".join(f"{_OPS[op]}{arg}" for op, arg in self.steps)
-        return f"What is {chain} mod {self.modulus}, left to right?"
+        chain = " ".join(f"{_LABELS[i]}{_OPS[op]}{arg}" for i, (op, arg) in enumerate(self.steps))
+        return f"Start with {self.start}. {chain}. Result mod {self.modulus}?"
 
     def values(self) -> list[int]:
         """The running value after each step (exact arithmetic)."""
@@ -185,10 +189,15 @@ def is_worked(completion: str) -> bool:
 
 
 def parse_rationale(rationale: str) -> list[tuple[int, str, int, int]]:
-    """Parse ``" 3+4=7. 7*2=4."`` into ``[(3, "add", 4, 7), (7, "mul", 2, 4)]``."""
-    return [
-        (int(a), _SYMBOL_TO_OP[s], int(b), int(c)) for a, s, b, c in _STEP_RE.findall(rationale)
-    ]
+    """Parse ``" 3. a+4=7. b*2=4."`` into ``[(3, "add", 4, 7), (7, "mul", 2, 4)]``."""
+    start = _START_RE.match(rationale)
+    if start is None:
+        return []
+    out, value = [], int(start.group(1))
+    for sym, arg, res in _STEP_RE.findall(rationale):
+        out.append((value, _SYMBOL_TO_OP[sym], int(arg), int(res)))
+        value = int(res)
+    return out
 
 
 def is_heldout(question: str, settings: TaskSettings) -> bool:
@@ -249,19 +258,21 @@ def generate_pairs(n: int, seed: int, settings: TaskSettings, split: str = "trai
 def worked_rationale(
     problem: Problem, rng: random.Random, step_error_prob: float = 0.0
 ) -> tuple[str, int]:
-    """Step-by-step rationale and the value it ends on.
+    """Step-by-step rationale and the value it ends on: ``" 3. a+4=7. b*2=4. c-5=9."``.
 
-    With ``step_error_prob > 0`` each step's result is replaced by a different random digit
-    with that probability, and later steps continue from the wrong value (the way a
-    careless solver errs), so the returned final value can differ from the gold answer.
+    The rationale restates the start value, then each step copies its label, operator and
+    operand from the question and writes the new running value.  With
+    ``step_error_prob > 0`` each step's result is replaced by a different random digit with
+    that probability, and later steps continue from the wrong value (the way a careless
+    solver errs), so the returned final value can differ from the gold answer.
     """
     m = problem.modulus
-    parts, v = [], problem.start
-    for op, arg in problem.steps:
+    parts, v = [f"{problem.start}."], problem.start
+    for i, (op, arg) in enumerate(problem.steps):
         res = apply_op(op, v, arg, m)
         if step_error_prob > 0 and rng.random() < step_error_prob:
             res = (res + rng.randint(1, m - 1)) % m
-        parts.append(f"{v}{_OPS[op]}{arg}={res}.")
+        parts.append(f"{_LABELS[i]}{_OPS[op]}{arg}={res}.")
         v = res
     return " " + " ".join(parts), v
 
@@ -278,6 +289,9 @@ def build_pretrain_corpus(
     rng = random.Random(f"corpus:{seed}")
     out = []
     for p in problems:
+        if rng.random() < corpus.drill_fraction:
+            out.append(CorpusExample("", _drill(rng, task, corpus.drill_facts), worked=False))
+            continue
         prompt = format_prompt(p.question)
         if rng.random() < corpus.direct_fraction:
             out.append(CorpusExample(prompt, format_answer(p.answer), worked=False))
@@ -286,6 +300,15 @@ def build_pretrain_corpus(
         rationale, final = worked_rationale(p, rng, err)
         out.append(CorpusExample(prompt, rationale + format_answer(final), worked=True))
     return out
+
+
+def _drill(rng: random.Random, task: TaskSettings, facts: int) -> str:
+    """``" 8. a+6=4. 3. a*7=1. ..."``: correct one-step rationales, back to back."""
+    parts = []
+    for _ in range(facts):
+        p = sample_problem(rng, TaskSettings(min_ops=1, max_ops=1, modulus=task.modulus))
+        parts.append(worked_rationale(p, rng)[0].strip())
+    return " " + " ".join(parts)
 
 
 def tokenizer_training_texts(task: TaskSettings, n: int = 2000, seed: int = 0) -> list[str]:

@@ -25,8 +25,15 @@ def _parts(lr=1e-2):
 def test_round_trip_restores_everything(tmp_path):
     model, opt, sched = _parts()
     torch.manual_seed(123)
-    path = ckpt.save_checkpoint(tmp_path, 7, model=model, tokenizer=tiny.tokenizer(), optimizer=opt,
-                                scheduler=sched, trainer_state={"epoch": 1, "index": 5})
+    path = ckpt.save_checkpoint(
+        tmp_path,
+        7,
+        model=model,
+        tokenizer=tiny.tokenizer(),
+        optimizer=opt,
+        scheduler=sched,
+        trainer_state={"epoch": 1, "index": 5},
+    )
     expected_draw = torch.rand(3)
     fresh, fresh_opt, fresh_sched = tiny.model(seed=2), None, None
     fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
@@ -36,7 +43,9 @@ def test_round_trip_restores_everything(tmp_path):
     for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
         assert torch.equal(a, b), name
     assert fresh_sched.state_dict()["last_epoch"] == 1
-    assert torch.equal(fresh_opt.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    assert torch.equal(
+        fresh_opt.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"]
+    )
     assert torch.equal(torch.rand(3), expected_draw)  # the RNG continues where it was saved
     assert (path / "model" / "model.safetensors").exists()
     assert (tmp_path / "latest").read_text().strip() == "checkpoint-7"
@@ -45,8 +54,16 @@ def test_round_trip_restores_everything(tmp_path):
 def test_newest_complete_checkpoint_wins_and_old_ones_are_pruned(tmp_path):
     model, opt, sched = _parts()
     for step in (1, 2, 3):
-        ckpt.save_checkpoint(tmp_path, step, model=model, tokenizer=None, optimizer=opt,
-                             scheduler=sched, trainer_state={}, keep=2)
+        ckpt.save_checkpoint(
+            tmp_path,
+            step,
+            model=model,
+            tokenizer=None,
+            optimizer=opt,
+            scheduler=sched,
+            trainer_state={},
+            keep=2,
+        )
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [2, 3]
     # A crash mid-write leaves a temp dir and maybe a half checkpoint dir: both ignored.
     (tmp_path / ".tmp-checkpoint-4-999").mkdir()
@@ -67,8 +84,9 @@ class _Payload:
 
 def test_refuses_a_state_file_that_would_run_code(tmp_path):
     model, opt, sched = _parts()
-    path = ckpt.save_checkpoint(tmp_path, 1, model=model, tokenizer=None, optimizer=opt,
-                                scheduler=sched, trainer_state={})
+    path = ckpt.save_checkpoint(
+        tmp_path, 1, model=model, tokenizer=None, optimizer=opt, scheduler=sched, trainer_state={}
+    )
     marker = tmp_path / "pwned"
     with open(path / "optim.pt", "wb") as handle:
         pickle.dump({"optimizer": _Payload(str(marker))}, handle)
@@ -79,8 +97,9 @@ def test_refuses_a_state_file_that_would_run_code(tmp_path):
 
 def test_weights_that_do_not_fit_are_rejected(tmp_path):
     model, opt, sched = _parts()
-    path = ckpt.save_checkpoint(tmp_path, 1, model=model, tokenizer=None, optimizer=opt,
-                                scheduler=sched, trainer_state={})
+    path = ckpt.save_checkpoint(
+        tmp_path, 1, model=model, tokenizer=None, optimizer=opt, scheduler=sched, trainer_state={}
+    )
     os.remove(path / "model" / "model.safetensors")
     with pytest.raises(ckpt.CheckpointError, match="no safetensors"):
         ckpt.load_checkpoint(path, model=tiny.model())

@@ -19,8 +19,17 @@ def test_help_explains_every_option(capsys):
 
 
 def test_bad_config_is_rejected_before_loading_anything(tmp_path, capsys):
-    code = main(["train", "--model", str(tmp_path / "does-not-exist"), "--train-data",
-                 str(tmp_path / "missing.jsonl"), "--k", "1"])
+    code = main(
+        [
+            "train",
+            "--model",
+            str(tmp_path / "does-not-exist"),
+            "--train-data",
+            str(tmp_path / "missing.jsonl"),
+            "--k",
+            "1",
+        ]
+    )
     assert code == 2
     assert "k must be >= 2" in capsys.readouterr().err
 
@@ -28,8 +37,19 @@ def test_bad_config_is_rejected_before_loading_anything(tmp_path, capsys):
 def test_malformed_data_is_reported_with_line_numbers(tmp_path, capsys):
     data = tmp_path / "bad.jsonl"
     data.write_text('{"question": "q", "answer": "#### 3"}\n{"question": "q2"}\n')
-    code = main(["sft", "--model", str(tmp_path / "none"), "--train-data", str(data),
-                 "--on-error", "raise", "--output_dir", str(tmp_path / "run")])
+    code = main(
+        [
+            "sft",
+            "--model",
+            str(tmp_path / "none"),
+            "--train-data",
+            str(data),
+            "--on-error",
+            "raise",
+            "--output_dir",
+            str(tmp_path / "run"),
+        ]
+    )
     assert code == 2
     assert "line 2" in capsys.readouterr().err
 
@@ -39,21 +59,53 @@ def test_train_and_eval_end_to_end(tmp_path, capsys):
     tiny.model().save_pretrained(model_dir)
     tiny.tokenizer().save_pretrained(model_dir)
     data = tmp_path / "train.jsonl"
-    data.write_text("".join(
-        json.dumps({"question": ex.question, "answer": f"worked out... #### {ex.answer}"}) + "\n"
-        for ex in tiny.examples(8)))
+    data.write_text(
+        "".join(
+            json.dumps({"question": ex.question, "answer": f"worked out... #### {ex.answer}"})
+            + "\n"
+            for ex in tiny.examples(8)
+        )
+    )
     config = tmp_path / "c.yaml"
-    config.write_text("k: 2\nmax_rationale_tokens: 8\nprompts_per_step: 2\nsteps: 2\nprogress: false\n"
-                      "plot: false\nmaj_k: 2\neval_max_new_tokens: 12\nlearning_rate: 1.0e-3\n")
+    config.write_text(
+        "k: 2\nmax_rationale_tokens: 8\nprompts_per_step: 2\nsteps: 2\nprogress: false\n"
+        "plot: false\nmaj_k: 2\neval_max_new_tokens: 12\nlearning_rate: 1.0e-3\n"
+    )
     out = tmp_path / "run"
-    code = main(["train", "--model", str(model_dir), "--train-data", str(data), "--eval-data", str(data),
-                 "--config", str(config), "--output_dir", str(out), "--stop_strings", "[' The answer is']"])
+    code = main(
+        [
+            "train",
+            "--model",
+            str(model_dir),
+            "--train-data",
+            str(data),
+            "--eval-data",
+            str(data),
+            "--config",
+            str(config),
+            "--output_dir",
+            str(out),
+            "--stop_strings",
+            "[' The answer is']",
+        ]
+    )
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["eval"]["n"] == 8
     assert (out / "eval.jsonl").exists() and (out / "checkpoint-2").is_dir()
-    code = main(["eval", "--model", str(out / "checkpoint-2" / "model"), "--data", str(data),
-                 "--config", str(config), "--out", str(tmp_path / "eval.jsonl")])
+    code = main(
+        [
+            "eval",
+            "--model",
+            str(out / "checkpoint-2" / "model"),
+            "--data",
+            str(data),
+            "--config",
+            str(config),
+            "--out",
+            str(tmp_path / "eval.jsonl"),
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert '"greedy_accuracy"' in printed

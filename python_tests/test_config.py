@@ -9,7 +9,13 @@ from latro_engine.config import ConfigError, LatroConfig, describe, parse_overri
 
 def test_defaults_follow_the_paper():
     c = LatroConfig()
-    assert (c.k, c.max_rationale_tokens, c.kl_coef, c.learning_rate, c.temperature) == (16, 500, 0.05, 5e-7, 1.0)
+    assert (c.k, c.max_rationale_tokens, c.kl_coef, c.learning_rate, c.temperature) == (
+        16,
+        500,
+        0.05,
+        5e-7,
+        1.0,
+    )
     assert c.sft_weight == 1.0 and c.penalty_mode == "constant"
     assert c.rollout_batch_size == 48
 
@@ -17,7 +23,9 @@ def test_defaults_follow_the_paper():
 def test_yaml_and_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("k: 8\nlearning_rate: 1.0e-4\nstop_strings: [' The answer is']\n")
-    c = LatroConfig.from_yaml(path, ["--temperature", "0.7", "steps=20", "--adam-betas", "[0.8, 0.9]"])
+    c = LatroConfig.from_yaml(
+        path, ["--temperature", "0.7", "steps=20", "--adam-betas", "[0.8, 0.9]"]
+    )
     assert (c.k, c.learning_rate, c.temperature, c.steps) == (8, 1e-4, 0.7, 20)
     assert c.stop_strings == (" The answer is",) and c.adam_betas == (0.8, 0.9)
     c.save_yaml(tmp_path / "round.yaml")

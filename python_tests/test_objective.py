@@ -12,15 +12,18 @@ def _hand(answer, rationale, ref, finished, k, kl_coef, sft_weight, penalty, mod
     n = len(answer)
     mean_answer = sum(answer) / n
     rewards = [
-        answer[i] - kl_coef * (rationale[i] - ref[i]) if finished[i]
+        answer[i] - kl_coef * (rationale[i] - ref[i])
+        if finished[i]
         else (penalty if mode == "constant" else penalty * mean_answer)
         for i in range(n)
     ]
     adv = []
     for g in range(n // k):
-        group = rewards[g * k:(g + 1) * k]
+        group = rewards[g * k : (g + 1) * k]
         adv += [r - (sum(group) - r) / (k - 1) for r in group]
-    loss = sum(-adv[i] * rationale[i] for i in range(n)) / n + sft_weight * sum(-a for a in answer) / n
+    loss = (
+        sum(-adv[i] * rationale[i] for i in range(n)) / n + sft_weight * sum(-a for a in answer) / n
+    )
     return loss, adv
 
 
@@ -34,15 +37,34 @@ def test_loss_and_gradients_match_hand_computation(mode, penalty, sft_weight):
     ref = -torch.rand(n, generator=g) * 40
     finished = torch.rand(n, generator=g) > 0.25
     finished[0] = False
-    loss, stats = latro_loss(answer, rationale, ref, finished, k=k, kl_coef=0.05, sft_weight=sft_weight,
-                             nonstop_penalty=penalty, penalty_mode=mode)
-    expected, adv = _hand(answer.tolist(), rationale.tolist(), ref.tolist(), finished.tolist(), k, 0.05,
-                          sft_weight, penalty, mode)
+    loss, stats = latro_loss(
+        answer,
+        rationale,
+        ref,
+        finished,
+        k=k,
+        kl_coef=0.05,
+        sft_weight=sft_weight,
+        nonstop_penalty=penalty,
+        penalty_mode=mode,
+    )
+    expected, adv = _hand(
+        answer.tolist(),
+        rationale.tolist(),
+        ref.tolist(),
+        finished.tolist(),
+        k,
+        0.05,
+        sft_weight,
+        penalty,
+        mode,
+    )
     assert abs(loss.item() - expected) < 1e-3 * max(1.0, abs(expected))
     loss.backward()
     # d loss / d log p(z_i) = -A_i / N (advantages are constants); d / d log p(y_i) = -sft / N
-    torch.testing.assert_close(rationale.grad.double(), -torch.tensor(adv, dtype=torch.float64) / n,
-                               atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        rationale.grad.double(), -torch.tensor(adv, dtype=torch.float64) / n, atol=1e-5, rtol=1e-4
+    )
     torch.testing.assert_close(answer.grad, torch.full((n,), -sft_weight / n), atol=1e-6, rtol=0)
     assert stats["finished_frac"] == pytest.approx(finished.float().mean().item())
 
@@ -55,7 +77,10 @@ def test_precomputed_advantages_give_the_same_loss():
     full, _ = latro_loss(answer, rationale, ref, finished, sft_weight=1.0, **kw)
     adv, stats = batch_advantages(answer, rationale, ref, finished, **kw)
     halves = sum(
-        latro_loss(answer[s], rationale[s], ref[s], finished[s], sft_weight=1.0, advantages=adv[s], **kw)[0] / 2
+        latro_loss(
+            answer[s], rationale[s], ref[s], finished[s], sft_weight=1.0, advantages=adv[s], **kw
+        )[0]
+        / 2
         for s in (slice(0, 4), slice(4, 8))
     )
     assert abs(full.item() - halves.item()) < 1e-4

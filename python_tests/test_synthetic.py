@@ -37,9 +37,9 @@ _SYMBOLS = {"+": "add", "-": "sub", "*": "mul"}
 
 def _solve_from_text(question: str) -> int:
     """Independent solver reading the question text (guards Problem.answer)."""
-    chain = re.fullmatch(r"What is (\d[-+*\d]*) mod 10, left to right\?", question).group(1)
-    v = int(chain[0])
-    for sym, arg in re.findall(r"([-+*])(\d)", chain):
+    match = re.fullmatch(r"Start with (\d)\. ((?:[a-j][-+*]\d ?)+)\. Result mod 10\?", question)
+    v = int(match.group(1))
+    for sym, arg in re.findall(r"[a-j]([-+*])(\d)", match.group(2)):
         v = apply_op(_SYMBOLS[sym], v, int(arg))
     return v
 
@@ -96,8 +96,17 @@ def test_heldout_split_is_disjoint() -> None:
 
 
 def test_corpus_mix_and_format() -> None:
-    cs = CorpusSettings(direct_fraction=0.6, noisy_fraction=0.5, step_error_prob=0.25)
-    corpus = build_pretrain_corpus(4000, 0, TASK, cs)
+    cs = CorpusSettings(
+        direct_fraction=0.6, noisy_fraction=0.5, step_error_prob=0.25, drill_fraction=0.25
+    )
+    everything = build_pretrain_corpus(4000, 0, TASK, cs)
+    drills = [e for e in everything if not e.prompt]
+    assert 0.2 < len(drills) / len(everything) < 0.3
+    for e in drills[:50]:  # drills are correct one-step rationales, back to back
+        facts = re.findall(r"(\d)\. a([-+*])(\d)=(\d)\.", e.completion)
+        assert len(facts) == cs.drill_facts
+        assert all(apply_op(_SYMBOLS[op], int(a), int(b)) == int(c) for a, op, b, c in facts)
+    corpus = [e for e in everything if e.prompt]
     direct = [e for e in corpus if not e.worked]
     assert 0.55 < len(direct) / len(corpus) < 0.65
     for e in corpus[:200]:
@@ -123,12 +132,16 @@ def test_jsonl_round_trip(tmp_path: Path) -> None:
     train, test = synthetic.write_splits(tmp_path, TASK, n_train=20, n_test=10, seed=0)
     assert synthetic.read_jsonl(train) == generate_pairs(20, 0, TASK, "train")
     assert synthetic.read_jsonl(test) == generate_pairs(10, 0, TASK, "heldout")
-    assert '"question": "What is' in test.read_text().splitlines()[0]
+    assert '"question": "Start with' in test.read_text().splitlines()[0]
 
 
 def test_tokenizer_round_trip_and_digits(tok) -> None:
     texts = [e.text for e in build_pretrain_corpus(200, 7, TASK, CorpusSettings())]
-    texts += [" The answer is 9.", "  the  answer ", format_prompt("What is 1+2?")]
+    texts += [
+        " The answer is 9.",
+        "  the  answer ",
+        format_prompt("Start with 1. a+2. Result mod 10?"),
+    ]
     for text in texts:
         ids = tok(text, add_special_tokens=False)["input_ids"]
         assert len(ids) == len(text)  # one token per character
@@ -136,7 +149,7 @@ def test_tokenizer_round_trip_and_digits(tok) -> None:
         assert tok(tok.decode(ids), add_special_tokens=False)["input_ids"] == ids
     for d in "0123456789":
         assert len(tok(d, add_special_tokens=False)["input_ids"]) == 1
-    ids = tok("What is 3+4")["input_ids"]
+    ids = tok("Start with 3. a+4")["input_ids"]
     assert ids[0] == tok.bos_token_id and tok.eos_token_id not in ids
     assert tok.unk_token_id not in tok(texts[0])["input_ids"]
     assert len({tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id}) == 4
@@ -145,7 +158,7 @@ def test_tokenizer_round_trip_and_digits(tok) -> None:
 def test_tokenizer_save_load(tok, tmp_path: Path) -> None:
     tok.save_pretrained(tmp_path)
     again = AutoTokenizer.from_pretrained(tmp_path)
-    text = format_prompt(generate_pairs(1, 0, TASK)[0].question) + " 3+4=7." + format_answer(7)
+    text = format_prompt(generate_pairs(1, 0, TASK)[0].question) + " 3. a+4=7." + format_answer(7)
     assert again(text)["input_ids"] == tok(text)["input_ids"]
     assert again.decode(tok(text)["input_ids"], skip_special_tokens=True) == text
     assert (again.pad_token_id, again.eos_token_id) == (tok.pad_token_id, tok.eos_token_id)

@@ -19,18 +19,36 @@ def _strip_timing(records):
     return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
 
 
-@pytest.mark.parametrize("micro_batch_size,penalty_mode,penalty", [(4, "constant", -10.0), (3, "batch_mean", 2.0)])
+@pytest.mark.parametrize(
+    "micro_batch_size,penalty_mode,penalty", [(4, "constant", -10.0), (3, "batch_mean", 2.0)]
+)
 def test_latro_trains_and_checkpoints(tmp_path, micro_batch_size, penalty_mode, penalty):
-    config = tiny.config(tmp_path, micro_batch_size=micro_batch_size, penalty_mode=penalty_mode,
-                         nonstop_penalty=penalty, plot=True, eval_every=2)
+    config = tiny.config(
+        tmp_path,
+        micro_batch_size=micro_batch_size,
+        penalty_mode=penalty_mode,
+        nonstop_penalty=penalty,
+        plot=True,
+        eval_every=2,
+    )
     data = tiny.examples(16)
     trainer = LatroTrainer(tiny.model(), tiny.tokenizer(), data, config, eval_dataset=data[:4])
     before = [p.detach().clone() for p in trainer.model.parameters()]
     records = trainer.train()
     assert [r["step"] for r in records] == [1, 2, 3]
     for r in records:
-        for key in ("loss", "pg_loss", "sft_loss", "reward_mean", "kl_mean", "rationale_length_mean",
-                    "finished_frac", "tokens_per_s", "lr", "grad_norm"):
+        for key in (
+            "loss",
+            "pg_loss",
+            "sft_loss",
+            "reward_mean",
+            "kl_mean",
+            "rationale_length_mean",
+            "finished_frac",
+            "tokens_per_s",
+            "lr",
+            "grad_norm",
+        ):
             assert math.isfinite(r[key]), (key, r)
         assert 0 <= r["finished_frac"] <= 1
     assert "eval_greedy_accuracy" in records[1]
@@ -93,3 +111,32 @@ def test_evaluate_writes_per_example_jsonl(tmp_path):
     result = trainer.evaluate(maj_k=2, write_path=tmp_path / "eval.jsonl")
     assert result.n == 5 and 0 <= result.greedy_accuracy <= 1 and result.maj_accuracy is not None
     assert len((tmp_path / "eval.jsonl").read_text().splitlines()) == 5
+
+
+def test_lora_trains_adapters_and_uses_the_base_as_reference(tmp_path):
+    pytest.importorskip("peft")
+    config = tiny.config(tmp_path, lora_rank=4, lora_alpha=8.0, steps=2)
+    base = tiny.model()
+    frozen = {k: v.clone() for k, v in base.state_dict().items()}
+    trainer = LatroTrainer(base, tiny.tokenizer(), tiny.examples(8), config)
+    assert trainer.ref_model is None  # no second copy: the policy with adapters disabled
+    records = trainer.train()
+    assert all(math.isfinite(r["loss"]) for r in records)
+    assert records[0]["kl_mean"] == pytest.approx(0.0, abs=1e-4)  # adapters start as a no-op
+    lora = {k: v for k, v in trainer.model.state_dict().items() if "lora_" in k}
+    assert lora and any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)
+    base_now = trainer.model.get_base_model().state_dict()
+    for key, value in frozen.items():
+        peft_key = (
+            key.replace("q_proj.weight", "q_proj.base_layer.weight")
+            .replace("k_proj.weight", "k_proj.base_layer.weight")
+            .replace("v_proj.weight", "v_proj.base_layer.weight")
+            .replace("o_proj.weight", "o_proj.base_layer.weight")
+        )
+        assert torch.equal(base_now[peft_key], value), key
+    latest = ckpt.latest_checkpoint(tmp_path / "run")
+    assert (latest / "model" / "adapter_model.safetensors").exists()
+    again = LatroTrainer(tiny.model(), tiny.tokenizer(), tiny.examples(8), config)
+    again.resume_from(latest)
+    for k, v in lora.items():
+        assert torch.equal(again.model.state_dict()[k], v), k

@@ -23,9 +23,16 @@ def tokenizer():
 def model(seed: int = 0) -> transformers.LlamaForCausalLM:
     tok = tokenizer()
     config = transformers.LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
     )
     torch.manual_seed(seed)
     return transformers.LlamaForCausalLM(config)
@@ -40,9 +47,20 @@ def examples(n: int = 32, seed: int = 0) -> list[Example]:
 
 def config(tmp_path, **overrides) -> LatroConfig:
     values = dict(
-        k=4, max_rationale_tokens=12, prompts_per_step=2, micro_batch_size=4, steps=3,
-        learning_rate=1e-3, output_dir=str(tmp_path / "run"), save_every=2, eval_batch_size=8,
-        maj_k=2, eval_max_new_tokens=16, progress=False, plot=False, threads=1,
+        k=4,
+        max_rationale_tokens=12,
+        prompts_per_step=2,
+        micro_batch_size=4,
+        steps=3,
+        learning_rate=1e-3,
+        output_dir=str(tmp_path / "run"),
+        save_every=2,
+        eval_batch_size=8,
+        maj_k=2,
+        eval_max_new_tokens=16,
+        progress=False,
+        plot=False,
+        threads=1,
         stop_strings=(synthetic.ANSWER_PREFIX,),
     )
     values.update(overrides)

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The main job on the embedded default. Until the LaTRO trainer lands (its issue replaces this
-# with `latro demo`), the main job is the native ops benchmark: ours against the plain-torch way.
+# The main job on the embedded default: set-up, then `latro demo` (base vs SFT vs LaTRO on the
+# synthetic task, offline, on the CPU). Arguments go to `latro demo` (default: --out latro_demo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 # shellcheck disable=SC1091
 source .venv/bin/activate
-python benchmarks/bench_ops.py "$@"
+if [ "$#" -eq 0 ]; then set -- --out latro_demo; fi
+latro demo "$@"
