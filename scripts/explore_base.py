@@ -2,10 +2,9 @@
 
 Measures greedy direct-answer accuracy, how often greedy decoding reasons, accuracy when the
 model is forced to start a rationale, and accuracy / reasoning rate of rationales sampled at
-a temperature (what LaTRO's RLOO sees).  Optionally runs a bare-bones LaTRO prototype to check
-learnability; the real trainer lives elsewhere.
+a temperature (what LaTRO's RLOO sees).  Training LaTRO on a base is `latro demo`'s job.
 
-    .venv/bin/python scripts/explore_base.py --steps 900 --batch-size 16 [--latro-steps 100]
+    .venv/bin/python scripts/explore_base.py --steps 900 --batch-size 16
 """
 
 from __future__ import annotations
@@ -27,11 +26,9 @@ from latro_engine.base_model import (
     read_base_metadata,
 )
 from latro_engine.synthetic import (
-    ANSWER_PREFIX,
     QAPair,
     answers_match,
     extract_answer,
-    format_answer,
     format_prompt,
     generate_pairs,
     is_worked,
@@ -130,91 +127,6 @@ def probe(
     return {key: round(v, 4) for key, v in res.items()}
 
 
-def latro_prototype(
-    model,
-    tok,
-    train: list[QAPair],
-    test: list[QAPair],
-    steps: int,
-    k: int = 8,
-    n_q: int = 16,
-    temperature: float = 0.7,
-    lr: float = 1e-4,
-    beta: float = 0.05,
-) -> None:
-    """Minimal LaTRO (RLOO on log p(y|x,z) with a KL-to-reference term) to check learnability."""
-    import copy
-
-    ref = copy.deepcopy(model).eval()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    t0 = time.perf_counter()
-    for step in range(steps):
-        qs = [train[(step * n_q + i) % len(train)] for i in range(n_q)]
-        model.eval()
-        comps = generate(
-            model,
-            tok,
-            [format_prompt(q.question) for q in qs],
-            k=k,
-            temperature=temperature,
-            max_new=48,
-        )
-        seqs, spans = [], []
-        for j, c in enumerate(comps):
-            q = qs[j // k]
-            z = c.split(ANSWER_PREFIX, 1)[0] if ANSWER_PREFIX in c else c[:40]
-            x = tok(format_prompt(q.question))["input_ids"]
-            zi = tok(z, add_special_tokens=False)["input_ids"]
-            yi = tok(format_answer(q.answer), add_special_tokens=False)["input_ids"] + [
-                tok.eos_token_id
-            ]
-            seqs.append(x + zi + yi)
-            spans.append(
-                (len(x), len(x) + len(zi), len(x) + len(zi) + len(yi), ANSWER_PREFIX not in c)
-            )
-        width = max(map(len, seqs))
-        ids = torch.full((len(seqs), width), tok.pad_token_id)
-        zmask = torch.zeros(len(seqs), width - 1)
-        ymask = torch.zeros(len(seqs), width - 1)
-        for i, (s, (a, b, e, _)) in enumerate(zip(seqs, spans, strict=True)):
-            ids[i, : len(s)] = torch.tensor(s)
-            zmask[i, a - 1 : b - 1] = 1
-            ymask[i, b - 1 : e - 1] = 1
-        attn = (ids != tok.pad_token_id).long()
-        model.train()
-        logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
-        lp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
-        with torch.no_grad():
-            rlp = torch.log_softmax(
-                ref(input_ids=ids, attention_mask=attn).logits[:, :-1].float(), -1
-            )
-            rlp = rlp.gather(-1, ids[:, 1:, None])[..., 0]
-            logp_z = (lp * zmask).sum(1)
-            r = (lp * ymask).sum(1) - beta * (logp_z - (rlp * zmask).sum(1))
-            nonstop = torch.tensor([s[3] for s in spans])
-            r = torch.where(nonstop, r.new_tensor(-20.0), r).view(n_q, k)
-            adv = (r - (r.sum(1, keepdim=True) - r) / (k - 1)).view(-1)
-        loss = -(adv * (lp * zmask).sum(1)).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step % 10 == 0 or step == steps - 1:
-            log.info(
-                "latro step %d reward %.3f reason-rate %.2f (%.0fs)",
-                step,
-                float(r.mean()),
-                sum(map(is_worked, comps)) / len(comps),
-                time.perf_counter() - t0,
-            )
-    model.eval()
-    log.info(
-        "latro after %d steps (%.0fs): %s",
-        steps,
-        time.perf_counter() - t0,
-        json.dumps(probe(model, tok, test)),
-    )
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--steps", type=int, default=1000)
@@ -224,7 +136,6 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=None)
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--n-test", type=int, default=500)
-    ap.add_argument("--latro-steps", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -248,10 +159,6 @@ def main() -> None:
     log.info("base at %s: %s", path, read_base_metadata(path)["metrics"])
     test = generate_pairs(args.n_test, 0, s.task, "heldout")
     log.info("base probe: %s", json.dumps(probe(model, tok, test)))
-    if args.latro_steps:
-        latro_prototype(
-            model, tok, generate_pairs(2000, 0, s.task, "train"), test, args.latro_steps
-        )
 
 
 if __name__ == "__main__":
