@@ -46,7 +46,10 @@ def _extensions() -> tuple[list, dict]:
     include_dirs = [os.path.join(ROOT, "csrc/core/include"), os.path.join(ROOT, "csrc/torch")]
     # The language standard follows torch (C++17 or newer). -Wno-psabi: the core's inline
     # AVX helpers trigger GCC's ABI notes, which do not apply to inlined code.
-    cxx_flags = ["-O3", "-Wno-psabi"]
+    # -fopenmp: ATen's at::parallel_for is a header template that runs serially unless the
+    # extension itself is compiled with OpenMP.
+    cxx_flags = ["-O3", "-Wno-psabi", "-fopenmp"]
+    link_flags = ["-fopenmp"]
     if use_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         sources += cuda_sources
@@ -56,6 +59,7 @@ def _extensions() -> tuple[list, dict]:
             include_dirs=include_dirs,
             define_macros=[("LATRO_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
+            extra_link_args=link_flags,
         )
     else:
         ext = CppExtension(
@@ -63,6 +67,7 @@ def _extensions() -> tuple[list, dict]:
             sources,
             include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_flags,
         )
     print(f"latro_engine: building the native extension with CUDA {'on' if use_cuda else 'off'}")
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
