@@ -47,33 +47,30 @@ def latro_loss(
     Returns:
         (loss, stats) where stats holds plain floats for logging.
     """
+    stats: dict[str, float] = {}
     if advantages is None:
-        rewards = ops.latro_rewards(
+        advantages, stats = batch_advantages(
             answer_logp,
             rationale_logp,
             ref_rationale_logp,
             finished,
+            k=k,
             kl_coef=kl_coef,
             nonstop_penalty=nonstop_penalty,
             penalty_mode=penalty_mode,
         )
-        advantages = ops.rloo_advantages(rewards, k)
-    else:
-        rewards = None
     advantages = advantages.detach().to(rationale_logp.dtype)
     pg_loss = -(advantages * rationale_logp).mean()
     sft_loss = -answer_logp.mean()
     loss = pg_loss + sft_weight * sft_loss
-    stats = {
-        "loss": float(loss.detach()),
-        "pg_loss": float(pg_loss.detach()),
-        "sft_loss": float(sft_loss.detach()),
-        "advantage_abs_mean": float(advantages.abs().mean()),
-    }
-    if rewards is not None:
-        stats.update(
-            reward_stats(rewards, answer_logp, rationale_logp, ref_rationale_logp, finished)
-        )
+    stats.update(
+        {
+            "loss": float(loss.detach()),
+            "pg_loss": float(pg_loss.detach()),
+            "sft_loss": float(sft_loss.detach()),
+            "advantage_abs_mean": float(advantages.abs().mean()),
+        }
+    )
     return loss, stats
 
 

@@ -133,6 +133,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--direct-fraction", type=float, default=None)
+    ap.add_argument("--drill-fraction", type=float, default=None)
+    ap.add_argument("--warmup", type=int, default=50)
+    ap.add_argument("--weight-decay", type=float, default=0.01)
     ap.add_argument("--hidden", type=int, default=None)
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--n-test", type=int, default=500)
@@ -140,12 +143,22 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     s = BaseSettings(
-        pretrain=PretrainSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr),
+        pretrain=PretrainSettings(
+            steps=args.steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            warmup_steps=args.warmup,
+            weight_decay=args.weight_decay,
+        ),
         num_threads=args.threads,
     )
     if args.direct_fraction is not None:
         s = dataclasses.replace(
             s, corpus=dataclasses.replace(s.corpus, direct_fraction=args.direct_fraction)
+        )
+    if args.drill_fraction is not None:
+        s = dataclasses.replace(
+            s, corpus=dataclasses.replace(s.corpus, drill_fraction=args.drill_fraction)
         )
     if args.hidden or args.layers:
         m = dataclasses.replace(
