@@ -36,6 +36,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from latro_engine.answers import extract_numeric_answer, numbers_equal
+
 #: Appended to every question to form the prompt (the paper's GSM8K trigger).
 COT_TRIGGER = " Let's think step by step."
 #: Start of the answer sentence; rationales are cut here and y begins with it.
@@ -49,7 +51,6 @@ _START_RE = re.compile(r"^ ?(\d+)\.")
 # Step labels: the rationale's "b*2=" repeats the question's "b*2", so copying a step is a
 # single induction-head hop, and the running value sits a fixed distance back.
 _LABELS = "abcdefghij"
-_ANSWER_RE = re.compile(r"The answer is\s*(-?\d+)")
 
 
 @dataclass(frozen=True)
@@ -171,15 +172,10 @@ def format_answer(answer: str | int) -> str:
 
 
 def extract_answer(text: str) -> str | None:
-    """The number after the last "The answer is", else the last number, else None.
-
-    Mirrors the paper's GSM8K rule so the demo's evaluation matches the engine's.
-    """
-    hits = _ANSWER_RE.findall(text)
-    if hits:
-        return hits[-1]
-    nums = re.findall(r"-?\d+", text)
-    return nums[-1] if nums else None
+    """The number after the last "The answer is", else the last number, else None: the
+    engine's GSM8K rule (:func:`latro_engine.answers.extract_numeric_answer`), so the demo is
+    scored exactly like the paper's evaluation."""
+    return extract_numeric_answer(text)
 
 
 def is_worked(completion: str) -> bool:
@@ -364,12 +360,7 @@ def write_splits(
 
 def answers_match(predicted: str | None, gold: str) -> bool:
     """Numeric comparison of an extracted answer with the gold one."""
-    if predicted is None:
-        return False
-    try:
-        return int(predicted.replace(",", "")) == int(gold.replace(",", ""))
-    except ValueError:
-        return predicted.strip() == gold.strip()
+    return numbers_equal(predicted, gold)
 
 
 def accuracy(predictions: Sequence[str | None], golds: Sequence[str]) -> float:
