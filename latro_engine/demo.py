@@ -27,6 +27,8 @@ from latro_engine import synthetic
 from latro_engine.base_model import BaseSettings, PretrainSettings, load_or_pretrain_base
 from latro_engine.config import LatroConfig
 from latro_engine.data import Example
+from latro_engine.evaluation import EvalResult, write_eval_jsonl
+from latro_engine.generation import evaluate_model
 from latro_engine.metrics import plot_curves, read_metrics
 from latro_engine.trainer import LatroTrainer, SFTTrainer
 
@@ -108,8 +110,7 @@ def _config(settings: DemoSettings, out: Path, name: str) -> LatroConfig:
     )
 
 
-def _evaluate(trainer, examples: list[Example], path: Path) -> dict[str, Any]:
-    result = trainer.evaluate(examples, write_path=path)
+def _summary(result: EvalResult) -> dict[str, Any]:
     reasoned = sum(synthetic.is_worked(r.greedy_completion) for r in result.records) / result.n
     return {
         "greedy_accuracy": result.greedy_accuracy,
@@ -159,10 +160,14 @@ def run_demo(
     for name, cls in runs:
         phase = time.perf_counter()
         config = _config(settings, out, name)
-        trainer = (cls or SFTTrainer)(copy.deepcopy(model), tokenizer, train, config)
-        if cls is not None:
+        if cls is None:  # the base needs no trainer, only its evaluation
+            result = evaluate_model(model, tokenizer, held_out, config, seed=config.seed + 17)
+            write_eval_jsonl(result, out / f"eval_{name}.jsonl")
+        else:
+            trainer = cls(copy.deepcopy(model), tokenizer, train, config)
             trainer.train()
-        results[name] = _evaluate(trainer, held_out, out / f"eval_{name}.jsonl")
+            result = trainer.evaluate(held_out, write_path=out / f"eval_{name}.jsonl")
+        results[name] = _summary(result)
         timings[f"{name}_s"] = time.perf_counter() - phase
         logger.info("%s: %s", name, results[name])
 

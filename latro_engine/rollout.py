@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from latro_engine import ops
+from latro_engine.config import DEFAULT_STOP_STRINGS  # one list, shared with LatroConfig
 
 logger = logging.getLogger(__name__)
 
@@ -32,9 +33,6 @@ __all__ = [
     "stop_token_sequences",
 ]
 
-#: Default stop strings; training code normally passes the task's own answer prefix
-#: (e.g. ``latro_engine.synthetic.ANSWER_PREFIX``).
-DEFAULT_STOP_STRINGS: tuple[str, ...] = ("The answer is", "the answer is", "Answer:")
 
 _MASK64 = (1 << 64) - 1
 
@@ -87,7 +85,9 @@ def _splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def row_seeds(seed: int, sample_ids: torch.Tensor | Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
+def row_seeds(
+    seed: int, sample_ids: torch.Tensor | Sequence[int], device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """Per-row sampler seeds, int64 ``[B]``, a hash of ``(seed, sample id)`` only.
 
     Hashing (rather than ``seed + id``) keeps the streams of neighbouring seeds unrelated, so
@@ -117,6 +117,7 @@ def stop_token_sequences(
     rationale does not end with the space. With ``include_eos`` the tokenizer's EOS id(s) are
     appended as single-token sequences.
     """
+
     def encode(text: str) -> list[int]:
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
@@ -132,7 +133,7 @@ def stop_token_sequences(
                 head = encode(anchor)
                 full = encode(anchor + sep + s)
                 if full[: len(head)] == head:
-                    variants.append(full[len(head):])
+                    variants.append(full[len(head) :])
         for v in variants:
             if v and v not in found:
                 found.append(v)
@@ -236,9 +237,17 @@ def sample_rationales(
 
     if rows and limit:
         _decode(
-            model, ids, mask, tokens, logps, stop_pos, stops, seeds,
+            model,
+            ids,
+            mask,
+            tokens,
+            logps,
+            stop_pos,
+            stops,
+            seeds,
             dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p),
-            compact_every=compact_every, pad_token_id=pad_token_id,
+            compact_every=compact_every,
+            pad_token_id=pad_token_id,
         )
 
     steps = torch.arange(limit, device=device)
@@ -276,14 +285,19 @@ def _decode(
     attn = mask
     next_pos = mask.sum(-1)  # position id of the next token (prompt positions: cumsum - 1)
     out = model(
-        input_ids=ids, attention_mask=attn, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-        use_cache=True, **extra,
+        input_ids=ids,
+        attention_mask=attn,
+        position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+        use_cache=True,
+        **extra,
     )
     cache = _output_cache(out)
     layers = getattr(cache, "layers", [])
     if compact_every > 0 and not all(hasattr(layer, "batch_select_indices") for layer in layers):
-        logger.warning("%s cannot drop batch rows from its cache; decoding without compaction",
-                       type(cache).__name__)
+        logger.warning(
+            "%s cannot drop batch rows from its cache; decoding without compaction",
+            type(cache).__name__,
+        )
         compact_every = 0
     compactions = 0
     for step in range(limit):
@@ -301,16 +315,26 @@ def _decode(
         n_done = int(done.sum())  # the one host sync per step: is the loop over?
         if n_done == active.shape[0] or step == limit - 1:
             break
-        if n_done and compact_every > 0 and ((step + 1) % compact_every == 0 or 2 * n_done >= active.shape[0]):
+        if (
+            n_done
+            and compact_every > 0
+            and ((step + 1) % compact_every == 0 or 2 * n_done >= active.shape[0])
+        ):
             keep = (~done).nonzero().squeeze(1)
             active, attn, next_pos, new = active[keep], attn[keep], next_pos[keep], new[keep]
             cache.batch_select_indices(keep)
             compactions += 1
         attn = torch.cat([attn, attn.new_ones(attn.shape[0], 1)], dim=1)
         out = model(
-            input_ids=new[:, None], attention_mask=attn, position_ids=next_pos[:, None],
-            use_cache=True, **{cache_name: cache}, **extra,
+            input_ids=new[:, None],
+            attention_mask=attn,
+            position_ids=next_pos[:, None],
+            use_cache=True,
+            **{cache_name: cache},
+            **extra,
         )
         cache = _output_cache(out)
         next_pos = next_pos + 1
-    logger.debug("decoded %d steps, %d compactions, %d rows", step + 1, compactions, tokens.shape[0])
+    logger.debug(
+        "decoded %d steps, %d compactions, %d rows", step + 1, compactions, tokens.shape[0]
+    )
