@@ -103,24 +103,33 @@ def save_checkpoint(
     *,
     model: torch.nn.Module,
     tokenizer: Any,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | None,
     scheduler: Any,
     trainer_state: dict[str, Any],
     keep: int = 2,
+    model_state_dict: dict[str, torch.Tensor] | None = None,
+    staging_dir: Path | None = None,
 ) -> Path:
-    """Writes checkpoint-<step> atomically, points ``latest`` at it, prunes older ones."""
+    """Writes checkpoint-<step> atomically, points ``latest`` at it, prunes older ones.
+
+    ``model_state_dict`` replaces ``model.state_dict()`` (a gathered FSDP2 model);
+    ``staging_dir`` is a temporary directory other processes already wrote into (sharded
+    state, which the optimizer then is part of: pass ``optimizer=None``).
+    """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     final = checkpoint_dir(output_dir, step)
-    tmp = output_dir / f".tmp-{PREFIX}{step}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    model.save_pretrained(tmp / "model", safe_serialization=True)
+    tmp = staging_dir or output_dir / f".tmp-{PREFIX}{step}-{os.getpid()}"
+    if staging_dir is None:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    model.save_pretrained(tmp / "model", safe_serialization=True, state_dict=model_state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp / "model")
-    torch.save(
-        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt"
-    )
+    optim = {"scheduler": scheduler.state_dict()}
+    if optimizer is not None:
+        optim["optimizer"] = optimizer.state_dict()
+    torch.save(optim, tmp / "optim.pt")
     torch.save(rng_state(), tmp / "rng.pt")
     (tmp / STATE_FILE).write_text(
         json.dumps({**trainer_state, "step": step}, indent=1, sort_keys=True)
@@ -166,18 +175,25 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 
 def _prune(output_dir: Path, keep: int, protect: Path) -> None:
-    for root in output_dir.glob(f".tmp-{PREFIX}*"):
-        if root != protect:
-            shutil.rmtree(root, ignore_errors=True)  # left by crashed writers
+    for pattern in (f".tmp-{PREFIX}*", f".trash-{PREFIX}*"):
+        for root in output_dir.glob(pattern):
+            if root != protect:
+                shutil.rmtree(root, ignore_errors=True)  # left by crashed writers
+    for stale in output_dir.glob(f".{LATEST_FILE}.tmp-*"):
+        stale.unlink(missing_ok=True)
     if keep <= 0:
         return
     for _, path in list_checkpoints(output_dir)[:-keep]:
         if path != protect:
-            shutil.rmtree(path, ignore_errors=True)
+            # Renamed out of sight first: a crash during the deletion must not leave a
+            # half-deleted directory that still looks like a checkpoint.
+            trash = output_dir / f".trash-{path.name}-{os.getpid()}"
+            os.replace(path, trash)
+            shutil.rmtree(trash, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- load
-def _safe_torch_load(path: Path) -> Any:
+def safe_torch_load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # pickle payloads, foreign classes, truncated files
@@ -203,15 +219,27 @@ def load_model_weights(model: torch.nn.Module, model_dir: Path) -> None:
             state.update(load_file(f))
         set_peft_model_state_dict(model, state)
         return
-    files = sorted(model_dir.glob("*.safetensors"))
+    missing, unexpected = model.load_state_dict(read_model_weights(model_dir), strict=False)
+    check_weights_fit(model, model_dir, missing, unexpected)
+
+
+def read_model_weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    """The safetensors weights of a (non-LoRA) ``save_pretrained`` directory."""
+    from safetensors.torch import load_file
+
+    files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
         raise CheckpointError(
             f"{model_dir}: no safetensors weights (pickled weights are not loaded)"
         )
-    state = {}
+    state: dict[str, torch.Tensor] = {}
     for f in files:
         state.update(load_file(f))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    return state
+
+
+def check_weights_fit(model: torch.nn.Module, model_dir: Path, missing, unexpected) -> None:
+    """Raises unless the only missing weights are tied ones (saved once)."""
     # Tied parameters (e.g. lm_head = embed_tokens) are saved once.
     all_names = {name for name, _ in model.named_parameters(remove_duplicate=False)}
     tied = all_names - {name for name, _ in model.named_parameters()}
@@ -226,22 +254,25 @@ def load_model_weights(model: torch.nn.Module, model_dir: Path) -> None:
 def load_checkpoint(
     path: str | Path,
     *,
-    model: torch.nn.Module,
+    model: torch.nn.Module | None,
     optimizer: torch.optim.Optimizer | None = None,
     scheduler: Any = None,
     restore_rng: bool = True,
 ) -> dict[str, Any]:
-    """Restores a checkpoint into live objects; returns the trainer state (step, data position)."""
+    """Restores a checkpoint into live objects; returns the trainer state (step, data position).
+
+    ``model=None`` / ``optimizer=None`` leave those to the caller (sharded checkpoints)."""
     path = Path(path)
     if not _complete(path):
         raise CheckpointError(f"{path} is not a complete checkpoint")
-    optim_state = _safe_torch_load(path / "optim.pt")
-    rng = _safe_torch_load(path / "rng.pt")
+    optim_state = safe_torch_load(path / "optim.pt")
+    rng = safe_torch_load(path / "rng.pt")
     try:
         state = json.loads((path / STATE_FILE).read_text())
     except json.JSONDecodeError as error:
         raise CheckpointError(f"{path / STATE_FILE}: not valid JSON ({error})") from error
-    load_model_weights(model, path / "model")
+    if model is not None:
+        load_model_weights(model, path / "model")
     if optimizer is not None:
         optimizer.load_state_dict(optim_state["optimizer"])
     if scheduler is not None:

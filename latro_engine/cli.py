@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -41,9 +42,10 @@ def _add_data_args(parser: argparse.ArgumentParser, *, train: bool) -> None:
     parser.add_argument("--answer-field", default="answer", help="answer column (jsonl/csv)")
     parser.add_argument(
         "--on-error",
-        default="skip",
+        default=None,
         choices=["skip", "raise"],
-        help="malformed rows: skip them (reported with line numbers) or stop",
+        help="malformed rows and prompts too long for the model: skip them (reported with "
+        "line numbers) or stop; sets the config's on_data_error (default: skip)",
     )
 
 
@@ -105,6 +107,9 @@ def _load_examples(args: argparse.Namespace, path: str) -> list[Example]:
 
 def _config(args: argparse.Namespace, overrides: list[str]) -> LatroConfig:
     config = LatroConfig.from_yaml(args.config, overrides)
+    if args.on_error is not None:  # the flag wins over the config file's on_data_error
+        config = dataclasses.replace(config, on_data_error=args.on_error)
+    args.on_error = config.on_data_error  # one choice for the rows and the lengths
     default_template = LatroConfig.__dataclass_fields__["prompt_template"].default
     if args.data_format == "arc" and config.prompt_template == default_template:
         # format_arc_question already wrote the whole ARC prompt, instruction included.
@@ -128,9 +133,19 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
 
 
 def _run_training(args: argparse.Namespace, overrides: list[str]) -> int:
-    from latro_engine.trainer import LatroTrainer, SFTTrainer
+    from latro_engine import distributed
 
     config = _config(args, overrides)  # rejected before any model or data is loaded
+    distributed.resolve_mode(config)  # so is a distributed mode that does not fit the launch
+    try:
+        return _train(args, config)
+    finally:
+        distributed.shutdown()
+
+
+def _train(args: argparse.Namespace, config: LatroConfig) -> int:
+    from latro_engine.trainer import LatroTrainer, SFTTrainer
+
     train_set = _load_examples(args, args.train_data)
     eval_set = _load_examples(args, args.eval_data) if args.eval_data else None
     model, tokenizer = _load_model(args)
@@ -138,6 +153,10 @@ def _run_training(args: argparse.Namespace, overrides: list[str]) -> int:
     cls = LatroTrainer if args.command == "train" else SFTTrainer
     trainer = cls(model, tokenizer, train_set, config, eval_dataset=eval_set, eval_kind=kind)
     records = trainer.train()
+    if not trainer.dist.is_main:  # under torchrun rank 0 reports; the others evaluate along
+        if eval_set:  # (FSDP2 gathers the weights for generation with every rank)
+            trainer.evaluate()
+        return 0
     summary: dict[str, Any] = {"steps": trainer.step, "last": records[-1] if records else None}
     if eval_set:
         result = trainer.evaluate(write_path=Path(config.output_dir) / "eval.jsonl")
@@ -154,12 +173,15 @@ def _run_training(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def _run_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     from latro_engine.evaluation import write_eval_jsonl
-    from latro_engine.generation import evaluate_model
+    from latro_engine.generation import context_length, evaluate_model, fit_to_context
     from latro_engine.trainer import resolve_device
 
     config = _config(args, overrides)
     examples = _load_examples(args, args.data)
     model, tokenizer = _load_model(args)
+    examples = fit_to_context(
+        tokenizer, examples, config, context_length(model), use="eval", source=args.data
+    )
     device = resolve_device(config.device)
     model.to(device)
     kind = "arc" if args.data_format == "arc" else "gsm8k"
@@ -185,8 +207,9 @@ def _run_eval(args: argparse.Namespace, overrides: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, overrides = parser.parse_known_args(argv)
+    quiet = int(os.environ.get("RANK", "0")) > 0  # under torchrun, rank 0 speaks
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     if args.command == "demo" and overrides:

@@ -80,8 +80,15 @@ class LatroConfig:
     warmup_steps: int = _opt(0, "linear warm-up steps (paper: none)")
     lr_schedule: str = _opt("linear", "'linear' decay to 0 over `steps` (paper) or 'constant'")
     max_grad_norm: float = _opt(1.0, "gradient clipping norm; 0 = off")
+    max_nonfinite_steps: int = _opt(
+        5,
+        "a step with a non-finite loss or gradient is skipped (counted in the metrics); this "
+        "many in a row stop training with a saved checkpoint; 0 = never stop",
+    )
     prompts_per_step: int = _opt(
-        3, "questions per optimizer step, each with k rationales (paper: 3 per GPU)"
+        3,
+        "questions per optimizer step and process, each with k rationales; under torchrun "
+        "the global batch is this x the world size (paper: 3 per GPU)",
     )
     micro_batch_size: int = _opt(
         4, "sequences per forward/backward; gradients accumulate (paper: 4)"
@@ -111,6 +118,11 @@ class LatroConfig:
     )
     answer_prefix: str = _opt(" ", "text between the rationale and the answer")
     use_chat_template: str = _opt("auto", "'auto' (when the tokenizer has one), 'on' or 'off'")
+    on_data_error: str = _opt(
+        "skip",
+        "malformed data rows and prompts too long for the model's context: 'skip' them "
+        "(each reported with its line) or 'raise' (stop, listing them all)",
+    )
     # --- checkpoints, evaluation, logs
     output_dir: str = _opt(
         "runs/latro", "checkpoints, metrics.jsonl, config.yaml and plots go here"
@@ -134,6 +146,11 @@ class LatroConfig:
     deterministic: bool = _opt(False, "torch.use_deterministic_algorithms (exact resume on CPU)")
     device: str = _opt("auto", "'auto' (cuda when available), 'cpu', 'cuda' or 'cuda:N'")
     threads: int = _opt(0, "torch.set_num_threads when > 0")
+    distributed: str = _opt(
+        "auto",
+        "under torchrun: 'ddp' (a replica per process), 'fsdp' (FSDP2 fully_shard, for models "
+        "that do not fit) or 'none'; 'auto' = ddp when WORLD_SIZE > 1, else none",
+    )
 
     def __post_init__(self) -> None:
         self.validate()
@@ -195,18 +212,44 @@ class LatroConfig:
             "keep_checkpoints",
             "lora_rank",
             "threads",
+            "max_grad_norm",
+            "max_nonfinite_steps",
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{f.name} must be a finite number, got {value}")
+        if not all(0 <= beta < 1 for beta in self.adam_betas):
+            raise ConfigError(f"adam_betas must both be in [0, 1), got {list(self.adam_betas)}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.lora_rank and not self.lora_target_modules:
+            raise ConfigError("lora_rank > 0 needs at least one module in lora_target_modules")
+        if self.on_data_error not in ("skip", "raise"):
+            raise ConfigError(
+                f"on_data_error must be 'skip' or 'raise', got {self.on_data_error!r}"
+            )
         if self.warmup_steps > self.steps:
             raise ConfigError(f"warmup_steps ({self.warmup_steps}) exceeds steps ({self.steps})")
         if "{question}" not in self.prompt_template:
             raise ConfigError("prompt_template must contain {question}")
         if "{answer}" not in self.answer_template:
             raise ConfigError("answer_template must contain {answer}")
+        for name, key in (("prompt_template", "question"), ("answer_template", "answer")):
+            try:
+                getattr(self, name).format(**{key: ""})
+            except (KeyError, IndexError, ValueError) as error:
+                raise ConfigError(
+                    f"{name} must have {{{key}}} as its only placeholder (write other braces "
+                    f"as {{{{ and }}}}): {type(error).__name__}: {error}"
+                ) from error
         if not self.stop_strings or any(not s for s in self.stop_strings):
             raise ConfigError("stop_strings must be non-empty strings")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+        if self.device not in ("auto", "cpu", "cuda") and not (
+            self.device.startswith("cuda:") and self.device[5:].isdigit()
+        ):
             raise ConfigError(
                 f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}"
             )
@@ -214,6 +257,10 @@ class LatroConfig:
             raise ConfigError(
                 "penalty_mode='batch_mean' multiplies the batch's mean answer log-prob (negative) by "
                 f"nonstop_penalty, which must then be > 0 to penalize (reference: 2.0), got {self.nonstop_penalty}"
+            )
+        if self.distributed not in ("auto", "none", "ddp", "fsdp"):
+            raise ConfigError(
+                f"distributed must be 'auto', 'none', 'ddp' or 'fsdp', got {self.distributed!r}"
             )
         if self.eval_temperature <= 0:
             raise ConfigError(
@@ -311,6 +358,11 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
             raise ConfigError(f"{name} must be an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str):  # YAML reads 1e-6 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{name} must be a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{name} must be a number, got {value!r}")
         return float(value)

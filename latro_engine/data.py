@@ -175,11 +175,23 @@ def _fields_row(
 _Row = tuple[int, "Mapping[str, Any] | None", "str | None"]  # (line, record, problem)
 
 
+_WIDE_BOMS = {  # byte-order marks of encodings that are not UTF-8: the whole file is unusable
+    b"\xff\xfe\x00\x00": "UTF-32",
+    b"\x00\x00\xfe\xff": "UTF-32",
+    b"\xff\xfe": "UTF-16",
+    b"\xfe\xff": "UTF-16",
+}
+
+
 def _read_bytes(path: Path) -> bytes:
     try:
-        return path.read_bytes()
+        data = path.read_bytes()
     except OSError as exc:
         raise DataError(path, [(0, f"cannot read file: {exc}")]) from exc
+    for bom, name in _WIDE_BOMS.items():
+        if data.startswith(bom):
+            raise DataError(path, [(0, f"the file is {name}-encoded; convert it to UTF-8")])
+    return data
 
 
 def _jsonl_rows(path: Path) -> Iterator[_Row]:
@@ -187,7 +199,10 @@ def _jsonl_rows(path: Path) -> Iterator[_Row]:
     data = _read_bytes(path)
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]  # a UTF-8 byte-order mark from some editors
-    for line_no, raw in enumerate(data.split(b"\n"), start=1):
+    lines = data.split(b"\n")
+    for line_no, raw in enumerate(lines, start=1):
+        # The last line of a file that does not end in a newline may have been cut off.
+        cut = " (the file ends inside this line: truncated?)" if line_no == len(lines) else ""
         if not raw.strip():
             continue  # blank lines (including the one after the final newline) are not rows
         try:
@@ -198,7 +213,7 @@ def _jsonl_rows(path: Path) -> Iterator[_Row]:
         try:
             record = json.loads(text)
         except json.JSONDecodeError as exc:
-            yield line_no, None, f"invalid JSON ({exc.msg} at column {exc.colno})"
+            yield line_no, None, f"invalid JSON ({exc.msg} at column {exc.colno}){cut}"
             continue
         if not isinstance(record, dict):
             yield line_no, None, f"expected a JSON object, got {type(record).__name__}"
@@ -212,7 +227,9 @@ def _csv_rows(path: Path, required: Sequence[str]) -> Iterator[_Row]:
     that hold them are reported; row numbers are the line where the row starts. A header
     without a ``required`` column is a configuration error, raised whatever ``on_error``."""
     text = _read_bytes(path).decode("utf-8-sig", errors="surrogateescape")
-    reader = csv.reader(io.StringIO(text, newline=""))
+    # strict: a quoted field still open at the end of the file (a truncated file) is an error,
+    # not a row that silently swallows the rest of the file.
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     try:
         header = [h.strip() for h in next(reader, [])]
     except csv.Error as exc:
@@ -227,7 +244,10 @@ def _csv_rows(path: Path, required: Sequence[str]) -> Iterator[_Row]:
         except StopIteration:
             return
         except csv.Error as exc:
-            yield start, None, f"invalid CSV ({exc})"
+            hint = (
+                ": a quoted field is never closed (truncated?)" if "end of data" in str(exc) else ""
+            )
+            yield start, None, f"invalid CSV ({exc}){hint}"
             continue
         if not any(c.strip() for c in cells):
             continue

@@ -3,15 +3,18 @@ evaluation (greedy and maj@k) on a dataset."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from latro_engine.config import LatroConfig
-from latro_engine.data import Example, answer_text, build_prompt, gold_answer_string
+from latro_engine.data import DataError, Example, answer_text, build_prompt, gold_answer_string
 from latro_engine.evaluation import EvalResult, Kind, evaluate
 from latro_engine.rollout import sample_rationales
+
+logger = logging.getLogger(__name__)
 
 _USE_CHAT = {"auto": "auto", "on": True, "off": False}
 
@@ -76,6 +79,57 @@ def encode_answers(
             list(tokenizer(text, add_special_tokens=False)["input_ids"]) + eos_ids(tokenizer)
         )
     return out
+
+
+def context_length(model: torch.nn.Module) -> int | None:
+    """The longest sequence the model takes (``config.max_position_embeddings``), if it says."""
+    value = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def fit_to_context(
+    tokenizer: Any,
+    examples: Sequence[Example],
+    config: LatroConfig,
+    context: int | None,
+    *,
+    use: Literal["latro", "sft", "eval"],
+    source: str,
+) -> list[Example]:
+    """The examples whose longest sequence fits in ``context`` tokens; the others are reported
+    with their line and skipped, or all raised in one DataError (``config.on_data_error``).
+
+    The longest sequence: prompt + ``max_rationale_tokens`` + answer for LaTRO training,
+    prompt + answer for SFT, prompt + the completion limit for evaluation.
+    """
+    if context is None or not examples:
+        return list(examples)
+    prompts = tokenizer(prompt_texts(tokenizer, examples, config), add_special_tokens=True)
+    if use == "eval":
+        limit = config.eval_max_new_tokens or config.max_rationale_tokens + 32
+        after, what = [limit] * len(examples), "the completion limit"
+    else:
+        rationale = config.max_rationale_tokens if use == "latro" else 0
+        after = [rationale + len(a) for a in encode_answers(tokenizer, examples, config)]
+        what = "the rationale limit and the answer" if use == "latro" else "the answer"
+    kept, problems = [], []
+    for ex, prompt, more in zip(examples, prompts["input_ids"], after):
+        if len(prompt) + more <= context:
+            kept.append(ex)
+        else:
+            problems.append(
+                (
+                    ex.source_line,
+                    f"example {ex.id!r}: its prompt is {len(prompt)} tokens; with {what} "
+                    f"({more}) it needs {len(prompt) + more}, more than the model's context "
+                    f"of {context} tokens",
+                )
+            )
+    if problems and (config.on_data_error == "raise" or not kept):
+        raise DataError(source, problems)
+    for line, why in problems:
+        logger.warning("%s: line %d: %s; skipping", source, line, why)
+    return kept
 
 
 @torch.no_grad()

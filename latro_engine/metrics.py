@@ -44,7 +44,15 @@ class MetricsLog:
             self.path.write_text("")
         else:
             kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
-            self.path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+            # Temp file + rename: a crash while resuming must not lose the kept records.
+            for stale in self.path.parent.glob(f".{self.path.name}.tmp-*"):
+                stale.unlink(missing_ok=True)  # left by an earlier crash right here
+            tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+            with open(tmp, "w") as handle:
+                handle.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, self.path)
         self._writer = None
         if tensorboard_dir is not None:
             try:

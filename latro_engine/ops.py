@@ -115,6 +115,8 @@ def sample(
         kept set or of probability 0.
     """
     logits = logits.detach()
+    if isinstance(offset, int) and not isinstance(offset, bool) and offset < 0:
+        raise ValueError(f"offset must be >= 0, got {offset}")  # before any kernel, any batch
     seed_t = _device_int(seed, logits.device, "seed")
     offset_t = _device_int(offset, logits.device, "offset")
     if use_native(logits.device):

@@ -62,6 +62,12 @@ def check_sampling_options(temperature: float, top_k: int, top_p: float, min_p: 
         raise ValueError(f"min_p must be in [0, 1], got {min_p}")
 
 
+def as_float32(value: float) -> float:
+    """``value`` rounded to float32, as the native kernels receive scalar options (1e-300 -> 0,
+    1e300 -> inf), so that both backends judge and use the same number."""
+    return float(torch.tensor(float(value), dtype=torch.float32))
+
+
 def _result_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
@@ -147,8 +153,11 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
             t = targets[begin : begin + chunk]
             ignored = t == ignore_index
             chunk_lse = torch.logsumexp(logits, dim=-1)
-            picked = logits.gather(-1, torch.where(ignored, 0, t).unsqueeze(-1)).squeeze(-1)
-            out[begin : begin + chunk] = torch.where(ignored, 0.0, picked - chunk_lse)
+            # log_softmax, not picked - lse: a row holding +inf is NaN throughout, as in
+            # token_logprobs (logsumexp alone would give -inf for its finite entries).
+            logp = torch.log_softmax(logits, dim=-1)
+            picked = logp.gather(-1, torch.where(ignored, 0, t).unsqueeze(-1)).squeeze(-1)
+            out[begin : begin + chunk] = torch.where(ignored, 0.0, picked)
             lse[begin : begin + chunk] = chunk_lse
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.chunk, ctx.ignore_index = chunk, ignore_index
@@ -309,6 +318,7 @@ def sample(
         raise ValueError(f"logits must have 2 dimension(s), got shape {list(logits.shape)}")
     if logits.shape[1] == 0:
         raise ValueError("logits has an empty vocabulary dimension")
+    temperature, top_p, min_p = as_float32(temperature), as_float32(top_p), as_float32(min_p)
     check_sampling_options(temperature, top_k, top_p, min_p)
     if isinstance(offset, torch.Tensor):
         _check_dtype(offset, (torch.int64,), "offset")
@@ -408,6 +418,10 @@ def stop_positions_step(
     step = int(step)
     if not 0 <= step < length:
         raise ValueError(f"step must be in [0, {length}), got {step}")
+    outside = (positions < 0) | (positions > length)
+    if bool(outside.any()):
+        row = int(outside.nonzero()[0])
+        raise ValueError(f"positions[{row}] = {int(positions[row])} is outside [0, {length}]")
     result = positions.clone()
     open_rows = positions == length
     for seq in seqs:
@@ -477,8 +491,9 @@ def latro_rewards(
     if penalty_mode not in PENALTY_MODES:
         raise ValueError(f"penalty_mode must be 'constant' or 'batch_mean', got '{penalty_mode}'")
     for value, name in ((kl_coef, "kl_coef"), (nonstop_penalty, "nonstop_penalty")):
-        if not math.isfinite(value):
-            raise ValueError(f"{name} must be finite, got {value}")
+        if not math.isfinite(as_float32(value)):
+            raise ValueError(f"{name} must be finite in float32, got {value}")
+    kl_coef, nonstop_penalty = as_float32(kl_coef), as_float32(nonstop_penalty)
     a = answer_logp.double()
     reward = a - kl_coef * (rationale_logp.double() - ref_rationale_logp.double())
     penalty = (

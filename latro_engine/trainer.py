@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import random
 import time
 from collections.abc import Sequence
@@ -23,12 +24,20 @@ from tqdm.auto import tqdm
 from latro_engine import checkpoint as ckpt
 from latro_engine.config import LatroConfig
 from latro_engine.data import Example
+from latro_engine.distributed import Distributed
 from latro_engine.evaluation import EvalResult, Kind, write_eval_jsonl
-from latro_engine.generation import encode_answers, encode_prompts, evaluate_model, pad_id
+from latro_engine.generation import (
+    context_length,
+    encode_answers,
+    encode_prompts,
+    evaluate_model,
+    fit_to_context,
+    pad_id,
+)
 from latro_engine.metrics import MetricsLog, plot_curves, read_metrics
 from latro_engine.objective import batch_advantages, latro_loss
 from latro_engine.rollout import Rollout, sample_rationales, stop_token_sequences
-from latro_engine.scoring import reference_logprobs, score_sequences
+from latro_engine.scoring import reference_logprobs
 
 logger = logging.getLogger(__name__)
 
@@ -80,17 +89,31 @@ class _Trainer:
             raise ValueError("train_dataset is empty")
         self.config = config
         self.tokenizer = tokenizer
-        self.train_dataset = list(train_dataset)
-        self.eval_dataset = list(eval_dataset) if eval_dataset is not None else None
+        # Examples too long for the model are reported with their line, then skipped or
+        # raised (config.on_data_error), before any step.
+        context = context_length(model)
+        use = "sft" if self.name == "sft" else "latro"
+        self.train_dataset = fit_to_context(
+            tokenizer, train_dataset, config, context, use=use, source="train_dataset"
+        )
+        self.eval_dataset = None
+        if eval_dataset is not None:
+            self.eval_dataset = fit_to_context(
+                tokenizer, eval_dataset, config, context, use="eval", source="eval_dataset"
+            )
         self.eval_kind = eval_kind
         if config.threads:
             torch.set_num_threads(config.threads)
         if config.deterministic:
             torch.use_deterministic_algorithms(True)
         seed_everything(config.seed)
-        self.device = resolve_device(config.device)
-        self.model = self._prepare_model(model.to(self.device))
+        self.dist = Distributed(config, resolve_device(config.device))
+        self.device = self.dist.device
         self.autocast = self.device.type == "cuda" and config.bf16 != "off" or config.bf16 == "on"
+        self.model = self.dist.prepare(
+            self._prepare_model(model.to(self.device)), bf16=self.autocast
+        )
+        self._scorer = self.dist.scorer(self.model)  # score_sequences(self.model, ...), DDP-aware
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the model has no trainable parameters")
@@ -111,7 +134,9 @@ class _Trainer:
     # ------------------------------------------------------------------ set-up
     def _prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         if self.config.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
-            model.gradient_checkpointing_enable()
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}  # works under DDP
+            )
         if self.config.lora_rank:
             try:
                 from peft import LoraConfig, get_peft_model
@@ -148,6 +173,12 @@ class _Trainer:
             self.index += 1
         return batch
 
+    def _next_shard(self) -> tuple[list[Example], int]:
+        """This process's ``prompts_per_step`` slice of the next global batch (the same global
+        order on every rank), and the global index of its first prompt."""
+        world = self.dist.world_size
+        return self.dist.shard(self._next_examples(self.config.prompts_per_step * world))
+
     # ------------------------------------------------------------------ checkpoints
     def _trainer_state(self) -> dict[str, Any]:
         return {
@@ -160,7 +191,7 @@ class _Trainer:
         }
 
     def save_checkpoint(self) -> Path:
-        return ckpt.save_checkpoint(
+        return self.dist.save_checkpoint(
             self.output_dir,
             self.step,
             model=self.model,
@@ -172,7 +203,7 @@ class _Trainer:
         )
 
     def resume_from(self, path: str | Path) -> None:
-        state = ckpt.load_checkpoint(
+        state = self.dist.load_checkpoint(
             path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler
         )
         self.step = int(state["step"])
@@ -183,18 +214,25 @@ class _Trainer:
         logger.info("resumed from %s at step %d", path, self.step)
 
     # ------------------------------------------------------------------ optimizer step
-    def _apply_gradients(self) -> tuple[float, bool]:
-        """Clips and steps; a non-finite gradient skips the step (counted) instead."""
+    def _apply_gradients(self, loss: float = 0.0) -> tuple[float, bool]:
+        """Clips and steps; a non-finite gradient or ``loss`` (on any rank) skips the step
+        (counted) instead."""
         params = [p for p in self.model.parameters() if p.requires_grad]
-        norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm or float("inf"))
-        finite = bool(torch.isfinite(norm))
+        norm = self.dist.clip_grad_norm(params, self.config.max_grad_norm or float("inf"))
+        bad_loss = self.dist.reduce_metrics({"bad_loss": float(not math.isfinite(loss))})
+        finite = bool(torch.isfinite(norm)) and bad_loss["bad_loss"] == 0.0
         if finite:
             self.optimizer.step()
             self.nonfinite_in_a_row = 0
         else:
             self.skipped_steps += 1
             self.nonfinite_in_a_row += 1
-            logger.warning("step %d: non-finite gradient norm, update skipped", self.step + 1)
+            logger.warning(
+                "step %d: non-finite loss (%s) or gradient norm (%s), update skipped",
+                self.step + 1,
+                loss,
+                float(norm),
+            )
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         return float(norm), finite
@@ -212,36 +250,44 @@ class _Trainer:
             if latest is not None:
                 self.resume_from(latest)
                 resume_step = self.step
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        config.save_yaml(self.output_dir / "config.yaml")
-        log = MetricsLog(
-            self.output_dir / "metrics.jsonl",
-            resume_step=resume_step,
-            tensorboard_dir=self.output_dir / "tensorboard" if config.tensorboard else None,
-        )
+        main = self.dist.is_main  # only rank 0 writes logs, config and plots
+        log = None
+        if main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            config.save_yaml(self.output_dir / "config.yaml")
+            log = MetricsLog(
+                self.output_dir / "metrics.jsonl",
+                resume_step=resume_step,
+                tensorboard_dir=self.output_dir / "tensorboard" if config.tensorboard else None,
+            )
         bar = tqdm(
-            total=config.steps, initial=self.step, desc=self.name, disable=not config.progress
+            total=config.steps,
+            initial=self.step,
+            desc=self.name,
+            disable=not (config.progress and main),
         )
         try:
             while self.step < config.steps:
-                record = self.train_step()
+                record = self.dist.reduce_metrics(self.train_step())
                 self.step += 1
                 record = {"step": self.step, "lr": self.scheduler.get_last_lr()[0], **record}
                 if config.eval_every and self.eval_dataset and self.step % config.eval_every == 0:
                     result = self.evaluate(maj_k=0)
                     record["eval_greedy_accuracy"] = result.greedy_accuracy
-                if self.step % config.log_every == 0 or self.step == config.steps:
+                if log and (self.step % config.log_every == 0 or self.step == config.steps):
                     log.write(record)
                 bar.update(1)
                 bar.set_postfix(
                     {k: f"{record[k]:.3g}" for k in ("loss", "reward_mean") if k in record}
                 )
-                limit = 5
-                if self.nonfinite_in_a_row >= limit:
+                limit = config.max_nonfinite_steps
+                if limit and self.nonfinite_in_a_row >= limit:
                     path = self.save_checkpoint()
                     raise TrainingError(
-                        f"{limit} non-finite steps in a row at step {self.step}; "
-                        f"stopped and saved {path}"
+                        f"{limit} non-finite steps in a row (loss or gradients NaN/inf; no "
+                        f"update since step {self.step - limit}) at step {self.step}: stopped "
+                        f"and saved {path}. Lower the learning rate or check the data, then "
+                        "resume (max_nonfinite_steps sets the limit)."
                     )
                 if (
                     config.save_every and self.step % config.save_every == 0
@@ -249,9 +295,11 @@ class _Trainer:
                     self.save_checkpoint()
         finally:
             bar.close()
-            log.close()
+            if log:
+                log.close()
+        self.dist.barrier()
         records = read_metrics(self.output_dir / "metrics.jsonl")
-        if config.plot:
+        if config.plot and main:
             plot_curves(
                 records, self.output_dir / "training_curves.png", title=f"{self.name} training"
             )
@@ -269,7 +317,7 @@ class _Trainer:
         examples = dataset if dataset is not None else self.eval_dataset
         if not examples:
             raise ValueError("no evaluation dataset")
-        with self._autocast():
+        with self.dist.full_params(self.model), self._autocast():
             result = evaluate_model(
                 self.model,
                 self.tokenizer,
@@ -280,7 +328,7 @@ class _Trainer:
                 seed=self.config.seed + 17,
                 device=self.device,
             )
-        if write_path is not None:
+        if write_path is not None and self.dist.is_main:
             write_eval_jsonl(result, write_path)
         return result
 
@@ -311,16 +359,19 @@ class LatroTrainer(_Trainer):
         super().__init__(model, tokenizer, train_dataset, config, eval_dataset, eval_kind=eval_kind)
         self.ref_model = ref_model
         if ref_model is not None:
-            self.ref_model = ref_model.to(self.device).eval().requires_grad_(False)
+            frozen = ref_model.to(self.device).eval().requires_grad_(False)
+            self.ref_model = self.dist.prepare(frozen, bf16=self.autocast)
         self.stops = stop_token_sequences(tokenizer, config.stop_strings, include_eos=True)
 
-    def _rollout(self, examples: list[Example]) -> tuple[Rollout, list[list[int]]]:
+    def _rollout(self, examples: list[Example], first: int) -> tuple[Rollout, list[list[int]]]:
+        """Samples k rationales per example; ``first`` is the global index of ``examples[0]``:
+        rows are seeded by global index, so any world size draws the same rationales."""
         config = self.config
         prompt_ids, prompt_mask = encode_prompts(self.tokenizer, examples, config, self.device)
         answers = encode_answers(self.tokenizer, examples, config)
         self.model.eval()  # sample without dropout
         try:
-            with self._autocast():
+            with self.dist.full_params(self.model), self._autocast():
                 rollout = sample_rationales(
                     self.model,
                     prompt_ids,
@@ -334,6 +385,7 @@ class LatroTrainer(_Trainer):
                     top_k=config.top_k,
                     top_p=config.top_p,
                     min_p=config.min_p,
+                    sample_ids=torch.arange(first * config.k, (first + len(examples)) * config.k),
                 )
         finally:
             self.model.train()
@@ -342,7 +394,6 @@ class LatroTrainer(_Trainer):
 
     def _score(
         self,
-        model,
         rollout: Rollout,
         rows: torch.Tensor,
         answers: list[list[int]] | None,
@@ -350,8 +401,7 @@ class LatroTrainer(_Trainer):
     ):
         idx = rows.tolist()
         with self._autocast():
-            return score_sequences(
-                model,
+            return self._scorer(
                 rollout.prompt_ids[rows],
                 rollout.prompt_mask[rows],
                 rollout.rationale_ids[rows],
@@ -370,13 +420,14 @@ class LatroTrainer(_Trainer):
                 rollout.rationale_ids[rows],
                 rollout.rationale_lengths[rows],
                 micro_batch_size=self.config.micro_batch_size * 4,
+                fast_path=self.dist.fast_path,
             ).rationale_logp
 
     def train_step(self) -> dict[str, Any]:
         config = self.config
         start = time.perf_counter()
-        examples = self._next_examples(config.prompts_per_step)
-        rollout, answers = self._rollout(examples)
+        examples, first = self._next_shard()
+        rollout, answers = self._rollout(examples, first)
         rollout_time = time.perf_counter() - start
         total = rollout.batch_size
         device = rollout.prompt_ids.device
@@ -390,44 +441,45 @@ class LatroTrainer(_Trainer):
         advantages = None
         if not fused:
             with torch.no_grad():
-                scores = self._score(
-                    self.model, rollout, all_rows, answers, micro_batch_size=mb * 4
-                )
+                scores = self._score(rollout, all_rows, answers, micro_batch_size=mb * 4)
             ref = self._reference(rollout, all_rows)
+            # Batch-wide rewards (batch_mean penalty) and stats over the global batch.
             advantages, stats = batch_advantages(
-                scores.answer_logp,
-                scores.rationale_logp,
-                ref,
-                rollout.finished,
+                *self.dist.gather_rows(
+                    scores.answer_logp, scores.rationale_logp, ref, rollout.finished
+                ),
                 k=config.k,
                 kl_coef=config.kl_coef,
                 nonstop_penalty=config.nonstop_penalty,
                 penalty_mode=config.penalty_mode,
             )
+            advantages = self.dist.shard(advantages)[0]
         score_time = time.perf_counter() - start - rollout_time
         sums: dict[str, float] = {}
         for begin in range(0, total, mb):
             rows = all_rows[begin : begin + mb]
             weight = len(rows) / total
             ref_mb = self._reference(rollout, rows) if fused else None
-            scores = self._score(self.model, rollout, rows, answers)
-            with self._autocast():
-                loss, mb_stats = latro_loss(
-                    scores.answer_logp,
-                    scores.rationale_logp,
-                    ref_mb if fused else torch.zeros_like(scores.rationale_logp),
-                    rollout.finished[rows],
-                    k=config.k,
-                    kl_coef=config.kl_coef,
-                    sft_weight=config.sft_weight,
-                    nonstop_penalty=config.nonstop_penalty,
-                    penalty_mode=config.penalty_mode,
-                    advantages=None if fused else advantages[rows],
-                )
-            (loss * weight).backward()
+            # gradients cross ranks once per step: in the last micro-batch's backward
+            with self.dist.gradient_sync(begin + mb >= total):
+                scores = self._score(rollout, rows, answers)
+                with self._autocast():
+                    loss, mb_stats = latro_loss(
+                        scores.answer_logp,
+                        scores.rationale_logp,
+                        ref_mb if fused else torch.zeros_like(scores.rationale_logp),
+                        rollout.finished[rows],
+                        k=config.k,
+                        kl_coef=config.kl_coef,
+                        sft_weight=config.sft_weight,
+                        nonstop_penalty=config.nonstop_penalty,
+                        penalty_mode=config.penalty_mode,
+                        advantages=None if fused else advantages[rows],
+                    )
+                (loss * weight).backward()
             for key, value in mb_stats.items():
                 sums[key] = sums.get(key, 0.0) + value * weight
-        grad_norm, finite = self._apply_gradients()
+        grad_norm, finite = self._apply_gradients(sums.get("loss", 0.0))
         elapsed = time.perf_counter() - start
         lengths = rollout.rationale_lengths.float()
         tokens = int(rollout.rationale_lengths.sum()) + int(rollout.prompt_mask.sum())
@@ -457,7 +509,7 @@ class SFTTrainer(_Trainer):
     def train_step(self) -> dict[str, Any]:
         config = self.config
         start = time.perf_counter()
-        examples = self._next_examples(config.prompts_per_step)
+        examples, _ = self._next_shard()
         prompt_ids, prompt_mask = encode_prompts(self.tokenizer, examples, config, self.device)
         answers = encode_answers(self.tokenizer, examples, config)
         empty = torch.zeros((len(examples), 0), dtype=torch.int64, device=self.device)
@@ -465,20 +517,20 @@ class SFTTrainer(_Trainer):
         total, loss_sum = len(examples), 0.0
         for begin in range(0, total, config.micro_batch_size):
             sl = slice(begin, begin + config.micro_batch_size)
-            with self._autocast():
-                scores = score_sequences(
-                    self.model,
-                    prompt_ids[sl],
-                    prompt_mask[sl],
-                    empty[sl],
-                    no_rationale[sl],
-                    answers[sl],
-                )
-                loss = -scores.answer_logp.mean()
-            weight = scores.answer_logp.shape[0] / total
-            (loss * weight).backward()
+            with self.dist.gradient_sync(begin + config.micro_batch_size >= total):
+                with self._autocast():
+                    scores = self._scorer(
+                        prompt_ids[sl],
+                        prompt_mask[sl],
+                        empty[sl],
+                        no_rationale[sl],
+                        answers[sl],
+                    )
+                    loss = -scores.answer_logp.mean()
+                weight = scores.answer_logp.shape[0] / total
+                (loss * weight).backward()
             loss_sum += float(loss.detach()) * weight
-        grad_norm, finite = self._apply_gradients()
+        grad_norm, finite = self._apply_gradients(loss_sum)
         elapsed = time.perf_counter() - start
         return {
             "loss": loss_sum,

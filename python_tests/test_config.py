@@ -48,6 +48,25 @@ def test_yaml_and_overrides(tmp_path):
         ({"warmup_steps": 200, "steps": 100}, "warmup_steps"),
         ({"device": "tpu"}, "device"),
         ({"adam_betas": [0.9]}, "adam_betas must have 2 items"),
+        # issue 5: K < 2, wrong types, non-finite numbers and impossible combinations
+        ({"k": 0}, "k must be >= 1"),
+        ({"k": True}, "k must be an integer"),
+        ({"learning_rate": "fast"}, "learning_rate must be a number"),
+        ({"stop_strings": 5}, "stop_strings must be a list"),
+        ({"kl_coef": float("nan")}, "kl_coef must be a finite number"),
+        ({"eval_temperature": float("nan")}, "eval_temperature must be a finite number"),
+        ({"nonstop_penalty": float("-inf")}, "nonstop_penalty must be a finite number"),
+        ({"max_grad_norm": -1.0}, "max_grad_norm must be >= 0"),
+        ({"max_nonfinite_steps": -1}, "max_nonfinite_steps must be >= 0"),
+        ({"adam_betas": [0.9, 1.0]}, r"adam_betas must both be in \[0, 1\)"),
+        ({"lora_dropout": 1.0}, "lora_dropout"),
+        ({"lora_rank": 8, "lora_target_modules": []}, "lora_target_modules"),
+        ({"prompt_template": "{question} and {hint}"}, "only placeholder"),
+        ({"answer_template": "{answer} {0}"}, "only placeholder"),
+        ({"device": "cuda:one"}, "device"),
+        ({"on_data_error": "ignore"}, "on_data_error must be 'skip' or 'raise'"),
+        ({"top_k": -1}, "top_k must be >= 0"),
+        ({"min_p": 2.0}, "min_p"),
     ],
 )
 def test_rejects_bad_settings(values, match):
@@ -69,3 +88,34 @@ def test_describe_lists_every_option_with_help():
     for name in LatroConfig.__dataclass_fields__:
         assert f"--{name} " in text
     assert "paper: 16" in text
+
+
+def test_numbers_without_a_dot_and_the_batch_is_whole_groups():
+    # YAML reads 1e-6 as a string; the config takes it as the number it spells.
+    c = LatroConfig.from_yaml(None, ["--learning_rate", "1e-6", "--k", "4", "prompts_per_step=5"])
+    assert c.learning_rate == 1e-6
+    # The rollout batch is prompts_per_step groups of k: leave-one-out always has whole groups.
+    assert c.rollout_batch_size == 20 and c.rollout_batch_size % c.k == 0
+    assert LatroConfig(max_nonfinite_steps=0).max_nonfinite_steps == 0  # 0: never stop
+
+
+def test_the_cli_rejects_a_bad_config_before_loading_anything(tmp_path, capsys, monkeypatch):
+    from latro_engine import cli
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(cli, "_load_model", no_model)
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"question": "q", "answer": "#### 1"}\n')
+    for override, reason in [
+        (["--k", "1"], "k must be >= 2"),
+        (["--colour", "blue"], "unknown config key(s): colour"),
+        (["--steps", "many"], "steps must be an integer"),
+        (["--warmup_steps", "9", "--steps", "3"], "warmup_steps (9) exceeds steps (3)"),
+    ]:
+        code = cli.main(
+            ["train", "--model", str(tmp_path / "none"), "--train-data", str(data), *override]
+        )
+        assert code == 2
+        assert reason in capsys.readouterr().err

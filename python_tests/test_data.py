@@ -151,6 +151,31 @@ def test_bom_and_crlf_tolerated(tmp_path):
     assert [e.id for e in load_gsm8k(path, on_error="raise")] == ["a", "b"]
 
 
+def test_truncated_jsonl_names_the_cut_line(tmp_path):
+    path = tmp_path / "cut.jsonl"
+    path.write_bytes(_row("a") + _row("b")[:20])  # the file stops inside row 2
+    with pytest.raises(DataError, match=r"line 2: invalid JSON .*truncated\?"):
+        load_gsm8k(path, on_error="raise")
+    assert [e.id for e in load_gsm8k(path)] == ["a"]
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-32"])
+def test_wide_encodings_are_rejected_as_a_whole(tmp_path, encoding):
+    path = tmp_path / "wide.jsonl"
+    path.write_bytes(_row("a").decode().encode(encoding))  # with its byte-order mark
+    for mode in ("skip", "raise"):
+        with pytest.raises(DataError, match=f"{encoding.upper()}-encoded; convert it to UTF-8"):
+            load_gsm8k(path, on_error=mode)
+
+
+def test_truncated_csv_names_the_unclosed_quote(tmp_path):
+    path = tmp_path / "cut.csv"
+    path.write_bytes(b'question,answer\nq1,1\n"q2 is cut off,2\nq3,3\n')
+    with pytest.raises(DataError, match=r"line 3: invalid CSV .*never closed \(truncated\?\)"):
+        load_records(path, on_error="raise")
+    assert [e.question for e in load_records(path)] == ["q1"]
+
+
 # ------------------------------------------------------------------------ generic records
 
 
@@ -340,3 +365,67 @@ def test_answer_text():
     assert answer_text("72") == "The answer is 72."
     assert answer_text("(B) water") == "The answer is (B) water."
     assert answer_text("5", template="Answer: {answer}") == "Answer: 5"
+
+
+# ------------------------------------------------------------------------ prompt lengths
+
+
+def _lengths_case():
+    import tiny
+
+    from latro_engine.config import LatroConfig
+
+    examples = [
+        Example(id="short", question="2+2?", answer="4", source_line=1),
+        Example(id="long", question="x" * 300, answer="4", source_line=2),
+        Example(id="short2", question="3+3?", answer="6", source_line=3),
+    ]
+    config = LatroConfig(k=2, max_rationale_tokens=40, use_chat_template="off", progress=False)
+    return tiny.tokenizer(), examples, config
+
+
+def test_prompts_longer_than_the_context_are_skipped_with_their_line(caplog):
+    from latro_engine.generation import fit_to_context
+
+    tok, examples, config = _lengths_case()
+    with caplog.at_level(logging.WARNING, logger="latro_engine.generation"):
+        kept = fit_to_context(tok, examples, config, 256, use="latro", source="train.jsonl")
+    assert [e.id for e in kept] == ["short", "short2"]
+    assert any(
+        "train.jsonl: line 2: example 'long'" in r.getMessage()
+        and "more than the model's context of 256 tokens" in r.getMessage()
+        for r in caplog.records
+    )
+    # The rationale limit counts for LaTRO, not for SFT: a tighter context drops more.
+    assert fit_to_context(tok, examples[:1], config, 60, use="sft", source="s") == examples[:1]
+    with pytest.raises(DataError, match="line 1: example 'short'"):
+        fit_to_context(tok, examples[:1], config, 60, use="latro", source="s")
+    assert fit_to_context(tok, examples, config, None, use="latro", source="s") == examples
+
+
+def test_prompts_longer_than_the_context_raise_when_asked():
+    import dataclasses
+
+    from latro_engine.generation import fit_to_context
+
+    tok, examples, config = _lengths_case()
+    strict = dataclasses.replace(config, on_data_error="raise")
+    with pytest.raises(DataError, match=r"train.jsonl: line 2: example 'long': its prompt is"):
+        fit_to_context(tok, examples, strict, 256, use="latro", source="train.jsonl")
+
+
+def test_trainer_checks_prompt_lengths_before_any_step(tmp_path):
+    import dataclasses
+
+    import tiny
+
+    from latro_engine.trainer import LatroTrainer
+
+    data = tiny.examples(4) + [Example(id="long", question="1" * 400, answer="1", source_line=5)]
+    config = tiny.config(tmp_path, on_data_error="raise")
+    with pytest.raises(DataError, match="train_dataset: line 5: example 'long'"):
+        LatroTrainer(tiny.model(), tiny.tokenizer(), data, config)
+    skip = dataclasses.replace(config, on_data_error="skip")
+    trainer = LatroTrainer(tiny.model(), tiny.tokenizer(), data, skip, eval_dataset=data)
+    assert [e.id for e in trainer.train_dataset] == [e.id for e in data[:4]]
+    assert len(trainer.eval_dataset) == 4

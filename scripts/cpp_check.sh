@@ -8,7 +8,8 @@
 #   CMAKE_ARGS="-DLATRO_ENABLE_CUDA=OFF" scripts/cpp_check.sh
 #
 # Environment: JOBS (default 2), BUILD_DIR (default build/cpp), CMAKE_ARGS (extra configure
-# arguments), LATRO_SANITIZE (ON/OFF, default OFF).
+# arguments), LATRO_SANITIZE (ON/OFF, default OFF), CTEST_ARGS (extra ctest arguments, e.g.
+# "-E vocab32000" to leave out the largest cases).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -20,6 +21,12 @@ INSTALL_DIR="${BUILD_DIR}-install"
 EXAMPLE_DIR="${BUILD_DIR}-embed_scorer"
 SANITIZE="${LATRO_SANITIZE:-OFF}"
 read -r -a EXTRA_ARGS <<< "${CMAKE_ARGS:-}"
+read -r -a EXTRA_CTEST_ARGS <<< "${CTEST_ARGS:-}"
+if [[ "$SANITIZE" == "ON" ]]; then
+  # Any report fails the run: leaks, out-of-bounds access, undefined behaviour.
+  export ASAN_OPTIONS="${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=1:strict_string_checks=1}"
+  export UBSAN_OPTIONS="${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}"
+fi
 
 step() { printf '\n== %s\n' "$*"; }
 
@@ -47,7 +54,7 @@ cmake --build "$BUILD_DIR" --parallel "$JOBS"
 
 # -- 3. tests ---------------------------------------------------------------------------------
 step "ctest"
-ctest --test-dir "$BUILD_DIR" --output-on-failure --parallel "$JOBS"
+ctest --test-dir "$BUILD_DIR" --output-on-failure --parallel "$JOBS" "${EXTRA_CTEST_ARGS[@]}"
 
 # -- 4. install + outside consumer ------------------------------------------------------------
 step "installing into $INSTALL_DIR"

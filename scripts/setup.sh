@@ -19,7 +19,7 @@ source .venv/bin/activate
 pip_quiet() { python -m pip install --quiet --disable-pip-version-check "$@" 2>&1 | grep -v "is ignored" || true; }
 
 pip_quiet "${LATRO_TORCH_SPEC:-torch==2.13.0}"
-pip_quiet numpy pytest ruff ninja setuptools wheel transformers sentencepiece safetensors pyyaml tqdm matplotlib peft
+pip_quiet numpy pytest hypothesis ruff ninja setuptools wheel transformers sentencepiece safetensors pyyaml tqdm matplotlib peft
 python -c "import torch" || { echo "setup: torch failed to install" >&2; exit 1; }
 
 echo "setup: building the native extension (a few minutes on 2 cores)"

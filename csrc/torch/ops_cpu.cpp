@@ -4,16 +4,20 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cmath>
+
 #include "ops.h"
 
 namespace latro_torch {
 namespace {
 
 // Logits rows must be dense along the vocabulary and must not overlap (expanded tensors).
+// A copy with standard strides otherwise: not contiguous(), which returns a [N, 1] view with
+// stride(-1) != 1 as it is (torch ignores the strides of size-1 dimensions).
 at::Tensor rows_for_core(const at::Tensor& t) {
   const bool dense_last = t.stride(-1) == 1;
   const bool overlapping = t.dim() >= 2 && t.size(-2) > 1 && t.stride(-2) < t.size(-1);
-  return dense_last && !overlapping ? t : t.contiguous();
+  return dense_last && !overlapping ? t : t.clone(at::MemoryFormat::Contiguous);
 }
 
 const char* bytes(const at::Tensor& t) { return static_cast<const char*>(t.data_ptr()); }
@@ -132,6 +136,9 @@ std::tuple<at::Tensor, at::Tensor> sample_cpu(const at::Tensor& logits_in, const
   const int64_t rows = logits.size(0);
   at::Tensor ids = at::empty({rows}, logits.options().dtype(at::kLong));
   at::Tensor logprobs = at::empty({rows}, logits.options().dtype(at::kFloat));
+  // Checked here too so that an empty batch fails like a full one (the core never runs then).
+  const int64_t offset_value = offset.item<int64_t>();
+  TORCH_CHECK_VALUE(offset_value >= 0, "offset must be >= 0, got ", offset_value);
   if (rows == 0) return {ids, logprobs};
   latro::SampleArgs args;
   args.logits = logits.data_ptr();
@@ -206,8 +213,11 @@ at::Tensor stop_positions_step_cpu(const at::Tensor& tokens, const at::Tensor& s
   const int64_t rows = tokens.size(0), len = tokens.size(1);
   const at::Tensor positions = positions_in.contiguous();
   at::Tensor out = at::empty({rows}, tokens.options());
-  if (rows == 0) return out;
   const int64_t step_value = step.item<int64_t>();
+  // Checked before the empty-batch return so that an empty batch fails like a full one.
+  TORCH_CHECK_VALUE(step_value >= 0 && step_value < len, "step must be in [0, ", len, "), got ",
+                    step_value);
+  if (rows == 0) return out;
   call_core([&] {
     latro::stop_positions_step(table.tokens.data_ptr<int64_t>(), rows, len, len, table.view(),
                                step_value, start, positions.data_ptr<int64_t>(),
@@ -233,6 +243,11 @@ at::Tensor latro_rewards_cpu(const at::Tensor& answer_logp, const at::Tensor& ra
                              c10::string_view penalty_mode_view) {
   const std::string penalty_mode(penalty_mode_view);
   check_latro_rewards(answer_logp, rationale_logp, ref_rationale_logp, finished, penalty_mode);
+  // Named with the caller's value: 1e300 is finite as a double but not as the core's float.
+  TORCH_CHECK_VALUE(std::isfinite(static_cast<float>(kl_coef)),
+                    "kl_coef must be finite in float32, got ", kl_coef);
+  TORCH_CHECK_VALUE(std::isfinite(static_cast<float>(nonstop_penalty)),
+                    "nonstop_penalty must be finite in float32, got ", nonstop_penalty);
   const at::Tensor a = answer_logp.contiguous(), r = rationale_logp.contiguous(),
                    ref = ref_rationale_logp.contiguous(), f = finished.contiguous();
   at::Tensor out = at::empty_like(a);
