@@ -4,6 +4,11 @@ Each wrapper runs the native kernel (``torch.ops.latro_engine.*``) or the pure-t
 in :mod:`latro_engine.reference`, chosen per call by :func:`latro_engine._extension.use_native`.
 Both backends return the same results and raise the same errors (``TypeError`` for a wrong
 dtype, ``ValueError`` for other bad input, each naming the argument).
+
+On CUDA, errors that depend on tensor contents (a target out of range, a NaN logit, an offset
+held on the device) are found by the kernels; to raise them the op waits for the GPU once per
+call. It never waits while a CUDA graph is being captured, nor with ``LATRO_CUDA_CHECKS=off``
+(for decode loops): bad rows then come back as NaN log-probabilities or id -1 instead.
 """
 
 from __future__ import annotations
@@ -104,7 +109,8 @@ def sample(
         seed: an int (one stream per row index) or an int64 tensor ``[B]`` (each row its own
             seed, so a row's draws do not depend on where it sits in the batch).
         offset: the decode step, an int or a 0-d int64 tensor on the logits' device (keeps the
-            device path free of host synchronization and CUDA-graph capturable).
+            device path free of host synchronization and CUDA-graph capturable; an int is
+            copied to the device on every call, and a seed too).
         temperature: 0 means greedy. top_k (0 = off), top_p (1 = off), min_p (0 = off):
             top-k and min-p first, then top-p over the renormalized survivors; ties at a
             threshold are kept.

@@ -1,0 +1,789 @@
+"""GPU benchmarks of the CUDA backend: ours against the plain-torch way, measured in one run.
+
+Each section prints one markdown table (ours, the torch way, the floor, the ratios the issue
+"The CUDA backend and GPU speed" sets as targets), and ``--json PATH`` writes every number:
+
+* ``scorer``: ``ops.linear_token_logprobs`` on bfloat16 ``hidden [N, D]`` and ``weight [V, D]``
+  (N=16,384, D=4,096, V=128,256), forward and forward + backward, against the bare LM-head
+  matmul (the floor; three matmuls with the backward) and ``log_softmax(logits.float())`` +
+  ``gather``, with the peak memory each needs beyond its inputs (and outputs and gradients).
+* ``sample``: ``ops.sample`` on float32 ``[256, 128,256]`` logits (``randn * 2``) against
+  ``torch.multinomial`` on the softmax, the sort-based top-p of Hugging Face's warpers, and one
+  read of the logits (``amax``) as the floor. Ours runs with device seed and offset tensors and
+  ``LATRO_CUDA_CHECKS=off`` (no host synchronization, as in a decode loop); one row shows the
+  default, which reads the error status back after each call.
+* ``rollout``: decoding with a random 1.5B-parameter Llama-shaped model (hidden 2048, 16 layers,
+  32 heads, 8 KV heads, vocabulary 128,256, bfloat16), batch 64, 128-token prompts, 256 new
+  tokens: Hugging Face ``generate``, a static KV cache with the decode step compiled by
+  ``torch.compile(mode="reduce-overhead")`` (CUDA graphs), and ours
+  (``latro_engine.rollout.sample_rationales``). Per-step time = (time for 256 tokens - time for
+  1 token) / 255, so the prefill is not counted.
+* ``latro``: one whole LaTRO step (K=16, 3 prompts, L=500, 128-token prompts, same model in
+  float32 with bfloat16 autocast, AdamW, micro-batches of 4) done the reference
+  implementation's way (:func:`reference_pattern_step`, after /work/shared/LATRO.md) and ours
+  (:func:`ours_step`, the engine's rollout, scoring and objective as ``LatroTrainer`` calls
+  them), with rationales that never stop (a random model) and with rationales that stop at a
+  realistic length (a stop set of V/150 single tokens: about 150 tokens on average).
+
+Times are CUDA-event medians after warm-up. Without a CUDA device the script says so and exits
+0; ``--cpu-smoke`` runs every section at toy sizes on the CPU to check the code paths (its
+numbers mean nothing). Run on a GPU machine through ``benchmarks/gpu_check.sh``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+RESULTS: dict[str, list[dict[str, Any]]] = {}
+SMOKE = False  # --cpu-smoke: every code path once, toy sizes, numbers meaningless
+
+
+# ----------------------------------------------------------------------------- measuring
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(
+    fn: Callable[[], Any], device: torch.device, *, warmup: int = 2, repeat: int = 10
+) -> float:
+    """Median wall time of fn in milliseconds (CUDA events on a GPU)."""
+    if SMOKE:
+        warmup, repeat = 0, 1
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeat):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def peak_gib(fn: Callable[[], Any], device: torch.device, exclude_bytes: int = 0) -> float | None:
+    """Peak CUDA memory fn allocates beyond what was allocated before it (its result kept
+    alive until the peak is read), minus ``exclude_bytes``; None off the GPU."""
+    if device.type != "cuda":
+        fn()
+        return None
+    _sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    result = fn()
+    _sync(device)
+    peak = torch.cuda.max_memory_allocated(device) - base - exclude_bytes
+    del result
+    return peak / 2**30
+
+
+@contextlib.contextmanager
+def cuda_checks(mode: str | None):
+    """Sets LATRO_CUDA_CHECKS for the duration (None: unset, the default)."""
+    old = os.environ.pop("LATRO_CUDA_CHECKS", None)
+    if mode is not None:
+        os.environ["LATRO_CUDA_CHECKS"] = mode
+    try:
+        yield
+    finally:
+        os.environ.pop("LATRO_CUDA_CHECKS", None)
+        if old is not None:
+            os.environ["LATRO_CUDA_CHECKS"] = old
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}"
+    return str(value)
+
+
+def table(section: str, title: str, rows: list[dict[str, Any]]) -> None:
+    RESULTS.setdefault(section, []).extend(rows)
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    print(f"\n### {title}\n")
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "|".join("---" if c == columns[0] else "---:" for c in columns) + "|")
+    for row in rows:
+        print("| " + " | ".join(_fmt(row.get(c)) for c in columns) + " |")
+    sys.stdout.flush()
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+# ----------------------------------------------------------------------------- scorer
+def bench_scorer(device: torch.device, small: bool) -> None:
+    from latro_engine import ops
+
+    n, d, v = (512, 256, 32_000) if small else (16_384, 4_096, 128_256)
+    dtype = torch.bfloat16
+    if SMOKE:  # bfloat16 matmuls crawl on CPUs without bf16 units
+        n, d, v, dtype = 64, 32, 1_000, torch.float32
+    g = torch.Generator(device=device).manual_seed(0)
+    hidden = torch.randn(n, d, device=device, generator=g).to(dtype)
+    weight = (torch.randn(v, d, device=device, generator=g) / d**0.5).to(dtype)
+    targets = torch.randint(0, v, (n,), device=device, generator=g)
+    upstream = torch.randn(n, device=device, generator=g)
+
+    def torch_fwd():
+        logits = hidden @ weight.t()
+        return torch.log_softmax(logits.float(), -1).gather(-1, targets[:, None])[:, 0]
+
+    # The default (the op waits once per chunk to raise bad-target errors), without those
+    # waits, and with chunks of 1024 rows instead of the default ~2^25 logits (261 rows here).
+    variants = [
+        ("ours", None, None),
+        ("ours, LATRO_CUDA_CHECKS=off", "off", None),
+        ("ours, checks off, chunk_size=1024", "off", 1024),
+    ]
+
+    def ours_fwd(chunk=None):
+        return ops.linear_token_logprobs(hidden, weight, targets, chunk_size=chunk)
+
+    diff = (ours_fwd() - torch_fwd()).abs().max().item()
+    rows = []
+    floor = time_ms(lambda: hidden @ weight.t(), device)
+    t_torch, m_torch = time_ms(torch_fwd, device), peak_gib(torch_fwd, device)
+    for label, mode, chunk in variants:
+        with cuda_checks(mode):
+            t_ours = time_ms(lambda c=chunk: ours_fwd(c), device)
+            m_ours = peak_gib(lambda c=chunk: ours_fwd(c), device)
+        rows.append(
+            {
+                "case": f"forward, {label}",
+                "ours ms": t_ours,
+                "torch ms": t_torch,
+                "matmul floor ms": floor,
+                "ours / floor": _ratio(t_ours, floor),
+                "torch / ours": _ratio(t_torch, t_ours),
+                "ours extra GiB": m_ours,
+                "torch extra GiB": m_torch,
+                "target": "<= 1.15x floor, < 1 GiB",
+            }
+        )
+
+    h = hidden.detach().requires_grad_()
+    w = weight.detach().requires_grad_()
+    grad_bytes = h.numel() * h.element_size() + w.numel() * w.element_size()
+
+    def ours_fb(chunk=None):
+        h.grad = w.grad = None
+        ops.linear_token_logprobs(h, w, targets, chunk_size=chunk).backward(upstream)
+        return h.grad, w.grad
+
+    def torch_fb():
+        h.grad = w.grad = None
+        logits = h @ w.t()
+        torch.log_softmax(logits.float(), -1).gather(-1, targets[:, None])[:, 0].backward(upstream)
+        return h.grad, w.grad
+
+    floor = _three_matmuls_ms(hidden, weight, device)
+    t_torch, m_torch = time_ms(torch_fb, device), peak_gib(torch_fb, device, grad_bytes)
+    for label, mode, chunk in variants:
+        with cuda_checks(mode):
+            t_ours = time_ms(lambda c=chunk: ours_fb(c), device)
+            m_ours = peak_gib(lambda c=chunk: ours_fb(c), device, grad_bytes)
+        rows.append(
+            {
+                "case": f"forward + backward, {label}",
+                "ours ms": t_ours,
+                "torch ms": t_torch,
+                "matmul floor ms": floor,
+                "ours / floor": _ratio(t_ours, floor),
+                "torch / ours": _ratio(t_torch, t_ours),
+                "ours extra GiB": m_ours,
+                "torch extra GiB": m_torch,
+                "target": "<= 1.2x floor, < 1 GiB",
+            }
+        )
+    table(
+        "scorer",
+        f"linear_token_logprobs, {str(dtype)[6:]}, N={n:,}, D={d:,}, V={v:,} (max |ours - torch| = {diff:.2e})",
+        rows,
+    )
+
+
+def _three_matmuls_ms(hidden: torch.Tensor, weight: torch.Tensor, device: torch.device) -> float:
+    """The backward's floor: the forward matmul and the two gradient matmuls."""
+    grad_logits = hidden @ weight.t()  # any [N, V] matrix of the dtype will do
+    return time_ms(
+        lambda: (hidden @ weight.t(), grad_logits @ weight, grad_logits.t() @ hidden), device
+    )
+
+
+# ----------------------------------------------------------------------------- sample
+def torch_top_p(logits: torch.Tensor, top_p: float, temperature: float = 1.0) -> torch.Tensor:
+    """Hugging Face's TopPLogitsWarper + multinomial: sort, cumsum, mask, scatter back."""
+    scores = logits / temperature
+    sorted_logits, sorted_idx = torch.sort(scores, descending=False)
+    cumulative = sorted_logits.softmax(-1).cumsum(-1)
+    remove_sorted = cumulative <= (1 - top_p)
+    remove_sorted[..., -1:] = False
+    remove = remove_sorted.scatter(1, sorted_idx, remove_sorted)
+    scores = scores.masked_fill(remove, -float("inf"))
+    return torch.multinomial(scores.softmax(-1), 1)[:, 0]
+
+
+def bench_sample(device: torch.device, small: bool) -> None:
+    from latro_engine import ops
+
+    b, v = (64, 32_000) if small else (256, 128_256)
+    if SMOKE:
+        b, v = 8, 1_000
+    g = torch.Generator(device=device).manual_seed(1)
+    logits = torch.randn(b, v, device=device, generator=g) * 2.0
+    seeds = torch.arange(b, device=device) * 7 + 1
+    offset = torch.tensor(3, device=device)
+    floor = time_ms(lambda: logits.amax(-1), device, repeat=50)
+    t_multinomial = time_ms(
+        lambda: torch.multinomial(torch.softmax(logits, -1), 1), device, repeat=50
+    )
+    t_sort_top_p = time_ms(lambda: torch_top_p(logits, 0.9), device, repeat=20)
+    cases = [
+        ("temperature 1", dict(temperature=1.0)),
+        ("top-k 50", dict(top_k=50)),
+        ("top-p 0.9", dict(top_p=0.9)),
+        ("min-p 0.05", dict(min_p=0.05)),
+        ("top-k 50, top-p 0.9, min-p 0.05", dict(top_k=50, top_p=0.9, min_p=0.05)),
+    ]
+    rows = []
+    with cuda_checks("off"):
+        for name, options in cases:
+            t = time_ms(
+                lambda o=options: ops.sample(logits, seed=seeds, offset=offset, **o),
+                device,
+                repeat=50,
+            )
+            rows.append(
+                {
+                    "case": name,
+                    "ours ms": t,
+                    "multinomial ms": t_multinomial,
+                    "sort top-p ms": t_sort_top_p,
+                    "read-once floor ms": floor,
+                    "multinomial / ours": _ratio(t_multinomial, t),
+                    "target": "<= 0.1 ms, >= 5x multinomial",
+                }
+            )
+    t = time_ms(
+        lambda: ops.sample(logits, seed=seeds, offset=offset, top_k=50, top_p=0.9),
+        device,
+        repeat=50,
+    )
+    rows.append(
+        {
+            "case": "top-k 50, top-p 0.9, default checks (one sync per call)",
+            "ours ms": t,
+            "multinomial ms": t_multinomial,
+            "read-once floor ms": floor,
+        }
+    )
+    table("sample", f"sample, float32 logits [{b}, {v:,}] (randn x 2)", rows)
+
+
+# ----------------------------------------------------------------------------- models
+def llama(device: torch.device, small: bool, dtype: torch.dtype) -> torch.nn.Module:
+    """A randomly initialized Llama-shaped causal LM: the issue's 1.5B shape, or a toy one."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if small:
+        shape = dict(
+            vocab_size=512,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    else:
+        shape = dict(
+            vocab_size=128_256,
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_hidden_layers=16,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+        )
+    config = LlamaConfig(
+        **shape,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        rope_theta=500_000.0,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config)
+    return model.to(dtype).eval()
+
+
+def random_prompts(n: int, length: int, vocab: int, device: torch.device, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (n, length), generator=g).to(device)
+    return ids, torch.ones_like(ids)
+
+
+def _cache_kwarg(model: torch.nn.Module) -> str:
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def hf_generate(model, ids, mask, new_tokens: int):
+    return model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        do_sample=True,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        pad_token_id=0,
+    )
+
+
+def static_compiled_decoder(model, batch: int, max_len: int, device: torch.device):
+    """The best plain-torch loop: a static KV cache and the decode step (forward + softmax +
+    multinomial) compiled with torch.compile(mode="reduce-overhead"), i.e. CUDA graphs."""
+    from transformers import StaticCache
+
+    cache_name = _cache_kwarg(model)
+    cache = StaticCache(config=model.config, max_cache_len=max_len)
+
+    def forward(tokens, positions):
+        out = model(
+            input_ids=tokens,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+            **{cache_name: cache},
+        )
+        probs = torch.softmax(out.logits[:, -1].float(), -1)
+        return torch.multinomial(probs, 1)
+
+    step = torch.compile(forward, mode="reduce-overhead") if device.type == "cuda" else forward
+
+    def run(ids, new_tokens: int):
+        cache.reset()
+        p = ids.shape[1]
+        positions = torch.arange(p, device=device)[None].expand(batch, p)
+        token = forward(ids, positions)  # the prefill, eager
+        for i in range(new_tokens - 1):
+            token = step(token, torch.full((batch, 1), p + i, device=device)).clone()
+        return token
+
+    return run
+
+
+def ours_rollout(model, ids, mask, new_tokens: int, stops=(), k: int = 1, seed: int = 0):
+    from latro_engine.rollout import sample_rationales
+
+    return sample_rationales(
+        model,
+        ids,
+        mask,
+        k=k,
+        max_new_tokens=new_tokens,
+        stop_sequences=list(stops),
+        pad_token_id=0,
+        seed=seed,
+    )
+
+
+def bench_rollout(device: torch.device, small: bool) -> None:
+    batch, prompt, new = (4, 8, 16) if small else (64, 128, 256)
+    model = llama(device, small, torch.bfloat16)
+    ids, mask = random_prompts(batch, prompt, model.config.vocab_size, device)
+
+    def per_step(run: Callable[[int], Any]) -> float:
+        run(4)  # warm-up (and compilation)
+        one = time_ms(lambda: run(1), device, warmup=0, repeat=1)
+        full = time_ms(lambda: run(new), device, warmup=0, repeat=1)
+        return (full - one) / (new - 1)
+
+    results: dict[str, float | str] = {}
+    runners = {
+        "Hugging Face generate": lambda n: hf_generate(model, ids, mask, n),
+        "static cache + torch.compile reduce-overhead": None,
+        "ours (sample_rationales)": lambda n: ours_rollout(model, ids, mask, n),
+    }
+    for name, run in runners.items():
+        try:
+            with torch.no_grad():
+                if run is None:
+                    decoder = static_compiled_decoder(model, batch, prompt + new, device)
+                    run = lambda n, decoder=decoder: decoder(ids, n)  # noqa: E731
+                results[name] = per_step(run)
+        except Exception as error:  # one failed baseline must not hide the others
+            results[name] = f"failed: {type(error).__name__}: {error}"[:200]
+    ours = results["ours (sample_rationales)"]
+    rows = []
+    for name, value in results.items():
+        ms = value if isinstance(value, float) else None
+        rows.append(
+            {
+                "implementation": name,
+                "ms per step": ms if ms is not None else value,
+                "this / ours": _ratio(ms, ours) if isinstance(ours, float) else None,
+            }
+        )
+    rows.append(
+        {
+            "implementation": "targets",
+            "ms per step": "ours >= 8x faster than generate, <= 0.8x the compiled static loop",
+        }
+    )
+    table(
+        "rollout",
+        f"rollout decoding, batch {batch}, {prompt}-token prompts, {new} new tokens, "
+        f"{sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters, bf16",
+        rows,
+    )
+
+
+# ----------------------------------------------------------------------------- LaTRO step
+def _cut(
+    rationales: torch.Tensor, stops: list[list[int]], pad: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rationales cut at the first stop sequence (matched by token ids), the rest padding."""
+    from latro_engine import reference
+
+    lengths = (
+        reference.stop_positions(rationales, stops)
+        if stops
+        else torch.full((rationales.shape[0],), rationales.shape[1], device=rationales.device)
+    )
+    beyond = torch.arange(rationales.shape[1], device=rationales.device)[None] >= lengths[:, None]
+    return rationales.masked_fill(beyond, pad), lengths
+
+
+def _left_pad(
+    parts: list[tuple[torch.Tensor, torch.Tensor]],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Concatenates (ids, mask) parts and moves every pad to the left, as the reference code."""
+    ids = torch.cat([p[0] for p in parts], 1)
+    mask = torch.cat([p[1] for p in parts], 1)
+    order = torch.argsort(mask, dim=1, stable=True)  # zeros (pads) first, real tokens in order
+    ids, mask = ids.gather(1, order), mask.gather(1, order)
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def _full_vocab_sums(model, ids, mask, positions, weight_mask) -> torch.Tensor:
+    """Sum of log p(token) over the positions in weight_mask, from a float32 log_softmax over
+    the whole vocabulary and sequence (the reference code's scoring)."""
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    logp = torch.log_softmax(logits[:, :-1].float(), -1)
+    token_logp = logp.gather(-1, ids[:, 1:, None])[..., 0]
+    return (token_logp * weight_mask[:, 1:]).sum(-1)
+
+
+def reference_pattern_step(
+    model,
+    ref_model,
+    optimizer,
+    prompt_ids,
+    prompt_mask,
+    answer,
+    *,
+    k: int,
+    max_len: int,
+    stops: list[list[int]],
+    kl_coef: float = 0.05,
+    micro: int = 4,
+    score_batch: int = 16,
+    amp: Callable[[], Any] = contextlib.nullcontext,
+) -> None:
+    """One LaTRO step the reference implementation's way (/work/shared/LATRO.md): full-length
+    sampling with ``generate`` keeping the scores, the rationales cut at stop strings
+    afterwards, three separate no-grad forwards with a float32 log_softmax over the whole
+    vocabulary and sequence (policy on x+z, reference on x+z, policy on x+z+y), leave-one-out
+    advantages with the non-stop penalty 2 x the batch's mean reward, then micro-batches of
+    ``micro`` with two grad forwards each (x+z for log p(z|x), x+z+y for log p(y|x,z)) and one
+    optimizer step. Forwards run under ``amp()``, backwards outside it (as the trainer does)."""
+    device = prompt_ids.device
+    ids = prompt_ids.repeat_interleave(k, 0)
+    mask = prompt_mask.repeat_interleave(k, 0)
+    model.eval()
+    with torch.no_grad(), amp():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=max_len,
+            min_new_tokens=max_len,
+            pad_token_id=0,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+    model.train()
+    rationale, lengths = _cut(out.sequences[:, ids.shape[1] :], stops, 0)
+    finished = lengths < max_len
+    z_mask = (torch.arange(max_len, device=device)[None] < lengths[:, None]).long()
+    y = answer.to(device)[None].expand(ids.shape[0], -1)
+    y_mask = torch.ones_like(y)
+    zero = lambda t: torch.zeros_like(t)  # noqa: E731
+    # [x, z] and [x, z, y] with pads on the left; which tokens to score, aligned the same way.
+    xz = _left_pad([(ids, mask), (rationale, z_mask)])
+    xz_w = _left_pad([(zero(ids), mask), (z_mask, z_mask)])[0]
+    xzy = _left_pad([(ids, mask), (rationale, z_mask), (y, y_mask)])
+    xzy_w = _left_pad([(zero(ids), mask), (zero(rationale), z_mask), (y_mask, y_mask)])[0]
+    n = ids.shape[0]
+    with torch.no_grad(), amp():
+        parts: dict[str, list[torch.Tensor]] = {"z": [], "ref": [], "y": []}
+        for b in range(0, n, score_batch):
+            s = slice(b, b + score_batch)
+            parts["z"].append(_full_vocab_sums(model, xz[0][s], xz[1][s], xz[2][s], xz_w[s]))
+            parts["ref"].append(_full_vocab_sums(ref_model, xz[0][s], xz[1][s], xz[2][s], xz_w[s]))
+            parts["y"].append(_full_vocab_sums(model, xzy[0][s], xzy[1][s], xzy[2][s], xzy_w[s]))
+        logp_z, ref_z, logp_y = (torch.cat(parts[key]) for key in ("z", "ref", "y"))
+        reward = logp_y - kl_coef * (logp_z - ref_z)
+        reward = torch.where(finished, reward, 2.0 * reward.mean())
+        r = reward.view(-1, k)
+        advantage = (r - (r.sum(-1, keepdim=True) - r) / (k - 1)).view(-1)
+    for b in range(0, n, micro):
+        s = slice(b, b + micro)
+        with amp():
+            lz = _full_vocab_sums(model, xz[0][s], xz[1][s], xz[2][s], xz_w[s])
+            ly = _full_vocab_sums(model, xzy[0][s], xzy[1][s], xzy[2][s], xzy_w[s])
+            loss = -(advantage[s] * lz).mean() - ly.mean()
+        (loss * (lz.shape[0] / n)).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def ours_step(
+    model,
+    ref_model,
+    optimizer,
+    prompt_ids,
+    prompt_mask,
+    answer,
+    *,
+    k: int,
+    max_len: int,
+    stops: list[list[int]],
+    kl_coef: float = 0.05,
+    micro: int = 4,
+    seed: int = 0,
+    amp: Callable[[], Any] = contextlib.nullcontext,
+) -> None:
+    """One LaTRO step with the engine, as ``LatroTrainer.train_step`` runs it with these
+    settings (micro-batches of 4 do not hold whole groups, so rewards come from a no-grad
+    scoring pass first): rollout with stop detection and compaction, one no-grad pass over
+    [x, z, y] for log p(z|x) and log p(y|x,z), one reference pass over [x, z], then a grad
+    pass per micro-batch through ``linear_token_logprobs``. Forwards run under ``amp()``,
+    backwards outside it, as in the trainer."""
+    from latro_engine.objective import batch_advantages, latro_loss
+    from latro_engine.scoring import reference_logprobs, score_sequences
+
+    model.eval()
+    with amp():
+        rollout = ours_rollout(model, prompt_ids, prompt_mask, max_len, stops, k=k, seed=seed)
+    model.train()
+    n = rollout.batch_size
+    answers = [answer.tolist()] * n
+    args = (
+        rollout.prompt_ids,
+        rollout.prompt_mask,
+        rollout.rationale_ids,
+        rollout.rationale_lengths,
+    )
+    with torch.no_grad(), amp():
+        scores = score_sequences(model, *args, answers, micro_batch_size=micro * 4)
+        ref = reference_logprobs(model, ref_model, *args, micro_batch_size=micro * 4)
+    ref = ref.rationale_logp
+    advantages, _ = batch_advantages(
+        scores.answer_logp,
+        scores.rationale_logp,
+        ref,
+        rollout.finished,
+        k=k,
+        kl_coef=kl_coef,
+        nonstop_penalty=-10.0,
+        penalty_mode="constant",
+    )
+    for b in range(0, n, micro):
+        rows = torch.arange(b, min(b + micro, n), device=prompt_ids.device)
+        with amp():
+            mb = score_sequences(
+                model, *(t[rows] for t in args), [answers[i] for i in rows.tolist()]
+            )
+            loss, _ = latro_loss(
+                mb.answer_logp,
+                mb.rationale_logp,
+                torch.zeros_like(mb.rationale_logp),
+                rollout.finished[rows],
+                k=k,
+                kl_coef=kl_coef,
+                sft_weight=1.0,
+                advantages=advantages[rows],
+            )
+        (loss * (len(rows) / n)).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def bench_latro(device: torch.device, small: bool) -> None:
+    k, prompts, max_len, prompt_len = (4, 2, 12, 8) if small else (16, 3, 500, 128)
+    model = llama(device, small, torch.float32).train()
+    ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    vocab = model.config.vocab_size
+    ids, mask = random_prompts(prompts, prompt_len, vocab, device, seed=1)
+    answer = torch.randint(3, vocab, (8,), generator=torch.Generator().manual_seed(2))
+    never = [[vocab + 1]]  # no token ever equals it: every rationale runs to the limit
+    realistic = [[t] for t in range(3, 3 + vocab // 150)]  # ~1/150 per token under a flat model
+
+    def amp():
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+
+    rows = []
+    for stops, label in ((never, "full-length rationales"), (realistic, "stop after ~150 tokens")):
+        row: dict[str, Any] = {"rationales": label}
+        for name, step in (("reference pattern", reference_pattern_step), ("ours", ours_step)):
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-7)
+            kwargs = dict(k=k, stops=stops, amp=amp)
+            try:
+                # warm-up: kernels, allocator, AdamW state
+                step(model, ref_model, optimizer, ids, mask, answer, max_len=4, **kwargs)
+                _sync(device)
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                t0 = time.perf_counter()
+                step(model, ref_model, optimizer, ids, mask, answer, max_len=max_len, **kwargs)
+                _sync(device)
+                seconds = time.perf_counter() - t0
+                peak = (
+                    torch.cuda.max_memory_allocated(device) / 2**30
+                    if device.type == "cuda"
+                    else None
+                )
+                row[f"{name} samples/s"] = k * prompts / seconds
+                row[f"{name} s"] = seconds
+                row[f"{name} peak GiB"] = peak
+            except Exception as error:
+                row[f"{name} s"] = f"failed: {type(error).__name__}: {error}"[:200]
+            del optimizer
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        row["speedup"] = _ratio(row.get("ours samples/s"), row.get("reference pattern samples/s"))
+        row["memory ratio"] = _ratio(
+            row.get("ours peak GiB"), row.get("reference pattern peak GiB")
+        )
+        rows.append(row)
+    rows.append({"rationales": "targets", "speedup": ">= 4x", "memory ratio": "<= 1/3"})
+    table(
+        "latro",
+        f"one LaTRO step, K={k}, {prompts} prompts, L={max_len}, {prompt_len}-token "
+        f"prompts, {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters "
+        "(float32 weights, bf16 autocast, AdamW)",
+        rows,
+    )
+
+
+SECTIONS = {
+    "scorer": bench_scorer,
+    "sample": bench_sample,
+    "rollout": bench_rollout,
+    "latro": bench_latro,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--only",
+        default=",".join(SECTIONS),
+        help=f"comma-separated sections of {', '.join(SECTIONS)}",
+    )
+    parser.add_argument("--json", help="write every number to this file")
+    parser.add_argument("--quick", action="store_true", help="toy sizes (a smoke test)")
+    parser.add_argument(
+        "--cpu-smoke",
+        action="store_true",
+        help="run every section at toy sizes on the CPU (checks the code only)",
+    )
+    args = parser.parse_args(argv)
+    if args.cpu_smoke:
+        device = torch.device("cpu")
+    elif not torch.cuda.is_available():
+        print(
+            "bench_gpu: no CUDA device on this machine; nothing to benchmark "
+            "(run it on a GPU machine, e.g. through benchmarks/gpu_check.sh)"
+        )
+        return 0
+    else:
+        device = torch.device("cuda")
+    import latro_engine
+
+    if device.type == "cuda" and not latro_engine.native_has_cuda():
+        print(
+            "bench_gpu: the native extension has no CUDA kernels; build it with "
+            "LATRO_FORCE_CUDA=1 (see benchmarks/gpu_check.sh)"
+        )
+        return 1
+    small = args.quick or args.cpu_smoke
+    global SMOKE
+    SMOKE = args.cpu_smoke
+    names = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = [s for s in names if s not in SECTIONS]
+    if unknown:
+        parser.error(f"unknown sections {unknown}; choose from {list(SECTIONS)}")
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (smoke run)"
+    print(
+        f"## bench_gpu on {gpu}, torch {torch.__version__}, "
+        f"CUDA {torch.version.cuda}, {time.strftime('%Y-%m-%d')}"
+    )
+    failed = []
+    for name in names:
+        start = time.perf_counter()
+        try:
+            SECTIONS[name](device, small)
+        except Exception as error:  # report and go on: the other sections still count
+            failed.append(name)
+            print(f"\n### {name}: FAILED: {type(error).__name__}: {error}")
+        print(f"({name}: {time.perf_counter() - start:.0f} s)")
+        gc.collect()  # the section's models and tensors, before the next one measures memory
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(
+                    {"device": gpu, "torch": torch.__version__, "results": RESULTS},
+                    f,
+                    indent=1,
+                    default=str,
+                )
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,212 @@
+// Internal device helpers of the CUDA kernels: element loads with 16-byte vectors, block-wide
+// reductions and scans that always combine in the same order (so results do not change from
+// run to run), row addressing and the device status word. Not installed.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "latro/cuda.h"
+#include "latro/latro.h"
+
+namespace latro::cuda::detail {
+
+constexpr int kWarp = 32;
+constexpr int kMaxWarps = 32;  // 1024 threads
+
+__device__ __forceinline__ float neg_inf() { return -INFINITY; }
+
+// ---------------------------------------------------------------- host-side argument checks
+inline int64_t resolve_row_stride(int64_t row_stride, int64_t vocab, const char* name) {
+  if (row_stride == -1) return vocab;
+  LATRO_CHECK(row_stride >= vocab, name, " = ", row_stride,
+              " is smaller than the row length (vocab = ", vocab, ")");
+  return row_stride;
+}
+
+inline void check_matrix(const void* data, int64_t rows, int64_t vocab, const char* name) {
+  LATRO_CHECK(rows >= 0, "rows must be >= 0, got ", rows);
+  LATRO_CHECK(vocab > 0, "vocab must be > 0, got ", vocab);
+  LATRO_CHECK(data != nullptr || rows == 0, name, " is a null pointer");
+}
+
+inline void check_groups(const RowGroups& groups, const char* name) {
+  LATRO_CHECK(groups.rows_per_group >= 0 && groups.group_stride >= 0, name,
+              " must have non-negative rows_per_group and group_stride");
+}
+
+// Blocks for a grid that gives each row one block (rows beyond the cap loop inside the kernel).
+inline unsigned int row_blocks(int64_t rows) {
+  constexpr int64_t kMaxBlocks = int64_t{1} << 30;
+  return static_cast<unsigned int>(rows < kMaxBlocks ? rows : kMaxBlocks);
+}
+
+// ---------------------------------------------------------------- rows
+__device__ __forceinline__ int64_t row_start(int64_t row, int64_t row_stride, RowGroups groups) {
+  if (groups.rows_per_group <= 0) return row * row_stride;
+  return (row / groups.rows_per_group) * groups.group_stride +
+         (row % groups.rows_per_group) * row_stride;
+}
+
+// ---------------------------------------------------------------- status
+__device__ __forceinline__ void record(uint64_t* status, int64_t row, StatusKind kind) {
+  if (status == nullptr) return;
+  const uint64_t code = (static_cast<uint64_t>(row + 1) << 4) | static_cast<uint64_t>(kind);
+  atomicMin(reinterpret_cast<unsigned long long*>(status), static_cast<unsigned long long>(code));
+}
+
+// ---------------------------------------------------------------- element loads
+// Storage type -> float32, exact for every input (the core's bit-level types carry no
+// arithmetic; these are the device's conversion instructions).
+__device__ __forceinline__ float load_float(float x) { return x; }
+__device__ __forceinline__ float load_float(bfloat16 x) {
+  return __uint_as_float(static_cast<uint32_t>(x.bits) << 16);
+}
+__device__ __forceinline__ float load_float(float16 x) {
+  return __half2float(__ushort_as_half(x.bits));
+}
+
+// float32 -> storage type, round to nearest even (as the CPU's from_float).
+template <typename T>
+__device__ __forceinline__ T store_float(float x);
+template <>
+__device__ __forceinline__ float store_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ bfloat16 store_float<bfloat16>(float x) {
+  return bfloat16{__bfloat16_as_ushort(__float2bfloat16_rn(x))};
+}
+template <>
+__device__ __forceinline__ float16 store_float<float16>(float x) {
+  return float16{__half_as_ushort(__float2half_rn(x))};
+}
+
+// Elements per 16-byte vector.
+template <typename T>
+constexpr int kVec = 16 / static_cast<int>(sizeof(T));
+
+template <typename T>
+__device__ __forceinline__ void unpack(const uint4& raw, float (&out)[kVec<T>]) {
+  const T* items = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+  for (int i = 0; i < kVec<T>; ++i) out[i] = load_float(items[i]);
+}
+
+template <typename T>
+__device__ __forceinline__ uint4 pack(const float (&in)[kVec<T>]) {
+  uint4 raw;
+  T* items = reinterpret_cast<T*>(&raw);
+#pragma unroll
+  for (int i = 0; i < kVec<T>; ++i) items[i] = store_float<T>(in[i]);
+  return raw;
+}
+
+// Elements before `p` reaches 16-byte alignment (p is always element-aligned).
+template <typename T>
+__device__ __forceinline__ int64_t misaligned_head(const T* p, int64_t n) {
+  const uint64_t address = reinterpret_cast<uint64_t>(p);
+  const int64_t head = static_cast<int64_t>(((16 - (address & 15)) & 15) / sizeof(T));
+  return head < n ? head : n;
+}
+
+// Calls f(index, values) over row[0, n) split across the block's threads: a scalar head until
+// 16-byte alignment, then one 16-byte vector per call (coalesced), then a scalar tail. `values`
+// is a float array of 1 or kVec<T> elements; each thread sees its indices in increasing order.
+template <typename T, typename F>
+__device__ __forceinline__ void for_each_in_row(const T* row, int64_t n, F&& f) {
+  const int64_t head = misaligned_head(row, n);
+  for (int64_t i = threadIdx.x; i < head; i += blockDim.x) {
+    const float one[1] = {load_float(row[i])};
+    f(i, one);
+  }
+  const int64_t vectors = (n - head) / kVec<T>;
+  const uint4* body = reinterpret_cast<const uint4*>(row + head);
+  for (int64_t j = threadIdx.x; j < vectors; j += blockDim.x) {
+    float values[kVec<T>];
+    unpack<T>(body[j], values);
+    f(head + j * kVec<T>, values);
+  }
+  for (int64_t i = head + vectors * kVec<T> + threadIdx.x; i < n; i += blockDim.x) {
+    const float one[1] = {load_float(row[i])};
+    f(i, one);
+  }
+}
+
+// The length of the float array a for_each_in_row callback receives (1 or kVec<T>).
+template <typename A>
+constexpr int count_of = static_cast<int>(std::extent_v<std::remove_cv_t<std::remove_reference_t<A>>>);
+
+// ---------------------------------------------------------------- shuffles and reductions
+template <typename T>
+__device__ __forceinline__ T shfl_xor(const T& value, int mask) {
+  static_assert(sizeof(T) % 4 == 0, "shuffled types are made of 32-bit words");
+  constexpr int kWords = sizeof(T) / 4;
+  uint32_t words[kWords];
+  memcpy(words, &value, sizeof(T));
+#pragma unroll
+  for (int i = 0; i < kWords; ++i) words[i] = __shfl_xor_sync(0xFFFFFFFFu, words[i], mask);
+  T out;
+  memcpy(&out, words, sizeof(T));
+  return out;
+}
+
+// Block-wide all-reduce with a fixed combination tree (butterfly within warps, then warp 0
+// over the warp results): every thread gets the same, run-to-run reproducible result.
+// `scratch` holds kMaxWarps values of T; blockDim.x is a power of two >= 32. Op must be
+// commutative (a op b == b op a exactly), so both lanes of a butterfly pair agree.
+template <typename T, typename Op>
+__device__ __forceinline__ T block_all_reduce(T value, Op op, T* scratch) {
+#pragma unroll
+  for (int mask = kWarp / 2; mask > 0; mask /= 2) value = op(value, shfl_xor(value, mask));
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  const int warps = blockDim.x / kWarp;
+  __syncthreads();  // scratch may still be read by a previous reduction
+  if (lane == 0) scratch[warp] = value;
+  __syncthreads();
+  if (warp == 0) {
+    // The warp count is a power of two (block sizes are), so the butterfly over the first
+    // `warps` lanes never mixes in the lanes beyond them.
+    T v = scratch[lane < warps ? lane : 0];
+    for (int mask = warps / 2; mask > 0; mask /= 2) v = op(v, shfl_xor(v, mask));
+    if (lane == 0) scratch[0] = v;
+  }
+  __syncthreads();
+  return scratch[0];
+}
+
+// Exclusive prefix of per-thread totals in thread order, plus the block total.
+template <typename T>
+__device__ __forceinline__ T block_exclusive_scan(T value, T* scratch, T* total) {
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  const int warps = blockDim.x / kWarp;
+  T inclusive = value;
+#pragma unroll
+  for (int delta = 1; delta < kWarp; delta *= 2) {
+    const T up = __shfl_up_sync(0xFFFFFFFFu, inclusive, delta);
+    if (lane >= delta) inclusive += up;
+  }
+  __syncthreads();
+  if (lane == kWarp - 1) scratch[warp] = inclusive;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    T running = T(0);
+    for (int w = 0; w < warps; ++w) {
+      const T here = scratch[w];
+      scratch[w] = running;
+      running += here;
+    }
+    scratch[kMaxWarps] = running;
+  }
+  __syncthreads();
+  const T result = scratch[warp] + inclusive - value;
+  *total = scratch[kMaxWarps];
+  __syncthreads();
+  return result;
+}
+
+}  // namespace latro::cuda::detail

@@ -1,0 +1,654 @@
+// Sampling with temperature, top-k, top-p and min-p on CUDA (semantics in latro.h).
+//
+// One block per row. Tokens are drawn by Gumbel-max with the CPU's Philox stream (latro/philox.h),
+// so both backends return the same ids. Nothing sorts the vocabulary:
+//
+//   pass 1     the row max m (and the NaN / +inf / all -inf checks). Without filters the same
+//              pass keeps the Gumbel argmax and the online sum of exp(s - m): done in one read.
+//   top-k      a histogram of d = m - s over 2048 bins of width 1/32 (shared memory) finds the
+//              bin holding the k-th largest value; the tokens of that bin and above (usually a
+//              few hundred) are copied to shared memory, sorted there, and the threshold read.
+//   top-p      the same with each token weighted by exp(s - m), over the top-k / min-p
+//              survivors; when top-k already left every survivor in shared memory, top-p runs
+//              there without touching the row again.
+//   final      the Gumbel argmax and the kept mass, from shared memory when the kept set is
+//              there, else in one more pass over the row.
+//
+// Pathological rows whose critical bin holds more than 2048 tokens (many equal logits) are
+// narrowed further by histograms over the bits of the value, each pass dividing the range by
+// 2048, until the tokens fit or are all equal. Thresholds are exact: the kept set is the one
+// the CPU keeps, except where the CPU's and our float64 / fixed-point sums of the same masses
+// round differently at a top-p boundary (ties within rounding).
+//
+// Histogram masses are 32.32 fixed-point integers added with integer atomics, so their sums,
+// and with them every threshold, are the same on every run.
+#include "cuda_common.cuh"
+
+namespace latro::cuda {
+namespace {
+
+using detail::block_all_reduce;
+using detail::block_exclusive_scan;
+using detail::count_of;
+using detail::for_each_in_row;
+using detail::kMaxWarps;
+using detail::neg_inf;
+
+constexpr int kThreads = 512;
+constexpr int kBins = 2048;             // histogram bins, and candidates held in shared memory
+constexpr int kPerThread = kBins / kThreads;
+constexpr float kBinsPerUnit = 32.0f;   // level-0 bins of d = m - s: width 1/32 over [0, 64)
+constexpr float kGumbelSpan = 20.0f;    // noise lies in [-2.82, 16.64]: s < m - 20 never wins
+constexpr float kMassScale = 4294967296.0f;  // 2^32: fixed-point unit of histogram masses
+static_assert(kBins % kThreads == 0, "bins split evenly over the threads");
+static_assert((kBins & (kBins - 1)) == 0, "the candidate sort needs a power of two");
+
+struct SampleKernelArgs {
+  const void* logits;
+  int64_t rows;
+  int64_t vocab;
+  int64_t row_stride;
+  const int64_t* seeds;
+  bool per_row_seeds;
+  const int64_t* offset;
+  float temperature;
+  int64_t top_k;
+  float top_p;
+  float min_p;
+  float log_min_p;  // computed on the host exactly as the CPU does
+  int64_t* ids;
+  float* logprobs;
+  uint64_t* status;
+};
+
+// ---------------------------------------------------------------- values, keys, bins
+// Unsigned keys with the order of the floats (-0 and +0 share one: they are equal values).
+__device__ __forceinline__ uint32_t order_key(float s) {
+  if (s == 0.0f) s = 0.0f;
+  const uint32_t bits = __float_as_uint(s);
+  return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+}
+__device__ __forceinline__ float key_value(uint32_t key) {
+  return __uint_as_float((key & 0x80000000u) ? (key & 0x7FFFFFFFu) : ~key);
+}
+
+// Level-0 bin of a finite s: d = m - s >= 0, rounded the same way in every pass, so the bin
+// is a fixed, non-increasing function of s.
+__device__ __forceinline__ int level0_bin(float s, float m) {
+  const float d = m - s;
+  const float scaled = d * kBinsPerUnit;
+  return scaled < static_cast<float>(kBins - 1) ? static_cast<int>(scaled) : kBins - 1;
+}
+
+// exp(s - m) in 32.32 fixed point: integer sums are exact and order-free.
+__device__ __forceinline__ unsigned long long fixed_mass(float s, float m) {
+  return __float2ull_rn(expf(s - m) * kMassScale);
+}
+
+// Sorted candidates: ascending order = s descending, then index ascending (the CPU's order).
+__device__ __forceinline__ unsigned long long candidate(float s, int64_t index) {
+  return (static_cast<unsigned long long>(~order_key(s)) << 32) |
+         static_cast<unsigned long long>(static_cast<uint32_t>(index));
+}
+__device__ __forceinline__ float candidate_value(unsigned long long c) {
+  return key_value(~static_cast<uint32_t>(c >> 32));
+}
+__device__ __forceinline__ int64_t candidate_index(unsigned long long c) {
+  return static_cast<int64_t>(static_cast<uint32_t>(c & 0xFFFFFFFFull));
+}
+
+// The thresholds of one row; a filter that is off leaves -inf.
+struct Filters {
+  float max;
+  float tau_k;      // keep s >= tau_k (top-k)
+  float log_min_p;  // keep s - max >= log_min_p (min-p)
+  float tau_p;      // keep s >= tau_p (top-p, over the survivors of the two above)
+  __device__ bool finite(float s) const { return s != neg_inf(); }
+  __device__ bool survives(float s) const {  // top-k and min-p: the set top-p works on
+    return s != neg_inf() && s >= tau_k && (s - max) >= log_min_p;
+  }
+  __device__ bool kept(float s) const { return survives(s) && s >= tau_p; }
+};
+
+// Which tokens a selection looks at: every finite one (top-k) or the survivors (top-p),
+// restricted to level-0 bins [bin_lo, bin_hi] and keys [key_lo, key_hi].
+struct Region {
+  bool survivors_only;
+  int bin_lo, bin_hi;
+  uint32_t key_lo, key_hi;
+  __device__ bool contains(const Filters& f, float s) const {
+    if (!(survivors_only ? f.survives(s) : f.finite(s))) return false;
+    const int bin = level0_bin(s, f.max);
+    if (bin < bin_lo || bin > bin_hi) return false;
+    const uint32_t key = order_key(s);
+    return key >= key_lo && key <= key_hi;
+  }
+};
+
+// ---------------------------------------------------------------- Gumbel noise
+// The CPU's noise for token v of this row (Philox block v / 4, word v % 4), one block cached.
+struct Noise {
+  uint64_t seed;
+  uint32_t stream;
+  uint64_t step;
+  uint32_t cached_block;
+  Philox4 words;
+  __device__ float operator()(int64_t v) {
+    const uint32_t block = static_cast<uint32_t>(v >> 2);
+    if (block != cached_block) {
+      words = sampling_random_block(seed, stream, step, block);
+      cached_block = block;
+    }
+    return gumbel_noise(words.v[v & 3]);
+  }
+};
+
+// The Gumbel argmax: larger key wins, ties go to the lower index (the CPU's scan order).
+struct Best {
+  float key;
+  float value;  // the scaled logit of the winner
+  int64_t index;
+  __device__ static Best none() { return Best{neg_inf(), neg_inf(), INT64_MAX}; }
+  __device__ void offer(float k, float s, int64_t v) {
+    if (k > key || (k == key && v < index)) *this = Best{k, s, v};
+  }
+};
+struct CombineBest {
+  __device__ Best operator()(const Best& a, const Best& b) const {
+    return (a.key > b.key || (a.key == b.key && a.index < b.index)) ? a : b;
+  }
+};
+
+// Pass 1: max, NaN flag and (without filters) the online sum and Gumbel argmax.
+struct FirstPass {
+  float max;
+  uint32_t nan;
+  double sum;  // of exp(s - max), over finite s
+  Best best;
+};
+struct CombineFirstPass {
+  __device__ FirstPass operator()(const FirstPass& a, const FirstPass& b) const {
+    const float top = fmaxf(a.max, b.max);
+    const double scale_a = a.max == neg_inf() ? 0.0 : static_cast<double>(expf(a.max - top));
+    const double scale_b = b.max == neg_inf() ? 0.0 : static_cast<double>(expf(b.max - top));
+    return FirstPass{top, a.nan | b.nan, a.sum * scale_a + b.sum * scale_b,
+                     CombineBest{}(a.best, b.best)};
+  }
+};
+
+struct Final {
+  double mass;
+  Best best;
+};
+struct CombineFinal {
+  __device__ Final operator()(const Final& a, const Final& b) const {
+    return Final{a.mass + b.mass, CombineBest{}(a.best, b.best)};
+  }
+};
+
+struct Greedy {
+  float value;
+  uint32_t nan;
+  int64_t index;
+};
+struct CombineGreedy {
+  __device__ Greedy operator()(const Greedy& a, const Greedy& b) const {
+    const bool a_wins = a.value > b.value || (a.value == b.value && a.index < b.index);
+    Greedy out = a_wins ? a : b;
+    out.nan = a.nan | b.nan;
+    return out;
+  }
+};
+
+struct MinMaxKey {
+  uint32_t lo, hi;
+};
+struct CombineMinMaxKey {
+  __device__ MinMaxKey operator()(const MinMaxKey& a, const MinMaxKey& b) const {
+    return MinMaxKey{a.lo < b.lo ? a.lo : b.lo, a.hi > b.hi ? a.hi : b.hi};
+  }
+};
+
+// Where a running total (in bin order) first reaches `need`.
+struct Crossing {
+  int index;                      // the bin
+  unsigned long long before;      // measure of the bins before it
+  unsigned long long count_before;
+  uint32_t count_at;              // tokens in it
+  double need;                    // the absolute need used
+};
+
+struct Shared {
+  uint32_t count[kBins];
+  unsigned long long mass[kBins];
+  unsigned long long candidates[kBins];
+  unsigned int candidate_count;
+  Crossing crossing;
+  int last_nonempty;
+  alignas(16) unsigned char scratch[(kMaxWarps + 1) * sizeof(FirstPass)];
+};
+
+template <typename T>
+__device__ __forceinline__ T* scratch_as(Shared& sh) {
+  static_assert(sizeof(T) * (kMaxWarps + 1) <= sizeof(Shared::scratch), "scratch too small");
+  return reinterpret_cast<T*>(sh.scratch);
+}
+
+// Calls f(index, scaled logit) for every token of the row.
+template <typename T, typename F>
+__device__ __forceinline__ void for_each_scaled(const T* row, int64_t vocab, float temperature,
+                                                F&& f) {
+  for_each_in_row(row, vocab, [&](int64_t base, const auto& values) {
+    constexpr int n = count_of<decltype(values)>;
+#pragma unroll
+    for (int i = 0; i < n; ++i) f(base + i, values[i] / temperature);  // IEEE division, as the CPU
+  });
+}
+
+__device__ void clear_histogram(Shared& sh) {
+  for (int i = threadIdx.x; i < kBins; i += blockDim.x) {
+    sh.count[i] = 0;
+    sh.mass[i] = 0;
+  }
+  __syncthreads();
+}
+
+// The first bin where the running total of the measure (mass when `by_mass`, else count)
+// reaches `need` (`need` times the total when `fraction`). Bins are walked in index order.
+// When rounding leaves the need above the total, the last non-empty bin is taken (the CPU's
+// default of keeping every survivor).
+__device__ Crossing find_crossing(Shared& sh, bool by_mass, double need, bool fraction) {
+  const int first = threadIdx.x * kPerThread;
+  unsigned long long local_measure = 0, local_count = 0;
+  int last_nonempty = -1;
+#pragma unroll
+  for (int i = 0; i < kPerThread; ++i) {
+    const uint32_t c = sh.count[first + i];
+    local_measure += by_mass ? sh.mass[first + i] : c;
+    local_count += c;
+    if (c) last_nonempty = first + i;
+  }
+  unsigned long long total_measure = 0, total_count = 0;
+  const unsigned long long measure_before =
+      block_exclusive_scan(local_measure, scratch_as<unsigned long long>(sh), &total_measure);
+  const unsigned long long count_before =
+      block_exclusive_scan(local_count, scratch_as<unsigned long long>(sh), &total_count);
+  const double absolute = fraction ? need * static_cast<double>(total_measure) : need;
+  if (threadIdx.x == 0) {
+    sh.crossing.index = -1;
+    sh.last_nonempty = -1;
+  }
+  __syncthreads();
+  atomicMax(&sh.last_nonempty, last_nonempty);
+  unsigned long long running = measure_before, running_count = count_before;
+#pragma unroll
+  for (int i = 0; i < kPerThread; ++i) {
+    const uint32_t c = sh.count[first + i];
+    const unsigned long long m = by_mass ? sh.mass[first + i] : c;
+    // Totals only grow, so exactly one bin satisfies this.
+    if (static_cast<double>(running) < absolute && static_cast<double>(running + m) >= absolute) {
+      sh.crossing = Crossing{first + i, running, running_count, c, absolute};
+    }
+    running += m;
+    running_count += c;
+  }
+  __syncthreads();
+  if (sh.crossing.index < 0) {
+    const int last = sh.last_nonempty < 0 ? kBins - 1 : sh.last_nonempty;
+    if (last >= first && last < first + kPerThread) {
+      unsigned long long before = measure_before, before_count = count_before;
+      for (int i = first; i < last; ++i) {
+        before += by_mass ? sh.mass[i] : sh.count[i];
+        before_count += sh.count[i];
+      }
+      sh.crossing = Crossing{last, before, before_count, sh.count[last], absolute};
+    }
+  }
+  __syncthreads();
+  const Crossing result = sh.crossing;
+  __syncthreads();
+  return result;
+}
+
+__device__ __forceinline__ int candidates_held(const Shared& sh) {
+  return sh.candidate_count < kBins ? static_cast<int>(sh.candidate_count) : kBins;
+}
+
+// Copies the tokens of `region` into shared memory as sorted candidates; returns how many.
+template <typename T>
+__device__ int gather_sorted(Shared& sh, const T* row, int64_t vocab, float temperature,
+                             const Filters& f, const Region& region) {
+  if (threadIdx.x == 0) sh.candidate_count = 0;
+  __syncthreads();
+  for_each_scaled(row, vocab, temperature, [&](int64_t v, float s) {
+    if (region.contains(f, s)) {
+      const unsigned int slot = atomicAdd(&sh.candidate_count, 1u);
+      if (slot < kBins) sh.candidates[slot] = candidate(s, v);
+    }
+  });
+  __syncthreads();
+  const int n = candidates_held(sh);
+  int padded = 1;
+  while (padded < n) padded *= 2;
+  for (int i = n + threadIdx.x; i < padded; i += blockDim.x) sh.candidates[i] = ~0ull;
+  __syncthreads();
+  // Bitonic sort, ascending, of at most kBins 64-bit keys.
+  for (int size = 2; size <= padded; size *= 2) {
+    for (int stride = size / 2; stride > 0; stride /= 2) {
+      for (int i = threadIdx.x; i < padded; i += blockDim.x) {
+        const int partner = i ^ stride;
+        if (partner > i) {
+          const unsigned long long a = sh.candidates[i], b = sh.candidates[partner];
+          const bool ascending = (i & size) == 0;
+          if ((a > b) == ascending) {
+            sh.candidates[i] = b;
+            sh.candidates[partner] = a;
+          }
+        }
+      }
+      __syncthreads();
+    }
+  }
+  return n;
+}
+
+// Walks the first n sorted candidates with the given measure until `need` is reached and
+// returns the value there (the last candidate's when it never is). `weight_survivors_only`:
+// candidates that do not survive top-k / min-p weigh nothing.
+__device__ float walk_candidates(Shared& sh, int n, const Filters& f, bool by_mass,
+                                 bool weight_survivors_only, double need, bool fraction) {
+  for (int i = threadIdx.x; i < kBins; i += blockDim.x) {
+    uint32_t c = 0;
+    unsigned long long m = 0;
+    if (i < n) {
+      const float s = candidate_value(sh.candidates[i]);
+      if (!weight_survivors_only || f.survives(s)) {
+        c = 1;
+        m = by_mass ? fixed_mass(s, f.max) : 0;
+      }
+    }
+    sh.count[i] = c;
+    sh.mass[i] = m;
+  }
+  __syncthreads();
+  const Crossing crossing = find_crossing(sh, by_mass, need, fraction);
+  // n >= 1 whenever the histogram that led here counted the region (it always does); an empty
+  // region would mean "no threshold", i.e. keep everything.
+  if (n == 0) return neg_inf();
+  return candidate_value(sh.candidates[crossing.index < n ? crossing.index : n - 1]);
+}
+
+struct Threshold {
+  float value;
+  bool all_above_in_shared;  // the candidates hold every token of the set at or above it
+};
+
+// The threshold of one selection, from its level-0 histogram (already in sh.count / sh.mass):
+// by count (top-k: the value of rank `need`) or by mass (top-p: the value where the mass from
+// the top reaches `need`, a fraction of the total).
+template <typename T>
+__device__ Threshold select_threshold(Shared& sh, const T* row, int64_t vocab, float temperature,
+                                      const Filters& f, bool survivors_only, bool by_mass,
+                                      double need, bool fraction) {
+  const Crossing level0 = find_crossing(sh, by_mass, need, fraction);
+  const unsigned long long through = level0.count_before + level0.count_at;
+  Region region{survivors_only, 0, level0.index, 0u, 0xFFFFFFFFu};
+  if (through <= static_cast<unsigned long long>(kBins)) {
+    // The bin and everything above it fit: the common case, and the one that leaves the
+    // whole set at or above the threshold in shared memory.
+    const int n = gather_sorted(sh, row, vocab, temperature, f, region);
+    return {walk_candidates(sh, n, f, by_mass, false, level0.need, false), true};
+  }
+  region.bin_lo = level0.index;
+  double remaining = level0.need - static_cast<double>(level0.before);
+  if (level0.count_at <= static_cast<uint32_t>(kBins)) {
+    const int n = gather_sorted(sh, row, vocab, temperature, f, region);
+    return {walk_candidates(sh, n, f, by_mass, false, remaining, false), false};
+  }
+  // More than kBins tokens in one bin of width 1/32: narrow by the value's bits.
+  MinMaxKey range{0xFFFFFFFFu, 0u};
+  for_each_scaled(row, vocab, temperature, [&](int64_t, float s) {
+    if (region.contains(f, s)) {
+      const uint32_t key = order_key(s);
+      range = CombineMinMaxKey{}(range, MinMaxKey{key, key});
+    }
+  });
+  range = block_all_reduce(range, CombineMinMaxKey{}, scratch_as<MinMaxKey>(sh));
+  uint32_t lo = range.lo, hi = range.hi;
+  for (;;) {
+    if (lo >= hi) return {key_value(lo), false};  // one value left: the threshold is it
+    region.key_lo = lo;
+    region.key_hi = hi;
+    clear_histogram(sh);
+    const unsigned long long width = static_cast<unsigned long long>(hi - lo) + 1;
+    for_each_scaled(row, vocab, temperature, [&](int64_t, float s) {
+      if (region.contains(f, s)) {
+        // Bin 0 holds the largest keys, so bins run in decreasing value like level 0.
+        const unsigned long long u = (static_cast<unsigned long long>(order_key(s) - lo) * kBins) / width;
+        const int bin = kBins - 1 - static_cast<int>(u);
+        atomicAdd(&sh.count[bin], 1u);
+        if (by_mass) atomicAdd(&sh.mass[bin], fixed_mass(s, f.max));
+      }
+    });
+    __syncthreads();
+    const Crossing sub = find_crossing(sh, by_mass, remaining, false);
+    remaining -= static_cast<double>(sub.before);
+    const unsigned long long u = static_cast<unsigned long long>(kBins - 1 - sub.index);
+    // Keys whose bin is u: (key - lo) in [ceil(u * width / kBins), ceil((u + 1) * width / kBins)).
+    const uint32_t new_lo = lo + static_cast<uint32_t>((u * width + kBins - 1) / kBins);
+    const uint32_t new_hi = lo + static_cast<uint32_t>(((u + 1) * width + kBins - 1) / kBins - 1);
+    lo = new_lo;
+    hi = new_hi;
+    if (sub.count_at <= static_cast<uint32_t>(kBins) && lo < hi) {
+      region.key_lo = lo;
+      region.key_hi = hi;
+      const int n = gather_sorted(sh, row, vocab, temperature, f, region);
+      return {walk_candidates(sh, n, f, by_mass, false, remaining, false), false};
+    }
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) sample_kernel(SampleKernelArgs a) {
+  __shared__ Shared sh;
+  const int64_t step = *a.offset;
+  const T* logits = static_cast<const T*>(a.logits);
+  const bool top_k_on = a.top_k > 0 && a.top_k < a.vocab;
+  const bool top_p_on = a.top_p < 1.0f;
+  const bool plain = !top_k_on && !top_p_on && !(a.min_p > 0.0f);
+  for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
+    __syncthreads();  // shared memory is reused from the previous row
+    const T* x = logits + row * a.row_stride;
+    auto fail = [&](int64_t where, StatusKind kind) {
+      if (threadIdx.x == 0) {
+        detail::record(a.status, where, kind);
+        a.ids[row] = -1;
+        a.logprobs[row] = NAN;
+      }
+    };
+    if (step < 0) {
+      fail(-1, StatusKind::NegativeOffset);
+      continue;
+    }
+    if (a.temperature == 0.0f) {  // greedy: argmax of the raw logits, lowest id on ties
+      Greedy g{neg_inf(), 0u, INT64_MAX};
+      for_each_in_row(x, a.vocab, [&](int64_t base, const auto& values) {
+        constexpr int n = count_of<decltype(values)>;
+#pragma unroll
+        for (int i = 0; i < n; ++i) {
+          g.nan |= values[i] != values[i];
+          g = CombineGreedy{}(g, Greedy{values[i], g.nan, base + i});
+        }
+      });
+      g = block_all_reduce(g, CombineGreedy{}, scratch_as<Greedy>(sh));
+      if (g.nan) {
+        fail(row, StatusKind::RowHasNaN);
+      } else if (threadIdx.x == 0) {
+        a.ids[row] = g.index;
+        a.logprobs[row] = 0.0f;  // a point mass
+      }
+      continue;
+    }
+    Noise noise{static_cast<uint64_t>(a.per_row_seeds ? a.seeds[row] : a.seeds[0]),
+                a.per_row_seeds ? 0u : static_cast<uint32_t>(row), static_cast<uint64_t>(step),
+                0xFFFFFFFFu, Philox4{}};
+
+    // ---- pass 1
+    FirstPass first{neg_inf(), 0u, 0.0, Best::none()};
+    float sum = 0.0f;
+    for_each_scaled(x, a.vocab, a.temperature, [&](int64_t v, float s) {
+      first.nan |= s != s;
+      if (!plain) {
+        first.max = fmaxf(first.max, s);
+        return;
+      }
+      if (s > first.max) {
+        sum *= first.max == neg_inf() ? 0.0f : expf(first.max - s);
+        first.max = s;
+      }
+      if (s == neg_inf()) return;
+      sum += expf(s - first.max);
+      // first.max <= the row max, so skipping here never skips a possible winner.
+      if (s >= first.max - kGumbelSpan) first.best.offer(s + noise(v), s, v);
+    });
+    first.sum = sum;
+    first = block_all_reduce(first, CombineFirstPass{}, scratch_as<FirstPass>(sh));
+    const float m = first.max;
+    if (first.nan) {
+      fail(row, StatusKind::RowHasNaN);
+      continue;
+    }
+    if (m == neg_inf()) {
+      fail(row, StatusKind::RowHasNoFinite);
+      continue;
+    }
+    if (m == INFINITY) {
+      fail(row, StatusKind::RowHasPosInf);
+      continue;
+    }
+    if (plain) {
+      if (threadIdx.x == 0) {
+        a.ids[row] = first.best.index;
+        a.logprobs[row] = static_cast<float>(static_cast<double>(first.best.value) - m -
+                                             log(first.sum));
+      }
+      continue;
+    }
+
+    // ---- thresholds
+    Filters f{m, neg_inf(), a.log_min_p, neg_inf()};
+    bool kept_in_shared = false;  // the sorted candidates hold every kept token
+    int n_candidates = 0;
+    if (top_k_on) {
+      clear_histogram(sh);
+      for_each_scaled(x, a.vocab, a.temperature, [&](int64_t, float s) {
+        if (f.finite(s)) atomicAdd(&sh.count[level0_bin(s, m)], 1u);
+      });
+      __syncthreads();
+      unsigned long long finite_count = 0;
+      {
+        const int first_bin = threadIdx.x * kPerThread;
+        unsigned long long local = 0;
+        for (int i = 0; i < kPerThread; ++i) local += sh.count[first_bin + i];
+        block_exclusive_scan(local, scratch_as<unsigned long long>(sh), &finite_count);
+      }
+      // Fewer finite tokens than k: the k-th largest is -inf and every finite token stays.
+      if (finite_count > static_cast<unsigned long long>(a.top_k)) {
+        const Threshold t = select_threshold(sh, x, a.vocab, a.temperature, f, false, false,
+                                             static_cast<double>(a.top_k), false);
+        f.tau_k = t.value;
+        kept_in_shared = t.all_above_in_shared;
+        n_candidates = kept_in_shared ? candidates_held(sh) : 0;
+      }
+    }
+    if (top_p_on) {
+      if (kept_in_shared) {
+        // Every survivor is a candidate already (sorted): top-p without another pass.
+        f.tau_p = walk_candidates(sh, n_candidates, f, true, true, static_cast<double>(a.top_p),
+                                  true);
+      } else {
+        clear_histogram(sh);
+        for_each_scaled(x, a.vocab, a.temperature, [&](int64_t, float s) {
+          if (f.survives(s)) {
+            const int bin = level0_bin(s, m);
+            atomicAdd(&sh.count[bin], 1u);
+            atomicAdd(&sh.mass[bin], fixed_mass(s, m));
+          }
+        });
+        __syncthreads();
+        const Threshold t = select_threshold(sh, x, a.vocab, a.temperature, f, true, true,
+                                             static_cast<double>(a.top_p), true);
+        f.tau_p = t.value;
+        kept_in_shared = t.all_above_in_shared;
+        n_candidates = kept_in_shared ? candidates_held(sh) : 0;
+      }
+    }
+
+    // ---- the draw: Gumbel argmax and kept mass over the kept set
+    Final fin{0.0, Best::none()};
+    float kept_mass = 0.0f;
+    if (kept_in_shared) {
+      for (int i = threadIdx.x; i < n_candidates; i += blockDim.x) {
+        const unsigned long long c = sh.candidates[i];
+        const float s = candidate_value(c);
+        if (!f.kept(s)) continue;
+        const int64_t v = candidate_index(c);
+        kept_mass += expf(s - m);
+        if (s >= m - kGumbelSpan) fin.best.offer(s + noise(v), s, v);
+      }
+    } else {
+      for_each_scaled(x, a.vocab, a.temperature, [&](int64_t v, float s) {
+        if (!f.kept(s)) return;
+        kept_mass += expf(s - m);
+        if (s >= m - kGumbelSpan) fin.best.offer(s + noise(v), s, v);
+      });
+    }
+    fin.mass = kept_mass;
+    fin = block_all_reduce(fin, CombineFinal{}, scratch_as<Final>(sh));
+    if (threadIdx.x == 0) {
+      // The max token is always kept (every filter keeps it), so mass >= 1 and best is set.
+      a.ids[row] = fin.best.index;
+      a.logprobs[row] =
+          static_cast<float>(static_cast<double>(fin.best.value) - m - log(fin.mass));
+    }
+  }
+}
+
+}  // namespace
+
+void sample(const SampleArgs& args, cudaStream_t stream, uint64_t* status) {
+  detail::check_matrix(args.logits, args.rows, args.vocab, "logits");
+  const int64_t stride = detail::resolve_row_stride(args.row_stride, args.vocab, "row_stride");
+  check_sampling_options(args.temperature, args.top_k, args.top_p, args.min_p);
+  LATRO_CHECK(args.seeds != nullptr, "seeds is a null pointer");
+  LATRO_CHECK(args.offset != nullptr, "offset is a null pointer");
+  LATRO_CHECK(args.ids != nullptr || args.rows == 0, "ids (output) is a null pointer");
+  LATRO_CHECK(args.logprobs != nullptr || args.rows == 0, "logprobs (output) is a null pointer");
+  // Candidates carry 32-bit token indices.
+  LATRO_CHECK(args.vocab <= INT32_MAX, "vocab must be below 2^31 on CUDA, got ", args.vocab);
+  if (args.rows == 0) return;
+  SampleKernelArgs a;
+  a.logits = args.logits;
+  a.rows = args.rows;
+  a.vocab = args.vocab;
+  a.row_stride = stride;
+  a.seeds = args.seeds;
+  a.per_row_seeds = args.per_row_seeds;
+  a.offset = args.offset;
+  a.temperature = args.temperature;
+  a.top_k = args.top_k;
+  a.top_p = args.top_p;
+  a.min_p = args.min_p;
+  // Exactly the CPU's expression, so both compare s - m against the same float.
+  a.log_min_p = args.min_p > 0.0f ? static_cast<float>(std::log(static_cast<double>(args.min_p)))
+                                  : -INFINITY;
+  a.ids = args.ids;
+  a.logprobs = args.logprobs;
+  a.status = status;
+  LATRO_DISPATCH_DTYPE(args.dtype, T, [&] {
+    sample_kernel<T><<<detail::row_blocks(args.rows), kThreads, 0, stream>>>(a);
+  });
+  LATRO_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace latro::cuda

@@ -1,0 +1,144 @@
+// Stop-sequence detection on CUDA (semantics in latro.h). The stop table lives in device
+// memory, so its offsets are validated by the kernels themselves (a BadStopTable record and
+// untouched positions instead of out-of-bounds reads).
+#include "cuda_common.cuh"
+
+namespace latro::cuda {
+namespace {
+
+// Offsets start at 0, increase strictly and end at the number of stop tokens.
+__device__ bool stop_table_ok(const StopSequences& stops, int64_t stop_token_count) {
+  if (stops.count == 0) return true;
+  if (stops.offsets[0] != 0 || stops.offsets[stops.count] != stop_token_count) return false;
+  for (int64_t i = 0; i < stops.count; ++i) {
+    if (stops.offsets[i + 1] <= stops.offsets[i]) return false;
+  }
+  return true;
+}
+
+__device__ __forceinline__ bool occurs_at(const int64_t* row, int64_t len,
+                                          const StopSequences& stops, int64_t which,
+                                          int64_t begin) {
+  const int64_t* seq = stops.tokens + stops.offsets[which];
+  const int64_t n = stops.offsets[which + 1] - stops.offsets[which];
+  if (begin < 0 || begin + n > len) return false;
+  for (int64_t i = 0; i < n; ++i) {
+    if (row[begin + i] != seq[i]) return false;
+  }
+  return true;
+}
+
+constexpr int kStopThreads = 256;
+
+// One block per row: threads try start positions, the block keeps the smallest match.
+__global__ void __launch_bounds__(kStopThreads)
+    stop_positions_kernel(const int64_t* __restrict__ tokens, int64_t rows, int64_t len,
+                          int64_t row_stride, StopSequences stops, int64_t stop_token_count,
+                          int64_t start, int64_t* __restrict__ out, uint64_t* status) {
+  __shared__ unsigned long long earliest;
+  __shared__ bool table_ok;
+  if (threadIdx.x == 0) {
+    table_ok = stop_table_ok(stops, stop_token_count);
+    if (!table_ok) detail::record(status, -1, StatusKind::BadStopTable);
+  }
+  __syncthreads();
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    if (!table_ok) {
+      if (threadIdx.x == 0) out[row] = len;
+      continue;
+    }
+    if (threadIdx.x == 0) earliest = static_cast<unsigned long long>(len);
+    __syncthreads();
+    const int64_t* r = tokens + row * row_stride;
+    for (int64_t begin = start + threadIdx.x; begin < len; begin += blockDim.x) {
+      // Positions past the earliest match found so far cannot win.
+      if (static_cast<unsigned long long>(begin) >= earliest) break;
+      for (int64_t which = 0; which < stops.count; ++which) {
+        if (occurs_at(r, len, stops, which, begin)) {
+          atomicMin(&earliest, static_cast<unsigned long long>(begin));
+          break;
+        }
+      }
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) out[row] = static_cast<int64_t>(earliest);
+    __syncthreads();
+  }
+}
+
+// One thread per row: only stop sequences ending exactly at *step are checked.
+__global__ void stop_positions_step_kernel(const int64_t* __restrict__ tokens, int64_t rows,
+                                           int64_t len, int64_t row_stride, StopSequences stops,
+                                           int64_t stop_token_count, const int64_t* step_ptr,
+                                           int64_t start, const int64_t* positions_in,
+                                           int64_t* positions_out, uint64_t* status) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (row >= rows) return;
+  const int64_t step = *step_ptr;
+  // Read before writing: positions_out may alias positions_in.
+  int64_t position = positions_in[row];
+  if (!stop_table_ok(stops, stop_token_count)) {
+    if (row == 0) detail::record(status, -1, StatusKind::BadStopTable);
+  } else if (step < 0 || step >= len) {
+    if (row == 0) detail::record(status, -1, StatusKind::StepOutOfRange);
+  } else if (position < 0 || position > len) {
+    detail::record(status, row, StatusKind::PositionOutOfRange);
+  } else if (position == len) {
+    const int64_t* r = tokens + row * row_stride;
+    for (int64_t which = 0; which < stops.count; ++which) {
+      const int64_t n = stops.offsets[which + 1] - stops.offsets[which];
+      const int64_t begin = step + 1 - n;
+      if (begin >= start && occurs_at(r, len, stops, which, begin)) {
+        position = begin;
+        break;
+      }
+    }
+  }
+  positions_out[row] = position;
+}
+
+void check_rows(const int64_t* tokens, int64_t rows, int64_t len, int64_t row_stride,
+                int64_t start, const StopSequences& stops, int64_t stop_token_count) {
+  LATRO_CHECK(rows >= 0, "rows must be >= 0, got ", rows);
+  LATRO_CHECK(len >= 0, "len must be >= 0, got ", len);
+  LATRO_CHECK(tokens != nullptr || rows == 0 || len == 0, "tokens is a null pointer");
+  LATRO_CHECK(row_stride >= len, "row_stride = ", row_stride, " is smaller than len = ", len);
+  LATRO_CHECK(start >= 0 && start <= len, "start must be in [0, ", len, "], got ", start);
+  LATRO_CHECK(stops.count >= 0, "stop_sequences count must be >= 0, got ", stops.count);
+  LATRO_CHECK(stop_token_count >= 0, "stop_token_count must be >= 0, got ", stop_token_count);
+  LATRO_CHECK(stops.count == 0 || (stops.offsets != nullptr && stops.tokens != nullptr),
+              "stop_sequences has a null pointer");
+}
+
+}  // namespace
+
+void stop_positions(const int64_t* tokens, int64_t rows, int64_t len, int64_t row_stride,
+                    const StopSequences& stops, int64_t stop_token_count, int64_t start,
+                    int64_t* out, cudaStream_t stream, uint64_t* status) {
+  check_rows(tokens, rows, len, row_stride, start, stops, stop_token_count);
+  LATRO_CHECK(out != nullptr || rows == 0, "out is a null pointer");
+  if (rows == 0) return;
+  stop_positions_kernel<<<detail::row_blocks(rows), kStopThreads, 0, stream>>>(
+      tokens, rows, len, row_stride, stops, stop_token_count, start, out, status);
+  LATRO_CUDA_CHECK(cudaGetLastError());
+}
+
+void stop_positions_step(const int64_t* tokens, int64_t rows, int64_t len, int64_t row_stride,
+                         const StopSequences& stops, int64_t stop_token_count,
+                         const int64_t* step, int64_t start, const int64_t* positions_in,
+                         int64_t* positions_out, cudaStream_t stream, uint64_t* status) {
+  check_rows(tokens, rows, len, row_stride, start, stops, stop_token_count);
+  LATRO_CHECK(step != nullptr, "step is a null pointer");
+  LATRO_CHECK((positions_in != nullptr && positions_out != nullptr) || rows == 0,
+              "positions is a null pointer");
+  if (rows == 0) return;
+  constexpr int kThreads = 128;
+  const int64_t blocks = (rows + kThreads - 1) / kThreads;
+  LATRO_CHECK(blocks <= INT32_MAX, "too many rows: ", rows);
+  stop_positions_step_kernel<<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(
+      tokens, rows, len, row_stride, stops, stop_token_count, step, start, positions_in,
+      positions_out, status);
+  LATRO_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace latro::cuda

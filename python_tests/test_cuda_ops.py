@@ -1,0 +1,350 @@
+"""The CUDA kernels against the float64 oracle and the CPU backend (skipped without a GPU).
+
+What the rest of the suite cannot say on a GPU: that the CUDA backend returns what the CPU
+backend returns (the same sampled ids, bit-equal advantages), at odd sizes and a 128k
+vocabulary, from non-contiguous logits, without host synchronization and inside CUDA graphs,
+and that it raises the CPU backend's errors. Run on a GPU machine by benchmarks/gpu_check.sh.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import FLOAT_DTYPES, LLAMA3_VOCAB, ODD_SIZES, assert_close_to_oracle
+
+import latro_engine
+from latro_engine import ops, reference
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+SAMPLING = [
+    dict(temperature=1.0),
+    dict(temperature=0.0),
+    dict(temperature=0.7, top_k=5),
+    dict(temperature=1.3, top_p=0.8),
+    dict(temperature=1.0, min_p=0.2),
+    dict(temperature=0.9, top_k=20, top_p=0.9, min_p=0.05),
+    dict(temperature=1.0, top_k=50, top_p=0.95),
+    dict(temperature=0.8, top_p=0.999),
+    dict(temperature=1.0, top_k=3000, top_p=0.5, min_p=0.01),
+]
+
+
+@pytest.fixture(autouse=True)
+def native_backend(monkeypatch):
+    monkeypatch.setenv("LATRO_BACKEND", "native")
+    monkeypatch.delenv("LATRO_CUDA_CHECKS", raising=False)
+
+
+def _randn(shape, dtype=torch.float32, scale=3.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g) * scale).to(dtype)
+
+
+def _on_both(*tensors):
+    return [t.cpu() for t in tensors], [t.cuda() for t in tensors]
+
+
+def test_extension_has_cuda_kernels():
+    """On a GPU machine the build must carry the kernels (gpu_check.sh builds with
+    LATRO_FORCE_CUDA=1); otherwise every CUDA call would fall back to the reference."""
+    assert latro_engine.native_has_cuda()
+
+
+# ----------------------------------------------------------------------------- scoring
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("rows", ODD_SIZES[:3])
+@pytest.mark.parametrize("vocab", [*ODD_SIZES, LLAMA3_VOCAB])
+def test_token_logprobs_matches_oracle_and_cpu(dtype, rows, vocab):
+    if vocab == LLAMA3_VOCAB and rows > 7:
+        pytest.skip("one small batch is enough at 128k")
+    logits = _randn((rows, vocab), dtype, seed=rows * 31 + vocab).cuda()
+    targets = torch.randint(0, vocab, (rows,), generator=torch.Generator().manual_seed(vocab))
+    targets = targets.cuda()
+    if rows > 2:
+        targets[1] = -100
+    if vocab > 17:
+        logits[0, 17] = 40.0  # a dominant token: log-prob near 0, never above
+        targets[0] = 17
+    out = ops.token_logprobs(logits, targets)
+    oracle = reference.token_logprobs(logits.double(), targets)
+    plain = reference.token_logprobs(logits, targets)  # torch's CUDA log_softmax at this dtype
+    assert out.dtype == torch.float32 and out.device.type == "cuda"
+    assert_close_to_oracle(out, oracle, plain, dtype)
+    assert torch.all(out <= 0) and torch.all(out[targets == -100] == 0)
+    cpu = ops.token_logprobs(logits.cpu(), targets.cpu())
+    torch.testing.assert_close(out.cpu(), cpu, atol=2e-5, rtol=2e-5)
+
+
+def test_token_logprobs_layouts_without_copies_match_cpu():
+    full = _randn((3, 9, 97), seed=1).cuda()
+    targets = torch.randint(0, 97, (3, 9), generator=torch.Generator().manual_seed(1)).cuda()
+    views = {
+        "shifted": (full[:, :-1], targets[:, 1:]),
+        "transposed batch": (full.transpose(0, 1), targets.t()),
+        "strided vocab": (full[..., ::2], targets.clamp(max=48)),
+        "expanded rows": (full[:1, :1].expand(3, 4, 97), targets[:, :4]),
+        "1-d": (full[0, 0], targets[0, 0]),
+        "4-d": (full.view(3, 3, 3, 97)[:, 1:], targets.view(3, 3, 3)[:, 1:]),
+    }
+    for name, (logits, t) in views.items():
+        out = ops.token_logprobs(logits, t)
+        expected = ops.token_logprobs(logits.cpu(), t.cpu())
+        torch.testing.assert_close(out.cpu(), expected, atol=1e-5, rtol=1e-5, msg=name)
+        grad = torch.randn(t.shape, generator=torch.Generator().manual_seed(2))
+        x = logits.detach().clone().requires_grad_()
+        (ops.token_logprobs(x, t) * grad.cuda()).sum().backward()
+        x_cpu = logits.detach().cpu().clone().requires_grad_()
+        (ops.token_logprobs(x_cpu, t.cpu()) * grad).sum().backward()
+        torch.testing.assert_close(x.grad.cpu(), x_cpu.grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("vocab", [7, 1025, LLAMA3_VOCAB])
+def test_token_logprobs_backward_matches_oracle(dtype, vocab):
+    logits = _randn((5, vocab), dtype, seed=vocab).cuda()
+    targets = torch.tensor([0, 3, -100, vocab - 1, 1]).cuda()
+    upstream = _randn((5,), scale=1.0, seed=3).cuda()
+    x = logits.clone().requires_grad_()
+    (ops.token_logprobs(x, targets) * upstream).sum().backward()
+    x64 = logits.double().requires_grad_()
+    (reference.token_logprobs(x64, targets) * upstream.double()).sum().backward()
+    # The kernel writes the gradient at the logits' dtype: one rounding of each element.
+    tol = {torch.float32: 1e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype]
+    torch.testing.assert_close(x.grad.double(), x64.grad, atol=tol, rtol=tol)
+    assert torch.all(x.grad[2] == 0)
+    # The in-place form overwrites the logits with the same gradient.
+    _, lse = torch.ops.latro_engine.token_logprobs(logits, targets, -100)
+    in_place = logits.clone()
+    torch.ops.latro_engine.token_logprobs_backward_(upstream, in_place, targets, lse, -100)
+    assert torch.equal(in_place, x.grad)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("n,d,v,chunk", [(37, 16, 211, 8), (29, 64, LLAMA3_VOCAB, 16)])
+def test_linear_token_logprobs_matches_cpu_and_oracle(dtype, n, d, v, chunk):
+    g = torch.Generator().manual_seed(n + v)
+    hidden = torch.randn(n, d, generator=g).to(dtype)
+    weight = (torch.randn(v, d, generator=g) / d**0.5).to(dtype)
+    targets = torch.randint(0, v, (n,), generator=g)
+    targets[3] = -100
+    upstream = torch.randn(n, generator=g)
+    results = {}
+    for device in ("cpu", "cuda"):
+        h = hidden.to(device).requires_grad_()
+        w = weight.to(device).requires_grad_()
+        out = ops.linear_token_logprobs(h, w, targets.to(device), chunk_size=chunk)
+        (out * upstream.to(device)).sum().backward()
+        results[device] = (out.cpu(), h.grad.float().cpu(), w.grad.float().cpu())
+    h64 = hidden.double().requires_grad_()
+    w64 = weight.double().requires_grad_()
+    oracle = reference.token_logprobs(h64 @ w64.t(), targets)
+    (oracle * upstream.double()).sum().backward()
+    # The logits are rounded to `dtype` by the matmul on both devices (differently: cuBLAS vs
+    # CPU kernels), so the comparison is against the oracle with a dtype-sized tolerance.
+    tol = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}[dtype]
+    for device, (out, gh, gw) in results.items():
+        torch.testing.assert_close(out.double(), oracle.detach(), atol=tol, rtol=tol, msg=device)
+        torch.testing.assert_close(gh.double(), h64.grad, atol=tol, rtol=tol, msg=device)
+        torch.testing.assert_close(gw.double(), w64.grad, atol=tol, rtol=tol, msg=device)
+
+
+# ----------------------------------------------------------------------------- sampling
+def _sample_both(logits, **kw):
+    """ops.sample on CUDA and on the CPU; tensor arguments (seed, offset) follow the logits."""
+
+    def on(device):
+        return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+
+    cuda_ids, cuda_logp = ops.sample(logits.cuda(), **on("cuda"))
+    cpu_ids, cpu_logp = ops.sample(logits.cpu(), **on("cpu"))
+    return (cuda_ids.cpu(), cuda_logp.cpu()), (cpu_ids, cpu_logp)
+
+
+def _check_same_draws(cuda, cpu, logits, options, min_agreement=1.0):
+    (ids, logp), (cpu_ids, cpu_logp) = cuda, cpu
+    same = ids == cpu_ids
+    # The same Philox noise on both sides: only a near-tie of two Gumbel keys (log rounds
+    # differently on host and device) may flip a draw.
+    assert same.float().mean() >= min_agreement, f"{(~same).sum()} of {len(ids)} draws differ"
+    torch.testing.assert_close(logp[same], cpu_logp[same], atol=1e-5, rtol=1e-5)
+    if options.get("temperature", 1.0) > 0:
+        kept = reference.kept_mask(logits.cpu(), **options)
+        assert kept.gather(1, ids[:, None]).all(), "drew a token outside the kept set"
+    assert torch.all(logp <= 0)
+
+
+@pytest.mark.parametrize("options", SAMPLING, ids=str)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("rows,vocab", [(1, 1), (7, 7), (97, 97), (7, 1025), (5, 5000)])
+def test_sample_draws_the_cpu_ids(options, dtype, rows, vocab):
+    logits = _randn((rows, vocab), dtype, scale=2.0, seed=rows + vocab)
+    for seed in (1234, torch.arange(rows) * 7 + 1):
+        cuda, cpu = _sample_both(logits, seed=seed, offset=5, **options)
+        _check_same_draws(cuda, cpu, logits, options, min_agreement=0.99)
+
+
+@pytest.mark.parametrize("options", SAMPLING, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sample_llama3_vocabulary(options, dtype):
+    logits = _randn((16, LLAMA3_VOCAB), dtype, scale=4.0, seed=2)
+    cuda, cpu = _sample_both(logits, seed=torch.arange(16) + 11, offset=torch.tensor(3), **options)
+    _check_same_draws(cuda, cpu, logits, options, min_agreement=15 / 16)
+    again = ops.sample(logits.cuda(), seed=torch.arange(16).cuda() + 11, offset=3, **options)
+    assert torch.equal(again[0].cpu(), cuda[0]) and torch.equal(again[1].cpu(), cuda[1])
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(top_k=100), dict(top_p=0.5), dict(top_k=4000, top_p=0.7), dict(top_p=0.3, min_p=0.5)],
+    ids=str,
+)
+@pytest.mark.parametrize("kind", ["equal", "narrow", "steps"])
+def test_sample_ties_and_crowded_bins(options, kind):
+    """Rows whose threshold falls among more than 2048 near-equal logits take the kernel's
+    refinement path; ties at a threshold are kept, as on the CPU."""
+    vocab = 9000
+    if kind == "equal":
+        logits = torch.ones(3, vocab)
+    elif kind == "narrow":
+        logits = _randn((3, vocab), scale=0.02, seed=11)
+    else:
+        logits = ((torch.arange(3 * vocab) * 7919) % 13).float().view(3, vocab) * 0.25
+    cuda, cpu = _sample_both(logits, seed=5, offset=1, **options)
+    _check_same_draws(cuda, cpu, logits, options)
+
+
+def test_sample_per_row_seeds_follow_the_row():
+    logits = _randn((9, 500), seed=3).cuda()
+    seeds = torch.arange(100, 109).cuda()
+    ids, _ = ops.sample(logits, seed=seeds, offset=torch.tensor(4).cuda(), top_p=0.9)
+    perm = torch.randperm(9, generator=torch.Generator().manual_seed(0)).cuda()
+    ids_perm, _ = ops.sample(logits[perm], seed=seeds[perm], offset=4, top_p=0.9)
+    assert torch.equal(ids_perm, ids[perm])
+
+
+def test_sample_frequencies_follow_the_kept_distribution():
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, -3.0, 0.0]]).cuda().expand(20000, 6).contiguous()
+    options = dict(temperature=0.8, top_k=4, top_p=0.9)
+    ids, logp = ops.sample(logits, seed=torch.arange(20000).cuda(), offset=0, **options)
+    kept = reference.kept_mask(logits[:1].cpu(), **options)[0]
+    probs = torch.where(kept, torch.softmax(logits[0].cpu() / 0.8, -1), 0.0)
+    probs /= probs.sum()
+    freq = torch.bincount(ids.cpu(), minlength=6).double() / 20000
+    assert torch.all(freq[~kept] == 0)
+    assert (freq - probs).abs().max() < 0.015
+    torch.testing.assert_close(logp.cpu(), probs[ids.cpu()].log().float(), atol=1e-5, rtol=1e-5)
+
+
+def test_sample_without_host_synchronization(monkeypatch):
+    """With device seed/offset and the synchronizing checks off, sampling never waits for
+    the GPU (torch's sync debug mode raises on any synchronizing call)."""
+    monkeypatch.setenv("LATRO_CUDA_CHECKS", "off")
+    logits = _randn((64, 32000), seed=4).cuda()
+    seeds, offset = torch.arange(64).cuda(), torch.tensor(7).cuda()
+    stops = ops.StopSequences([[1], [2, 3]], "cuda")  # built before: it copies from the host
+    stop = torch.full((64,), 5, dtype=torch.long, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ids, logp = ops.sample(logits, seed=seeds, offset=offset, top_k=50, top_p=0.9)
+        tokens = ids[:, None].expand(64, 5).contiguous()
+        ops.stop_positions_step(tokens, stops, step=offset.clamp(max=4), positions=stop)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    expected = ops.sample(logits.cpu(), seed=seeds.cpu(), offset=7, top_k=50, top_p=0.9)
+    assert (ids.cpu() == expected[0]).float().mean() >= 63 / 64  # ties aside
+
+
+@pytest.mark.parametrize(
+    "options", [dict(temperature=1.0), dict(top_k=50, top_p=0.9, min_p=0.02)], ids=str
+)
+def test_sample_inside_cuda_graph(options):
+    """The decode-loop use: capture once, replay with a new offset written into the captured
+    tensor; every replay draws what an eager call with that offset draws."""
+    logits = _randn((32, 32000), seed=6).cuda()
+    seeds = torch.arange(32).cuda() * 3 + 1
+    offset = torch.tensor(0).cuda()
+    ops.sample(logits, seed=seeds, offset=offset, **options)  # warm-up outside capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ids, logp = ops.sample(logits, seed=seeds, offset=offset, **options)
+    for step in (0, 1, 17):
+        offset.fill_(step)
+        graph.replay()
+        eager = ops.sample(logits, seed=seeds, offset=step, **options)
+        assert torch.equal(ids, eager[0]) and torch.equal(logp, eager[1]), step
+        cpu = ops.sample(logits.cpu(), seed=seeds.cpu(), offset=step, **options)
+        assert (ids.cpu() == cpu[0]).float().mean() >= 31 / 32
+
+
+# ----------------------------------------------------------------------------- stops, rewards
+@pytest.mark.parametrize("start", [0, 5, 300, 301])
+def test_stop_positions_match_cpu(start):
+    g = torch.Generator().manual_seed(start)
+    tokens = torch.randint(0, 4, (37, 301), generator=g)
+    stops = [[1, 2, 3], [0], [0, 1], [2, 2, 2, 3]]
+    cpu = ops.stop_positions(tokens, stops, start=start)
+    cuda = ops.stop_positions(tokens.cuda(), stops, start=start)
+    assert torch.equal(cuda.cpu(), cpu)
+    pos_cpu = torch.full((37,), 301)
+    pos_cuda = pos_cpu.cuda()
+    table = ops.StopSequences(stops, "cuda")
+    for step in range(start, 301):
+        pos_cpu = ops.stop_positions_step(tokens, stops, step=step, positions=pos_cpu, start=start)
+        pos_cuda = ops.stop_positions_step(
+            tokens.cuda(), table, step=torch.tensor(step).cuda(), positions=pos_cuda, start=start
+        )
+    assert torch.equal(pos_cuda.cpu(), pos_cpu)
+
+
+def test_rewards_and_advantages_match_cpu():
+    rewards = _randn((48,), seed=5)
+    (r_cpu,), (r_cuda,) = _on_both(rewards)
+    assert torch.equal(ops.rloo_advantages(r_cuda, 16).cpu(), ops.rloo_advantages(r_cpu, 16))
+    a, r, ref = (_randn((1500,), seed=s) for s in (6, 7, 8))
+    finished = torch.arange(1500) % 3 != 0
+    cpu_in, cuda_in = _on_both(a, r, ref, finished)
+    for mode in ("constant", "batch_mean"):
+        kw = dict(kl_coef=0.05, nonstop_penalty=-2.0, penalty_mode=mode)
+        torch.testing.assert_close(
+            ops.latro_rewards(*cuda_in, **kw).cpu(),
+            ops.latro_rewards(*cpu_in, **kw),
+            atol=1e-6,
+            rtol=1e-6,
+        )
+
+
+# ----------------------------------------------------------------------------- errors
+def test_cuda_raises_the_cpu_errors():
+    logits = torch.randn(2, 3, 5).cuda()
+    targets = torch.tensor([[0, 1, 2], [3, 7, 4]]).cuda()
+    with pytest.raises(ValueError, match=r"targets\[1, 1\] = 7 is out of range"):
+        ops.token_logprobs(logits, targets)
+    with pytest.raises(ValueError, match="offset must be >= 0, got -3"):
+        ops.sample(logits[0], seed=0, offset=torch.tensor(-3).cuda())
+    bad = logits[0].clone()
+    bad[2, 1] = float("inf")
+    with pytest.raises(ValueError, match="row 2 contains \\+inf"):
+        ops.sample(bad, seed=0)
+    tokens = torch.zeros(2, 5, dtype=torch.long).cuda()
+    with pytest.raises(ValueError, match=r"positions\[1\] = 9 is outside \[0, 5\]"):
+        ops.stop_positions_step(tokens, [[1]], step=0, positions=torch.tensor([5, 9]).cuda())
+    with pytest.raises(ValueError, match=r"step must be in \[0, 5\), got 5"):
+        ops.stop_positions_step(
+            tokens, [[1]], step=torch.tensor(5).cuda(), positions=torch.full((2,), 5).cuda()
+        )
+    stop_tokens, bad_offsets = torch.tensor([1, 2]).cuda(), torch.tensor([0, 2, 2]).cuda()
+    with pytest.raises(ValueError, match=r"stop_sequences\[1\] is empty"):
+        torch.ops.latro_engine.stop_positions(tokens, stop_tokens, bad_offsets, 0)
+
+
+def test_checks_off_mark_bad_rows_instead_of_raising(monkeypatch):
+    monkeypatch.setenv("LATRO_CUDA_CHECKS", "off")
+    logits = torch.randn(3, 5).cuda()
+    logits[1, 0] = float("nan")
+    ids, logp = ops.sample(logits, seed=0)
+    assert ids[1].item() == -1 and torch.isnan(logp[1]) and ids[0].item() >= 0
+    out = ops.token_logprobs(torch.randn(3, 5).cuda(), torch.tensor([0, 9, 1]).cuda())
+    assert torch.isnan(out[1]) and not torch.isnan(out[[0, 2]]).any()
