@@ -1,6 +1,7 @@
 // latro::token_logprobs and its backward against float64 references.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <random>
@@ -351,6 +352,131 @@ TEST_P(TokenLogprobsNonFinite, ShiftedLogitsKeepFullPrecision) {
   latro::token_logprobs(forward_args(logits, targets, out, nullptr));
   EXPECT_TRUE(all_close(to_double(out), reference_forward(logits, targets, kIgnore).logprobs,
                         float32_result_tolerance()));
+}
+
+// log_softmax(values) in float64 as (x - max) - log(sum exp(x - max)): exact near the float32
+// maximum, where max + log(sum) rounds back to max even in float64. Finite values only.
+std::vector<double> stable_log_softmax(const std::vector<double>& values) {
+  double max = -kInf;
+  for (double v : values) max = std::max(max, v);
+  double sum = 0.0;
+  for (double v : values) sum += std::exp(v - max);
+  std::vector<double> out;
+  for (double v : values) out.push_back((v - max) - std::log(sum));
+  return out;
+}
+
+// grad_logprobs[r] * ([v == targets[r]] - softmax(row r)[v]) from the stable log_softmax.
+std::vector<double> reference_backward(const Matrix& logits, const std::vector<int64_t>& targets,
+                                       const std::vector<float>& grad_logprobs) {
+  std::vector<double> want;
+  for (int64_t r = 0; r < logits.rows; ++r) {
+    const std::vector<double> logp = stable_log_softmax(row_values(logits, r));
+    const double g = grad_logprobs[static_cast<size_t>(r)];
+    for (int64_t v = 0; v < logits.cols; ++v) {
+      want.push_back(g * ((v == targets[static_cast<size_t>(r)] ? 1.0 : 0.0) -
+                          std::exp(logp[static_cast<size_t>(v)])));
+    }
+  }
+  return want;
+}
+
+std::vector<double> run_backward(const Matrix& logits, const std::vector<int64_t>& targets,
+                                 const std::vector<float>& lse,
+                                 const std::vector<float>& grad_logprobs) {
+  Matrix grad = logits;  // overwritten
+  latro::TokenLogprobsBackwardArgs args;
+  args.logits = logits.data();
+  args.dtype = logits.dtype;
+  args.rows = logits.rows;
+  args.vocab = logits.cols;
+  args.targets = targets.data();
+  args.lse = lse.data();
+  args.grad_logprobs = grad_logprobs.data();
+  args.grad_logits = grad.data();
+  latro::token_logprobs_backward(args);
+  std::vector<double> got;
+  for (int64_t r = 0; r < logits.rows; ++r) {
+    for (int64_t v = 0; v < logits.cols; ++v) got.push_back(grad.get(r, v));
+  }
+  return got;
+}
+
+TEST_P(TokenLogprobsNonFinite, TiesNearTheFloatMaximum) {
+  // Near the float32 maximum max + log(sum) rounds back to max, even in float64 (an ulp of 3e38
+  // is 4e22): x - lse gave two tied logits log-probability 0 instead of -log 2, and
+  // exp(x - lse) in the backward gave each of them probability 1. float16 tops out at 65504,
+  // where float64 still holds the lse exactly; it runs the same rows at its own maximum.
+  const bool half = GetParam() == DType::Float16;
+  const float big = half ? 65504.0f : 3.38e38f;  // below the bfloat16 maximum, 3.3895e38
+  const float near = half ? 60000.0f : 3.0e38f;
+  const std::vector<std::vector<float>> values = {
+      {big, big, -2.0f, 0.0f},             // -log 2
+      {near, near, near, -near},           // -log 3
+      {-big, -big, -big, -big},            // -log 4
+      {-near, -near, -near, -big},         // -log 3
+      {big, near, 0.0f, -big},             // target `near`: near - big, every other term 0
+  };
+  const std::vector<int64_t> targets = {0, 2, 1, 0, 1};
+  const int64_t rows = static_cast<int64_t>(values.size()), vocab = 4;
+  Matrix logits;
+  logits.dtype = GetParam();
+  logits.rows = rows;
+  logits.cols = logits.stride = vocab;
+  logits.storage.assign(static_cast<size_t>(rows * vocab) * logits.element_size(), 0);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t v = 0; v < vocab; ++v) logits.set(r, v, values[r][v]);
+  }
+  std::vector<float> out(static_cast<size_t>(rows), 9.0f), lse(out.size(), 9.0f);
+  latro::token_logprobs(forward_args(logits, targets, out, &lse));
+
+  const std::vector<double> want = {-std::log(2.0), -std::log(3.0), -std::log(4.0),
+                                    -std::log(3.0), logits.get(4, 1) - logits.get(4, 0)};
+  for (int64_t r = 0; r < rows; ++r) {
+    SCOPED_TRACE("row " + std::to_string(r));
+    const std::vector<double> logp = stable_log_softmax(row_values(logits, r));
+    EXPECT_TRUE(close(logp[static_cast<size_t>(targets[static_cast<size_t>(r)])],
+                      want[static_cast<size_t>(r)], {1e-12, 1e-12}));  // the reference itself
+    EXPECT_TRUE(close(out[static_cast<size_t>(r)], want[static_cast<size_t>(r)],
+                      float32_result_tolerance()));
+    // lse keeps its meaning: the row's log-sum-exp, rounded once to float32.
+    EXPECT_TRUE(close(lse[static_cast<size_t>(r)], logsumexp(row_values(logits, r)),
+                      {0.0, 1e-7}));
+  }
+
+  const std::vector<float> grad_logprobs = {1.0f, -0.5f, 2.0f, 1.5f, 1.0f};
+  const std::vector<double> got = run_backward(logits, targets, lse, grad_logprobs);
+  EXPECT_TRUE(all_close(got, reference_backward(logits, targets, grad_logprobs),
+                        stored_tolerance(GetParam())));
+  EXPECT_TRUE(close(got[0], 0.5, stored_tolerance(GetParam())));  // 1 - 1/2, not 1 - 1
+}
+
+TEST_P(TokenLogprobsNonFinite, ShiftedLogitsBackwardKeepFullPrecision) {
+  // The backward's softmax for rows with a large |lse| (here ~1000 and ~-1e6, past
+  // kRecomputeLseFrom) must be that of the row itself to the usual tolerance: exp(x - lse)
+  // through a float32 lse of 1000 would be off by up to ulp(1000) / 2 = 3e-5 of each
+  // probability, and by 0.03 at 1e6 (-30000 for float16, whose maximum is 65504).
+  const double far = GetParam() == DType::Float16 ? -30000.0 : -1.0e6;
+  for (const double shift : {1000.0, far}) {
+    SCOPED_TRACE("shift " + std::to_string(shift));
+    std::mt19937 rng(23);
+    const int64_t rows = 8, vocab = 1025;
+    Matrix logits = random_matrix(GetParam(), rows, vocab, vocab, rng);
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t v = 0; v < vocab; ++v) {
+        logits.set(r, v, static_cast<float>(logits.get(r, v) + shift));
+      }
+    }
+    std::vector<int64_t> targets(static_cast<size_t>(rows));
+    for (int64_t r = 0; r < rows; ++r) targets[static_cast<size_t>(r)] = (r * 67) % vocab;
+    std::vector<float> out(static_cast<size_t>(rows)), lse(out.size());
+    latro::token_logprobs(forward_args(logits, targets, out, &lse));
+    std::vector<float> grad_logprobs(static_cast<size_t>(rows));
+    for (int64_t r = 0; r < rows; ++r) grad_logprobs[static_cast<size_t>(r)] = 2.0f - 0.5f * r;
+    EXPECT_TRUE(all_close(run_backward(logits, targets, lse, grad_logprobs),
+                          reference_backward(logits, targets, grad_logprobs),
+                          stored_tolerance(GetParam())));
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(DTypes, TokenLogprobsNonFinite,

@@ -167,22 +167,29 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
     def backward(ctx, grad_out):  # type: ignore[override]
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros_like(weight)
-        grad_bias = torch.zeros_like(bias) if bias is not None else None
+        # bf16/fp16 weight and bias gradients are summed in float32 and rounded once at the end,
+        # as in the native op: a low-precision running sum is rounded after every chunk.
+        acc_dtype = torch.promote_types(weight.dtype, torch.float32)
+        grad_weight = torch.zeros_like(weight, dtype=acc_dtype)
+        grad_bias = torch.zeros_like(bias, dtype=acc_dtype) if bias is not None else None
         for begin in range(0, hidden.shape[0], ctx.chunk):
             h = hidden[begin : begin + ctx.chunk]
             logits = _chunk_logits(h, weight, bias).to(lse.dtype)
             t = targets[begin : begin + ctx.chunk]
             ignored = t == ctx.ignore_index
             g = torch.where(ignored, 0.0, grad_out[begin : begin + ctx.chunk].to(lse.dtype))
-            grad_logits = -torch.exp(logits - lse[begin : begin + ctx.chunk, None]) * g[:, None]
+            # softmax, not exp(logits - lse): near the float32 maximum lse rounds to the row max
+            # (even in float64), and two tied logits would each get probability 1.
+            grad_logits = -torch.softmax(logits, dim=-1) * g[:, None]
             grad_logits.scatter_add_(-1, torch.where(ignored, 0, t)[:, None], g[:, None])
             grad_logits = grad_logits.to(hidden.dtype)
             grad_hidden[begin : begin + ctx.chunk] = grad_logits @ weight
-            grad_weight += grad_logits.t() @ h
+            grad_weight.addmm_(grad_logits.t().to(acc_dtype), h.to(acc_dtype))
             if grad_bias is not None:
-                grad_bias += grad_logits.sum(0)
-        return grad_hidden, grad_weight, grad_bias, None, None, None
+                grad_bias += grad_logits.sum(0, dtype=acc_dtype)
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(bias.dtype)
+        return grad_hidden, grad_weight.to(weight.dtype), grad_bias, None, None, None
 
 
 def linear_token_logprobs(

@@ -1,19 +1,21 @@
 """Embedded synthetic reasoning task: left-to-right arithmetic chains modulo 10.
 
-A question reads ``"Start with 3. a+4 b*2 c-5. Result mod 10?"``.  Written out step by step
-(``" 3. a+4=7. b*2=4. c-5=9."``) every step copies its label, operator and operand from the
-question (the rationale's "b*2" repeats the question's "b*2": a single induction-head hop)
-and does one single-digit table look-up on the running value, which sits a fixed distance
-back; a tiny language model learns that quickly.  Answered directly, the model has to
-compose 3-5 look-ups in one forward pass, which a sub-million-parameter model mostly cannot.
-That gap (latent reasoning ability that greedy decoding does not use) is exactly what LaTRO
-is meant to unlock, so the demo can show it offline on a laptop CPU.
+A question reads ``"Start with 3. a+4=?. b*2=?. c-5=?. d+1=?."``.  Written out step by step
+(``" 3+4=7. 7*2=4. 4-5=9. 9+1=0."``) every step restates the running value, copies its
+operator and operand from the question and does one single-digit table look-up on the three
+characters before its "=".  A question step ("b*2=?. ") is as wide as its rationale step
+("7*2=4. "), so with a fixed chain length every copied character sits at one fixed distance
+back: a tiny language model learns such copies within a few hundred steps.  Answered
+directly, the model has to compose four look-ups in one forward pass, which a
+sub-million-parameter model mostly cannot.  That gap (latent reasoning ability that greedy
+decoding does not use) is exactly what LaTRO is meant to unlock, so the demo can show it
+offline on a laptop CPU.
 
 Text format, shared with the LaTRO engine::
 
-    prompt     = question + COT_TRIGGER                 e.g. "... mod 10? Let's think step by step."
-    rationale  = "" (direct answer) or " 3. a+4=7. b*2=4. c-5=9."
-    answer y   = " The answer is 9."                    (format_answer), then EOS
+    prompt     = question + COT_TRIGGER                 e.g. "... d+1=?. Let's think step by step."
+    rationale  = "" (direct answer) or " 3+4=7. 7*2=4. 4-5=9. 9+1=0."
+    answer y   = " The answer is 0."                    (format_answer), then EOS
 
 so ``prompt + rationale + format_answer(a)`` is always well-formed text whether the
 rationale is empty or not, and a rationale never ends in whitespace.  Engines that cut
@@ -46,10 +48,9 @@ ANSWER_PREFIX = " The answer is"
 # op name -> symbol, used in both the question and the rationale
 _OPS: dict[str, str] = {"add": "+", "sub": "-", "mul": "*"}
 _SYMBOL_TO_OP = {sym: name for name, sym in _OPS.items()}
-_STEP_RE = re.compile(r"[a-j]([+*-])(\d+)=(\d+)\.")
-_START_RE = re.compile(r"^ ?(\d+)\.")
-# Step labels: the rationale's "b*2=" repeats the question's "b*2", so copying a step is a
-# single induction-head hop, and the running value sits a fixed distance back.
+_STEP_RE = re.compile(r"(\d+)([+*-])(\d+)=(\d+)\.")
+# Step labels of the question ("a+4=?. b*2=?."); the rationale's steps ("3+4=7. 7*2=4.") are
+# as wide, so each copy from the question sits one fixed distance back.
 _LABELS = "abcdefghij"
 
 
@@ -58,8 +59,12 @@ class TaskSettings:
     """Shape of the arithmetic chains.
 
     Attributes:
-        min_ops: fewest operations in a chain (3: direct answering is already hard).
-        max_ops: most operations in a chain (5 keeps worked texts under ~160 characters).
+        min_ops: fewest operations in a chain.
+        max_ops: most operations in a chain.  Both 4 by default: four composed table
+            look-ups are out of reach of a direct answer from a sub-million-parameter model,
+            and with a fixed length every copy from the question into the rationale sits at
+            one fixed distance (see :attr:`Problem.question`), which a tiny model learns in a
+            few hundred steps; with 3-5 operations it takes several times longer.
         modulus: every value is reduced mod this; 10 keeps all numbers single digits,
             hence single tokens.
         heldout_permille: share (per thousand) of the question space reserved for
@@ -67,8 +72,8 @@ class TaskSettings:
         split_salt: salt of the question hash that decides the held-out split.
     """
 
-    min_ops: int = 3
-    max_ops: int = 5
+    min_ops: int = 4
+    max_ops: int = 4
     modulus: int = 10
     heldout_permille: int = 100
     split_salt: str = "latro-heldout-v1"
@@ -87,13 +92,18 @@ class CorpusSettings:
         step_error_prob: per-step probability of a wrong result in a noisy solution; later
             steps continue from the wrong value and the stated answer follows the
             rationale, so answers are faithful to the rationale that precedes them.
+        reasoning_warmup: share of the corpus, at its start, with worked solutions only.
+            Copying operands from the question is learned only when many examples show it
+            (measured with 32 examples a step at lr 2e-3: with 30% worked examples a 0.8M
+            model had not started copying digits after 400 steps; with only worked examples
+            it copied them by step ~500 and got 77% of the steps' arithmetic right by step
+            600); the direct-heavy remainder then sets the habit of answering directly.
     """
 
     direct_fraction: float = 0.6
     noisy_fraction: float = 0.5
     step_error_prob: float = 0.25
-    drill_fraction: float = 0.25
-    drill_facts: int = 12
+    reasoning_warmup: float = 0.75
 
 
 @dataclass(frozen=True)
@@ -107,8 +117,8 @@ class Problem:
     @property
     def question(self) -> str:
         """The natural-language question (without the CoT trigger)."""
-        chain = " ".join(f"{_LABELS[i]}{_OPS[op]}{arg}" for i, (op, arg) in enumerate(self.steps))
-        return f"Start with {self.start}. {chain}. Result mod {self.modulus}?"
+        chain = " ".join(f"{_LABELS[i]}{_OPS[op]}{arg}=?." for i, (op, arg) in enumerate(self.steps))
+        return f"Start with {self.start}. {chain}"
 
     def values(self) -> list[int]:
         """The running value after each step (exact arithmetic)."""
@@ -185,15 +195,11 @@ def is_worked(completion: str) -> bool:
 
 
 def parse_rationale(rationale: str) -> list[tuple[int, str, int, int]]:
-    """Parse ``" 3. a+4=7. b*2=4."`` into ``[(3, "add", 4, 7), (7, "mul", 2, 4)]``."""
-    start = _START_RE.match(rationale)
-    if start is None:
-        return []
-    out, value = [], int(start.group(1))
-    for sym, arg, res in _STEP_RE.findall(rationale):
-        out.append((value, _SYMBOL_TO_OP[sym], int(arg), int(res)))
-        value = int(res)
-    return out
+    """Parse ``" 3+4=7. 7*2=4."`` into ``[(3, "add", 4, 7), (7, "mul", 2, 4)]``."""
+    return [
+        (int(value), _SYMBOL_TO_OP[sym], int(arg), int(res))
+        for value, sym, arg, res in _STEP_RE.findall(rationale)
+    ]
 
 
 def is_heldout(question: str, settings: TaskSettings) -> bool:
@@ -254,21 +260,22 @@ def generate_pairs(n: int, seed: int, settings: TaskSettings, split: str = "trai
 def worked_rationale(
     problem: Problem, rng: random.Random, step_error_prob: float = 0.0
 ) -> tuple[str, int]:
-    """Step-by-step rationale and the value it ends on: ``" 3. a+4=7. b*2=4. c-5=9."``.
+    """Step-by-step rationale and the value it ends on: ``" 3+4=7. 7*2=4. 4-5=9."``.
 
-    The rationale restates the start value, then each step copies its label, operator and
-    operand from the question and writes the new running value.  With
-    ``step_error_prob > 0`` each step's result is replaced by a different random digit with
-    that probability, and later steps continue from the wrong value (the way a careless
-    solver errs), so the returned final value can differ from the gold answer.
+    Each step writes the running value (the start value first), then the operator and
+    operand copied from the question, then the new value; the three inputs of the step's
+    table look-up are the three characters before its "=".  With ``step_error_prob > 0``
+    each step's result is replaced by a different random digit with that probability, and
+    later steps continue from the wrong value (the way a careless solver errs), so the
+    returned final value can differ from the gold answer.
     """
     m = problem.modulus
-    parts, v = [f"{problem.start}."], problem.start
-    for i, (op, arg) in enumerate(problem.steps):
+    parts, v = [], problem.start
+    for op, arg in problem.steps:
         res = apply_op(op, v, arg, m)
         if step_error_prob > 0 and rng.random() < step_error_prob:
             res = (res + rng.randint(1, m - 1)) % m
-        parts.append(f"{_LABELS[i]}{_OPS[op]}{arg}={res}.")
+        parts.append(f"{v}{_OPS[op]}{arg}={res}.")
         v = res
     return " " + " ".join(parts), v
 
@@ -276,20 +283,20 @@ def worked_rationale(
 def build_pretrain_corpus(
     n: int, seed: int, task: TaskSettings, corpus: CorpusSettings
 ) -> list[CorpusExample]:
-    """The base model's pretraining texts: a direct/worked/noisy-worked mix of train questions.
+    """The base model's pretraining texts, in training order: worked solutions only for the
+    first ``reasoning_warmup`` share, then a direct/worked/noisy-worked mix of train questions.
 
     The mix is drawn per example (not exact proportions) from a seed-derived stream, so
     two calls with the same arguments return the same list.
     """
     problems = sample_problems(n, seed, task, split="train", unique=False)
     rng = random.Random(f"corpus:{seed}")
+    warmup = int(corpus.reasoning_warmup * n)
     out = []
-    for p in problems:
-        if rng.random() < corpus.drill_fraction:
-            out.append(CorpusExample("", _drill(rng, task, corpus.drill_facts), worked=False))
-            continue
+    for i, p in enumerate(problems):
         prompt = format_prompt(p.question)
-        if rng.random() < corpus.direct_fraction:
+        direct = rng.random() < corpus.direct_fraction
+        if direct and i >= warmup:
             out.append(CorpusExample(prompt, format_answer(p.answer), worked=False))
             continue
         err = corpus.step_error_prob if rng.random() < corpus.noisy_fraction else 0.0
@@ -298,22 +305,15 @@ def build_pretrain_corpus(
     return out
 
 
-def _drill(rng: random.Random, task: TaskSettings, facts: int) -> str:
-    """``" 8. a+6=4. 3. a*7=1. ..."``: correct one-step rationales, back to back."""
-    parts = []
-    for _ in range(facts):
-        p = sample_problem(rng, TaskSettings(min_ops=1, max_ops=1, modulus=task.modulus))
-        parts.append(worked_rationale(p, rng)[0].strip())
-    return " " + " ".join(parts)
-
-
 def tokenizer_training_texts(task: TaskSettings, n: int = 2000, seed: int = 0) -> list[str]:
     """Texts covering the task's full alphabet, for training the character tokenizer.
 
     Held-out questions, worked and direct forms are all included so no character of the
     task (or of the held-out split) can be out of vocabulary.
     """
-    corpus = CorpusSettings(direct_fraction=0.5, noisy_fraction=0.0, step_error_prob=0.0)
+    corpus = CorpusSettings(
+        direct_fraction=0.5, noisy_fraction=0.0, step_error_prob=0.0, reasoning_warmup=0.0
+    )
     texts = [ex.text for ex in build_pretrain_corpus(n, seed, task, corpus)]
     texts += [
         format_prompt(p.question) for p in sample_problems(min(n, 200), seed, task, "heldout")

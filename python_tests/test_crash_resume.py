@@ -31,7 +31,7 @@ from latro_engine.metrics import read_metrics
 from latro_engine.trainer import LatroTrainer, TrainingError
 
 WORKER = Path(__file__).with_name("crash_worker.py")
-STEPS = 6
+STEPS = 20
 TIMING = {"rollout_s", "score_s", "train_s", "samples_per_s", "tokens_per_s"}
 # Each checkpoint-writing point once, at a drawn occurrence, and kills at random times.
 HOOKS = ["state_file", "publish", "latest", "prune", "metrics"]
@@ -144,7 +144,7 @@ def test_sigkill_at_random_moments_then_resume_matches_an_uninterrupted_run(tmp_
             assert code == 0 and began == list(range(1, STEPS + 1)), (code, began)
 
             plan: list[dict] = [{"crash_at": f"{hook}:{rng.randint(1, 2)}"} for hook in HOOKS]
-            plan += [{"kill_after": rng.uniform(0.0, 1.5)} for _ in range(RANDOM_KILLS)]
+            plan += [{"kill_after": rng.uniform(0.0, 0.8)} for _ in range(RANDOM_KILLS)]
             rng.shuffle(plan)
             crashed = tmp_path / "crashed"
             newest, kills = 0, 0

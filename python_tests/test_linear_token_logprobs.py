@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FLOAT_DTYPES, device_backend_pairs
+from conftest import FLOAT_DTYPES, assert_close_to_oracle, device_backend_pairs, requires_native
 
 from latro_engine import ops, reference
 
@@ -97,3 +97,105 @@ def test_gradcheck_float64_reference_and_native_jacobian(device, backend, use_ba
 def test_default_chunk_bounds_logits_memory():
     assert reference.default_chunk_size(16_384, 128_256) * 128_256 <= 1 << 25
     assert reference.default_chunk_size(3, 7) == 3
+
+
+# ----------------------------------------------------------------------------- autocast
+def _autocast_case(bias, seed=5):
+    hidden, weight, b, targets = _case(37, 24, 211, torch.float32, "cpu", bias, seed=seed)
+    return hidden, weight, b, targets, torch.randn(37, generator=torch.Generator().manual_seed(1))
+
+
+def _scored_grads(hidden, weight, b, targets, upstream, autocast):
+    """(out, grads) of sum(upstream * linear_token_logprobs), optionally under CPU autocast."""
+    leaves = [
+        t.clone().requires_grad_() for t in (hidden, weight) + ((b,) if b is not None else ())
+    ]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = ops.linear_token_logprobs(
+            leaves[0], leaves[1], targets, bias=leaves[2] if b is not None else None, chunk_size=5
+        )
+        # The backward runs inside the autocast region too: the case that used to fail with
+        # "Expected out tensor to have dtype BFloat16".
+        (out * upstream).sum().backward()
+    return out, [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("native", marks=requires_native)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_autocast_cpu_bf16_forward_and_backward(backend, bias, use_backend):
+    """Under autocast the scorer runs its matmuls at the autocast dtype (as F.linear would) and
+    hands back float32 log-probabilities and float32 gradients for float32 leaves, within
+    bf16-rounding distance of the float32 oracle."""
+    use_backend(backend)
+    hidden, weight, b, targets, upstream = _autocast_case(bias)
+    out, grads = _scored_grads(hidden, weight, b, targets, upstream, autocast=True)
+    assert out.dtype == torch.float32
+    assert [g.dtype for g in grads] == [torch.float32] * len(grads)
+
+    ref = [t.clone().requires_grad_() for t in (hidden, weight) + ((b,) if bias else ())]
+    expected = _full_logits_oracle(ref[0], ref[1], ref[2] if bias else None, targets)
+    (expected * upstream.double()).sum().backward()
+    # bf16 keeps 8 significant bits: logits of size ~3 are off by ~1e-2 after the inputs are
+    # rounded, and so are the log-probabilities and the gradients (which are O(1) here).
+    torch.testing.assert_close(out.double(), expected.detach(), atol=5e-2, rtol=2e-2)
+    for mine, theirs in zip(grads, ref):
+        torch.testing.assert_close(mine.double(), theirs.grad.double(), atol=5e-2, rtol=2e-2)
+
+
+@requires_native
+@pytest.mark.parametrize("bias", [False, True])
+def test_autocast_native_equals_explicit_bf16_inputs(bias, use_backend):
+    """The op's autocast rule is exactly "cast hidden, weight and bias to the autocast dtype":
+    the result equals running it on bf16 copies of the inputs, and mixed-dtype inputs (bf16
+    activations, float32 master weight) are accepted under autocast."""
+    use_backend("native")
+    hidden, weight, b, targets, upstream = _autocast_case(bias, seed=6)
+    out, grads = _scored_grads(hidden, weight, b, targets, upstream, autocast=True)
+    low = [t.bfloat16() for t in (hidden, weight) + ((b,) if bias else ())]
+    out_bf16, grads_bf16 = _scored_grads(
+        low[0], low[1], low[2] if bias else None, targets, upstream, autocast=False
+    )
+    torch.testing.assert_close(out, out_bf16, atol=0, rtol=0)
+    for mine, theirs in zip(grads, grads_bf16):
+        torch.testing.assert_close(mine, theirs.float(), atol=0, rtol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = ops.linear_token_logprobs(hidden.bfloat16(), weight, targets, bias=b, chunk_size=5)
+    torch.testing.assert_close(mixed, out, atol=0, rtol=0)
+
+
+# ----------------------------------------------------------------------------- precision
+@pytest.mark.parametrize("device,backend", device_backend_pairs())
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_weight_grad_does_not_degrade_with_chunks(
+    device, backend, dtype, use_backend
+):
+    """The weight gradient sums one product per chunk. With 512 one-row chunks its error against
+    a float64 oracle stays at one rounding to the weight dtype (at most 2x plain torch's single
+    matmul, the suite's rule), the same as with one chunk: the sum is kept in float32 and rounded
+    once, not rounded into a bf16 buffer after every chunk."""
+    use_backend(backend)
+    n, d, v = 512, 16, 24
+    g = torch.Generator().manual_seed(11)
+    hidden = (torch.rand(n, d, generator=g) + 0.5).to(dtype).to(device)  # one sign: no cancelling
+    weight = (torch.randn(v, d, generator=g) / d**0.5).to(dtype).to(device)
+    targets = torch.randint(0, v, (n,), generator=g).to(device)
+    upstream = torch.rand(n, generator=g).to(device) + 0.5
+
+    ref_w = weight.double().requires_grad_()
+    oracle = _full_logits_oracle(hidden.double(), ref_w, None, targets)
+    (oracle * upstream.double()).sum().backward()
+    plain_w = weight.clone().requires_grad_()  # plain torch at the same dtype: one matmul
+    plain = torch.log_softmax((hidden @ plain_w.t()).float(), -1).gather(-1, targets[:, None])
+    (plain.squeeze(-1) * upstream).sum().backward()
+
+    errors = {}
+    for chunk in (n, 1):
+        w = weight.clone().requires_grad_()
+        (
+            ops.linear_token_logprobs(hidden, w, targets, chunk_size=chunk) * upstream
+        ).sum().backward()
+        assert w.grad.dtype == dtype
+        assert_close_to_oracle(w.grad, ref_w.grad, plain_w.grad, dtype)
+        errors[chunk] = (w.grad.double() - ref_w.grad).abs().max().item()
+    ulp = torch.finfo(dtype).eps * ref_w.grad.abs().max().item()
+    assert errors[1] <= 2 * errors[n] + ulp, errors

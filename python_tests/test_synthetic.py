@@ -37,9 +37,9 @@ _SYMBOLS = {"+": "add", "-": "sub", "*": "mul"}
 
 def _solve_from_text(question: str) -> int:
     """Independent solver reading the question text (guards Problem.answer)."""
-    match = re.fullmatch(r"Start with (\d)\. ((?:[a-j][-+*]\d ?)+)\. Result mod 10\?", question)
+    match = re.fullmatch(r"Start with (\d)\.((?: [a-j][-+*]\d=\?\.)+)", question)
     v = int(match.group(1))
-    for sym, arg in re.findall(r"[a-j]([-+*])(\d)", match.group(2)):
+    for sym, arg in re.findall(r"[a-j]([-+*])(\d)=\?", match.group(2)):
         v = apply_op(_SYMBOLS[sym], v, int(arg))
     return v
 
@@ -97,19 +97,13 @@ def test_heldout_split_is_disjoint() -> None:
 
 def test_corpus_mix_and_format() -> None:
     cs = CorpusSettings(
-        direct_fraction=0.6, noisy_fraction=0.5, step_error_prob=0.25, drill_fraction=0.25
+        direct_fraction=0.6, noisy_fraction=0.5, step_error_prob=0.25, reasoning_warmup=0.25
     )
-    everything = build_pretrain_corpus(4000, 0, TASK, cs)
-    drills = [e for e in everything if not e.prompt]
-    assert 0.2 < len(drills) / len(everything) < 0.3
-    for e in drills[:50]:  # drills are correct one-step rationales, back to back
-        facts = re.findall(r"(\d)\. a([-+*])(\d)=(\d)\.", e.completion)
-        assert len(facts) == cs.drill_facts
-        assert all(apply_op(_SYMBOLS[op], int(a), int(b)) == int(c) for a, op, b, c in facts)
-    corpus = [e for e in everything if e.prompt]
-    direct = [e for e in corpus if not e.worked]
-    assert 0.55 < len(direct) / len(corpus) < 0.65
-    for e in corpus[:200]:
+    corpus = build_pretrain_corpus(4000, 0, TASK, cs)
+    assert all(e.worked for e in corpus[:1000])  # the reasoning warm-up comes first
+    direct = [e for e in corpus[1000:] if not e.worked]
+    assert 0.55 < len(direct) / 3000 < 0.65
+    for e in corpus[:100] + corpus[1000:1200]:
         assert e.prompt.endswith(COT_TRIGGER)
         assert e.completion.endswith(".") and ANSWER_PREFIX in e.completion
         assert is_worked(e.completion) == e.worked
@@ -119,6 +113,22 @@ def test_corpus_mix_and_format() -> None:
             assert extract_answer(e.completion) == str(steps[-1][3])
     for e in direct[:50]:
         assert e.completion == format_answer(extract_answer(e.completion))
+
+
+def test_copies_sit_at_one_distance() -> None:
+    """Each question step and its rationale step are the same width, so with a fixed chain
+    length each operator the rationale copies from the question is the same distance back
+    (and so is the operand after it, and the start value)."""
+    rng = random.Random(0)
+    distances, start_distances = set(), set()
+    for p in sample_problems(50, 0, TASK):
+        prompt = format_prompt(p.question)
+        text = prompt + worked_rationale(p, rng)[0]
+        ops = [m.start() for m in re.finditer(r"[-+*]", text)]
+        asked, written = ops[: len(p.steps)], ops[len(p.steps) :]
+        distances |= {w - a for a, w in zip(asked, written, strict=True)}
+        start_distances.add(len(prompt) + 1 - text.index(str(p.start)))
+    assert len(distances) == 1 and len(start_distances) == 1
 
 
 def test_extract_answer() -> None:
@@ -140,7 +150,7 @@ def test_tokenizer_round_trip_and_digits(tok) -> None:
     texts += [
         " The answer is 9.",
         "  the  answer ",
-        format_prompt("Start with 1. a+2. Result mod 10?"),
+        format_prompt("Start with 1. a+2=?."),
     ]
     for text in texts:
         ids = tok(text, add_special_tokens=False)["input_ids"]
@@ -158,7 +168,7 @@ def test_tokenizer_round_trip_and_digits(tok) -> None:
 def test_tokenizer_save_load(tok, tmp_path: Path) -> None:
     tok.save_pretrained(tmp_path)
     again = AutoTokenizer.from_pretrained(tmp_path)
-    text = format_prompt(generate_pairs(1, 0, TASK)[0].question) + " 3. a+4=7." + format_answer(7)
+    text = format_prompt(generate_pairs(1, 0, TASK)[0].question) + " 3+4=7." + format_answer(7)
     assert again(text)["input_ids"] == tok(text)["input_ids"]
     assert again.decode(tok(text)["input_ids"], skip_special_tokens=True) == text
     assert (again.pad_token_id, again.eos_token_id) == (tok.pad_token_id, tok.eos_token_id)

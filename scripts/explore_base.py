@@ -133,7 +133,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--direct-fraction", type=float, default=None)
-    ap.add_argument("--drill-fraction", type=float, default=None)
+    ap.add_argument("--reasoning-warmup", type=float, default=None)
     ap.add_argument("--warmup", type=int, default=50)
     ap.add_argument("--weight-decay", type=float, default=0.01)
     ap.add_argument("--hidden", type=int, default=None)
@@ -156,9 +156,9 @@ def main() -> None:
         s = dataclasses.replace(
             s, corpus=dataclasses.replace(s.corpus, direct_fraction=args.direct_fraction)
         )
-    if args.drill_fraction is not None:
+    if args.reasoning_warmup is not None:
         s = dataclasses.replace(
-            s, corpus=dataclasses.replace(s.corpus, drill_fraction=args.drill_fraction)
+            s, corpus=dataclasses.replace(s.corpus, reasoning_warmup=args.reasoning_warmup)
         )
     if args.hidden or args.layers:
         m = dataclasses.replace(

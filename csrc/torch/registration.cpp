@@ -1,6 +1,8 @@
 // The latro_engine op library: schemas, validation shared by every backend, the chunked
 // LM-head scorer (device-agnostic: matmuls through ATen, the row kernels through the
 // dispatcher) and the Python module that carries the non-tensor helpers.
+#include <ATen/autocast_mode.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/extension.h>
 
 #include <cmath>
@@ -183,12 +185,19 @@ token_logprobs_backward_inplace_op() {
   return op;
 }
 
+// Both kernels below run their matmuls at the dtype they are given. Without this guard an
+// enclosing torch.autocast region (the forward's, or the backward's: the autograd engine runs
+// it with the caller's autocast state) would recast them one by one: bf16 logits feeding a
+// float32 out= buffer. The op's own autocast rule is linear_token_logprobs_autocast.
+using NoAutocast = c10::impl::ExcludeDispatchKeyGuard;
+
 std::tuple<at::Tensor, at::Tensor> linear_token_logprobs(const at::Tensor& hidden,
                                                          const at::Tensor& weight,
                                                          const std::optional<at::Tensor>& bias,
                                                          const at::Tensor& targets,
                                                          int64_t chunk_size, int64_t ignore_index) {
   at::NoGradGuard no_grad;  // the Python autograd registration owns the gradient
+  NoAutocast no_autocast(c10::autocast_dispatch_keyset);
   check_linear(hidden, weight, bias, targets);
   const int64_t rows = hidden.size(0);
   const int64_t chunk = resolve_chunk(chunk_size, rows, weight.size(0));
@@ -207,16 +216,30 @@ std::tuple<at::Tensor, at::Tensor> linear_token_logprobs(const at::Tensor& hidde
 
 // The backward recomputes each chunk's logits, turns them into their gradient in place, and
 // feeds the two matmuls: grad_hidden[chunk] = G W, grad_weight += G^T hidden[chunk].
+//
+// grad_weight is a sum over chunks, so it is accumulated in float32 whatever the weight dtype
+// and rounded once at the end; a bf16 running sum would be rounded after every chunk, an error
+// that grows with the number of chunks. For a bf16/fp16 weight that costs a float32 [V, D]
+// accumulator for the duration of the backward (4 V D bytes: 2 GiB for a 128256 x 4096 head,
+// next to the 1 GiB bf16 gradient it becomes) and a float32 copy of each chunk's logit gradient
+// (4 x chunk x V bytes, at most 128 MiB at the default chunk), because ATen has no portable
+// low-precision GEMM that accumulates into a float32 output. That GEMM then runs in float32; bf16
+// and fp16 values are exact in TF32, so allowing TF32 (torch.backends.cuda.matmul.allow_tf32)
+// puts it on tensor cores at no cost in accuracy. A float32 weight accumulates in place.
+// grad_hidden needs none of this: each of its rows comes out of a single matmul.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_backward(
     const at::Tensor& grad_logprobs, const at::Tensor& hidden, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& targets, const at::Tensor& lse,
     int64_t chunk_size, int64_t ignore_index) {
   at::NoGradGuard no_grad;  // a backward is not differentiated again
+  NoAutocast no_autocast(c10::autocast_dispatch_keyset);
   check_linear(hidden, weight, bias, targets);
   const int64_t rows = hidden.size(0);
   const int64_t chunk = resolve_chunk(chunk_size, rows, weight.size(0));
+  const bool low_precision =
+      weight.scalar_type() == at::kBFloat16 || weight.scalar_type() == at::kHalf;
   at::Tensor grad_hidden = at::empty_like(hidden, at::MemoryFormat::Contiguous);
-  at::Tensor grad_weight = at::zeros_like(weight, at::MemoryFormat::Contiguous);
+  at::Tensor grad_weight = at::zeros(weight.sizes(), weight.options().dtype(at::kFloat));
   at::Tensor grad_bias = at::zeros({weight.size(0)}, hidden.options().dtype(at::kFloat));
   const at::Tensor grad = grad_logprobs.to(at::kFloat).contiguous();
   for (int64_t begin = 0; begin < rows; begin += chunk) {
@@ -228,10 +251,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_backward(
                                               lse.narrow(0, begin, n), ignore_index);
     at::Tensor grad_hidden_rows = grad_hidden.narrow(0, begin, n);
     at::mm_out(grad_hidden_rows, logits, weight);
-    grad_weight.addmm_(logits.t(), h);
+    if (low_precision) {
+      grad_weight.addmm_(logits.to(at::kFloat).t(), h.to(at::kFloat));
+    } else {
+      grad_weight.addmm_(logits.t(), h);
+    }
     if (bias) grad_bias.add_(logits.sum(0, /*keepdim=*/false, at::kFloat));
   }
-  return {grad_hidden, grad_weight, grad_bias.to(hidden.scalar_type())};
+  return {grad_hidden, grad_weight.to(weight.scalar_type()), grad_bias.to(hidden.scalar_type())};
+}
+
+const c10::TypedOperatorHandle<std::tuple<at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
+    int64_t, int64_t)>&
+linear_token_logprobs_op() {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("latro_engine::linear_token_logprobs", "")
+          .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                    const std::optional<at::Tensor>&,
+                                                    const at::Tensor&, int64_t, int64_t)>();
+  return op;
+}
+
+// The op's autocast rule, that of F.linear (autocast's lower_precision_fp list): inside a
+// torch.autocast region hidden, weight and bias are cast to the region's dtype (float32
+// activations and master weights included, so mixed dtypes are accepted), then the op runs
+// with autocast off; the log-probabilities and lse stay float32. The casts go through autograd,
+// so float32 leaves get float32 gradients, and weight casts use autocast's per-region cache.
+// linear_token_logprobs_backward keeps the fallthrough: it runs at the dtypes the forward
+// saved, which its own guard above makes well defined.
+template <c10::DeviceType kDevice>
+std::tuple<at::Tensor, at::Tensor> linear_token_logprobs_autocast(
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& targets, int64_t chunk_size, int64_t ignore_index) {
+  NoAutocast no_autocast(c10::autocast_dispatch_keyset);
+  const at::ScalarType dtype = at::autocast::get_autocast_dtype(kDevice);
+  return linear_token_logprobs_op().call(at::autocast::cached_cast(dtype, hidden, kDevice),
+                                         at::autocast::cached_cast(dtype, weight, kDevice),
+                                         at::autocast::cached_cast(dtype, bias, kDevice), targets,
+                                         chunk_size, ignore_index);
 }
 
 }  // namespace
@@ -280,6 +339,16 @@ TORCH_LIBRARY_IMPL(latro_engine, CUDA, m) {
   m.impl("linear_token_logprobs_backward", &latro_torch::linear_token_logprobs_backward);
 }
 #endif
+
+TORCH_LIBRARY_IMPL(latro_engine, AutocastCPU, m) {
+  m.impl("linear_token_logprobs",
+         &latro_torch::linear_token_logprobs_autocast<c10::DeviceType::CPU>);
+}
+
+TORCH_LIBRARY_IMPL(latro_engine, AutocastCUDA, m) {
+  m.impl("linear_token_logprobs",
+         &latro_torch::linear_token_logprobs_autocast<c10::DeviceType::CUDA>);
+}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "latro_engine native ops (registered as torch.ops.latro_engine.*)";

@@ -1,7 +1,8 @@
 // Row log-sum-exp, token log-probabilities and their backward on the CPU.
 #include <algorithm>
-#include <type_traits>
 #include <cmath>
+#include <limits>
+#include <type_traits>
 
 #include "cpu_common.h"
 #include "latro/latro.h"
@@ -63,14 +64,21 @@ LATRO_CPU_CLONES float block_sum_exp(const float* x, int64_t n, float shift) {
   return horizontal_sum(a + b);
 }
 
-// grad[i] = -scale * exp(x[i] - lse)
-LATRO_CPU_CLONES void block_neg_softmax(const float* x, int64_t n, float lse, float scale,
-                                        float* grad) {
+// grad[i] = -scale * exp((x[i] - shift) - log_sum). log_sum is 0 unless the row's lse had to
+// be recomputed (shift is then the row max); the common loop skips the second subtraction.
+LATRO_CPU_CLONES void block_neg_softmax(const float* x, int64_t n, float shift, float log_sum,
+                                        float scale, float* grad) {
   int64_t i = 0;
-  for (; i + kVecWidth <= n; i += kVecWidth) {
-    detail::vstore(grad + i, -scale * vexp_nonpositive(vload(x + i) - lse));
+  if (log_sum == 0.0f) {
+    for (; i + kVecWidth <= n; i += kVecWidth) {
+      detail::vstore(grad + i, -scale * vexp_nonpositive(vload(x + i) - shift));
+    }
+  } else {
+    for (; i + kVecWidth <= n; i += kVecWidth) {
+      detail::vstore(grad + i, -scale * vexp_nonpositive((vload(x + i) - shift) - log_sum));
+    }
   }
-  for (; i < n; ++i) grad[i] = -scale * exp_nonpositive(x[i] - lse);
+  for (; i < n; ++i) grad[i] = -scale * exp_nonpositive((x[i] - shift) - log_sum);
 }
 #else
 LATRO_CPU_CLONES float block_max(const float* x, int64_t n) {
@@ -85,9 +93,9 @@ LATRO_CPU_CLONES float block_sum_exp(const float* x, int64_t n, float shift) {
   return total;
 }
 
-LATRO_CPU_CLONES void block_neg_softmax(const float* x, int64_t n, float lse, float scale,
-                                        float* grad) {
-  for (int64_t i = 0; i < n; ++i) grad[i] = -scale * exp_nonpositive(x[i] - lse);
+LATRO_CPU_CLONES void block_neg_softmax(const float* x, int64_t n, float shift, float log_sum,
+                                        float scale, float* grad) {
+  for (int64_t i = 0; i < n; ++i) grad[i] = -scale * exp_nonpositive((x[i] - shift) - log_sum);
 }
 #endif
 
@@ -115,10 +123,18 @@ inline const float* load_block(const float16* row, int64_t n, float* buffer) {
   return buffer;
 }
 
-// In float64: the caller subtracts it from a logit, and rounding lse to float32 first would
-// cost up to half an ulp of the lse (large for logits in the thousands).
+// A row's log-sum-exp as its two parts, lse = max + log_sum. Callers subtract them from a
+// logit one at a time, (x - max) - log_sum: near the float32 maximum max + log_sum rounds back
+// to max, even in float64 (ulp(3e38) is 4e22 there), and x - lse would lose log_sum entirely.
+// log_sum is in float64: rounding it to float32 would cost up to half its ulp.
+struct RowLse {
+  float max;        // NaN if the row holds one, -inf if the row is all -inf
+  double log_sum;   // log(sum exp(x - max)), in [0, log(vocab)] for a finite max
+  double lse() const { return static_cast<double>(max) + log_sum; }
+};
+
 template <typename T>
-double row_logsumexp(const T* row, int64_t vocab) {
+RowLse row_logsumexp(const T* row, int64_t vocab) {
   float buffer[kBlock];
   float running_max = kNegInf;
   double total = 0.0;
@@ -126,7 +142,7 @@ double row_logsumexp(const T* row, int64_t vocab) {
     const int64_t n = std::min(kBlock, vocab - begin);
     const float* x = load_block(row + begin, n, buffer);
     const float block_best = block_max(x, n);
-    if (block_best != block_best) return block_best;  // NaN in the row: NaN, as torch gives
+    if (block_best != block_best) return {block_best, 0.0};  // NaN in the row: NaN, as torch
     if (block_best > running_max) {
       total *= std::exp(static_cast<double>(running_max) - static_cast<double>(block_best));
       running_max = block_best;
@@ -136,8 +152,8 @@ double row_logsumexp(const T* row, int64_t vocab) {
     total += static_cast<double>(block_sum_exp(x, n, running_max));
   }
   // All -inf: lse -inf, so every log-prob is -inf - -inf = NaN, as torch's log_softmax gives.
-  if (running_max == kNegInf) return kNegInf;
-  return static_cast<double>(running_max) + std::log(total);
+  if (running_max == kNegInf) return {kNegInf, 0.0};
+  return {running_max, std::log(total)};
 }
 
 void check_targets(const int64_t* targets, int64_t vocab, int64_t ignore_index, int64_t row_begin,
@@ -162,9 +178,12 @@ void token_logprobs_rows(const TokenLogprobsArgs& args, int64_t stride, int64_t 
       continue;
     }
     const T* row = logits + r * stride;
-    const double lse = row_logsumexp(row, args.vocab);
-    args.logprobs[r] = static_cast<float>(static_cast<double>(to_float(row[target])) - lse);
-    if (args.lse) args.lse[r] = static_cast<float>(lse);
+    const RowLse lse = row_logsumexp(row, args.vocab);
+    // Never above 0: x <= max and log_sum >= 0 (the max contributes exp(0) = 1 to the sum).
+    const double shifted =
+        static_cast<double>(to_float(row[target])) - static_cast<double>(lse.max);
+    args.logprobs[r] = static_cast<float>(shifted - lse.log_sum);
+    if (args.lse) args.lse[r] = static_cast<float>(lse.lse());
   }
 }
 
@@ -184,17 +203,28 @@ void token_logprobs_backward_rows(const TokenLogprobsBackwardArgs& args, int64_t
       continue;
     }
     const float upstream = args.grad_logprobs[r];
-    const float lse = args.lse[r];
+    // softmax = exp((x - shift) - log_sum): the stored lse and 0, or where the float32 lse is
+    // too coarse (see kRecomputeLseFrom in latro.h) the row's max and log-sum, recomputed.
+    float shift = args.lse[r];
+    double log_sum = 0.0;
+    const float magnitude = std::fabs(shift);
+    if (magnitude >= kRecomputeLseFrom && magnitude <= std::numeric_limits<float>::max()) {
+      const RowLse lse = row_logsumexp(row, args.vocab);
+      shift = lse.max;
+      log_sum = lse.log_sum;
+    }
     // Read before the row is overwritten (grad_logits may alias logits).
-    const double p_target = std::exp(static_cast<double>(to_float(row[target])) - lse);
+    const double p_target =
+        std::exp((static_cast<double>(to_float(row[target])) - shift) - log_sum);
     const float grad_target = static_cast<float>(upstream * (1.0 - p_target));
+    const float log_sum_f = static_cast<float>(log_sum);
     for (int64_t begin = 0; begin < args.vocab; begin += kBlock) {
       const int64_t n = std::min(kBlock, args.vocab - begin);
       const float* x = load_block(row + begin, n, in_buffer);
       if constexpr (std::is_same_v<T, float>) {
-        block_neg_softmax(x, n, lse, upstream, grad_row + begin);
+        block_neg_softmax(x, n, shift, log_sum_f, upstream, grad_row + begin);
       } else {
-        block_neg_softmax(x, n, lse, upstream, out_buffer);
+        block_neg_softmax(x, n, shift, log_sum_f, upstream, out_buffer);
         for (int64_t i = 0; i < n; ++i) grad_row[begin + i] = from_float<T>(out_buffer[i]);
       }
     }

@@ -1,5 +1,7 @@
 // Token log-probabilities and their backward on CUDA (semantics in latro.h, launchers in
 // cuda.h), plus the device status helpers every CUDA launcher shares.
+#include <cfloat>
+
 #include "cuda_common.cuh"
 
 namespace latro::cuda {
@@ -78,6 +80,30 @@ struct CombineLse {
   }
 };
 
+// The row's max and sum of exp(x - max), reduced over the block: every thread gets them.
+template <typename T>
+__device__ __forceinline__ Lse row_lse(const T* x, int64_t vocab, Lse* scratch) {
+  // Online log-sum-exp per thread: one rescale per vector when the max grows.
+  float max = neg_inf(), sum = 0.0f;
+  for_each_in_row(x, vocab, [&](int64_t, const auto& values) {
+    constexpr int n = detail::count_of<decltype(values)>;
+    float vmax = values[0];
+#pragma unroll
+    for (int i = 1; i < n; ++i) vmax = fmaxf(vmax, values[i]);  // NaN: caught by the sum
+    if (vmax > max) {
+      sum *= max == neg_inf() ? 0.0f : expf(max - vmax);
+      max = vmax;
+    }
+    // Until a finite value is seen every term is exp(-inf) = 0; shifting by 0 avoids
+    // -inf - -inf. A +inf max makes exp(inf - inf) = NaN, as torch's log_softmax gives.
+    const float shift = max == neg_inf() ? 0.0f : max;
+#pragma unroll
+    for (int i = 0; i < n; ++i) sum += expf(values[i] - shift);
+  });
+  return detail::block_all_reduce(Lse{max, 0.0f, static_cast<double>(sum)}, CombineLse{},
+                                  scratch);
+}
+
 template <typename T>
 __global__ void __launch_bounds__(512)
     token_logprobs_kernel(const T* __restrict__ logits, int64_t rows, int64_t vocab,
@@ -97,37 +123,24 @@ __global__ void __launch_bounds__(512)
       continue;
     }
     const T* x = logits + row_start(row, row_stride, groups);
-    // Online log-sum-exp per thread: one rescale per vector when the max grows.
-    float max = neg_inf(), sum = 0.0f;
-    for_each_in_row(x, vocab, [&](int64_t, const auto& values) {
-      constexpr int n = detail::count_of<decltype(values)>;
-      float vmax = values[0];
-#pragma unroll
-      for (int i = 1; i < n; ++i) vmax = fmaxf(vmax, values[i]);  // NaN: caught by the sum
-      if (vmax > max) {
-        sum *= max == neg_inf() ? 0.0f : expf(max - vmax);
-        max = vmax;
-      }
-      // Until a finite value is seen every term is exp(-inf) = 0; shifting by 0 avoids
-      // -inf - -inf. A +inf max makes exp(inf - inf) = NaN, as torch's log_softmax gives.
-      const float shift = max == neg_inf() ? 0.0f : max;
-#pragma unroll
-      for (int i = 0; i < n; ++i) sum += expf(values[i] - shift);
-    });
-    const Lse total = detail::block_all_reduce(Lse{max, 0.0f, static_cast<double>(sum)},
-                                               CombineLse{}, scratch);
+    const Lse total = row_lse(x, vocab, scratch);
     if (threadIdx.x == 0) {
-      // In float64, as on the CPU: rounding the lse to float32 before subtracting would cost
-      // up to half an ulp of it. The max contributes exactly 1 to the sum, so sum >= 1 and
-      // the result is never above 0.
-      const double lse = static_cast<double>(total.max) + log(total.sum);
-      logprobs[row] = static_cast<float>(static_cast<double>(load_float(x[target])) - lse);
-      if (lse_out) lse_out[row] = static_cast<float>(lse);
+      // In float64, as on the CPU, and as (x - max) - log(sum), never x - lse: rounding the
+      // lse to float32 would cost up to half an ulp of it, and near the float32 maximum
+      // max + log(sum) rounds back to max even in float64. The max contributes exactly 1 to
+      // the sum, so log(sum) >= 0 and the result is never above 0.
+      const double log_sum = log(total.sum);
+      const double shifted =
+          static_cast<double>(load_float(x[target])) - static_cast<double>(total.max);
+      logprobs[row] = static_cast<float>(shifted - log_sum);
+      if (lse_out) lse_out[row] = static_cast<float>(static_cast<double>(total.max) + log_sum);
     }
   }
 }
 
-// grad[v] = upstream * ([v == target] - exp(x[v] - lse)), in place when grad == logits.
+// grad[v] = upstream * ([v == target] - exp(x[v] - lse)), in place when grad == logits. Where
+// the float32 lse is too coarse (kRecomputeLseFrom in latro.h) the row's max and log-sum are
+// recomputed and the softmax is exp((x[v] - max) - log_sum).
 template <typename T>
 __global__ void __launch_bounds__(512)
     token_logprobs_backward_kernel(const T* logits, int64_t rows, int64_t vocab,
@@ -138,6 +151,7 @@ __global__ void __launch_bounds__(512)
                                    int64_t grad_row_stride, RowGroups grad_groups,
                                    uint64_t* status) {
   constexpr int V = kVec<T>;
+  __shared__ Lse scratch[kMaxWarps];
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const T* x = logits + row_start(row, row_stride, groups);
     T* g = grad_logits + row_start(row, grad_row_stride, grad_groups);
@@ -146,12 +160,22 @@ __global__ void __launch_bounds__(512)
     const bool bad = !ignored && (target < 0 || target >= vocab);
     if (bad && threadIdx.x == 0) detail::record(status, row, StatusKind::TargetOutOfRange);
     const float upstream = ignored || bad ? 0.0f : grad_logprobs[row];
-    const float l = ignored || bad ? 0.0f : lse[row];
+    // softmax = exp((x - shift) - log_sum): the stored lse and 0, or the recomputed row max
+    // and log-sum. The branch is uniform over the block (one row per block), and the row is
+    // read before any thread overwrites it.
+    float shift = ignored || bad ? 0.0f : lse[row];
+    double log_sum = 0.0;
+    if (fabsf(shift) >= kRecomputeLseFrom && fabsf(shift) <= FLT_MAX) {
+      const Lse total = row_lse(x, vocab, scratch);
+      shift = total.max;
+      log_sum = log(total.sum);
+    }
+    const float log_sum_f = static_cast<float>(log_sum);
     // The target's gradient in float64 (1 - p loses everything in float32 when p ~ 1), from
     // the target logit read by every thread before any thread overwrites the row.
     float grad_target = 0.0f;
     if (!ignored && !bad) {
-      const double p = exp(static_cast<double>(load_float(x[target])) - l);
+      const double p = exp((static_cast<double>(load_float(x[target])) - shift) - log_sum);
       grad_target = static_cast<float>(upstream * (1.0 - p));
     }
     __syncthreads();
@@ -159,7 +183,7 @@ __global__ void __launch_bounds__(512)
     const bool constant = ignored || bad;
     auto value = [&](int64_t v, float xv) {
       if (constant) return fill;
-      return v == target ? grad_target : -upstream * expf(xv - l);
+      return v == target ? grad_target : -upstream * expf((xv - shift) - log_sum_f);
     };
     // Vectors only when input and output rows share their alignment (always true in place).
     const bool same_phase =

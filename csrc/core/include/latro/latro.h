@@ -39,7 +39,9 @@ struct TokenLogprobsArgs {
 };
 
 // Online log-sum-exp in float32 blocks with a float64 running total; never materializes a
-// float32 copy of a row.
+// float32 copy of a row. The log-probability is (logit - max) - log(sum exp(logits - max)),
+// never logit - lse: near the float32 maximum max + log(sum) rounds back to max (even in
+// float64) and two tied logits of 3e38 would both get 0 instead of -log 2.
 void token_logprobs(const TokenLogprobsArgs& args, int64_t row_begin = 0, int64_t row_end = -1);
 
 // The simple forms for embedders: dense rows, ignore_index -100.
@@ -66,6 +68,14 @@ struct TokenLogprobsBackwardArgs {
 
 // grad_logits[r, v] = grad_logprobs[r] * ([v == targets[r]] - exp(logits[r, v] - lse[r])),
 // zero rows where the target is ignore_index.
+//
+// The softmax is exp(logits - lse) with the float32 lse while |lse| < kRecomputeLseFrom: the
+// rounding of the stored lse then costs at most |lse| 2^-24 < 2^-18 of each probability. From
+// there on (logits in the hundreds, or near the float32 maximum, where lse rounds to the row
+// max and two tied logits would each get probability 1) the kernel recomputes the row's max
+// and log(sum exp(logits - max)) and takes exp((logits - max) - log_sum), at the cost of one
+// more read of such a row. A non-finite lse is used as it is.
+constexpr float kRecomputeLseFrom = 64.0f;
 void token_logprobs_backward(const TokenLogprobsBackwardArgs& args, int64_t row_begin = 0,
                              int64_t row_end = -1);
 
