@@ -45,7 +45,7 @@ class DemoSettings:
     # LaTRO recipe for the tiny model (the paper's lr 5e-7 is for 4-8B models).
     k: int = 8
     prompts_per_step: int = 16
-    steps: int = 100
+    steps: int = 50
     temperature: float = 0.7
     learning_rate: float = 1e-4
     kl_coef: float = 0.05
