@@ -22,6 +22,17 @@ def _sources(pattern: str) -> list[str]:
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
 
+def _check_unique_objects(sources: list[str]) -> None:
+    """Each source compiles to <folder>/<stem>.o: a.cpp and a.cu beside it would both be a.o
+    (ninja: "multiple rules generate a.o"), so CUDA sources carry their own stem (*_kernels.cu)."""
+    seen: dict[str, str] = {}
+    for source in sources:
+        obj = os.path.splitext(source)[0]
+        if obj in seen:
+            raise RuntimeError(f"{seen[obj]} and {source} would compile to the same object file")
+        seen[obj] = source
+
+
 def _extensions() -> tuple[list, dict]:
     if os.environ.get("LATRO_SKIP_EXTENSION") == "1":
         return [], {}
@@ -43,6 +54,7 @@ def _extensions() -> tuple[list, dict]:
             f"LATRO_SKIP_CUDA: {skip_cuda})"
         )
     sources = _sources("csrc/core/src/*.cpp") + _sources("csrc/torch/*.cpp")
+    _check_unique_objects(sources + cuda_sources)
     include_dirs = [os.path.join(ROOT, "csrc/core/include"), os.path.join(ROOT, "csrc/torch")]
     # The language standard follows torch (C++17 or newer). -Wno-psabi: the core's inline
     # AVX helpers trigger GCC's ABI notes, which do not apply to inlined code.

@@ -413,6 +413,7 @@ def ours_rollout(model, ids, mask, new_tokens: int, stops=(), k: int = 1, seed: 
         stop_sequences=list(stops),
         pad_token_id=0,
         seed=seed,
+        decoder="static",
     )
 
 
@@ -421,27 +422,40 @@ def bench_rollout(device: torch.device, small: bool) -> None:
     model = llama(device, small, torch.bfloat16)
     ids, mask = random_prompts(batch, prompt, model.config.vocab_size, device)
 
-    def per_step(run: Callable[[int], Any]) -> float:
-        run(4)  # warm-up (and compilation)
+    def per_step(run: Callable[[int], Any], warm_full: bool = True) -> float:
+        # warm-up at both lengths: compilation, graph capture, our decoders (kept per length);
+        # generate has nothing to keep, so a short run warms it
+        run(1)
+        run(new if warm_full else 8)
         one = time_ms(lambda: run(1), device, warmup=0, repeat=1)
         full = time_ms(lambda: run(new), device, warmup=0, repeat=1)
         return (full - one) / (new - 1)
 
     results: dict[str, float | str] = {}
-    runners = {
+    runners = {  # ours first: a later baseline that runs out of time must not hide it
+        "ours (sample_rationales)": lambda n: ours_rollout(model, ids, mask, n),
         "Hugging Face generate": lambda n: hf_generate(model, ids, mask, n),
         "static cache + torch.compile reduce-overhead": None,
-        "ours (sample_rationales)": lambda n: ours_rollout(model, ids, mask, n),
     }
     for name, run in runners.items():
+        start = time.perf_counter()
         try:
             with torch.no_grad():
                 if run is None:
                     decoder = static_compiled_decoder(model, batch, prompt + new, device)
                     run = lambda n, decoder=decoder: decoder(ids, n)  # noqa: E731
-                results[name] = per_step(run)
+                results[name] = per_step(run, warm_full=name != "Hugging Face generate")
         except Exception as error:  # one failed baseline must not hide the others
             results[name] = f"failed: {type(error).__name__}: {error}"[:200]
+        print(f"  {name}: {_fmt(results[name])} ms per step ({time.perf_counter() - start:.0f} s)")
+        if name.startswith("ours"):
+            floor = linear_floor_ms(model, batch, device)
+            print(f"  floor (the linear layers' matmuls alone): {floor:.3f} ms")
+            try:
+                profile_ours(model, ids, mask, device)
+            except Exception as error:  # a diagnostic only
+                print(f"profile failed: {type(error).__name__}: {error}")
+    results["floor: the linear layers' matmuls alone (CUDA graph)"] = floor
     ours = results["ours (sample_rationales)"]
     rows = []
     for name, value in results.items():
@@ -464,6 +478,46 @@ def bench_rollout(device: torch.device, small: bool) -> None:
         f"rollout decoding, batch {batch}, {prompt}-token prompts, {new} new tokens, "
         f"{sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters, bf16",
         rows,
+    )
+
+
+def linear_floor_ms(model, batch: int, device: torch.device) -> float:
+    """One decode step's matmuls alone: [batch, in] @ W^T for every linear layer (weights read
+    once), replayed as one CUDA graph so launches cost nothing."""
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = {
+        m.in_features: torch.randn(batch, m.in_features, device=device, dtype=m.weight.dtype)
+        for m in linears
+    }
+
+    def step():
+        return [torch.nn.functional.linear(inputs[m.in_features], m.weight) for m in linears]
+
+    with torch.no_grad():
+        if device.type != "cuda":
+            return time_ms(step, device)
+        step()
+        torch.cuda.synchronize(device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        return time_ms(graph.replay, device, repeat=20)
+
+
+def profile_ours(model, ids, mask, device: torch.device, new: int = 32) -> None:
+    """Where a decode step's GPU time goes: the kernels of a short rollout, by total time."""
+    if device.type != "cuda" or SMOKE:
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad():
+        ours_rollout(model, ids, mask, new)  # builds and captures first
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            ours_rollout(model, ids, mask, new)
+            torch.cuda.synchronize(device)
+    print(f"\nkernels of one {new}-token rollout (ours), by total GPU time:\n")
+    print(
+        prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70)
     )
 
 
@@ -672,8 +726,10 @@ def bench_latro(device: torch.device, small: bool) -> None:
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-7)
             kwargs = dict(k=k, stops=stops, amp=amp)
             try:
-                # warm-up: kernels, allocator, AdamW state
-                step(model, ref_model, optimizer, ids, mask, answer, max_len=4, **kwargs)
+                # warm-up: kernels, allocator, AdamW state, and for ours at full length the
+                # decoder's buffers and CUDA graphs, kept between steps as in training
+                warm_len = max_len if step is ours_step else 4
+                step(model, ref_model, optimizer, ids, mask, answer, max_len=warm_len, **kwargs)
                 _sync(device)
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
@@ -689,6 +745,7 @@ def bench_latro(device: torch.device, small: bool) -> None:
                 row[f"{name} samples/s"] = k * prompts / seconds
                 row[f"{name} s"] = seconds
                 row[f"{name} peak GiB"] = peak
+                print(f"  {label}, {name}: {seconds:.2f} s, peak {_fmt(peak)} GiB")
             except Exception as error:
                 row[f"{name} s"] = f"failed: {type(error).__name__}: {error}"[:200]
             del optimizer
@@ -707,6 +764,23 @@ def bench_latro(device: torch.device, small: bool) -> None:
         "(float32 weights, bf16 autocast, AdamW)",
         rows,
     )
+
+
+def write_json(path: str, gpu: str) -> None:
+    """Writes the results, keeping sections an earlier run (one process per section, as
+    gpu_check.sh runs them) left in the file."""
+    results: dict[str, Any] = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            results = json.load(f).get("results", {})
+    results.update(RESULTS)
+    with open(path, "w") as f:
+        json.dump(
+            {"device": gpu, "torch": torch.__version__, "results": results},
+            f,
+            indent=1,
+            default=str,
+        )
 
 
 SECTIONS = {
@@ -775,13 +849,7 @@ def main(argv: list[str] | None = None) -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump(
-                    {"device": gpu, "torch": torch.__version__, "results": RESULTS},
-                    f,
-                    indent=1,
-                    default=str,
-                )
+            write_json(args.json, gpu)
     return 1 if failed else 0
 
 

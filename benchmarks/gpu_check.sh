@@ -2,18 +2,23 @@
 # The GPU check of the CUDA backend, in one command on a machine with an NVIDIA GPU:
 #
 #   1. build   the extension in place with its CUDA kernels (TORCH_CUDA_ARCH_LIST=9.0,
-#              LATRO_FORCE_CUDA=1: the build fails rather than silently leaving them out);
-#   2. test    the CUDA tests: python_tests/test_cuda_ops.py and every cuda-parametrized case of
-#              the rest of the suite (pytest -k cuda);
-#   3. bench   benchmarks/bench_gpu.py, every section (tables in markdown, numbers in JSON).
+#              LATRO_FORCE_CUDA=1: the build fails rather than silently leaving them out), and
+#              copies the built module to $OUT so a later run can carry it instead of rebuilding;
+#   2. test    the CUDA tests: python_tests/test_cuda_ops.py and every cuda-named case of the
+#              rest of the suite (pytest -k cuda: the static decoder's CUDA graphs among them);
+#   3. bench   benchmarks/bench_gpu.py, one process per section (scorer, sample, rollout, latro),
+#              each under its own time limit so one slow section cannot hide the others.
 #
 #   bash benchmarks/gpu_check.sh                      # all three
-#   STAGES="bench" BENCH_ARGS="--only sample" bash benchmarks/gpu_check.sh
+#   STAGES="test bench" BENCH_SECTIONS="rollout" bash benchmarks/gpu_check.sh   # prebuilt module
 #
 # Outputs go to $OUT when it is set (the device tool's folder), else build/gpu-check:
-# gpu_check.log (everything), nvidia-smi.txt, pytest.log, bench_gpu.md, bench_gpu.json.
-# Environment: PYTHON (default: python3 if its torch has CUDA, else .venv/bin/python),
-# STAGES (default "build test bench"), MAX_JOBS (default: all cores), BENCH_ARGS.
+# gpu_check.log (everything), nvidia-smi.txt, pytest.log, bench_gpu.md, bench_gpu.json and the
+# built module (_C.*.so). Environment: PYTHON (default: python3 if its torch has CUDA, else
+# .venv/bin/python), STAGES (default "build test bench"), MAX_JOBS (default: all cores),
+# BENCH_SECTIONS (default "scorer sample rollout latro"), BENCH_ARGS (extra options),
+# TEST_ARGS (pytest arguments instead of the default selection), TEST_TIMEOUT (s, default 240),
+# SECTION_TIMEOUT (s per bench section, default 240).
 # Every stage runs even if an earlier one failed (except that nothing runs without a build);
 # the exit status is non-zero if any failed.
 set -uo pipefail
@@ -50,6 +55,9 @@ print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, "
       f"device: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'NONE'}")
 EOF
 command -v nvcc >/dev/null && nvcc --version | tail -n 2 | head -n 1
+# The toolchain the extension is built with, against the one torch was built with.
+echo "CC=${CC:-} CXX=${CXX:-}; c++: $(command -v c++) $(c++ --version 2>/dev/null | head -n 1)"
+"$PYTHON" -c 'import torch; print("\n".join(l for l in torch.__config__.show().splitlines() if "compiler" in l.lower() or "CXX_FLAGS" in l)[:600])'
 
 failed=()
 stage() { [[ " $STAGES " == *" $1 "* ]]; }
@@ -69,35 +77,77 @@ run_stage() {  # run_stage NAME COMMAND...
 build() {
   TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" LATRO_FORCE_CUDA=1 \
     "$PYTHON" setup.py build_ext --inplace &&
-    "$PYTHON" -c 'import latro_engine, sys; ok = latro_engine.native_has_cuda(); print("native CUDA kernels:", ok); sys.exit(0 if ok else 1)'
+    has_kernels &&
+    cp latro_engine/_C.*.so "$OUT/"
+}
+
+has_kernels() {
+  "$PYTHON" -c 'import latro_engine, sys; ok = latro_engine.native_has_cuda(); print("native CUDA kernels:", ok); sys.exit(0 if ok else 1)'
+}
+
+errors_probe() {
+  # An op given bad input must raise ValueError, not crash the process (on the H100 machine of
+  # 2026-11-25 every C++ exception leaving the extension segfaulted): one process per device,
+  # so a crash is reported with its exit status and the next stages still run.
+  local device status=0
+  for device in cpu cuda; do
+    "$PYTHON" -X faulthandler - "$device" <<'EOF_PROBE' || { echo "errors probe on $device: exit $?"; status=1; }
+import sys
+import torch
+from latro_engine import ops
+device = sys.argv[1]
+try:
+    ops.token_logprobs(torch.randn(2, 5, device=device), torch.tensor([1, 9], device=device))
+except ValueError as error:
+    print(f"errors probe on {device}: ValueError raised as it should: {error}")
+else:
+    sys.exit(f"errors probe on {device}: no error for an out-of-range target")
+EOF_PROBE
+  done
+  return $status
 }
 
 cuda_tests() {
-  # test_cuda_ops.py whole, plus the cuda-parametrized cases elsewhere; -p no:cacheprovider
-  # keeps the copied tree clean.
-  "$PYTHON" -m pytest -q -p no:cacheprovider -rfEs python_tests/test_cuda_ops.py 2>&1 |
-    tee "$OUT/pytest.log"
+  # test_cuda_ops.py whole, plus the cuda-named cases elsewhere; -p no:cacheprovider keeps the
+  # copied tree clean. TEST_ARGS replaces both with one pytest run of those arguments.
+  if [[ -n "${TEST_ARGS:-}" ]]; then
+    # shellcheck disable=SC2086  # TEST_ARGS is a list of arguments
+    timeout "${TEST_TIMEOUT:-240}" "$PYTHON" -m pytest -q -p no:cacheprovider -rfEs $TEST_ARGS \
+      2>&1 | tee -a "$OUT/pytest.log"
+    return "${PIPESTATUS[0]}"
+  fi
+  timeout "${TEST_TIMEOUT:-240}" "$PYTHON" -m pytest -q -p no:cacheprovider -rfEs \
+    python_tests/test_cuda_ops.py 2>&1 | tee "$OUT/pytest.log"
   local a=${PIPESTATUS[0]}
-  "$PYTHON" -m pytest -q -p no:cacheprovider -rfE -k cuda \
+  timeout "${TEST_TIMEOUT:-240}" "$PYTHON" -m pytest -q -p no:cacheprovider -rfE -k cuda \
     --ignore=python_tests/test_cuda_ops.py python_tests 2>&1 | tee -a "$OUT/pytest.log"
   local b=${PIPESTATUS[0]}
   [[ $a -eq 0 && ($b -eq 0 || $b -eq 5) ]]  # 5: nothing selected
 }
 
 bench() {
-  # shellcheck disable=SC2086  # BENCH_ARGS is a list of options
-  "$PYTHON" benchmarks/bench_gpu.py --json "$OUT/bench_gpu.json" ${BENCH_ARGS:-} |
-    tee "$OUT/bench_gpu.md"
-  return "${PIPESTATUS[0]}"
+  local section status=0
+  for section in ${BENCH_SECTIONS:-scorer sample rollout latro}; do
+    # shellcheck disable=SC2086  # BENCH_ARGS is a list of options
+    timeout "${SECTION_TIMEOUT:-240}" "$PYTHON" benchmarks/bench_gpu.py --only "$section" \
+      --json "$OUT/bench_gpu.json" ${BENCH_ARGS:-} | tee -a "$OUT/bench_gpu.md"
+    local rc=${PIPESTATUS[0]}
+    [[ $rc -eq 124 ]] && echo "bench_gpu: section $section ran out of time (${SECTION_TIMEOUT:-240} s)"
+    [[ $rc -ne 0 ]] && status=1
+  done
+  return $status
 }
 
 if stage build; then
   run_stage build build
-  if [[ ${#failed[@]} -gt 0 ]]; then
-    echo "gpu_check: the build failed; nothing else can run"
-    exit 1
-  fi
+else
+  run_stage "prebuilt module" has_kernels
 fi
+if [[ ${#failed[@]} -gt 0 ]]; then
+  echo "gpu_check: no extension with CUDA kernels; nothing else can run"
+  exit 1
+fi
+stage test && run_stage "errors probe" errors_probe
 stage test && run_stage "CUDA tests" cuda_tests
 stage bench && run_stage benchmarks bench
 

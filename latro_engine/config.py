@@ -62,6 +62,11 @@ class LatroConfig:
     stop_strings: tuple[str, ...] = _opt(
         DEFAULT_STOP_STRINGS, "a rationale ends where one of these begins (EOS too)"
     )
+    rollout_decoder: str = _opt(
+        "auto",
+        "decode loop of rollouts and evaluation: static (static KV cache, CUDA graphs; "
+        "Llama/Mistral/Qwen2), hf (the model's own forward), auto (static on CUDA when supported)",
+    )
     # --- objective
     kl_coef: float = _opt(0.05, "beta of the KL term in the reward (paper: 0.05 GSM8K, 0.25 ARC)")
     sft_weight: float = _opt(
@@ -257,6 +262,10 @@ class LatroConfig:
             raise ConfigError(
                 "penalty_mode='batch_mean' multiplies the batch's mean answer log-prob (negative) by "
                 f"nonstop_penalty, which must then be > 0 to penalize (reference: 2.0), got {self.nonstop_penalty}"
+            )
+        if self.rollout_decoder not in ("auto", "static", "hf"):
+            raise ConfigError(
+                f"rollout_decoder must be 'auto', 'static' or 'hf', got {self.rollout_decoder!r}"
             )
         if self.distributed not in ("auto", "none", "ddp", "fsdp"):
             raise ConfigError(

@@ -147,7 +147,10 @@ def complete(
     ids, mask = encode_prompts(tokenizer, examples, config, device)
     max_new = config.eval_max_new_tokens or config.max_rationale_tokens + 32
     common = dict(
-        max_new_tokens=max_new, stop_sequences=[eos_ids(tokenizer)], pad_token_id=pad_id(tokenizer)
+        max_new_tokens=max_new,
+        stop_sequences=[eos_ids(tokenizer)],
+        pad_token_id=pad_id(tokenizer),
+        decoder=config.rollout_decoder,
     )
     was_training = model.training
     model.eval()

@@ -9,6 +9,11 @@ the KV cache, so short rationales stop costing compute.
 Sampling goes through :func:`latro_engine.ops.sample` with one Philox seed per row, derived from
 ``(seed, sample id)`` only, and the decode step as offset: a row's draws therefore do not depend
 on which other rows share the batch, how they are padded, or when rows are compacted away.
+
+Two decode loops produce the same rollouts: the generic one here, over any Hugging Face causal LM
+and its own cache, and :mod:`latro_engine.static_decoder` for Llama-family models, a static KV
+cache with the decode step in a CUDA graph on GPUs (``decoder="auto"`` picks it on CUDA when the
+model supports it).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from latro_engine import ops
+from latro_engine import ops, static_decoder
 from latro_engine.config import DEFAULT_STOP_STRINGS  # one list, shared with LatroConfig
 
 logger = logging.getLogger(__name__)
@@ -179,7 +184,8 @@ def sample_rationales(
     top_p: float = 1.0,
     min_p: float = 0.0,
     sample_ids: torch.Tensor | Sequence[int] | None = None,
-    compact_every: int = 8,
+    compact_every: int | None = None,
+    decoder: str = "auto",
 ) -> Rollout:
     """Samples k rationales per prompt with a KV cache, stopping rows at stop sequences.
 
@@ -204,7 +210,12 @@ def sample_rationales(
             processes.
         compact_every: drop finished rows from the batch and KV cache every this many steps,
             or at once when at least half the batch has finished; <= 0 never compacts (for
-            testing: results are the same either way).
+            testing: results are the same either way). None: 8 for the generic loop, 16 for
+            the static decoder, which synchronizes with the host only at these steps.
+        decoder: "hf" (the generic loop over the model's own forward and cache), "static"
+            (:mod:`latro_engine.static_decoder`; an error if the model is not supported) or
+            "auto" (static on CUDA devices when supported, else hf). Both give the same
+            rollouts up to the rounding of the two forwards.
     Returns:
         a :class:`Rollout`; its ``sample_logprobs`` are those of the sampler, not a replacement
         for :mod:`latro_engine.scoring`.
@@ -229,13 +240,29 @@ def sample_rationales(
     if len(sample_ids) != rows:
         raise ValueError(f"sample_ids must have N * k = {rows} entries, got {len(sample_ids)}")
     seeds = row_seeds(seed, sample_ids, device)
+    use_static = _use_static_decoder(model, decoder, device, ids.shape[1] + limit)
 
     tokens = torch.full((rows, limit), pad_token_id, dtype=torch.int64, device=device)
     logps = torch.zeros((rows, limit), dtype=torch.float32, device=device)
     stop_pos = torch.full((rows,), limit, dtype=torch.int64, device=device)
     stops = ops.StopSequences(stop_sequences, device) if len(stop_sequences) else None
 
-    if rows and limit:
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    if rows and limit and use_static:
+        static_decoder.decode_static(
+            model,
+            ids,
+            mask,
+            seeds,
+            tokens,
+            logps,
+            stop_pos,
+            stop_sequences=stop_sequences,
+            sampling=sampling,
+            pad_token_id=pad_token_id,
+            compact_every=16 if compact_every is None else compact_every,
+        )
+    elif rows and limit:
         _decode(
             model,
             ids,
@@ -245,8 +272,8 @@ def sample_rationales(
             stop_pos,
             stops,
             seeds,
-            dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p),
-            compact_every=compact_every,
+            sampling,
+            compact_every=8 if compact_every is None else compact_every,
             pad_token_id=pad_token_id,
         )
 
@@ -261,6 +288,22 @@ def sample_rationales(
         sample_logprobs=logps.masked_fill(beyond, 0.0),
         group_size=k,
     )
+
+
+def _use_static_decoder(
+    model: torch.nn.Module, decoder: str, device: torch.device, total_length: int
+) -> bool:
+    if decoder not in ("auto", "static", "hf"):
+        raise ValueError(f"decoder must be 'auto', 'static' or 'hf', got {decoder!r}")
+    if decoder == "hf" or (decoder == "auto" and device.type != "cuda"):
+        return False
+    reason = static_decoder.static_decoder_unsupported(model, total_length)
+    if reason is None:
+        return True
+    if decoder == "static":
+        raise ValueError(f"decoder='static' cannot decode this model: {reason}")
+    logger.info("static decoder not used (%s); decoding with the model's own forward", reason)
+    return False
 
 
 def _decode(

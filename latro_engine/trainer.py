@@ -386,6 +386,7 @@ class LatroTrainer(_Trainer):
                     top_p=config.top_p,
                     min_p=config.min_p,
                     sample_ids=torch.arange(first * config.k, (first + len(examples)) * config.k),
+                    decoder=config.rollout_decoder,
                 )
         finally:
             self.model.train()

@@ -43,6 +43,7 @@ def test_yaml_and_overrides(tmp_path):
         ({"temperature": 0}, "temperature must be > 0"),
         ({"top_p": 0}, "top_p"),
         ({"penalty_mode": "mean"}, "penalty_mode"),
+        ({"rollout_decoder": "fast"}, "rollout_decoder must be"),
         ({"penalty_mode": "batch_mean", "nonstop_penalty": -2.0}, "must then be > 0"),
         ({"prompt_template": "no placeholder"}, "prompt_template must contain"),
         ({"warmup_steps": 200, "steps": 100}, "warmup_steps"),

@@ -131,13 +131,13 @@ def test_linear_token_logprobs_matches_cpu_and_oracle(dtype, n, d, v, chunk):
     upstream = torch.randn(n, generator=g)
     results = {}
     for device in ("cpu", "cuda"):
-        h = hidden.to(device).requires_grad_()
-        w = weight.to(device).requires_grad_()
+        h = hidden.to(device).detach().clone().requires_grad_()  # a leaf on each device
+        w = weight.to(device).detach().clone().requires_grad_()
         out = ops.linear_token_logprobs(h, w, targets.to(device), chunk_size=chunk)
         (out * upstream.to(device)).sum().backward()
         results[device] = (out.cpu(), h.grad.float().cpu(), w.grad.float().cpu())
-    h64 = hidden.double().requires_grad_()
-    w64 = weight.double().requires_grad_()
+    h64 = hidden.double().detach().requires_grad_()
+    w64 = weight.double().detach().requires_grad_()
     oracle = reference.token_logprobs(h64 @ w64.t(), targets)
     (oracle * upstream.double()).sum().backward()
     # The logits are rounded to `dtype` by the matmul on both devices (differently: cuBLAS vs
@@ -169,7 +169,7 @@ def _check_same_draws(cuda, cpu, logits, options, min_agreement=1.0):
     assert same.float().mean() >= min_agreement, f"{(~same).sum()} of {len(ids)} draws differ"
     torch.testing.assert_close(logp[same], cpu_logp[same], atol=1e-5, rtol=1e-5)
     if options.get("temperature", 1.0) > 0:
-        kept = reference.kept_mask(logits.cpu(), **options)
+        kept = reference.kept_mask(logits.cpu(), **{"temperature": 1.0, **options})
         assert kept.gather(1, ids[:, None]).all(), "drew a token outside the kept set"
     assert torch.all(logp <= 0)
 
@@ -227,7 +227,7 @@ def test_sample_frequencies_follow_the_kept_distribution():
     logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, -3.0, 0.0]]).cuda().expand(20000, 6).contiguous()
     options = dict(temperature=0.8, top_k=4, top_p=0.9)
     ids, logp = ops.sample(logits, seed=torch.arange(20000).cuda(), offset=0, **options)
-    kept = reference.kept_mask(logits[:1].cpu(), **options)[0]
+    kept = reference.kept_mask(logits[:1].cpu(), **{"temperature": 1.0, **options})[0]
     probs = torch.where(kept, torch.softmax(logits[0].cpu() / 0.8, -1), 0.0)
     probs /= probs.sum()
     freq = torch.bincount(ids.cpu(), minlength=6).double() / 20000

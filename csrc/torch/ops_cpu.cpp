@@ -6,6 +6,7 @@
 
 #include <cmath>
 
+#include "core_args.h"
 #include "ops.h"
 
 namespace latro_torch {
@@ -33,25 +34,15 @@ std::tuple<at::Tensor, at::Tensor> token_logprobs_cpu(const at::Tensor& logits_i
   at::Tensor lse = at::empty(targets.sizes(), opts);
   const RowLayout layout(logits);
   if (layout.rows == 0) return {logprobs, lse};
-  latro::TokenLogprobsArgs base;
-  base.dtype = core_dtype(logits, "logits");
-  base.vocab = layout.vocab;
-  base.ignore_index = ignore_index;
+  // Every row at once; each run of rows below narrows it.
+  const latro::TokenLogprobsArgs all = token_logprobs_args(
+      logits, layout.rows, layout.vocab, -1, targets, ignore_index, logprobs, lse);
   const int64_t element = logits.element_size();
-  const int64_t* target_ptr = targets.data_ptr<int64_t>();
-  float* out = logprobs.data_ptr<float>();
-  float* lse_out = lse.data_ptr<float>();
   call_core([&] {
     at::parallel_for(0, layout.rows, row_grain(layout.vocab), [&](int64_t begin, int64_t end) {
       layout.for_each_run(begin, end, [&](int64_t offset, int64_t stride, int64_t first, int64_t count) {
-        latro::TokenLogprobsArgs args = base;
-        args.logits = bytes(logits) + offset * element;
-        args.rows = count;
-        args.row_stride = stride;
-        args.targets = target_ptr + first;
-        args.logprobs = out + first;
-        args.lse = lse_out + first;
-        latro::token_logprobs(args);
+        latro::token_logprobs(
+            token_logprobs_rows(all, bytes(logits) + offset * element, stride, first, count));
       });
     });
   });
@@ -81,10 +72,10 @@ void token_logprobs_backward_into(const at::Tensor& grad_in, const at::Tensor& l
   const at::Tensor targets = targets_in.contiguous();
   const at::Tensor lse = lse_in.contiguous();
   const RowLayout out_layout(grad_logits);
-  latro::TokenLogprobsBackwardArgs base;
-  base.dtype = core_dtype(logits, "logits");
-  base.vocab = layout.vocab;
-  base.ignore_index = ignore_index;
+  // Every row at once; each run of rows below narrows it.
+  const latro::TokenLogprobsBackwardArgs all =
+      token_logprobs_backward_args(logits, layout.rows, layout.vocab, -1, targets, ignore_index,
+                                   lse, grad, grad_logits, -1);
   const int64_t element = logits.element_size();
   char* out_bytes = static_cast<char*>(grad_logits.data_ptr());
   call_core([&] {
@@ -93,16 +84,9 @@ void token_logprobs_backward_into(const at::Tensor& grad_in, const at::Tensor& l
         // Output runs may be split differently (dense output): walk them inside this run.
         out_layout.for_each_run(first, first + count, [&](int64_t out_offset, int64_t out_stride,
                                                           int64_t out_first, int64_t out_count) {
-          latro::TokenLogprobsBackwardArgs args = base;
-          args.logits = bytes(logits) + (offset + (out_first - first) * stride) * element;
-          args.row_stride = stride;
-          args.rows = out_count;
-          args.targets = targets.data_ptr<int64_t>() + out_first;
-          args.lse = lse.data_ptr<float>() + out_first;
-          args.grad_logprobs = grad.data_ptr<float>() + out_first;
-          args.grad_logits = out_bytes + out_offset * element;
-          args.grad_row_stride = out_stride;
-          latro::token_logprobs_backward(args);
+          latro::token_logprobs_backward(token_logprobs_backward_rows(
+              all, bytes(logits) + (offset + (out_first - first) * stride) * element, stride,
+              out_bytes + out_offset * element, out_stride, out_first, out_count));
         });
       });
     });
@@ -140,35 +124,14 @@ std::tuple<at::Tensor, at::Tensor> sample_cpu(const at::Tensor& logits_in, const
   const int64_t offset_value = offset.item<int64_t>();
   TORCH_CHECK_VALUE(offset_value >= 0, "offset must be >= 0, got ", offset_value);
   if (rows == 0) return {ids, logprobs};
-  latro::SampleArgs args;
-  args.logits = logits.data_ptr();
-  args.dtype = core_dtype(logits, "logits");
-  args.rows = rows;
-  args.vocab = logits.size(1);
-  args.row_stride = rows > 1 ? logits.stride(0) : logits.size(1);
-  args.seeds = seeds.data_ptr<int64_t>();
-  args.per_row_seeds = seeds.dim() == 1;
-  args.offset = offset.data_ptr<int64_t>();
-  args.temperature = static_cast<float>(temperature);
-  args.top_k = top_k;
-  args.top_p = static_cast<float>(top_p);
-  args.min_p = static_cast<float>(min_p);
-  args.ids = ids.data_ptr<int64_t>();
-  args.logprobs = logprobs.data_ptr<float>();
+  const latro::SampleArgs args =
+      sample_args(logits, seeds, offset, temperature, top_k, top_p, min_p, ids, logprobs);
   call_core([&] {
     at::parallel_for(0, rows, row_grain(args.vocab),
                      [&](int64_t begin, int64_t end) { latro::sample(args, begin, end); });
   });
   return {ids, logprobs};
 }
-
-struct StopTable {
-  at::Tensor tokens, stop_tokens, stop_offsets;
-  latro::StopSequences view() const {
-    return {stop_tokens.data_ptr<int64_t>(), stop_offsets.data_ptr<int64_t>(),
-            stop_offsets.size(0) - 1};
-  }
-};
 
 StopTable stop_table(const at::Tensor& tokens, const at::Tensor& stop_tokens,
                      const at::Tensor& stop_offsets, int64_t start) {

@@ -16,6 +16,7 @@
 #include <cstring>
 #include <string>
 
+#include "core_args.h"
 #include "latro/cuda.h"
 #include "ops.h"
 
@@ -158,16 +159,8 @@ std::tuple<at::Tensor, at::Tensor> token_logprobs_cuda(const at::Tensor& logits_
   at::Tensor lse = at::empty(targets.sizes(), opts);
   if (rows.rows == 0) return {logprobs, lse};
   const Status status = Status::make(logits_in, stream);
-  latro::TokenLogprobsArgs args;
-  args.logits = rows.t.data_ptr();
-  args.dtype = core_dtype(rows.t, "logits");
-  args.rows = rows.rows;
-  args.vocab = rows.vocab;
-  args.row_stride = rows.row_stride;
-  args.targets = targets.data_ptr<int64_t>();
-  args.ignore_index = ignore_index;
-  args.logprobs = logprobs.data_ptr<float>();
-  args.lse = lse.data_ptr<float>();
+  const latro::TokenLogprobsArgs args = token_logprobs_args(
+      rows.t, rows.rows, rows.vocab, rows.row_stride, targets, ignore_index, logprobs, lse);
   call_cuda([&] { latro::cuda::token_logprobs(args, stream, status.ptr(), rows.groups); });
   raise_target_error(status.read(), targets, rows.vocab, ignore_index);
   return {logprobs, lse};
@@ -196,18 +189,9 @@ void backward_into(const at::Tensor& grad_in, const CudaRows& rows, const at::Te
   const at::Tensor targets = targets_in.contiguous();
   const at::Tensor lse = lse_in.contiguous();
   const Status status = Status::make(rows.t, stream);
-  latro::TokenLogprobsBackwardArgs args;
-  args.logits = rows.t.data_ptr();
-  args.dtype = core_dtype(rows.t, "logits");
-  args.rows = rows.rows;
-  args.vocab = rows.vocab;
-  args.row_stride = rows.row_stride;
-  args.targets = targets.data_ptr<int64_t>();
-  args.ignore_index = ignore_index;
-  args.lse = lse.data_ptr<float>();
-  args.grad_logprobs = grad.data_ptr<float>();
-  args.grad_logits = grad_logits.data_ptr();
-  args.grad_row_stride = rows.vocab;
+  const latro::TokenLogprobsBackwardArgs args =
+      token_logprobs_backward_args(rows.t, rows.rows, rows.vocab, rows.row_stride, targets,
+                                   ignore_index, lse, grad, grad_logits, rows.vocab);
   const bool in_place = grad_logits.data_ptr() == rows.t.data_ptr();
   call_cuda([&] {
     latro::cuda::token_logprobs_backward(args, stream, status.ptr(), rows.groups,
@@ -256,21 +240,8 @@ std::tuple<at::Tensor, at::Tensor> sample_cuda(const at::Tensor& logits_in,
   at::Tensor logprobs = at::empty({rows}, logits.options().dtype(at::kFloat));
   if (rows == 0) return {ids, logprobs};
   const Status status = Status::make(logits, stream);
-  latro::SampleArgs args;
-  args.logits = logits.data_ptr();
-  args.dtype = core_dtype(logits, "logits");
-  args.rows = rows;
-  args.vocab = logits.size(1);
-  args.row_stride = rows > 1 ? logits.stride(0) : logits.size(1);
-  args.seeds = seeds.data_ptr<int64_t>();
-  args.per_row_seeds = seeds.dim() == 1;
-  args.offset = offset.data_ptr<int64_t>();
-  args.temperature = static_cast<float>(temperature);
-  args.top_k = top_k;
-  args.top_p = static_cast<float>(top_p);
-  args.min_p = static_cast<float>(min_p);
-  args.ids = ids.data_ptr<int64_t>();
-  args.logprobs = logprobs.data_ptr<float>();
+  const latro::SampleArgs args =
+      sample_args(logits, seeds, offset, temperature, top_k, top_p, min_p, ids, logprobs);
   call_cuda([&] { latro::cuda::sample(args, stream, status.ptr()); });
   const StatusRecord record = status.read();
   if (record.kind == StatusKind::NegativeOffset) {
@@ -287,15 +258,6 @@ std::tuple<at::Tensor, at::Tensor> sample_cuda(const at::Tensor& logits_in,
 }
 
 // ------------------------------------------------------------------ stop detection
-struct StopTable {
-  at::Tensor tokens, stop_tokens, stop_offsets;
-  latro::StopSequences view() const {
-    return {stop_tokens.data_ptr<int64_t>(), stop_offsets.data_ptr<int64_t>(),
-            stop_offsets.size(0) - 1};
-  }
-  int64_t token_count() const { return stop_tokens.size(0); }
-};
-
 StopTable stop_table(const at::Tensor& tokens, const at::Tensor& stop_tokens,
                      const at::Tensor& stop_offsets, int64_t start) {
   check_stop_table(tokens, stop_tokens, stop_offsets, start);

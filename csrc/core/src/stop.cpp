@@ -1,20 +1,10 @@
 // Stop-sequence detection ("The answer is", EOS, ...) over token rows.
 #include "cpu_common.h"
 #include "latro/latro.h"
+#include "stop_common.h"
 
 namespace latro {
 namespace {
-
-bool occurs_at(const int64_t* row, int64_t len, const StopSequences& stops, int64_t which,
-               int64_t begin) {
-  const int64_t* seq = stops.tokens + stops.offsets[which];
-  const int64_t n = stops.offsets[which + 1] - stops.offsets[which];
-  if (begin < 0 || begin + n > len) return false;
-  for (int64_t i = 0; i < n; ++i) {
-    if (row[begin + i] != seq[i]) return false;
-  }
-  return true;
-}
 
 void check_rows(const int64_t* tokens, int64_t rows, int64_t len, int64_t row_stride,
                 int64_t start) {
@@ -52,7 +42,7 @@ void stop_positions(const int64_t* tokens, int64_t rows, int64_t len, int64_t ro
     int64_t found = len;
     for (int64_t begin = start; begin < len && found == len; ++begin) {
       for (int64_t which = 0; which < stops.count; ++which) {
-        if (occurs_at(row, len, stops, which, begin)) {
+        if (detail::stop_occurs_at(row, len, stops, which, begin)) {
           found = begin;
           break;
         }
@@ -77,15 +67,7 @@ void stop_positions_step(const int64_t* tokens, int64_t rows, int64_t len, int64
     LATRO_CHECK(position >= 0 && position <= len, "positions[", r, "] = ", position,
                 " is outside [0, ", len, "]");
     if (position == len) {
-      const int64_t* row = tokens + r * row_stride;
-      for (int64_t which = 0; which < stops.count; ++which) {
-        const int64_t n = stops.offsets[which + 1] - stops.offsets[which];
-        const int64_t begin = step + 1 - n;
-        if (begin >= start && occurs_at(row, len, stops, which, begin)) {
-          position = begin;
-          break;
-        }
-      }
+      position = detail::stop_ending_at(tokens + r * row_stride, len, stops, step, start);
     }
     positions_out[r] = position;
   }

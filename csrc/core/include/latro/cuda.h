@@ -109,7 +109,7 @@ void token_logprobs_backward(const TokenLogprobsBackwardArgs& args, cudaStream_t
 // Semantics of latro::sample, with the same Philox stream, so CPU and CUDA draw the same ids
 // (up to ties within rounding). seeds and offset are device pointers read by the kernel: no
 // host synchronization, capturable in a CUDA graph. Thresholds are found without sorting the
-// vocabulary (histograms and a small sort in shared memory; see sample.cu). A bad row (NaN,
+// vocabulary (histograms and a small sort in shared memory; see sample_kernels.cu). A bad row (NaN,
 // all -inf, +inf) gets id -1 and log-prob NaN; a negative offset gives that to every row.
 void sample(const SampleArgs& args, cudaStream_t stream, uint64_t* status = nullptr);
 

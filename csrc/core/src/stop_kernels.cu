@@ -2,6 +2,7 @@
 // memory, so its offsets are validated by the kernels themselves (a BadStopTable record and
 // untouched positions instead of out-of-bounds reads).
 #include "cuda_common.cuh"
+#include "stop_common.h"
 
 namespace latro::cuda {
 namespace {
@@ -12,18 +13,6 @@ __device__ bool stop_table_ok(const StopSequences& stops, int64_t stop_token_cou
   if (stops.offsets[0] != 0 || stops.offsets[stops.count] != stop_token_count) return false;
   for (int64_t i = 0; i < stops.count; ++i) {
     if (stops.offsets[i + 1] <= stops.offsets[i]) return false;
-  }
-  return true;
-}
-
-__device__ __forceinline__ bool occurs_at(const int64_t* row, int64_t len,
-                                          const StopSequences& stops, int64_t which,
-                                          int64_t begin) {
-  const int64_t* seq = stops.tokens + stops.offsets[which];
-  const int64_t n = stops.offsets[which + 1] - stops.offsets[which];
-  if (begin < 0 || begin + n > len) return false;
-  for (int64_t i = 0; i < n; ++i) {
-    if (row[begin + i] != seq[i]) return false;
   }
   return true;
 }
@@ -54,7 +43,7 @@ __global__ void __launch_bounds__(kStopThreads)
       // Positions past the earliest match found so far cannot win.
       if (static_cast<unsigned long long>(begin) >= earliest) break;
       for (int64_t which = 0; which < stops.count; ++which) {
-        if (occurs_at(r, len, stops, which, begin)) {
+        if (::latro::detail::stop_occurs_at(r, len, stops, which, begin)) {
           atomicMin(&earliest, static_cast<unsigned long long>(begin));
           break;
         }
@@ -84,15 +73,7 @@ __global__ void stop_positions_step_kernel(const int64_t* __restrict__ tokens, i
   } else if (position < 0 || position > len) {
     detail::record(status, row, StatusKind::PositionOutOfRange);
   } else if (position == len) {
-    const int64_t* r = tokens + row * row_stride;
-    for (int64_t which = 0; which < stops.count; ++which) {
-      const int64_t n = stops.offsets[which + 1] - stops.offsets[which];
-      const int64_t begin = step + 1 - n;
-      if (begin >= start && occurs_at(r, len, stops, which, begin)) {
-        position = begin;
-        break;
-      }
-    }
+    position = ::latro::detail::stop_ending_at(tokens + row * row_stride, len, stops, step, start);
   }
   positions_out[row] = position;
 }

@@ -1,0 +1,137 @@
+// The core's argument structs (latro/latro.h) filled from tensors, once for every backend: the
+// CPU and CUDA bindings both call these builders, so a field cannot be set on one device only.
+// The tensors are already validated and laid out as the core expects (dense last dimension,
+// contiguous targets and outputs); where they live (host or device memory) is the caller's
+// business, as are the stream and the device guard.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+
+#include "checks.h"
+#include "latro/latro.h"
+
+namespace latro_torch {
+
+namespace detail {
+// The fields the forward and the backward of token_logprobs share.
+template <typename Args>
+void fill_logits_rows(Args& args, const at::Tensor& logits, int64_t rows, int64_t vocab,
+                      int64_t row_stride, const at::Tensor& targets, int64_t ignore_index) {
+  args.logits = logits.data_ptr();
+  args.dtype = core_dtype(logits, "logits");
+  args.rows = rows;
+  args.vocab = vocab;
+  args.row_stride = row_stride;
+  args.targets = targets.data_ptr<int64_t>();
+  args.ignore_index = ignore_index;
+}
+
+template <typename Args>
+void narrow_logits_rows(Args& args, const void* logits, int64_t row_stride, int64_t first,
+                        int64_t count) {
+  args.logits = logits;
+  args.rows = count;
+  args.row_stride = row_stride;
+  args.targets += first;
+}
+}  // namespace detail
+
+// ---------------------------------------------------------------- token_logprobs
+// `rows` rows of `vocab` logits, `row_stride` elements apart, from logits.data_ptr();
+// targets int64, logprobs and lse float32, one per row.
+inline latro::TokenLogprobsArgs token_logprobs_args(const at::Tensor& logits, int64_t rows,
+                                                    int64_t vocab, int64_t row_stride,
+                                                    const at::Tensor& targets,
+                                                    int64_t ignore_index,
+                                                    const at::Tensor& logprobs,
+                                                    const at::Tensor& lse) {
+  latro::TokenLogprobsArgs args;
+  detail::fill_logits_rows(args, logits, rows, vocab, row_stride, targets, ignore_index);
+  args.logprobs = logprobs.data_ptr<float>();
+  args.lse = lse.data_ptr<float>();
+  return args;
+}
+
+// Rows [first, first + count) of `args`, whose logits start at `logits` (the caller's row
+// walk knows the address and the stride of such a run).
+inline latro::TokenLogprobsArgs token_logprobs_rows(latro::TokenLogprobsArgs args,
+                                                    const void* logits, int64_t row_stride,
+                                                    int64_t first, int64_t count) {
+  detail::narrow_logits_rows(args, logits, row_stride, first, count);
+  args.logprobs += first;
+  if (args.lse != nullptr) args.lse += first;
+  return args;
+}
+
+// As token_logprobs_args, plus lse and grad_logprobs (float32, one per row) and grad_logits
+// (the dtype of logits, rows `grad_row_stride` elements apart; may be logits itself).
+inline latro::TokenLogprobsBackwardArgs token_logprobs_backward_args(
+    const at::Tensor& logits, int64_t rows, int64_t vocab, int64_t row_stride,
+    const at::Tensor& targets, int64_t ignore_index, const at::Tensor& lse,
+    const at::Tensor& grad_logprobs, const at::Tensor& grad_logits, int64_t grad_row_stride) {
+  latro::TokenLogprobsBackwardArgs args;
+  detail::fill_logits_rows(args, logits, rows, vocab, row_stride, targets, ignore_index);
+  args.lse = lse.data_ptr<float>();
+  args.grad_logprobs = grad_logprobs.data_ptr<float>();
+  args.grad_logits = grad_logits.data_ptr();
+  args.grad_row_stride = grad_row_stride;
+  return args;
+}
+
+// Rows [first, first + count) of `args`: logits at `logits`, their gradient at `grad_logits`.
+inline latro::TokenLogprobsBackwardArgs token_logprobs_backward_rows(
+    latro::TokenLogprobsBackwardArgs args, const void* logits, int64_t row_stride,
+    void* grad_logits, int64_t grad_row_stride, int64_t first, int64_t count) {
+  detail::narrow_logits_rows(args, logits, row_stride, first, count);
+  args.lse += first;
+  args.grad_logprobs += first;
+  args.grad_logits = grad_logits;
+  args.grad_row_stride = grad_row_stride;
+  return args;
+}
+
+// ---------------------------------------------------------------- sample
+// logits [B, V] with a dense last dimension and rows that do not overlap; seeds int64 0-d
+// (one seed for the batch) or [B] (one per row); offset int64 0-d; ids int64 and logprobs
+// float32 [B].
+inline latro::SampleArgs sample_args(const at::Tensor& logits, const at::Tensor& seeds,
+                                     const at::Tensor& offset, double temperature, int64_t top_k,
+                                     double top_p, double min_p, const at::Tensor& ids,
+                                     const at::Tensor& logprobs) {
+  const int64_t rows = logits.size(0);
+  latro::SampleArgs args;
+  args.logits = logits.data_ptr();
+  args.dtype = core_dtype(logits, "logits");
+  args.rows = rows;
+  args.vocab = logits.size(1);
+  args.row_stride = rows > 1 ? logits.stride(0) : logits.size(1);
+  args.seeds = seeds.data_ptr<int64_t>();
+  args.per_row_seeds = seeds.dim() == 1;
+  args.offset = offset.data_ptr<int64_t>();
+  args.temperature = static_cast<float>(temperature);
+  args.top_k = top_k;
+  args.top_p = static_cast<float>(top_p);
+  args.min_p = static_cast<float>(min_p);
+  args.ids = ids.data_ptr<int64_t>();
+  args.logprobs = logprobs.data_ptr<float>();
+  return args;
+}
+
+// ---------------------------------------------------------------- stop detection
+// stop_tokens int64 [S] and stop_offsets int64 [n + 1], both contiguous: n stop sequences.
+inline latro::StopSequences stop_sequences(const at::Tensor& stop_tokens,
+                                           const at::Tensor& stop_offsets) {
+  return {stop_tokens.data_ptr<int64_t>(), stop_offsets.data_ptr<int64_t>(),
+          stop_offsets.size(0) - 1};
+}
+
+// The contiguous tensors of a stop_positions call (each backend checks and builds it).
+struct StopTable {
+  at::Tensor tokens, stop_tokens, stop_offsets;
+  latro::StopSequences view() const { return stop_sequences(stop_tokens, stop_offsets); }
+  int64_t token_count() const { return stop_tokens.size(0); }
+};
+
+}  // namespace latro_torch

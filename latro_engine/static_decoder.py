@@ -1,0 +1,550 @@
+"""Rollout decoding with a static KV cache and, on CUDA, the whole decode step in a CUDA graph.
+
+Hugging Face's forward costs a few milliseconds of Python and kernel launches per token whatever
+the batch, so a decode loop built on it is limited by the host, not the GPU. This module decodes
+Llama-family models (``llama``, ``mistral``, ``qwen2``: RMSNorm, rotary embeddings, grouped-query
+attention, SiLU-gated MLP) with its own functional forward over the model's weights:
+
+* the KV cache is preallocated ``[rows, kv heads, slots, head dim]`` per layer, the prompt in slots
+  ``[0, P)`` and decode step t's input in slot ``P + t - 1``; a boolean slot mask replaces the
+  growing attention mask;
+* one decode step (forward, :func:`latro_engine.ops.sample` with device seed and offset, the
+  incremental stop check, writing the token) touches only preallocated buffers and reads the
+  step from a device scalar it increments itself, so on CUDA it is captured once into a CUDA
+  graph and replayed with no host synchronization per token;
+* finished rows stop costing work: every ``compact_every`` steps the loop reads how many rows
+  are still live (its only host synchronization) and, once they fit a smaller row bucket (a
+  multiple of 8), gathers them into the first rows of every buffer and replays that bucket's
+  graph. Buckets are views of the same buffers, so graphs stay valid.
+
+The weights are used in place when they already have the matmul dtype (the model's dtype, or the
+autocast dtype when autocast is on); otherwise (float32 master weights under bfloat16 autocast,
+or LoRA adapters, merged into their base weight) a copy is refreshed once per rollout instead of
+casting every weight at every token. Residual stream, norms and rotary embeddings follow the
+same dtypes as the model's own forward under the same autocast state.
+
+A decoder, its buffers and graphs are kept per model between rollouts with the same shape and
+sampling settings (training calls the rollout with the same settings every step); the
+``KEPT_DECODERS`` most recently used are kept, and :func:`release_static_decoder` frees them. :func:`static_decoder_unsupported` says why a model cannot use this path; the
+rollout then falls back to the Hugging Face loop in :mod:`latro_engine.rollout`.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from latro_engine import ops
+
+__all__ = ["StaticDecoder", "decode_static", "release_static_decoder", "static_decoder_unsupported"]
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+_STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # inv_freq fixed at init
+ROW_BUCKET = 8  # rows are padded to a multiple of this; one CUDA graph per bucket in use
+SLOT_BUCKET = 64  # KV slots are allocated in multiples of this (prompt lengths vary per call)
+# Decoders kept per model, most recently used: training alternates rollouts with evaluation
+# (greedy and sampled), each its own settings.
+KEPT_DECODERS = 2
+
+_DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+# ----------------------------------------------------------------------------- model access
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The Hugging Face causal LM inside DDP / peft wrappers."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module
+    if hasattr(model, "get_base_model"):  # peft: LoRA layers are injected into the base model
+        model = model.get_base_model()
+    return model
+
+
+def _rope_type(config) -> str:
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+    if not params:
+        return "default"
+    return str(params.get("rope_type", params.get("type", "default")))
+
+
+def _is_lora(module: torch.nn.Module) -> bool:
+    return hasattr(module, "lora_A") and hasattr(module, "base_layer")
+
+
+def _linear_unsupported(module: torch.nn.Module, name: str) -> str | None:
+    if _is_lora(module):
+        if getattr(module, "fan_in_fan_out", False):
+            return f"{name}: LoRA with fan_in_fan_out"
+        for adapter in module.active_adapters:
+            if getattr(module, "use_dora", {}).get(adapter, False):
+                return f"{name}: DoRA adapters"
+            if getattr(module, "lora_bias", {}).get(adapter, False):
+                return f"{name}: LoRA bias"
+            if adapter not in module.lora_A:
+                return f"{name}: adapter {adapter!r} is not a LoRA linear adapter"
+        module = module.base_layer
+    if type(module) is not torch.nn.Linear:
+        return f"{name} is a {type(module).__name__}, not a torch.nn.Linear"
+    return None
+
+
+def static_decoder_unsupported(model: torch.nn.Module, total_length: int = 0) -> str | None:
+    """Why ``model`` cannot use the static decoder for sequences of ``total_length`` tokens
+    (prompt + rationale), or None when it can."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        FSDPModule = ()  # noqa: N806
+    if isinstance(model, FSDPModule) or any(
+        type(p).__name__ == "DTensor" for p in model.parameters()
+    ):
+        return "FSDP-sharded parameters"
+    inner = _unwrap(model)
+    config = getattr(inner, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        return f"model_type {model_type!r} is not one of {SUPPORTED_MODEL_TYPES}"
+    body = getattr(inner, "model", None)
+    if not all(hasattr(body, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
+        return "the model has no embed_tokens/layers/norm/rotary_emb"
+    if type(body.embed_tokens) is not torch.nn.Embedding:
+        return f"embed_tokens is a {type(body.embed_tokens).__name__}"
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"hidden_act {config.hidden_act!r} (only silu)"
+    if _rope_type(config) not in _STATIC_ROPE_TYPES:
+        return f"rope type {_rope_type(config)!r} (supported: {_STATIC_ROPE_TYPES})"
+    if getattr(config, "partial_rotary_factor", 1.0) != 1.0:
+        return "partial rotary embeddings"
+    window = getattr(config, "sliding_window", None)
+    sliding = getattr(config, "use_sliding_window", True)  # qwen2 has it off by default
+    if window and sliding and total_length > window:
+        return f"sequences of {total_length} tokens exceed the sliding window {window}"
+    linears = [("lm_head", inner.lm_head)]
+    for i, layer in enumerate(body.layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        for part in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            linears.append((f"layers.{i}.self_attn.{part}", getattr(attn, part, None)))
+        for part in ("gate_proj", "up_proj", "down_proj"):
+            linears.append((f"layers.{i}.mlp.{part}", getattr(mlp, part, None)))
+        if hasattr(attn, "q_norm") or hasattr(attn, "k_norm"):
+            return "query/key norms"
+    for name, module in linears:
+        if module is None:
+            return f"{name} is missing"
+        reason = _linear_unsupported(module, name)
+        if reason:
+            return reason
+    return None
+
+
+class _Linear:
+    """A linear layer's effective weight (and bias) in the matmul dtype.
+
+    The parameter itself when it already has that dtype; otherwise a copy (cast, or with the
+    active LoRA adapters merged) that :meth:`refresh` rewrites in place, so captured graphs keep
+    reading the same memory."""
+
+    def __init__(self, module: torch.nn.Module, dtype: torch.dtype):
+        self.module = module
+        self.dtype = dtype
+        base = module.base_layer if _is_lora(module) else module
+        self.copy_weight = _is_lora(module) or base.weight.dtype != dtype
+        self.weight = self._effective_weight() if self.copy_weight else base.weight
+        bias = base.bias
+        self.bias = None if bias is None else (bias if bias.dtype == dtype else bias.to(dtype))
+
+    def _effective_weight(self) -> torch.Tensor:
+        module = self.module
+        if not _is_lora(module):
+            return module.weight.detach().to(self.dtype)
+        weight = module.base_layer.weight.detach().float()
+        if not module.merged and not getattr(module, "disable_adapters", False):
+            for adapter in module.active_adapters:
+                a = module.lora_A[adapter].weight.detach().float()
+                b = module.lora_B[adapter].weight.detach().float()
+                weight = weight + (b @ a) * module.scaling[adapter]
+        return weight.to(self.dtype)
+
+    def refresh(self) -> None:
+        if self.copy_weight:
+            self.weight.copy_(self._effective_weight())
+        base = self.module.base_layer if _is_lora(self.module) else self.module
+        if self.bias is not None and self.bias is not base.bias:
+            self.bias.copy_(base.bias.detach())
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(self.dtype), self.weight, self.bias)
+
+
+def _rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """As the models' RMSNorm: normalized in float32, then weight * normalized in h's dtype
+    (torch's fused rms_norm: one kernel instead of five per norm, 33 norms per token)."""
+    return weight * F.rms_norm(h.float(), (h.shape[-1],), eps=eps).to(h.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+@dataclass(frozen=True)
+class _Key:
+    """What a cached decoder was built for; any change rebuilds it."""
+
+    device: torch.device
+    matmul_dtype: torch.dtype
+    rows: int  # row capacity (a multiple of ROW_BUCKET)
+    slots: int  # KV slot capacity (a multiple of SLOT_BUCKET)
+    limit: int  # max_new_tokens
+    sampling: tuple
+    stops: tuple
+    pad_token_id: int
+
+
+# ----------------------------------------------------------------------------- the decoder
+class StaticDecoder:
+    """Static-cache decoding for one model, one row/slot capacity and one sampling setting."""
+
+    def __init__(self, model: torch.nn.Module, key: _Key):
+        inner = _unwrap(model)
+        config = inner.config
+        body = inner.model
+        self.key = key
+        device, dtype = key.device, key.matmul_dtype
+        self.embed = body.embed_tokens.weight
+        self.residual_dtype = self.embed.dtype
+        self.layers = []
+        for layer in body.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            self.layers.append(
+                dict(
+                    in_norm=layer.input_layernorm,
+                    post_norm=layer.post_attention_layernorm,
+                    q=_Linear(attn.q_proj, dtype),
+                    k=_Linear(attn.k_proj, dtype),
+                    v=_Linear(attn.v_proj, dtype),
+                    o=_Linear(attn.o_proj, dtype),
+                    gate=_Linear(mlp.gate_proj, dtype),
+                    up=_Linear(mlp.up_proj, dtype),
+                    down=_Linear(mlp.down_proj, dtype),
+                )
+            )
+        self.norm = body.norm
+        self.lm_head = _Linear(inner.lm_head, dtype)
+        self.heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.scale = 1.0 / math.sqrt(self.head_dim)
+        rotary = body.rotary_emb
+        self.inv_freq = rotary.inv_freq.detach().float().to(device)
+        self.rope_scaling = float(getattr(rotary, "attention_scaling", 1.0) or 1.0)
+
+        rows, slots, limit = key.rows, key.slots, key.limit
+        shape = (rows, self.kv_heads, slots, self.head_dim)
+        self.cache_k = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
+        self.cache_v = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
+        self.slot_mask = torch.zeros((rows, slots), dtype=torch.bool, device=device)
+        self.tokens = torch.zeros((rows, limit), dtype=torch.int64, device=device)
+        self.logps = torch.zeros((rows, limit), dtype=torch.float32, device=device)
+        self.stop_pos = torch.zeros(rows, dtype=torch.int64, device=device)
+        self.last_token = torch.zeros(rows, dtype=torch.int64, device=device)
+        self.position = torch.zeros(rows, dtype=torch.int64, device=device)
+        self.seeds = torch.zeros(rows, dtype=torch.int64, device=device)
+        self.step = torch.zeros((), dtype=torch.int64, device=device)  # the token being sampled
+        self.prompt_slots = torch.zeros((), dtype=torch.int64, device=device)  # P
+        self.stops = ops.StopSequences([list(s) for s in key.stops], device) if key.stops else None
+        self.sampling = dict(key.sampling)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
+
+    # ------------------------------------------------------------------ forward pieces
+    def _rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin ``[b, 1, T, head_dim]`` for positions ``[b, T]`` (float32 angles, as the
+        models compute them), in the residual dtype."""
+        freqs = positions[..., None].float() * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = (emb.cos() * self.rope_scaling).to(self.residual_dtype)
+        sin = (emb.sin() * self.rope_scaling).to(self.residual_dtype)
+        return cos[:, None], sin[:, None]
+
+    def _qkv(self, layer: dict, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        b, t, _ = h.shape
+        x = _rms_norm(h, layer["in_norm"].weight, layer["in_norm"].variance_epsilon)
+        q = layer["q"](x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k = layer["k"](x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = layer["v"](x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        dtype = self.key.matmul_dtype
+        q = (q * cos + _rotate_half(q) * sin).to(dtype)
+        k = (k * cos + _rotate_half(k) * sin).to(dtype)
+        return q, k, v
+
+    def _finish_layer(self, layer: dict, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        h = h + layer["o"](attn)
+        x = _rms_norm(h, layer["post_norm"].weight, layer["post_norm"].variance_epsilon)
+        return h + layer["down"](F.silu(layer["gate"](x)) * layer["up"](x))
+
+    def _logits(self, h_last: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(_rms_norm(h_last, self.norm.weight, self.norm.variance_epsilon))
+
+    def _prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Runs the prompts ``[b, P]`` (left-padded), fills slots ``[0, P)``; last logits."""
+        b, p = ids.shape
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        keys = mask.bool()
+        causal = torch.ones((p, p), dtype=torch.bool, device=ids.device).tril()
+        allowed = (causal[None] & keys[:, None, :])[:, None]  # [b, 1, P, P]
+        groups = self.heads // self.kv_heads
+        h = F.embedding(ids, self.embed)
+        cos, sin = self._rotary(positions)
+        for i, layer in enumerate(self.layers):
+            q, k, v = self._qkv(layer, h, cos, sin)
+            self.cache_k[i][:b, :, :p] = k
+            self.cache_v[i][:b, :, :p] = v
+            # Padding queries see no key; a finite fill keeps them finite (their output is unused).
+            attn = F.scaled_dot_product_attention(
+                q,
+                k.repeat_interleave(groups, dim=1),
+                v.repeat_interleave(groups, dim=1),
+                attn_mask=allowed | ~keys[:, None, :, None],
+                scale=self.scale,
+            )
+            h = self._finish_layer(layer, h, attn.transpose(1, 2).reshape(b, p, -1))
+        return self._logits(h[:, -1])
+
+    def _decode_forward(self, b: int) -> torch.Tensor:
+        """One token per row for the first b rows: last_token at ``position`` into slot
+        ``P + step - 1``; returns logits ``[b, V]``."""
+        slot = (self.prompt_slots + self.step - 1).view(1)
+        mask = self.slot_mask[:b]
+        mask.index_fill_(1, slot, True)
+        groups = self.heads // self.kv_heads
+        h = F.embedding(self.last_token[:b, None], self.embed)
+        cos, sin = self._rotary(self.position[:b, None])
+        allowed = mask[:, None, None, :]  # [b, 1, 1, S] against scores [b, kv, groups, S]
+        for i, layer in enumerate(self.layers):
+            q, k, v = self._qkv(layer, h, cos, sin)
+            cache_k, cache_v = self.cache_k[i][:b], self.cache_v[i][:b]
+            cache_k.index_copy_(2, slot, k)
+            cache_v.index_copy_(2, slot, v)
+            q = q.reshape(b, self.kv_heads, groups, self.head_dim)  # heads grouped by KV head
+            scores = torch.matmul(q, cache_k.transpose(-1, -2)).float() * self.scale
+            scores = scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
+            probs = scores.softmax(-1).to(cache_v.dtype)
+            attn = torch.matmul(probs, cache_v).reshape(b, 1, self.heads * self.head_dim)
+            h = self._finish_layer(layer, h, attn)
+        return self._logits(h[:, -1])
+
+    def _sample_and_record(self, logits: torch.Tensor, b: int) -> None:
+        """Samples step ``self.step`` for the first b rows, records it, advances the step."""
+        if logits.dtype == torch.float64:  # the sampler takes float32/bf16/fp16
+            logits = logits.float()
+        new, logp = ops.sample(logits, seed=self.seeds[:b], offset=self.step, **self.sampling)
+        limit = self.key.limit
+        stop_pos = self.stop_pos[:b]
+        live = stop_pos == limit
+        column = self.step.view(1)
+        self.tokens[:b].index_copy_(
+            1, column, torch.where(live, new, self.key.pad_token_id)[:, None]
+        )
+        self.logps[:b].index_copy_(1, column, torch.where(live, logp, 0.0)[:, None])
+        if self.stops is not None:
+            stop_pos.copy_(
+                ops.stop_positions_step(
+                    self.tokens[:b], self.stops, step=self.step, positions=stop_pos
+                )
+            )
+        # A row whose logits were bad (NaN) gets id -1; never feed that to the embedding.
+        self.last_token[:b].copy_(new.clamp(min=0))
+        self.position[:b] += 1
+        self.step += 1
+
+    def _step(self, b: int) -> None:
+        self._sample_and_record(self._decode_forward(b), b)
+
+    def _run_step(self, b: int) -> None:
+        """One decode step for the first b rows: eager on the CPU; on CUDA the bucket's graph,
+        captured (after one eager step that warms up kernels and libraries) on first use."""
+        if self.pool is None:
+            self._step(b)
+            return
+        graph = self.graphs.get(b)
+        if graph is not None:
+            graph.replay()
+            return
+        self._step(b)  # the warm-up is a real step; capture records without running
+        torch.cuda.synchronize(self.key.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            self._step(b)
+        self.graphs[b] = graph
+
+    # ------------------------------------------------------------------ rows
+    def _gather_rows(self, keep: torch.Tensor, b: int) -> None:
+        """Moves rows ``keep`` (indices among the first b) to the front of every row buffer."""
+        n = keep.shape[0]
+        for buf in (
+            *self.cache_k,
+            *self.cache_v,
+            self.slot_mask,
+            self.tokens,
+            self.logps,
+            self.stop_pos,
+            self.last_token,
+            self.position,
+            self.seeds,
+        ):
+            buf[:n] = buf[:b].index_select(0, keep)
+
+    # ------------------------------------------------------------------ the loop
+    def refresh_weights(self) -> None:
+        for layer in self.layers:
+            for part in ("q", "k", "v", "o", "gate", "up", "down"):
+                layer[part].refresh()
+        self.lm_head.refresh()
+
+    def decode(
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        seeds: torch.Tensor,
+        tokens_out: torch.Tensor,
+        logps_out: torch.Tensor,
+        stop_pos_out: torch.Tensor,
+        *,
+        compact_every: int,
+    ) -> None:
+        """Decodes ``ids``/``mask`` ``[R, P]`` and writes each original row's tokens,
+        log-probs and stop position into the ``*_out`` tensors (as the Hugging Face loop)."""
+        rows, prompt = ids.shape
+        limit = self.key.limit
+        b = _round_up(rows, ROW_BUCKET)
+        self.refresh_weights()
+        for buf in (*self.cache_k, *self.cache_v):
+            buf[:b].zero_()  # stale values in masked slots must stay finite
+        self.slot_mask[:b].zero_()
+        self.tokens[:b].fill_(self.key.pad_token_id)
+        self.logps[:b].zero_()
+        # Padding rows (up to the bucket) repeat row 0 but count as finished from the start.
+        pad_rows = torch.zeros(b - rows, dtype=torch.int64, device=ids.device)
+        ids = torch.cat([ids, ids[pad_rows]])
+        mask = torch.cat([mask, mask[pad_rows]])
+        self.slot_mask[:b, :prompt] = mask.bool()
+        self.stop_pos[:b] = limit
+        self.stop_pos[rows:b] = 0
+        self.seeds[:b] = torch.cat([seeds, seeds[pad_rows]])
+        self.position[:b] = mask.sum(-1) - 1  # the position of the last prompt token
+        self.step.zero_()
+        self.prompt_slots.fill_(prompt)
+        origin = torch.arange(b, device=ids.device)  # original row of each buffer row
+        origin[rows:] = -1
+
+        self._sample_and_record(self._prefill(ids, mask), b)
+        for step in range(1, limit + 1):
+            check = step == limit or (compact_every > 0 and step % compact_every == 0)
+            if check:
+                live = self.stop_pos[:b] == limit
+                n_live = int(live.sum())  # the loop's only host synchronization
+                if n_live == 0 or step == limit:
+                    break
+                smaller = _round_up(n_live, ROW_BUCKET)
+                if smaller < b:
+                    self._write_out(origin, b, tokens_out, logps_out, stop_pos_out)
+                    keep = live.nonzero().squeeze(1)
+                    keep = torch.cat([keep, keep[:1].expand(smaller - n_live)])
+                    self._gather_rows(keep, b)
+                    origin = origin[keep]
+                    origin[n_live:] = -1
+                    self.stop_pos[n_live:smaller] = 0
+                    b = smaller
+            self._run_step(b)
+        self._write_out(origin, b, tokens_out, logps_out, stop_pos_out)
+
+    def _write_out(self, origin, b, tokens_out, logps_out, stop_pos_out) -> None:
+        real = (origin >= 0).nonzero().squeeze(1)
+        rows = origin[real]
+        tokens_out[rows] = self.tokens[:b][real]
+        logps_out[rows] = self.logps[:b][real]
+        stop_pos_out[rows] = self.stop_pos[:b][real]
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return max(multiple, -(-n // multiple) * multiple)
+
+
+def _matmul_dtype(model: torch.nn.Module, device: torch.device) -> torch.dtype:
+    weight_dtype = _unwrap(model).lm_head.weight.dtype
+    if weight_dtype == torch.float32 and torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return weight_dtype
+
+
+def decode_static(
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    seeds: torch.Tensor,
+    tokens_out: torch.Tensor,
+    logps_out: torch.Tensor,
+    stop_pos_out: torch.Tensor,
+    *,
+    stop_sequences: Sequence[Sequence[int]],
+    sampling: dict,
+    pad_token_id: int,
+    compact_every: int,
+) -> None:
+    """The static-cache decode loop behind :func:`latro_engine.rollout.sample_rationales`
+    (``decoder="static"``); the model must pass :func:`static_decoder_unsupported`."""
+    device = ids.device
+    rows, prompt = ids.shape
+    limit = tokens_out.shape[1]
+    key = _Key(
+        device=device,
+        matmul_dtype=_matmul_dtype(model, device),
+        rows=_round_up(rows, ROW_BUCKET),
+        slots=_round_up(prompt + limit, SLOT_BUCKET),
+        limit=limit,
+        sampling=tuple(sorted((k, float(v)) for k, v in sampling.items())),
+        stops=tuple(tuple(int(t) for t in s) for s in stop_sequences),
+        pad_token_id=int(pad_token_id),
+    )
+    # The decoder holds references to the parameters: if any was replaced (not updated in
+    # place, e.g. load_state_dict(assign=True) or .to()), it must be rebuilt.
+    params = tuple(p.data_ptr() for p in model.parameters())
+    kept = [d for d in _DECODERS.get(model, []) if d.params == params]
+    decoder = next((d for d in kept if _fits(d.key, key)), None)
+    if decoder is None:
+        kept = kept[-(KEPT_DECODERS - 1) :] if KEPT_DECODERS > 1 else []
+        _DECODERS[model] = kept  # drop the others before allocating a new one
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        decoder = StaticDecoder(model, key)
+        decoder.params = params
+    else:
+        kept.remove(decoder)
+    _DECODERS[model] = [*kept, decoder]  # most recently used last
+    with torch.autocast(device.type, enabled=False):  # dtypes are explicit in the decoder
+        decoder.decode(
+            ids, mask, seeds, tokens_out, logps_out, stop_pos_out, compact_every=compact_every
+        )
+
+
+def _fits(have: _Key, want: _Key) -> bool:
+    """A decoder built for ``have`` serves ``want``: same settings, enough rows and slots."""
+    same = (
+        have.device == want.device
+        and have.matmul_dtype == want.matmul_dtype
+        and have.limit == want.limit
+        and have.sampling == want.sampling
+        and have.stops == want.stops
+        and have.pad_token_id == want.pad_token_id
+    )
+    return same and have.rows >= want.rows and have.slots >= want.slots
+
+
+def release_static_decoder(model: torch.nn.Module) -> None:
+    """Frees the decoders (KV caches, weight copies, CUDA graphs) kept for ``model``."""
+    _DECODERS.pop(model, None)

@@ -1,0 +1,245 @@
+"""The static-cache decoder gives the generic loop's rollouts (CPU here; CUDA graphs in
+test_cuda_ops.py): model families, padding, stops, row buckets, LoRA, weight updates."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import transformers
+
+from latro_engine import static_decoder
+from latro_engine.rollout import sample_rationales
+
+PAD = 23
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _model(kind: str = "llama", seed: int = 0, **extra) -> torch.nn.Module:
+    shape = dict(
+        vocab_size=32, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, pad_token_id=PAD, bos_token_id=1,
+        eos_token_id=2, **extra,
+    )
+    config = {
+        "llama": transformers.LlamaConfig,
+        "mistral": transformers.MistralConfig,
+        "qwen2": transformers.Qwen2Config,  # q/k/v biases
+    }[kind](**shape)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # biases start at zero; make them count
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.5)
+    # float64: a flipped draw from rounding differences is practically impossible
+    return model.double().eval()
+
+
+PROMPTS = [[1, 5, 6, 7], [1, 9], [1, 3, 4, 8, 10, 12], [1, 14, 15]]
+
+
+def _prompts(prompts=PROMPTS):
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[PAD] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
+
+
+def _both(model, prompts=PROMPTS, **kw):
+    ids, mask = _prompts(prompts)
+    kw = {"k": 5, "max_new_tokens": 30, "stop_sequences": [[2], [7, 8]], "pad_token_id": PAD,
+          "seed": 123, **kw}
+    hf = sample_rationales(model, ids, mask, decoder="hf", **kw)
+    static = sample_rationales(model, ids, mask, decoder="static", **kw)
+    return hf, static
+
+
+def _assert_same(a, b):
+    assert torch.equal(a.rationale_ids, b.rationale_ids)
+    assert torch.equal(a.rationale_lengths, b.rationale_lengths)
+    assert torch.equal(a.finished, b.finished)
+    assert torch.allclose(a.sample_logprobs, b.sample_logprobs, atol=1e-5)
+    assert torch.equal(a.prompt_ids, b.prompt_ids)
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
+def test_same_rollouts_as_the_generic_loop(kind):
+    model = _model(kind)
+    assert static_decoder.static_decoder_unsupported(model) is None
+    hf, static = _both(model)
+    assert hf.finished.any() and not hf.finished.all()
+    _assert_same(hf, static)
+
+
+@pytest.mark.parametrize("compact_every", [0, 1, 3, None])
+@pytest.mark.parametrize("sampling", [{}, {"temperature": 0.0}, {"top_k": 5, "top_p": 0.8}])
+def test_row_buckets_and_compaction_do_not_change_results(compact_every, sampling, monkeypatch):
+    model = _model()
+    buckets = []
+    original = static_decoder.StaticDecoder._run_step
+
+    def record(self, b):
+        buckets.append(b)
+        return original(self, b)
+
+    monkeypatch.setattr(static_decoder.StaticDecoder, "_run_step", record)
+    # 20 rows -> a bucket of 24; many single-token stops finish rows early
+    hf, static = _both(model, stop_sequences=[[s] for s in range(2, 6)], compact_every=compact_every,
+                       **sampling)
+    _assert_same(hf, static)
+    assert buckets and buckets[0] == 24
+    if compact_every and sampling.get("temperature", 1.0) > 0:
+        assert min(buckets) < 24  # finished rows left the batch
+    if compact_every == 0:
+        assert set(buckets) == {24}
+
+
+def test_prompt_and_limit_changes_reuse_or_rebuild_the_decoder():
+    model = _model()
+    _assert_same(*_both(model))
+    [first] = static_decoder._DECODERS[model]
+    _assert_same(*_both(model, prompts=PROMPTS[:2]))  # fewer rows, shorter prompts: reused
+    assert static_decoder._DECODERS[model] == [first]
+    _assert_same(*_both(model, max_new_tokens=7))  # another limit: a second decoder
+    second = static_decoder._DECODERS[model][-1]
+    assert static_decoder._DECODERS[model] == [first, second]
+    _assert_same(*_both(model))  # the first again, now the most recent
+    assert static_decoder._DECODERS[model] == [second, first]
+    _assert_same(*_both(model, prompts=PROMPTS * 3, k=3))  # more rows: the oldest goes
+    assert len(static_decoder._DECODERS[model]) == 2
+    assert static_decoder._DECODERS[model][0] is first
+    static_decoder.release_static_decoder(model)
+    assert model not in static_decoder._DECODERS
+
+
+def test_weight_updates_are_seen():
+    """In-place updates (an optimizer step) and replaced parameters both reach the decoder."""
+    model = _model()
+    _assert_same(*_both(model))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    _assert_same(*_both(model))
+    model.load_state_dict(_model(seed=5).state_dict(), assign=True)
+    _assert_same(*_both(model))
+
+
+def test_autocast_uses_bfloat16_weight_copies():
+    model = _model().float()
+    ids, mask = _prompts()
+    kw = {"k": 2, "max_new_tokens": 6, "stop_sequences": [], "pad_token_id": PAD, "seed": 1}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        r = sample_rationales(model, ids, mask, decoder="static", **kw)
+        hf = sample_rationales(model, ids, mask, decoder="hf", **kw)
+    decoder = static_decoder._DECODERS[model][-1]
+    assert decoder.key.matmul_dtype == torch.bfloat16
+    assert decoder.layers[0]["q"].weight.dtype == torch.bfloat16
+    assert decoder.embed.dtype == torch.float32  # residual stream in float32, as autocast does
+    assert r.rationale_ids.shape == (8, 6) and bool((r.sample_logprobs <= 0).all())
+    # bf16 rounding differs between the two forwards; the first draws nearly always agree
+    assert (r.rationale_ids[:, 0] == hf.rationale_ids[:, 0]).float().mean() >= 0.75
+
+
+def test_lora_adapters_are_merged():
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(
+        _model(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
+    )
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    model = model.double().eval()
+    assert static_decoder.static_decoder_unsupported(model) is None
+    _assert_same(*_both(model))
+    with torch.no_grad():  # a training step moves the adapters
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.add_(0.3)
+    _assert_same(*_both(model))
+
+
+def test_unsupported_models_fall_back_or_raise():
+    gpt2 = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(vocab_size=32, n_embd=16, n_layer=1, n_head=2)
+    ).eval()
+    reason = static_decoder.static_decoder_unsupported(gpt2)
+    assert reason and "gpt2" in reason
+    ids, mask = _prompts()
+    kw = {"k": 1, "max_new_tokens": 3, "stop_sequences": [], "pad_token_id": PAD, "seed": 0}
+    with pytest.raises(ValueError, match="decoder='static'.*gpt2"):
+        sample_rationales(gpt2, ids, mask, decoder="static", **kw)
+    assert sample_rationales(gpt2, ids, mask, decoder="auto", **kw).rationale_ids.shape == (4, 3)
+    with pytest.raises(ValueError, match="decoder must be"):
+        sample_rationales(gpt2, ids, mask, decoder="fast", **kw)
+    windowed = _model("mistral", sliding_window=16)
+    assert "sliding window" in static_decoder.static_decoder_unsupported(windowed, 40)
+    assert static_decoder.static_decoder_unsupported(windowed, 16) is None
+
+
+# --------------------------------------------------------------------------- CUDA graphs
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_cuda_graph_rollouts_match_the_generic_loop_and_cpu(kind):
+    import latro_engine
+
+    if not latro_engine.native_has_cuda():
+        pytest.skip("the extension was built without CUDA kernels")
+    model = _model(kind).cuda()
+    ids, mask = _prompts()
+    kw = {"k": 5, "max_new_tokens": 40, "stop_sequences": [[s] for s in range(2, 6)],
+          "pad_token_id": PAD, "seed": 7, "compact_every": 4}
+    static = sample_rationales(model, ids.cuda(), mask.cuda(), decoder="static", **kw)
+    again = sample_rationales(model, ids.cuda(), mask.cuda(), decoder="auto", **kw)  # replays
+    hf = sample_rationales(model, ids.cuda(), mask.cuda(), decoder="hf", **kw)
+    assert static_decoder._DECODERS[model][-1].graphs  # the steps ran as CUDA graphs
+    cpu = sample_rationales(model.cpu(), ids, mask, decoder="static", **kw)
+    assert static.finished.any() and not static.finished.all()
+    for other in (again, hf):
+        _assert_same(static, other)
+    _assert_same(_on_cpu(static), cpu)
+
+
+def _on_cpu(rollout):
+    return dataclasses.replace(
+        rollout,
+        **{
+            f.name: getattr(rollout, f.name).cpu()
+            for f in dataclasses.fields(rollout)
+            if isinstance(getattr(rollout, f.name), torch.Tensor)
+        },
+    )
+
+
+@cuda
+def test_cuda_graph_bfloat16_and_autocast():
+    import latro_engine
+
+    if not latro_engine.native_has_cuda():
+        pytest.skip("the extension was built without CUDA kernels")
+    ids, mask = (t.cuda() for t in _prompts())
+    kw = {"k": 4, "max_new_tokens": 24, "stop_sequences": [[2]], "pad_token_id": PAD, "seed": 3}
+    bf16 = _model().to("cuda", torch.bfloat16)
+    a = sample_rationales(bf16, ids, mask, decoder="static", **kw)
+    b = sample_rationales(bf16, ids, mask, decoder="hf", **kw)
+    graphs = static_decoder._DECODERS[bf16][-1].graphs
+    assert graphs and min(graphs) >= 8
+    assert bool(torch.isfinite(a.sample_logprobs).all()) and bool((a.sample_logprobs <= 0).all())
+    assert (a.rationale_ids[:, 0] == b.rationale_ids[:, 0]).float().mean() >= 0.75
+    fp32 = _model().to("cuda", torch.float32)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        c = sample_rationales(fp32, ids, mask, decoder="static", **kw)
+    assert static_decoder._DECODERS[fp32][-1].layers[0]["q"].weight.dtype == torch.bfloat16
+    assert bool(torch.isfinite(c.sample_logprobs).all())
