@@ -6,6 +6,7 @@ CUDA kernels are compiled when a CUDA toolkit and a CUDA-enabled torch are both 
   LATRO_FORCE_CUDA=1  fail unless CUDA sources are compiled
   TORCH_CUDA_ARCH_LIST  GPU architectures (default "8.0;9.0")
   LATRO_SKIP_EXTENSION=1  install the pure-Python package only (reference backend)
+  LATRO_NO_OPENMP=1   compile without OpenMP (CPU ops then run on one thread)
 """
 
 from __future__ import annotations
@@ -60,8 +61,9 @@ def _extensions() -> tuple[list, dict]:
     # AVX helpers trigger GCC's ABI notes, which do not apply to inlined code.
     # -fopenmp: ATen's at::parallel_for is a header template that runs serially unless the
     # extension itself is compiled with OpenMP.
-    cxx_flags = ["-O3", "-Wno-psabi", "-fopenmp"]
-    link_flags = ["-fopenmp"]
+    openmp = [] if os.environ.get("LATRO_NO_OPENMP") == "1" else ["-fopenmp"]
+    cxx_flags = ["-O3", "-Wno-psabi", *openmp]
+    link_flags = openmp
     if use_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         sources += cuda_sources

@@ -17,8 +17,8 @@ Cases (at V = 32,000 and V = 128,256):
   (``topk`` threshold, mask, softmax, multinomial) warpers.
 
 ``linear_token_logprobs`` runs with ``chunk_size = N // 4`` rows (``--chunk-rows`` changes it):
-the library's default, about 2^25 logits per chunk, would not chunk at all at these N. Its
-backward recomputes each chunk's logits, one matmul more than torch's autograd does.
+the library's default, about 2^27 logits per chunk, would not chunk at all at these N. Its
+backward recomputes the logits (in vocabulary blocks), one matmul more than torch's autograd does.
 
 Time: each case runs once as warm-up (its result is checked against the other implementation),
 then ours and torch's alternate for a number of repeats (more for fast cases, within a time

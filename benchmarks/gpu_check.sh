@@ -29,6 +29,7 @@ OUT="${OUT:-$ROOT/build/gpu-check}"
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/gpu_check.log") 2>&1
 export PYTHONUNBUFFERED=1
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # the checkout, not an installed copy
 
 STAGES="${STAGES:-build test bench}"
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"

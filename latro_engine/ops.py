@@ -67,7 +67,8 @@ def linear_token_logprobs(
         hidden: ``[N, D]``; weight: ``[V, D]``; bias: optional ``[V]`` (all one float dtype;
             float64 runs the reference on every backend).
         targets: int64 ``[N]``.
-        chunk_size: rows per chunk (default: about 2^25 logits per chunk).
+        chunk_size: rows per chunk of the forward (default: about 2^27 logits per chunk); the
+            backward cuts the same number of logits into vocabulary blocks.
     Returns:
         float32 ``[N]`` equal to ``token_logprobs(hidden @ weight.T + bias, targets)`` while never
         holding more than ``chunk_size x V`` logits. Differentiable w.r.t. hidden, weight and

@@ -132,8 +132,8 @@ def _check_linear(
 
 
 def default_chunk_size(rows: int, vocab: int) -> int:
-    """Rows per chunk: about 2^25 logits (128 MiB in float32), as the native op chooses."""
-    return max(1, min(max(rows, 1), (1 << 25) // vocab))
+    """Rows per chunk: about 2^27 logits (256 MiB in bf16), as the native op chooses."""
+    return max(1, min(max(rows, 1), (1 << 27) // vocab))
 
 
 def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -199,8 +199,9 @@ def test_cuda_graph_rollouts_match_the_generic_loop_and_cpu(kind):
         pytest.skip("the extension was built without CUDA kernels")
     model = _model(kind).cuda()
     ids, mask = _prompts()
-    kw = {"k": 5, "max_new_tokens": 40, "stop_sequences": [[s] for s in range(2, 6)],
-          "pad_token_id": PAD, "seed": 7, "compact_every": 4}
+    # 15-16 of the 20 rows stop, most of them early: row buckets shrink, some rows run to 40
+    kw = {"k": 5, "max_new_tokens": 40, "stop_sequences": [[2], [3]], "pad_token_id": PAD,
+          "seed": 7, "compact_every": 4}
     static = sample_rationales(model, ids.cuda(), mask.cuda(), decoder="static", **kw)
     again = sample_rationales(model, ids.cuda(), mask.cuda(), decoder="auto", **kw)  # replays
     hf = sample_rationales(model, ids.cuda(), mask.cuda(), decoder="hf", **kw)

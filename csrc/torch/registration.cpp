@@ -6,7 +6,9 @@
 #include <torch/extension.h>
 
 #include <cmath>
+#include <limits>
 
+#include "latro/latro.h"
 #include "ops.h"
 
 namespace latro_torch {
@@ -152,10 +154,11 @@ void check_linear(const at::Tensor& hidden, const at::Tensor& weight,
                     "targets must have shape [N] = [", hidden.size(0), "], got ", targets.sizes());
 }
 
-// Rows per chunk: at most about 2^25 logits (128 MiB in float32) unless the caller says.
+// Rows per chunk: about 2^27 logits (256 MiB in bf16, 512 MiB in float32) unless the caller
+// says: wide enough that the matmuls run at full speed, small next to the [N, V] logits.
 int64_t resolve_chunk(int64_t chunk_size, int64_t rows, int64_t vocab) {
   TORCH_CHECK_VALUE(chunk_size >= 0, "chunk_size must be positive (or None), got ", chunk_size);
-  if (chunk_size == 0) chunk_size = std::max<int64_t>(1, (int64_t{1} << 25) / vocab);
+  if (chunk_size == 0) chunk_size = std::max<int64_t>(1, (int64_t{1} << 27) / vocab);
   return std::max<int64_t>(1, std::min(chunk_size, std::max<int64_t>(rows, 1)));
 }
 
@@ -214,34 +217,96 @@ std::tuple<at::Tensor, at::Tensor> linear_token_logprobs(const at::Tensor& hidde
   return {logprobs, lse};
 }
 
-// The backward recomputes each chunk's logits, turns them into their gradient in place, and
-// feeds the two matmuls: grad_hidden[chunk] = G W, grad_weight += G^T hidden[chunk].
+// The backward recomputes the logits block by block, turns each block into its gradient in place
+// (the token_logprobs_backward_ kernel, with the forward's lse) and feeds two matmuls. Two ways
+// of cutting [N, V] into blocks:
 //
-// grad_weight is a sum over chunks, so it is accumulated in float32 whatever the weight dtype
-// and rounded once at the end; a bf16 running sum would be rounded after every chunk, an error
-// that grows with the number of chunks. For a bf16/fp16 weight that costs a float32 [V, D]
-// accumulator for the duration of the backward (4 V D bytes: 2 GiB for a 128256 x 4096 head,
-// next to the 1 GiB bf16 gradient it becomes) and a float32 copy of each chunk's logit gradient
-// (4 x chunk x V bytes, at most 128 MiB at the default chunk), because ATen has no portable
-// low-precision GEMM that accumulates into a float32 output. That GEMM then runs in float32; bf16
-// and fp16 values are exact in TF32, so allowing TF32 (torch.backends.cuda.matmul.allow_tf32)
-// puts it on tensor cores at no cost in accuracy. A float32 weight accumulates in place.
-// grad_hidden needs none of this: each of its rows comes out of a single matmul.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_backward(
-    const at::Tensor& grad_logprobs, const at::Tensor& hidden, const at::Tensor& weight,
-    const std::optional<at::Tensor>& bias, const at::Tensor& targets, const at::Tensor& lse,
-    int64_t chunk_size, int64_t ignore_index) {
-  at::NoGradGuard no_grad;  // a backward is not differentiated again
-  NoAutocast no_autocast(c10::autocast_dispatch_keyset);
-  check_linear(hidden, weight, bias, targets);
+// * by vocabulary columns (the usual case): block b holds all N rows and columns [v0, v0 + n).
+//   grad_weight[v0 : v0 + n] = G_b^T hidden is then a single matmul over all rows, accumulated
+//   in float32 inside the GEMM and rounded once, written straight into the gradient; only
+//   grad_hidden = sum_b G_b W_b is a sum over blocks, kept in a float32 [N, D] accumulator (N D
+//   is small next to V D). The kernel sees a block with one extra column: targets outside the
+//   block point there, so no probability is subtracted from a real column; its gradient is
+//   dropped. Cost: the three matmuls of the floor, one pass of the kernel over the logits, and
+//   one [N, D] accumulation per block (blocks are wide, see resolve_block_columns).
+// * by rows (kept for rows whose |lse| >= kRecomputeLseFrom: logits in the hundreds or near the
+//   float32 maximum, where the kernel recomputes each row's log-sum-exp and so needs the whole
+//   row): grad_hidden[chunk] = G W in one matmul, grad_weight accumulated over chunks in
+//   float32 (a [V, D] accumulator read and written once per chunk: slow, but exact).
+//
+// Choosing costs one host synchronization per backward (is any |lse| that large?).
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Vocabulary columns per block: the logits the forward holds per chunk (chunk rows x V), over
+// all N rows, but at least 128 columns (or V) so that a large N does not turn the backward into
+// many thin matmuls and [N, D] accumulations.
+int64_t resolve_block_columns(int64_t chunk_rows, int64_t rows, int64_t vocab) {
+  const int64_t columns = ceil_div(chunk_rows * vocab, std::max<int64_t>(rows, 1));
+  return std::min(vocab, std::max<int64_t>(columns, std::min<int64_t>(vocab, 128)));
+}
+
+using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+Grads vocab_blocked_backward(const at::Tensor& grad, const at::Tensor& hidden,
+                             const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                             const at::Tensor& targets, const at::Tensor& lse, int64_t chunk,
+                             int64_t ignore_index) {
+  const int64_t rows = hidden.size(0), vocab = weight.size(0);
+  const int64_t columns = resolve_block_columns(chunk, rows, vocab);
+  // Room for the extra column, rounded so that every row starts 16-byte aligned (tensor cores).
+  const int64_t width = ceil_div(columns + 1, 8) * 8;
+  const bool low_precision =
+      weight.scalar_type() == at::kBFloat16 || weight.scalar_type() == at::kHalf;
+  at::Tensor buffer = at::empty({rows, width}, hidden.options());
+  at::Tensor grad_weight = at::empty(weight.sizes(), weight.options());
+  at::Tensor grad_bias = at::zeros({vocab}, hidden.options().dtype(at::kFloat));
+  at::Tensor grad_hidden = at::zeros(hidden.sizes(), hidden.options().dtype(at::kFloat));
+  at::Tensor partial = low_precision ? at::empty_like(hidden, at::MemoryFormat::Contiguous)
+                                     : at::Tensor();
+  // Block-local targets: ignored rows become -1 (never a block column), so ignore_index itself
+  // may be any value, even a vocabulary id.
+  const at::Tensor ignored = targets == ignore_index;
+  for (int64_t begin = 0; begin < vocab; begin += columns) {
+    const int64_t n = std::min(columns, vocab - begin);
+    const at::Tensor w = weight.narrow(0, begin, n);
+    at::Tensor block = buffer.narrow(1, 0, n);
+    if (bias) {
+      at::addmm_out(block, bias->narrow(0, begin, n), hidden, w.t());
+    } else {
+      at::mm_out(block, hidden, w.t());
+    }
+    buffer.narrow(1, n, width - n).fill_(-std::numeric_limits<double>::infinity());
+    const at::Tensor inside = (targets >= begin) & (targets < begin + n);
+    const at::Tensor local = at::where(
+        ignored, at::scalar_tensor(-1, targets.options()),
+        at::where(inside, targets - begin, at::scalar_tensor(n, targets.options())));
+    token_logprobs_backward_inplace_op().call(grad, buffer, local, lse, -1);
+    at::Tensor grad_weight_rows = grad_weight.narrow(0, begin, n);
+    at::mm_out(grad_weight_rows, block.t(), hidden);
+    if (bias) grad_bias.narrow(0, begin, n).copy_(block.sum(0, /*keepdim=*/false, at::kFloat));
+    if (low_precision) {
+      at::mm_out(partial, block, w);
+      grad_hidden.add_(partial);
+    } else {
+      grad_hidden.addmm_(block, w);
+    }
+  }
+  return {grad_hidden.to(hidden.scalar_type()), grad_weight, grad_bias.to(hidden.scalar_type())};
+}
+
+Grads row_chunked_backward(const at::Tensor& grad, const at::Tensor& hidden,
+                           const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                           const at::Tensor& targets, const at::Tensor& lse, int64_t chunk,
+                           int64_t ignore_index) {
   const int64_t rows = hidden.size(0);
-  const int64_t chunk = resolve_chunk(chunk_size, rows, weight.size(0));
+  // grad_weight is a sum over chunks: accumulated in float32 whatever the weight dtype and
+  // rounded once (a bf16 running sum would be rounded after every chunk). ATen has no portable
+  // low-precision GEMM into a float32 output, so for bf16/fp16 the GEMM runs on float32 copies.
   const bool low_precision =
       weight.scalar_type() == at::kBFloat16 || weight.scalar_type() == at::kHalf;
   at::Tensor grad_hidden = at::empty_like(hidden, at::MemoryFormat::Contiguous);
   at::Tensor grad_weight = at::zeros(weight.sizes(), weight.options().dtype(at::kFloat));
   at::Tensor grad_bias = at::zeros({weight.size(0)}, hidden.options().dtype(at::kFloat));
-  const at::Tensor grad = grad_logprobs.to(at::kFloat).contiguous();
   for (int64_t begin = 0; begin < rows; begin += chunk) {
     const int64_t n = std::min(chunk, rows - begin);
     const at::Tensor h = hidden.narrow(0, begin, n);
@@ -259,6 +324,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_backward(
     if (bias) grad_bias.add_(logits.sum(0, /*keepdim=*/false, at::kFloat));
   }
   return {grad_hidden, grad_weight.to(weight.scalar_type()), grad_bias.to(hidden.scalar_type())};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_backward(
+    const at::Tensor& grad_logprobs, const at::Tensor& hidden, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& targets, const at::Tensor& lse,
+    int64_t chunk_size, int64_t ignore_index) {
+  at::NoGradGuard no_grad;  // a backward is not differentiated again
+  NoAutocast no_autocast(c10::autocast_dispatch_keyset);
+  check_linear(hidden, weight, bias, targets);
+  const int64_t chunk = resolve_chunk(chunk_size, hidden.size(0), weight.size(0));
+  const at::Tensor grad = grad_logprobs.to(at::kFloat).contiguous();
+  const bool moderate_lse =
+      hidden.size(0) == 0 || (lse.abs() < latro::kRecomputeLseFrom).all().item<bool>();
+  return moderate_lse
+             ? vocab_blocked_backward(grad, hidden, weight, bias, targets, lse, chunk, ignore_index)
+             : row_chunked_backward(grad, hidden, weight, bias, targets, lse, chunk, ignore_index);
 }
 
 const c10::TypedOperatorHandle<std::tuple<at::Tensor, at::Tensor>(
