@@ -67,11 +67,13 @@ def linear_token_logprobs(
         hidden: ``[N, D]``; weight: ``[V, D]``; bias: optional ``[V]`` (all one float dtype;
             float64 runs the reference on every backend).
         targets: int64 ``[N]``.
-        chunk_size: rows per chunk of the forward (default: about 2^27 logits per chunk); the
-            backward cuts the same number of logits into vocabulary blocks.
+        chunk_size: bounds the logits held at once to about ``chunk_size x V`` (default: about
+            2^27 logits); the native op holds them as vocabulary blocks of all N rows (at least
+            128 columns), so each pass reads the LM head once. Rows whose log-sum-exp is
+            extreme (|lse| >= 64) are redone over whole rows, ``chunk_size`` at a time.
     Returns:
         float32 ``[N]`` equal to ``token_logprobs(hidden @ weight.T + bias, targets)`` while never
-        holding more than ``chunk_size x V`` logits. Differentiable w.r.t. hidden, weight and
+        holding more than about ``chunk_size x V`` logits. Differentiable w.r.t. hidden, weight and
         bias; the backward recomputes each chunk and accepts any per-token upstream gradient.
     """
     if chunk_size is not None and chunk_size <= 0:

@@ -267,3 +267,35 @@ def test_backward_with_logits_in_the_hundreds(device, backend, use_backend):
     expected = _oracle_grads(hidden, weight, None, targets, upstream)
     for mine, theirs in zip(got, expected):
         torch.testing.assert_close(mine.double(), theirs, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device,backend", device_backend_pairs())
+def test_rows_with_huge_logits_next_to_ordinary_rows(device, backend, use_backend):
+    """One call, both kinds of rows: ordinary ones go through the vocabulary blocks, rows with
+    logits in the hundreds are redone over whole rows; forward and backward match the oracle."""
+    use_backend(backend)
+    hidden, weight, b, targets = _case(29, 8, 700, torch.float32, device, bias=True, seed=8)
+    hidden[::3] *= 120  # every third row: logits of several hundred
+    upstream = torch.randn(29, device=device)
+    out = ops.linear_token_logprobs(hidden, weight, targets, bias=b, chunk_size=2)
+    torch.testing.assert_close(
+        out.double(), _full_logits_oracle(hidden, weight, b, targets), atol=1e-4, rtol=1e-5
+    )
+    got = _grads(hidden, weight, b, targets, upstream, chunk_size=2)
+    expected = _oracle_grads(hidden, weight, b, targets, upstream)
+    for mine, theirs in zip(got, expected):
+        torch.testing.assert_close(mine.double(), theirs, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device,backend", device_backend_pairs())
+def test_masked_vocabulary_block(device, backend, use_backend):
+    """A bias of -inf over whole vocabulary blocks: targets there get -inf, the others their
+    log-probability over the unmasked vocabulary."""
+    use_backend(backend)
+    hidden, weight, b, targets = _case(13, 8, 600, torch.float32, device, bias=True, seed=3)
+    b[300:] = -float("inf")
+    targets[:4] = torch.tensor([450, 599, 300, 299], device=device)
+    out = ops.linear_token_logprobs(hidden, weight, targets, bias=b, chunk_size=1)
+    expected = _full_logits_oracle(hidden, weight, b, targets)
+    assert torch.isneginf(out[:3]).all()
+    torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=1e-5)

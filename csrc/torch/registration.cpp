@@ -194,16 +194,69 @@ token_logprobs_backward_inplace_op() {
 // float32 out= buffer. The op's own autocast rule is linear_token_logprobs_autocast.
 using NoAutocast = c10::impl::ExcludeDispatchKeyGuard;
 
-std::tuple<at::Tensor, at::Tensor> linear_token_logprobs(const at::Tensor& hidden,
-                                                         const at::Tensor& weight,
-                                                         const std::optional<at::Tensor>& bias,
-                                                         const at::Tensor& targets,
-                                                         int64_t chunk_size, int64_t ignore_index) {
-  at::NoGradGuard no_grad;  // the Python autograd registration owns the gradient
-  NoAutocast no_autocast(c10::autocast_dispatch_keyset);
-  check_linear(hidden, weight, bias, targets);
+// Both passes cut the [N, V] logits into vocabulary blocks: block b holds all N rows and the
+// columns [v0, v0 + n) of one matmul, hidden @ weight[v0 : v0 + n]^T. Cutting by rows instead
+// would read the whole LM head once per chunk (a 1 GiB weight 60 times over for 16k tokens);
+// by columns every pass reads it once. The block lives in a buffer one column wider than the
+// block (rounded up so every row starts 16-byte aligned for tensor cores); that extra column
+// holds -inf and serves as the target of rows whose target lies in another block, so the
+// token_logprobs kernels run on a block unchanged, with the block-local targets below.
+//
+// Rows whose log-sum-exp is not moderate (|lse| >= kRecomputeLseFrom, or not finite) are
+// computed again over their whole rows by the row-chunked code, which is exact there: block
+// results combine through lse, whose float32 rounding would cost such rows their precision
+// (two tied logits of 3e38 in two blocks would each get probability 1). One host
+// synchronization per pass decides it.
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+
+// Vocabulary columns per block: the logits the forward holds per chunk (chunk rows x V), over
+// all N rows, but at least 128 columns (or V) so that a large N does not turn the backward into
+// many thin matmuls and [N, D] accumulations.
+int64_t resolve_block_columns(int64_t chunk_rows, int64_t rows, int64_t vocab) {
+  const int64_t columns = ceil_div(chunk_rows * vocab, std::max<int64_t>(rows, 1));
+  return std::min(vocab, std::max<int64_t>(columns, std::min<int64_t>(vocab, 128)));
+}
+
+struct VocabBlocks {
+  int64_t columns;  // per block (the last one may be narrower)
+  at::Tensor buffer;  // [N, width]: the block's logits, then -inf
+
+  VocabBlocks(const at::Tensor& hidden, int64_t vocab, int64_t chunk)
+      : columns(resolve_block_columns(chunk, hidden.size(0), vocab)),
+        buffer(at::empty({hidden.size(0), ceil_div(columns + 1, 8) * 8}, hidden.options())) {}
+
+  // Fills the buffer with block [begin, begin + n) of the logits; returns the [N, n] view.
+  at::Tensor fill(const at::Tensor& hidden, const at::Tensor& weight,
+                  const std::optional<at::Tensor>& bias, int64_t begin, int64_t n) {
+    at::Tensor block = buffer.narrow(1, 0, n);
+    const at::Tensor w = weight.narrow(0, begin, n);
+    if (bias) {
+      at::addmm_out(block, bias->narrow(0, begin, n), hidden, w.t());
+    } else {
+      at::mm_out(block, hidden, w.t());
+    }
+    buffer.narrow(1, n, buffer.size(1) - n).fill_(-std::numeric_limits<double>::infinity());
+    return block;
+  }
+};
+
+// Targets for a block: the column within it, the extra column n for targets elsewhere, and -1
+// for ignored rows (pass -1 as the kernels' ignore_index: it is never a column, so the caller's
+// ignore_index may be any value, even a vocabulary id).
+at::Tensor block_targets(const at::Tensor& targets, const at::Tensor& ignored, int64_t begin,
+                         int64_t n) {
+  const at::Tensor inside = (targets >= begin) & (targets < begin + n);
+  return at::where(ignored, at::scalar_tensor(-1, targets.options()),
+                   at::where(inside, targets - begin, at::scalar_tensor(n, targets.options())));
+}
+
+std::tuple<at::Tensor, at::Tensor> row_chunked_forward(const at::Tensor& hidden,
+                                                       const at::Tensor& weight,
+                                                       const std::optional<at::Tensor>& bias,
+                                                       const at::Tensor& targets, int64_t chunk,
+                                                       int64_t ignore_index) {
   const int64_t rows = hidden.size(0);
-  const int64_t chunk = resolve_chunk(chunk_size, rows, weight.size(0));
   auto opts = hidden.options().dtype(at::kFloat);
   at::Tensor logprobs = at::empty({rows}, opts);
   at::Tensor lse = at::empty({rows}, opts);
@@ -217,70 +270,91 @@ std::tuple<at::Tensor, at::Tensor> linear_token_logprobs(const at::Tensor& hidde
   return {logprobs, lse};
 }
 
-// The backward recomputes the logits block by block, turns each block into its gradient in place
-// (the token_logprobs_backward_ kernel, with the forward's lse) and feeds two matmuls. Two ways
-// of cutting [N, V] into blocks:
-//
-// * by vocabulary columns (the usual case): block b holds all N rows and columns [v0, v0 + n).
-//   grad_weight[v0 : v0 + n] = G_b^T hidden is then a single matmul over all rows, accumulated
-//   in float32 inside the GEMM and rounded once, written straight into the gradient; only
-//   grad_hidden = sum_b G_b W_b is a sum over blocks, kept in a float32 [N, D] accumulator (N D
-//   is small next to V D). The kernel sees a block with one extra column: targets outside the
-//   block point there, so no probability is subtracted from a real column; its gradient is
-//   dropped. Cost: the three matmuls of the floor, one pass of the kernel over the logits, and
-//   one [N, D] accumulation per block (blocks are wide, see resolve_block_columns).
-// * by rows (kept for rows whose |lse| >= kRecomputeLseFrom: logits in the hundreds or near the
-//   float32 maximum, where the kernel recomputes each row's log-sum-exp and so needs the whole
-//   row): grad_hidden[chunk] = G W in one matmul, grad_weight accumulated over chunks in
-//   float32 (a [V, D] accumulator read and written once per chunk: slow, but exact).
-//
-// Choosing costs one host synchronization per backward (is any |lse| that large?).
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// Vocabulary columns per block: the logits the forward holds per chunk (chunk rows x V), over
-// all N rows, but at least 128 columns (or V) so that a large N does not turn the backward into
-// many thin matmuls and [N, D] accumulations.
-int64_t resolve_block_columns(int64_t chunk_rows, int64_t rows, int64_t vocab) {
-  const int64_t columns = ceil_div(chunk_rows * vocab, std::max<int64_t>(rows, 1));
-  return std::min(vocab, std::max<int64_t>(columns, std::min<int64_t>(vocab, 128)));
+// Per block the kernel gives each row the block's log-sum-exp lse_b and, for rows whose target
+// is in the block, log p_b = logit - lse_b. Then lse = logaddexp over blocks (in float64) and
+// log p = log p_b + (lse_b - lse) for the target's block.
+std::tuple<at::Tensor, at::Tensor> vocab_blocked_forward(const at::Tensor& hidden,
+                                                         const at::Tensor& weight,
+                                                         const std::optional<at::Tensor>& bias,
+                                                         const at::Tensor& targets, int64_t chunk,
+                                                         int64_t ignore_index) {
+  const int64_t rows = hidden.size(0), vocab = weight.size(0);
+  VocabBlocks blocks(hidden, vocab, chunk);
+  const at::Tensor ignored = targets == ignore_index;
+  auto f64 = hidden.options().dtype(at::kDouble);
+  at::Tensor lse = at::full({rows}, -std::numeric_limits<double>::infinity(), f64);
+  at::Tensor target_logp = at::zeros({rows}, f64);
+  at::Tensor target_lse = at::full({rows}, -std::numeric_limits<double>::infinity(), f64);
+  for (int64_t begin = 0; begin < vocab; begin += blocks.columns) {
+    const int64_t n = std::min(blocks.columns, vocab - begin);
+    blocks.fill(hidden, weight, bias, begin, n);
+    const at::Tensor local = block_targets(targets, ignored, begin, n);
+    auto [lp, l] = token_logprobs_op().call(blocks.buffer, local, -1);
+    const at::Tensor hit = (local >= 0) & (local < n);
+    const at::Tensor l64 = l.to(at::kDouble);
+    target_logp = at::where(hit, lp.to(at::kDouble), target_logp);
+    target_lse = at::where(hit, l64, target_lse);
+    lse = at::where(ignored, lse, at::logaddexp(lse, l64));
+  }
+  at::Tensor logprobs = (target_logp + (target_lse - lse)).to(at::kFloat).masked_fill_(ignored, 0);
+  at::Tensor lse32 = lse.to(at::kFloat).masked_fill_(ignored, 0);
+  // A target whose whole block is -inf while the row is not: lse_b = -inf, so redo it too.
+  at::Tensor redo = (~ignored & ~((lse.abs() < latro::kRecomputeLseFrom) & target_lse.isfinite()))
+                        .nonzero()
+                        .squeeze(1);
+  if (redo.numel() > 0) {
+    auto [lp, l] = row_chunked_forward(hidden.index_select(0, redo), weight, bias,
+                                       targets.index_select(0, redo), chunk, ignore_index);
+    logprobs.index_copy_(0, redo, lp);
+    lse32.index_copy_(0, redo, l);
+  }
+  return {logprobs, lse32};
 }
 
+std::tuple<at::Tensor, at::Tensor> linear_token_logprobs(const at::Tensor& hidden,
+                                                         const at::Tensor& weight,
+                                                         const std::optional<at::Tensor>& bias,
+                                                         const at::Tensor& targets,
+                                                         int64_t chunk_size, int64_t ignore_index) {
+  at::NoGradGuard no_grad;  // the Python autograd registration owns the gradient
+  NoAutocast no_autocast(c10::autocast_dispatch_keyset);
+  check_linear(hidden, weight, bias, targets);
+  const int64_t chunk = resolve_chunk(chunk_size, hidden.size(0), weight.size(0));
+  return vocab_blocked_forward(hidden, weight, bias, targets, chunk, ignore_index);
+}
+
+// The backward recomputes the logits in the same vocabulary blocks, turns each block into its
+// gradient in place (the token_logprobs_backward_ kernel, with the forward's lse) and feeds two
+// matmuls: grad_weight[v0 : v0 + n] = G_b^T hidden, a single matmul over all rows, accumulated in
+// float32 inside the GEMM, rounded once and written straight into the gradient; and
+// grad_hidden = sum_b G_b W_b, the one sum over blocks, kept in a float32 [N, D] accumulator (N D
+// is small next to V D). The extra column's gradient is dropped. Cost: the three matmuls of the
+// floor, one kernel pass over the logits, one [N, D] accumulation per block.
+//
+// Rows with |lse| >= kRecomputeLseFrom (the kernel then recomputes the row's log-sum-exp, so it
+// needs whole rows) are left out of the blocks and done by the row-chunked code, which sums
+// their weight gradient over chunks in float32 and adds it at the end.
 using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
 Grads vocab_blocked_backward(const at::Tensor& grad, const at::Tensor& hidden,
                              const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                             const at::Tensor& targets, const at::Tensor& lse, int64_t chunk,
-                             int64_t ignore_index) {
-  const int64_t rows = hidden.size(0), vocab = weight.size(0);
-  const int64_t columns = resolve_block_columns(chunk, rows, vocab);
-  // Room for the extra column, rounded so that every row starts 16-byte aligned (tensor cores).
-  const int64_t width = ceil_div(columns + 1, 8) * 8;
+                             const at::Tensor& targets, const at::Tensor& skipped,
+                             const at::Tensor& lse, int64_t chunk) {
+  const int64_t vocab = weight.size(0);
   const bool low_precision =
       weight.scalar_type() == at::kBFloat16 || weight.scalar_type() == at::kHalf;
-  at::Tensor buffer = at::empty({rows, width}, hidden.options());
+  VocabBlocks blocks(hidden, vocab, chunk);
   at::Tensor grad_weight = at::empty(weight.sizes(), weight.options());
   at::Tensor grad_bias = at::zeros({vocab}, hidden.options().dtype(at::kFloat));
   at::Tensor grad_hidden = at::zeros(hidden.sizes(), hidden.options().dtype(at::kFloat));
   at::Tensor partial = low_precision ? at::empty_like(hidden, at::MemoryFormat::Contiguous)
                                      : at::Tensor();
-  // Block-local targets: ignored rows become -1 (never a block column), so ignore_index itself
-  // may be any value, even a vocabulary id.
-  const at::Tensor ignored = targets == ignore_index;
-  for (int64_t begin = 0; begin < vocab; begin += columns) {
-    const int64_t n = std::min(columns, vocab - begin);
+  for (int64_t begin = 0; begin < vocab; begin += blocks.columns) {
+    const int64_t n = std::min(blocks.columns, vocab - begin);
     const at::Tensor w = weight.narrow(0, begin, n);
-    at::Tensor block = buffer.narrow(1, 0, n);
-    if (bias) {
-      at::addmm_out(block, bias->narrow(0, begin, n), hidden, w.t());
-    } else {
-      at::mm_out(block, hidden, w.t());
-    }
-    buffer.narrow(1, n, width - n).fill_(-std::numeric_limits<double>::infinity());
-    const at::Tensor inside = (targets >= begin) & (targets < begin + n);
-    const at::Tensor local = at::where(
-        ignored, at::scalar_tensor(-1, targets.options()),
-        at::where(inside, targets - begin, at::scalar_tensor(n, targets.options())));
-    token_logprobs_backward_inplace_op().call(grad, buffer, local, lse, -1);
+    const at::Tensor block = blocks.fill(hidden, weight, bias, begin, n);
+    token_logprobs_backward_inplace_op().call(grad, blocks.buffer,
+                                              block_targets(targets, skipped, begin, n), lse, -1);
     at::Tensor grad_weight_rows = grad_weight.narrow(0, begin, n);
     at::mm_out(grad_weight_rows, block.t(), hidden);
     if (bias) grad_bias.narrow(0, begin, n).copy_(block.sum(0, /*keepdim=*/false, at::kFloat));
@@ -291,19 +365,15 @@ Grads vocab_blocked_backward(const at::Tensor& grad, const at::Tensor& hidden,
       grad_hidden.addmm_(block, w);
     }
   }
-  return {grad_hidden.to(hidden.scalar_type()), grad_weight, grad_bias.to(hidden.scalar_type())};
+  return {grad_hidden.to(hidden.scalar_type()), grad_weight, grad_bias};
 }
 
+// grad_weight and grad_bias come back in float32 (summed over chunks, for the caller to round).
 Grads row_chunked_backward(const at::Tensor& grad, const at::Tensor& hidden,
                            const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                            const at::Tensor& targets, const at::Tensor& lse, int64_t chunk,
                            int64_t ignore_index) {
   const int64_t rows = hidden.size(0);
-  // grad_weight is a sum over chunks: accumulated in float32 whatever the weight dtype and
-  // rounded once (a bf16 running sum would be rounded after every chunk). ATen has no portable
-  // low-precision GEMM into a float32 output, so for bf16/fp16 the GEMM runs on float32 copies.
-  const bool low_precision =
-      weight.scalar_type() == at::kBFloat16 || weight.scalar_type() == at::kHalf;
   at::Tensor grad_hidden = at::empty_like(hidden, at::MemoryFormat::Contiguous);
   at::Tensor grad_weight = at::zeros(weight.sizes(), weight.options().dtype(at::kFloat));
   at::Tensor grad_bias = at::zeros({weight.size(0)}, hidden.options().dtype(at::kFloat));
@@ -316,14 +386,11 @@ Grads row_chunked_backward(const at::Tensor& grad, const at::Tensor& hidden,
                                               lse.narrow(0, begin, n), ignore_index);
     at::Tensor grad_hidden_rows = grad_hidden.narrow(0, begin, n);
     at::mm_out(grad_hidden_rows, logits, weight);
-    if (low_precision) {
-      grad_weight.addmm_(logits.to(at::kFloat).t(), h.to(at::kFloat));
-    } else {
-      grad_weight.addmm_(logits.t(), h);
-    }
+    // ATen has no portable low-precision GEMM into a float32 output: float32 copies.
+    grad_weight.addmm_(logits.to(at::kFloat).t(), h.to(at::kFloat));
     if (bias) grad_bias.add_(logits.sum(0, /*keepdim=*/false, at::kFloat));
   }
-  return {grad_hidden, grad_weight.to(weight.scalar_type()), grad_bias.to(hidden.scalar_type())};
+  return {grad_hidden, grad_weight, grad_bias};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_backward(
@@ -335,11 +402,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_backward(
   check_linear(hidden, weight, bias, targets);
   const int64_t chunk = resolve_chunk(chunk_size, hidden.size(0), weight.size(0));
   const at::Tensor grad = grad_logprobs.to(at::kFloat).contiguous();
-  const bool moderate_lse =
-      hidden.size(0) == 0 || (lse.abs() < latro::kRecomputeLseFrom).all().item<bool>();
-  return moderate_lse
-             ? vocab_blocked_backward(grad, hidden, weight, bias, targets, lse, chunk, ignore_index)
-             : row_chunked_backward(grad, hidden, weight, bias, targets, lse, chunk, ignore_index);
+  const at::Tensor ignored = targets == ignore_index;
+  // One host synchronization: which rows need whole rows (see above)?
+  const at::Tensor redo =
+      (~ignored & ~(lse.abs() < latro::kRecomputeLseFrom)).nonzero().squeeze(1);
+  at::Tensor skipped = ignored;
+  if (redo.numel() > 0) skipped = ignored.index_fill(0, redo, true);
+  auto [grad_hidden, grad_weight, grad_bias] =
+      vocab_blocked_backward(grad, hidden, weight, bias, targets, skipped, lse, chunk);
+  if (redo.numel() > 0) {
+    auto [gh, gw, gb] = row_chunked_backward(
+        grad.index_select(0, redo), hidden.index_select(0, redo), weight, bias,
+        targets.index_select(0, redo), lse.index_select(0, redo), chunk, ignore_index);
+    grad_hidden.index_copy_(0, redo, gh);
+    grad_weight.copy_(grad_weight.to(at::kFloat).add_(gw));
+    grad_bias.add_(gb);
+  }
+  return {grad_hidden, grad_weight, grad_bias.to(hidden.scalar_type())};
 }
 
 const c10::TypedOperatorHandle<std::tuple<at::Tensor, at::Tensor>(
