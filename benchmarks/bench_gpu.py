@@ -731,8 +731,10 @@ def bench_latro(device: torch.device, small: bool) -> None:
                 warm_len = max_len if step is ours_step else 4
                 step(model, ref_model, optimizer, ids, mask, answer, max_len=warm_len, **kwargs)
                 _sync(device)
+                state = None  # weights, reference, AdamW state (and our kept decoder)
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
+                    state = torch.cuda.memory_allocated(device) / 2**30
                 t0 = time.perf_counter()
                 step(model, ref_model, optimizer, ids, mask, answer, max_len=max_len, **kwargs)
                 _sync(device)
@@ -745,6 +747,9 @@ def bench_latro(device: torch.device, small: bool) -> None:
                 row[f"{name} samples/s"] = k * prompts / seconds
                 row[f"{name} s"] = seconds
                 row[f"{name} peak GiB"] = peak
+                row[f"{name} peak beyond state GiB"] = (
+                    None if peak is None or state is None else peak - state
+                )
                 print(f"  {label}, {name}: {seconds:.2f} s, peak {_fmt(peak)} GiB")
             except Exception as error:
                 row[f"{name} s"] = f"failed: {type(error).__name__}: {error}"[:200]

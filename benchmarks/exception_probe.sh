@@ -4,9 +4,11 @@
 # Seen on the H100 machine of 2026-11-25 (torch 2.11.0+cu130 built with gcc-toolset-13,
 # CC/CXX=/opt/gcc/bin/gcc|g++ in the environment, system c++ = Ubuntu GCC 13.3): every op given
 # bad input died with SIGSEGV inside the dispatcher instead of raising ValueError, on CPU and CUDA
-# tensors alike; the same code raises cleanly here (torch 2.13 CPU, system GCC). A build with
-# the old string ABI does not even load, so that is not it. This script builds the extension
-# several ways and runs the same probe against each, so one run tells which ingredient matters:
+# tensors alike. The same code raises cleanly on a CPU machine with torch 2.13 (CPU) and with
+# the very same torch 2.11.0+cu130 wheel, both built with GCC 12.2, so torch is not it; a build
+# with the old string ABI does not even load, so that is not it either. The suspect is the GPU
+# machine's /opt/gcc toolchain. This script builds the extension several ways and runs the same
+# probe against each, so one run tells which ingredient matters:
 #
 #   1. a minimal inline extension (TORCH_LIBRARY op that throws TORCH_CHECK_VALUE), with the
 #      environment's compiler: does any extension built with it crash on throw?

@@ -71,9 +71,13 @@ def _assert_same(a, b):
     assert torch.equal(a.prompt_ids, b.prompt_ids)
 
 
-@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
-def test_same_rollouts_as_the_generic_loop(kind):
-    model = _model(kind)
+@pytest.mark.parametrize(
+    "kind,extra",
+    [("llama", {}), ("mistral", {}), ("qwen2", {}), ("llama", {"tie_word_embeddings": True}),
+     ("llama", {"attention_bias": True, "mlp_bias": True, "head_dim": 16})],
+)
+def test_same_rollouts_as_the_generic_loop(kind, extra):
+    model = _model(kind, **extra)
     assert static_decoder.static_decoder_unsupported(model) is None
     hf, static = _both(model)
     assert hf.finished.any() and not hf.finished.all()

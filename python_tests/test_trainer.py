@@ -140,3 +140,24 @@ def test_lora_trains_adapters_and_uses_the_base_as_reference(tmp_path):
     again.resume_from(latest)
     for k, v in lora.items():
         assert torch.equal(again.model.state_dict()[k], v), k
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_static_rollout_decoder_trains_like_the_hf_loop(tmp_path, lora):
+    """rollout_decoder=static (the CUDA-graph decoder, eager on the CPU) draws the rationales the
+    model's own forward draws, so training and evaluation follow the same path."""
+    if lora:
+        pytest.importorskip("peft")
+    extra = dict(lora_rank=4, lora_alpha=8.0) if lora else {}
+    runs = {}
+    for decoder in ("hf", "static"):
+        config = tiny.config(tmp_path / decoder, rollout_decoder=decoder, steps=2, eval_every=2,
+                             **extra)
+        trainer = LatroTrainer(tiny.model(), tiny.tokenizer(), tiny.examples(8), config,
+                               eval_dataset=tiny.examples(4))
+        runs[decoder] = trainer.train()
+    for a, b in zip(runs["hf"], runs["static"]):
+        assert a["rationale_length_mean"] == b["rationale_length_mean"]
+        assert a["finished_frac"] == b["finished_frac"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5)
+    assert runs["hf"][-1]["eval_greedy_accuracy"] == runs["static"][-1]["eval_greedy_accuracy"]
