@@ -182,7 +182,7 @@ class _Linear:
 
 def _rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """As the models' RMSNorm: normalized in float32, then weight * normalized in h's dtype
-    (torch's fused rms_norm: one kernel instead of five per norm, 33 norms per token)."""
+    (torch's fused rms_norm: one kernel instead of five, for two norms per layer per token)."""
     return weight * F.rms_norm(h.float(), (h.shape[-1],), eps=eps).to(h.dtype)
 
 
