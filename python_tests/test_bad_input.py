@@ -58,6 +58,16 @@ def test_linear_token_logprobs_errors(device, backend, use_backend):
         ops.linear_token_logprobs(h, w, t, chunk_size=0)
     with _raises(ValueError, "out of range"):
         ops.linear_token_logprobs(h, w, t + 7)
+    one_bad = t.clone()
+    one_bad[2] = 9
+    with _raises(ValueError, r"targets\[2\] = 9 is out of range for vocab size 7"):
+        ops.linear_token_logprobs(h, w, one_bad, chunk_size=1)
+    if backend == "native":  # the backward op checks its targets too (it may be called alone)
+        lse = torch.zeros(4, device=device)
+        with _raises(ValueError, r"targets\[2\] = 9 is out of range"):
+            torch.ops.latro_engine.linear_token_logprobs_backward(
+                torch.ones(4, device=device), h, w, None, one_bad, lse, 0, -100
+            )
 
 
 @pytest.mark.parametrize("device,backend", PAIRS)

@@ -209,7 +209,6 @@ using NoAutocast = c10::impl::ExcludeDispatchKeyGuard;
 // synchronization per pass decides it.
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-
 // Vocabulary columns per block: the logits the forward holds per chunk (chunk rows x V), over
 // all N rows, but at least 128 columns (or V) so that a large N does not turn the backward into
 // many thin matmuls and [N, D] accumulations.
@@ -249,6 +248,21 @@ at::Tensor block_targets(const at::Tensor& targets, const at::Tensor& ignored, i
   const at::Tensor inside = (targets >= begin) & (targets < begin + n);
   return at::where(ignored, at::scalar_tensor(-1, targets.options()),
                    at::where(inside, targets - begin, at::scalar_tensor(n, targets.options())));
+}
+
+// Block-local targets never leave the block, so the kernels cannot see a target outside the
+// vocabulary: such rows are found among the rows to redo (their target's block is never hit,
+// and the caller puts them there) and reported here with their own index, as the kernels would.
+void check_targets_in_range(const at::Tensor& targets, const at::Tensor& rows, int64_t vocab,
+                            int64_t ignore_index) {
+  const at::Tensor t = targets.index_select(0, rows);
+  const at::Tensor bad = ((t < 0) | (t >= vocab)) & (t != ignore_index);
+  const at::Tensor where = bad.nonzero();
+  if (where.numel() == 0) return;
+  const int64_t first = where[0][0].item<int64_t>();
+  TORCH_CHECK_VALUE(false, "targets[", rows[first].item<int64_t>(), "] = ", t[first].item<int64_t>(),
+                    " is out of range for vocab size ", vocab, " (ignore_index is ", ignore_index,
+                    ")");
 }
 
 std::tuple<at::Tensor, at::Tensor> row_chunked_forward(const at::Tensor& hidden,
@@ -298,11 +312,13 @@ std::tuple<at::Tensor, at::Tensor> vocab_blocked_forward(const at::Tensor& hidde
   }
   at::Tensor logprobs = (target_logp + (target_lse - lse)).to(at::kFloat).masked_fill_(ignored, 0);
   at::Tensor lse32 = lse.to(at::kFloat).masked_fill_(ignored, 0);
-  // A target whose whole block is -inf while the row is not: lse_b = -inf, so redo it too.
+  // A target whose whole block is -inf while the row is not: lse_b = -inf, so redo it too (as
+  // every row whose target is outside the vocabulary: its block was never hit).
   at::Tensor redo = (~ignored & ~((lse.abs() < latro::kRecomputeLseFrom) & target_lse.isfinite()))
                         .nonzero()
                         .squeeze(1);
   if (redo.numel() > 0) {
+    check_targets_in_range(targets, redo, vocab, ignore_index);
     auto [lp, l] = row_chunked_forward(hidden.index_select(0, redo), weight, bias,
                                        targets.index_select(0, redo), chunk, ignore_index);
     logprobs.index_copy_(0, redo, lp);
@@ -403,11 +419,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_backward(
   const int64_t chunk = resolve_chunk(chunk_size, hidden.size(0), weight.size(0));
   const at::Tensor grad = grad_logprobs.to(at::kFloat).contiguous();
   const at::Tensor ignored = targets == ignore_index;
-  // One host synchronization: which rows need whole rows (see above)?
+  // One host synchronization: which rows need whole rows (see above), or have a target outside
+  // the vocabulary (an error)?
+  const int64_t vocab = weight.size(0);
+  const at::Tensor outside = (targets < 0) | (targets >= vocab);
   const at::Tensor redo =
-      (~ignored & ~(lse.abs() < latro::kRecomputeLseFrom)).nonzero().squeeze(1);
+      (~ignored & (outside | ~(lse.abs() < latro::kRecomputeLseFrom))).nonzero().squeeze(1);
   at::Tensor skipped = ignored;
-  if (redo.numel() > 0) skipped = ignored.index_fill(0, redo, true);
+  if (redo.numel() > 0) {
+    check_targets_in_range(targets, redo, vocab, ignore_index);
+    skipped = ignored.index_fill(0, redo, true);
+  }
   auto [grad_hidden, grad_weight, grad_bias] =
       vocab_blocked_backward(grad, hidden, weight, bias, targets, skipped, lse, chunk);
   if (redo.numel() > 0) {
