@@ -30,6 +30,17 @@ def backends_for(device: str) -> list[str]:
     return names
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine the
+    thread pool's spinning makes each 32-wide matmul ~10x slower. Modules of tiny-model tests
+    take it with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(params=DEVICES)
 def device(request) -> str:
     return request.param
@@ -47,6 +58,21 @@ def use_backend(monkeypatch):
 
 def device_backend_pairs() -> list[tuple[str, str]]:
     return [(d, b) for d in DEVICES for b in backends_for(d)]
+
+
+def stop_positions_by_brute_force(
+    tokens: list[list[int]], stops: list[list[int]], start: int
+) -> list[int]:
+    """Per row, where the first stop sequence begins at or after ``start`` (else the length)."""
+    out = []
+    for row in tokens:
+        found = len(row)
+        for begin in range(start, len(row)):
+            if any(row[begin : begin + len(s)] == s for s in stops):
+                found = begin
+                break
+        out.append(found)
+    return out
 
 
 def assert_close_to_oracle(actual: torch.Tensor, oracle: torch.Tensor, plain: torch.Tensor, dtype):

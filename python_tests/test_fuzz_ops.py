@@ -15,7 +15,7 @@ import os
 
 import pytest
 import torch
-from conftest import backends_for
+from conftest import backends_for, stop_positions_by_brute_force
 
 from latro_engine import ops, reference
 
@@ -333,18 +333,6 @@ def stop_case(draw):
     return _place(tokens, draw(st.sampled_from(LAYOUTS))), stops, start
 
 
-def _brute_force(tokens: torch.Tensor, stops: list[list[int]], start: int) -> list[int]:
-    out = []
-    for row in tokens.tolist():
-        found = len(row)
-        for begin in range(start, len(row)):
-            if any(row[begin : begin + len(s)] == s for s in stops):
-                found = begin
-                break
-        out.append(found)
-    return out
-
-
 @FUZZ
 @given(case=stop_case())
 def test_stop_positions_fuzz(case, monkeypatch):
@@ -355,7 +343,7 @@ def test_stop_positions_fuzz(case, monkeypatch):
         monkeypatch,
     )
     for got in results:
-        assert got.tolist() == _brute_force(tokens, stops, start)
+        assert got.tolist() == stop_positions_by_brute_force(tokens.tolist(), stops, start)
 
 
 @FUZZ

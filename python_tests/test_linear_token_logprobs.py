@@ -59,16 +59,8 @@ def test_backward_matches_full_logits(device, backend, bias, use_backend):
     use_backend(backend)
     hidden, weight, b, targets = _case(37, 12, 211, torch.float32, device, bias, seed=4)
     upstream = torch.randn(37, device=device)
-    leaves = [t.clone().requires_grad_() for t in (hidden, weight) + ((b,) if bias else ())]
-    out = ops.linear_token_logprobs(
-        leaves[0], leaves[1], targets, bias=leaves[2] if bias else None, chunk_size=5
-    )
-    (out * upstream).sum().backward()
-    ref = [t.double().requires_grad_() for t in (hidden, weight) + ((b,) if bias else ())]
-    expected = _full_logits_oracle(ref[0], ref[1], ref[2] if bias else None, targets)
-    (expected * upstream.double()).sum().backward()
-    for mine, theirs in zip(leaves, ref):
-        torch.testing.assert_close(mine.grad.double(), theirs.grad, atol=1e-5, rtol=1e-4)
+    _assert_grads_match_oracle(hidden, weight, b, targets, upstream, atol=1e-5, rtol=1e-4,
+                               chunk_size=5)
 
 
 @pytest.mark.parametrize("device,backend", device_backend_pairs())
@@ -105,14 +97,20 @@ def _autocast_case(bias, seed=5):
     return hidden, weight, b, targets, torch.randn(37, generator=torch.Generator().manual_seed(1))
 
 
-def _scored_grads(hidden, weight, b, targets, upstream, autocast):
-    """(out, grads) of sum(upstream * linear_token_logprobs), optionally under CPU autocast."""
+def _scored_grads(hidden, weight, b, targets, upstream, autocast=False, chunk_size=5, **kw):
+    """(out, grads) of sum(upstream * linear_token_logprobs), optionally under CPU autocast;
+    kw (ignore_index) goes to the op."""
     leaves = [
         t.clone().requires_grad_() for t in (hidden, weight) + ((b,) if b is not None else ())
     ]
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         out = ops.linear_token_logprobs(
-            leaves[0], leaves[1], targets, bias=leaves[2] if b is not None else None, chunk_size=5
+            leaves[0],
+            leaves[1],
+            targets,
+            bias=leaves[2] if b is not None else None,
+            chunk_size=chunk_size,
+            **kw,
         )
         # The backward runs inside the autocast region too: the case that used to fail with
         # "Expected out tensor to have dtype BFloat16".
@@ -202,18 +200,20 @@ def test_low_precision_weight_grad_does_not_degrade_with_chunks(
 
 
 # ----------------------------------------------------------------------------- backward blocks
-def _grads(hidden, weight, bias, targets, upstream, **kw):
-    leaves = [t.clone().requires_grad_() for t in (hidden, weight) + ((bias,) if bias is not None else ())]
-    out = ops.linear_token_logprobs(leaves[0], leaves[1], targets, bias=leaves[2] if bias is not None else None, **kw)
-    (out * upstream).sum().backward()
-    return [t.grad for t in leaves]
-
-
 def _oracle_grads(hidden, weight, bias, targets, upstream, ignore_index=-100):
     ref = [t.double().requires_grad_() for t in (hidden, weight) + ((bias,) if bias is not None else ())]
     logits = ref[0] @ ref[1].t() + (ref[2] if bias is not None else 0)
     (reference.token_logprobs(logits, targets, ignore_index=ignore_index) * upstream.double()).sum().backward()
     return [t.grad for t in ref]
+
+
+def _assert_grads_match_oracle(hidden, weight, bias, targets, upstream, *, atol, rtol, **kw):
+    """Gradients of linear_token_logprobs (kw: chunk_size, ignore_index) against float64."""
+    oracle_kw = {"ignore_index": kw["ignore_index"]} if "ignore_index" in kw else {}
+    _, got = _scored_grads(hidden, weight, bias, targets, upstream, **kw)
+    expected = _oracle_grads(hidden, weight, bias, targets, upstream, **oracle_kw)
+    for mine, theirs in zip(got, expected):
+        torch.testing.assert_close(mine.double(), theirs, atol=atol, rtol=rtol)
 
 
 @pytest.mark.parametrize("device,backend", device_backend_pairs())
@@ -227,10 +227,8 @@ def test_backward_vocabulary_blocks_with_bias_and_in_vocab_ignore_index(device, 
     targets[1] = 999  # the last column of the last block
     targets[2] = 0
     upstream = torch.randn(19, device=device)
-    got = _grads(hidden, weight, b, targets, upstream, chunk_size=1, ignore_index=3)
-    expected = _oracle_grads(hidden, weight, b, targets, upstream, ignore_index=3)
-    for mine, theirs in zip(got, expected):
-        torch.testing.assert_close(mine.double(), theirs, atol=1e-5, rtol=1e-4)
+    _assert_grads_match_oracle(hidden, weight, b, targets, upstream, atol=1e-5, rtol=1e-4,
+                               chunk_size=1, ignore_index=3)
 
 
 @pytest.mark.parametrize("device,backend", device_backend_pairs())
@@ -248,7 +246,7 @@ def test_low_precision_hidden_grad_does_not_degrade_with_blocks(device, backend,
     [oracle_h, _] = _oracle_grads(hidden, weight, None, targets, upstream)
     errors = {}
     for chunk in (n, 1):  # one block of V columns; 8 blocks of 512
-        grad_h, grad_w = _grads(hidden, weight, None, targets, upstream, chunk_size=chunk)
+        _, (grad_h, grad_w) = _scored_grads(hidden, weight, None, targets, upstream, chunk_size=chunk)
         assert grad_h.dtype == grad_w.dtype == dtype
         errors[chunk] = (grad_h.double() - oracle_h).abs().max().item()
     ulp = torch.finfo(dtype).eps * oracle_h.abs().max().item()
@@ -263,10 +261,8 @@ def test_backward_with_logits_in_the_hundreds(device, backend, use_backend):
     hidden, weight, _, targets = _case(23, 8, 300, torch.float32, device, seed=5)
     hidden = hidden * 150  # logits of several hundred
     upstream = torch.randn(23, device=device)
-    got = _grads(hidden, weight, None, targets, upstream, chunk_size=4)
-    expected = _oracle_grads(hidden, weight, None, targets, upstream)
-    for mine, theirs in zip(got, expected):
-        torch.testing.assert_close(mine.double(), theirs, atol=1e-4, rtol=1e-4)
+    _assert_grads_match_oracle(hidden, weight, None, targets, upstream, atol=1e-4, rtol=1e-4,
+                               chunk_size=4)
 
 
 @pytest.mark.parametrize("device,backend", device_backend_pairs())
@@ -281,10 +277,8 @@ def test_rows_with_huge_logits_next_to_ordinary_rows(device, backend, use_backen
     torch.testing.assert_close(
         out.double(), _full_logits_oracle(hidden, weight, b, targets), atol=1e-4, rtol=1e-5
     )
-    got = _grads(hidden, weight, b, targets, upstream, chunk_size=2)
-    expected = _oracle_grads(hidden, weight, b, targets, upstream)
-    for mine, theirs in zip(got, expected):
-        torch.testing.assert_close(mine.double(), theirs, atol=1e-4, rtol=1e-4)
+    _assert_grads_match_oracle(hidden, weight, b, targets, upstream, atol=1e-4, rtol=1e-4,
+                               chunk_size=2)
 
 
 @pytest.mark.parametrize("device,backend", device_backend_pairs())

@@ -13,15 +13,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from latro_engine.rollout import Rollout, row_seeds, sample_rationales, stop_token_sequences
 from latro_engine.tokenizer import train_char_tokenizer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine the
-    thread pool's spinning makes each 32-wide matmul ~10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 PAD, EOS, VOCAB = 23, 0, 24

@@ -21,13 +21,7 @@ from latro_engine.scoring import (
 PAD, VOCAB = 0, 29
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads (their spinning slows a shared CPU)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _llama(seed: int = 0, **extra) -> transformers.LlamaForCausalLM:

@@ -15,12 +15,7 @@ from latro_engine.rollout import sample_rationales
 PAD = 23
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(kind: str = "llama", seed: int = 0, **extra) -> torch.nn.Module:

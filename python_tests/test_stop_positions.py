@@ -4,21 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import device_backend_pairs
+from conftest import device_backend_pairs, stop_positions_by_brute_force
 
 from latro_engine import ops
-
-
-def _brute_force(tokens: list[list[int]], stops: list[list[int]], start: int) -> list[int]:
-    out = []
-    for row in tokens:
-        found = len(row)
-        for begin in range(start, len(row)):
-            if any(row[begin : begin + len(s)] == s for s in stops):
-                found = begin
-                break
-        out.append(found)
-    return out
 
 
 def _first_completed(tokens: list[list[int]], stops: list[list[int]], start: int) -> list[int]:
@@ -66,7 +54,7 @@ def test_random_against_brute_force(device, backend, rows, length, use_backend):
     stops = [[3, 3, 3], [1, 2], [0, 0, 0, 0, 0]]
     for start in sorted({0, 1, length // 2, length}):
         out = ops.stop_positions(tokens.to(device), stops, start=start)
-        assert out.tolist() == _brute_force(tokens.tolist(), stops, start)
+        assert out.tolist() == stop_positions_by_brute_force(tokens.tolist(), stops, start)
 
 
 @pytest.mark.parametrize("device,backend", device_backend_pairs())

@@ -12,16 +12,22 @@ namespace latro_torch {
 
 // token_logprobs: logits [..., V] floating, targets int64 [...], same device.
 void check_token_logprobs(const at::Tensor& logits, const at::Tensor& targets);
+// its backward: as above, plus lse float32 and grad_logprobs of the shape of targets.
+void check_token_logprobs_backward(const at::Tensor& grad, const at::Tensor& logits,
+                                   const at::Tensor& targets, const at::Tensor& lse);
 // sample: logits [B, V], seeds int64 0-d or [B], offset int64 0-d, all on one device.
 void check_sample(const at::Tensor& logits, const at::Tensor& seeds, const at::Tensor& offset,
                   double temperature, int64_t top_k, double top_p, double min_p);
 // stop_positions: tokens int64 [B, T]; stop_tokens int64 [S] and stop_offsets int64 [n + 1].
 void check_stop_table(const at::Tensor& tokens, const at::Tensor& stop_tokens,
                       const at::Tensor& stop_offsets, int64_t start);
+// stop_positions_step: step int64 0-d and positions int64 [B], on the tokens' device.
+void check_stop_step(const at::Tensor& tokens, const at::Tensor& step,
+                     const at::Tensor& positions);
 void check_rloo(const at::Tensor& rewards, int64_t k);
 void check_latro_rewards(const at::Tensor& answer_logp, const at::Tensor& rationale_logp,
                          const at::Tensor& ref_rationale_logp, const at::Tensor& finished,
-                         const std::string& penalty_mode);
+                         double kl_coef, double nonstop_penalty, const std::string& penalty_mode);
 latro::PenaltyMode parse_penalty_mode(const std::string& penalty_mode);
 
 // The logits as rows of a matrix: a tensor [..., V] whose last dimension is dense. Rows that
@@ -48,6 +54,15 @@ struct RowLayout {
   int64_t inner_rows_ = 1;
   int64_t inner_stride_ = 0;
 };
+
+// Logits rows as the kernels take them: dense along the vocabulary and not overlapping
+// (expanded tensors); a copy with standard strides otherwise. Not contiguous(), which returns a
+// [N, 1] view with stride(-1) != 1 as it is (torch ignores the strides of size-1 dimensions).
+inline at::Tensor dense_rows(const at::Tensor& t) {
+  const bool dense_last = t.stride(-1) == 1;
+  const bool overlapping = t.dim() >= 2 && t.size(-2) > 1 && t.stride(-2) < t.size(-1);
+  return dense_last && !overlapping ? t : t.clone(at::MemoryFormat::Contiguous);
+}
 
 // Rows per parallel task so each task touches about 64 KiB of logits.
 inline int64_t row_grain(int64_t vocab) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(vocab, 1)); }

@@ -4,22 +4,11 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <cmath>
-
 #include "core_args.h"
 #include "ops.h"
 
 namespace latro_torch {
 namespace {
-
-// Logits rows must be dense along the vocabulary and must not overlap (expanded tensors).
-// A copy with standard strides otherwise: not contiguous(), which returns a [N, 1] view with
-// stride(-1) != 1 as it is (torch ignores the strides of size-1 dimensions).
-at::Tensor rows_for_core(const at::Tensor& t) {
-  const bool dense_last = t.stride(-1) == 1;
-  const bool overlapping = t.dim() >= 2 && t.size(-2) > 1 && t.stride(-2) < t.size(-1);
-  return dense_last && !overlapping ? t : t.clone(at::MemoryFormat::Contiguous);
-}
 
 const char* bytes(const at::Tensor& t) { return static_cast<const char*>(t.data_ptr()); }
 
@@ -27,7 +16,7 @@ std::tuple<at::Tensor, at::Tensor> token_logprobs_cpu(const at::Tensor& logits_i
                                                       const at::Tensor& targets_in,
                                                       int64_t ignore_index) {
   check_token_logprobs(logits_in, targets_in);
-  const at::Tensor logits = rows_for_core(logits_in);
+  const at::Tensor logits = dense_rows(logits_in);
   const at::Tensor targets = targets_in.contiguous();
   const auto opts = logits.options().dtype(at::kFloat);
   at::Tensor logprobs = at::empty(targets.sizes(), opts);
@@ -47,18 +36,6 @@ std::tuple<at::Tensor, at::Tensor> token_logprobs_cpu(const at::Tensor& logits_i
     });
   });
   return {logprobs, lse};
-}
-
-void check_backward_inputs(const at::Tensor& grad, const at::Tensor& logits,
-                           const at::Tensor& targets, const at::Tensor& lse) {
-  check_token_logprobs(logits, targets);
-  check_dtype(lse, at::kFloat, "lse");
-  TORCH_CHECK_VALUE(lse.sizes() == targets.sizes(), "lse must have the shape of targets ",
-                    targets.sizes(), ", got ", lse.sizes());
-  TORCH_CHECK_VALUE(grad.sizes() == targets.sizes(), "grad_logprobs must have the shape of targets ",
-                    targets.sizes(), ", got ", grad.sizes());
-  check_same_device(grad, logits, "grad_logprobs", "logits");
-  check_same_device(lse, logits, "lse", "logits");
 }
 
 // Writes the gradient of rows of `logits` into `grad_logits` (dense rows), which may be
@@ -96,8 +73,8 @@ void token_logprobs_backward_into(const at::Tensor& grad_in, const at::Tensor& l
 at::Tensor token_logprobs_backward_cpu(const at::Tensor& grad, const at::Tensor& logits_in,
                                        const at::Tensor& targets, const at::Tensor& lse,
                                        int64_t ignore_index) {
-  check_backward_inputs(grad, logits_in, targets, lse);
-  const at::Tensor logits = rows_for_core(logits_in);
+  check_token_logprobs_backward(grad, logits_in, targets, lse);
+  const at::Tensor logits = dense_rows(logits_in);
   at::Tensor grad_logits = at::empty(logits.sizes(), logits.options());
   token_logprobs_backward_into(grad, logits, targets, lse, ignore_index, grad_logits);
   return grad_logits;
@@ -106,7 +83,7 @@ at::Tensor token_logprobs_backward_cpu(const at::Tensor& grad, const at::Tensor&
 void token_logprobs_backward_inplace_cpu(const at::Tensor& grad, at::Tensor& logits,
                                          const at::Tensor& targets, const at::Tensor& lse,
                                          int64_t ignore_index) {
-  check_backward_inputs(grad, logits, targets, lse);
+  check_token_logprobs_backward(grad, logits, targets, lse);
   TORCH_CHECK_VALUE(logits.is_contiguous(), "logits must be contiguous to be overwritten in place");
   token_logprobs_backward_into(grad, logits, targets, lse, ignore_index, logits);
 }
@@ -115,7 +92,7 @@ std::tuple<at::Tensor, at::Tensor> sample_cpu(const at::Tensor& logits_in, const
                                               const at::Tensor& offset, double temperature,
                                               int64_t top_k, double top_p, double min_p) {
   check_sample(logits_in, seeds_in, offset, temperature, top_k, top_p, min_p);
-  const at::Tensor logits = rows_for_core(logits_in);
+  const at::Tensor logits = dense_rows(logits_in);
   const at::Tensor seeds = seeds_in.contiguous();
   const int64_t rows = logits.size(0);
   at::Tensor ids = at::empty({rows}, logits.options().dtype(at::kLong));
@@ -165,14 +142,7 @@ at::Tensor stop_positions_step_cpu(const at::Tensor& tokens, const at::Tensor& s
                                    const at::Tensor& stop_offsets, const at::Tensor& step,
                                    const at::Tensor& positions_in, int64_t start) {
   const StopTable table = stop_table(tokens, stop_tokens, stop_offsets, start);
-  check_dtype(step, at::kLong, "step");
-  check_same_device(step, tokens, "step", "tokens");
-  TORCH_CHECK_VALUE(step.dim() == 0, "step must be an int or a 0-d tensor, got shape ", step.sizes());
-  check_dtype(positions_in, at::kLong, "positions");
-  check_same_device(positions_in, tokens, "positions", "tokens");
-  TORCH_CHECK_VALUE(positions_in.dim() == 1 && positions_in.size(0) == tokens.size(0),
-                    "positions must have shape [B] = [", tokens.size(0), "], got ",
-                    positions_in.sizes());
+  check_stop_step(tokens, step, positions_in);
   const int64_t rows = tokens.size(0), len = tokens.size(1);
   const at::Tensor positions = positions_in.contiguous();
   at::Tensor out = at::empty({rows}, tokens.options());
@@ -205,12 +175,8 @@ at::Tensor latro_rewards_cpu(const at::Tensor& answer_logp, const at::Tensor& ra
                              double kl_coef, double nonstop_penalty,
                              c10::string_view penalty_mode_view) {
   const std::string penalty_mode(penalty_mode_view);
-  check_latro_rewards(answer_logp, rationale_logp, ref_rationale_logp, finished, penalty_mode);
-  // Named with the caller's value: 1e300 is finite as a double but not as the core's float.
-  TORCH_CHECK_VALUE(std::isfinite(static_cast<float>(kl_coef)),
-                    "kl_coef must be finite in float32, got ", kl_coef);
-  TORCH_CHECK_VALUE(std::isfinite(static_cast<float>(nonstop_penalty)),
-                    "nonstop_penalty must be finite in float32, got ", nonstop_penalty);
+  check_latro_rewards(answer_logp, rationale_logp, ref_rationale_logp, finished, kl_coef,
+                      nonstop_penalty, penalty_mode);
   const at::Tensor a = answer_logp.contiguous(), r = rationale_logp.contiguous(),
                    ref = ref_rationale_logp.contiguous(), f = finished.contiguous();
   at::Tensor out = at::empty_like(a);

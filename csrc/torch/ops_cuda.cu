@@ -166,19 +166,6 @@ std::tuple<at::Tensor, at::Tensor> token_logprobs_cuda(const at::Tensor& logits_
   return {logprobs, lse};
 }
 
-void check_backward_inputs(const at::Tensor& grad, const at::Tensor& logits,
-                           const at::Tensor& targets, const at::Tensor& lse) {
-  check_token_logprobs(logits, targets);
-  check_dtype(lse, at::kFloat, "lse");
-  TORCH_CHECK_VALUE(lse.sizes() == targets.sizes(), "lse must have the shape of targets ",
-                    targets.sizes(), ", got ", lse.sizes());
-  TORCH_CHECK_VALUE(grad.sizes() == targets.sizes(),
-                    "grad_logprobs must have the shape of targets ", targets.sizes(), ", got ",
-                    grad.sizes());
-  check_same_device(grad, logits, "grad_logprobs", "logits");
-  check_same_device(lse, logits, "lse", "logits");
-}
-
 // Writes the gradient of `rows` into `grad_logits` (dense rows of the same shape), which may
 // be the logits themselves.
 void backward_into(const at::Tensor& grad_in, const CudaRows& rows, const at::Tensor& targets_in,
@@ -203,7 +190,7 @@ void backward_into(const at::Tensor& grad_in, const CudaRows& rows, const at::Te
 at::Tensor token_logprobs_backward_cuda(const at::Tensor& grad, const at::Tensor& logits,
                                         const at::Tensor& targets, const at::Tensor& lse,
                                         int64_t ignore_index) {
-  check_backward_inputs(grad, logits, targets, lse);
+  check_token_logprobs_backward(grad, logits, targets, lse);
   const c10::cuda::CUDAGuard guard(logits.device());
   const CudaRows rows = cuda_rows(logits);
   at::Tensor grad_logits = at::empty(logits.sizes(), logits.options());  // dense rows
@@ -214,7 +201,7 @@ at::Tensor token_logprobs_backward_cuda(const at::Tensor& grad, const at::Tensor
 void token_logprobs_backward_inplace_cuda(const at::Tensor& grad, at::Tensor& logits,
                                           const at::Tensor& targets, const at::Tensor& lse,
                                           int64_t ignore_index) {
-  check_backward_inputs(grad, logits, targets, lse);
+  check_token_logprobs_backward(grad, logits, targets, lse);
   TORCH_CHECK_VALUE(logits.is_contiguous(), "logits must be contiguous to be overwritten in place");
   const c10::cuda::CUDAGuard guard(logits.device());
   CudaRows rows;
@@ -231,9 +218,7 @@ std::tuple<at::Tensor, at::Tensor> sample_cuda(const at::Tensor& logits_in,
   check_sample(logits_in, seeds_in, offset, temperature, top_k, top_p, min_p);
   const c10::cuda::CUDAGuard guard(logits_in.device());
   const cudaStream_t stream = current_stream(logits_in);
-  const bool dense_last = logits_in.stride(1) == 1 || logits_in.size(1) == 1;
-  const bool overlapping = logits_in.size(0) > 1 && logits_in.stride(0) < logits_in.size(1);
-  const at::Tensor logits = dense_last && !overlapping ? logits_in : logits_in.contiguous();
+  const at::Tensor logits = dense_rows(logits_in);
   const at::Tensor seeds = seeds_in.contiguous();
   const int64_t rows = logits.size(0);
   at::Tensor ids = at::empty({rows}, logits.options().dtype(at::kLong));
@@ -301,15 +286,7 @@ at::Tensor stop_positions_step_cuda(const at::Tensor& tokens, const at::Tensor& 
                                     const at::Tensor& stop_offsets, const at::Tensor& step,
                                     const at::Tensor& positions_in, int64_t start) {
   const StopTable table = stop_table(tokens, stop_tokens, stop_offsets, start);
-  check_dtype(step, at::kLong, "step");
-  check_same_device(step, tokens, "step", "tokens");
-  TORCH_CHECK_VALUE(step.dim() == 0, "step must be an int or a 0-d tensor, got shape ",
-                    step.sizes());
-  check_dtype(positions_in, at::kLong, "positions");
-  check_same_device(positions_in, tokens, "positions", "tokens");
-  TORCH_CHECK_VALUE(positions_in.dim() == 1 && positions_in.size(0) == tokens.size(0),
-                    "positions must have shape [B] = [", tokens.size(0), "], got ",
-                    positions_in.sizes());
+  check_stop_step(tokens, step, positions_in);
   const c10::cuda::CUDAGuard guard(tokens.device());
   const cudaStream_t stream = current_stream(tokens);
   const int64_t rows = tokens.size(0), len = tokens.size(1);
@@ -354,7 +331,8 @@ at::Tensor latro_rewards_cuda(const at::Tensor& answer_logp, const at::Tensor& r
                               double kl_coef, double nonstop_penalty,
                               c10::string_view penalty_mode_view) {
   const std::string penalty_mode(penalty_mode_view);
-  check_latro_rewards(answer_logp, rationale_logp, ref_rationale_logp, finished, penalty_mode);
+  check_latro_rewards(answer_logp, rationale_logp, ref_rationale_logp, finished, kl_coef,
+                      nonstop_penalty, penalty_mode);
   const c10::cuda::CUDAGuard guard(answer_logp.device());
   const at::Tensor a = answer_logp.contiguous(), r = rationale_logp.contiguous(),
                    ref = ref_rationale_logp.contiguous(), f = finished.contiguous();

@@ -25,6 +25,19 @@ void check_token_logprobs(const at::Tensor& logits, const at::Tensor& targets) {
                     logits.sizes().slice(0, logits.dim() - 1), ", got ", targets.sizes());
 }
 
+void check_token_logprobs_backward(const at::Tensor& grad, const at::Tensor& logits,
+                                   const at::Tensor& targets, const at::Tensor& lse) {
+  check_token_logprobs(logits, targets);
+  check_dtype(lse, at::kFloat, "lse");
+  TORCH_CHECK_VALUE(lse.sizes() == targets.sizes(), "lse must have the shape of targets ",
+                    targets.sizes(), ", got ", lse.sizes());
+  TORCH_CHECK_VALUE(grad.sizes() == targets.sizes(),
+                    "grad_logprobs must have the shape of targets ", targets.sizes(), ", got ",
+                    grad.sizes());
+  check_same_device(grad, logits, "grad_logprobs", "logits");
+  check_same_device(lse, logits, "lse", "logits");
+}
+
 void check_sample(const at::Tensor& logits, const at::Tensor& seeds, const at::Tensor& offset,
                   double temperature, int64_t top_k, double top_p, double min_p) {
   core_dtype(logits, "logits");
@@ -60,6 +73,19 @@ void check_stop_table(const at::Tensor& tokens, const at::Tensor& stop_tokens,
                     tokens.size(1), "], got ", start);
 }
 
+void check_stop_step(const at::Tensor& tokens, const at::Tensor& step,
+                     const at::Tensor& positions) {
+  check_dtype(step, at::kLong, "step");
+  check_same_device(step, tokens, "step", "tokens");
+  TORCH_CHECK_VALUE(step.dim() == 0, "step must be an int or a 0-d tensor, got shape ",
+                    step.sizes());
+  check_dtype(positions, at::kLong, "positions");
+  check_same_device(positions, tokens, "positions", "tokens");
+  TORCH_CHECK_VALUE(positions.dim() == 1 && positions.size(0) == tokens.size(0),
+                    "positions must have shape [B] = [", tokens.size(0), "], got ",
+                    positions.sizes());
+}
+
 void check_rloo(const at::Tensor& rewards, int64_t k) {
   check_dtype(rewards, at::kFloat, "rewards");
   check_dim(rewards, 1, "rewards");
@@ -78,7 +104,7 @@ latro::PenaltyMode parse_penalty_mode(const std::string& penalty_mode) {
 
 void check_latro_rewards(const at::Tensor& answer_logp, const at::Tensor& rationale_logp,
                          const at::Tensor& ref_rationale_logp, const at::Tensor& finished,
-                         const std::string& penalty_mode) {
+                         double kl_coef, double nonstop_penalty, const std::string& penalty_mode) {
   check_dtype(answer_logp, at::kFloat, "answer_logp");
   check_dim(answer_logp, 1, "answer_logp");
   TORCH_CHECK_VALUE(answer_logp.size(0) > 0, "answer_logp is empty");
@@ -95,6 +121,11 @@ void check_latro_rewards(const at::Tensor& answer_logp, const at::Tensor& ration
   TORCH_CHECK_VALUE(finished.sizes() == answer_logp.sizes(),
                     "finished must have the shape of answer_logp ", answer_logp.sizes(), ", got ",
                     finished.sizes());
+  // Named with the caller's value: 1e300 is finite as a double but not as the core's float.
+  TORCH_CHECK_VALUE(std::isfinite(static_cast<float>(kl_coef)),
+                    "kl_coef must be finite in float32, got ", kl_coef);
+  TORCH_CHECK_VALUE(std::isfinite(static_cast<float>(nonstop_penalty)),
+                    "nonstop_penalty must be finite in float32, got ", nonstop_penalty);
   parse_penalty_mode(penalty_mode);
 }
 

@@ -1,5 +1,4 @@
 // LaTRO rewards and leave-one-out (RLOO) advantages.
-#include <cmath>
 
 #include "cpu_common.h"
 #include "latro/latro.h"
@@ -7,11 +6,7 @@
 namespace latro {
 
 void rloo_advantages(const float* rewards, int64_t groups, int64_t k, float* out) {
-  LATRO_CHECK(k >= 2, "k must be >= 2 for a leave-one-out baseline, got ", k);
-  LATRO_CHECK(groups >= 1, "rewards must hold at least one group of k = ", k, ", got ", groups,
-              " groups");
-  LATRO_CHECK(rewards != nullptr, "rewards is a null pointer");
-  LATRO_CHECK(out != nullptr, "out is a null pointer");
+  detail::check_rloo_args(rewards, groups, k, out);
   for (int64_t g = 0; g < groups; ++g) {
     const float* r = rewards + g * k;
     double sum = 0.0;
@@ -26,12 +21,8 @@ void rloo_advantages(const float* rewards, int64_t groups, int64_t k, float* out
 void latro_rewards(const float* answer_logp, const float* rationale_logp,
                    const float* ref_rationale_logp, const bool* finished, int64_t n,
                    float kl_coef, float nonstop_penalty, PenaltyMode mode, float* out) {
-  LATRO_CHECK(n >= 1, "answer_logp must not be empty");
-  LATRO_CHECK(answer_logp && rationale_logp && ref_rationale_logp && finished && out,
-              "latro_rewards got a null pointer");
-  LATRO_CHECK(std::isfinite(kl_coef), "kl_coef must be finite, got ", kl_coef);
-  LATRO_CHECK(std::isfinite(nonstop_penalty), "nonstop_penalty must be finite, got ",
-              nonstop_penalty);
+  detail::check_latro_rewards_args(answer_logp, rationale_logp, ref_rationale_logp, finished, n,
+                                   kl_coef, nonstop_penalty, out);
   double penalty = nonstop_penalty;
   if (mode == PenaltyMode::BatchMean) {
     double sum = 0.0;

@@ -8,6 +8,7 @@
 
 #include "latro/error.h"
 #include "latro/types.h"
+#include "launch_checks.h"
 
 namespace latro::detail {
 
@@ -16,19 +17,6 @@ inline void resolve_row_range(int64_t rows, int64_t& row_begin, int64_t& row_end
   if (row_end == -1) row_end = rows;
   LATRO_CHECK(row_begin >= 0 && row_begin <= row_end && row_end <= rows,
               "row range [", row_begin, ", ", row_end, ") is not inside [0, ", rows, ")");
-}
-
-inline int64_t resolve_row_stride(int64_t row_stride, int64_t vocab, const char* name) {
-  if (row_stride == -1) return vocab;
-  LATRO_CHECK(row_stride >= vocab, name, " = ", row_stride,
-              " is smaller than the row length (vocab = ", vocab, ")");
-  return row_stride;
-}
-
-inline void check_matrix(const void* data, int64_t rows, int64_t vocab, const char* name) {
-  LATRO_CHECK(rows >= 0, "rows must be >= 0, got ", rows);
-  LATRO_CHECK(vocab > 0, "vocab must be > 0, got ", vocab);
-  LATRO_CHECK(data != nullptr || rows == 0, name, " is a null pointer");
 }
 
 // exp(x) for x <= 0 in float32 (std::exp neither vectorizes nor is branch-free).

@@ -14,6 +14,7 @@
 
 #include "latro/cuda.h"
 #include "latro/latro.h"
+#include "launch_checks.h"
 
 namespace latro::cuda::detail {
 
@@ -23,18 +24,15 @@ constexpr int kMaxWarps = 32;  // 1024 threads
 __device__ __forceinline__ float neg_inf() { return -INFINITY; }
 
 // ---------------------------------------------------------------- host-side argument checks
-inline int64_t resolve_row_stride(int64_t row_stride, int64_t vocab, const char* name) {
-  if (row_stride == -1) return vocab;
-  LATRO_CHECK(row_stride >= vocab, name, " = ", row_stride,
-              " is smaller than the row length (vocab = ", vocab, ")");
-  return row_stride;
-}
-
-inline void check_matrix(const void* data, int64_t rows, int64_t vocab, const char* name) {
-  LATRO_CHECK(rows >= 0, "rows must be >= 0, got ", rows);
-  LATRO_CHECK(vocab > 0, "vocab must be > 0, got ", vocab);
-  LATRO_CHECK(data != nullptr || rows == 0, name, " is a null pointer");
-}
+// Those shared with the CPU entry points (launch_checks.h), then the CUDA-only ones.
+using ::latro::detail::BackwardStrides;
+using ::latro::detail::check_latro_rewards_args;
+using ::latro::detail::check_matrix;
+using ::latro::detail::check_rloo_args;
+using ::latro::detail::check_sample_args;
+using ::latro::detail::check_token_logprobs_args;
+using ::latro::detail::check_token_logprobs_backward_args;
+using ::latro::detail::resolve_row_stride;
 
 inline void check_groups(const RowGroups& groups, const char* name) {
   LATRO_CHECK(groups.rows_per_group >= 0 && groups.group_stride >= 0, name,
@@ -140,6 +138,22 @@ __device__ __forceinline__ void for_each_in_row(const T* row, int64_t n, F&& f) 
 // The length of the float array a for_each_in_row callback receives (1 or kVec<T>).
 template <typename A>
 constexpr int count_of = static_cast<int>(std::extent_v<std::remove_cv_t<std::remove_reference_t<A>>>);
+
+// ---------------------------------------------------------------- running log-sum-exp
+// Two partial sums of exp(x - max), each with its own max, merged onto the larger max. A side
+// whose max is -inf holds only exp(-inf) = 0 terms (or NaN, which must survive: NaN * 0 is
+// NaN), so it is scaled by 0 instead of exp(-inf - -inf).
+struct ScaledSum {
+  float max;
+  double sum;
+};
+__device__ __forceinline__ ScaledSum merge_scaled_sums(float a_max, double a_sum, float b_max,
+                                                       double b_sum) {
+  const float top = fmaxf(a_max, b_max);
+  const double scale_a = a_max == neg_inf() ? 0.0 : static_cast<double>(expf(a_max - top));
+  const double scale_b = b_max == neg_inf() ? 0.0 : static_cast<double>(expf(b_max - top));
+  return ScaledSum{top, a_sum * scale_a + b_sum * scale_b};
+}
 
 // ---------------------------------------------------------------- shuffles and reductions
 template <typename T>

@@ -134,14 +134,8 @@ void check_sampling_options(float temperature, int64_t top_k, float top_p, float
 }
 
 void sample(const SampleArgs& args, int64_t row_begin, int64_t row_end) {
-  detail::check_matrix(args.logits, args.rows, args.vocab, "logits");
+  const int64_t stride = detail::check_sample_args(args);
   detail::resolve_row_range(args.rows, row_begin, row_end);
-  const int64_t stride = detail::resolve_row_stride(args.row_stride, args.vocab, "row_stride");
-  check_sampling_options(args.temperature, args.top_k, args.top_p, args.min_p);
-  LATRO_CHECK(args.seeds != nullptr, "seeds is a null pointer");
-  LATRO_CHECK(args.offset != nullptr, "offset is a null pointer");
-  LATRO_CHECK(args.ids != nullptr || args.rows == 0, "ids (output) is a null pointer");
-  LATRO_CHECK(args.logprobs != nullptr || args.rows == 0, "logprobs (output) is a null pointer");
   LATRO_CHECK(*args.offset >= 0, "offset must be >= 0, got ", *args.offset);
   LATRO_DISPATCH_DTYPE(args.dtype, T, [&] {
     const T* logits = static_cast<const T*>(args.logits);

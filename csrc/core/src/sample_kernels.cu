@@ -168,11 +168,8 @@ struct FirstPass {
 };
 struct CombineFirstPass {
   __device__ FirstPass operator()(const FirstPass& a, const FirstPass& b) const {
-    const float top = fmaxf(a.max, b.max);
-    const double scale_a = a.max == neg_inf() ? 0.0 : static_cast<double>(expf(a.max - top));
-    const double scale_b = b.max == neg_inf() ? 0.0 : static_cast<double>(expf(b.max - top));
-    return FirstPass{top, a.nan | b.nan, a.sum * scale_a + b.sum * scale_b,
-                     CombineBest{}(a.best, b.best)};
+    const detail::ScaledSum m = detail::merge_scaled_sums(a.max, a.sum, b.max, b.sum);
+    return FirstPass{m.max, a.nan | b.nan, m.sum, CombineBest{}(a.best, b.best)};
   }
 };
 
@@ -617,13 +614,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SampleKernelArgs a) {
 }  // namespace
 
 void sample(const SampleArgs& args, cudaStream_t stream, uint64_t* status) {
-  detail::check_matrix(args.logits, args.rows, args.vocab, "logits");
-  const int64_t stride = detail::resolve_row_stride(args.row_stride, args.vocab, "row_stride");
-  check_sampling_options(args.temperature, args.top_k, args.top_p, args.min_p);
-  LATRO_CHECK(args.seeds != nullptr, "seeds is a null pointer");
-  LATRO_CHECK(args.offset != nullptr, "offset is a null pointer");
-  LATRO_CHECK(args.ids != nullptr || args.rows == 0, "ids (output) is a null pointer");
-  LATRO_CHECK(args.logprobs != nullptr || args.rows == 0, "logprobs (output) is a null pointer");
+  const int64_t stride = detail::check_sample_args(args);
   // Candidates carry 32-bit token indices.
   LATRO_CHECK(args.vocab <= INT32_MAX, "vocab must be below 2^31 on CUDA, got ", args.vocab);
   if (args.rows == 0) return;

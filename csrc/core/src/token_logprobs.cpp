@@ -237,11 +237,8 @@ void token_logprobs_backward_rows(const TokenLogprobsBackwardArgs& args, int64_t
 const char* version() { return "0.1.0"; }
 
 void token_logprobs(const TokenLogprobsArgs& args, int64_t row_begin, int64_t row_end) {
-  detail::check_matrix(args.logits, args.rows, args.vocab, "logits");
+  const int64_t stride = detail::check_token_logprobs_args(args);
   detail::resolve_row_range(args.rows, row_begin, row_end);
-  const int64_t stride = detail::resolve_row_stride(args.row_stride, args.vocab, "row_stride");
-  LATRO_CHECK(args.targets != nullptr || args.rows == 0, "targets is a null pointer");
-  LATRO_CHECK(args.logprobs != nullptr || args.rows == 0, "logprobs (output) is a null pointer");
   check_targets(args.targets, args.vocab, args.ignore_index, row_begin, row_end);
   LATRO_DISPATCH_DTYPE(args.dtype, T,
                        [&] { token_logprobs_rows<T>(args, stride, row_begin, row_end); });
@@ -285,16 +282,9 @@ void token_logprobs(const float16* logits, int64_t rows, int64_t vocab, const in
 
 void token_logprobs_backward(const TokenLogprobsBackwardArgs& args, int64_t row_begin,
                              int64_t row_end) {
-  detail::check_matrix(args.logits, args.rows, args.vocab, "logits");
+  const detail::BackwardStrides strides = detail::check_token_logprobs_backward_args(args);
+  const int64_t stride = strides.logits, grad_stride = strides.grad;
   detail::resolve_row_range(args.rows, row_begin, row_end);
-  const int64_t stride = detail::resolve_row_stride(args.row_stride, args.vocab, "row_stride");
-  const int64_t grad_stride =
-      detail::resolve_row_stride(args.grad_row_stride, args.vocab, "grad_row_stride");
-  LATRO_CHECK(args.targets != nullptr || args.rows == 0, "targets is a null pointer");
-  LATRO_CHECK(args.lse != nullptr || args.rows == 0, "lse is a null pointer");
-  LATRO_CHECK(args.grad_logprobs != nullptr || args.rows == 0, "grad_logprobs is a null pointer");
-  LATRO_CHECK(args.grad_logits != nullptr || args.rows == 0,
-              "grad_logits (output) is a null pointer");
   LATRO_CHECK(args.grad_logits != args.logits || grad_stride == stride,
               "grad_logits aliases logits with a different row stride");
   check_targets(args.targets, args.vocab, args.ignore_index, row_begin, row_end);

@@ -71,12 +71,8 @@ struct Lse {
 
 struct CombineLse {
   __device__ Lse operator()(const Lse& a, const Lse& b) const {
-    const float top = fmaxf(a.max, b.max);
-    // A side whose max is -inf holds only exp(-inf) = 0 terms (or NaN, which must survive:
-    // NaN * 0 is NaN), so it is scaled by 0 instead of exp(-inf - -inf).
-    const double scale_a = a.max == neg_inf() ? 0.0 : static_cast<double>(expf(a.max - top));
-    const double scale_b = b.max == neg_inf() ? 0.0 : static_cast<double>(expf(b.max - top));
-    return Lse{top, 0.0f, a.sum * scale_a + b.sum * scale_b};
+    const detail::ScaledSum m = detail::merge_scaled_sums(a.max, a.sum, b.max, b.sum);
+    return Lse{m.max, 0.0f, m.sum};
   }
 };
 
@@ -213,11 +209,8 @@ __global__ void __launch_bounds__(512)
 
 void token_logprobs(const TokenLogprobsArgs& args, cudaStream_t stream, uint64_t* status,
                     RowGroups groups) {
-  detail::check_matrix(args.logits, args.rows, args.vocab, "logits");
+  const int64_t stride = detail::check_token_logprobs_args(args);
   detail::check_groups(groups, "groups");
-  const int64_t stride = detail::resolve_row_stride(args.row_stride, args.vocab, "row_stride");
-  LATRO_CHECK(args.targets != nullptr || args.rows == 0, "targets is a null pointer");
-  LATRO_CHECK(args.logprobs != nullptr || args.rows == 0, "logprobs (output) is a null pointer");
   if (args.rows == 0) return;
   LATRO_DISPATCH_DTYPE(args.dtype, T, [&] {
     const int threads = threads_for(args.vocab, kVec<T>);
@@ -230,17 +223,10 @@ void token_logprobs(const TokenLogprobsArgs& args, cudaStream_t stream, uint64_t
 
 void token_logprobs_backward(const TokenLogprobsBackwardArgs& args, cudaStream_t stream,
                              uint64_t* status, RowGroups groups, RowGroups grad_groups) {
-  detail::check_matrix(args.logits, args.rows, args.vocab, "logits");
+  const detail::BackwardStrides strides = detail::check_token_logprobs_backward_args(args);
+  const int64_t stride = strides.logits, grad_stride = strides.grad;
   detail::check_groups(groups, "groups");
   detail::check_groups(grad_groups, "grad_groups");
-  const int64_t stride = detail::resolve_row_stride(args.row_stride, args.vocab, "row_stride");
-  const int64_t grad_stride =
-      detail::resolve_row_stride(args.grad_row_stride, args.vocab, "grad_row_stride");
-  LATRO_CHECK(args.targets != nullptr || args.rows == 0, "targets is a null pointer");
-  LATRO_CHECK(args.lse != nullptr || args.rows == 0, "lse is a null pointer");
-  LATRO_CHECK(args.grad_logprobs != nullptr || args.rows == 0, "grad_logprobs is a null pointer");
-  LATRO_CHECK(args.grad_logits != nullptr || args.rows == 0,
-              "grad_logits (output) is a null pointer");
   LATRO_CHECK(args.grad_logits != args.logits ||
                   (grad_stride == stride && grad_groups.rows_per_group == groups.rows_per_group &&
                    grad_groups.group_stride == groups.group_stride),

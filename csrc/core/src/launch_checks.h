@@ -1,0 +1,90 @@
+// Host-side argument checks of the core's entry points, shared by the CPU (*.cpp) and CUDA
+// (*_kernels.cu) implementations so both reject the same arguments with the same message.
+// What only one backend needs (a row range on the CPU, row groups or index limits on CUDA,
+// reads of host memory) stays with it. Not installed.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "latro/error.h"
+#include "latro/latro.h"
+
+namespace latro::detail {
+
+// row_stride -1 means dense rows (vocab); anything shorter than a row is an error.
+inline int64_t resolve_row_stride(int64_t row_stride, int64_t vocab, const char* name) {
+  if (row_stride == -1) return vocab;
+  LATRO_CHECK(row_stride >= vocab, name, " = ", row_stride,
+              " is smaller than the row length (vocab = ", vocab, ")");
+  return row_stride;
+}
+
+inline void check_matrix(const void* data, int64_t rows, int64_t vocab, const char* name) {
+  LATRO_CHECK(rows >= 0, "rows must be >= 0, got ", rows);
+  LATRO_CHECK(vocab > 0, "vocab must be > 0, got ", vocab);
+  LATRO_CHECK(data != nullptr || rows == 0, name, " is a null pointer");
+}
+
+// token_logprobs: returns the resolved row stride.
+inline int64_t check_token_logprobs_args(const TokenLogprobsArgs& args) {
+  check_matrix(args.logits, args.rows, args.vocab, "logits");
+  const int64_t stride = resolve_row_stride(args.row_stride, args.vocab, "row_stride");
+  LATRO_CHECK(args.targets != nullptr || args.rows == 0, "targets is a null pointer");
+  LATRO_CHECK(args.logprobs != nullptr || args.rows == 0, "logprobs (output) is a null pointer");
+  return stride;
+}
+
+struct BackwardStrides {
+  int64_t logits;
+  int64_t grad;
+};
+
+// token_logprobs_backward: the resolved strides of the logits and of their gradient (whether
+// the two may alias depends on the backend's row layouts, so each backend checks that).
+inline BackwardStrides check_token_logprobs_backward_args(const TokenLogprobsBackwardArgs& args) {
+  check_matrix(args.logits, args.rows, args.vocab, "logits");
+  const BackwardStrides strides{
+      resolve_row_stride(args.row_stride, args.vocab, "row_stride"),
+      resolve_row_stride(args.grad_row_stride, args.vocab, "grad_row_stride")};
+  LATRO_CHECK(args.targets != nullptr || args.rows == 0, "targets is a null pointer");
+  LATRO_CHECK(args.lse != nullptr || args.rows == 0, "lse is a null pointer");
+  LATRO_CHECK(args.grad_logprobs != nullptr || args.rows == 0, "grad_logprobs is a null pointer");
+  LATRO_CHECK(args.grad_logits != nullptr || args.rows == 0,
+              "grad_logits (output) is a null pointer");
+  return strides;
+}
+
+// sample: returns the resolved row stride. The offset's value is checked where it is read.
+inline int64_t check_sample_args(const SampleArgs& args) {
+  check_matrix(args.logits, args.rows, args.vocab, "logits");
+  const int64_t stride = resolve_row_stride(args.row_stride, args.vocab, "row_stride");
+  check_sampling_options(args.temperature, args.top_k, args.top_p, args.min_p);
+  LATRO_CHECK(args.seeds != nullptr, "seeds is a null pointer");
+  LATRO_CHECK(args.offset != nullptr, "offset is a null pointer");
+  LATRO_CHECK(args.ids != nullptr || args.rows == 0, "ids (output) is a null pointer");
+  LATRO_CHECK(args.logprobs != nullptr || args.rows == 0, "logprobs (output) is a null pointer");
+  return stride;
+}
+
+inline void check_rloo_args(const float* rewards, int64_t groups, int64_t k, const float* out) {
+  LATRO_CHECK(k >= 2, "k must be >= 2 for a leave-one-out baseline, got ", k);
+  LATRO_CHECK(groups >= 1, "rewards must hold at least one group of k = ", k, ", got ", groups,
+              " groups");
+  LATRO_CHECK(rewards != nullptr, "rewards is a null pointer");
+  LATRO_CHECK(out != nullptr, "out is a null pointer");
+}
+
+inline void check_latro_rewards_args(const float* answer_logp, const float* rationale_logp,
+                                     const float* ref_rationale_logp, const bool* finished,
+                                     int64_t n, float kl_coef, float nonstop_penalty,
+                                     const float* out) {
+  LATRO_CHECK(n >= 1, "answer_logp must not be empty");
+  LATRO_CHECK(answer_logp && rationale_logp && ref_rationale_logp && finished && out,
+              "latro_rewards got a null pointer");
+  LATRO_CHECK(std::isfinite(kl_coef), "kl_coef must be finite, got ", kl_coef);
+  LATRO_CHECK(std::isfinite(nonstop_penalty), "nonstop_penalty must be finite, got ",
+              nonstop_penalty);
+}
+
+}  // namespace latro::detail
