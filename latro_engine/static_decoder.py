@@ -402,8 +402,9 @@ class StaticDecoder:
     # ------------------------------------------------------------------ the loop
     def refresh_weights(self) -> None:
         for layer in self.layers:
-            for part in ("q", "k", "v", "o", "gate", "up", "down"):
-                layer[part].refresh()
+            for piece in layer.values():
+                if isinstance(piece, _Linear):
+                    piece.refresh()
         self.lm_head.refresh()
 
     def decode(

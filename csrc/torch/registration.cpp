@@ -339,7 +339,7 @@ std::tuple<at::Tensor, at::Tensor> vocab_blocked_forward(const at::Tensor& hidde
     const at::Tensor l64 = l.to(at::kDouble);
     target_logp = at::where(hit, lp.to(at::kDouble), target_logp);
     target_lse = at::where(hit, l64, target_lse);
-    lse = at::where(ignored, lse, at::logaddexp(lse, l64));
+    lse = at::logaddexp(lse, l64);  // ignored rows add 0s; their lse is reported as 0 below
   }
   at::Tensor logprobs = (target_logp + (target_lse - lse)).to(at::kFloat).masked_fill_(ignored, 0);
   at::Tensor lse32 = lse.to(at::kFloat).masked_fill_(ignored, 0);
