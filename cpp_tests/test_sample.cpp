@@ -432,14 +432,7 @@ TEST_P(SampleFrequencies, MatchTheKeptDistribution) {
                                   -0.5f, 0.75f, -2.0f};
   const int64_t vocab = static_cast<int64_t>(row.size());
   const int64_t draws = 10000;
-  Matrix logits;
-  logits.dtype = dtype;
-  logits.rows = draws;
-  logits.cols = logits.stride = vocab;
-  logits.storage.assign(static_cast<size_t>(draws * vocab) * logits.element_size(), 0);
-  for (int64_t r = 0; r < draws; ++r) {
-    for (int64_t v = 0; v < vocab; ++v) logits.set(r, v, row[static_cast<size_t>(v)]);
-  }
+  const Matrix logits = repeated_row(dtype, row, draws);
   const KeptSet ks = reference_kept_set(row_values(logits, 0), o);
   ASSERT_TRUE(ks.robust) << "test design: the kept set must not be a rounding question";
 
@@ -493,13 +486,7 @@ INSTANTIATE_TEST_SUITE_P(
 TEST(SampleSemantics, TopKKeepsTiesAndLargeKKeepsEverything) {
   // Three tokens tie at the 2nd-largest value: top_k = 2 keeps all four of the top values.
   const std::vector<float> row = {0.0f, 3.0f, 2.0f, 2.0f, -1.0f, 2.0f};
-  Matrix logits;
-  logits.rows = 4000;
-  logits.cols = logits.stride = static_cast<int64_t>(row.size());
-  logits.storage.assign(static_cast<size_t>(logits.rows * logits.cols) * 4, 0);
-  for (int64_t r = 0; r < logits.rows; ++r) {
-    for (int64_t v = 0; v < logits.cols; ++v) logits.set(r, v, row[static_cast<size_t>(v)]);
-  }
+  const Matrix logits = repeated_row(DType::Float32, row, 4000);
   std::vector<int64_t> counts(row.size(), 0);
   for (int64_t id : run_sample(logits, {9}, false, 0, {1.0f, 2, 1.0f, 0.0f}).ids) ++counts[static_cast<size_t>(id)];
   EXPECT_EQ(counts[0], 0);

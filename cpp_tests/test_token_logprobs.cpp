@@ -266,7 +266,6 @@ class TokenLogprobsNonFinite : public ::testing::TestWithParam<DType> {};
 TEST_P(TokenLogprobsNonFinite, FollowsLogSoftmax) {
   const float inf = std::numeric_limits<float>::infinity();
   const float nan = std::numeric_limits<float>::quiet_NaN();
-  const int64_t vocab = 6;
   // row 0: NaN somewhere else than the target         -> NaN
   // row 1: -inf at the target, finite elsewhere        -> -inf
   // row 2: all -inf                                    -> NaN (like torch.log_softmax)
@@ -285,14 +284,7 @@ TEST_P(TokenLogprobsNonFinite, FollowsLogSoftmax) {
   };
   const std::vector<int64_t> targets = {2, 0, 3, 2, 1, 3, 4};
   const int64_t rows = static_cast<int64_t>(values.size());
-  Matrix logits;
-  logits.dtype = GetParam();
-  logits.rows = rows;
-  logits.cols = logits.stride = vocab;
-  logits.storage.assign(static_cast<size_t>(rows * vocab) * logits.element_size(), 0);
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t v = 0; v < vocab; ++v) logits.set(r, v, values[r][v]);
-  }
+  const Matrix logits = matrix_of_rows(GetParam(), values);
   std::vector<float> out(static_cast<size_t>(rows), 9.0f), lse(out.size(), 9.0f);
   latro::token_logprobs(forward_args(logits, targets, out, &lse));
 
@@ -315,12 +307,7 @@ TEST_P(TokenLogprobsNonFinite, LargeLogitsDoNotOverflow) {
   // exact in float16 (max 65504) and bfloat16.
   const int64_t vocab = 4;
   const std::vector<float> row = {60000.0f, 59904.0f, -60000.0f, 59968.0f};
-  Matrix logits;
-  logits.dtype = GetParam();
-  logits.rows = 1;
-  logits.cols = logits.stride = vocab;
-  logits.storage.assign(static_cast<size_t>(vocab) * logits.element_size(), 0);
-  for (int64_t v = 0; v < vocab; ++v) logits.set(0, v, row[v]);
+  const Matrix logits = repeated_row(GetParam(), row, 1);
   // The float32 lse of this row has an ulp of 2^-8: allow two of them (the point here is finite
   // results; ShiftedLogitsKeepFullPrecision holds the precision to the usual tolerance).
   const Tolerance tol{2.0 * 0x1.0p-8, 0.0};
@@ -418,15 +405,8 @@ TEST_P(TokenLogprobsNonFinite, TiesNearTheFloatMaximum) {
       {big, near, 0.0f, -big},             // target `near`: near - big, every other term 0
   };
   const std::vector<int64_t> targets = {0, 2, 1, 0, 1};
-  const int64_t rows = static_cast<int64_t>(values.size()), vocab = 4;
-  Matrix logits;
-  logits.dtype = GetParam();
-  logits.rows = rows;
-  logits.cols = logits.stride = vocab;
-  logits.storage.assign(static_cast<size_t>(rows * vocab) * logits.element_size(), 0);
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t v = 0; v < vocab; ++v) logits.set(r, v, values[r][v]);
-  }
+  const int64_t rows = static_cast<int64_t>(values.size());
+  const Matrix logits = matrix_of_rows(GetParam(), values);
   std::vector<float> out(static_cast<size_t>(rows), 9.0f), lse(out.size(), 9.0f);
   latro::token_logprobs(forward_args(logits, targets, out, &lse));
 

@@ -153,6 +153,24 @@ inline Matrix random_matrix(DType dtype, int64_t rows, int64_t cols, int64_t str
   return m;
 }
 
+// Dense rows of the given values, rounded to dtype (`values` must be rectangular).
+inline Matrix matrix_of_rows(DType dtype, const std::vector<std::vector<float>>& values) {
+  Matrix m;
+  m.dtype = dtype;
+  m.rows = static_cast<int64_t>(values.size());
+  m.cols = m.stride = m.rows ? static_cast<int64_t>(values[0].size()) : 0;
+  m.storage.assign(static_cast<size_t>(m.rows * m.stride) * m.element_size(), 0);
+  for (int64_t r = 0; r < m.rows; ++r) {
+    for (int64_t c = 0; c < m.cols; ++c) m.set(r, c, values[r][c]);
+  }
+  return m;
+}
+
+// `rows` copies of one row.
+inline Matrix repeated_row(DType dtype, const std::vector<float>& row, int64_t rows) {
+  return matrix_of_rows(dtype, std::vector<std::vector<float>>(static_cast<size_t>(rows), row));
+}
+
 inline std::string dtype_str(DType dtype) { return latro::dtype_name(dtype); }
 
 inline const std::vector<DType>& all_dtypes() {
