@@ -5,7 +5,9 @@
 #include <cmath>
 #include <cstdint>
 #include <random>
+#include <vector>
 
+#include "latro/gumbel.h"
 #include "latro/philox.h"
 
 namespace {
@@ -76,6 +78,75 @@ TEST(Philox, UniformOpen01StaysInside) {
   EXPECT_TRUE(std::isfinite(latro::gumbel_noise(0u)));
   EXPECT_TRUE(std::isfinite(latro::gumbel_noise(0xffffffffu)));
   EXPECT_LT(latro::gumbel_noise(0u), latro::gumbel_noise(0xffffffffu));
+}
+
+TEST(Philox, UniformComplementIsExact) {
+  std::mt19937 rng(5);
+  std::vector<uint32_t> bits = {0u, 1u, 0x1FFu, 0x200u, 0x7FFFFFFFu, 0xFFFFFDFFu, 0xFFFFFE00u,
+                                0xFFFFFFFFu};
+  for (int i = 0; i < 10000; ++i) bits.push_back(static_cast<uint32_t>(rng()));
+  for (uint32_t b : bits) {
+    EXPECT_EQ(static_cast<double>(latro::uniform_open01_complement(b)),
+              1.0 - static_cast<double>(latro::uniform_open01(b)))
+        << std::hex << b;
+  }
+}
+
+// The skip test may only skip a token whose key s + noise rounds strictly below the best key B.
+// Adversarial cases: B just above, at and below the key itself, noise from the top of the range
+// (u near 1, where the bound -log(1 - u) is tight), logits from tiny to large magnitudes, and
+// p = exp(s - m) a few ulps off (another exp implementation), with B >= m - 3 as in a sampler
+// (the max token's key is at least m - 2.9).
+TEST(Philox, GumbelSkipNeverSkipsAPossibleWinner) {
+  std::mt19937 rng(11);
+  std::uniform_real_distribution<float> unit(0.0f, 1.0f);
+  const float scales[] = {1e-3f, 1.0f, 30.0f, 1e3f, 1e5f};
+  int64_t skipped = 0, checked = 0;
+  for (int i = 0; i < 200000; ++i) {
+    const uint32_t bits = (i % 2) ? static_cast<uint32_t>(rng())
+                                  : 0xFFFFFFFFu - static_cast<uint32_t>(rng() % (1u << 20));
+    const float noise = latro::gumbel_noise(bits);
+    const float scale = scales[i % 5];
+    const float m = (unit(rng) - 0.5f) * 2.0f * scale;
+    const float s = m - unit(rng) * 40.0f;
+    const float key = s + noise;
+    // B equal to the key, an ulp or up to 4e-3 below or above it, or up to 20 above it. Skipping
+    // is wrong in the first cases (a key equal to B can win on a lower index).
+    float best;
+    switch (i % 6) {
+      case 0: best = key; break;
+      case 1: best = std::nextafter(key, -INFINITY); break;
+      case 2: best = key - unit(rng) * 4e-3f; break;
+      case 3: best = std::nextafter(key, INFINITY); break;
+      case 4: best = key + unit(rng) * 4e-3f; break;
+      default: best = key + unit(rng) * 20.0f; break;
+    }
+    if (best < m - 3.0f) continue;
+    const float exact_p = std::exp(s - m);
+    const int ulps = static_cast<int>(rng() % 9) - 4;
+    float p = exact_p;
+    for (int u = 0; u < std::abs(ulps); ++u) p = std::nextafter(p, ulps > 0 ? INFINITY : 0.0f);
+    ++checked;
+    if (latro::gumbel_cannot_win(bits, p, latro::gumbel_skip_factor(best, m))) {
+      ++skipped;
+      ASSERT_LT(key, best) << "bits " << std::hex << bits << std::dec << " s " << s << " m " << m
+                           << " best " << best;
+    }
+  }
+  // The skip is live: most tokens well below the best key (a sixth of the cases) are skipped.
+  EXPECT_GT(skipped, checked / 10);
+}
+
+TEST(Philox, GumbelSkipFactorEdgeCases) {
+  // No key yet: nothing is skipped, whatever p.
+  const float none = latro::gumbel_skip_factor(-INFINITY, 2.0f);
+  EXPECT_FALSE(latro::gumbel_cannot_win(0u, 1e-30f, none));
+  EXPECT_FALSE(latro::gumbel_cannot_win(0u, 0.0f, none));
+  // A token 30 below the best key can never win (the noise is at most 16.7).
+  const float far = latro::gumbel_skip_factor(10.0f, 10.0f);
+  EXPECT_TRUE(latro::gumbel_cannot_win(0xFFFFFFFFu, std::exp(-30.0f), far));
+  // A token at the best key's level with the largest noise must be computed.
+  EXPECT_FALSE(latro::gumbel_cannot_win(0xFFFFFFFFu, 1.0f, far));
 }
 
 TEST(Philox, UniformMomentsLookUniform) {

@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "cpu_common.h"
+#include "latro/gumbel.h"
 #include "latro/latro.h"
 
 namespace latro {
@@ -12,10 +13,6 @@ namespace {
 
 using detail::exp_nonpositive;
 using detail::kNegInf;
-
-// Gumbel noise from 23-bit uniforms lies in [-2.82, 16.64], so a token whose scaled logit is
-// more than this below the best one can never win the argmax: skipping its noise is exact.
-constexpr float kGumbelSpan = 20.0f;
 
 struct RowScratch {
   std::vector<float> scaled;     // logits / temperature
@@ -97,27 +94,17 @@ void sample_row(const SampleArgs& args, const T* row, int64_t r, uint64_t seed, 
   }
 
   // Gumbel-max over the kept set, and the kept set's normalizer for the log-prob.
-  const float floor = std::max(nucleus_floor, m - kGumbelSpan);
-  int64_t best = -1;
-  float best_key = kNegInf;
+  RowNoise noise = RowNoise::at(seed, stream, step);
+  GumbelArgmax draw = GumbelArgmax::start(m);
   double kept_mass = 0.0;
-  uint32_t cached_block = 0xFFFFFFFFu;
-  Philox4 words{};
   for (int64_t v = 0; v < vocab; ++v) {
     if (!kept_before_top_p(v) || s[v] < nucleus_floor) continue;
-    kept_mass += static_cast<double>(exp_nonpositive(s[v] - m));
-    if (s[v] < floor) continue;
-    const uint32_t block = static_cast<uint32_t>(v >> 2);
-    if (block != cached_block) {
-      words = sampling_random_block(seed, stream, step, block);
-      cached_block = block;
-    }
-    const float key = s[v] + gumbel_noise(words.v[v & 3]);
-    if (best < 0 || key > best_key) {
-      best = v;
-      best_key = key;
-    }
+    const float p = exp_nonpositive(s[v] - m);
+    kept_mass += static_cast<double>(p);
+    draw.offer(noise, v, s[v], p, m);
   }
+  // The max token is always kept, so there is a winner.
+  const int64_t best = draw.best.index;
   args.ids[r] = best;
   args.logprobs[r] =
       static_cast<float>(static_cast<double>(s[best]) - m - std::log(kept_mass));

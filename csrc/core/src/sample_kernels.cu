@@ -1,10 +1,15 @@
 // Sampling with temperature, top-k, top-p and min-p on CUDA (semantics in latro.h).
 //
 // One block per row. Tokens are drawn by Gumbel-max with the CPU's Philox stream (latro/philox.h),
-// so both backends return the same ids. Nothing sorts the vocabulary:
+// so both backends return the same ids. The noise's two logarithms are computed only for the
+// few tokens per thread that could still beat the best key (gumbel_cannot_win): the cost per
+// token is the Philox words (one call per four tokens), one exp and a compare.
 //
-//   pass 1     the row max m (and the NaN / +inf / all -inf checks). Without filters the same
-//              pass keeps the Gumbel argmax and the online sum of exp(s - m): done in one read.
+// Without filters (plain_sample_kernel) one read of the row does everything: the online max and
+// sum of exp(s - m) and the Gumbel argmax. With filters (sample_kernel), nothing sorts the
+// vocabulary:
+//
+//   pass 1     the row max m (and the NaN / +inf / all -inf checks).
 //   top-k      a histogram of d = m - s over 2048 bins of width 1/32 (shared memory) finds the
 //              bin holding the k-th largest value; the tokens of that bin and above (usually a
 //              few hundred) are copied to shared memory, sorted there, and the threshold read.
@@ -23,6 +28,7 @@
 // Histogram masses are 32.32 fixed-point integers added with integer atomics, so their sums,
 // and with them every threshold, are the same on every run.
 #include "cuda_common.cuh"
+#include "latro/gumbel.h"
 
 namespace latro::cuda {
 namespace {
@@ -38,7 +44,6 @@ constexpr int kThreads = 512;
 constexpr int kBins = 2048;             // histogram bins, and candidates held in shared memory
 constexpr int kPerThread = kBins / kThreads;
 constexpr float kBinsPerUnit = 32.0f;   // level-0 bins of d = m - s: width 1/32 over [0, 64)
-constexpr float kGumbelSpan = 20.0f;    // noise lies in [-2.82, 16.64]: s < m - 20 never wins
 constexpr float kMassScale = 4294967296.0f;  // 2^32: fixed-point unit of histogram masses
 static_assert(kBins % kThreads == 0, "bins split evenly over the threads");
 static_assert((kBins & (kBins - 1)) == 0, "the candidate sort needs a power of two");
@@ -125,38 +130,10 @@ struct Region {
   }
 };
 
-// ---------------------------------------------------------------- Gumbel noise
-// The CPU's noise for token v of this row (Philox block v / 4, word v % 4), one block cached.
-struct Noise {
-  uint64_t seed;
-  uint32_t stream;
-  uint64_t step;
-  uint32_t cached_block;
-  Philox4 words;
-  __device__ float operator()(int64_t v) {
-    const uint32_t block = static_cast<uint32_t>(v >> 2);
-    if (block != cached_block) {
-      words = sampling_random_block(seed, stream, step, block);
-      cached_block = block;
-    }
-    return gumbel_noise(words.v[v & 3]);
-  }
-};
-
-// The Gumbel argmax: larger key wins, ties go to the lower index (the CPU's scan order).
-struct Best {
-  float key;
-  float value;  // the scaled logit of the winner
-  int64_t index;
-  __device__ static Best none() { return Best{neg_inf(), neg_inf(), INT64_MAX}; }
-  __device__ void offer(float k, float s, int64_t v) {
-    if (k > key || (k == key && v < index)) *this = Best{k, s, v};
-  }
-};
+// The Gumbel argmax's winner (latro/gumbel.h), merged across threads by block_all_reduce.
+using Best = GumbelWinner;
 struct CombineBest {
-  __device__ Best operator()(const Best& a, const Best& b) const {
-    return (a.key > b.key || (a.key == b.key && a.index < b.index)) ? a : b;
-  }
+  __device__ Best operator()(const Best& a, const Best& b) const { return Best::better(a, b); }
 };
 
 // Pass 1: max, NaN flag and (without filters) the online sum and Gumbel argmax.
@@ -235,10 +212,13 @@ __device__ __forceinline__ T* scratch_as(Shared& sh) {
 template <typename T, typename F>
 __device__ __forceinline__ void for_each_scaled(const T* row, int64_t vocab, float temperature,
                                                 F&& f) {
+  const bool unit = temperature == 1.0f;  // x / 1 == x: skip the division's dozen instructions
   for_each_in_row(row, vocab, [&](int64_t base, const auto& values) {
     constexpr int n = count_of<decltype(values)>;
 #pragma unroll
-    for (int i = 0; i < n; ++i) f(base + i, values[i] / temperature);  // IEEE division, as the CPU
+    for (int i = 0; i < n; ++i) {
+      f(base + i, unit ? values[i] : values[i] / temperature);  // IEEE division, as the CPU
+    }
   });
 }
 
@@ -445,6 +425,78 @@ __device__ Threshold select_threshold(Shared& sh, const T* row, int64_t vocab, f
   }
 }
 
+// A row that cannot be sampled: the error goes to the status word, the outputs to -1 / NaN.
+__device__ void fail_row(const SampleKernelArgs& a, int64_t row, int64_t where, StatusKind kind) {
+  if (threadIdx.x == 0) {
+    detail::record(a.status, where, kind);
+    a.ids[row] = -1;
+    a.logprobs[row] = NAN;
+  }
+}
+
+// After pass 1: fails the row (and returns true) when it holds NaN, no finite value or +inf.
+__device__ bool row_unsampleable(const SampleKernelArgs& a, int64_t row, uint32_t nan, float max) {
+  if (nan) {
+    fail_row(a, row, row, StatusKind::RowHasNaN);
+  } else if (max == neg_inf()) {
+    fail_row(a, row, row, StatusKind::RowHasNoFinite);
+  } else if (max == INFINITY) {
+    fail_row(a, row, row, StatusKind::RowHasPosInf);
+  } else {
+    return false;
+  }
+  return true;
+}
+
+__device__ RowNoise row_noise(const SampleKernelArgs& a, int64_t row, int64_t step) {
+  return RowNoise::at(static_cast<uint64_t>(a.per_row_seeds ? a.seeds[row] : a.seeds[0]),
+                      a.per_row_seeds ? 0u : static_cast<uint32_t>(row),
+                      static_cast<uint64_t>(step));
+}
+
+// Temperature sampling without filters (the rollout's case): one read of the row computes its
+// max, the normalizer online, and the Gumbel argmax. A kernel of its own: without the filters'
+// histograms it needs a tenth of the shared memory and fewer registers.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) plain_sample_kernel(SampleKernelArgs a) {
+  __shared__ alignas(16) unsigned char scratch[(kMaxWarps + 1) * sizeof(FirstPass)];
+  const int64_t step = *a.offset;
+  const T* logits = static_cast<const T*>(a.logits);
+  for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
+    __syncthreads();  // the scratch is reused from the previous row
+    if (step < 0) {
+      fail_row(a, row, -1, StatusKind::NegativeOffset);
+      continue;
+    }
+    RowNoise noise = row_noise(a, row, step);
+    FirstPass first{neg_inf(), 0u, 0.0, Best::none()};
+    float sum = 0.0f;
+    GumbelArgmax draw = GumbelArgmax::start(neg_inf());
+    for_each_scaled(logits + row * a.row_stride, a.vocab, a.temperature, [&](int64_t v, float s) {
+      first.nan |= s != s;
+      if (s > first.max) {
+        sum *= first.max == neg_inf() ? 0.0f : expf(first.max - s);
+        first.max = s;
+        draw.max_changed(s);
+      }
+      if (s == neg_inf()) return;
+      const float p = expf(s - first.max);
+      sum += p;
+      draw.offer(noise, v, s, p, first.max);  // first.max <= the row max: its skips stay exact
+    });
+    first.sum = sum;
+    first.best = draw.best;
+    first = block_all_reduce(first, CombineFirstPass{}, reinterpret_cast<FirstPass*>(scratch));
+    if (row_unsampleable(a, row, first.nan, first.max)) continue;
+    if (threadIdx.x == 0) {
+      a.ids[row] = first.best.index;
+      a.logprobs[row] = static_cast<float>(static_cast<double>(first.best.value) - first.max -
+                                           log(first.sum));
+    }
+  }
+}
+
+// Greedy decoding and sampling with top-k / top-p / min-p.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) sample_kernel(SampleKernelArgs a) {
   __shared__ Shared sh;
@@ -452,19 +504,11 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SampleKernelArgs a) {
   const T* logits = static_cast<const T*>(a.logits);
   const bool top_k_on = a.top_k > 0 && a.top_k < a.vocab;
   const bool top_p_on = a.top_p < 1.0f;
-  const bool plain = !top_k_on && !top_p_on && !(a.min_p > 0.0f);
   for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
     __syncthreads();  // shared memory is reused from the previous row
     const T* x = logits + row * a.row_stride;
-    auto fail = [&](int64_t where, StatusKind kind) {
-      if (threadIdx.x == 0) {
-        detail::record(a.status, where, kind);
-        a.ids[row] = -1;
-        a.logprobs[row] = NAN;
-      }
-    };
     if (step < 0) {
-      fail(-1, StatusKind::NegativeOffset);
+      fail_row(a, row, -1, StatusKind::NegativeOffset);
       continue;
     }
     if (a.temperature == 0.0f) {  // greedy: argmax of the raw logits, lowest id on ties
@@ -479,58 +523,24 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SampleKernelArgs a) {
       });
       g = block_all_reduce(g, CombineGreedy{}, scratch_as<Greedy>(sh));
       if (g.nan) {
-        fail(row, StatusKind::RowHasNaN);
+        fail_row(a, row, row, StatusKind::RowHasNaN);
       } else if (threadIdx.x == 0) {
         a.ids[row] = g.index;
         a.logprobs[row] = 0.0f;  // a point mass
       }
       continue;
     }
-    Noise noise{static_cast<uint64_t>(a.per_row_seeds ? a.seeds[row] : a.seeds[0]),
-                a.per_row_seeds ? 0u : static_cast<uint32_t>(row), static_cast<uint64_t>(step),
-                0xFFFFFFFFu, Philox4{}};
+    RowNoise noise = row_noise(a, row, step);
 
-    // ---- pass 1
+    // ---- pass 1: the max
     FirstPass first{neg_inf(), 0u, 0.0, Best::none()};
-    float sum = 0.0f;
-    for_each_scaled(x, a.vocab, a.temperature, [&](int64_t v, float s) {
+    for_each_scaled(x, a.vocab, a.temperature, [&](int64_t, float s) {
       first.nan |= s != s;
-      if (!plain) {
-        first.max = fmaxf(first.max, s);
-        return;
-      }
-      if (s > first.max) {
-        sum *= first.max == neg_inf() ? 0.0f : expf(first.max - s);
-        first.max = s;
-      }
-      if (s == neg_inf()) return;
-      sum += expf(s - first.max);
-      // first.max <= the row max, so skipping here never skips a possible winner.
-      if (s >= first.max - kGumbelSpan) first.best.offer(s + noise(v), s, v);
+      first.max = fmaxf(first.max, s);
     });
-    first.sum = sum;
     first = block_all_reduce(first, CombineFirstPass{}, scratch_as<FirstPass>(sh));
+    if (row_unsampleable(a, row, first.nan, first.max)) continue;
     const float m = first.max;
-    if (first.nan) {
-      fail(row, StatusKind::RowHasNaN);
-      continue;
-    }
-    if (m == neg_inf()) {
-      fail(row, StatusKind::RowHasNoFinite);
-      continue;
-    }
-    if (m == INFINITY) {
-      fail(row, StatusKind::RowHasPosInf);
-      continue;
-    }
-    if (plain) {
-      if (threadIdx.x == 0) {
-        a.ids[row] = first.best.index;
-        a.logprobs[row] = static_cast<float>(static_cast<double>(first.best.value) - m -
-                                             log(first.sum));
-      }
-      continue;
-    }
 
     // ---- thresholds
     Filters f{m, neg_inf(), a.log_min_p, neg_inf()};
@@ -584,23 +594,23 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SampleKernelArgs a) {
     // ---- the draw: Gumbel argmax and kept mass over the kept set
     Final fin{0.0, Best::none()};
     float kept_mass = 0.0f;
+    GumbelArgmax draw = GumbelArgmax::start(m);
+    auto offer_kept = [&](int64_t v, float s) {
+      if (!f.kept(s)) return;
+      const float p = expf(s - m);
+      kept_mass += p;
+      draw.offer(noise, v, s, p, m);
+    };
     if (kept_in_shared) {
       for (int i = threadIdx.x; i < n_candidates; i += blockDim.x) {
         const unsigned long long c = sh.candidates[i];
-        const float s = candidate_value(c);
-        if (!f.kept(s)) continue;
-        const int64_t v = candidate_index(c);
-        kept_mass += expf(s - m);
-        if (s >= m - kGumbelSpan) fin.best.offer(s + noise(v), s, v);
+        offer_kept(candidate_index(c), candidate_value(c));
       }
     } else {
-      for_each_scaled(x, a.vocab, a.temperature, [&](int64_t v, float s) {
-        if (!f.kept(s)) return;
-        kept_mass += expf(s - m);
-        if (s >= m - kGumbelSpan) fin.best.offer(s + noise(v), s, v);
-      });
+      for_each_scaled(x, a.vocab, a.temperature, offer_kept);
     }
     fin.mass = kept_mass;
+    fin.best = draw.best;
     fin = block_all_reduce(fin, CombineFinal{}, scratch_as<Final>(sh));
     if (threadIdx.x == 0) {
       // The max token is always kept (every filter keeps it), so mass >= 1 and best is set.
@@ -636,8 +646,14 @@ void sample(const SampleArgs& args, cudaStream_t stream, uint64_t* status) {
   a.ids = args.ids;
   a.logprobs = args.logprobs;
   a.status = status;
+  const bool plain = args.temperature > 0.0f && !(args.top_k > 0 && args.top_k < args.vocab) &&
+                     !(args.top_p < 1.0f) && !(args.min_p > 0.0f);
   LATRO_DISPATCH_DTYPE(args.dtype, T, [&] {
-    sample_kernel<T><<<detail::row_blocks(args.rows), kThreads, 0, stream>>>(a);
+    if (plain) {
+      plain_sample_kernel<T><<<detail::row_blocks(args.rows), kThreads, 0, stream>>>(a);
+    } else {
+      sample_kernel<T><<<detail::row_blocks(args.rows), kThreads, 0, stream>>>(a);
+    }
   });
   LATRO_CUDA_CHECK(cudaGetLastError());
 }

@@ -49,6 +49,11 @@ LATRO_HOST_DEVICE float uniform_open01(uint32_t bits) {
   return (static_cast<float>(bits >> 9) + 0.5f) * 0x1.0p-23f;
 }
 
+// 1 - u for the uniform of `bits`, exact in float32: (2^23 - n - 1 + 0.5) / 2^23 with n = bits >> 9.
+LATRO_HOST_DEVICE float uniform_open01_complement(uint32_t bits) {
+  return (static_cast<float>(0x7FFFFFu - (bits >> 9)) + 0.5f) * 0x1.0p-23f;
+}
+
 // Standard Gumbel noise -log(-log(u)). Sampling is argmax(logit / temperature + noise), which
 // needs no prefix sum, so no rounding order can make it pick a token outside the kept set.
 // logf, not a fast approximation: host and device must round alike.
