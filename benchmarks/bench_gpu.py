@@ -98,17 +98,23 @@ def peak_gib(fn: Callable[[], Any], device: torch.device, exclude_bytes: int = 0
 
 
 @contextlib.contextmanager
-def cuda_checks(mode: str | None):
-    """Sets LATRO_CUDA_CHECKS for the duration (None: unset, the default)."""
-    old = os.environ.pop("LATRO_CUDA_CHECKS", None)
-    if mode is not None:
-        os.environ["LATRO_CUDA_CHECKS"] = mode
+def environment(name: str, value: str | None):
+    """Sets (or, for None, unsets) an environment variable for the block; the extension reads
+    LATRO_CUDA_CHECKS and LATRO_CUDA_SAMPLE_GRID at each call."""
+    before = os.environ.pop(name, None)
+    if value is not None:
+        os.environ[name] = value
     try:
         yield
     finally:
-        os.environ.pop("LATRO_CUDA_CHECKS", None)
-        if old is not None:
-            os.environ["LATRO_CUDA_CHECKS"] = old
+        os.environ.pop(name, None)
+        if before is not None:
+            os.environ[name] = before
+
+
+def cuda_checks(mode: str | None):
+    """LATRO_CUDA_CHECKS for the block (None: unset, the default)."""
+    return environment("LATRO_CUDA_CHECKS", mode)
 
 
 def _fmt(value: Any) -> str:
@@ -301,6 +307,30 @@ def bench_sample(device: torch.device, small: bool) -> None:
         }
     )
     table("sample", f"sample, float32 logits [{b}, {v:,}] (randn x 2)", rows)
+
+    # The filtered kernel's grid: one block per row (the default) against fewer blocks looping
+    # over rows, whose logits may then stay in L2 between the filter's passes.
+    sms = 1
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    grids = sorted({0, sms // 4, sms // 2, (3 * sms) // 4, sms, 2 * sms} - {b})
+    sweep = []
+    with cuda_checks("off"):
+        for name, options in cases[1:]:
+            row: dict[str, Any] = {"case": name}
+            for grid in grids:
+                with environment("LATRO_CUDA_SAMPLE_GRID", str(grid)):
+                    row[f"grid {grid or 'rows'} ms"] = time_ms(
+                        lambda o=options: ops.sample(logits, seed=seeds, offset=offset, **o),
+                        device,
+                        repeat=50,
+                    )
+            sweep.append(row)
+    table(
+        "sample_grid",
+        f"sample with filters, blocks in flight ({sms} SMs; 'rows' = one block per row)",
+        sweep,
+    )
 
 
 # ----------------------------------------------------------------------------- models

@@ -27,6 +27,8 @@
 //
 // Histogram masses are 32.32 fixed-point integers added with integer atomics, so their sums,
 // and with them every threshold, are the same on every run.
+#include <cstdlib>
+
 #include "cuda_common.cuh"
 #include "latro/gumbel.h"
 
@@ -621,6 +623,19 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SampleKernelArgs a) {
   }
 }
 
+// Blocks of the filtered kernel (each loops over rows). Filters read a row up to three times;
+// with fewer rows in flight their logits may stay in L2 between passes (a 128k float32 row is
+// 0.5 MiB; an H100 has 50 MiB of L2, and 264 rows in flight need 130 MiB). Whether that beats
+// one block per row is for a GPU to tell: LATRO_CUDA_SAMPLE_GRID=<blocks> sets the grid
+// (unset or 0: one block per row, the default until measured), and benchmarks/bench_gpu.py
+// sweeps it.
+unsigned int filtered_grid(int64_t rows) {
+  const char* text = std::getenv("LATRO_CUDA_SAMPLE_GRID");
+  const long long blocks = text != nullptr ? std::atoll(text) : 0;
+  if (blocks > 0 && blocks < rows && blocks <= (1 << 30)) return static_cast<unsigned int>(blocks);
+  return detail::row_blocks(rows);
+}
+
 }  // namespace
 
 void sample(const SampleArgs& args, cudaStream_t stream, uint64_t* status) {
@@ -652,7 +667,7 @@ void sample(const SampleArgs& args, cudaStream_t stream, uint64_t* status) {
     if (plain) {
       plain_sample_kernel<T><<<detail::row_blocks(args.rows), kThreads, 0, stream>>>(a);
     } else {
-      sample_kernel<T><<<detail::row_blocks(args.rows), kThreads, 0, stream>>>(a);
+      sample_kernel<T><<<filtered_grid(args.rows), kThreads, 0, stream>>>(a);
     }
   });
   LATRO_CUDA_CHECK(cudaGetLastError());
