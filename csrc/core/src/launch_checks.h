@@ -60,6 +60,9 @@ inline int64_t check_sample_args(const SampleArgs& args) {
   check_matrix(args.logits, args.rows, args.vocab, "logits");
   const int64_t stride = resolve_row_stride(args.row_stride, args.vocab, "row_stride");
   check_sampling_options(args.temperature, args.top_k, args.top_p, args.min_p);
+  // The noise of token v is word v % 4 of Philox block v / 4, both 32-bit (latro/gumbel.h).
+  LATRO_CHECK(args.vocab <= int64_t{0xFFFFFFFF}, "vocab must be below 2^32 for sampling, got ",
+              args.vocab);
   LATRO_CHECK(args.seeds != nullptr, "seeds is a null pointer");
   LATRO_CHECK(args.offset != nullptr, "offset is a null pointer");
   LATRO_CHECK(args.ids != nullptr || args.rows == 0, "ids (output) is a null pointer");

@@ -456,10 +456,20 @@ __device__ RowNoise row_noise(const SampleKernelArgs& a, int64_t row, int64_t st
                       static_cast<uint64_t>(step));
 }
 
+// exp(x) as one ex2.approx.ftz: relative error about 1e-6 for the |x| < 90 that matter, and 0
+// below exp(-87) (flushed, as gumbel.h's skip test allows). For the normalizers: their error
+// moves a log-probability by about 1e-6; the thresholds and their fixed-point masses keep expf.
+__device__ __forceinline__ float fast_exp(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x * 1.44269504088896341f));
+  return y;
+}
+
 // Temperature sampling without filters (the rollout's case): one read of the row computes its
 // max, the normalizer online, and the Gumbel argmax. A kernel of its own: without the filters'
-// histograms it needs a tenth of the shared memory and fewer registers.
-template <typename T>
+// histograms it needs a tenth of the shared memory and fewer registers. kUnit: temperature 1,
+// no division (x / 1 == x).
+template <typename T, bool kUnit>
 __global__ void __launch_bounds__(kThreads) plain_sample_kernel(SampleKernelArgs a) {
   __shared__ alignas(16) unsigned char scratch[(kMaxWarps + 1) * sizeof(FirstPass)];
   const int64_t step = *a.offset;
@@ -471,10 +481,11 @@ __global__ void __launch_bounds__(kThreads) plain_sample_kernel(SampleKernelArgs
       continue;
     }
     RowNoise noise = row_noise(a, row, step);
+    const PhiloxKey key = sampling_key(noise.seed);  // round keys once per row (whole blocks)
     FirstPass first{neg_inf(), 0u, 0.0, Best::none()};
     float sum = 0.0f;
     GumbelArgmax draw = GumbelArgmax::start(neg_inf());
-    for_each_scaled(logits + row * a.row_stride, a.vocab, a.temperature, [&](int64_t v, float s) {
+    auto visit = [&](int64_t v, float s, auto&& bits) {
       first.nan |= s != s;
       if (s > first.max) {
         sum *= first.max == neg_inf() ? 0.0f : expf(first.max - s);
@@ -482,9 +493,42 @@ __global__ void __launch_bounds__(kThreads) plain_sample_kernel(SampleKernelArgs
         draw.max_changed(s);
       }
       if (s == neg_inf()) return;
-      const float p = expf(s - first.max);
+      const float p = fast_exp(s - first.max);
       sum += p;
-      draw.offer(noise, v, s, p, first.max);  // first.max <= the row max: its skips stay exact
+      draw.offer(v, s, p, first.max, bits);  // first.max <= the row max: its skips stay exact
+    };
+    for_each_in_row(logits + row * a.row_stride, a.vocab, [&](int64_t base, const auto& values) {
+      constexpr int n = count_of<decltype(values)>;
+      float s[n];
+#pragma unroll
+      for (int i = 0; i < n; ++i) s[i] = kUnit ? values[i] : values[i] / a.temperature;
+      bool whole_blocks = false;
+      if constexpr (n % 4 == 0) whole_blocks = (base & 3) == 0;
+      if (whole_blocks) {
+        // Whole Philox blocks: each computed once (when a token may need it), words picked by
+        // constant index, no per-token block bookkeeping.
+#pragma unroll
+        for (int g = 0; g < n / 4; ++g) {
+          bool needed = false;
+#pragma unroll
+          for (int i = 0; i < 4; ++i) needed |= s[4 * g + i] >= draw.floor;
+          Philox4 words{};
+          if (needed) {
+            words = sampling_random_block(key, noise.stream, noise.step,
+                                          static_cast<uint32_t>(base >> 2) + g);
+          }
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            visit(base + 4 * g + i, s[4 * g + i], [&] { return words.v[i]; });
+          }
+        }
+      } else {
+#pragma unroll
+        for (int i = 0; i < n; ++i) {
+          const int64_t v = base + i;
+          visit(v, s[i], [&] { return noise.bits(static_cast<uint32_t>(v)); });
+        }
+      }
     });
     first.sum = sum;
     first.best = draw.best;
@@ -532,8 +576,6 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SampleKernelArgs a) {
       }
       continue;
     }
-    RowNoise noise = row_noise(a, row, step);
-
     // ---- pass 1: the max
     FirstPass first{neg_inf(), 0u, 0.0, Best::none()};
     for_each_scaled(x, a.vocab, a.temperature, [&](int64_t, float s) {
@@ -596,10 +638,11 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SampleKernelArgs a) {
     // ---- the draw: Gumbel argmax and kept mass over the kept set
     Final fin{0.0, Best::none()};
     float kept_mass = 0.0f;
+    RowNoise noise = row_noise(a, row, step);
     GumbelArgmax draw = GumbelArgmax::start(m);
     auto offer_kept = [&](int64_t v, float s) {
       if (!f.kept(s)) return;
-      const float p = expf(s - m);
+      const float p = fast_exp(s - m);
       kept_mass += p;
       draw.offer(noise, v, s, p, m);
     };
@@ -664,8 +707,10 @@ void sample(const SampleArgs& args, cudaStream_t stream, uint64_t* status) {
   const bool plain = args.temperature > 0.0f && !(args.top_k > 0 && args.top_k < args.vocab) &&
                      !(args.top_p < 1.0f) && !(args.min_p > 0.0f);
   LATRO_DISPATCH_DTYPE(args.dtype, T, [&] {
-    if (plain) {
-      plain_sample_kernel<T><<<detail::row_blocks(args.rows), kThreads, 0, stream>>>(a);
+    if (plain && args.temperature == 1.0f) {
+      plain_sample_kernel<T, true><<<detail::row_blocks(args.rows), kThreads, 0, stream>>>(a);
+    } else if (plain) {
+      plain_sample_kernel<T, false><<<detail::row_blocks(args.rows), kThreads, 0, stream>>>(a);
     } else {
       sample_kernel<T><<<filtered_grid(args.rows), kThreads, 0, stream>>>(a);
     }

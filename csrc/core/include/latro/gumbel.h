@@ -26,14 +26,20 @@ struct RowNoise {
   LATRO_HOST_DEVICE static RowNoise at(uint64_t seed, uint32_t stream, uint64_t step) {
     return RowNoise{seed, stream, step, 0xFFFFFFFFu, Philox4{}};
   }
-  LATRO_HOST_DEVICE uint32_t bits(int64_t v) {
-    const uint32_t block = static_cast<uint32_t>(v >> 2);
-    if (block != cached_block) {
-      words = sampling_random_block(seed, stream, step, block);
-      cached_block = block;
+  // Round keys are recomputed per block here (two adds a round): holding the twenty of them
+  // (sampling_key) costs the GPU's filtered kernel 30 registers, half its occupancy.
+  LATRO_HOST_DEVICE Philox4 block(uint32_t index) const {
+    return sampling_random_block(seed, stream, step, index);
+  }
+  // 32-bit token ids (the samplers check vocab < 2^32): 64-bit index arithmetic costs the GPU
+  // loop a few instructions per token.
+  LATRO_HOST_DEVICE uint32_t bits(uint32_t v) {
+    if ((v >> 2) != cached_block) {
+      cached_block = v >> 2;
+      words = block(cached_block);
     }
     // Selects, not words.v[v & 3]: on the GPU a dynamic index puts the words in local memory.
-    const uint32_t lane = static_cast<uint32_t>(v) & 3u;
+    const uint32_t lane = v & 3u;
     return lane == 0 ? words.v[0] : lane == 1 ? words.v[1] : lane == 2 ? words.v[2] : words.v[3];
   }
 };
@@ -48,8 +54,8 @@ struct RowNoise {
 // The test is conservative, so results are exactly those of computing every key. B is lowered by
 // a slack (2^-10 + 2^-20 |B|) that exceeds the gap between B and the float below it and the
 // error of the computed noise against the exact one (under 1e-5): a skipped token's key rounds
-// strictly below B. The factor carries a 2^-10 relative margin over the rounding of p (an exp
-// of s - m, a few ulps), of the factor and of their product. While no key is known (B = -inf)
+// strictly below B. The factor carries a 2^-10 relative margin over the error of p (an exp of
+// s - m: a few ulps, or about 1e-5 for the GPU's __expf), of the factor and of their product. While no key is known (B = -inf)
 // the factor is +inf and nothing is skipped; an overflowing factor skips nothing either. The one
 // inexact case, p flushed to 0 (s < m - 87) under a finite factor, concerns tokens whose key
 // is at most s + 16.7 < m - 70, below the key of the max token (>= m - 2.9): never the winner.
@@ -109,11 +115,18 @@ struct GumbelArgmax {
     const float by_max = max - kGumbelSpan;
     floor = by_best > by_max ? by_best : by_max;
   }
-  LATRO_HOST_DEVICE void offer(RowNoise& noise, int64_t v, float s, float p, float max) {
+  // Offers token v; `bits()` gives its random word and is called only when the token passes
+  // the floor. The floor never decreases, so a caller may skip a group's Philox block when no
+  // token of the group is at or above the floor when the group starts.
+  template <typename Bits>
+  LATRO_HOST_DEVICE void offer(int64_t v, float s, float p, float max, Bits&& bits) {
     if (!(s >= floor)) return;
-    const uint32_t bits = noise.bits(v);
-    if (gumbel_cannot_win(bits, p, skip_factor)) return;
-    if (best.offer(s + gumbel_noise(bits), s, v)) max_changed(max);
+    const uint32_t word = bits();
+    if (gumbel_cannot_win(word, p, skip_factor)) return;
+    if (best.offer(s + gumbel_noise(word), s, v)) max_changed(max);
+  }
+  LATRO_HOST_DEVICE void offer(RowNoise& noise, int64_t v, float s, float p, float max) {
+    offer(v, s, p, max, [&] { return noise.bits(static_cast<uint32_t>(v)); });
   }
 };
 
