@@ -589,6 +589,12 @@ TEST_F(SampleErrors, BadSizes) {
   a = args();
   a.row_stride = 15;
   EXPECT_LATRO_ERROR(latro::sample(a), "row_stride");
+  // Token ids in the noise stream are 32-bit: refused before any element is read.
+  a = args();
+  a.rows = 1;
+  a.vocab = int64_t{1} << 32;
+  a.row_stride = a.vocab;
+  EXPECT_LATRO_ERROR(latro::sample(a), "vocab must be below 2^32");
   EXPECT_THROW(latro::sample(args(), 0, 3), latro::Error);
   EXPECT_THROW(latro::sample(args(), 2, 1), latro::Error);
 }

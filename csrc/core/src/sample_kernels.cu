@@ -92,6 +92,19 @@ __device__ __forceinline__ unsigned long long fixed_mass(float s, float m) {
   return __float2ull_rn(expf(s - m) * kMassScale);
 }
 
+// Adds a fixed-point mass to a shared histogram bin with 32-bit atomics. There is no native
+// 64-bit shared atomicAdd (it compiles to a compare-and-swap loop, ATOMS.CAST.SPIN.64, which
+// crawls when a warp's threads hit the same few bins, as a top-p histogram's do). The low
+// word's wrap-arounds carry into the high word one by one, so the bin ends with the same exact
+// integer in any order.
+__device__ __forceinline__ void add_mass(unsigned long long* bin, unsigned long long mass) {
+  uint32_t* words = reinterpret_cast<uint32_t*>(bin);  // little-endian: words[0] is the low one
+  const uint32_t lo = static_cast<uint32_t>(mass);
+  const uint32_t old = atomicAdd(&words[0], lo);
+  const uint32_t high = static_cast<uint32_t>(mass >> 32) + (old + lo < old ? 1u : 0u);
+  if (high != 0) atomicAdd(&words[1], high);
+}
+
 // Sorted candidates: ascending order = s descending, then index ascending (the CPU's order).
 __device__ __forceinline__ unsigned long long candidate(float s, int64_t index) {
   return (static_cast<unsigned long long>(~order_key(s)) << 32) |
@@ -406,7 +419,7 @@ __device__ Threshold select_threshold(Shared& sh, const T* row, int64_t vocab, f
         const unsigned long long u = (static_cast<unsigned long long>(order_key(s) - lo) * kBins) / width;
         const int bin = kBins - 1 - static_cast<int>(u);
         atomicAdd(&sh.count[bin], 1u);
-        if (by_mass) atomicAdd(&sh.mass[bin], fixed_mass(s, f.max));
+        if (by_mass) add_mass(&sh.mass[bin], fixed_mass(s, f.max));
       }
     });
     __syncthreads();
@@ -623,7 +636,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SampleKernelArgs a) {
           if (f.survives(s)) {
             const int bin = level0_bin(s, m);
             atomicAdd(&sh.count[bin], 1u);
-            atomicAdd(&sh.mass[bin], fixed_mass(s, m));
+            add_mass(&sh.mass[bin], fixed_mass(s, m));
           }
         });
         __syncthreads();
