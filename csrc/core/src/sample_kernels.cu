@@ -9,13 +9,15 @@
 // sum of exp(s - m) and the Gumbel argmax. With filters (sample_kernel), nothing sorts the
 // vocabulary:
 //
-//   pass 1     the row max m (and the NaN / +inf / all -inf checks).
-//   top-k      a histogram of d = m - s over 2048 bins of width 1/32 (shared memory) finds the
-//              bin holding the k-th largest value; the tokens of that bin and above (usually a
-//              few hundred) are copied to shared memory, sorted there, and the threshold read.
-//   top-p      the same with each token weighted by exp(s - m), over the top-k / min-p
-//              survivors; when top-k already left every survivor in shared memory, top-p runs
-//              there without touching the row again.
+//   pass 1     the row max m (and the NaN / +inf / all -inf checks); with top-k also a count
+//              histogram over 2048 bins of the value's top 11 bits (shared memory).
+//   top-k      the histogram gives the bin holding the k-th largest value; the tokens of that
+//              bin and above (usually a few hundred) are copied to shared memory, sorted there,
+//              and the threshold read.
+//   top-p      a histogram of d = m - s over 2048 bins of width 1/32, each token weighted by
+//              exp(s - m), over the top-k / min-p survivors, then the same gathering; when
+//              top-k already left every survivor in shared memory, top-p runs there without
+//              touching the row again.
 //   final      the Gumbel argmax and the kept mass, from shared memory when the kept set is
 //              there, else in one more pass over the row.
 //
@@ -25,8 +27,8 @@
 // the CPU keeps, except where the CPU's and our float64 / fixed-point sums of the same masses
 // round differently at a top-p boundary (ties within rounding).
 //
-// Histogram masses are 32.32 fixed-point integers added with integer atomics, so their sums,
-// and with them every threshold, are the same on every run.
+// Histogram masses are 32.32 fixed-point integers added with 32-bit integer atomics (add_mass),
+// so their sums, and with them every threshold, are the same on every run.
 #include <cstdlib>
 
 #include "cuda_common.cuh"
@@ -86,6 +88,18 @@ __device__ __forceinline__ int level0_bin(float s, float m) {
   const float scaled = d * kBinsPerUnit;
   return scaled < static_cast<float>(kBins - 1) ? static_cast<int>(scaled) : kBins - 1;
 }
+
+// Level-0 bins of the key instead (top-k): its top 11 bits (sign, exponent, two mantissa bits),
+// largest values in bin 0. They need no max, so pass 1 counts them: top-k reads the row twice,
+// not three times. Bin b holds the keys [key_bin_lo(b), key_bin_hi(b)].
+static_assert(kBins == 1 << 11, "key bins are the top 11 bits of a 32-bit key");
+__device__ __forceinline__ int key_bin(float s) {
+  return kBins - 1 - static_cast<int>(order_key(s) >> 21);
+}
+__device__ __forceinline__ uint32_t key_bin_lo(int bin) {
+  return static_cast<uint32_t>(kBins - 1 - bin) << 21;
+}
+__device__ __forceinline__ uint32_t key_bin_hi(int bin) { return key_bin_lo(bin) | 0x1FFFFFu; }
 
 // exp(s - m) in 32.32 fixed point: integer sums are exact and order-free.
 __device__ __forceinline__ unsigned long long fixed_mass(float s, float m) {
@@ -375,38 +389,52 @@ struct Threshold {
   bool all_above_in_shared;  // the candidates hold every token of the set at or above it
 };
 
-// The threshold of one selection, from its level-0 histogram (already in sh.count / sh.mass):
-// by count (top-k: the value of rank `need`) or by mass (top-p: the value where the mass from
-// the top reaches `need`, a fraction of the total).
+// The threshold of one selection, from its level-0 histogram (already in sh.count / sh.mass;
+// `key_bins`: binned by key_bin, else by level0_bin): by count (top-k: the value of rank
+// `need`) or by mass (top-p: the value where the mass from the top reaches `need`, a fraction
+// of the total).
 template <typename T>
 __device__ Threshold select_threshold(Shared& sh, const T* row, int64_t vocab, float temperature,
-                                      const Filters& f, bool survivors_only, bool by_mass,
-                                      double need, bool fraction) {
+                                      const Filters& f, bool key_bins, bool survivors_only,
+                                      bool by_mass, double need, bool fraction) {
   const Crossing level0 = find_crossing(sh, by_mass, need, fraction);
   const unsigned long long through = level0.count_before + level0.count_at;
-  Region region{survivors_only, 0, level0.index, 0u, 0xFFFFFFFFu};
+  // The crossing bin and every bin above it.
+  Region region = key_bins
+                      ? Region{survivors_only, 0, kBins - 1, key_bin_lo(level0.index), 0xFFFFFFFFu}
+                      : Region{survivors_only, 0, level0.index, 0u, 0xFFFFFFFFu};
   if (through <= static_cast<unsigned long long>(kBins)) {
     // The bin and everything above it fit: the common case, and the one that leaves the
     // whole set at or above the threshold in shared memory.
     const int n = gather_sorted(sh, row, vocab, temperature, f, region);
     return {walk_candidates(sh, n, f, by_mass, false, level0.need, false), true};
   }
-  region.bin_lo = level0.index;
+  // The crossing bin alone.
+  if (key_bins) {
+    region.key_hi = key_bin_hi(level0.index);
+  } else {
+    region.bin_lo = level0.index;
+  }
   double remaining = level0.need - static_cast<double>(level0.before);
   if (level0.count_at <= static_cast<uint32_t>(kBins)) {
     const int n = gather_sorted(sh, row, vocab, temperature, f, region);
     return {walk_candidates(sh, n, f, by_mass, false, remaining, false), false};
   }
-  // More than kBins tokens in one bin of width 1/32: narrow by the value's bits.
-  MinMaxKey range{0xFFFFFFFFu, 0u};
-  for_each_scaled(row, vocab, temperature, [&](int64_t, float s) {
-    if (region.contains(f, s)) {
-      const uint32_t key = order_key(s);
-      range = CombineMinMaxKey{}(range, MinMaxKey{key, key});
-    }
-  });
-  range = block_all_reduce(range, CombineMinMaxKey{}, scratch_as<MinMaxKey>(sh));
-  uint32_t lo = range.lo, hi = range.hi;
+  // More than kBins tokens in the crossing bin: narrow by the value's bits, from the bin's key
+  // range (a key bin) or from the keys found in it (a level-0 bin of width 1/32).
+  uint32_t lo = region.key_lo, hi = region.key_hi;
+  if (!key_bins) {
+    MinMaxKey range{0xFFFFFFFFu, 0u};
+    for_each_scaled(row, vocab, temperature, [&](int64_t, float s) {
+      if (region.contains(f, s)) {
+        const uint32_t key = order_key(s);
+        range = CombineMinMaxKey{}(range, MinMaxKey{key, key});
+      }
+    });
+    range = block_all_reduce(range, CombineMinMaxKey{}, scratch_as<MinMaxKey>(sh));
+    lo = range.lo;
+    hi = range.hi;
+  }
   for (;;) {
     if (lo >= hi) return {key_value(lo), false};  // one value left: the threshold is it
     region.key_lo = lo;
@@ -589,12 +617,15 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SampleKernelArgs a) {
       }
       continue;
     }
-    // ---- pass 1: the max
+    // ---- pass 1: the max, and with top-k the count histogram by key bins (no max needed)
+    if (top_k_on) clear_histogram(sh);
     FirstPass first{neg_inf(), 0u, 0.0, Best::none()};
     for_each_scaled(x, a.vocab, a.temperature, [&](int64_t, float s) {
       first.nan |= s != s;
       first.max = fmaxf(first.max, s);
+      if (top_k_on && s != neg_inf() && s == s) atomicAdd(&sh.count[key_bin(s)], 1u);
     });
+    // (its barriers also complete the histogram)
     first = block_all_reduce(first, CombineFirstPass{}, scratch_as<FirstPass>(sh));
     if (row_unsampleable(a, row, first.nan, first.max)) continue;
     const float m = first.max;
@@ -604,11 +635,6 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SampleKernelArgs a) {
     bool kept_in_shared = false;  // the sorted candidates hold every kept token
     int n_candidates = 0;
     if (top_k_on) {
-      clear_histogram(sh);
-      for_each_scaled(x, a.vocab, a.temperature, [&](int64_t, float s) {
-        if (f.finite(s)) atomicAdd(&sh.count[level0_bin(s, m)], 1u);
-      });
-      __syncthreads();
       unsigned long long finite_count = 0;
       {
         const int first_bin = threadIdx.x * kPerThread;
@@ -618,8 +644,8 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SampleKernelArgs a) {
       }
       // Fewer finite tokens than k: the k-th largest is -inf and every finite token stays.
       if (finite_count > static_cast<unsigned long long>(a.top_k)) {
-        const Threshold t = select_threshold(sh, x, a.vocab, a.temperature, f, false, false,
-                                             static_cast<double>(a.top_k), false);
+        const Threshold t = select_threshold(sh, x, a.vocab, a.temperature, f, true, false,
+                                             false, static_cast<double>(a.top_k), false);
         f.tau_k = t.value;
         kept_in_shared = t.all_above_in_shared;
         n_candidates = kept_in_shared ? candidates_held(sh) : 0;
@@ -640,8 +666,8 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SampleKernelArgs a) {
           }
         });
         __syncthreads();
-        const Threshold t = select_threshold(sh, x, a.vocab, a.temperature, f, true, true,
-                                             static_cast<double>(a.top_p), true);
+        const Threshold t = select_threshold(sh, x, a.vocab, a.temperature, f, false, true,
+                                             true, static_cast<double>(a.top_p), true);
         f.tau_p = t.value;
         kept_in_shared = t.all_above_in_shared;
         n_candidates = kept_in_shared ? candidates_held(sh) : 0;
