@@ -78,18 +78,31 @@ void sample_row(const SampleArgs& args, const T* row, int64_t r, uint64_t seed, 
         mass += std::exp(static_cast<double>(s[v]) - m);
       }
     }
-    std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+    // The walk needs only a prefix of the sorted survivors (a trained model's nucleus is a few
+    // tokens): select the first `head` with nth_element, sort those, and walk; if the mass is
+    // not reached inside them, take four times as many. The order is a strict total order, so
+    // every prefix and its running sums are those of sorting everything.
+    const auto before = [&](int64_t a, int64_t b) {
       return s[a] > s[b] || (s[a] == s[b] && a < b);
-    });
+    };
     const double target = static_cast<double>(args.top_p) * mass;
-    double cumulative = 0.0;
-    nucleus_floor = s[order.back()];
-    for (int64_t v : order) {
-      cumulative += std::exp(static_cast<double>(s[v]) - m);
-      if (cumulative >= target) {
-        nucleus_floor = s[v];
-        break;
+    nucleus_floor = kNegInf;
+    for (size_t head = std::min<size_t>(order.size(), 1024); nucleus_floor == kNegInf;
+         head = std::min(order.size(), head * 4)) {
+      if (head < order.size()) {
+        std::nth_element(order.begin(), order.begin() + head, order.end(), before);
       }
+      std::sort(order.begin(), order.begin() + head, before);
+      double cumulative = 0.0;
+      for (size_t i = 0; i < head; ++i) {
+        cumulative += std::exp(static_cast<double>(s[order[i]]) - m);
+        if (cumulative >= target) {
+          nucleus_floor = s[order[i]];
+          break;
+        }
+      }
+      // Rounding can leave the target unreached: every survivor is kept.
+      if (nucleus_floor == kNegInf && head == order.size()) nucleus_floor = s[order.back()];
     }
   }
 

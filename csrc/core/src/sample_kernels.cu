@@ -19,7 +19,9 @@
 //              top-k already left every survivor in shared memory, top-p runs there without
 //              touching the row again.
 //   final      the Gumbel argmax and the kept mass, from shared memory when the kept set is
-//              there, else in one more pass over the row.
+//              there, else in one more pass over the row. When the nucleus is larger than
+//              shared memory, that pass also gathers top-p's crossing bin and finds the
+//              threshold after it: top-p alone reads the row three times.
 //
 // Pathological rows whose critical bin holds more than 2048 tokens (many equal logits) are
 // narrowed further by histograms over the bits of the value, each pass dividing the range by
@@ -320,19 +322,14 @@ __device__ __forceinline__ int candidates_held(const Shared& sh) {
   return sh.candidate_count < kBins ? static_cast<int>(sh.candidate_count) : kBins;
 }
 
-// Copies the tokens of `region` into shared memory as sorted candidates; returns how many.
-template <typename T>
-__device__ int gather_sorted(Shared& sh, const T* row, int64_t vocab, float temperature,
-                             const Filters& f, const Region& region) {
-  if (threadIdx.x == 0) sh.candidate_count = 0;
-  __syncthreads();
-  for_each_scaled(row, vocab, temperature, [&](int64_t v, float s) {
-    if (region.contains(f, s)) {
-      const unsigned int slot = atomicAdd(&sh.candidate_count, 1u);
-      if (slot < kBins) sh.candidates[slot] = candidate(s, v);
-    }
-  });
-  __syncthreads();
+// Candidates are appended in any order (after sh.candidate_count = 0 and a barrier), then
+// sorted in place; sort_candidates returns how many there are.
+__device__ __forceinline__ void push_candidate(Shared& sh, float s, int64_t v) {
+  const unsigned int slot = atomicAdd(&sh.candidate_count, 1u);
+  if (slot < kBins) sh.candidates[slot] = candidate(s, v);
+}
+
+__device__ int sort_candidates(Shared& sh) {
   const int n = candidates_held(sh);
   int padded = 1;
   while (padded < n) padded *= 2;
@@ -356,6 +353,19 @@ __device__ int gather_sorted(Shared& sh, const T* row, int64_t vocab, float temp
     }
   }
   return n;
+}
+
+// Copies the tokens of `region` into shared memory as sorted candidates; returns how many.
+template <typename T>
+__device__ int gather_sorted(Shared& sh, const T* row, int64_t vocab, float temperature,
+                             const Filters& f, const Region& region) {
+  if (threadIdx.x == 0) sh.candidate_count = 0;
+  __syncthreads();
+  for_each_scaled(row, vocab, temperature, [&](int64_t v, float s) {
+    if (region.contains(f, s)) push_candidate(sh, s, v);
+  });
+  __syncthreads();
+  return sort_candidates(sh);
 }
 
 // Walks the first n sorted candidates with the given measure until `need` is reached and
@@ -583,9 +593,11 @@ __global__ void __launch_bounds__(kThreads) plain_sample_kernel(SampleKernelArgs
   }
 }
 
-// Greedy decoding and sampling with top-k / top-p / min-p.
+// Greedy decoding and sampling with top-k / top-p / min-p. Two blocks per SM (at most 64
+// registers): left to itself the compiler takes up to 98 and one block per SM, half the loads
+// in flight for passes that stream the row.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) sample_kernel(SampleKernelArgs a) {
+__global__ void __launch_bounds__(kThreads, 2) sample_kernel(SampleKernelArgs a) {
   __shared__ Shared sh;
   const int64_t step = *a.offset;
   const T* logits = static_cast<const T*>(a.logits);
@@ -634,6 +646,10 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SampleKernelArgs a) {
     Filters f{m, neg_inf(), a.log_min_p, neg_inf()};
     bool kept_in_shared = false;  // the sorted candidates hold every kept token
     int n_candidates = 0;
+    // Top-p's crossing level-0 bin when the draw must find its threshold (-1: tau_p is known),
+    // and the mass still needed inside that bin.
+    int nucleus_bin = -1;
+    double nucleus_bin_need = 0.0;
     if (top_k_on) {
       unsigned long long finite_count = 0;
       {
@@ -666,11 +682,19 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SampleKernelArgs a) {
           }
         });
         __syncthreads();
-        const Threshold t = select_threshold(sh, x, a.vocab, a.temperature, f, false, true,
-                                             true, static_cast<double>(a.top_p), true);
-        f.tau_p = t.value;
-        kept_in_shared = t.all_above_in_shared;
-        n_candidates = kept_in_shared ? candidates_held(sh) : 0;
+        const Crossing level0 = find_crossing(sh, true, static_cast<double>(a.top_p), true);
+        if (level0.count_before + level0.count_at > static_cast<unsigned long long>(kBins) &&
+            level0.count_at <= static_cast<uint32_t>(kBins)) {
+          // A nucleus larger than shared memory: the draw's pass gathers the crossing bin too.
+          nucleus_bin = level0.index;
+          nucleus_bin_need = level0.need - static_cast<double>(level0.before);
+        } else {
+          const Threshold t = select_threshold(sh, x, a.vocab, a.temperature, f, false, true,
+                                               true, static_cast<double>(a.top_p), true);
+          f.tau_p = t.value;
+          kept_in_shared = t.all_above_in_shared;
+          n_candidates = kept_in_shared ? candidates_held(sh) : 0;
+        }
       }
     }
 
@@ -685,11 +709,34 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SampleKernelArgs a) {
       kept_mass += p;
       draw.offer(noise, v, s, p, m);
     };
-    if (kept_in_shared) {
-      for (int i = threadIdx.x; i < n_candidates; i += blockDim.x) {
+    auto offer_candidates = [&](int n) {
+      for (int i = threadIdx.x; i < n; i += blockDim.x) {
         const unsigned long long c = sh.candidates[i];
         offer_kept(candidate_index(c), candidate_value(c));
       }
+    };
+    if (kept_in_shared) {
+      offer_candidates(n_candidates);
+    } else if (nucleus_bin >= 0) {
+      // One pass: the survivors of the bins above the crossing one are all in the nucleus (tau_p
+      // lies in the crossing bin, whose values are all smaller) and drawn over now; the crossing
+      // bin is gathered, its threshold found as select_threshold would, and its kept tokens
+      // drawn over after. Until then f.tau_p is -inf, so offer_kept keeps every survivor.
+      if (threadIdx.x == 0) sh.candidate_count = 0;
+      __syncthreads();
+      for_each_scaled(x, a.vocab, a.temperature, [&](int64_t v, float s) {
+        if (!f.survives(s)) return;
+        const int bin = level0_bin(s, m);
+        if (bin < nucleus_bin) {
+          offer_kept(v, s);
+        } else if (bin == nucleus_bin) {
+          push_candidate(sh, s, v);
+        }
+      });
+      __syncthreads();
+      const int n = sort_candidates(sh);
+      f.tau_p = walk_candidates(sh, n, f, true, false, nucleus_bin_need, false);
+      offer_candidates(n);
     } else {
       for_each_scaled(x, a.vocab, a.temperature, offer_kept);
     }
