@@ -79,18 +79,25 @@ void sample_row(const SampleArgs& args, const T* row, int64_t r, uint64_t seed, 
       }
     }
     // The walk needs only a prefix of the sorted survivors (a trained model's nucleus is a few
-    // tokens): select the first `head` with nth_element, sort those, and walk; if the mass is
-    // not reached inside them, take four times as many. The order is a strict total order, so
-    // every prefix and its running sums are those of sorting everything.
+    // tokens): nth_element selects the first `head`, and only when their mass can reach the
+    // target are they sorted and walked; otherwise, or if rounding leaves the walk short, four
+    // times as many. The order is strict, so every prefix and its
+    // running sums are those of sorting everything: the result is the full sort's.
     const auto before = [&](int64_t a, int64_t b) {
       return s[a] > s[b] || (s[a] == s[b] && a < b);
     };
     const double target = static_cast<double>(args.top_p) * mass;
+    const size_t n = order.size();
+    const auto grow = [n](size_t head) { return std::min(n, head * 4); };
     nucleus_floor = kNegInf;
-    for (size_t head = std::min<size_t>(order.size(), 1024); nucleus_floor == kNegInf;
-         head = std::min(order.size(), head * 4)) {
-      if (head < order.size()) {
+    for (size_t head = std::min<size_t>(n, 1024); nucleus_floor == kNegInf; head = grow(head)) {
+      if (head < n) {
         std::nth_element(order.begin(), order.begin() + head, order.end(), before);
+        double head_mass = 0.0;
+        for (size_t i = 0; i < head; ++i) {
+          head_mass += std::exp(static_cast<double>(s[order[i]]) - m);
+        }
+        if (head_mass < target * (1.0 - 1e-9)) continue;  // the nucleus reaches past the head
       }
       std::sort(order.begin(), order.begin() + head, before);
       double cumulative = 0.0;
@@ -102,7 +109,7 @@ void sample_row(const SampleArgs& args, const T* row, int64_t r, uint64_t seed, 
         }
       }
       // Rounding can leave the target unreached: every survivor is kept.
-      if (nucleus_floor == kNegInf && head == order.size()) nucleus_floor = s[order.back()];
+      if (nucleus_floor == kNegInf && head == n) nucleus_floor = s[order.back()];
     }
   }
 
