@@ -18,8 +18,8 @@ Each section prints one markdown table (ours, the torch way, the floor, the rati
   ``torch.compile(mode="reduce-overhead")`` (CUDA graphs), and ours
   (``latro_engine.rollout.sample_rationales``). Per-step time = (time for 256 tokens - time for
   1 token) / 255, so the prefill is not counted.
-* ``latro``: one whole LaTRO step (K=16, 3 prompts, L=500, 128-token prompts, same model in
-  float32 with bfloat16 autocast, AdamW, micro-batches of 4) done the reference
+* ``latro``: one whole LaTRO step (K=16, 3 prompts, L=500, 128-token prompts, same model, in
+  bfloat16 and in float32 with bfloat16 autocast, AdamW, micro-batches of 4) done the reference
   implementation's way (:func:`reference_pattern_step`, after /work/shared/LATRO.md) and ours
   (:func:`ours_step`, the engine's rollout, scoring and objective as ``LatroTrainer`` calls
   them), with rationales that never stop (a random model) and with rationales that stop at a
@@ -48,6 +48,7 @@ import torch
 
 RESULTS: dict[str, list[dict[str, Any]]] = {}
 SMOKE = False  # --cpu-smoke: every code path once, toy sizes, numbers meaningless
+LATRO_WEIGHTS = ("bfloat16", "float32")  # --latro-weights: the LaTRO step's settings to run
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -736,66 +737,86 @@ def ours_step(
 
 
 def bench_latro(device: torch.device, small: bool) -> None:
-    k, prompts, max_len, prompt_len = (4, 2, 12, 8) if small else (16, 3, 500, 128)
-    model = llama(device, small, torch.float32).train()
-    ref_model = copy.deepcopy(model).eval().requires_grad_(False)
-    vocab = model.config.vocab_size
-    ids, mask = random_prompts(prompts, prompt_len, vocab, device, seed=1)
-    answer = torch.randint(3, vocab, (8,), generator=torch.Generator().manual_seed(2))
-    never = [[vocab + 1]]  # no token ever equals it: every rationale runs to the limit
-    realistic = [[t] for t in range(3, 3 + vocab // 150)]  # ~1/150 per token under a flat model
+    """Both implementations on the same model, in two settings: bfloat16 weights (the issue's
+    setting for every target, where the reference pattern's memory is mostly its activations)
+    and float32 weights under bfloat16 autocast (what training at lr 5e-7 needs: a bfloat16
+    weight cannot take such small steps), whose float32 state alone (weights, gradients, AdamW,
+    reference: 16 bytes and more per parameter) caps how far the peak can fall."""
+    from latro_engine.static_decoder import release_static_decoder
 
-    def amp():
+    k, prompts, max_len, prompt_len = (4, 2, 12, 8) if small else (16, 3, 500, 128)
+
+    def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16)
 
+    settings = {
+        "bfloat16": ("bfloat16", torch.bfloat16, contextlib.nullcontext),
+        "float32": ("float32 + bf16 autocast", torch.float32, autocast),
+    }
     rows = []
-    for stops, label in ((never, "full-length rationales"), (realistic, "stop after ~150 tokens")):
-        row: dict[str, Any] = {"rationales": label}
-        for name, step in (("reference pattern", reference_pattern_step), ("ours", ours_step)):
-            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-7)
-            kwargs = dict(k=k, stops=stops, amp=amp)
-            try:
-                # warm-up: kernels, allocator, AdamW state, and for ours at full length the
-                # decoder's buffers and CUDA graphs, kept between steps as in training
-                warm_len = max_len if step is ours_step else 4
-                step(model, ref_model, optimizer, ids, mask, answer, max_len=warm_len, **kwargs)
-                _sync(device)
-                state = None  # weights, reference, AdamW state (and our kept decoder)
+    parameters = 0.0
+    for weights, dtype, amp in (settings[w] for w in LATRO_WEIGHTS):
+        model = llama(device, small, dtype).train()
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        parameters = sum(p.numel() for p in model.parameters()) / 1e9
+        vocab = model.config.vocab_size
+        ids, mask = random_prompts(prompts, prompt_len, vocab, device, seed=1)
+        answer = torch.randint(3, vocab, (8,), generator=torch.Generator().manual_seed(2))
+        never = [[vocab + 1]]  # no token ever equals it: every rationale runs to the limit
+        realistic = [[t] for t in range(3, 3 + vocab // 150)]  # ~1/150 per token, flat model
+        for stops, label in ((never, "full length"), (realistic, "stop after ~150 tokens")):
+            row: dict[str, Any] = {"weights": weights, "rationales": label}
+            for name, step in (("reference pattern", reference_pattern_step), ("ours", ours_step)):
+                optimizer = torch.optim.AdamW(model.parameters(), lr=1e-7)
+                kwargs = dict(k=k, stops=stops, amp=amp)
+                try:
+                    # warm-up: kernels, allocator, AdamW state, and for ours at full length the
+                    # decoder's buffers and CUDA graphs, kept between steps as in training
+                    warm_len = max_len if step is ours_step else 4
+                    step(model, ref_model, optimizer, ids, mask, answer, max_len=warm_len, **kwargs)
+                    _sync(device)
+                    state = None  # weights, reference, AdamW state (and our kept decoder)
+                    if device.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats(device)
+                        state = torch.cuda.memory_allocated(device) / 2**30
+                    t0 = time.perf_counter()
+                    step(model, ref_model, optimizer, ids, mask, answer, max_len=max_len, **kwargs)
+                    _sync(device)
+                    seconds = time.perf_counter() - t0
+                    peak = (
+                        torch.cuda.max_memory_allocated(device) / 2**30
+                        if device.type == "cuda"
+                        else None
+                    )
+                    row[f"{name} samples/s"] = k * prompts / seconds
+                    row[f"{name} s"] = seconds
+                    row[f"{name} peak GiB"] = peak
+                    row[f"{name} peak beyond state GiB"] = (
+                        None if peak is None or state is None else peak - state
+                    )
+                    print(f"  {weights}, {label}, {name}: {seconds:.2f} s, peak {_fmt(peak)} GiB")
+                except Exception as error:
+                    row[f"{name} s"] = f"failed: {type(error).__name__}: {error}"[:200]
+                del optimizer
                 if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
-                    state = torch.cuda.memory_allocated(device) / 2**30
-                t0 = time.perf_counter()
-                step(model, ref_model, optimizer, ids, mask, answer, max_len=max_len, **kwargs)
-                _sync(device)
-                seconds = time.perf_counter() - t0
-                peak = (
-                    torch.cuda.max_memory_allocated(device) / 2**30
-                    if device.type == "cuda"
-                    else None
-                )
-                row[f"{name} samples/s"] = k * prompts / seconds
-                row[f"{name} s"] = seconds
-                row[f"{name} peak GiB"] = peak
-                row[f"{name} peak beyond state GiB"] = (
-                    None if peak is None or state is None else peak - state
-                )
-                print(f"  {label}, {name}: {seconds:.2f} s, peak {_fmt(peak)} GiB")
-            except Exception as error:
-                row[f"{name} s"] = f"failed: {type(error).__name__}: {error}"[:200]
-            del optimizer
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        row["speedup"] = _ratio(row.get("ours samples/s"), row.get("reference pattern samples/s"))
-        row["memory ratio"] = _ratio(
-            row.get("ours peak GiB"), row.get("reference pattern peak GiB")
-        )
-        rows.append(row)
-    rows.append({"rationales": "targets", "speedup": ">= 4x", "memory ratio": "<= 1/3"})
+                    torch.cuda.empty_cache()
+            row["speedup"] = _ratio(
+                row.get("ours samples/s"), row.get("reference pattern samples/s")
+            )
+            row["memory ratio"] = _ratio(
+                row.get("ours peak GiB"), row.get("reference pattern peak GiB")
+            )
+            rows.append(row)
+        release_static_decoder(model)
+        del model, ref_model
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    rows.append({"weights": "targets", "speedup": ">= 4x", "memory ratio": "<= 1/3"})
     table(
         "latro",
         f"one LaTRO step, K={k}, {prompts} prompts, L={max_len}, {prompt_len}-token "
-        f"prompts, {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters "
-        "(float32 weights, bf16 autocast, AdamW)",
+        f"prompts, {parameters:.2f}B parameters, AdamW",
         rows,
     )
 
@@ -839,7 +860,17 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="run every section at toy sizes on the CPU (checks the code only)",
     )
+    parser.add_argument(
+        "--latro-weights",
+        default="bfloat16,float32",
+        help="the LaTRO step's weight settings, comma-separated: bfloat16 (the issue's "
+        "setting), float32 (float32 weights under bfloat16 autocast)",
+    )
     args = parser.parse_args(argv)
+    global LATRO_WEIGHTS
+    LATRO_WEIGHTS = tuple(w.strip() for w in args.latro_weights.split(",") if w.strip())
+    if not LATRO_WEIGHTS or any(w not in ("bfloat16", "float32") for w in LATRO_WEIGHTS):
+        parser.error(f"--latro-weights takes bfloat16 and/or float32, got {args.latro_weights!r}")
     if args.cpu_smoke:
         device = torch.device("cpu")
     elif not torch.cuda.is_available():
