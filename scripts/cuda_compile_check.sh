@@ -3,7 +3,7 @@
 # longer compiles cannot land on a machine that has no GPU to build the real extension:
 #
 #   1. each csrc/core/src/*.cu into an object file (C++17, as CMake builds latro::core),
-#      warnings as errors;
+#      warnings as errors, and no kernel may spill or use local memory;
 #   2. each csrc/torch/*.cu (the torch bindings of the kernels) against the torch headers of
 #      the project's Python (C++20, as torch.utils.cpp_extension builds them).
 #
@@ -39,7 +39,11 @@ mkdir -p "$BUILD_DIR"
 echo "cuda_compile_check: $("$NVCC" --version | tail -n 2 | head -n 1), arch $ARCH, $JOBS jobs"
 
 # -- 1. the torch-free core --------------------------------------------------------------------
+# ptxas fails a kernel that spills registers or puts anything in local memory: a dynamically
+# indexed array (the sampler's Philox words once: a local load per token) or a register budget
+# the kernel outgrew, regressions that compile silently and only a GPU profile would show.
 CORE_FLAGS=(-std=c++17 -O3 -arch="$ARCH" -Werror all-warnings
+            -Xptxas -warn-spills,-warn-lmem-usage,-Werror
             -Xcompiler -Wall,-Wextra,-Werror -Icsrc/core/include)
 mapfile -t CORE_SOURCES < <(ls csrc/core/src/*.cu 2>/dev/null || true)
 if [[ ${#CORE_SOURCES[@]} -eq 0 ]]; then
