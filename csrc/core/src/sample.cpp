@@ -18,6 +18,7 @@ struct RowScratch {
   std::vector<float> scaled;     // logits / temperature
   std::vector<float> selection;  // copy for nth_element
   std::vector<int64_t> order;    // candidates for top-p
+  std::vector<double> weight;    // exp(s - m) of each token, for top-p's sums
 };
 
 template <typename T>
@@ -70,19 +71,22 @@ void sample_row(const SampleArgs& args, const T* row, int64_t r, uint64_t seed, 
   float nucleus_floor = kNegInf;
   if (args.top_p < 1.0f) {
     std::vector<int64_t>& order = scratch.order;
+    std::vector<double>& weight = scratch.weight;
     order.clear();
+    weight.resize(static_cast<size_t>(vocab));
     double mass = 0.0;
     for (int64_t v = 0; v < vocab; ++v) {
       if (kept_before_top_p(v)) {
         order.push_back(v);
-        mass += std::exp(static_cast<double>(s[v]) - m);
+        weight[v] = std::exp(static_cast<double>(s[v]) - m);
+        mass += weight[v];
       }
     }
     // The walk needs only a prefix of the sorted survivors (a trained model's nucleus is a few
     // tokens): nth_element selects the first `head`, and only when their mass can reach the
     // target are they sorted and walked; otherwise, or if rounding leaves the walk short, four
-    // times as many. The order is strict, so every prefix and its
-    // running sums are those of sorting everything: the result is the full sort's.
+    // times as many. The order is strict, so every prefix and its running sums are those of
+    // sorting everything: the result is the full sort's.
     const auto before = [&](int64_t a, int64_t b) {
       return s[a] > s[b] || (s[a] == s[b] && a < b);
     };
@@ -94,15 +98,13 @@ void sample_row(const SampleArgs& args, const T* row, int64_t r, uint64_t seed, 
       if (head < n) {
         std::nth_element(order.begin(), order.begin() + head, order.end(), before);
         double head_mass = 0.0;
-        for (size_t i = 0; i < head; ++i) {
-          head_mass += std::exp(static_cast<double>(s[order[i]]) - m);
-        }
+        for (size_t i = 0; i < head; ++i) head_mass += weight[order[i]];
         if (head_mass < target * (1.0 - 1e-9)) continue;  // the nucleus reaches past the head
       }
       std::sort(order.begin(), order.begin() + head, before);
       double cumulative = 0.0;
       for (size_t i = 0; i < head; ++i) {
-        cumulative += std::exp(static_cast<double>(s[order[i]]) - m);
+        cumulative += weight[order[i]];
         if (cumulative >= target) {
           nucleus_floor = s[order[i]];
           break;
