@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import gc
 import json
 import os
@@ -587,6 +588,35 @@ def _full_vocab_sums(model, ids, mask, positions, weight_mask) -> torch.Tensor:
     return (token_logp * weight_mask[:, 1:]).sum(-1)
 
 
+class PhasePeaks:
+    """Peak CUDA memory of each phase of a LaTRO step (rollout, scoring, training), so the memory
+    table says where a peak comes from. Each phase resets the peak counter, so the step's peak
+    is the largest phase peak; off the GPU it records nothing."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peaks: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        if self.device.type != "cuda":
+            yield
+            return
+        torch.cuda.reset_peak_memory_stats(self.device)
+        yield
+        self.peaks[name] = torch.cuda.max_memory_allocated(self.device) / 2**30
+
+    def step_peak(self) -> float | None:
+        return max(self.peaks.values()) if self.peaks else None
+
+    def summary(self) -> str:
+        return " / ".join(f"{name} {peak:.1f}" for name, peak in self.peaks.items())
+
+
+def _no_phases(name: str):
+    return contextlib.nullcontext()
+
+
 def reference_pattern_step(
     model,
     ref_model,
@@ -602,6 +632,7 @@ def reference_pattern_step(
     micro: int = 4,
     score_batch: int = 16,
     amp: Callable[[], Any] = contextlib.nullcontext,
+    phase: Callable[[str], Any] = _no_phases,
 ) -> None:
     """One LaTRO step the reference implementation's way (/work/shared/LATRO.md): full-length
     sampling with ``generate`` keeping the scores, the rationales cut at stop strings
@@ -614,7 +645,7 @@ def reference_pattern_step(
     ids = prompt_ids.repeat_interleave(k, 0)
     mask = prompt_mask.repeat_interleave(k, 0)
     model.eval()
-    with torch.no_grad(), amp():
+    with phase("rollout"), torch.no_grad(), amp():
         out = model.generate(
             input_ids=ids,
             attention_mask=mask,
@@ -641,7 +672,7 @@ def reference_pattern_step(
     xzy = _left_pad([(ids, mask), (rationale, z_mask), (y, y_mask)])
     xzy_w = _left_pad([(zero(ids), mask), (zero(rationale), z_mask), (y_mask, y_mask)])[0]
     n = ids.shape[0]
-    with torch.no_grad(), amp():
+    with phase("scoring"), torch.no_grad(), amp():
         parts: dict[str, list[torch.Tensor]] = {"z": [], "ref": [], "y": []}
         for b in range(0, n, score_batch):
             s = slice(b, b + score_batch)
@@ -653,15 +684,16 @@ def reference_pattern_step(
         reward = torch.where(finished, reward, 2.0 * reward.mean())
         r = reward.view(-1, k)
         advantage = (r - (r.sum(-1, keepdim=True) - r) / (k - 1)).view(-1)
-    for b in range(0, n, micro):
-        s = slice(b, b + micro)
-        with amp():
-            lz = _full_vocab_sums(model, xz[0][s], xz[1][s], xz[2][s], xz_w[s])
-            ly = _full_vocab_sums(model, xzy[0][s], xzy[1][s], xzy[2][s], xzy_w[s])
-            loss = -(advantage[s] * lz).mean() - ly.mean()
-        (loss * (lz.shape[0] / n)).backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    with phase("training"):
+        for b in range(0, n, micro):
+            s = slice(b, b + micro)
+            with amp():
+                lz = _full_vocab_sums(model, xz[0][s], xz[1][s], xz[2][s], xz_w[s])
+                ly = _full_vocab_sums(model, xzy[0][s], xzy[1][s], xzy[2][s], xzy_w[s])
+                loss = -(advantage[s] * lz).mean() - ly.mean()
+            (loss * (lz.shape[0] / n)).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
 
 def ours_step(
@@ -679,18 +711,24 @@ def ours_step(
     micro: int = 4,
     seed: int = 0,
     amp: Callable[[], Any] = contextlib.nullcontext,
+    phase: Callable[[str], Any] = _no_phases,
+    checkpointing: bool = False,
 ) -> None:
     """One LaTRO step with the engine, as ``LatroTrainer.train_step`` runs it with these
     settings (micro-batches of 4 do not hold whole groups, so rewards come from a no-grad
     scoring pass first): rollout with stop detection and compaction, one no-grad pass over
     [x, z, y] for log p(z|x) and log p(y|x,z), one reference pass over [x, z], then a grad
     pass per micro-batch through ``linear_token_logprobs``. Forwards run under ``amp()``,
-    backwards outside it, as in the trainer."""
+    backwards outside it, as in the trainer. ``checkpointing``: the grad passes keep only each
+    decoder layer's input and recompute the rest in the backward (the trainer's
+    ``gradient_checkpointing`` option), trading about a third more training compute for most
+    of the activation memory."""
     from latro_engine.objective import batch_advantages, latro_loss
     from latro_engine.scoring import reference_logprobs, score_sequences
+    from latro_engine.trainer import set_activation_checkpointing
 
     model.eval()
-    with amp():
+    with phase("rollout"), amp():
         rollout = ours_rollout(model, prompt_ids, prompt_mask, max_len, stops, k=k, seed=seed)
     model.train()
     n = rollout.batch_size
@@ -701,7 +739,7 @@ def ours_step(
         rollout.rationale_ids,
         rollout.rationale_lengths,
     )
-    with torch.no_grad(), amp():
+    with phase("scoring"), torch.no_grad(), amp():
         scores = score_sequences(model, *args, answers, micro_batch_size=micro * 4)
         ref = reference_logprobs(model, ref_model, *args, micro_batch_size=micro * 4)
     ref = ref.rationale_logp
@@ -715,25 +753,41 @@ def ours_step(
         nonstop_penalty=-10.0,
         penalty_mode="constant",
     )
-    for b in range(0, n, micro):
-        rows = torch.arange(b, min(b + micro, n), device=prompt_ids.device)
-        with amp():
-            mb = score_sequences(
-                model, *(t[rows] for t in args), [answers[i] for i in rows.tolist()]
-            )
-            loss, _ = latro_loss(
-                mb.answer_logp,
-                mb.rationale_logp,
-                torch.zeros_like(mb.rationale_logp),
-                rollout.finished[rows],
-                k=k,
-                kl_coef=kl_coef,
-                sft_weight=1.0,
-                advantages=advantages[rows],
-            )
-        (loss * (len(rows) / n)).backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    if checkpointing:
+        set_activation_checkpointing(model, True)
+    try:
+        with phase("training"):
+            for b in range(0, n, micro):
+                rows = torch.arange(b, min(b + micro, n), device=prompt_ids.device)
+                with amp():
+                    mb = score_sequences(
+                        model, *(t[rows] for t in args), [answers[i] for i in rows.tolist()]
+                    )
+                    loss, _ = latro_loss(
+                        mb.answer_logp,
+                        mb.rationale_logp,
+                        torch.zeros_like(mb.rationale_logp),
+                        rollout.finished[rows],
+                        k=k,
+                        kl_coef=kl_coef,
+                        sft_weight=1.0,
+                        advantages=advantages[rows],
+                    )
+                (loss * (len(rows) / n)).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    finally:
+        if checkpointing:
+            set_activation_checkpointing(model, False)
+
+
+# The step's implementations, the baseline first. Ours with gradient checkpointing is the
+# trainer's memory-lean setting (``gradient_checkpointing: true``).
+IMPLEMENTATIONS: tuple[tuple[str, Callable[..., None]], ...] = (
+    ("reference pattern", reference_pattern_step),
+    ("ours", ours_step),
+    ("ours, gradient checkpointing", functools.partial(ours_step, checkpointing=True)),
+)
 
 
 def bench_latro(device: torch.device, small: bool) -> None:
@@ -766,53 +820,59 @@ def bench_latro(device: torch.device, small: bool) -> None:
         realistic = [[t] for t in range(3, 3 + vocab // 150)]  # ~1/150 per token, flat model
         for stops, label in ((never, "full length"), (realistic, "stop after ~150 tokens")):
             row: dict[str, Any] = {"weights": weights, "rationales": label}
-            for name, step in (("reference pattern", reference_pattern_step), ("ours", ours_step)):
+            for name, step in IMPLEMENTATIONS:
                 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-7)
                 kwargs = dict(k=k, stops=stops, amp=amp)
                 try:
                     # warm-up: kernels, allocator, AdamW state, and for ours at full length the
                     # decoder's buffers and CUDA graphs, kept between steps as in training
-                    warm_len = max_len if step is ours_step else 4
+                    warm_len = 4 if step is reference_pattern_step else max_len
                     step(model, ref_model, optimizer, ids, mask, answer, max_len=warm_len, **kwargs)
                     _sync(device)
                     state = None  # weights, reference, AdamW state (and our kept decoder)
                     if device.type == "cuda":
-                        torch.cuda.reset_peak_memory_stats(device)
                         state = torch.cuda.memory_allocated(device) / 2**30
+                    phases = PhasePeaks(device)
                     t0 = time.perf_counter()
-                    step(model, ref_model, optimizer, ids, mask, answer, max_len=max_len, **kwargs)
+                    step(
+                        model, ref_model, optimizer, ids, mask, answer, max_len=max_len,
+                        phase=phases, **kwargs,
+                    )
                     _sync(device)
                     seconds = time.perf_counter() - t0
-                    peak = (
-                        torch.cuda.max_memory_allocated(device) / 2**30
-                        if device.type == "cuda"
-                        else None
-                    )
+                    peak = phases.step_peak()
                     row[f"{name} samples/s"] = k * prompts / seconds
                     row[f"{name} s"] = seconds
                     row[f"{name} peak GiB"] = peak
-                    row[f"{name} peak beyond state GiB"] = (
-                        None if peak is None or state is None else peak - state
+                    row[f"{name} state GiB"] = state
+                    row[f"{name} phase peaks GiB"] = phases.summary() or None
+                    print(
+                        f"  {weights}, {label}, {name}: {seconds:.2f} s, peak {_fmt(peak)} GiB "
+                        f"(state {_fmt(state)}; {phases.summary()})"
                     )
-                    print(f"  {weights}, {label}, {name}: {seconds:.2f} s, peak {_fmt(peak)} GiB")
                 except Exception as error:
                     row[f"{name} s"] = f"failed: {type(error).__name__}: {error}"[:200]
                 del optimizer
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-            row["speedup"] = _ratio(
-                row.get("ours samples/s"), row.get("reference pattern samples/s")
-            )
-            row["memory ratio"] = _ratio(
-                row.get("ours peak GiB"), row.get("reference pattern peak GiB")
-            )
+            for name, _ in IMPLEMENTATIONS[1:]:
+                row[f"speedup ({name})"] = _ratio(
+                    row.get(f"{name} samples/s"), row.get("reference pattern samples/s")
+                )
+                row[f"memory ratio ({name})"] = _ratio(
+                    row.get(f"{name} peak GiB"), row.get("reference pattern peak GiB")
+                )
             rows.append(row)
         release_static_decoder(model)
         del model, ref_model
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    rows.append({"weights": "targets", "speedup": ">= 4x", "memory ratio": "<= 1/3"})
+    rows.append(
+        {"weights": "targets"}
+        | {f"speedup ({name})": ">= 4x" for name, _ in IMPLEMENTATIONS[1:]}
+        | {f"memory ratio ({name})": "<= 1/3" for name, _ in IMPLEMENTATIONS[1:]}
+    )
     table(
         "latro",
         f"one LaTRO step, K={k}, {prompts} prompts, L={max_len}, {prompt_len}-token "

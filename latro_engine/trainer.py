@@ -133,10 +133,8 @@ class _Trainer:
 
     # ------------------------------------------------------------------ set-up
     def _prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        if self.config.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
-            model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}  # works under DDP
-            )
+        if self.config.gradient_checkpointing:
+            set_activation_checkpointing(model, True)
         if self.config.lora_rank:
             try:
                 from peft import LoraConfig, get_peft_model
@@ -331,6 +329,21 @@ class _Trainer:
         if write_path is not None and self.dist.is_main:
             write_eval_jsonl(result, write_path)
         return result
+
+
+def set_activation_checkpointing(model: torch.nn.Module, on: bool) -> None:
+    """Turns activation (gradient) checkpointing of a Hugging Face model on or off: grad passes
+    keep each decoder layer's input and recompute the rest in the backward. Non-reentrant, so
+    it works under DDP. transformers 5 renamed the switch (``activation_checkpointing_*``); the
+    old name stays for older versions. A model without either is left as it is."""
+    new = "activation_checkpointing_enable" if on else "activation_checkpointing_disable"
+    old = "gradient_checkpointing_enable" if on else "gradient_checkpointing_disable"
+    if hasattr(model, new):
+        kwargs = {"activation_checkpointing_kwargs": {"use_reentrant": False}} if on else {}
+        getattr(model, new)(**kwargs)
+    elif hasattr(model, old):
+        kwargs = {"gradient_checkpointing_kwargs": {"use_reentrant": False}} if on else {}
+        getattr(model, old)(**kwargs)
 
 
 class LatroTrainer(_Trainer):

@@ -52,7 +52,8 @@ void rloo_advantages(const float* rewards, int64_t groups, int64_t k, float* out
   constexpr int kThreads = 256;
   const int64_t blocks = (n + kThreads - 1) / kThreads;
   LATRO_CHECK(blocks <= INT32_MAX, "too many rewards: ", n);
-  rloo_kernel<<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(rewards, n, k, out);
+  detail::launch(rloo_kernel, static_cast<unsigned int>(blocks), kThreads, stream, rewards, n, k,
+                 out);
   LATRO_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -64,7 +65,7 @@ void latro_rewards(const float* answer_logp, const float* rationale_logp,
                                    kl_coef, nonstop_penalty, out);
   LATRO_CHECK(mode == PenaltyMode::Constant || mode == PenaltyMode::BatchMean,
               "penalty_mode must be Constant or BatchMean");
-  latro_rewards_kernel<<<1, kRewardThreads, 0, stream>>>(
+  detail::launch(latro_rewards_kernel, 1, kRewardThreads, stream,
       answer_logp, rationale_logp, ref_rationale_logp, finished, n, kl_coef, nonstop_penalty,
       mode == PenaltyMode::BatchMean, out);
   LATRO_CUDA_CHECK(cudaGetLastError());

@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 
 #include "latro/cuda.h"
 #include "latro/latro.h"
@@ -43,6 +44,19 @@ inline void check_groups(const RowGroups& groups, const char* name) {
 inline unsigned int row_blocks(int64_t rows) {
   constexpr int64_t kMaxBlocks = int64_t{1} << 30;
   return static_cast<unsigned int>(rows < kMaxBlocks ? rows : kMaxBlocks);
+}
+
+// kernel<<<grid, block, 0, stream>>>(args...), the one spelling of a launch: a C++ compiler
+// cannot parse <<< >>>, and cpp_tests/cuda_emulator runs the kernels on the CPU through here.
+template <typename... Params, typename... Args>
+void launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream,
+            Args&&... args) {
+#if defined(LATRO_CUDA_EMULATION)
+  (void)stream;
+  ::latro_emu::launch(grid, block, [&] { kernel(args...); });
+#else
+  kernel<<<grid, block, 0, stream>>>(std::forward<Args>(args)...);
+#endif
 }
 
 // ---------------------------------------------------------------- rows

@@ -512,9 +512,13 @@ __device__ RowNoise row_noise(const SampleKernelArgs& a, int64_t row, int64_t st
 // x * log2(e)). Only for the normalizers, where that moves a log-probability by about 1e-6;
 // the thresholds and their fixed-point masses keep expf.
 __device__ __forceinline__ float fast_exp(float x) {
+#if defined(LATRO_CUDA_EMULATION)
+  return exp2f(x * 1.44269504088896341f);  // the CPU emulation has no PTX
+#else
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x * 1.44269504088896341f));
   return y;
+#endif
 }
 
 // Temperature sampling without filters (the rollout's case): one read of the row computes its
@@ -523,7 +527,7 @@ __device__ __forceinline__ float fast_exp(float x) {
 // no division (x / 1 == x).
 template <typename T, bool kUnit>
 __global__ void __launch_bounds__(kThreads) plain_sample_kernel(SampleKernelArgs a) {
-  __shared__ alignas(16) unsigned char scratch[(kMaxWarps + 1) * sizeof(FirstPass)];
+  alignas(16) __shared__ unsigned char scratch[(kMaxWarps + 1) * sizeof(FirstPass)];
   const int64_t step = *a.offset;
   const T* logits = static_cast<const T*>(a.logits);
   for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
@@ -795,11 +799,13 @@ void sample(const SampleArgs& args, cudaStream_t stream, uint64_t* status) {
                      !(args.top_p < 1.0f) && !(args.min_p > 0.0f);
   LATRO_DISPATCH_DTYPE(args.dtype, T, [&] {
     if (plain && args.temperature == 1.0f) {
-      plain_sample_kernel<T, true><<<detail::row_blocks(args.rows), kThreads, 0, stream>>>(a);
+      detail::launch(plain_sample_kernel<T, true>, detail::row_blocks(args.rows), kThreads,
+                     stream, a);
     } else if (plain) {
-      plain_sample_kernel<T, false><<<detail::row_blocks(args.rows), kThreads, 0, stream>>>(a);
+      detail::launch(plain_sample_kernel<T, false>, detail::row_blocks(args.rows), kThreads,
+                     stream, a);
     } else {
-      sample_kernel<T><<<filtered_grid(args.rows), kThreads, 0, stream>>>(a);
+      detail::launch(sample_kernel<T>, filtered_grid(args.rows), kThreads, stream, a);
     }
   });
   LATRO_CUDA_CHECK(cudaGetLastError());

@@ -99,7 +99,7 @@ void stop_positions(const int64_t* tokens, int64_t rows, int64_t len, int64_t ro
   check_rows(tokens, rows, len, row_stride, start, stops, stop_token_count);
   LATRO_CHECK(out != nullptr || rows == 0, "out is a null pointer");
   if (rows == 0) return;
-  stop_positions_kernel<<<detail::row_blocks(rows), kStopThreads, 0, stream>>>(
+  detail::launch(stop_positions_kernel, detail::row_blocks(rows), kStopThreads, stream,
       tokens, rows, len, row_stride, stops, stop_token_count, start, out, status);
   LATRO_CUDA_CHECK(cudaGetLastError());
 }
@@ -116,7 +116,7 @@ void stop_positions_step(const int64_t* tokens, int64_t rows, int64_t len, int64
   constexpr int kThreads = 128;
   const int64_t blocks = (rows + kThreads - 1) / kThreads;
   LATRO_CHECK(blocks <= INT32_MAX, "too many rows: ", rows);
-  stop_positions_step_kernel<<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(
+  detail::launch(stop_positions_step_kernel, static_cast<unsigned int>(blocks), kThreads, stream,
       tokens, rows, len, row_stride, stops, stop_token_count, step, start, positions_in,
       positions_out, status);
   LATRO_CUDA_CHECK(cudaGetLastError());

@@ -214,7 +214,7 @@ void token_logprobs(const TokenLogprobsArgs& args, cudaStream_t stream, uint64_t
   if (args.rows == 0) return;
   LATRO_DISPATCH_DTYPE(args.dtype, T, [&] {
     const int threads = threads_for(args.vocab, kVec<T>);
-    token_logprobs_kernel<T><<<detail::row_blocks(args.rows), threads, 0, stream>>>(
+    detail::launch(token_logprobs_kernel<T>, detail::row_blocks(args.rows), threads, stream,
         static_cast<const T*>(args.logits), args.rows, args.vocab, stride, groups, args.targets,
         args.ignore_index, args.logprobs, args.lse, status);
   });
@@ -234,7 +234,7 @@ void token_logprobs_backward(const TokenLogprobsBackwardArgs& args, cudaStream_t
   if (args.rows == 0) return;
   LATRO_DISPATCH_DTYPE(args.dtype, T, [&] {
     const int threads = threads_for(args.vocab, kVec<T>);
-    token_logprobs_backward_kernel<T><<<detail::row_blocks(args.rows), threads, 0, stream>>>(
+    detail::launch(token_logprobs_backward_kernel<T>, detail::row_blocks(args.rows), threads, stream,
         static_cast<const T*>(args.logits), args.rows, args.vocab, stride, groups, args.targets,
         args.ignore_index, args.lse, args.grad_logprobs, static_cast<T*>(args.grad_logits),
         grad_stride, grad_groups, status);

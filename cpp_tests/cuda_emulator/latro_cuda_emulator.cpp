@@ -1,0 +1,394 @@
+// The fiber scheduler behind latro_cuda_emulator.h: one ucontext fiber per CUDA thread of the
+// running block, switched only at barriers (__syncthreads, warp shuffles, __syncwarp).
+#include "latro_cuda_emulator.h"
+
+#include <sys/mman.h>
+#include <unistd.h>
+#if !defined(__x86_64__)
+#include <ucontext.h>
+#endif
+
+#include <algorithm>
+#include <cstdlib>
+#include <exception>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#if defined(__SANITIZE_ADDRESS__)
+#define LATRO_EMU_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define LATRO_EMU_ASAN 1
+#endif
+#endif
+#if defined(LATRO_EMU_ASAN)
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+#endif
+
+namespace {
+std::string g_last_error;
+cudaError_t g_pending = cudaSuccess;
+}  // namespace
+
+cudaError_t cudaGetLastError() {
+  const cudaError_t error = g_pending;
+  g_pending = cudaSuccess;
+  return error;
+}
+
+const char* cudaGetErrorString(cudaError_t error) {
+  switch (error) {
+    case cudaSuccess: return "no error";
+    case cudaErrorInvalidValue: return "invalid argument";
+    case cudaErrorLaunchFailure: return g_last_error.c_str();
+  }
+  return "unknown error";
+}
+
+// ---------------------------------------------------------------- switching stacks
+// On x86-64 a switch saves the callee-saved registers and the floating-point control words on
+// the old stack and pops them from the new one: a few nanoseconds. Elsewhere ucontext, whose
+// swapcontext also saves and restores the signal mask (a system call per switch).
+#if defined(__x86_64__)
+extern "C" void latro_emu_switch(void** save_sp, void* load_sp);
+asm(R"(
+  .text
+  .globl latro_emu_switch
+  .type latro_emu_switch, @function
+latro_emu_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size latro_emu_switch, .-latro_emu_switch
+)");
+
+struct Context {
+  void* sp = nullptr;
+};
+
+// A fresh stack whose first switch "returns" into entry(), aligned as after a call.
+inline void make_context(Context& context, char* base, size_t size, void (*entry)()) {
+  uintptr_t top = (reinterpret_cast<uintptr_t>(base) + size) & ~uintptr_t{15};
+  auto* slots = reinterpret_cast<uint64_t*>(top);
+  *--slots = 0;  // entry's return address: none (it never returns)
+  *--slots = reinterpret_cast<uint64_t>(entry);
+  for (int i = 0; i < 6; ++i) *--slots = 0;  // rbp rbx r12 r13 r14 r15
+  uint32_t mxcsr = 0;
+  uint16_t fpucw = 0;
+  asm volatile("stmxcsr %0" : "=m"(mxcsr));
+  asm volatile("fnstcw %0" : "=m"(fpucw));
+  *--slots = static_cast<uint64_t>(mxcsr) | (static_cast<uint64_t>(fpucw) << 32);
+  context.sp = slots;
+}
+inline void switch_context(Context& from, Context& to) { latro_emu_switch(&from.sp, to.sp); }
+#else
+struct Context {
+  ucontext_t uc;
+};
+inline void make_context(Context& context, char* base, size_t size, void (*entry)()) {
+  getcontext(&context.uc);
+  context.uc.uc_stack.ss_sp = base;
+  context.uc.uc_stack.ss_size = size;
+  context.uc.uc_link = nullptr;
+  makecontext(&context.uc, entry, 0);
+}
+inline void switch_context(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
+#endif
+
+namespace latro_emu {
+namespace {
+
+constexpr size_t kStackBytes = size_t{256} << 10;  // per thread; kernels keep small frames
+constexpr int kMaxThreads = 1024;
+
+enum class State { Runnable, AtBlockBarrier, AtWarpBarrier, Done };
+
+// A thread's stack: mapped once and reused by every launch, with an inaccessible page below it
+// so an overflow faults instead of corrupting a neighbour.
+struct Stack {
+  char* base = nullptr;  // lowest usable byte
+  size_t size = 0;
+};
+
+Stack new_stack() {
+  const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  void* mapping = mmap(nullptr, kStackBytes + page, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (mapping == MAP_FAILED) throw std::runtime_error("cuda emulator: cannot map a thread stack");
+  mprotect(mapping, page, PROT_NONE);
+  return Stack{static_cast<char*>(mapping) + page, kStackBytes};
+}
+
+struct Fiber {
+  Context context;
+  Stack stack;
+  uint3 thread;
+  int warp = 0;
+  State state = State::Done;
+#if defined(LATRO_EMU_ASAN)
+  void* fake_stack = nullptr;
+#endif
+};
+
+struct BlockRun {
+  const std::function<void()>* body = nullptr;
+  dim3 grid, block;
+  uint3 block_index{0, 0, 0};
+  std::vector<Fiber> fibers;  // grows to the largest block seen; stacks are kept
+  int threads = 0;
+  int current = -1;
+  Context scheduler;
+  int live = 0;
+  int block_arrived = 0;
+  std::vector<int> warp_live, warp_arrived, warp_size;
+  std::vector<uint64_t> slots;
+  bool failed = false;
+  std::string error;
+#if defined(LATRO_EMU_ASAN)
+  void* scheduler_fake_stack = nullptr;
+  const void* scheduler_bottom = nullptr;
+  size_t scheduler_size = 0;
+#endif
+};
+
+BlockRun g_run;
+bool g_running = false;
+Schedule g_schedule = Schedule::Forward;
+uint32_t g_seed = 0;
+
+Fiber& current_fiber() { return g_run.fibers[static_cast<size_t>(g_run.current)]; }
+
+void fail(const std::string& message) {
+  if (!g_run.failed) {
+    g_run.failed = true;
+    g_run.error = message;
+  }
+}
+
+// Fiber -> scheduler. Returns when the scheduler resumes this fiber.
+void switch_to_scheduler() {
+  Fiber& self = current_fiber();
+#if defined(LATRO_EMU_ASAN)
+  __sanitizer_start_switch_fiber(&self.fake_stack, g_run.scheduler_bottom, g_run.scheduler_size);
+#endif
+  switch_context(self.context, g_run.scheduler);
+#if defined(LATRO_EMU_ASAN)
+  __sanitizer_finish_switch_fiber(self.fake_stack, nullptr, nullptr);
+#endif
+}
+
+// Releases the block barrier when every thread of the block is at it. Threads that exited
+// never arrive: CUDA allows __syncthreads only where the whole block reaches it, so a kernel
+// whose threads return early before a barrier deadlocks here (and is reported).
+bool try_release_block() {
+  if (g_run.block_arrived < g_run.threads) return false;
+  for (int i = 0; i < g_run.threads; ++i) {
+    if (g_run.fibers[static_cast<size_t>(i)].state == State::AtBlockBarrier) {
+      g_run.fibers[static_cast<size_t>(i)].state = State::Runnable;
+    }
+  }
+  g_run.block_arrived = 0;
+  return true;
+}
+
+bool try_release_warp(int warp) {
+  const size_t w = static_cast<size_t>(warp);
+  if (g_run.warp_arrived[w] < g_run.warp_size[w]) return false;
+  const int first = warp * 32, last = std::min(first + 32, g_run.threads);
+  for (int i = first; i < last; ++i) {
+    if (g_run.fibers[static_cast<size_t>(i)].state == State::AtWarpBarrier) {
+      g_run.fibers[static_cast<size_t>(i)].state = State::Runnable;
+    }
+  }
+  g_run.warp_arrived[w] = 0;
+  return true;
+}
+
+void fiber_main() {
+#if defined(LATRO_EMU_ASAN)
+  __sanitizer_finish_switch_fiber(nullptr, &g_run.scheduler_bottom, &g_run.scheduler_size);
+#endif
+  Fiber& self = current_fiber();
+  try {
+    (*g_run.body)();
+  } catch (const std::exception& error) {
+    fail(std::string("thread threw: ") + error.what());
+  } catch (...) {
+    fail("thread threw a non-standard exception");
+  }
+  self.state = State::Done;
+  --g_run.live;
+  --g_run.warp_live[static_cast<size_t>(self.warp)];
+#if defined(LATRO_EMU_ASAN)
+  __sanitizer_start_switch_fiber(nullptr, g_run.scheduler_bottom, g_run.scheduler_size);
+#endif
+  switch_context(self.context, g_run.scheduler);  // for good: a finished fiber never resumes
+  std::abort();
+}
+
+void run_block() {
+  const int n = g_run.threads;
+  const int warps = (n + 31) / 32;
+  g_run.warp_live.assign(static_cast<size_t>(warps), 0);
+  g_run.warp_arrived.assign(static_cast<size_t>(warps), 0);
+  g_run.warp_size.assign(static_cast<size_t>(warps), 0);
+  g_run.slots.assign(static_cast<size_t>(warps) * 32, 0);
+  g_run.live = n;
+  g_run.block_arrived = 0;
+  for (int i = 0; i < n; ++i) {
+    Fiber& f = g_run.fibers[static_cast<size_t>(i)];
+    const unsigned int bx = g_run.block.x, by = g_run.block.y;
+    f.thread = uint3{static_cast<unsigned int>(i) % bx, (static_cast<unsigned int>(i) / bx) % by,
+                     static_cast<unsigned int>(i) / (bx * by)};
+    f.warp = i / 32;
+    f.state = State::Runnable;
+    ++g_run.warp_live[static_cast<size_t>(f.warp)];
+    ++g_run.warp_size[static_cast<size_t>(f.warp)];
+#if defined(LATRO_EMU_ASAN)
+    // The last launch's frames on this stack never returned (a fiber ends by switching away),
+    // so their redzones are still poisoned.
+    __asan_unpoison_memory_region(f.stack.base, f.stack.size);
+#endif
+    make_context(f.context, f.stack.base, f.stack.size, fiber_main);
+  }
+  std::vector<int> order(static_cast<size_t>(n));
+  for (int i = 0; i < n; ++i) order[static_cast<size_t>(i)] = i;
+  if (g_schedule == Schedule::Reverse) std::reverse(order.begin(), order.end());
+  std::mt19937 rng(g_seed);
+  while (g_run.live > 0 && !g_run.failed) {
+    if (g_schedule == Schedule::Shuffled) std::shuffle(order.begin(), order.end(), rng);
+    bool progressed = false;
+    for (int i : order) {
+      Fiber& f = g_run.fibers[static_cast<size_t>(i)];
+      if (f.state != State::Runnable) continue;
+      g_run.current = i;
+#if defined(LATRO_EMU_ASAN)
+      __sanitizer_start_switch_fiber(&g_run.scheduler_fake_stack, f.stack.base, f.stack.size);
+#endif
+      switch_context(g_run.scheduler, f.context);
+#if defined(LATRO_EMU_ASAN)
+      __sanitizer_finish_switch_fiber(g_run.scheduler_fake_stack, nullptr, nullptr);
+#endif
+      progressed = true;
+      if (g_run.failed) break;
+    }
+    if (!progressed && !g_run.failed) {
+      int at_block = 0, at_warp = 0;
+      for (int i = 0; i < n; ++i) {
+        at_block += g_run.fibers[static_cast<size_t>(i)].state == State::AtBlockBarrier;
+        at_warp += g_run.fibers[static_cast<size_t>(i)].state == State::AtWarpBarrier;
+      }
+      fail("deadlock: " + std::to_string(at_block) + " threads wait at __syncthreads and " +
+           std::to_string(at_warp) + " at a warp barrier, which the " +
+           std::to_string(n - g_run.live) + " threads that returned never reach");
+    }
+  }
+}
+
+}  // namespace
+
+void set_schedule(Schedule schedule, uint32_t seed) {
+  g_schedule = schedule;
+  g_seed = seed;
+}
+Schedule schedule() { return g_schedule; }
+const char* last_error_message() { return g_last_error.c_str(); }
+
+void launch(dim3 grid, dim3 block, const std::function<void()>& body) {
+  const long long threads = static_cast<long long>(block.x) * block.y * block.z;
+  const long long blocks = static_cast<long long>(grid.x) * grid.y * grid.z;
+  auto launch_failed = [](const std::string& message) {
+    g_last_error = "cuda emulator: " + message;
+    g_pending = cudaErrorLaunchFailure;
+  };
+  if (g_running) return launch_failed("a kernel launched another kernel");
+  if (threads < 1 || threads > kMaxThreads || blocks < 1) {
+    return launch_failed("invalid launch configuration: " + std::to_string(blocks) +
+                         " blocks of " + std::to_string(threads) + " threads");
+  }
+  while (g_run.fibers.size() < static_cast<size_t>(threads)) {
+    g_run.fibers.emplace_back();
+    g_run.fibers.back().stack = new_stack();
+  }
+  g_running = true;
+  g_run.body = &body;
+  g_run.grid = grid;
+  g_run.block = block;
+  g_run.threads = static_cast<int>(threads);
+  g_run.failed = false;
+  g_run.error.clear();
+  for (long long b = 0; b < blocks && !g_run.failed; ++b) {
+    const long long plane = static_cast<long long>(grid.x) * grid.y;
+    g_run.block_index = uint3{static_cast<unsigned int>(b % grid.x),
+                              static_cast<unsigned int>((b / grid.x) % grid.y),
+                              static_cast<unsigned int>(b / plane)};
+    run_block();
+  }
+  g_running = false;
+  if (g_run.failed) {
+    launch_failed("block (" + std::to_string(g_run.block_index.x) + ", " +
+                  std::to_string(g_run.block_index.y) + ", " +
+                  std::to_string(g_run.block_index.z) + "): " + g_run.error);
+  }
+}
+
+const uint3& thread_idx() { return current_fiber().thread; }
+const uint3& block_idx() { return g_run.block_index; }
+const dim3& block_dim() { return g_run.block; }
+const dim3& grid_dim() { return g_run.grid; }
+
+void sync_block() {
+  Fiber& self = current_fiber();
+  ++g_run.block_arrived;
+  self.state = State::AtBlockBarrier;
+  try_release_block();
+  // The last to arrive yields too, so each phase starts in the schedule's order.
+  switch_to_scheduler();
+}
+
+void sync_warp() {
+  Fiber& self = current_fiber();
+  ++g_run.warp_arrived[static_cast<size_t>(self.warp)];
+  self.state = State::AtWarpBarrier;
+  try_release_warp(self.warp);
+  switch_to_scheduler();
+}
+
+int lane_id() { return g_run.current % 32; }
+int warp_width() { return g_run.warp_size[static_cast<size_t>(current_fiber().warp)]; }
+uint64_t& warp_slot(int lane) {
+  return g_run.slots[static_cast<size_t>(current_fiber().warp) * 32 + static_cast<size_t>(lane)];
+}
+
+void check_full_mask(unsigned int mask) {
+  const int width = warp_width();
+  const unsigned int full = width == 32 ? 0xFFFFFFFFu : ((1u << width) - 1u);
+  if (mask != full) throw std::logic_error("cuda emulator: only full-warp masks are emulated");
+  const Fiber& self = current_fiber();
+  if (g_run.warp_live[static_cast<size_t>(self.warp)] != width) {
+    throw std::logic_error("cuda emulator: a full-warp shuffle or __syncwarp with exited lanes");
+  }
+}
+
+}  // namespace latro_emu

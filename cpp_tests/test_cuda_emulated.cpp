@@ -1,0 +1,487 @@
+// The CUDA kernels (latro/cuda.h), run on the CPU by cuda_emulator/, against the CPU functions
+// and the float64 sampling reference: what test_cuda_ops.py checks on a GPU, on every machine.
+// Each comparison also runs the kernels under the emulator's other thread schedules, which
+// must not change a single bit of the output (a missing barrier usually does).
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <limits>
+#include <random>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "latro/cuda.h"
+#include "latro/latro.h"
+#include "latro_cuda_emulator.h"
+#include "sample_reference.h"
+#include "test_util.h"
+
+namespace {
+
+using latro::DType;
+using namespace latro_test;
+
+constexpr float kInfF = std::numeric_limits<float>::infinity();
+constexpr float kNaNF = std::numeric_limits<float>::quiet_NaN();
+
+// Runs `launch` (which writes its outputs into the vectors it captured) under every schedule
+// and returns the forward schedule's outputs as `collect()` sees them; the others must match.
+// `only_forward`: one schedule (for repeats of a case already checked under all three).
+template <typename Launch, typename Collect>
+auto under_every_schedule(Launch&& launch, Collect&& collect, bool only_forward = false) {
+  using latro_emu::Schedule;
+  latro_emu::set_schedule(Schedule::Forward);
+  launch();
+  const auto forward = collect();
+  if (only_forward) return forward;
+  for (const auto& [schedule, name] :
+       {std::pair{Schedule::Reverse, "reverse"}, std::pair{Schedule::Shuffled, "shuffled"}}) {
+    latro_emu::set_schedule(schedule, 12345);
+    launch();
+    EXPECT_TRUE(collect() == forward) << "the " << name << " schedule changed the outputs";
+  }
+  latro_emu::set_schedule(Schedule::Forward);
+  return forward;
+}
+
+// Bitwise equality of float vectors (NaN equal to NaN), for the schedule comparisons.
+std::vector<uint32_t> bits_of(const std::vector<float>& values) {
+  std::vector<uint32_t> bits(values.size());
+  for (size_t i = 0; i < values.size(); ++i) bits[i] = latro::float_to_bits(values[i]);
+  return bits;
+}
+
+// ---------------------------------------------------------------- sampling
+struct Sampled {
+  std::vector<int64_t> ids;
+  std::vector<uint32_t> logprob_bits;
+  uint64_t status = latro::cuda::kStatusOk;
+  bool operator==(const Sampled& o) const {
+    return ids == o.ids && logprob_bits == o.logprob_bits && status == o.status;
+  }
+  float logprob(size_t i) const { return latro::bits_to_float(logprob_bits[i]); }
+};
+
+// `data`: where the kernel reads the logits (default: the matrix's own storage).
+Sampled emulated_sample(const Matrix& logits, const std::vector<int64_t>& seeds,
+                        bool per_row_seeds, int64_t offset, const Options& o,
+                        const void* data = nullptr, bool only_forward = false) {
+  Draws out;
+  uint64_t status = 0;
+  auto launch = [&] {
+    latro::SampleArgs args = sample_args(logits, seeds, per_row_seeds, &offset, o, out);
+    if (data != nullptr) args.logits = data;
+    latro::cuda::reset_status(&status, nullptr);
+    latro::cuda::sample(args, nullptr, &status);
+  };
+  auto collect = [&] { return Sampled{out.ids, bits_of(out.logprobs), status}; };
+  return under_every_schedule(launch, collect, only_forward);
+}
+
+Draws cpu_sample(const Matrix& logits, const std::vector<int64_t>& seeds, bool per_row_seeds,
+                 int64_t offset, const Options& o) {
+  Draws out;
+  latro::sample(sample_args(logits, seeds, per_row_seeds, &offset, o, out));
+  return out;
+}
+
+// The kernels draw the CPU's ids: a row may differ only where the float64 reference cannot
+// tell (a threshold or two Gumbel keys within rounding), and every id is one the reference
+// allows, with the CPU's log-probability when the ids agree.
+void expect_cpu_draws(const Matrix& logits, const std::vector<int64_t>& seeds, bool per_row_seeds,
+                      int64_t offset, const Options& o, const void* data = nullptr,
+                      bool only_forward = false) {
+  const Sampled got = emulated_sample(logits, seeds, per_row_seeds, offset, o, data, only_forward);
+  const Draws want = cpu_sample(logits, seeds, per_row_seeds, offset, o);
+  ASSERT_EQ(got.status, latro::cuda::kStatusOk) << options_str(o);
+  for (int64_t r = 0; r < logits.rows; ++r) {
+    const size_t i = static_cast<size_t>(r);
+    SCOPED_TRACE("row " + std::to_string(r) + ", " + options_str(o));
+    if (o.temperature == 0.0f) {
+      EXPECT_EQ(got.ids[i], want.ids[i]);
+      EXPECT_EQ(got.logprob(i), 0.0f);
+      continue;
+    }
+    const KeptSet ks = reference_kept_set(row_values(logits, r), o);
+    ASSERT_GE(got.ids[i], 0);
+    ASSERT_LT(got.ids[i], logits.cols);
+    EXPECT_TRUE(ks.allowed[static_cast<size_t>(got.ids[i])]) << "id " << got.ids[i];
+    EXPECT_LE(got.logprob(i), 0.0f);
+    if (got.ids[i] == want.ids[i]) {
+      EXPECT_TRUE(close(got.logprob(i), want.logprobs[i], {1e-5, 1e-5}));
+    } else {
+      const uint64_t seed = static_cast<uint64_t>(per_row_seeds ? seeds[i] : seeds[0]);
+      const uint32_t stream = per_row_seeds ? 0u : static_cast<uint32_t>(r);
+      const bool decidable =
+          ks.robust && reference_gumbel_draw(ks, seed, stream, static_cast<uint64_t>(offset)) >= 0;
+      EXPECT_FALSE(decidable) << "id " << got.ids[i] << " where the CPU drew " << want.ids[i];
+    }
+  }
+}
+
+std::vector<Options> sampling_options() {
+  std::vector<Options> options = filter_configs();
+  options.push_back({0.0f, 0, 1.0f, 0.0f});  // greedy
+  options.push_back({0.6f, 0, 1.0f, 0.0f});  // plain, temperature != 1
+  return options;
+}
+
+using Shape = std::tuple<DType, int64_t, int64_t>;  // dtype, rows, vocab
+
+class EmulatedSample : public ::testing::TestWithParam<Shape> {
+ protected:
+  DType dtype() const { return std::get<0>(GetParam()); }
+  int64_t rows() const { return std::get<1>(GetParam()); }
+  int64_t vocab() const { return std::get<2>(GetParam()); }
+};
+
+TEST_P(EmulatedSample, DrawsTheCpuIds) {
+  std::mt19937 rng(static_cast<unsigned>(rows() * 31 + vocab() + static_cast<int>(dtype())));
+  std::mt19937_64 seed_rng(7);
+  const Matrix logits = random_logits_with_masked(dtype(), rows(), vocab(), vocab(), rng);
+  for (const Options& o : sampling_options()) {
+    expect_cpu_draws(logits, {1234}, false, 5, o);
+    // The same kernels with other seeds: one schedule is enough.
+    expect_cpu_draws(logits, random_seeds(rows(), seed_rng), true, 3, o, nullptr, true);
+  }
+}
+
+TEST_P(EmulatedSample, RowsThatStartMisaligned) {
+  // An odd stride and a copy of the logits one element past a 16-byte boundary: every row
+  // starts misaligned, so the kernels take their scalar head and tail around the 16-byte
+  // vectors. The padding is NaN: reading past a row fails the row.
+  std::mt19937 rng(static_cast<unsigned>(vocab() + 17));
+  const Matrix logits = random_matrix(dtype(), rows(), vocab(), vocab() + 3, rng, 2.0);
+  const size_t element = logits.element_size();
+  std::vector<unsigned char> shifted(logits.storage.size() + 16);
+  std::memcpy(shifted.data() + element, logits.storage.data(), logits.storage.size());
+  for (const Options& o : sampling_options()) {
+    expect_cpu_draws(logits, {99}, false, 1, o, shifted.data() + element);
+  }
+}
+
+std::string shape_name(const ::testing::TestParamInfo<Shape>& info) {
+  return dtype_str(std::get<0>(info.param)) + "_rows" + std::to_string(std::get<1>(info.param)) +
+         "_vocab" + std::to_string(std::get<2>(info.param));
+}
+
+INSTANTIATE_TEST_SUITE_P(DTypesAndSizes, EmulatedSample,
+                         ::testing::Combine(::testing::ValuesIn(all_dtypes()),
+                                            ::testing::Values(1, 5),
+                                            ::testing::Values(1, 7, 97, 1025, 5003)),
+                         shape_name);
+
+TEST(EmulatedSampleLarge, Llama3Vocabulary) {
+  // 128,256 tokens: top-p's nucleus (thousands of tokens) is larger than shared memory, so the
+  // draw's pass finds the threshold itself; top-k 40 fits and runs from shared memory.
+  for (DType dtype : {DType::Float32, DType::BFloat16}) {
+    std::mt19937 rng(2);
+    const Matrix logits = random_matrix(dtype, 2, 128256, 128256, rng, 2.0);
+    for (const Options& o : filter_configs()) expect_cpu_draws(logits, {11, 12}, true, 3, o);
+  }
+}
+
+TEST(EmulatedSampleLarge, PeakedRows) {
+  // Most tokens lie far below the best key, so the kernels skip their noise (latro/gumbel.h).
+  std::mt19937 rng(23);
+  const Matrix logits = random_matrix(DType::Float32, 3, 32000, 32000, rng, 9.0);
+  for (const Options& o : {Options{1.0f, 0, 1.0f, 0.0f}, Options{1.7f, 0, 1.0f, 0.0f},
+                           Options{1.0f, 40, 1.0f, 0.0f}}) {
+    expect_cpu_draws(logits, {1, 4, 7}, true, 2, o);
+  }
+}
+
+TEST(EmulatedSampleLarge, TiesAndCrowdedBins) {
+  // Thresholds among more than 2048 equal or near-equal logits: the refinement by the value's
+  // bits; ties at a threshold are kept, as on the CPU.
+  constexpr int64_t kVocab = 9000;
+  std::mt19937 rng(11);
+  std::normal_distribution<float> narrow(0.0f, 0.02f);
+  for (const char* kind : {"equal", "narrow", "steps"}) {
+    Matrix logits = random_matrix(DType::Float32, 3, kVocab, kVocab, rng);
+    for (int64_t r = 0; r < 3; ++r) {
+      for (int64_t c = 0; c < kVocab; ++c) {
+        const float steps = static_cast<float>(((r * kVocab + c) * 7919) % 13) * 0.25f;
+        logits.set(r, c, kind[0] == 'e' ? 1.0f : kind[0] == 'n' ? narrow(rng) : steps);
+      }
+    }
+    SCOPED_TRACE(kind);
+    for (const Options& o : {Options{1.0f, 100, 1.0f, 0.0f}, Options{1.0f, 0, 0.5f, 0.0f},
+                             Options{1.0f, 4000, 0.7f, 0.0f}, Options{1.0f, 0, 0.3f, 0.5f}}) {
+      expect_cpu_draws(logits, {5}, false, 1, o);
+    }
+  }
+}
+
+TEST(EmulatedSampleLarge, FewerBlocksThanRows) {
+  // LATRO_CUDA_SAMPLE_GRID makes the filtered kernel's blocks loop over rows.
+  ASSERT_EQ(setenv("LATRO_CUDA_SAMPLE_GRID", "3", 1), 0);
+  std::mt19937 rng(17);
+  const Matrix logits = random_matrix(DType::Float32, 11, 3001, 3001, rng, 2.0);
+  std::mt19937_64 seed_rng(3);
+  for (const Options& o : filter_configs()) {
+    expect_cpu_draws(logits, random_seeds(11, seed_rng), true, 7, o);
+  }
+  unsetenv("LATRO_CUDA_SAMPLE_GRID");
+}
+
+TEST(EmulatedSampleErrors, BadRowsGetMinusOneAndNaNAndTheFirstIsRecorded) {
+  const float ninf = -kInfF;
+  const Matrix logits = matrix_of_rows(DType::Float32, {{1.0f, 2.0f, 3.0f},
+                                                        {1.0f, kNaNF, 3.0f},
+                                                        {ninf, ninf, ninf},
+                                                        {1.0f, kInfF, 0.0f},
+                                                        {0.5f, 0.25f, 0.0f}});
+  for (const Options& o : {Options{}, Options{1.0f, 2, 0.9f, 0.1f}}) {
+    SCOPED_TRACE(options_str(o));
+    const Sampled got = emulated_sample(logits, {3}, false, 0, o);
+    EXPECT_EQ(latro::cuda::decode_status(got.status).row, 1);
+    EXPECT_EQ(latro::cuda::decode_status(got.status).kind, latro::cuda::StatusKind::RowHasNaN);
+    for (size_t r : {size_t{1}, size_t{2}, size_t{3}}) {
+      EXPECT_EQ(got.ids[r], -1) << "row " << r;
+      EXPECT_TRUE(std::isnan(got.logprob(r))) << "row " << r;
+    }
+    EXPECT_GE(got.ids[0], 0);
+    EXPECT_GE(got.ids[4], 0);
+  }
+  const Matrix no_finite = matrix_of_rows(DType::Float32, {{0.0f, 1.0f}, {ninf, ninf}});
+  EXPECT_EQ(latro::cuda::decode_status(emulated_sample(no_finite, {3}, false, 0, {}).status).kind,
+            latro::cuda::StatusKind::RowHasNoFinite);
+  const Sampled negative = emulated_sample(logits, {3}, false, -1, {});
+  EXPECT_EQ(latro::cuda::decode_status(negative.status).kind,
+            latro::cuda::StatusKind::NegativeOffset);
+  for (int64_t id : negative.ids) EXPECT_EQ(id, -1);
+}
+
+TEST(EmulatedSampleErrors, HostVisibleMistakesThrowLikeTheCpu) {
+  const Matrix logits = matrix_of_rows(DType::Float32, {{1.0f, 2.0f}});
+  std::vector<int64_t> seeds = {1};
+  int64_t offset = 0;
+  Draws out;
+  latro::SampleArgs args = sample_args(logits, seeds, false, &offset, {}, out);
+  args.top_p = 1.5f;
+  EXPECT_LATRO_ERROR(latro::cuda::sample(args, nullptr), "top_p");
+  args = sample_args(logits, seeds, false, &offset, {}, out);
+  args.ids = nullptr;
+  EXPECT_LATRO_ERROR(latro::cuda::sample(args, nullptr), "ids");
+}
+
+// ---------------------------------------------------------------- token log-probabilities
+struct Scored {
+  std::vector<uint32_t> logprobs, lse;
+  uint64_t status = latro::cuda::kStatusOk;
+  bool operator==(const Scored& o) const {
+    return logprobs == o.logprobs && lse == o.lse && status == o.status;
+  }
+};
+
+class EmulatedTokenLogprobs : public ::testing::TestWithParam<Shape> {
+ protected:
+  DType dtype() const { return std::get<0>(GetParam()); }
+  int64_t rows() const { return std::get<1>(GetParam()); }
+  int64_t vocab() const { return std::get<2>(GetParam()); }
+};
+
+TEST_P(EmulatedTokenLogprobs, ForwardAndBackwardMatchTheCpu) {
+  std::mt19937 rng(static_cast<unsigned>(rows() * 7 + vocab()));
+  const Matrix logits = random_matrix(dtype(), rows(), vocab(), vocab() + 1, rng);
+  std::vector<int64_t> targets(static_cast<size_t>(rows()));
+  std::uniform_int_distribution<int64_t> pick(0, vocab() - 1);
+  for (auto& t : targets) t = pick(rng);
+  targets[0] = -100;  // ignored
+  std::vector<float> upstream(static_cast<size_t>(rows()));
+  std::normal_distribution<float> normal;
+  for (auto& u : upstream) u = normal(rng);
+
+  latro::TokenLogprobsArgs args;
+  args.logits = logits.data();
+  args.dtype = dtype();
+  args.rows = rows();
+  args.vocab = vocab();
+  args.row_stride = logits.stride;
+  args.targets = targets.data();
+  std::vector<float> cpu_logp(targets.size()), cpu_lse(targets.size());
+  args.logprobs = cpu_logp.data();
+  args.lse = cpu_lse.data();
+  latro::token_logprobs(args);
+
+  std::vector<float> logp(targets.size()), lse(targets.size());
+  uint64_t status = 0;
+  args.logprobs = logp.data();
+  args.lse = lse.data();
+  const Scored got = under_every_schedule(
+      [&] {
+        latro::cuda::reset_status(&status, nullptr);
+        latro::cuda::token_logprobs(args, nullptr, &status);
+      },
+      [&] { return Scored{bits_of(logp), bits_of(lse), status}; });
+  EXPECT_EQ(got.status, latro::cuda::kStatusOk);
+  EXPECT_TRUE(all_close(to_double(logp), to_double(cpu_logp), float32_result_tolerance()));
+  EXPECT_TRUE(all_close(to_double(lse), to_double(cpu_lse), float32_result_tolerance()));
+
+  latro::TokenLogprobsBackwardArgs back;
+  back.logits = logits.data();
+  back.dtype = dtype();
+  back.rows = rows();
+  back.vocab = vocab();
+  back.row_stride = logits.stride;
+  back.targets = targets.data();
+  back.lse = cpu_lse.data();
+  back.grad_logprobs = upstream.data();
+  Matrix cpu_grad = logits, grad = logits;
+  back.grad_logits = cpu_grad.data();
+  back.grad_row_stride = logits.stride;
+  latro::token_logprobs_backward(back);
+  back.grad_logits = grad.data();
+  under_every_schedule([&] { latro::cuda::token_logprobs_backward(back, nullptr); },
+                       [&] { return grad.storage; });
+  std::vector<double> got_grad, want_grad;
+  for (int64_t r = 0; r < rows(); ++r) {
+    for (int64_t c = 0; c < vocab(); ++c) {
+      got_grad.push_back(grad.get(r, c));
+      want_grad.push_back(cpu_grad.get(r, c));
+    }
+  }
+  EXPECT_TRUE(all_close(got_grad, want_grad, stored_tolerance(dtype())));
+}
+
+TEST(EmulatedTokenLogprobsErrors, TargetOutOfRangeIsNaNAndRecorded) {
+  const Matrix logits = matrix_of_rows(DType::Float32, {{1.0f, 2.0f}, {0.0f, 0.0f}, {3.0f, 1.0f}});
+  const std::vector<int64_t> targets = {1, 2, -5};
+  std::vector<float> logp(3);
+  uint64_t status = 0;
+  latro::TokenLogprobsArgs args;
+  args.logits = logits.data();
+  args.rows = 3;
+  args.vocab = 2;
+  args.targets = targets.data();
+  args.logprobs = logp.data();
+  latro::cuda::reset_status(&status, nullptr);
+  latro::cuda::token_logprobs(args, nullptr, &status);
+  const latro::cuda::StatusRecord record = latro::cuda::decode_status(status);
+  EXPECT_EQ(record.kind, latro::cuda::StatusKind::TargetOutOfRange);
+  EXPECT_EQ(record.row, 1);
+  EXPECT_TRUE(close(logp[0], std::log(1.0 / (1.0 + std::exp(-1.0))), {1e-6, 1e-6}));
+  EXPECT_TRUE(std::isnan(logp[1]));
+  EXPECT_TRUE(std::isnan(logp[2]));
+}
+
+INSTANTIATE_TEST_SUITE_P(DTypesAndSizes, EmulatedTokenLogprobs,
+                         ::testing::Combine(::testing::ValuesIn(all_dtypes()),
+                                            ::testing::Values(1, 6),
+                                            ::testing::Values(1, 7, 1025, 32011)),
+                         shape_name);
+
+// ---------------------------------------------------------------- stops, rewards, advantages
+TEST(EmulatedStops, MatchTheCpuOnRandomTokens) {
+  std::mt19937 rng(5);
+  constexpr int64_t kRows = 37, kLen = 61, kStride = 64;
+  std::uniform_int_distribution<int64_t> token(0, 4);
+  std::vector<int64_t> tokens(static_cast<size_t>(kRows * kStride));
+  for (auto& t : tokens) t = token(rng);
+  const std::vector<int64_t> stop_tokens = {1, 2, 3, 4, 4, 0, 2, 2, 2};
+  const std::vector<int64_t> offsets = {0, 3, 5, 6, 9};
+  const latro::StopSequences stops{stop_tokens.data(), offsets.data(), 4};
+  const int64_t count = static_cast<int64_t>(stop_tokens.size());
+  for (int64_t start : {int64_t{0}, int64_t{9}}) {
+    std::vector<int64_t> want(kRows), got(kRows);
+    latro::stop_positions(tokens.data(), kRows, kLen, kStride, stops, start, want.data());
+    under_every_schedule(
+        [&] {
+          latro::cuda::stop_positions(tokens.data(), kRows, kLen, kStride, stops, count, start,
+                                      got.data(), nullptr);
+        },
+        [&] { return got; });
+    EXPECT_EQ(got, want) << "start " << start;
+    // The incremental form, step by step, ends at the same positions.
+    std::vector<int64_t> positions(kRows, kLen), cpu_positions(kRows, kLen);
+    for (int64_t step = start; step < kLen; ++step) {
+      latro::stop_positions_step(tokens.data(), kRows, kLen, kStride, stops, step, start,
+                                 cpu_positions.data(), cpu_positions.data());
+      latro::cuda::stop_positions_step(tokens.data(), kRows, kLen, kStride, stops, count, &step,
+                                       start, positions.data(), positions.data(), nullptr);
+      ASSERT_EQ(positions, cpu_positions) << "step " << step;
+    }
+    EXPECT_EQ(positions, want);
+  }
+}
+
+TEST(EmulatedAdvantages, RlooAndRewardsEqualTheCpuBitForBit) {
+  std::mt19937 rng(9);
+  std::normal_distribution<float> normal(0.0f, 3.0f);
+  for (int64_t k : {int64_t{2}, int64_t{3}, int64_t{16}}) {
+    const int64_t groups = 37, n = groups * k;
+    std::vector<float> answer(n), rationale(n), ref(n), cpu_out(n), out(n);
+    std::unique_ptr<bool[]> finished(new bool[static_cast<size_t>(n)]);
+    for (int64_t i = 0; i < n; ++i) {
+      answer[i] = normal(rng);
+      rationale[i] = normal(rng);
+      ref[i] = normal(rng);
+      finished[i] = (i % 5) != 0;
+    }
+    latro::rloo_advantages(answer.data(), groups, k, cpu_out.data());
+    under_every_schedule(
+        [&] { latro::cuda::rloo_advantages(answer.data(), groups, k, out.data(), nullptr); },
+        [&] { return bits_of(out); });
+    EXPECT_EQ(bits_of(out), bits_of(cpu_out)) << "k " << k;
+    for (auto mode : {latro::PenaltyMode::Constant, latro::PenaltyMode::BatchMean}) {
+      latro::latro_rewards(answer.data(), rationale.data(), ref.data(), finished.get(), n, 0.05f,
+                           -10.0f, mode, cpu_out.data());
+      under_every_schedule(
+          [&] {
+            latro::cuda::latro_rewards(answer.data(), rationale.data(), ref.data(),
+                                       finished.get(), n, 0.05f, -10.0f, mode, out.data(),
+                                       nullptr);
+          },
+          [&] { return bits_of(out); });
+      EXPECT_TRUE(all_close(to_double(out), to_double(cpu_out), float32_result_tolerance()))
+          << "k " << k << ", mode " << static_cast<int>(mode);
+    }
+  }
+}
+
+// ---------------------------------------------------------------- the emulator itself
+TEST(CudaEmulator, ReportsABarrierThatSomeThreadsSkip) {
+  latro_emu::launch(dim3(1), dim3(64), [] {
+    if (threadIdx.x < 32) __syncthreads();
+  });
+  EXPECT_EQ(cudaGetLastError(), cudaErrorLaunchFailure);
+  EXPECT_NE(std::string(latro_emu::last_error_message()).find("deadlock"), std::string::npos)
+      << latro_emu::last_error_message();
+  EXPECT_EQ(cudaGetLastError(), cudaSuccess);  // read once, then cleared
+}
+
+TEST(CudaEmulator, ShufflesAndBarriersFollowCuda) {
+  std::vector<int> out(96, -1);
+  for (auto schedule : {latro_emu::Schedule::Forward, latro_emu::Schedule::Reverse,
+                        latro_emu::Schedule::Shuffled}) {
+    latro_emu::set_schedule(schedule, 3);
+    latro_emu::launch(dim3(2), dim3(48), [&] {
+      __shared__ int total;
+      const int lane = static_cast<int>(threadIdx.x % 32);
+      if (threadIdx.x == 0) total = 0;
+      __syncthreads();
+      atomicAdd(&total, static_cast<int>(threadIdx.x));
+      __syncthreads();
+      // Warp 1 is partial (16 lanes): its shuffles stay within those lanes.
+      const int up = __shfl_up_sync(threadIdx.x < 32 ? 0xFFFFFFFFu : 0xFFFFu, lane, 1);
+      const int x = __shfl_xor_sync(threadIdx.x < 32 ? 0xFFFFFFFFu : 0xFFFFu, lane, 1);
+      out[blockIdx.x * 48 + threadIdx.x] = total * 10000 + up * 100 + x;
+    });
+    ASSERT_EQ(cudaGetLastError(), cudaSuccess) << latro_emu::last_error_message();
+    for (int b = 0; b < 2; ++b) {
+      for (int t = 0; t < 48; ++t) {
+        const int lane = t % 32;
+        const int up = lane == 0 ? 0 : lane - 1;
+        EXPECT_EQ(out[b * 48 + t], (47 * 48 / 2) * 10000 + up * 100 + (lane ^ 1));
+      }
+    }
+  }
+  latro_emu::set_schedule(latro_emu::Schedule::Forward);
+}
+
+}  // namespace
