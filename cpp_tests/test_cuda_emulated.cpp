@@ -455,6 +455,21 @@ TEST(CudaEmulator, ReportsABarrierThatSomeThreadsSkip) {
   EXPECT_EQ(cudaGetLastError(), cudaSuccess);  // read once, then cleared
 }
 
+TEST(CudaEmulator, ReportsThreadsAtDifferentBarriers) {
+  // Each half reaches a __syncthreads, but not the same one: CUDA leaves that undefined.
+  latro_emu::launch(dim3(1), dim3(64), [] {
+    if (threadIdx.x < 32) {
+      __syncthreads();
+    } else {
+      __syncthreads();
+    }
+  });
+  EXPECT_EQ(cudaGetLastError(), cudaErrorLaunchFailure);
+  EXPECT_NE(std::string(latro_emu::last_error_message()).find("divergent __syncthreads"),
+            std::string::npos)
+      << latro_emu::last_error_message();
+}
+
 TEST(CudaEmulator, ShufflesAndBarriersFollowCuda) {
   std::vector<int> out(96, -1);
   for (auto schedule : {latro_emu::Schedule::Forward, latro_emu::Schedule::Reverse,

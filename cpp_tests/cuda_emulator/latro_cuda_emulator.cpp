@@ -2,6 +2,7 @@
 // running block, switched only at barriers (__syncthreads, warp shuffles, __syncwarp).
 #include "latro_cuda_emulator.h"
 
+#include <dlfcn.h>
 #include <sys/mman.h>
 #include <unistd.h>
 #if !defined(__x86_64__)
@@ -9,6 +10,7 @@
 #endif
 
 #include <algorithm>
+#include <cstdio>
 #include <cstdlib>
 #include <exception>
 #include <random>
@@ -146,6 +148,10 @@ struct Fiber {
   uint3 thread;
   int warp = 0;
   State state = State::Done;
+  const void* waiting_at = nullptr;  // the code address of the barrier it waits at
+  const char* wait_file = nullptr;   // and its source line (__syncthreads)
+  int wait_line = 0;
+  long long block_barriers = 0;      // __syncthreads passed in this launch's block
 #if defined(LATRO_EMU_ASAN)
   void* fake_stack = nullptr;
 #endif
@@ -198,14 +204,74 @@ void switch_to_scheduler() {
 #endif
 }
 
+// The return addresses of a suspended fiber's frames, innermost first, by its frame-pointer
+// chain (the emulated kernels are built with -fno-omit-frame-pointer): what a deadlock report
+// prints so addr2line can say which barrier each group of threads waits at, and from where.
+__attribute__((noinline)) std::vector<const void*> suspended_backtrace(const Fiber& f) {
+  std::vector<const void*> frames;
+#if defined(__x86_64__)
+  const uintptr_t low = reinterpret_cast<uintptr_t>(f.stack.base);
+  const uintptr_t high = low + f.stack.size;
+  uintptr_t frame;
+  if (&f == &current_fiber()) {  // running, not suspended: its own frames
+    frame = reinterpret_cast<uintptr_t>(__builtin_frame_address(0));
+  } else {
+    const auto* saved = static_cast<const uint64_t*>(f.context.sp);  // see latro_emu_switch
+    frame = static_cast<uintptr_t>(saved[6]);                        // the saved rbp
+  }
+  while (frames.size() < 12 && frame >= low && frame + 16 <= high) {
+    const auto* slots = reinterpret_cast<const uint64_t*>(frame);
+    frames.push_back(reinterpret_cast<const void*>(slots[1]));
+    if (slots[0] <= frame) break;  // the chain only goes up the stack
+    frame = static_cast<uintptr_t>(slots[0]);
+  }
+#else
+  (void)f;
+#endif
+  return frames;
+}
+
+// "+0x1234" offsets into the executable, for `addr2line -Cfie <binary> <offsets>`.
+std::string code_offsets(const std::vector<const void*>& addresses) {
+  std::string out;
+  for (const void* address : addresses) {
+    Dl_info info{};
+    const uintptr_t base =
+        dladdr(address, &info) ? reinterpret_cast<uintptr_t>(info.dli_fbase) : 0;
+    char text[32];
+    std::snprintf(text, sizeof(text), "%s0x%zx", out.empty() ? "" : " ",
+                  static_cast<size_t>(reinterpret_cast<uintptr_t>(address) - base));
+    out += text;
+  }
+  return out;
+}
+
 // Releases the block barrier when every thread of the block is at it. Threads that exited
 // never arrive: CUDA allows __syncthreads only where the whole block reaches it, so a kernel
 // whose threads return early before a barrier deadlocks here (and is reported).
 bool try_release_block() {
   if (g_run.block_arrived < g_run.threads) return false;
+  // Every thread must be at the same __syncthreads: threads at different ones (a barrier in
+  // code that diverged) would pass each other's barriers, which CUDA does not define.
+  const Fiber& first = g_run.fibers[0];
+  for (int i = 1; i < g_run.threads; ++i) {
+    const Fiber& f = g_run.fibers[static_cast<size_t>(i)];
+    if (f.wait_line != first.wait_line || std::strcmp(f.wait_file, first.wait_file) != 0) {
+      auto describe = [](const Fiber& t) {
+        return std::string(t.wait_file) + ":" + std::to_string(t.wait_line) + " (called from " +
+               code_offsets(suspended_backtrace(t)) + ")";
+      };
+      fail("divergent __syncthreads: thread 0 waits at " + describe(first) + ", thread " +
+           std::to_string(i) + " at " + describe(f) +
+           " (addr2line -Cfie <test binary> <addresses>)");
+      return false;
+    }
+  }
   for (int i = 0; i < g_run.threads; ++i) {
-    if (g_run.fibers[static_cast<size_t>(i)].state == State::AtBlockBarrier) {
-      g_run.fibers[static_cast<size_t>(i)].state = State::Runnable;
+    Fiber& f = g_run.fibers[static_cast<size_t>(i)];
+    if (f.state == State::AtBlockBarrier) {
+      f.state = State::Runnable;
+      ++f.block_barriers;
     }
   }
   g_run.block_arrived = 0;
@@ -263,6 +329,7 @@ void run_block() {
                      static_cast<unsigned int>(i) / (bx * by)};
     f.warp = i / 32;
     f.state = State::Runnable;
+    f.block_barriers = 0;
     ++g_run.warp_live[static_cast<size_t>(f.warp)];
     ++g_run.warp_size[static_cast<size_t>(f.warp)];
 #if defined(LATRO_EMU_ASAN)
@@ -295,13 +362,38 @@ void run_block() {
     }
     if (!progressed && !g_run.failed) {
       int at_block = 0, at_warp = 0;
+      // Where they wait and after how many __syncthreads, with the call chain of one of them.
+      struct Site {
+        const void* address;
+        long long passed;
+        int count;
+        int example;
+      };
+      std::vector<Site> sites;
       for (int i = 0; i < n; ++i) {
-        at_block += g_run.fibers[static_cast<size_t>(i)].state == State::AtBlockBarrier;
-        at_warp += g_run.fibers[static_cast<size_t>(i)].state == State::AtWarpBarrier;
+        const Fiber& f = g_run.fibers[static_cast<size_t>(i)];
+        at_block += f.state == State::AtBlockBarrier;
+        at_warp += f.state == State::AtWarpBarrier;
+        auto site = std::find_if(sites.begin(), sites.end(), [&](const Site& s) {
+          return s.address == f.waiting_at && s.passed == f.block_barriers;
+        });
+        if (site == sites.end()) {
+          sites.push_back(Site{f.waiting_at, f.block_barriers, 1, i});
+        } else {
+          ++site->count;
+        }
+      }
+      std::string where;
+      for (const Site& site : sites) {
+        where += (where.empty() ? "" : "; ") + std::to_string(site.count) + " threads (e.g. " +
+                 std::to_string(site.example) + ") after " + std::to_string(site.passed) +
+                 " __syncthreads, at " + code_offsets({site.address}) + " called from " +
+                 code_offsets(suspended_backtrace(g_run.fibers[static_cast<size_t>(site.example)]));
       }
       fail("deadlock: " + std::to_string(at_block) + " threads wait at __syncthreads and " +
            std::to_string(at_warp) + " at a warp barrier, which the " +
-           std::to_string(n - g_run.live) + " threads that returned never reach");
+           std::to_string(n - g_run.live) + " threads that returned never reach: " + where +
+           " (addr2line -Cfie <test binary> <addresses>)");
     }
   }
 }
@@ -358,8 +450,11 @@ const uint3& block_idx() { return g_run.block_index; }
 const dim3& block_dim() { return g_run.block; }
 const dim3& grid_dim() { return g_run.grid; }
 
-void sync_block() {
+void sync_block(const char* file, int line) {
   Fiber& self = current_fiber();
+  self.waiting_at = __builtin_return_address(0);
+  self.wait_file = file;
+  self.wait_line = line;
   ++g_run.block_arrived;
   self.state = State::AtBlockBarrier;
   try_release_block();
@@ -369,6 +464,9 @@ void sync_block() {
 
 void sync_warp() {
   Fiber& self = current_fiber();
+  self.waiting_at = __builtin_return_address(0);
+  self.wait_file = "a warp barrier";
+  self.wait_line = 0;
   ++g_run.warp_arrived[static_cast<size_t>(self.warp)];
   self.state = State::AtWarpBarrier;
   try_release_warp(self.warp);

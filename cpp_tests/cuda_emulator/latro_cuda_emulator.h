@@ -96,8 +96,9 @@ const uint3& block_idx();
 const dim3& block_dim();
 const dim3& grid_dim();
 
-// Barriers: every live thread of the block / of the calling thread's warp must arrive.
-void sync_block();
+// Barriers: every thread of the block / of the calling thread's warp must arrive; a block
+// barrier also checks that they all wait at the same source line.
+void sync_block(const char* file, int line);
 void sync_warp();
 // The calling thread's 64-bit exchange slot in its warp, and a lane's slot.
 uint64_t& warp_slot(int lane);
@@ -138,7 +139,9 @@ struct identity {
 #define blockDim (::latro_emu::block_dim())
 #define gridDim (::latro_emu::grid_dim())
 
-inline void __syncthreads() { ::latro_emu::sync_block(); }
+// With its source line: every thread must reach the same __syncthreads (addresses would not
+// do, the compiler may duplicate a barrier's call).
+#define __syncthreads() ::latro_emu::sync_block(__FILE__, __LINE__)
 inline void __syncwarp(unsigned int mask = 0xFFFFFFFFu) {
   ::latro_emu::check_full_mask(mask);
   ::latro_emu::sync_warp();

@@ -10,7 +10,14 @@
 // vocabulary:
 //
 //   pass 1     the row max m (and the NaN / +inf / all -inf checks); with top-k also a count
-//              histogram over 2048 bins of the value's top 11 bits (shared memory).
+//              histogram over 2048 bins of the value's top 11 bits (shared memory). With top-k
+//              or min-p it also gathers, speculatively, every token that may be kept: the
+//              first eighth of the row gives a bound (its max for min-p, its histogram's k-th
+//              largest bin for top-k: the row's are at least as large), the rest pushes the
+//              tokens above the bound into shared memory, and at the end the candidates are
+//              cut to the row's final bounds and the eighth read again for its own. When they
+//              fit (the usual case: a few hundred tokens), the thresholds and the draw run
+//              there and the row is read once (and an eighth); when not, the steps below.
 //   top-k      the histogram gives the bin holding the k-th largest value; the tokens of that
 //              bin and above (usually a few hundred) are copied to shared memory, sorted there,
 //              and the threshold read.
@@ -51,6 +58,7 @@ constexpr int kBins = 2048;             // histogram bins, and candidates held i
 constexpr int kPerThread = kBins / kThreads;
 constexpr float kBinsPerUnit = 32.0f;   // level-0 bins of d = m - s: width 1/32 over [0, 64)
 constexpr float kMassScale = 4294967296.0f;  // 2^32: fixed-point unit of histogram masses
+constexpr int64_t kPrefixFraction = 8;  // speculative gathering: 1/8 of the row bounds the rest
 static_assert(kBins % kThreads == 0, "bins split evenly over the threads");
 static_assert((kBins & (kBins - 1)) == 0, "the candidate sort needs a power of two");
 
@@ -181,6 +189,10 @@ struct CombineFirstPass {
   }
 };
 
+struct CombineMax {
+  __device__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+
 struct Final {
   double mass;
   Best best;
@@ -228,6 +240,7 @@ struct Shared {
   unsigned long long mass[kBins];
   unsigned long long candidates[kBins];
   unsigned int candidate_count;
+  unsigned int dropped;  // candidates below the speculative gathering's final cut
   Crossing crossing;
   int last_nonempty;
   alignas(16) unsigned char scratch[(kMaxWarps + 1) * sizeof(FirstPass)];
@@ -327,6 +340,12 @@ __device__ __forceinline__ int candidates_held(const Shared& sh) {
 __device__ __forceinline__ void push_candidate(Shared& sh, float s, int64_t v) {
   const unsigned int slot = atomicAdd(&sh.candidate_count, 1u);
   if (slot < kBins) sh.candidates[slot] = candidate(s, v);
+}
+
+// push_candidate for a pass that pushes speculatively: once the buffer is full (the gathering
+// has failed and the row takes the passes of the general path) no more atomics.
+__device__ __forceinline__ void push_candidate_while_room(Shared& sh, float s, int64_t v) {
+  if (*static_cast<volatile unsigned int*>(&sh.candidate_count) < kBins) push_candidate(sh, s, v);
 }
 
 __device__ int sort_candidates(Shared& sh) {
@@ -608,6 +627,7 @@ __global__ void __launch_bounds__(kThreads, 2) sample_kernel(SampleKernelArgs a)
   const T* logits = static_cast<const T*>(a.logits);
   const bool top_k_on = a.top_k > 0 && a.top_k < a.vocab;
   const bool top_p_on = a.top_p < 1.0f;
+  const bool min_p_on = a.min_p > 0.0f;
   for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
     __syncthreads();  // shared memory is reused from the previous row
     const T* x = logits + row * a.row_stride;
@@ -634,15 +654,45 @@ __global__ void __launch_bounds__(kThreads, 2) sample_kernel(SampleKernelArgs a)
       }
       continue;
     }
-    // ---- pass 1: the max, and with top-k the count histogram by key bins (no max needed)
+    // ---- pass 1: the max, with top-k the count histogram by key bins (no max needed), and
+    // with top-k or min-p the speculative gathering of every token that may be kept
+    const bool gather = top_k_on || min_p_on;
     if (top_k_on) clear_histogram(sh);
+    if (threadIdx.x == 0) sh.candidate_count = 0;
     FirstPass first{neg_inf(), 0u, 0.0, Best::none()};
-    for_each_scaled(x, a.vocab, a.temperature, [&](int64_t, float s) {
+    auto count_token = [&](float s) {
       first.nan |= s != s;
       first.max = fmaxf(first.max, s);
       if (top_k_on && s != neg_inf() && s == s) atomicAdd(&sh.count[key_bin(s)], 1u);
+    };
+    // The prefix: its max and top-k histogram bound what the rest of the row can keep.
+    const int64_t prefix = gather && a.vocab > kBins ? (a.vocab / kPrefixFraction) & ~int64_t{7} : 0;
+    float prefix_max = neg_inf();
+    uint32_t floor_key = 0;  // top-k: every kept key is >= it (0: no bound yet)
+    if (prefix > 0) {
+      for_each_scaled(x, prefix, a.temperature, [&](int64_t, float s) { count_token(s); });
+      // (the reduction's barriers complete the histogram)
+      prefix_max = block_all_reduce(first.max, CombineMax{}, scratch_as<float>(sh));
+      if (top_k_on) {
+        // k tokens at or above a key bin's low end: the k-th largest of the row is too.
+        const Crossing c = find_crossing(sh, false, static_cast<double>(a.top_k), false);
+        if (c.count_before + c.count_at >= static_cast<unsigned long long>(a.top_k)) {
+          floor_key = key_bin_lo(c.index);
+        }
+      }
+    } else {
+      __syncthreads();  // candidate_count is reset before anyone pushes
+    }
+    for_each_scaled(x + prefix, a.vocab - prefix, a.temperature, [&](int64_t i, float s) {
+      count_token(s);
+      // min-p keeps s - m >= log_min_p for the row max m >= every max seen so far, and float
+      // subtraction is monotone: testing against the larger running max only keeps more.
+      if (gather && s == s && s != neg_inf() && order_key(s) >= floor_key &&
+          (s - fmaxf(prefix_max, first.max)) >= a.log_min_p) {
+        push_candidate_while_room(sh, s, prefix + i);
+      }
     });
-    // (its barriers also complete the histogram)
+    // (its barriers also complete the histogram and the candidates)
     first = block_all_reduce(first, CombineFirstPass{}, scratch_as<FirstPass>(sh));
     if (row_unsampleable(a, row, first.nan, first.max)) continue;
     const float m = first.max;
@@ -655,22 +705,64 @@ __global__ void __launch_bounds__(kThreads, 2) sample_kernel(SampleKernelArgs a)
     // and the mass still needed inside that bin.
     int nucleus_bin = -1;
     double nucleus_bin_need = 0.0;
+    unsigned long long finite_count = 0;  // top-k: finite tokens of the row
     if (top_k_on) {
-      unsigned long long finite_count = 0;
-      {
-        const int first_bin = threadIdx.x * kPerThread;
-        unsigned long long local = 0;
-        for (int i = 0; i < kPerThread; ++i) local += sh.count[first_bin + i];
-        block_exclusive_scan(local, scratch_as<unsigned long long>(sh), &finite_count);
+      const int first_bin = threadIdx.x * kPerThread;
+      unsigned long long local = 0;
+      for (int i = 0; i < kPerThread; ++i) local += sh.count[first_bin + i];
+      block_exclusive_scan(local, scratch_as<unsigned long long>(sh), &finite_count);
+    }
+    // Fewer finite tokens than k: the k-th largest is -inf and every finite token stays.
+    const bool top_k_binds = top_k_on && finite_count > static_cast<unsigned long long>(a.top_k);
+    // Whether the candidates still fit, read by every thread before any pushes again.
+    auto room_left = [&] {
+      const bool room = sh.candidate_count < kBins;
+      __syncthreads();
+      return room;
+    };
+    if (gather && room_left()) {
+      // The speculative gathering held: cut the candidates to the row's final bounds (top-k's
+      // key bin from the whole histogram, min-p exactly), add the prefix's tokens within them,
+      // and the candidates are every token of one prefix of the sorted row.
+      uint32_t cut_key = 0;
+      if (top_k_binds) {
+        cut_key = key_bin_lo(find_crossing(sh, false, static_cast<double>(a.top_k), false).index);
       }
-      // Fewer finite tokens than k: the k-th largest is -inf and every finite token stays.
-      if (finite_count > static_cast<unsigned long long>(a.top_k)) {
-        const Threshold t = select_threshold(sh, x, a.vocab, a.temperature, f, true, false,
-                                             false, static_cast<double>(a.top_k), false);
-        f.tau_k = t.value;
-        kept_in_shared = t.all_above_in_shared;
-        n_candidates = kept_in_shared ? candidates_held(sh) : 0;
+      auto within_cut = [&](float s) { return order_key(s) >= cut_key && (s - m) >= a.log_min_p; };
+      if (prefix > 0) {
+        for_each_scaled(x, prefix, a.temperature, [&](int64_t v, float s) {
+          if (s == s && s != neg_inf() && within_cut(s)) push_candidate_while_room(sh, s, v);
+        });
+        __syncthreads();
       }
+      if (room_left()) {
+        if (threadIdx.x == 0) sh.dropped = 0;
+        __syncthreads();
+        const int held = candidates_held(sh);
+        for (int i = threadIdx.x; i < held; i += blockDim.x) {
+          if (!within_cut(candidate_value(sh.candidates[i]))) {
+            sh.candidates[i] = ~0ull;  // sorts last
+            atomicAdd(&sh.dropped, 1u);
+          }
+        }
+        __syncthreads();
+        sort_candidates(sh);
+        n_candidates = held - static_cast<int>(sh.dropped);
+        // The k-th candidate is the k-th largest of the row when there are k; with fewer, the
+        // min-p cut lies above the k-th largest and decides alone (tau_k = the last candidate).
+        if (top_k_binds) {
+          f.tau_k = walk_candidates(sh, n_candidates, f, false, false,
+                                    static_cast<double>(a.top_k), false);
+        }
+        kept_in_shared = true;
+      }
+    }
+    if (top_k_binds && !kept_in_shared) {
+      const Threshold t = select_threshold(sh, x, a.vocab, a.temperature, f, true, false, false,
+                                           static_cast<double>(a.top_k), false);
+      f.tau_k = t.value;
+      kept_in_shared = t.all_above_in_shared;
+      n_candidates = kept_in_shared ? candidates_held(sh) : 0;
     }
     if (top_p_on) {
       if (kept_in_shared) {
