@@ -104,6 +104,12 @@ class LatroConfig:
     gradient_checkpointing: bool = _opt(
         False, "recompute activations in the backward to save memory"
     )
+    reference_on_host: bool = _opt(
+        False,
+        "keep the frozen reference model's weights in host memory and upload them for its one "
+        "scoring pass per step (frees their device memory for one host-to-device copy per step; "
+        "not with LoRA, whose reference is the policy itself, nor with distributed fsdp)",
+    )
     lora_rank: int = _opt(
         0,
         "> 0: train LoRA adapters (peft); the reference model is then the same "
@@ -232,6 +238,14 @@ class LatroConfig:
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.lora_rank and not self.lora_target_modules:
             raise ConfigError("lora_rank > 0 needs at least one module in lora_target_modules")
+        if self.reference_on_host and self.lora_rank:
+            raise ConfigError(
+                "reference_on_host has nothing to move with lora_rank > 0 (the reference is "
+                "the policy with its adapters off)"
+            )
+        if self.reference_on_host and self.distributed == "fsdp":
+            raise ConfigError("reference_on_host does not combine with distributed: fsdp "
+                              "(FSDP shards the reference across ranks instead)")
         if self.on_data_error not in ("skip", "raise"):
             raise ConfigError(
                 f"on_data_error must be 'skip' or 'raise', got {self.on_data_error!r}"

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from latro_engine import ops
+from latro_engine.offload import visiting
 from latro_engine.rollout import Rollout
 
 logger = logging.getLogger(__name__)
@@ -335,12 +336,16 @@ def score_reference(model: torch.nn.Module, *args, **kwargs) -> SequenceScores:
 def reference_model(policy: torch.nn.Module, ref_model: torch.nn.Module | None = None) -> Iterator[torch.nn.Module]:
     """Yields the model that computes p0, the frozen initial model of LaTRO's KL term.
 
-    With a separate ``ref_model`` it is used as is. Without one, a peft model (anything with
+    With a separate ``ref_model`` it is used as is (its weights brought to the policy's device
+    for the duration when it is kept in host memory, see :mod:`latro_engine.offload`). Without one, a peft model (anything with
     ``disable_adapter()``, imported lazily: peft is optional) is its own reference with its
     adapters switched off for the duration, so no second copy of the weights is needed.
     """
     if ref_model is not None:
-        yield ref_model
+        # A reference kept in host memory (offload.keep_on_host) visits the policy's device.
+        device = next(policy.parameters()).device
+        with visiting(ref_model, device):
+            yield ref_model
         return
     if not hasattr(policy, "disable_adapter"):
         raise ValueError("no reference model given and the policy has no adapters to disable "

@@ -36,6 +36,7 @@ from latro_engine.generation import (
 )
 from latro_engine.metrics import MetricsLog, plot_curves, read_metrics
 from latro_engine.objective import batch_advantages, latro_loss
+from latro_engine.offload import keep_on_host
 from latro_engine.rollout import Rollout, sample_rationales, stop_token_sequences
 from latro_engine.scoring import reference_logprobs
 
@@ -374,6 +375,8 @@ class LatroTrainer(_Trainer):
         if ref_model is not None:
             frozen = ref_model.to(self.device).eval().requires_grad_(False)
             self.ref_model = self.dist.prepare(frozen, bf16=self.autocast)
+            if config.reference_on_host:  # (after prepare: every rank holds rank 0's weights)
+                keep_on_host(self.ref_model)
         self.stops = stop_token_sequences(tokenizer, config.stop_strings, include_eos=True)
 
     def _rollout(self, examples: list[Example], first: int) -> tuple[Rollout, list[list[int]]]:
