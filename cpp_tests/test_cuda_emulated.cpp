@@ -189,8 +189,10 @@ TEST(EmulatedSampleLarge, PeakedRows) {
   // Most tokens lie far below the best key, so the kernels skip their noise (latro/gumbel.h).
   std::mt19937 rng(23);
   const Matrix logits = random_matrix(DType::Float32, 3, 32000, 32000, rng, 9.0);
+  // Top-p's nucleus then lies among the few tokens above the row prefix's max: one read.
   for (const Options& o : {Options{1.0f, 0, 1.0f, 0.0f}, Options{1.7f, 0, 1.0f, 0.0f},
-                           Options{1.0f, 40, 1.0f, 0.0f}}) {
+                           Options{1.0f, 40, 1.0f, 0.0f}, Options{1.0f, 0, 0.9f, 0.0f},
+                           Options{1.0f, 0, 1.0f, 0.1f}}) {
     expect_cpu_draws(logits, {1, 4, 7}, true, 2, o);
   }
 }

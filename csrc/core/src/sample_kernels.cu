@@ -18,6 +18,11 @@
 //              cut to the row's final bounds and the eighth read again for its own. When they
 //              fit (the usual case: a few hundred tokens), the thresholds and the draw run
 //              there and the row is read once (and an eighth); when not, the steps below.
+//              With top-p alone (sample_kernel<T, true>) pass 1 instead builds top-p's mass
+//              histogram relative to the eighth's max M (the tokens above M, a handful, go to
+//              shared memory), adds the eighth's tokens after, and rescales the bins by
+//              exp(M - m): the nucleus ends either among the tokens above M (one read) or in a
+//              bin the final pass gathers (two reads and an eighth).
 //   top-k      the histogram gives the bin holding the k-th largest value; the tokens of that
 //              bin and above (usually a few hundred) are copied to shared memory, sorted there,
 //              and the threshold read.
@@ -28,13 +33,14 @@
 //   final      the Gumbel argmax and the kept mass, from shared memory when the kept set is
 //              there, else in one more pass over the row. When the nucleus is larger than
 //              shared memory, that pass also gathers top-p's crossing bin and finds the
-//              threshold after it: top-p alone reads the row three times.
+//              threshold after it.
 //
 // Pathological rows whose critical bin holds more than 2048 tokens (many equal logits) are
 // narrowed further by histograms over the bits of the value, each pass dividing the range by
 // 2048, until the tokens fit or are all equal. Thresholds are exact: the kept set is the one
 // the CPU keeps, except where the CPU's and our float64 / fixed-point sums of the same masses
-// round differently at a top-p boundary (ties within rounding).
+// round differently at a top-p boundary (ties within rounding; top-p alone also scales its bin
+// sums by exp(M - m) in float64, a relative rounding of about 1e-7).
 //
 // Histogram masses are 32.32 fixed-point integers added with 32-bit integer atomics (add_mass),
 // so their sums, and with them every threshold, are the same on every run.
@@ -189,6 +195,12 @@ struct CombineFirstPass {
   }
 };
 
+struct SumU64 {
+  __device__ unsigned long long operator()(unsigned long long a, unsigned long long b) const {
+    return a + b;
+  }
+};
+
 struct CombineMax {
   __device__ float operator()(float a, float b) const { return fmaxf(a, b); }
 };
@@ -329,6 +341,13 @@ __device__ Crossing find_crossing(Shared& sh, bool by_mass, double need, bool fr
   const Crossing result = sh.crossing;
   __syncthreads();
   return result;
+}
+
+// Counts s into level-0 bin of d = ref - s with its fixed-point mass exp(s - ref) (s <= ref).
+__device__ __forceinline__ void add_to_histogram(Shared& sh, float s, float ref) {
+  const int bin = level0_bin(s, ref);
+  atomicAdd(&sh.count[bin], 1u);
+  add_mass(&sh.mass[bin], fixed_mass(s, ref));
 }
 
 __device__ __forceinline__ int candidates_held(const Shared& sh) {
@@ -619,8 +638,10 @@ __global__ void __launch_bounds__(kThreads) plain_sample_kernel(SampleKernelArgs
 
 // Greedy decoding and sampling with top-k / top-p / min-p. Two blocks per SM (at most 64
 // registers): left to itself the compiler takes up to 98 and one block per SM, half the loads
-// in flight for passes that stream the row.
-template <typename T>
+// in flight for passes that stream the row. kTopPOnly: top-p without top-k or min-p, whose
+// pass 1 also builds the mass histogram; an instantiation of its own, so each keeps only its
+// own pass-1 state in registers.
+template <typename T, bool kTopPOnly>
 __global__ void __launch_bounds__(kThreads, 2) sample_kernel(SampleKernelArgs a) {
   __shared__ Shared sh;
   const int64_t step = *a.offset;
@@ -656,8 +677,10 @@ __global__ void __launch_bounds__(kThreads, 2) sample_kernel(SampleKernelArgs a)
     }
     // ---- pass 1: the max, with top-k the count histogram by key bins (no max needed), and
     // with top-k or min-p the speculative gathering of every token that may be kept
-    const bool gather = top_k_on || min_p_on;
-    if (top_k_on) clear_histogram(sh);
+    const bool gather = !kTopPOnly && (top_k_on || min_p_on);
+    // Top-p alone: pass 1 also builds the mass histogram, relative to the prefix's max.
+    constexpr bool fused_top_p = kTopPOnly;
+    if (top_k_on || fused_top_p) clear_histogram(sh);
     if (threadIdx.x == 0) sh.candidate_count = 0;
     FirstPass first{neg_inf(), 0u, 0.0, Best::none()};
     auto count_token = [&](float s) {
@@ -666,7 +689,8 @@ __global__ void __launch_bounds__(kThreads, 2) sample_kernel(SampleKernelArgs a)
       if (top_k_on && s != neg_inf() && s == s) atomicAdd(&sh.count[key_bin(s)], 1u);
     };
     // The prefix: its max and top-k histogram bound what the rest of the row can keep.
-    const int64_t prefix = gather && a.vocab > kBins ? (a.vocab / kPrefixFraction) & ~int64_t{7} : 0;
+    const bool use_prefix = (gather || fused_top_p) && a.vocab > kBins;
+    const int64_t prefix = use_prefix ? (a.vocab / kPrefixFraction) & ~int64_t{7} : 0;
     float prefix_max = neg_inf();
     uint32_t floor_key = 0;  // top-k: every kept key is >= it (0: no bound yet)
     if (prefix > 0) {
@@ -683,15 +707,34 @@ __global__ void __launch_bounds__(kThreads, 2) sample_kernel(SampleKernelArgs a)
     } else {
       __syncthreads();  // candidate_count is reset before anyone pushes
     }
-    for_each_scaled(x + prefix, a.vocab - prefix, a.temperature, [&](int64_t i, float s) {
-      count_token(s);
-      // min-p keeps s - m >= log_min_p for the row max m >= every max seen so far, and float
-      // subtraction is monotone: testing against the larger running max only keeps more.
-      if (gather && s == s && s != neg_inf() && order_key(s) >= floor_key &&
-          (s - fmaxf(prefix_max, first.max)) >= a.log_min_p) {
-        push_candidate_while_room(sh, s, prefix + i);
-      }
-    });
+    // The rest of the row, one loop per kind of row (each keeps only its own state live).
+    auto rest_of_row = [&](auto&& also) {
+      for_each_scaled(x + prefix, a.vocab - prefix, a.temperature, [&](int64_t i, float s) {
+        count_token(s);
+        if (s == s && s != neg_inf()) also(prefix + i, s);
+      });
+    };
+    if (gather) {
+      // The block's max of the prefix bounds the row max from below, like each thread's own.
+      first.max = fmaxf(first.max, prefix_max);
+      rest_of_row([&](int64_t v, float s) {
+        // min-p keeps s - m >= log_min_p for the row max m >= the max seen so far, and float
+        // subtraction is monotone: testing against the smaller running max only keeps more.
+        if (order_key(s) >= floor_key && (s - first.max) >= a.log_min_p) {
+          push_candidate_while_room(sh, s, v);
+        }
+      });
+    } else if (fused_top_p) {
+      rest_of_row([&](int64_t v, float s) {
+        if (s > prefix_max) {
+          push_candidate_while_room(sh, s, v);  // above the prefix's max: a few tokens
+        } else {
+          add_to_histogram(sh, s, prefix_max);
+        }
+      });
+    } else {
+      rest_of_row([](int64_t, float) {});
+    }
     // (its barriers also complete the histogram and the candidates)
     first = block_all_reduce(first, CombineFirstPass{}, scratch_as<FirstPass>(sh));
     if (row_unsampleable(a, row, first.nan, first.max)) continue;
@@ -764,7 +807,57 @@ __global__ void __launch_bounds__(kThreads, 2) sample_kernel(SampleKernelArgs a)
       kept_in_shared = t.all_above_in_shared;
       n_candidates = kept_in_shared ? candidates_held(sh) : 0;
     }
-    if (top_p_on) {
+    // The level-0 bins' reference: d = bin_ref - s (the row max, or the prefix's max when pass 1
+    // built the mass histogram; tokens above it are then kept whenever top-p binds below them).
+    float bin_ref = m;
+    bool top_p_done = false;
+    if (fused_top_p && room_left()) {
+      // Pass 1 binned every token below the prefix's max M relative to M and kept the (few)
+      // tokens above M as candidates. Add the prefix's tokens to the bins, then find where the
+      // mass from the top reaches top_p: among the candidates (every kept token is then one:
+      // no more reads), or in a bin, which the draw's pass gathers. Masses in units of
+      // exp(s - m) 2^32: the candidates' exact, the bins' scaled by exp(M - m).
+      if (prefix > 0) {
+        for_each_scaled(x, prefix, a.temperature, [&](int64_t, float s) {
+          if (s == s && s != neg_inf()) add_to_histogram(sh, s, prefix_max);
+        });
+      }
+      const int held = candidates_held(sh);
+      unsigned long long local_top = 0;
+      for (int i = threadIdx.x; i < held; i += blockDim.x) {
+        local_top += fixed_mass(candidate_value(sh.candidates[i]), m);
+      }
+      const unsigned long long top_mass =
+          block_all_reduce(local_top, SumU64{}, scratch_as<unsigned long long>(sh));
+      unsigned long long bins_mass = 0;  // (the scan's barriers also complete the histogram)
+      {
+        const int first_bin = threadIdx.x * kPerThread;
+        unsigned long long local = 0;
+        for (int i = 0; i < kPerThread; ++i) local += sh.mass[first_bin + i];
+        block_exclusive_scan(local, scratch_as<unsigned long long>(sh), &bins_mass);
+      }
+      const double scale = prefix_max == neg_inf() ? 0.0 : static_cast<double>(expf(prefix_max - m));
+      const double need =
+          static_cast<double>(a.top_p) *
+          (static_cast<double>(top_mass) + static_cast<double>(bins_mass) * scale);
+      if (need <= static_cast<double>(top_mass) || bins_mass == 0 || scale == 0.0) {
+        const int n = sort_candidates(sh);
+        f.tau_p = walk_candidates(sh, n, f, true, false, need, false);
+        kept_in_shared = true;
+        n_candidates = n;
+        top_p_done = true;
+      } else {
+        const double remaining = need - static_cast<double>(top_mass);  // in m units
+        const Crossing c = find_crossing(sh, true, remaining / scale, false);
+        if (c.count_at <= static_cast<uint32_t>(kBins)) {
+          bin_ref = prefix_max;
+          nucleus_bin = c.index;
+          nucleus_bin_need = remaining - static_cast<double>(c.before) * scale;
+          top_p_done = true;
+        }
+      }
+    }
+    if (top_p_on && !top_p_done) {
       if (kept_in_shared) {
         // Every survivor is a candidate already (sorted): top-p without another pass.
         f.tau_p = walk_candidates(sh, n_candidates, f, true, true, static_cast<double>(a.top_p),
@@ -772,11 +865,7 @@ __global__ void __launch_bounds__(kThreads, 2) sample_kernel(SampleKernelArgs a)
       } else {
         clear_histogram(sh);
         for_each_scaled(x, a.vocab, a.temperature, [&](int64_t, float s) {
-          if (f.survives(s)) {
-            const int bin = level0_bin(s, m);
-            atomicAdd(&sh.count[bin], 1u);
-            add_mass(&sh.mass[bin], fixed_mass(s, m));
-          }
+          if (f.survives(s)) add_to_histogram(sh, s, m);
         });
         __syncthreads();
         const Crossing level0 = find_crossing(sh, true, static_cast<double>(a.top_p), true);
@@ -823,7 +912,7 @@ __global__ void __launch_bounds__(kThreads, 2) sample_kernel(SampleKernelArgs a)
       __syncthreads();
       for_each_scaled(x, a.vocab, a.temperature, [&](int64_t v, float s) {
         if (!f.survives(s)) return;
-        const int bin = level0_bin(s, m);
+        const int bin = s > bin_ref ? -1 : level0_bin(s, bin_ref);  // -1: above every bin
         if (bin < nucleus_bin) {
           offer_kept(v, s);
         } else if (bin == nucleus_bin) {
@@ -887,8 +976,11 @@ void sample(const SampleArgs& args, cudaStream_t stream, uint64_t* status) {
   a.ids = args.ids;
   a.logprobs = args.logprobs;
   a.status = status;
-  const bool plain = args.temperature > 0.0f && !(args.top_k > 0 && args.top_k < args.vocab) &&
-                     !(args.top_p < 1.0f) && !(args.min_p > 0.0f);
+  const bool top_k_on = args.top_k > 0 && args.top_k < args.vocab;
+  const bool plain = args.temperature > 0.0f && !top_k_on && !(args.top_p < 1.0f) &&
+                     !(args.min_p > 0.0f);
+  const bool top_p_only = args.temperature > 0.0f && !top_k_on && args.top_p < 1.0f &&
+                          !(args.min_p > 0.0f);
   LATRO_DISPATCH_DTYPE(args.dtype, T, [&] {
     if (plain && args.temperature == 1.0f) {
       detail::launch(plain_sample_kernel<T, true>, detail::row_blocks(args.rows), kThreads,
@@ -896,8 +988,10 @@ void sample(const SampleArgs& args, cudaStream_t stream, uint64_t* status) {
     } else if (plain) {
       detail::launch(plain_sample_kernel<T, false>, detail::row_blocks(args.rows), kThreads,
                      stream, a);
+    } else if (top_p_only) {
+      detail::launch(sample_kernel<T, true>, filtered_grid(args.rows), kThreads, stream, a);
     } else {
-      detail::launch(sample_kernel<T>, filtered_grid(args.rows), kThreads, stream, a);
+      detail::launch(sample_kernel<T, false>, filtered_grid(args.rows), kThreads, stream, a);
     }
   });
   LATRO_CUDA_CHECK(cudaGetLastError());
