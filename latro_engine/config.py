@@ -104,6 +104,12 @@ class LatroConfig:
     gradient_checkpointing: bool = _opt(
         False, "recompute activations in the backward to save memory"
     )
+    optimizer_on_host: bool = _opt(
+        False,
+        "keep AdamW's moment estimates in pinned host memory between steps and update in "
+        "chunks (frees twice the trainable parameters' size of device memory for one round "
+        "trip of the moments per step; the same updates bit for bit; not with distributed fsdp)",
+    )
     reference_on_host: bool = _opt(
         False,
         "keep the frozen reference model's weights in host memory and upload them for its one "
@@ -243,6 +249,9 @@ class LatroConfig:
                 "reference_on_host has nothing to move with lora_rank > 0 (the reference is "
                 "the policy with its adapters off)"
             )
+        if self.optimizer_on_host and self.distributed == "fsdp":
+            raise ConfigError("optimizer_on_host does not combine with distributed: fsdp "
+                              "(FSDP shards the optimizer state across ranks instead)")
         if self.reference_on_host and self.distributed == "fsdp":
             raise ConfigError("reference_on_host does not combine with distributed: fsdp "
                               "(FSDP shards the reference across ranks instead)")

@@ -67,3 +67,88 @@ def visiting(
         # their memory only after it, as for any tensor freed on the stream it was used on.
         for tensor, data in host:
             tensor.data = data
+
+
+class HostStateAdamW(torch.optim.AdamW):
+    """``torch.optim.AdamW`` whose moment estimates (``exp_avg``, ``exp_avg_sq``: twice the
+    parameters' size) live in pinned host memory between steps.
+
+    ``step`` walks the parameters in chunks of about ``chunk_bytes`` of state: it uploads a
+    chunk's moments (asynchronously, on the current stream), runs AdamW's own update on that
+    chunk on the parameters' device, and copies the moments back; one synchronization at the
+    end makes the host copies final (for the next step and for checkpoints). The device then
+    holds one chunk of optimizer state instead of all of it, for one round trip of the moments
+    over the host link per step. The update itself is AdamW's, so the results are the same as
+    ``torch.optim.AdamW`` with the same arguments (bit for bit: tested), and ``state_dict`` /
+    ``load_state_dict`` keep the usual format.
+    """
+
+    _MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+    def __init__(self, params, *, chunk_bytes: int = 256 << 20, **kwargs):
+        if chunk_bytes <= 0:
+            raise ValueError(f"chunk_bytes must be > 0, got {chunk_bytes}")
+        super().__init__(params, **kwargs)
+        self.chunk_bytes = chunk_bytes
+
+    def _to_host(self, tensor: torch.Tensor) -> torch.Tensor:
+        host = torch.empty(
+            tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=torch.cuda.is_available()
+        )
+        return host.copy_(tensor, non_blocking=True)
+
+    def _chunks(self, params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        chunks, current, size = [], [], 0
+        for p in params:
+            current.append(p)
+            size += 2 * p.numel() * p.element_size()
+            if size >= self.chunk_bytes:
+                chunks.append(current)
+                current, size = [], 0
+        if current:
+            chunks.append(current)
+        return chunks
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        groups = [group["params"] for group in self.param_groups]
+        devices = set()
+        try:
+            for index in range(len(self.param_groups)):
+                live = [p for p in groups[index] if p.grad is not None]
+                for chunk in self._chunks(live):
+                    # Only this chunk is visible to AdamW's step; the other groups see nothing.
+                    for other, g in enumerate(self.param_groups):
+                        g["params"] = chunk if other == index else []
+                    for p in chunk:
+                        devices.add(p.device)
+                        state = self.state[p]
+                        for name in self._MOMENTS:
+                            if name in state:
+                                state[name] = state[name].to(p.device, non_blocking=True)
+                    super().step()
+                    for p in chunk:  # (a first step created the moments on the device)
+                        state = self.state[p]
+                        for name in self._MOMENTS:
+                            if name in state and state[name].device.type != "cpu":
+                                state[name] = self._to_host(state[name])
+        finally:
+            for group, params in zip(self.param_groups, groups):
+                group["params"] = params
+        for device in devices:
+            if device.type == "cuda":
+                torch.cuda.current_stream(device).synchronize()
+        return loss
+
+    def load_state_dict(self, state_dict) -> None:
+        super().load_state_dict(state_dict)  # casts the moments to each parameter's device
+        for state in self.state.values():
+            for name in self._MOMENTS:
+                if isinstance(state.get(name), torch.Tensor) and state[name].device.type != "cpu":
+                    state[name] = self._to_host(state[name])
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()

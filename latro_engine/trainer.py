@@ -36,7 +36,7 @@ from latro_engine.generation import (
 )
 from latro_engine.metrics import MetricsLog, plot_curves, read_metrics
 from latro_engine.objective import batch_advantages, latro_loss
-from latro_engine.offload import keep_on_host
+from latro_engine.offload import HostStateAdamW, keep_on_host
 from latro_engine.rollout import Rollout, sample_rationales, stop_token_sequences
 from latro_engine.scoring import reference_logprobs
 
@@ -118,7 +118,8 @@ class _Trainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the model has no trainable parameters")
-        self.optimizer = torch.optim.AdamW(
+        optimizer_cls = HostStateAdamW if config.optimizer_on_host else torch.optim.AdamW
+        self.optimizer = optimizer_cls(
             params,
             lr=config.learning_rate,
             betas=config.adam_betas,

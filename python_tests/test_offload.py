@@ -10,7 +10,7 @@ import tiny
 import torch
 
 from latro_engine.config import ConfigError
-from latro_engine.offload import is_host_resident, keep_on_host, visiting
+from latro_engine.offload import HostStateAdamW, is_host_resident, keep_on_host, visiting
 from latro_engine.scoring import reference_logprobs
 from latro_engine.trainer import LatroTrainer
 
@@ -86,8 +86,80 @@ def test_training_with_the_reference_on_host_is_the_same_run(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "overrides", [dict(lora_rank=4), dict(distributed="fsdp")], ids=["lora", "fsdp"]
+    "option,overrides",
+    [
+        ("reference_on_host", dict(lora_rank=4)),
+        ("reference_on_host", dict(distributed="fsdp")),
+        ("optimizer_on_host", dict(distributed="fsdp")),
+    ],
+    ids=["reference-lora", "reference-fsdp", "optimizer-fsdp"],
 )
-def test_reference_on_host_refuses_what_it_cannot_do(tmp_path, overrides):
-    with pytest.raises(ConfigError, match="reference_on_host"):
-        tiny.config(tmp_path, reference_on_host=True, **overrides)
+def test_host_options_refuse_what_they_cannot_do(tmp_path, option, overrides):
+    with pytest.raises(ConfigError, match=option):
+        tiny.config(tmp_path, **{option: True}, **overrides)
+
+
+def _trained(optimizer_cls, steps: int = 4, **kwargs):
+    """A few AdamW steps on a tiny model with two parameter groups and a frozen-grad parameter."""
+    torch.manual_seed(0)
+    model = tiny.model()
+    params = list(model.parameters())
+    groups = [
+        {"params": params[::2], "weight_decay": 0.1},
+        {"params": params[1::2], "lr": 3e-3},
+    ]
+    optimizer = optimizer_cls(groups, lr=1e-3, betas=(0.9, 0.99), **kwargs)
+    ids = torch.randint(0, 20, (3, 9), generator=torch.Generator().manual_seed(1))
+    for step in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        if step == 1:
+            params[3].grad = None  # a parameter without a gradient this step is left alone
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return model, optimizer
+
+
+def test_host_state_adamw_is_adamw_bit_for_bit():
+    want, plain = _trained(torch.optim.AdamW)
+    # Small chunks: many chunks per group, each updated on its own.
+    got, offloaded = _trained(HostStateAdamW, chunk_bytes=4096)
+    for a, b in zip(want.parameters(), got.parameters()):
+        assert torch.equal(a, b)
+    for p in got.parameters():
+        for name in ("exp_avg", "exp_avg_sq"):
+            assert offloaded.state[p][name].device.type == "cpu"
+    # The same checkpoint format: each loads into the other and continues the same way.
+    state = offloaded.state_dict()
+    assert state.keys() == plain.state_dict().keys()
+    for key, value in plain.state_dict()["state"].items():
+        for name, tensor in value.items():
+            assert torch.equal(tensor, state["state"][key][name]), (key, name)
+    again, _ = _trained(HostStateAdamW, steps=0, chunk_bytes=4096)
+    reloaded = HostStateAdamW(
+        [{"params": list(again.parameters())[::2], "weight_decay": 0.1},
+         {"params": list(again.parameters())[1::2], "lr": 3e-3}],
+        lr=1e-3, betas=(0.9, 0.99), chunk_bytes=4096,
+    )
+    reloaded.load_state_dict(plain.state_dict())
+    assert all(
+        reloaded.state[p]["exp_avg"].device.type == "cpu" for p in again.parameters()
+    )
+
+
+def test_host_state_adamw_refuses_a_bad_chunk_size():
+    with pytest.raises(ValueError, match="chunk_bytes"):
+        HostStateAdamW(tiny.model().parameters(), chunk_bytes=0)
+
+
+def test_training_with_the_optimizer_state_on_host_is_the_same_run(tmp_path):
+    runs = {}
+    for on_host in (False, True):
+        config = tiny.config(tmp_path / str(on_host), optimizer_on_host=on_host, steps=2)
+        trainer = LatroTrainer(tiny.model(), tiny.tokenizer(), tiny.examples(8), config)
+        assert isinstance(trainer.optimizer, HostStateAdamW) == on_host
+        runs[on_host] = (trainer.train(), [p.detach().clone() for p in trainer.model.parameters()])
+    for a, b in zip(runs[False][0], runs[True][0]):
+        assert a["loss"] == b["loss"]
+    for a, b in zip(runs[False][1], runs[True][1]):
+        assert torch.equal(a, b)
