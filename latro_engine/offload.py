@@ -124,18 +124,24 @@ class HostStateAdamW(torch.optim.AdamW):
                     # Only this chunk is visible to AdamW's step; the other groups see nothing.
                     for other, g in enumerate(self.param_groups):
                         g["params"] = chunk if other == index else []
+                    hosts = []  # each parameter's host moments, written back in place
                     for p in chunk:
                         devices.add(p.device)
-                        state = self.state[p]
+                        state, host = self.state[p], {}
                         for name in self._MOMENTS:
                             if name in state:
-                                state[name] = state[name].to(p.device, non_blocking=True)
+                                host[name] = state[name]
+                                state[name] = host[name].to(p.device, non_blocking=True)
+                        hosts.append(host)
                     super().step()
-                    for p in chunk:  # (a first step created the moments on the device)
+                    for p, host in zip(chunk, hosts):
                         state = self.state[p]
                         for name in self._MOMENTS:
                             if name in state and state[name].device.type != "cpu":
-                                state[name] = self._to_host(state[name])
+                                if name in host:  # (pinned once: allocating it is slow)
+                                    state[name] = host[name].copy_(state[name], non_blocking=True)
+                                else:  # a first step created the moment on the device
+                                    state[name] = self._to_host(state[name])
         finally:
             for group, params in zip(self.param_groups, groups):
                 group["params"] = params
