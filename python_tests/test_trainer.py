@@ -70,14 +70,17 @@ def _nondeterministic_after_each_test():
     torch.use_deterministic_algorithms(False)  # the trainer switches it on for the process
 
 
-def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("host_state", [False, True], ids=["device-state", "host-state"])
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch, host_state):
+    """host-state: the AdamW moments and the reference kept in host memory (offload.py)."""
     data = tiny.examples(16)
-    full = tiny.config(tmp_path / "full", steps=4, save_every=2, deterministic=True)
+    extra = dict(optimizer_on_host=True, reference_on_host=True) if host_state else {}
+    full = tiny.config(tmp_path / "full", steps=4, save_every=2, deterministic=True, **extra)
     LatroTrainer(tiny.model(), tiny.tokenizer(), data, full).train()
     reference = _strip_timing(read_metrics(tmp_path / "full" / "run" / "metrics.jsonl"))
 
     # The same run crashes during step 3, after the step-2 checkpoint...
-    crashing = tiny.config(tmp_path / "part", steps=4, save_every=2, deterministic=True)
+    crashing = tiny.config(tmp_path / "part", steps=4, save_every=2, deterministic=True, **extra)
     trainer = LatroTrainer(tiny.model(), tiny.tokenizer(), data, crashing)
     original_step = LatroTrainer.train_step
 
