@@ -163,3 +163,42 @@ def test_training_with_the_optimizer_state_on_host_is_the_same_run(tmp_path):
         assert a["loss"] == b["loss"]
     for a, b in zip(runs[False][1], runs[True][1]):
         assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------- on a GPU
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@needs_cuda
+def test_cuda_host_state_adamw_matches_adamw_on_the_device():
+    """Asynchronous uploads and write-backs through pinned memory, chunk by chunk: the same
+    weights as torch's AdamW on the device (both take the foreach path there)."""
+    results = {}
+    for cls, kwargs in ((torch.optim.AdamW, {}), (HostStateAdamW, {"chunk_bytes": 1 << 16})):
+        torch.manual_seed(0)
+        model = tiny.model().cuda()
+        optimizer = cls(model.parameters(), lr=1e-3, weight_decay=0.05, **kwargs)
+        ids = torch.randint(0, 20, (4, 11), generator=torch.Generator().manual_seed(1)).cuda()
+        for _ in range(3):
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        results[cls] = [p.detach().cpu() for p in model.parameters()]
+        if cls is HostStateAdamW:
+            moments = [s["exp_avg"] for s in optimizer.state.values()]
+            assert all(m.device.type == "cpu" and m.is_pinned() for m in moments)
+    for a, b in zip(results[torch.optim.AdamW], results[HostStateAdamW]):
+        assert torch.equal(a, b)
+
+
+@needs_cuda
+def test_cuda_reference_on_host_scores_like_the_device_copy():
+    policy = tiny.model().cuda()
+    ref = tiny.model(seed=4).cuda().eval()
+    args = [t.cuda() for t in _rationales(policy.config.vocab_size)]
+    want = reference_logprobs(policy, ref, *args).rationale_logp
+    host_ref = keep_on_host(copy.deepcopy(ref))
+    assert all(p.device.type == "cpu" and p.is_pinned() for p in host_ref.parameters())
+    got = reference_logprobs(policy, host_ref, *args).rationale_logp
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert all(p.device.type == "cpu" for p in host_ref.parameters())  # the visit ended
