@@ -310,6 +310,28 @@ def bench_sample(device: torch.device, small: bool) -> None:
     )
     table("sample", f"sample, float32 logits [{b}, {v:,}] (randn x 2)", rows)
 
+    # The same on peaked rows (randn x 8), closer to a trained model's: the nucleus is a handful
+    # of tokens, which pass 1 keeps in shared memory, so every filter reads the row once.
+    peaked = torch.randn(b, v, device=device, generator=g) * 8.0
+    peaked_rows = []
+    with cuda_checks("off"):
+        for name, options in cases:
+            t = time_ms(
+                lambda o=options: ops.sample(peaked, seed=seeds, offset=offset, **o),
+                device,
+                repeat=50,
+            )
+            peaked_rows.append(
+                {
+                    "case": name,
+                    "ours ms": t,
+                    "multinomial ms": t_multinomial,
+                    "read-once floor ms": floor,
+                    "multinomial / ours": _ratio(t_multinomial, t),
+                }
+            )
+    table("sample_peaked", f"sample, float32 logits [{b}, {v:,}] (randn x 8)", peaked_rows)
+
     # The filtered kernel's grid: one block per row (the default) against fewer blocks looping
     # over rows, whose logits may then stay in L2 between the filter's passes.
     sms = 1
