@@ -130,14 +130,7 @@ std::vector<Options> sampling_options() {
   return options;
 }
 
-using Shape = std::tuple<DType, int64_t, int64_t>;  // dtype, rows, vocab
-
-class EmulatedSample : public ::testing::TestWithParam<Shape> {
- protected:
-  DType dtype() const { return std::get<0>(GetParam()); }
-  int64_t rows() const { return std::get<1>(GetParam()); }
-  int64_t vocab() const { return std::get<2>(GetParam()); }
-};
+class EmulatedSample : public ShapeTest {};
 
 TEST_P(EmulatedSample, DrawsTheCpuIds) {
   std::mt19937 rng(static_cast<unsigned>(rows() * 31 + vocab() + static_cast<int>(dtype())));
@@ -162,11 +155,6 @@ TEST_P(EmulatedSample, RowsThatStartMisaligned) {
   for (const Options& o : sampling_options()) {
     expect_cpu_draws(logits, {99}, false, 1, o, shifted.data() + element);
   }
-}
-
-std::string shape_name(const ::testing::TestParamInfo<Shape>& info) {
-  return dtype_str(std::get<0>(info.param)) + "_rows" + std::to_string(std::get<1>(info.param)) +
-         "_vocab" + std::to_string(std::get<2>(info.param));
 }
 
 INSTANTIATE_TEST_SUITE_P(DTypesAndSizes, EmulatedSample,
@@ -281,40 +269,22 @@ struct Scored {
   }
 };
 
-class EmulatedTokenLogprobs : public ::testing::TestWithParam<Shape> {
- protected:
-  DType dtype() const { return std::get<0>(GetParam()); }
-  int64_t rows() const { return std::get<1>(GetParam()); }
-  int64_t vocab() const { return std::get<2>(GetParam()); }
-};
+class EmulatedTokenLogprobs : public ShapeTest {};
 
 TEST_P(EmulatedTokenLogprobs, ForwardAndBackwardMatchTheCpu) {
   std::mt19937 rng(static_cast<unsigned>(rows() * 7 + vocab()));
   const Matrix logits = random_matrix(dtype(), rows(), vocab(), vocab() + 1, rng);
-  std::vector<int64_t> targets(static_cast<size_t>(rows()));
-  std::uniform_int_distribution<int64_t> pick(0, vocab() - 1);
-  for (auto& t : targets) t = pick(rng);
-  targets[0] = -100;  // ignored
+  const auto targets = random_targets(rows(), vocab(), rng, kIgnore, /*with_ignored=*/true);
   std::vector<float> upstream(static_cast<size_t>(rows()));
   std::normal_distribution<float> normal;
   for (auto& u : upstream) u = normal(rng);
 
-  latro::TokenLogprobsArgs args;
-  args.logits = logits.data();
-  args.dtype = dtype();
-  args.rows = rows();
-  args.vocab = vocab();
-  args.row_stride = logits.stride;
-  args.targets = targets.data();
   std::vector<float> cpu_logp(targets.size()), cpu_lse(targets.size());
-  args.logprobs = cpu_logp.data();
-  args.lse = cpu_lse.data();
-  latro::token_logprobs(args);
+  latro::token_logprobs(forward_args(logits, targets, cpu_logp, &cpu_lse));
 
   std::vector<float> logp(targets.size()), lse(targets.size());
   uint64_t status = 0;
-  args.logprobs = logp.data();
-  args.lse = lse.data();
+  const latro::TokenLogprobsArgs args = forward_args(logits, targets, logp, &lse);
   const Scored got = under_every_schedule(
       [&] {
         latro::cuda::reset_status(&status, nullptr);

@@ -42,13 +42,8 @@ Matrix gather_rows(const Matrix& src, const std::vector<int64_t>& rows) {
 }
 
 // ---------------------------------------------------------------- parametrized: dtype x size
-using Shape = std::tuple<DType, int64_t, int64_t>;  // dtype, rows, vocab
-
-class SampleTest : public ::testing::TestWithParam<Shape> {
+class SampleTest : public ShapeTest {
  protected:
-  DType dtype() const { return std::get<0>(GetParam()); }
-  int64_t rows() const { return std::get<1>(GetParam()); }
-  int64_t vocab() const { return std::get<2>(GetParam()); }
   unsigned seed() const { return static_cast<unsigned>(99 + rows() * 13 + vocab() * 5 + static_cast<int>(dtype())); }
 };
 
@@ -214,11 +209,6 @@ TEST_P(SampleTest, GreedyIsArgmaxWithLogprobZero) {
       EXPECT_EQ(d.logprobs[static_cast<size_t>(r)], 0.0f) << "row " << r;
     }
   }
-}
-
-std::string shape_name(const ::testing::TestParamInfo<Shape>& info) {
-  return dtype_str(std::get<0>(info.param)) + "_rows" + std::to_string(std::get<1>(info.param)) +
-         "_vocab" + std::to_string(std::get<2>(info.param));
 }
 
 INSTANTIATE_TEST_SUITE_P(DTypesAndSizes, SampleTest,

@@ -17,8 +17,6 @@ namespace {
 using latro::DType;
 using namespace latro_test;
 
-constexpr int64_t kIgnore = -100;
-
 struct Reference {
   std::vector<double> logprobs;
   std::vector<double> lse;
@@ -42,40 +40,11 @@ Reference reference_forward(const Matrix& logits, const std::vector<int64_t>& ta
   return ref;
 }
 
-std::vector<int64_t> random_targets(int64_t rows, int64_t vocab, std::mt19937& rng,
-                                    int64_t ignore_index, bool with_ignored) {
-  std::uniform_int_distribution<int64_t> pick(0, vocab - 1);
-  std::vector<int64_t> targets(static_cast<size_t>(rows));
-  for (int64_t r = 0; r < rows; ++r) {
-    targets[static_cast<size_t>(r)] = (with_ignored && r % 3 == 1) ? ignore_index : pick(rng);
-  }
-  return targets;
-}
 
-latro::TokenLogprobsArgs forward_args(const Matrix& logits, const std::vector<int64_t>& targets,
-                                      std::vector<float>& logprobs, std::vector<float>* lse,
-                                      int64_t ignore_index = kIgnore) {
-  latro::TokenLogprobsArgs args;
-  args.logits = logits.data();
-  args.dtype = logits.dtype;
-  args.rows = logits.rows;
-  args.vocab = logits.cols;
-  args.row_stride = logits.stride;
-  args.targets = targets.data();
-  args.ignore_index = ignore_index;
-  args.logprobs = logprobs.data();
-  args.lse = lse ? lse->data() : nullptr;
-  return args;
-}
 
 // ---------------------------------------------------------------- parametrized: dtype x size
-using Shape = std::tuple<DType, int64_t, int64_t>;  // dtype, rows, vocab
-
-class TokenLogprobsTest : public ::testing::TestWithParam<Shape> {
+class TokenLogprobsTest : public ShapeTest {
  protected:
-  DType dtype() const { return std::get<0>(GetParam()); }
-  int64_t rows() const { return std::get<1>(GetParam()); }
-  int64_t vocab() const { return std::get<2>(GetParam()); }
   std::mt19937 rng{static_cast<unsigned>(1234 + rows() * 31 + vocab() * 7 +
                                          static_cast<int>(dtype()))};
 };
@@ -228,11 +197,6 @@ TEST_P(TokenLogprobsTest, BackwardInPlaceOverLogits) {
     }
   }
   EXPECT_TRUE(all_close(got, want, stored_tolerance(dtype())));
-}
-
-std::string shape_name(const ::testing::TestParamInfo<Shape>& info) {
-  return dtype_str(std::get<0>(info.param)) + "_rows" + std::to_string(std::get<1>(info.param)) +
-         "_vocab" + std::to_string(std::get<2>(info.param));
 }
 
 INSTANTIATE_TEST_SUITE_P(DTypesAndSizes, TokenLogprobsTest,

@@ -10,6 +10,7 @@
 #include <limits>
 #include <random>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "latro/latro.h"
@@ -221,5 +222,53 @@ std::vector<double> to_double(const std::vector<T>& values) {
     }                                                                                      \
     EXPECT_TRUE(latro_thrown_) << #statement " did not throw latro::Error";                \
   } while (0)
+
+// ---------------------------------------------------------------- parametrized shapes
+// dtype x rows x vocab, the parameter of every size-parametrized suite, and its test-name part
+// (float32_rows7_vocab97).
+using Shape = std::tuple<DType, int64_t, int64_t>;
+
+class ShapeTest : public ::testing::TestWithParam<Shape> {
+ protected:
+  DType dtype() const { return std::get<0>(GetParam()); }
+  int64_t rows() const { return std::get<1>(GetParam()); }
+  int64_t vocab() const { return std::get<2>(GetParam()); }
+};
+
+inline std::string shape_name(const ::testing::TestParamInfo<Shape>& info) {
+  return dtype_str(std::get<0>(info.param)) + "_rows" + std::to_string(std::get<1>(info.param)) +
+         "_vocab" + std::to_string(std::get<2>(info.param));
+}
+
+// ---------------------------------------------------------------- token log-probabilities
+constexpr int64_t kIgnore = -100;
+
+// Targets in [0, vocab); with_ignored: every third row (1, 4, ...) is ignore_index.
+inline std::vector<int64_t> random_targets(int64_t rows, int64_t vocab, std::mt19937& rng,
+                                           int64_t ignore_index, bool with_ignored) {
+  std::uniform_int_distribution<int64_t> pick(0, vocab - 1);
+  std::vector<int64_t> targets(static_cast<size_t>(rows));
+  for (int64_t r = 0; r < rows; ++r) {
+    targets[static_cast<size_t>(r)] = (with_ignored && r % 3 == 1) ? ignore_index : pick(rng);
+  }
+  return targets;
+}
+
+inline latro::TokenLogprobsArgs forward_args(const Matrix& logits,
+                                             const std::vector<int64_t>& targets,
+                                             std::vector<float>& logprobs, std::vector<float>* lse,
+                                             int64_t ignore_index = kIgnore) {
+  latro::TokenLogprobsArgs args;
+  args.logits = logits.data();
+  args.dtype = logits.dtype;
+  args.rows = logits.rows;
+  args.vocab = logits.cols;
+  args.row_stride = logits.stride;
+  args.targets = targets.data();
+  args.ignore_index = ignore_index;
+  args.logprobs = logprobs.data();
+  args.lse = lse ? lse->data() : nullptr;
+  return args;
+}
 
 }  // namespace latro_test

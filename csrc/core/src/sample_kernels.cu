@@ -350,6 +350,18 @@ __device__ __forceinline__ void add_to_histogram(Shared& sh, float s, float ref)
   add_mass(&sh.mass[bin], fixed_mass(s, ref));
 }
 
+// The sum of a histogram's bins (sh.count or sh.mass), for every thread; its barriers also
+// complete the atomics that filled the bins.
+template <typename U>
+__device__ unsigned long long histogram_total(Shared& sh, const U* bins) {
+  const int first_bin = threadIdx.x * kPerThread;
+  unsigned long long local = 0;
+  for (int i = 0; i < kPerThread; ++i) local += bins[first_bin + i];
+  unsigned long long total = 0;
+  block_exclusive_scan(local, scratch_as<unsigned long long>(sh), &total);
+  return total;
+}
+
 __device__ __forceinline__ int candidates_held(const Shared& sh) {
   return sh.candidate_count < kBins ? static_cast<int>(sh.candidate_count) : kBins;
 }
@@ -748,13 +760,8 @@ __global__ void __launch_bounds__(kThreads, 2) sample_kernel(SampleKernelArgs a)
     // and the mass still needed inside that bin.
     int nucleus_bin = -1;
     double nucleus_bin_need = 0.0;
-    unsigned long long finite_count = 0;  // top-k: finite tokens of the row
-    if (top_k_on) {
-      const int first_bin = threadIdx.x * kPerThread;
-      unsigned long long local = 0;
-      for (int i = 0; i < kPerThread; ++i) local += sh.count[first_bin + i];
-      block_exclusive_scan(local, scratch_as<unsigned long long>(sh), &finite_count);
-    }
+    // top-k: finite tokens of the row
+    const unsigned long long finite_count = top_k_on ? histogram_total(sh, sh.count) : 0;
     // Fewer finite tokens than k: the k-th largest is -inf and every finite token stays.
     const bool top_k_binds = top_k_on && finite_count > static_cast<unsigned long long>(a.top_k);
     // Whether the candidates still fit, read by every thread before any pushes again.
@@ -829,13 +836,7 @@ __global__ void __launch_bounds__(kThreads, 2) sample_kernel(SampleKernelArgs a)
       }
       const unsigned long long top_mass =
           block_all_reduce(local_top, SumU64{}, scratch_as<unsigned long long>(sh));
-      unsigned long long bins_mass = 0;  // (the scan's barriers also complete the histogram)
-      {
-        const int first_bin = threadIdx.x * kPerThread;
-        unsigned long long local = 0;
-        for (int i = 0; i < kPerThread; ++i) local += sh.mass[first_bin + i];
-        block_exclusive_scan(local, scratch_as<unsigned long long>(sh), &bins_mass);
-      }
+      const unsigned long long bins_mass = histogram_total(sh, sh.mass);
       const double scale = prefix_max == neg_inf() ? 0.0 : static_cast<double>(expf(prefix_max - m));
       const double need =
           static_cast<double>(a.top_p) *
