@@ -812,11 +812,12 @@ IMPLEMENTATIONS: tuple[tuple[str, Callable[..., None], bool, bool], ...] = (
 
 
 def bench_latro(device: torch.device, small: bool) -> None:
-    """Both implementations on the same model, in two settings: bfloat16 weights (the issue's
-    setting for every target, where the reference pattern's memory is mostly its activations)
-    and float32 weights under bfloat16 autocast (what training at lr 5e-7 needs: a bfloat16
-    weight cannot take such small steps), whose float32 state alone (weights, gradients, AdamW,
-    reference: 16 bytes and more per parameter) caps how far the peak can fall."""
+    """The reference pattern and each of our settings (IMPLEMENTATIONS) on the same model, with
+    bfloat16 weights (the issue's setting for every target, where the reference pattern's
+    memory is mostly its activations) and with float32 weights under bfloat16 autocast (what
+    training at lr 5e-7 needs: a bfloat16 weight cannot take such small steps), whose float32
+    state alone (weights, gradients, AdamW, reference: 16 bytes and more per parameter) caps
+    how far the peak can fall."""
     from latro_engine.offload import HostStateAdamW, keep_on_host
     from latro_engine.static_decoder import release_static_decoder
 
