@@ -12,6 +12,11 @@ Each section prints one markdown table (ours, the torch way, the floor, the rati
   read of the logits (``amax``) as the floor. Ours runs with device seed and offset tensors and
   ``LATRO_CUDA_CHECKS=off`` (no host synchronization, as in a decode loop); one row shows the
   default, which reads the error status back after each call.
+* ``attention``: ``ops.decode_attention`` (one decode step's attention in one layer, the
+  rollout model's heads, a 640-slot bf16 cache filled to several lengths) against the plain
+  torch attention over the whole cache (what the static decoder did before) and torch's
+  ``scaled_dot_product_attention``, each replayed from a CUDA graph of 16 calls; the floor reads
+  the filled keys and values once.
 * ``rollout``: decoding with a random 1.5B-parameter Llama-shaped model (hidden 2048, 16 layers,
   32 heads, 8 KV heads, vocabulary 128,256, bfloat16), batch 64, 128-token prompts, 256 new
   tokens: Hugging Face ``generate``, a static KV cache with the decode step compiled by
@@ -81,6 +86,20 @@ def time_ms(
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+def graph_ms(fn: Callable[[], Any], device: torch.device, calls: int = 1) -> float:
+    """Time of one call of fn replayed from a CUDA graph of ``calls`` calls, so host launch
+    costs nothing (as inside the decode step's graph); plain time_ms off the GPU."""
+    if device.type != "cuda":
+        return time_ms(fn, device)
+    fn()
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return time_ms(graph.replay, device, repeat=20) / calls
 
 
 def peak_gib(fn: Callable[[], Any], device: torch.device, exclude_bytes: int = 0) -> float | None:
@@ -343,6 +362,107 @@ def bench_sample(device: torch.device, small: bool) -> None:
     )
 
 
+# ----------------------------------------------------------------------------- attention
+def torch_decode_attention(q, cache_k, cache_v, new_k, new_v, mask, slot, scale):
+    """The static decoder's attention before ops.decode_attention (plain torch over the whole
+    cache): write the new key and value, q @ K^T, mask, float32 softmax, @ V."""
+    b, h, d = q.shape
+    kv = cache_k.shape[1]
+    cache_k.index_copy_(2, slot, new_k[:, :, None])
+    cache_v.index_copy_(2, slot, new_v[:, :, None])
+    scores = torch.matmul(q.view(b, kv, h // kv, d), cache_k.transpose(-1, -2)).float() * scale
+    scores = scores.masked_fill(~mask[:, None, None, :], torch.finfo(torch.float32).min)
+    probs = scores.softmax(-1).to(cache_v.dtype)
+    return torch.matmul(probs, cache_v).view(b, h, d)
+
+
+def sdpa_decode_attention(q, cache_k, cache_v, new_k, new_v, mask, slot, scale):
+    """The same through torch's scaled_dot_product_attention (grouped heads, boolean mask)."""
+    cache_k.index_copy_(2, slot, new_k[:, :, None])
+    cache_v.index_copy_(2, slot, new_v[:, :, None])
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q[:, :, None],
+        cache_k,
+        cache_v,
+        attn_mask=mask[:, None, None, :],
+        scale=scale,
+        enable_gqa=True,
+    )
+    return out[:, :, 0]
+
+
+def attention_row(
+    device: torch.device, batch: int, length: int, heads: int, kv: int, dim: int, slots: int
+) -> dict[str, Any]:
+    """One case of bench_attention: every implementation on the same bf16 cache."""
+    from latro_engine import ops
+
+    g = torch.Generator(device=device).manual_seed(batch + length)
+
+    def randn(*shape):
+        return torch.randn(*shape, device=device, generator=g).to(torch.bfloat16)
+
+    scale = dim**-0.5
+    q, new_k, new_v = randn(batch, heads, dim), randn(batch, kv, dim), randn(batch, kv, dim)
+    cache_k, cache_v = randn(batch, kv, slots, dim), randn(batch, kv, slots, dim)
+    mask = (torch.arange(slots, device=device)[None, :] < length).expand(batch, slots)
+    mask = mask.contiguous()
+    length_t = torch.tensor(length, device=device)
+    args = (q, cache_k, cache_v, new_k, new_v, mask, (length_t - 1).view(1), scale)
+    ours = graph_ms(
+        lambda: ops.decode_attention(
+            q,
+            cache_k,
+            cache_v,
+            length=length_t,
+            new_k=new_k,
+            new_v=new_v,
+            slot_mask=mask,
+            scale=scale,
+        ),
+        device,
+        calls=16,
+    )
+    plain = graph_ms(lambda: torch_decode_attention(*args), device, calls=16)
+    try:
+        sdpa = graph_ms(lambda: sdpa_decode_attention(*args), device, calls=16)
+    except Exception as error:  # enable_gqa needs torch >= 2.5
+        print(f"  SDPA failed: {type(error).__name__}: {error}")
+        sdpa = None
+    floor = graph_ms(
+        lambda: (cache_k[:, :, :length].amax((2, 3)), cache_v[:, :, :length].amax((2, 3))),
+        device,
+        calls=16,
+    )
+    return {
+        "rows x length": f"{batch} x {length}",
+        "ours ms": ours,
+        "torch (whole cache) ms": plain,
+        "SDPA ms": sdpa,
+        "read K, V once ms": floor,
+        "torch / ours": _ratio(plain, ours),
+        "SDPA / ours": _ratio(sdpa, ours),
+    }
+
+
+def bench_attention(device: torch.device, small: bool) -> None:
+    """One decode step's attention in one layer (the rollout model's heads: 32 query heads over
+    8 KV heads of dim 64, bf16), in a KV cache of 640 slots (a 128-token prompt and 500-token
+    rationales, the LaTRO step's shape) at several fill lengths; each implementation replayed
+    from a CUDA graph of 16 calls (one per layer), as in the decode step."""
+    heads, kv, dim, slots = 32, 8, 64, 640
+    cases = [(64, 129), (64, 384), (64, 628), (48, 628), (8, 628)]
+    if small:
+        heads, kv, dim, slots, cases = 8, 2, 16, 96, [(4, 40), (2, 90)]
+    rows = [attention_row(device, b, n, heads, kv, dim, slots) for b, n in cases]
+    table(
+        "attention",
+        f"decode attention, one layer: {heads} heads over {kv} KV heads of dim {dim}, bf16, "
+        f"{slots}-slot cache",
+        rows,
+    )
+
+
 # ----------------------------------------------------------------------------- models
 def llama(device: torch.device, small: bool, dtype: torch.dtype) -> torch.nn.Module:
     """A randomly initialized Llama-shaped causal LM: the issue's 1.5B shape, or a toy one."""
@@ -533,14 +653,7 @@ def linear_floor_ms(model, batch: int, device: torch.device) -> float:
         return [torch.nn.functional.linear(inputs[m.in_features], m.weight) for m in linears]
 
     with torch.no_grad():
-        if device.type != "cuda":
-            return time_ms(step, device)
-        step()
-        torch.cuda.synchronize(device)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
-        return time_ms(graph.replay, device, repeat=20)
+        return graph_ms(step, device)
 
 
 def profile_ours(model, ids, mask, device: torch.device, new: int = 32) -> None:
@@ -795,7 +908,12 @@ def ours_step(
 IMPLEMENTATIONS: tuple[tuple[str, Callable[..., None], bool, bool], ...] = (
     ("reference pattern", reference_pattern_step, False, False),
     ("ours", ours_step, False, False),
-    ("ours, gradient checkpointing", functools.partial(ours_step, checkpointing=True), False, False),
+    (
+        "ours, gradient checkpointing",
+        functools.partial(ours_step, checkpointing=True),
+        False,
+        False,
+    ),
     (
         "ours, checkpointing + reference on host",
         functools.partial(ours_step, checkpointing=True),
@@ -861,8 +979,15 @@ def bench_latro(device: torch.device, small: bool) -> None:
                     phases = PhasePeaks(device)
                     t0 = time.perf_counter()
                     step(
-                        model, reference, optimizer, ids, mask, answer, max_len=max_len,
-                        phase=phases, **kwargs,
+                        model,
+                        reference,
+                        optimizer,
+                        ids,
+                        mask,
+                        answer,
+                        max_len=max_len,
+                        phase=phases,
+                        **kwargs,
                     )
                     _sync(device)
                     seconds = time.perf_counter() - t0
@@ -927,6 +1052,7 @@ def write_json(path: str, gpu: str) -> None:
 SECTIONS = {
     "scorer": bench_scorer,
     "sample": bench_sample,
+    "attention": bench_attention,
     "rollout": bench_rollout,
     "latro": bench_latro,
 }

@@ -16,7 +16,7 @@
 # gpu_check.log (everything), nvidia-smi.txt, pytest.log, bench_gpu.md, bench_gpu.json and the
 # built module (_C.*.so). Environment: PYTHON (default: python3 if its torch has CUDA, else
 # .venv/bin/python), STAGES (default "build test bench"), MAX_JOBS (default: all cores),
-# BENCH_SECTIONS (default "scorer sample rollout latro"), BENCH_ARGS (extra options),
+# BENCH_SECTIONS (default "scorer sample attention rollout latro"), BENCH_ARGS (extra options),
 # TEST_ARGS (pytest arguments instead of the default selection), TEST_TIMEOUT (s, default 240),
 # SECTION_TIMEOUT (s per bench section, default 240).
 # Every stage runs even if an earlier one failed (except that nothing runs without a build);
@@ -128,7 +128,7 @@ cuda_tests() {
 
 bench() {
   local section status=0
-  for section in ${BENCH_SECTIONS:-scorer sample rollout latro}; do
+  for section in ${BENCH_SECTIONS:-scorer sample attention rollout latro}; do
     # shellcheck disable=SC2086  # BENCH_ARGS is a list of options
     timeout "${SECTION_TIMEOUT:-240}" "$PYTHON" benchmarks/bench_gpu.py --only "$section" \
       --json "$OUT/bench_gpu.json" ${BENCH_ARGS:-} | tee -a "$OUT/bench_gpu.md"

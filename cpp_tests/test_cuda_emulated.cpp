@@ -16,6 +16,7 @@
 
 #include "latro/cuda.h"
 #include "latro/latro.h"
+#include "decode_attention_reference.h"
 #include "latro_cuda_emulator.h"
 #include "sample_reference.h"
 #include "test_util.h"
@@ -414,6 +415,91 @@ TEST(EmulatedAdvantages, RlooAndRewardsEqualTheCpuBitForBit) {
           << "k " << k << ", mode " << static_cast<int>(mode);
     }
   }
+}
+
+// ---------------------------------------------------------------- decode attention
+class EmulatedDecodeAttention : public ::testing::TestWithParam<AttentionShape> {};
+
+// The kernel against the CPU function and the float64 reference, with one block per (row, KV
+// head) (one multiprocessor) and with the slots split over blocks (132 of them: the combine
+// kernel); the caches must end bit for bit as the CPU leaves them.
+TEST_P(EmulatedDecodeAttention, MatchesTheCpuAndTheReference) {
+  std::mt19937 rng(23);
+  const AttentionCase c(GetParam(), rng);
+  Matrix cpu_k = c.cache_k, cpu_v = c.cache_v, cpu_out = c.output();
+  latro::decode_attention(c.args(cpu_k, cpu_v, cpu_out));
+  const std::vector<double> want = c.reference();
+  for (int multiprocessors : {1, 132}) {
+    Matrix k = c.cache_k, v = c.cache_v, out = c.output();
+    const latro::DecodeAttentionArgs args = c.args(k, v, out);
+    const latro::cuda::DecodeAttentionPlan plan =
+        latro::cuda::plan_decode_attention(args, multiprocessors);
+    std::vector<float> workspace(static_cast<size_t>(plan.workspace_floats));
+    under_every_schedule(
+        [&] {
+          k = c.cache_k;
+          v = c.cache_v;
+          latro::cuda::decode_attention(args, plan, workspace.data(), nullptr);
+        },
+        [&] { return out.storage; });
+    SCOPED_TRACE("splits " + std::to_string(plan.splits));
+    if (multiprocessors == 1) {
+      EXPECT_EQ(plan.splits, (c.shape.slots + 1023) / 1024);
+    } else if (c.shape.rows * c.shape.kv_heads < 132 && c.shape.slots >= 128) {
+      EXPECT_GT(plan.splits, 1);
+    }
+    const Tolerance tol = attention_tolerance(c.shape.dtype);
+    EXPECT_TRUE(all_close(values_of(out), want, tol));
+    EXPECT_TRUE(all_close(values_of(out), values_of(cpu_out), tol));
+    EXPECT_TRUE(k.storage == cpu_k.storage && v.storage == cpu_v.storage);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, EmulatedDecodeAttention, ::testing::ValuesIn(attention_shapes()),
+                         attention_name);
+
+TEST(EmulatedDecodeAttentionErrors, LengthOutOfRangeIsNaNAndRecorded) {
+  std::mt19937 rng(29);
+  const AttentionCase c({DType::BFloat16, 2, 4, 2, 90, 16, 40, true, false}, rng);
+  for (int multiprocessors : {1, 132}) {
+    for (int64_t bad : {int64_t{0}, int64_t{91}}) {
+      Matrix k = c.cache_k, v = c.cache_v, out = c.output();
+      latro::DecodeAttentionArgs args = c.args(k, v, out);
+      args.length = &bad;
+      const auto plan = latro::cuda::plan_decode_attention(args, multiprocessors);
+      std::vector<float> workspace(static_cast<size_t>(plan.workspace_floats));
+      uint64_t status = 0;
+      latro::cuda::reset_status(&status, nullptr);
+      latro::cuda::decode_attention(args, plan, workspace.data(), nullptr, &status);
+      const latro::cuda::StatusRecord record = latro::cuda::read_status(&status, nullptr);
+      EXPECT_EQ(record.kind, latro::cuda::StatusKind::LengthOutOfRange);
+      EXPECT_EQ(record.row, -1);
+      for (double x : values_of(out)) ASSERT_TRUE(std::isnan(x));
+      EXPECT_TRUE(k.storage == c.cache_k.storage && v.storage == c.cache_v.storage);
+    }
+  }
+}
+
+TEST(EmulatedDecodeAttentionErrors, HostVisibleMistakesThrowLikeTheCpu) {
+  std::mt19937 rng(31);
+  const AttentionCase c({DType::Float32, 2, 4, 2, 2100, 8, 5, false, false}, rng);
+  Matrix k = c.cache_k, v = c.cache_v, out = c.output();
+  latro::DecodeAttentionArgs args = c.args(k, v, out);
+  args.head_dim = 300;
+  EXPECT_LATRO_ERROR(latro::cuda::plan_decode_attention(args, 4), "head_dim must be in [1, 256]");
+  args = c.args(k, v, out);
+  latro::cuda::DecodeAttentionPlan plan = latro::cuda::plan_decode_attention(args, 1);
+  EXPECT_EQ(plan.splits, 3);  // 2,100 slots need three blocks of at most 1,024
+  std::vector<float> workspace(static_cast<size_t>(plan.workspace_floats));
+  plan.splits = 2;
+  EXPECT_LATRO_ERROR(latro::cuda::decode_attention(args, plan, workspace.data(), nullptr),
+                     "plan.splits = 2 is below the 3");
+  plan = latro::cuda::plan_decode_attention(args, 1);
+  EXPECT_LATRO_ERROR(latro::cuda::decode_attention(args, plan, nullptr, nullptr), "workspace");
+  plan.workspace_floats -= 1;
+  EXPECT_LATRO_ERROR(latro::cuda::decode_attention(args, plan, workspace.data(), nullptr),
+                     "plan.workspace_floats");
+  EXPECT_LATRO_ERROR(latro::cuda::plan_decode_attention(args, 0), "multiprocessors");
 }
 
 // ---------------------------------------------------------------- the emulator itself

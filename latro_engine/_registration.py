@@ -60,6 +60,11 @@ def _(tokens, stop_tokens, stop_offsets, step, positions, start):
     return tokens.new_empty(tokens.shape[:1])
 
 
+@torch.library.register_fake(f"{_LIB}::decode_attention")
+def _(query, cache_k, cache_v, new_k, new_v, slot_mask, length, scale):
+    return torch.empty_like(query, memory_format=torch.contiguous_format)
+
+
 @torch.library.register_fake(f"{_LIB}::rloo_advantages")
 def _(rewards, k):
     return torch.empty_like(rewards)

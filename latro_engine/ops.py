@@ -23,6 +23,7 @@ from latro_engine._extension import native_available, use_native
 
 __all__ = [
     "StopSequences",
+    "decode_attention",
     "latro_rewards",
     "linear_token_logprobs",
     "rloo_advantages",
@@ -233,6 +234,57 @@ def stop_positions_step(
         )
     return reference.stop_positions_step(
         tokens, stops.sequences, step=step_t, positions=positions, start=start
+    )
+
+
+def decode_attention(
+    query: torch.Tensor,
+    cache_k: torch.Tensor,
+    cache_v: torch.Tensor,
+    *,
+    length: int | torch.Tensor,
+    new_k: torch.Tensor | None = None,
+    new_v: torch.Tensor | None = None,
+    slot_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attention of one new token per row against a static KV cache (a decode step).
+
+    Args:
+        query: ``[B, H, D]`` float32, bfloat16 or float16 (float64 runs the reference), after
+            rotary embeddings; D <= 256.
+        cache_k, cache_v: ``[B, G, S, D]`` of query's dtype, dense within each row (rows of a
+            contiguous cache, e.g. ``cache[:b]``); G divides H and query head h reads KV head
+            ``h // (H // G)``, as grouped-query attention does.
+        length: slots ``[0, length)`` are attended, ``1 <= length <= S``; an int or a 0-d int64
+            tensor on the query's device (the device form keeps a decode step free of host
+            synchronization and CUDA-graph capturable).
+        new_k, new_v: optional ``[B, G, D]``: the new token's key and value, written into the
+            caches at slot ``length - 1`` (in place) before attending.
+        slot_mask: optional bool ``[B, S]``: the slots each row may attend (false for the padding
+            of a left-padded prompt). A row with no allowed slot gets zeros.
+        scale: the softmax scale, ``D ** -0.5`` by default.
+    Returns:
+        ``[B, H, D]`` in query's dtype: ``softmax(scale * q . K) V`` over the allowed slots, in
+        float32 arithmetic. The native kernels read each key and value of ``[0, length)`` once
+        for all the query heads that share it and never touch the slots beyond the length.
+    """
+    if scale is None:
+        scale = query.shape[-1] ** -0.5
+    length_t = _device_int(length, query.device, "length")
+    if use_native(query.device) and query.dtype != torch.float64:
+        return torch.ops.latro_engine.decode_attention(
+            query, cache_k, cache_v, new_k, new_v, slot_mask, length_t, float(scale)
+        )
+    return reference.decode_attention(
+        query,
+        cache_k,
+        cache_v,
+        length=length_t,
+        new_k=new_k,
+        new_v=new_v,
+        slot_mask=slot_mask,
+        scale=float(scale),
     )
 
 

@@ -509,3 +509,107 @@ def latro_rewards(
         else torch.tensor(float(nonstop_penalty), dtype=torch.float64, device=a.device)
     )
     return torch.where(finished, reward, penalty).to(answer_logp.dtype)
+
+
+# ----------------------------------------------------------------------------- decode attention
+MAX_DECODE_HEAD_DIM = 256
+
+
+def _check_decode_attention(query, cache_k, cache_v, new_k, new_v, slot_mask, length, scale):
+    _check_dtype(query, (*_FLOAT_DTYPES, torch.float64), "query")
+    for t, name, dim in ((query, "query", 3), (cache_k, "cache_k", 4), (cache_v, "cache_v", 4)):
+        if t.dim() != dim:
+            raise ValueError(f"{name} must have {dim} dimension(s), got shape {list(t.shape)}")
+    for t, name in ((cache_k, "cache_k"), (cache_v, "cache_v")):
+        if t.dtype != query.dtype:
+            raise TypeError(f"{name} must be {query.dtype} like query, got {t.dtype}")
+        _check_same_device(t, query, name, "query")
+    rows, heads, head_dim = query.shape
+    if cache_k.shape[0] != rows or cache_k.shape[3] != head_dim:
+        raise ValueError(
+            f"cache_k must have shape [rows, kv_heads, slots, head_dim] with rows = {rows} and "
+            f"head_dim = {head_dim} as query, got shape {list(cache_k.shape)}"
+        )
+    if cache_v.shape != cache_k.shape:
+        raise ValueError(
+            f"cache_v must have the shape of cache_k {list(cache_k.shape)}, got "
+            f"{list(cache_v.shape)}"
+        )
+    kv_heads, slots = cache_k.shape[1], cache_k.shape[2]
+    if kv_heads == 0 or heads % kv_heads:
+        raise ValueError(
+            f"query's {heads} heads must be a multiple of cache_k's {kv_heads} KV heads"
+        )
+    if not 1 <= head_dim <= MAX_DECODE_HEAD_DIM:
+        raise ValueError(f"head_dim must be in [1, {MAX_DECODE_HEAD_DIM}], got {head_dim}")
+    if slots == 0:
+        raise ValueError("cache_k has no slots")
+    if (new_k is None) != (new_v is None):
+        raise ValueError("new_k and new_v must be given together")
+    if new_k is not None:
+        for t, name in ((new_k, "new_k"), (new_v, "new_v")):
+            if t.dtype != query.dtype:
+                raise TypeError(f"{name} must be {query.dtype} like query, got {t.dtype}")
+            _check_same_device(t, query, name, "query")
+            if t.shape != (rows, kv_heads, head_dim):
+                raise ValueError(
+                    f"{name} must have shape [rows, kv_heads, head_dim] = "
+                    f"[{rows}, {kv_heads}, {head_dim}], got {list(t.shape)}"
+                )
+    if slot_mask is not None:
+        _check_dtype(slot_mask, (torch.bool,), "slot_mask")
+        _check_same_device(slot_mask, query, "slot_mask", "query")
+        if slot_mask.shape != (rows, slots):
+            raise ValueError(
+                f"slot_mask must have shape [rows, slots] = [{rows}, {slots}], got "
+                f"{list(slot_mask.shape)}"
+            )
+    _check_dtype(length, (torch.int64,), "length")
+    _check_same_device(length, query, "length", "query")
+    if length.dim() != 0:
+        raise ValueError(f"length must be an int or a 0-d tensor, got shape {list(length.shape)}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    capturing = length.is_cuda and torch.cuda.is_current_stream_capturing()
+    if not capturing and not 1 <= int(length) <= slots:
+        raise ValueError(f"length must be in [1, slots = {slots}], got {int(length)}")
+
+
+def decode_attention(
+    query: torch.Tensor,
+    cache_k: torch.Tensor,
+    cache_v: torch.Tensor,
+    *,
+    length: torch.Tensor,
+    new_k: torch.Tensor | None = None,
+    new_v: torch.Tensor | None = None,
+    slot_mask: torch.Tensor | None = None,
+    scale: float,
+) -> torch.Tensor:
+    """Attention of one query token per row over slots ``[0, length)`` of a KV cache, in float32
+    (float64 for float64 inputs); writes new_k / new_v at slot ``length - 1`` first. No host
+    synchronization while a CUDA graph is captured (the length stays on the device)."""
+    _check_decode_attention(query, cache_k, cache_v, new_k, new_v, slot_mask, length, scale)
+    rows, heads, head_dim = query.shape
+    kv_heads, slots = cache_k.shape[1], cache_k.shape[2]
+    if new_k is not None:
+        newest = (length - 1).reshape(1)
+        cache_k.index_copy_(2, newest, new_k[:, :, None])
+        cache_v.index_copy_(2, newest, new_v[:, :, None])
+    compute = torch.float64 if query.dtype == torch.float64 else torch.float32
+    allowed = torch.arange(slots, device=query.device) < length
+    if slot_mask is not None:
+        allowed = allowed & slot_mask
+    allowed = allowed.expand(rows, slots)[:, None, :, None]  # [rows, 1, slots, 1]
+    # Slots never attended may hold anything (even NaN): they are zeroed, not multiplied by 0.
+    keys = cache_k.to(compute).masked_fill(~allowed, 0)
+    values = cache_v.to(compute).masked_fill(~allowed, 0)
+    scale = scale if compute == torch.float64 else as_float32(scale)  # what the kernels get
+    q = query.to(compute).view(rows, kv_heads, heads // kv_heads, head_dim) * scale
+    scores = (q @ keys.transpose(-1, -2)).masked_fill(~allowed.transpose(-1, -2), -math.inf)
+    top = scores.amax(-1, keepdim=True)
+    top = torch.where(top == -math.inf, 0.0, top)  # no allowed slot: zeros, not NaN
+    weights = torch.exp(scores - top)
+    total = weights.sum(-1, keepdim=True)
+    out = (weights @ values) / torch.where(total > 0, total, 1.0)
+    return out.reshape(rows, heads, head_dim).to(query.dtype)

@@ -7,7 +7,8 @@ attention, SiLU-gated MLP) with its own functional forward over the model's weig
 
 * the KV cache is preallocated ``[rows, kv heads, slots, head dim]`` per layer, the prompt in slots
   ``[0, P)`` and decode step t's input in slot ``P + t - 1``; a boolean slot mask replaces the
-  growing attention mask;
+  growing attention mask, and :func:`latro_engine.ops.decode_attention` (one kernel per layer on
+  CUDA) writes the new key and value and attends over the filled slots only;
 * one decode step (forward, :func:`latro_engine.ops.sample` with device seed and offset, the
   incremental stop check, writing the token) touches only preallocated buffers and reads the
   step from a device scalar it increments itself, so on CUDA it is captured once into a CUDA
@@ -318,24 +319,25 @@ class StaticDecoder:
     def _decode_forward(self, b: int) -> torch.Tensor:
         """One token per row for the first b rows: last_token at ``position`` into slot
         ``P + step - 1``; returns logits ``[b, V]``."""
-        slot = (self.prompt_slots + self.step - 1).view(1)
+        length = self.prompt_slots + self.step  # slots [0, P + step) hold the row so far
         mask = self.slot_mask[:b]
-        mask.index_fill_(1, slot, True)
-        groups = self.heads // self.kv_heads
+        mask.index_fill_(1, (length - 1).view(1), True)
         h = F.embedding(self.last_token[:b, None], self.embed)
         cos, sin = self._rotary(self.position[:b, None])
-        allowed = mask[:, None, None, :]  # [b, 1, 1, S] against scores [b, kv, groups, S]
         for i, layer in enumerate(self.layers):
             q, k, v = self._qkv(layer, h, cos, sin)
-            cache_k, cache_v = self.cache_k[i][:b], self.cache_v[i][:b]
-            cache_k.index_copy_(2, slot, k)
-            cache_v.index_copy_(2, slot, v)
-            q = q.reshape(b, self.kv_heads, groups, self.head_dim)  # heads grouped by KV head
-            scores = torch.matmul(q, cache_k.transpose(-1, -2)).float() * self.scale
-            scores = scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
-            probs = scores.softmax(-1).to(cache_v.dtype)
-            attn = torch.matmul(probs, cache_v).reshape(b, 1, self.heads * self.head_dim)
-            h = self._finish_layer(layer, h, attn)
+            # One kernel per layer: writes k / v into the slot, attends over [0, length) only.
+            attn = ops.decode_attention(
+                q[:, :, 0],
+                self.cache_k[i][:b],
+                self.cache_v[i][:b],
+                length=length,
+                new_k=k[:, :, 0],
+                new_v=v[:, :, 0],
+                slot_mask=mask,
+                scale=self.scale,
+            )
+            h = self._finish_layer(layer, h, attn.reshape(b, 1, self.heads * self.head_dim))
         return self._logits(h[:, -1])
 
     def _sample_and_record(self, logits: torch.Tensor, b: int) -> None:

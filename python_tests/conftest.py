@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -81,3 +83,56 @@ def assert_close_to_oracle(actual: torch.Tensor, oracle: torch.Tensor, plain: to
     plain_err = (plain.double() - oracle).abs()
     bound = 2 * plain_err.max() + ATOL[dtype] * (1 + oracle.abs().max())
     assert actual_err.max() <= bound, f"max error {actual_err.max():.3g} > bound {bound:.3g}"
+
+
+# ----------------------------------------------------------------------------- decode attention
+# rows, heads, kv heads, slots, head dim, length: odd sizes, groups of 1 to 8 query heads,
+# head dims on and off the 16-byte vector, a single slot, a full cache.
+DECODE_ATTENTION_SHAPES = [
+    (3, 6, 2, 37, 24, 37),
+    (2, 5, 5, 41, 5, 19),
+    (2, 5, 1, 70, 64, 53),
+    (2, 8, 1, 29, 256, 23),
+    (5, 4, 4, 3, 8, 1),
+]
+DECODE_ATTENTION_ATOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
+
+
+def decode_attention_problem(rows, heads, kv, slots, dim, length, dtype, seed=0, masked=True):
+    """Inputs in dtype; caches are rows of a larger buffer, poisoned with NaN where the op
+    must not read (beyond the length, masked slots, the slot new_k / new_v will fill)."""
+    g = torch.Generator().manual_seed(seed)
+    query = torch.randn(rows, heads, dim, generator=g).to(dtype)
+    buffers = torch.randn(2, rows + 2, kv, slots, dim, generator=g).to(dtype)
+    cache_k, cache_v = buffers[0, :rows], buffers[1, :rows]
+    new_k, new_v = torch.randn(2, rows, kv, dim, generator=g).to(dtype)
+    mask = torch.rand(rows, slots, generator=g) < 0.75
+    mask[:, length - 1] = True
+    if masked and rows > 1:
+        mask[1] = False  # a row that may attend nothing: zeros
+    if not masked:
+        mask[:] = True
+    for cache in (cache_k, cache_v):
+        cache[:, :, length - 1 :] = math.nan
+        cache.masked_fill_(~mask[:, None, :, None], math.nan)
+    return query, cache_k, cache_v, new_k, new_v, mask
+
+
+def decode_attention_oracle(query, cache_k, cache_v, new_k, new_v, mask, length, scale):
+    """float64, through torch's own attention with the KV heads repeated."""
+    rows, heads, dim = query.shape
+    kv = cache_k.shape[1]
+    keys, values = cache_k.double().clone(), cache_v.double().clone()
+    keys[:, :, length - 1], values[:, :, length - 1] = new_k.double(), new_v.double()
+    keys, values = keys[:, :, :length], values[:, :, :length]
+    allowed = mask[:, :length]
+    keys = keys.masked_fill(~allowed[:, None, :, None], 0)
+    values = values.masked_fill(~allowed[:, None, :, None], 0)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query.double()[:, :, None],
+        keys.repeat_interleave(heads // kv, dim=1),
+        values.repeat_interleave(heads // kv, dim=1),
+        attn_mask=allowed[:, None, None, :],
+        scale=scale,
+    )[:, :, 0]
+    return torch.where(allowed.any(-1)[:, None, None], out, 0.0)  # SDPA gives NaN there

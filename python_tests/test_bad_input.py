@@ -152,3 +152,64 @@ def test_unknown_backend_is_rejected(use_backend):
     use_backend("fast")
     with _raises(ValueError, "LATRO_BACKEND"):
         ops.rloo_advantages(torch.randn(4), 2)
+
+
+@pytest.mark.parametrize("device,backend", PAIRS)
+def test_decode_attention_errors(device, backend, use_backend):
+    use_backend(backend)
+    q = torch.randn(2, 4, 8, device=device)
+    k, v = torch.randn(2, 2, 2, 5, 8, device=device)
+    nk, nv = torch.randn(2, 2, 2, 8, device=device)
+    mask = torch.ones(2, 5, dtype=torch.bool, device=device)
+
+    def call(**kw):
+        args = dict(query=q, cache_k=k, cache_v=v, length=3, new_k=nk, new_v=nv, slot_mask=mask)
+        args.update(kw)
+        return ops.decode_attention(args.pop("query"), args.pop("cache_k"), args.pop("cache_v"),
+                                    **args)
+
+    with _raises(TypeError, "query must be"):
+        call(query=q.long())
+    with _raises(ValueError, "query must have 3 dimension"):
+        call(query=q[0])
+    with _raises(TypeError, "cache_k must be"):
+        call(cache_k=k.half())
+    with _raises(ValueError, "cache_k must have shape"):
+        call(cache_k=k[:, :, :, :4])
+    with _raises(ValueError, "cache_v must have the shape of cache_k"):
+        call(cache_v=v[:, :, :4])
+    with _raises(ValueError, "heads must be a multiple"):
+        call(query=q[:, :3])
+    with _raises(ValueError, "head_dim must be in"):
+        call(query=torch.randn(2, 2, 300, device=device),
+             cache_k=torch.randn(2, 1, 5, 300, device=device),
+             cache_v=torch.randn(2, 1, 5, 300, device=device), new_k=None, new_v=None)
+    with _raises(ValueError, "new_k and new_v must be given together"):
+        call(new_v=None)
+    with _raises(ValueError, "new_k must have shape"):
+        call(new_k=nk[:, :1])
+    with _raises(TypeError, "slot_mask"):
+        call(slot_mask=mask.int())
+    with _raises(ValueError, "slot_mask must have shape"):
+        call(slot_mask=mask[:, :4])
+    with _raises(TypeError, "length"):
+        call(length=torch.tensor(3.0, device=device))
+    with _raises(ValueError, "length must be an int or a 0-d tensor"):
+        call(length=torch.tensor([3], device=device))
+    for bad in (0, 6, torch.tensor(-1, device=device)):
+        with _raises(ValueError, r"length must be in \[1, slots = 5\]"):
+            call(length=bad)
+    with _raises(ValueError, r"length must be in \[1, slots = 5\]"):  # an empty batch too
+        call(query=q[:0], cache_k=k[:0], cache_v=v[:0], new_k=nk[:0], new_v=nv[:0],
+             slot_mask=mask[:0], length=0)
+    with _raises(ValueError, "scale must be finite"):
+        call(scale=float("inf"))
+    if backend == "native":  # the reference accepts any layout; the kernels write in place
+        with _raises(ValueError, "cache_k must be dense within each row"):
+            call(cache_k=k.transpose(1, 2).contiguous().transpose(1, 2))
+    if torch.cuda.is_available():
+        other = "cpu" if device == "cuda" else "cuda"
+        with _raises(ValueError, "cache_k is on"):
+            call(cache_k=k.to(other))
+    assert call(query=q[:0], cache_k=k[:0], cache_v=v[:0], new_k=nk[:0], new_v=nv[:0],
+                slot_mask=mask[:0]).shape == (0, 4, 8)

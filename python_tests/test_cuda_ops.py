@@ -10,7 +10,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FLOAT_DTYPES, LLAMA3_VOCAB, ODD_SIZES, assert_close_to_oracle
+from conftest import (
+    DECODE_ATTENTION_ATOL,
+    DECODE_ATTENTION_SHAPES,
+    FLOAT_DTYPES,
+    LLAMA3_VOCAB,
+    ODD_SIZES,
+    assert_close_to_oracle,
+    decode_attention_oracle,
+    decode_attention_problem,
+)
 
 import latro_engine
 from latro_engine import ops, reference
@@ -297,6 +306,89 @@ def test_sample_inside_cuda_graph(options):
         assert torch.equal(ids, eager[0]) and torch.equal(logp, eager[1]), step
         cpu = ops.sample(logits.cpu(), seed=seeds.cpu(), offset=step, **options)
         assert (ids.cpu() == cpu[0]).float().mean() >= 31 / 32
+
+
+# ----------------------------------------------------------------------------- decode attention
+# The CPU suite's shapes plus the decode benchmark's (64 rows, 32 heads over 8 KV heads, head
+# dim 64, 640 slots) and few rows over many slots (the slots split over blocks, then combined).
+ATTENTION_SHAPES = [
+    *DECODE_ATTENTION_SHAPES,
+    (64, 32, 8, 640, 64, 401),
+    (1, 28, 4, 2100, 128, 2077),
+]
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("shape", ATTENTION_SHAPES, ids=str)
+def test_decode_attention_matches_cpu_and_oracle(shape, dtype):
+    length = shape[-1]
+    tensors = decode_attention_problem(*shape, dtype, seed=4)
+    oracle = decode_attention_oracle(*tensors, length, shape[4] ** -0.5)
+    results = {}
+    for device in ("cpu", "cuda"):
+        query, cache_k, cache_v, new_k, new_v, mask = (t.to(device) for t in tensors)
+        out = ops.decode_attention(
+            query,
+            cache_k,
+            cache_v,
+            length=torch.tensor(length, device=device),
+            new_k=new_k,
+            new_v=new_v,
+            slot_mask=mask,
+        )
+        results[device] = out.cpu(), cache_k.cpu(), cache_v.cpu()
+    tol = DECODE_ATTENTION_ATOL[dtype]
+    (cpu, cpu_k, cpu_v), (gpu, gpu_k, gpu_v) = results["cpu"], results["cuda"]
+    torch.testing.assert_close(gpu.double(), oracle, atol=tol, rtol=tol)
+    torch.testing.assert_close(gpu.float(), cpu.float(), atol=tol, rtol=tol)
+    torch.testing.assert_close(gpu_k, cpu_k, equal_nan=True, atol=0, rtol=0)
+    torch.testing.assert_close(gpu_v, cpu_v, equal_nan=True, atol=0, rtol=0)
+
+
+def test_decode_attention_inside_cuda_graph():
+    """Captured once, replayed with a growing device length: each replay equals an eager call
+    and writes its new key and value into the next slot."""
+    rows, heads, kv, slots, dim = 6, 8, 2, 50, 32
+    g = torch.Generator().manual_seed(8)
+    query, new_k, new_v = (
+        torch.randn(s, generator=g).cuda().bfloat16()
+        for s in ((rows, heads, dim), (rows, kv, dim), (rows, kv, dim))
+    )
+    cache_k = torch.randn(rows, kv, slots, dim, generator=g).cuda().bfloat16()
+    cache_v = torch.randn(rows, kv, slots, dim, generator=g).cuda().bfloat16()
+    mask = (torch.rand(rows, slots, generator=g) < 0.8).cuda()
+    length = torch.tensor(10).cuda()
+    eager_k, eager_v = cache_k.clone(), cache_v.clone()
+    kw = dict(new_k=new_k, new_v=new_v, slot_mask=mask)
+    ops.decode_attention(query, cache_k, cache_v, length=length, **kw)  # warm-up
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ops.decode_attention(query, cache_k, cache_v, length=length, **kw)
+    for step in (10, 11, 37, 50):
+        length.fill_(step)
+        new_k.add_(1.0)  # each step brings another token
+        graph.replay()
+        eager = ops.decode_attention(query, eager_k, eager_v, length=step, **kw)
+        assert torch.equal(out, eager), step
+    assert torch.equal(cache_k, eager_k) and torch.equal(cache_v, eager_v)
+
+
+def test_decode_attention_bad_length_raises_or_gives_nan(monkeypatch):
+    query, cache_k, cache_v, new_k, new_v, mask = (
+        t.cuda() for t in decode_attention_problem(2, 4, 2, 9, 8, 5, torch.float32)
+    )
+    before = cache_k.clone()
+    with pytest.raises(ValueError, match=r"length must be in \[1, slots = 9\], got 10"):
+        ops.decode_attention(
+            query, cache_k, cache_v, length=torch.tensor(10).cuda(), new_k=new_k, new_v=new_v
+        )
+    monkeypatch.setenv("LATRO_CUDA_CHECKS", "off")
+    out = ops.decode_attention(
+        query, cache_k, cache_v, length=torch.tensor(0).cuda(), new_k=new_k, new_v=new_v
+    )
+    assert bool(out.isnan().all())
+    torch.testing.assert_close(cache_k, before, equal_nan=True, atol=0, rtol=0)
 
 
 # ----------------------------------------------------------------------------- stops, rewards

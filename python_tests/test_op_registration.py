@@ -32,6 +32,10 @@ def _op_samples(device: str):
     scalar = lambda v: torch.tensor(v, device=device)  # noqa: E731
     rewards = torch.randn(12, generator=g).to(device)
     finished = torch.tensor([True, False] * 6, device=device)
+    query = torch.randn(3, 6, 8, generator=g).to(device)
+    cache = torch.randn(2, 4, 2, 9, 8, generator=g).to(device)  # [k/v, rows + 1, G, S, D]
+    fresh = torch.randn(2, 3, 2, 8, generator=g).to(device)
+    mask = torch.rand(3, 9, generator=g).to(device) < 0.8
     return {
         "token_logprobs": [
             (logits.clone().requires_grad_(), targets, -100),
@@ -73,6 +77,10 @@ def _op_samples(device: str):
         "stop_positions": [(tokens, stop_tokens, stop_offsets, 1)],
         "stop_positions_step": [
             (tokens, stop_tokens, stop_offsets, scalar(4), torch.full((6,), 11, device=device), 0)
+        ],
+        "decode_attention": [
+            (query, cache[0, :3], cache[1, :3], fresh[0], fresh[1], mask, scalar(7), 0.3),
+            (query.half(), *cache.half()[:, 1:], None, None, None, scalar(9), 0.35),
         ],
         "rloo_advantages": [(rewards, 4)],
         "latro_rewards": [(rewards, rewards * 2, rewards * 3, finished, 0.05, -1.0, "batch_mean")],

@@ -8,6 +8,7 @@ import dataclasses
 import pytest
 import torch
 import transformers
+from conftest import backends_for
 
 from latro_engine import static_decoder
 from latro_engine.rollout import sample_rationales
@@ -77,6 +78,28 @@ def test_same_rollouts_as_the_generic_loop(kind, extra):
     hf, static = _both(model)
     assert hf.finished.any() and not hf.finished.all()
     _assert_same(hf, static)
+
+
+@pytest.mark.parametrize("backend", backends_for("cpu"))
+def test_float32_rollouts_through_the_attention_op(backend, use_backend, monkeypatch):
+    """In float32 the decode step's attention is ops.decode_attention on the chosen backend
+    (the float64 tests above run its reference): the generic loop's rollouts still come out."""
+    use_backend(backend)
+    calls = []
+    op = static_decoder.ops.decode_attention
+
+    def spy(query, *args, **kw):
+        calls.append(query.dtype)
+        return op(query, *args, **kw)
+
+    monkeypatch.setattr(static_decoder.ops, "decode_attention", spy)
+    model = _model().float()
+    hf, static = _both(model)
+    assert calls and set(calls) == {torch.float32}
+    assert hf.finished.any() and not hf.finished.all()
+    assert torch.equal(hf.rationale_ids, static.rationale_ids)
+    assert torch.equal(hf.finished, static.finished)
+    torch.testing.assert_close(hf.sample_logprobs, static.sample_logprobs, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("compact_every", [0, 1, 3, None])

@@ -134,4 +134,32 @@ struct StopTable {
   int64_t token_count() const { return stop_tokens.size(0); }
 };
 
+// ---------------------------------------------------------------- decode_attention
+// query and new_k / new_v contiguous, the caches as check_decode_attention accepts them, the
+// mask undefined or [B, S] with a dense last dimension, out [B, H, D] contiguous.
+inline latro::DecodeAttentionArgs decode_attention_args(
+    const at::Tensor& query, const at::Tensor& cache_k, const at::Tensor& cache_v,
+    const at::Tensor& new_k, const at::Tensor& new_v, const at::Tensor& slot_mask,
+    const at::Tensor& length, double scale, const at::Tensor& out) {
+  latro::DecodeAttentionArgs args;
+  args.dtype = core_dtype(query, "query");
+  args.rows = query.size(0);
+  args.heads = query.size(1);
+  args.head_dim = query.size(2);
+  args.kv_heads = cache_k.size(1);
+  args.slots = cache_k.size(2);
+  args.query = query.data_ptr();
+  args.cache_k = cache_k.data_ptr();
+  args.cache_v = cache_v.data_ptr();
+  args.cache_row_stride = args.rows > 1 ? cache_k.stride(0) : -1;
+  args.new_k = new_k.defined() ? new_k.data_ptr() : nullptr;
+  args.new_v = new_v.defined() ? new_v.data_ptr() : nullptr;
+  args.slot_mask = slot_mask.defined() ? slot_mask.data_ptr<bool>() : nullptr;
+  args.mask_row_stride = slot_mask.defined() && args.rows > 1 ? slot_mask.stride(0) : -1;
+  args.length = length.data_ptr<int64_t>();
+  args.scale = static_cast<float>(scale);
+  args.out = out.data_ptr();
+  return args;
+}
+
 }  // namespace latro_torch

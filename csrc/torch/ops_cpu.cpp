@@ -159,6 +159,29 @@ at::Tensor stop_positions_step_cpu(const at::Tensor& tokens, const at::Tensor& s
   return out;
 }
 
+at::Tensor decode_attention_cpu(const at::Tensor& query, at::Tensor& cache_k, at::Tensor& cache_v,
+                                const std::optional<at::Tensor>& new_k,
+                                const std::optional<at::Tensor>& new_v,
+                                const std::optional<at::Tensor>& slot_mask,
+                                const at::Tensor& length, double scale) {
+  const DecodeAttentionTensors t =
+      prepare_decode_attention(query, cache_k, cache_v, new_k, new_v, slot_mask, length, scale);
+  // Checked before the empty-batch return so that an empty batch fails like a full one.
+  const int64_t length_value = length.item<int64_t>();
+  TORCH_CHECK_VALUE(length_value >= 1 && length_value <= cache_k.size(2),
+                    "length must be in [1, slots = ", cache_k.size(2), "], got ", length_value);
+  const int64_t rows = query.size(0);
+  if (rows == 0) return t.out;
+  const latro::DecodeAttentionArgs args = decode_attention_args(
+      t.query, cache_k, cache_v, t.new_k, t.new_v, t.slot_mask, length, scale, t.out);
+  call_core([&] {
+    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+      latro::decode_attention(args, begin, end);
+    });
+  });
+  return t.out;
+}
+
 at::Tensor rloo_advantages_cpu(const at::Tensor& rewards_in, int64_t k) {
   check_rloo(rewards_in, k);
   const at::Tensor rewards = rewards_in.contiguous();
@@ -199,6 +222,7 @@ TORCH_LIBRARY_IMPL(latro_engine, CPU, m) {
   m.impl("sample", &latro_torch::sample_cpu);
   m.impl("stop_positions", &latro_torch::stop_positions_cpu);
   m.impl("stop_positions_step", &latro_torch::stop_positions_step_cpu);
+  m.impl("decode_attention", &latro_torch::decode_attention_cpu);
   m.impl("rloo_advantages", &latro_torch::rloo_advantages_cpu);
   m.impl("latro_rewards", &latro_torch::latro_rewards_cpu);
 }

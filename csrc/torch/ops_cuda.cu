@@ -8,6 +8,7 @@
 // into a CUDA graph or when LATRO_CUDA_CHECKS=off: bad rows then come back as NaN log-probs
 // or id -1 instead of an exception.
 #include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -313,6 +314,51 @@ at::Tensor stop_positions_step_cuda(const at::Tensor& tokens, const at::Tensor& 
   return out;
 }
 
+// ------------------------------------------------------------------ decode attention
+at::Tensor decode_attention_cuda(const at::Tensor& query, at::Tensor& cache_k, at::Tensor& cache_v,
+                                 const std::optional<at::Tensor>& new_k,
+                                 const std::optional<at::Tensor>& new_v,
+                                 const std::optional<at::Tensor>& slot_mask,
+                                 const at::Tensor& length, double scale) {
+  const DecodeAttentionTensors t =
+      prepare_decode_attention(query, cache_k, cache_v, new_k, new_v, slot_mask, length, scale);
+  const c10::cuda::CUDAGuard guard(query.device());
+  const cudaStream_t stream = current_stream(query);
+  const int64_t slots = cache_k.size(2);
+  auto raise_length_error = [&] {
+    TORCH_CHECK_VALUE(false, "length must be in [1, slots = ", slots, "], got ",
+                      length.item<int64_t>());
+  };
+  if (query.size(0) == 0) {  // no kernel runs: an empty batch still fails like a full one
+    if (synchronizing_checks(stream)) {
+      const int64_t value = length.item<int64_t>();
+      if (value < 1 || value > slots) raise_length_error();
+    }
+    return t.out;
+  }
+  const Status status = Status::make(query, stream);
+  const latro::DecodeAttentionArgs args = decode_attention_args(
+      t.query, cache_k, cache_v, t.new_k, t.new_v, t.slot_mask, length, scale, t.out);
+  latro::cuda::DecodeAttentionPlan plan;
+  call_cuda([&] {
+    plan = latro::cuda::plan_decode_attention(
+        args, at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+  });
+  at::Tensor workspace;
+  if (plan.workspace_floats > 0) {
+    workspace = at::empty({plan.workspace_floats}, query.options().dtype(at::kFloat));
+  }
+  call_cuda([&] {
+    latro::cuda::decode_attention(
+        args, plan, workspace.defined() ? workspace.data_ptr<float>() : nullptr, stream,
+        status.ptr());
+  });
+  const StatusRecord record = status.read();
+  if (record.kind == StatusKind::LengthOutOfRange) raise_length_error();
+  call_cuda([&] { latro::cuda::throw_on_status(record); });
+  return t.out;
+}
+
 // ------------------------------------------------------------------ rewards and advantages
 at::Tensor rloo_advantages_cuda(const at::Tensor& rewards_in, int64_t k) {
   check_rloo(rewards_in, k);
@@ -357,6 +403,7 @@ TORCH_LIBRARY_IMPL(latro_engine, CUDA, m) {
   m.impl("sample", &latro_torch::sample_cuda);
   m.impl("stop_positions", &latro_torch::stop_positions_cuda);
   m.impl("stop_positions_step", &latro_torch::stop_positions_step_cuda);
+  m.impl("decode_attention", &latro_torch::decode_attention_cuda);
   m.impl("rloo_advantages", &latro_torch::rloo_advantages_cuda);
   m.impl("latro_rewards", &latro_torch::latro_rewards_cuda);
 }

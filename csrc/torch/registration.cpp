@@ -86,6 +86,85 @@ void check_stop_step(const at::Tensor& tokens, const at::Tensor& step,
                     positions.sizes());
 }
 
+void check_decode_attention(const at::Tensor& query, const at::Tensor& cache_k,
+                            const at::Tensor& cache_v, const std::optional<at::Tensor>& new_k,
+                            const std::optional<at::Tensor>& new_v,
+                            const std::optional<at::Tensor>& slot_mask, const at::Tensor& length,
+                            double scale) {
+  core_dtype(query, "query");
+  check_dim(query, 3, "query");
+  check_dim(cache_k, 4, "cache_k");
+  check_dim(cache_v, 4, "cache_v");
+  for (const auto& [t, name] : {std::pair{&cache_k, "cache_k"}, std::pair{&cache_v, "cache_v"}}) {
+    TORCH_CHECK_TYPE(t->scalar_type() == query.scalar_type(), name, " must be ",
+                     query.scalar_type(), " like query, got ", t->scalar_type());
+    check_same_device(*t, query, name, "query");
+  }
+  const int64_t rows = query.size(0), heads = query.size(1), head_dim = query.size(2);
+  TORCH_CHECK_VALUE(cache_k.size(0) == rows && cache_k.size(3) == head_dim,
+                    "cache_k must have shape [rows, kv_heads, slots, head_dim] with rows = ",
+                    rows, " and head_dim = ", head_dim, " as query, got shape ", cache_k.sizes());
+  TORCH_CHECK_VALUE(cache_v.sizes() == cache_k.sizes(), "cache_v must have the shape of cache_k ",
+                    cache_k.sizes(), ", got ", cache_v.sizes());
+  const int64_t kv_heads = cache_k.size(1), slots = cache_k.size(2);
+  TORCH_CHECK_VALUE(kv_heads > 0 && heads % kv_heads == 0, "query's ", heads,
+                    " heads must be a multiple of cache_k's ", kv_heads, " KV heads");
+  TORCH_CHECK_VALUE(head_dim >= 1 && head_dim <= latro::kMaxDecodeHeadDim,
+                    "head_dim must be in [1, ", latro::kMaxDecodeHeadDim, "], got ", head_dim);
+  TORCH_CHECK_VALUE(slots > 0, "cache_k has no slots");
+  // The caches are written in place, so they are never copied into another layout.
+  const bool dense = cache_k.stride(3) == 1 && cache_k.stride(2) == head_dim &&
+                     cache_k.stride(1) == slots * head_dim &&
+                     (rows <= 1 || cache_k.stride(0) >= kv_heads * slots * head_dim);
+  TORCH_CHECK_VALUE(dense, "cache_k must be dense within each row (rows of a contiguous [rows, "
+                    "kv_heads, slots, head_dim] cache), got strides ", cache_k.strides());
+  TORCH_CHECK_VALUE(cache_v.strides() == cache_k.strides() || rows <= 1,
+                    "cache_v must have the strides of cache_k ", cache_k.strides(), ", got ",
+                    cache_v.strides());
+  TORCH_CHECK_VALUE(new_k.has_value() == new_v.has_value(),
+                    "new_k and new_v must be given together");
+  if (new_k.has_value()) {
+    for (const auto& [t, name] : {std::pair{&*new_k, "new_k"}, std::pair{&*new_v, "new_v"}}) {
+      TORCH_CHECK_TYPE(t->scalar_type() == query.scalar_type(), name, " must be ",
+                       query.scalar_type(), " like query, got ", t->scalar_type());
+      check_same_device(*t, query, name, "query");
+      TORCH_CHECK_VALUE(t->dim() == 3 && t->size(0) == rows && t->size(1) == kv_heads &&
+                            t->size(2) == head_dim,
+                        name, " must have shape [rows, kv_heads, head_dim] = [", rows, ", ",
+                        kv_heads, ", ", head_dim, "], got ", t->sizes());
+    }
+  }
+  if (slot_mask.has_value()) {
+    check_dtype(*slot_mask, at::kBool, "slot_mask");
+    check_same_device(*slot_mask, query, "slot_mask", "query");
+    TORCH_CHECK_VALUE(slot_mask->dim() == 2 && slot_mask->size(0) == rows &&
+                          slot_mask->size(1) == slots,
+                      "slot_mask must have shape [rows, slots] = [", rows, ", ", slots,
+                      "], got ", slot_mask->sizes());
+  }
+  check_dtype(length, at::kLong, "length");
+  check_same_device(length, query, "length", "query");
+  TORCH_CHECK_VALUE(length.dim() == 0, "length must be an int or a 0-d tensor, got shape ",
+                    length.sizes());
+  TORCH_CHECK_VALUE(std::isfinite(scale), "scale must be finite, got ", scale);
+}
+
+DecodeAttentionTensors prepare_decode_attention(
+    const at::Tensor& query, const at::Tensor& cache_k, const at::Tensor& cache_v,
+    const std::optional<at::Tensor>& new_k, const std::optional<at::Tensor>& new_v,
+    const std::optional<at::Tensor>& slot_mask, const at::Tensor& length, double scale) {
+  check_decode_attention(query, cache_k, cache_v, new_k, new_v, slot_mask, length, scale);
+  DecodeAttentionTensors t;
+  t.query = query.contiguous();
+  if (new_k.has_value()) {
+    t.new_k = new_k->contiguous();
+    t.new_v = new_v->contiguous();
+  }
+  if (slot_mask.has_value()) t.slot_mask = dense_rows(*slot_mask);
+  t.out = at::empty(query.sizes(), query.options());
+  return t;
+}
+
 void check_rloo(const at::Tensor& rewards, int64_t k) {
   check_dtype(rewards, at::kFloat, "rewards");
   check_dim(rewards, 1, "rewards");
@@ -535,6 +614,10 @@ TORCH_LIBRARY(latro_engine, m) {
   m.def(
       "stop_positions_step(Tensor tokens, Tensor stop_tokens, Tensor stop_offsets, Tensor step, "
       "Tensor positions, int start) -> Tensor");
+  // Writes new_k / new_v into the caches at slot length - 1 (when given).
+  m.def(
+      "decode_attention(Tensor query, Tensor(a!) cache_k, Tensor(b!) cache_v, Tensor? new_k, "
+      "Tensor? new_v, Tensor? slot_mask, Tensor length, float scale) -> Tensor");
   m.def("rloo_advantages(Tensor rewards, int k) -> Tensor");
   m.def(
       "latro_rewards(Tensor answer_logp, Tensor rationale_logp, Tensor ref_rationale_logp, "

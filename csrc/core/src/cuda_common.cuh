@@ -28,7 +28,9 @@ __device__ __forceinline__ float neg_inf() { return -INFINITY; }
 // Those shared with the CPU entry points (launch_checks.h), then the CUDA-only ones.
 using ::latro::detail::BackwardStrides;
 using ::latro::detail::check_latro_rewards_args;
+using ::latro::detail::check_decode_attention_args;
 using ::latro::detail::check_matrix;
+using ::latro::detail::DecodeAttentionStrides;
 using ::latro::detail::check_rloo_args;
 using ::latro::detail::check_sample_args;
 using ::latro::detail::check_token_logprobs_args;

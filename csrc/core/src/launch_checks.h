@@ -90,4 +90,38 @@ inline void check_latro_rewards_args(const float* answer_logp, const float* rati
               nonstop_penalty);
 }
 
+struct DecodeAttentionStrides {
+  int64_t cache_row;
+  int64_t mask_row;
+};
+
+// decode_attention: sizes, strides and pointers (the length's value is checked where it is
+// read). Returns the resolved row strides.
+inline DecodeAttentionStrides check_decode_attention_args(const DecodeAttentionArgs& args) {
+  LATRO_CHECK(args.rows >= 0, "rows must be >= 0, got ", args.rows);
+  LATRO_CHECK(args.kv_heads > 0, "kv_heads must be > 0, got ", args.kv_heads);
+  LATRO_CHECK(args.heads > 0 && args.heads % args.kv_heads == 0,
+              "heads must be a positive multiple of kv_heads = ", args.kv_heads, ", got ",
+              args.heads);
+  LATRO_CHECK(args.slots > 0, "slots must be > 0, got ", args.slots);
+  LATRO_CHECK(args.head_dim > 0 && args.head_dim <= kMaxDecodeHeadDim, "head_dim must be in [1, ",
+              kMaxDecodeHeadDim, "], got ", args.head_dim);
+  LATRO_CHECK(std::isfinite(args.scale), "scale must be finite, got ", args.scale);
+  const int64_t row_elements = args.kv_heads * args.slots * args.head_dim;
+  const DecodeAttentionStrides strides{
+      resolve_row_stride(args.cache_row_stride, row_elements, "cache_row_stride"),
+      args.slot_mask == nullptr ? 0
+                                : resolve_row_stride(args.mask_row_stride, args.slots,
+                                                     "mask_row_stride")};
+  LATRO_CHECK((args.new_k == nullptr) == (args.new_v == nullptr),
+              "new_k and new_v must be given together");
+  LATRO_CHECK(args.length != nullptr, "length is a null pointer");
+  const bool empty = args.rows == 0;
+  LATRO_CHECK(args.query != nullptr || empty, "query is a null pointer");
+  LATRO_CHECK(args.cache_k != nullptr || empty, "cache_k is a null pointer");
+  LATRO_CHECK(args.cache_v != nullptr || empty, "cache_v is a null pointer");
+  LATRO_CHECK(args.out != nullptr || empty, "out (output) is a null pointer");
+  return strides;
+}
+
 }  // namespace latro::detail

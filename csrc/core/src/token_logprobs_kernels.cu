@@ -35,6 +35,7 @@ const char* describe(StatusKind kind) {
     case StatusKind::RowHasNoFinite: return "logits row has no finite value";
     case StatusKind::RowHasPosInf: return "logits row contains +inf";
     case StatusKind::PositionOutOfRange: return "position is outside [0, len]";
+    case StatusKind::LengthOutOfRange: return "length is outside [1, slots]";
   }
   return "unknown status";
 }

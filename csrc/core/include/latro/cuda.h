@@ -59,6 +59,7 @@ enum class StatusKind : uint32_t {
   RowHasNoFinite = 6,     // logits row is all -inf (sampling)
   RowHasPosInf = 7,       // logits row (after temperature) contains +inf (sampling)
   PositionOutOfRange = 8, // positions[row] outside [0, len]
+  LengthOutOfRange = 9,   // row -1: *length outside [1, slots] (decode attention)
 };
 
 struct StatusRecord {
@@ -134,5 +135,23 @@ void latro_rewards(const float* answer_logp, const float* rationale_logp,
                    const float* ref_rationale_logp, const bool* finished, int64_t n,
                    float kl_coef, float nonstop_penalty, PenaltyMode mode, float* out,
                    cudaStream_t stream);
+
+// Semantics of latro::decode_attention with `length` read from device memory (no host
+// synchronization; capturable). Each (row, KV head) is one block per split of its slots
+// [0, length): the block reads every key and value of its split once (16-byte loads, the
+// query heads of the group sharing them), keeps the scores in shared memory and writes the
+// output, or with several splits a partial (max, sum, weighted values) that a second kernel
+// combines. A length outside [1, slots] gives NaN outputs, writes no cache slot and a
+// LengthOutOfRange record.
+struct DecodeAttentionPlan {
+  int64_t splits = 1;            // blocks per (row, KV head)
+  int64_t workspace_floats = 0;  // float32 workspace the launch needs (0 when splits == 1)
+};
+// Splits so that a device with `multiprocessors` SMs gets about two blocks per SM even for
+// few rows (planned for the cache's capacity, since the length is on the device; each block
+// takes length / splits slots at every step, so the work stays even as the length grows).
+DecodeAttentionPlan plan_decode_attention(const DecodeAttentionArgs& args, int multiprocessors);
+void decode_attention(const DecodeAttentionArgs& args, const DecodeAttentionPlan& plan,
+                      float* workspace, cudaStream_t stream, uint64_t* status = nullptr);
 
 }  // namespace latro::cuda

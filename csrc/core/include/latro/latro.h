@@ -5,6 +5,7 @@
 //   stop_positions(_step)   where a stop sequence ("The answer is", EOS) begins in each row
 //   rloo_advantages         leave-one-out baselines within groups of k samples
 //   latro_rewards           self-reward minus the KL term, with the non-stop penalty
+//   decode_attention        one query token per row against a static KV cache (decoding)
 //
 // Conventions: row-major matrices with an explicit row stride (elements) and unit stride along
 // the last dimension; int64 ids; float32 results. Every function validates its arguments and
@@ -153,5 +154,41 @@ enum class PenaltyMode : int {
 void latro_rewards(const float* answer_logp, const float* rationale_logp,
                    const float* ref_rationale_logp, const bool* finished, int64_t n,
                    float kl_coef, float nonstop_penalty, PenaltyMode mode, float* out);
+
+// ---------------------------------------------------------------- decode attention
+struct DecodeAttentionArgs {
+  DType dtype = DType::Float32;  // of query, caches, new_k / new_v and out
+  int64_t rows = 0;
+  int64_t heads = 0;     // query heads; a multiple of kv_heads (query head h reads KV head
+  int64_t kv_heads = 0;  // h / (heads / kv_heads), as grouped-query attention repeats them)
+  int64_t slots = 0;     // KV cache capacity per row and head
+  int64_t head_dim = 0;  // 1 .. kMaxDecodeHeadDim
+  const void* query = nullptr;  // [rows, heads, head_dim], dense
+  // [rows, kv_heads, slots, head_dim], dense within a row; rows cache_row_stride apart.
+  void* cache_k = nullptr;
+  void* cache_v = nullptr;
+  int64_t cache_row_stride = -1;  // elements; -1: kv_heads * slots * head_dim
+  // Optional [rows, kv_heads, head_dim], dense: the newest key and value, attended at slot
+  // length - 1 and written there into the caches (nullptr: the caches already hold them).
+  // Both or neither.
+  const void* new_k = nullptr;
+  const void* new_v = nullptr;
+  // Optional [rows, mask_row_stride]: the slots each row may attend (padding slots of a
+  // left-padded prompt are false); nullptr: all of them.
+  const bool* slot_mask = nullptr;
+  int64_t mask_row_stride = -1;  // -1: slots
+  const int64_t* length = nullptr;  // one value in [1, slots], readable where the kernel runs
+  float scale = 1.0f;               // softmax scale, usually 1 / sqrt(head_dim)
+  void* out = nullptr;              // out [rows, heads, head_dim], dense
+};
+
+constexpr int64_t kMaxDecodeHeadDim = 256;
+
+// out[r, h] = sum_s softmax_s(scale * q[r, h] . k[r, g, s]) v[r, g, s] over the slots s <
+// length that slot_mask allows, g = h / (heads / kv_heads); float32 arithmetic, rounded once
+// into the output dtype. A row with no allowed slot gets zeros. Slots at or beyond `length`
+// are never read, so a decode loop pays for the tokens it has, not for the cache's capacity.
+void decode_attention(const DecodeAttentionArgs& args, int64_t row_begin = 0,
+                      int64_t row_end = -1);
 
 }  // namespace latro

@@ -1,0 +1,216 @@
+// Random decode-attention problems and their float64 reference, shared by the CPU suite
+// (test_decode_attention.cpp) and the emulated CUDA kernels (test_cuda_emulated.cpp).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "latro/latro.h"
+#include "test_util.h"
+
+namespace latro_test {
+
+struct AttentionShape {
+  DType dtype;
+  int64_t rows, heads, kv_heads, slots, head_dim, length;
+  bool fresh;   // new_k / new_v given (written to slot length - 1)
+  bool masked;  // a slot mask with holes (a left-padded prompt) and one row with none allowed
+};
+
+inline std::string attention_name(const ::testing::TestParamInfo<AttentionShape>& info) {
+  const AttentionShape& s = info.param;
+  return dtype_str(s.dtype) + "_rows" + std::to_string(s.rows) + "_heads" +
+         std::to_string(s.heads) + "_kv" + std::to_string(s.kv_heads) + "_slots" +
+         std::to_string(s.slots) + "_dim" + std::to_string(s.head_dim) + "_len" +
+         std::to_string(s.length) + (s.fresh ? "_fresh" : "") + (s.masked ? "_masked" : "");
+}
+
+// One problem in the core's layout. Cache rows are padded (cache_row_stride > dense) and every
+// element that must not be read holds NaN: slots at or beyond the length, masked slots, the
+// newest slot when new_k / new_v supply it, the padding.
+struct AttentionCase {
+  AttentionShape shape;
+  int64_t row_elements = 0;  // kv_heads * slots * head_dim
+  int64_t cache_stride = 0;
+  Matrix query, cache_k, cache_v, new_k, new_v;
+  std::unique_ptr<bool[]> mask;
+  int64_t mask_stride = 0;
+  int64_t length = 0;
+
+  AttentionCase(const AttentionShape& s, std::mt19937& rng) : shape(s), length(s.length) {
+    const int64_t d = s.head_dim;
+    row_elements = s.kv_heads * s.slots * d;
+    cache_stride = row_elements + 8;
+    query = random_matrix(s.dtype, s.rows * s.heads, d, d, rng, 1.0);
+    cache_k = random_matrix(s.dtype, s.rows, row_elements, cache_stride, rng, 1.0);
+    cache_v = random_matrix(s.dtype, s.rows, row_elements, cache_stride, rng, 1.0);
+    new_k = random_matrix(s.dtype, s.rows * s.kv_heads, d, d, rng, 1.0);
+    new_v = random_matrix(s.dtype, s.rows * s.kv_heads, d, d, rng, 1.0);
+    mask_stride = s.slots + 3;
+    mask.reset(new bool[static_cast<size_t>(s.rows * mask_stride)]);
+    std::bernoulli_distribution hole(0.25);
+    for (int64_t r = 0; r < s.rows; ++r) {
+      for (int64_t slot = 0; slot < mask_stride; ++slot) {
+        bool allowed = !s.masked || !hole(rng);
+        if (s.masked && r == 1) allowed = false;  // a row with no allowed slot at all
+        if (slot == s.length - 1 && s.masked && r != 1) allowed = true;
+        mask[static_cast<size_t>(r * mask_stride + slot)] = allowed;
+      }
+    }
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    for (int64_t r = 0; r < s.rows; ++r) {
+      for (int64_t g = 0; g < s.kv_heads; ++g) {
+        for (int64_t slot = 0; slot < s.slots; ++slot) {
+          const bool unread = slot >= s.length || !allowed(r, slot) ||
+                              (s.fresh && slot == s.length - 1);
+          if (!unread) continue;
+          for (int64_t i = 0; i < d; ++i) {
+            cache_k.set(r, (g * s.slots + slot) * d + i, nan);
+            cache_v.set(r, (g * s.slots + slot) * d + i, nan);
+          }
+        }
+      }
+    }
+  }
+
+  bool allowed(int64_t r, int64_t slot) const {
+    return mask[static_cast<size_t>(r * mask_stride + slot)];
+  }
+
+  // The arguments for caches `k` / `v` (copies of cache_k / cache_v) and output `out`.
+  latro::DecodeAttentionArgs args(Matrix& k, Matrix& v, Matrix& out) const {
+    latro::DecodeAttentionArgs a;
+    a.dtype = shape.dtype;
+    a.rows = shape.rows;
+    a.heads = shape.heads;
+    a.kv_heads = shape.kv_heads;
+    a.slots = shape.slots;
+    a.head_dim = shape.head_dim;
+    a.query = query.data();
+    a.cache_k = k.data();
+    a.cache_v = v.data();
+    a.cache_row_stride = cache_stride;
+    a.new_k = shape.fresh ? new_k.data() : nullptr;
+    a.new_v = shape.fresh ? new_v.data() : nullptr;
+    a.slot_mask = shape.masked ? mask.get() : nullptr;
+    a.mask_row_stride = mask_stride;
+    a.length = &length;
+    a.scale = 1.0f / std::sqrt(static_cast<float>(shape.head_dim));
+    a.out = out.data();
+    return a;
+  }
+
+  // An output buffer full of NaN, so an element the op forgets to write fails the comparison.
+  Matrix output() const {
+    Matrix out = matrix_of_rows(shape.dtype, {});
+    out.rows = shape.rows * shape.heads;
+    out.cols = out.stride = shape.head_dim;
+    out.storage.assign(static_cast<size_t>(out.rows * out.cols) * out.element_size(), 0);
+    for (int64_t r = 0; r < out.rows; ++r) {
+      for (int64_t c = 0; c < out.cols; ++c) out.set(r, c, std::numeric_limits<float>::quiet_NaN());
+    }
+    return out;
+  }
+
+  // out[(r * heads + h) * head_dim + i] in float64 from the exact stored values.
+  std::vector<double> reference() const {
+    const AttentionShape& s = shape;
+    const int64_t d = s.head_dim, groups = s.heads / s.kv_heads;
+    const double scale = 1.0 / std::sqrt(static_cast<double>(static_cast<float>(d)));
+    std::vector<double> out(static_cast<size_t>(s.rows * s.heads * d), 0.0);
+    for (int64_t r = 0; r < s.rows; ++r) {
+      for (int64_t h = 0; h < s.heads; ++h) {
+        const int64_t g = h / groups;
+        auto key = [&](int64_t slot, int64_t i) {
+          return s.fresh && slot == s.length - 1 ? new_k.get(r * s.kv_heads + g, i)
+                                                 : cache_k.get(r, (g * s.slots + slot) * d + i);
+        };
+        auto value = [&](int64_t slot, int64_t i) {
+          return s.fresh && slot == s.length - 1 ? new_v.get(r * s.kv_heads + g, i)
+                                                 : cache_v.get(r, (g * s.slots + slot) * d + i);
+        };
+        std::vector<double> scores;
+        std::vector<int64_t> used;
+        double top = -kInf;
+        for (int64_t slot = 0; slot < s.length; ++slot) {
+          if (s.masked && !allowed(r, slot)) continue;
+          double dot = 0.0;
+          for (int64_t i = 0; i < d; ++i) dot += query.get(r * s.heads + h, i) * key(slot, i);
+          scores.push_back(dot * static_cast<double>(static_cast<float>(scale)));
+          used.push_back(slot);
+          top = std::max(top, scores.back());
+        }
+        double total = 0.0;
+        for (double& x : scores) total += (x = std::exp(x - top));
+        for (size_t j = 0; j < used.size(); ++j) {
+          for (int64_t i = 0; i < d; ++i) {
+            out[static_cast<size_t>((r * s.heads + h) * d + i)] +=
+                scores[j] / total * value(used[j], i);
+          }
+        }
+      }
+    }
+    return out;
+  }
+};
+
+// The caches after the op: as before, with new_k / new_v in slot length - 1 when given.
+inline void expect_caches_written(const AttentionCase& c, const Matrix& k, const Matrix& v) {
+  Matrix want_k = c.cache_k, want_v = c.cache_v;
+  const AttentionShape& s = c.shape;
+  if (s.fresh) {
+    for (int64_t r = 0; r < s.rows; ++r) {
+      for (int64_t g = 0; g < s.kv_heads; ++g) {
+        for (int64_t i = 0; i < s.head_dim; ++i) {
+          const int64_t at = (g * s.slots + s.length - 1) * s.head_dim + i;
+          want_k.set(r, at, static_cast<float>(c.new_k.get(r * s.kv_heads + g, i)));
+          want_v.set(r, at, static_cast<float>(c.new_v.get(r * s.kv_heads + g, i)));
+        }
+      }
+    }
+  }
+  EXPECT_TRUE(k.storage == want_k.storage) << "cache_k holds other values than expected";
+  EXPECT_TRUE(v.storage == want_v.storage) << "cache_v holds other values than expected";
+}
+
+// The output as doubles, [rows * heads * head_dim].
+inline std::vector<double> values_of(const Matrix& m) {
+  std::vector<double> values(static_cast<size_t>(m.rows * m.cols));
+  for (int64_t r = 0; r < m.rows; ++r) {
+    for (int64_t c = 0; c < m.cols; ++c) values[static_cast<size_t>(r * m.cols + c)] = m.get(r, c);
+  }
+  return values;
+}
+
+// Odd sizes: groups of 1, 3, 5 and 8 query heads (two query tiles of the CUDA kernel), head
+// dims that are and are not a multiple of the 16-byte vector, 1 to 256; one slot, a length
+// short of the capacity, and more slots than one CUDA block takes (1,024).
+inline std::vector<AttentionShape> attention_shapes() {
+  std::vector<AttentionShape> shapes;
+  for (DType dtype : all_dtypes()) {
+    shapes.push_back({dtype, 3, 6, 2, 37, 24, 37, true, true});
+    shapes.push_back({dtype, 2, 5, 5, 41, 5, 19, false, false});
+    shapes.push_back({dtype, 2, 5, 1, 70, 64, 53, true, false});
+    shapes.push_back({dtype, 2, 8, 1, 29, 256, 23, false, true});
+    shapes.push_back({dtype, 5, 4, 4, 3, 8, 1, true, false});
+    shapes.push_back({dtype, 2, 3, 1, 1100, 12, 1090, true, true});
+    shapes.push_back({dtype, 1, 8, 2, 64, 80, 64, false, false});
+  }
+  return shapes;
+}
+
+// Outputs are one float32 computation rounded into the dtype.
+inline Tolerance attention_tolerance(DType dtype) {
+  switch (dtype) {
+    case DType::Float32: return {5e-5, 5e-5};
+    case DType::BFloat16: return {5e-5, 1.0 / 128};
+    case DType::Float16: return {5e-5, 1.0 / 1024};
+  }
+  return {0, 0};
+}
+
+}  // namespace latro_test

@@ -1,0 +1,92 @@
+"""ops.decode_attention (one query token per row against a static KV cache) on both backends:
+against a float64 oracle written with torch's scaled_dot_product_attention, grouped heads,
+masks, the newest key and value written into the cache, slots beyond the length never read."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import (
+    DECODE_ATTENTION_ATOL,
+    DECODE_ATTENTION_SHAPES,
+    FLOAT_DTYPES,
+    backends_for,
+    decode_attention_oracle,
+    decode_attention_problem,
+)
+
+from latro_engine import ops
+
+
+@pytest.mark.parametrize("backend", backends_for("cpu"))
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("shape", DECODE_ATTENTION_SHAPES, ids=str)
+def test_matches_the_oracle_and_writes_the_newest_slot(shape, dtype, backend, use_backend):
+    use_backend(backend)
+    length = shape[-1]
+    query, cache_k, cache_v, new_k, new_v, mask = decode_attention_problem(*shape, dtype)
+    before_k, before_v = cache_k.clone(), cache_v.clone()
+    scale = 0.7 / math.sqrt(shape[4])
+    out = ops.decode_attention(
+        query,
+        cache_k,
+        cache_v,
+        length=torch.tensor(length),
+        new_k=new_k,
+        new_v=new_v,
+        slot_mask=mask,
+        scale=scale,
+    )
+    assert out.dtype == dtype and out.shape == query.shape
+    oracle = decode_attention_oracle(query, before_k, before_v, new_k, new_v, mask, length, scale)
+    torch.testing.assert_close(
+        out.double(), oracle, atol=DECODE_ATTENTION_ATOL[dtype], rtol=DECODE_ATTENTION_ATOL[dtype]
+    )
+    if shape[0] > 1:
+        assert bool((out[1] == 0).all())
+    # The newest slot now holds new_k / new_v; every other element is untouched (NaN included).
+    want_k, want_v = before_k.clone(), before_v.clone()
+    want_k[:, :, length - 1], want_v[:, :, length - 1] = new_k, new_v
+    torch.testing.assert_close(cache_k, want_k, equal_nan=True, atol=0, rtol=0)
+    torch.testing.assert_close(cache_v, want_v, equal_nan=True, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("backend", backends_for("cpu"))
+def test_without_new_token_or_mask_and_with_an_int_length(backend, use_backend):
+    use_backend(backend)
+    query, cache_k, cache_v, _, _, _ = decode_attention_problem(
+        2, 6, 3, 20, 16, 14, torch.float32, masked=False
+    )
+    cache_k[:, :, 13], cache_v[:, :, 13] = 1.0, 2.0  # the cache holds the newest slot already
+    before = cache_k.clone()
+    out = ops.decode_attention(
+        query.transpose(0, 1).contiguous().transpose(0, 1), cache_k, cache_v, length=14
+    )
+    full = torch.ones(2, 20, dtype=torch.bool)
+    oracle = decode_attention_oracle(
+        query, cache_k, cache_v, cache_k[:, :, 13], cache_v[:, :, 13], full, 14, 16**-0.5
+    )
+    torch.testing.assert_close(out.double(), oracle, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(cache_k, before, equal_nan=True, atol=0, rtol=0)
+
+
+def test_native_and_reference_agree_on_the_cpu(use_backend):
+    """The two backends on the same bfloat16 inputs (the reference in float32 here)."""
+    results = {}
+    for backend in backends_for("cpu"):
+        use_backend(backend)
+        query, cache_k, cache_v, new_k, new_v, mask = decode_attention_problem(
+            4, 8, 2, 33, 32, 30, torch.bfloat16, seed=3
+        )
+        results[backend] = (
+            ops.decode_attention(
+                query, cache_k, cache_v, length=30, new_k=new_k, new_v=new_v, slot_mask=mask
+            ),
+            cache_k,
+        )
+    if len(results) == 2:
+        (a, ka), (b, kb) = results.values()
+        torch.testing.assert_close(a.float(), b.float(), atol=1e-2, rtol=1e-2)
+        torch.testing.assert_close(ka, kb, equal_nan=True, atol=0, rtol=0)
