@@ -12,10 +12,10 @@ Each section prints one markdown table (ours, the torch way, the floor, the rati
   read of the logits (``amax``) as the floor. Ours runs with device seed and offset tensors and
   ``LATRO_CUDA_CHECKS=off`` (no host synchronization, as in a decode loop); one row shows the
   default, which reads the error status back after each call.
-* ``attention``: ``ops.decode_attention`` (one decode step's attention in one layer, the
-  rollout model's heads, a 640-slot bf16 cache filled to several lengths) against the plain
-  torch attention over the whole cache (what the static decoder did before) and torch's
-  ``scaled_dot_product_attention``, each replayed from a CUDA graph of 16 calls; the floor reads
+* ``attention``: ``ops.decode_attention`` (one decode step's rotary embedding and attention in
+  one layer, the rollout model's heads, a 640-slot bf16 cache filled to several lengths) against
+  the plain torch rotary and attention over the whole cache (what the static decoder did before)
+  and the rotary plus torch's ``scaled_dot_product_attention``, each replayed from a CUDA graph of 16 calls; the floor reads
   the filled keys and values once.
 * ``rollout``: decoding with a random 1.5B-parameter Llama-shaped model (hidden 2048, 16 layers,
   32 heads, 8 KV heads, vocabulary 128,256, bfloat16), batch 64, 128-token prompts, 256 new
@@ -363,11 +363,18 @@ def bench_sample(device: torch.device, small: bool) -> None:
 
 
 # ----------------------------------------------------------------------------- attention
-def torch_decode_attention(q, cache_k, cache_v, new_k, new_v, mask, slot, scale):
+def torch_rotary(x, cos, sin):
+    """The models' rotary embedding of x [b, heads, d] (cos / sin [b, d], x's dtype)."""
+    half = x.shape[-1] // 2
+    return x * cos[:, None] + torch.cat((-x[..., half:], x[..., :half]), -1) * sin[:, None]
+
+
+def torch_decode_attention(q, cache_k, cache_v, new_k, new_v, mask, slot, scale, cos, sin):
     """The static decoder's attention before ops.decode_attention (plain torch over the whole
-    cache): write the new key and value, q @ K^T, mask, float32 softmax, @ V."""
+    cache): rotate q and k, write the new key and value, q @ K^T, mask, float32 softmax, @ V."""
     b, h, d = q.shape
     kv = cache_k.shape[1]
+    q, new_k = torch_rotary(q, cos, sin), torch_rotary(new_k, cos, sin)
     cache_k.index_copy_(2, slot, new_k[:, :, None])
     cache_v.index_copy_(2, slot, new_v[:, :, None])
     scores = torch.matmul(q.view(b, kv, h // kv, d), cache_k.transpose(-1, -2)).float() * scale
@@ -376,8 +383,9 @@ def torch_decode_attention(q, cache_k, cache_v, new_k, new_v, mask, slot, scale)
     return torch.matmul(probs, cache_v).view(b, h, d)
 
 
-def sdpa_decode_attention(q, cache_k, cache_v, new_k, new_v, mask, slot, scale):
+def sdpa_decode_attention(q, cache_k, cache_v, new_k, new_v, mask, slot, scale, cos, sin):
     """The same through torch's scaled_dot_product_attention (grouped heads, boolean mask)."""
+    q, new_k = torch_rotary(q, cos, sin), torch_rotary(new_k, cos, sin)
     cache_k.index_copy_(2, slot, new_k[:, :, None])
     cache_v.index_copy_(2, slot, new_v[:, :, None])
     out = torch.nn.functional.scaled_dot_product_attention(
@@ -408,7 +416,10 @@ def attention_row(
     mask = (torch.arange(slots, device=device)[None, :] < length).expand(batch, slots)
     mask = mask.contiguous()
     length_t = torch.tensor(length, device=device)
-    args = (q, cache_k, cache_v, new_k, new_v, mask, (length_t - 1).view(1), scale)
+    angles = torch.arange(batch, device=device)[:, None] + torch.rand(dim, device=device)
+    cos, sin = angles.cos(), angles.sin()  # float32 tables; the torch way uses them in bf16
+    tables = (cos.to(torch.bfloat16), sin.to(torch.bfloat16))
+    args = (q, cache_k, cache_v, new_k, new_v, mask, (length_t - 1).view(1), scale, *tables)
     ours = graph_ms(
         lambda: ops.decode_attention(
             q,
@@ -418,6 +429,7 @@ def attention_row(
             new_k=new_k,
             new_v=new_v,
             slot_mask=mask,
+            rotary=(cos, sin),
             scale=scale,
         ),
         device,
@@ -446,8 +458,8 @@ def attention_row(
 
 
 def bench_attention(device: torch.device, small: bool) -> None:
-    """One decode step's attention in one layer (the rollout model's heads: 32 query heads over
-    8 KV heads of dim 64, bf16), in a KV cache of 640 slots (a 128-token prompt and 500-token
+    """One decode step's attention in one layer with its rotary embedding (the rollout model's
+    heads: 32 query heads over 8 KV heads of dim 64, bf16), in a KV cache of 640 slots (a 128-token prompt and 500-token
     rationales, the LaTRO step's shape) at several fill lengths; each implementation replayed
     from a CUDA graph of 16 calls (one per layer), as in the decode step."""
     heads, kv, dim, slots = 32, 8, 64, 640

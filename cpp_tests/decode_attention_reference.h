@@ -19,6 +19,7 @@ struct AttentionShape {
   int64_t rows, heads, kv_heads, slots, head_dim, length;
   bool fresh;   // new_k / new_v given (written to slot length - 1)
   bool masked;  // a slot mask with holes (a left-padded prompt) and one row with none allowed
+  bool rotary = false;  // a rotary embedding of the query and new_k (even head_dim)
 };
 
 inline std::string attention_name(const ::testing::TestParamInfo<AttentionShape>& info) {
@@ -26,7 +27,8 @@ inline std::string attention_name(const ::testing::TestParamInfo<AttentionShape>
   return dtype_str(s.dtype) + "_rows" + std::to_string(s.rows) + "_heads" +
          std::to_string(s.heads) + "_kv" + std::to_string(s.kv_heads) + "_slots" +
          std::to_string(s.slots) + "_dim" + std::to_string(s.head_dim) + "_len" +
-         std::to_string(s.length) + (s.fresh ? "_fresh" : "") + (s.masked ? "_masked" : "");
+         std::to_string(s.length) + (s.fresh ? "_fresh" : "") + (s.masked ? "_masked" : "") +
+         (s.rotary ? "_rotary" : "");
 }
 
 // One problem in the core's layout. Cache rows are padded (cache_row_stride > dense) and every
@@ -40,6 +42,7 @@ struct AttentionCase {
   std::unique_ptr<bool[]> mask;
   int64_t mask_stride = 0;
   int64_t length = 0;
+  std::vector<float> cos, sin;  // [rows, head_dim] when rotary
 
   AttentionCase(const AttentionShape& s, std::mt19937& rng) : shape(s), length(s.length) {
     const int64_t d = s.head_dim;
@@ -59,6 +62,16 @@ struct AttentionCase {
         if (s.masked && r == 1) allowed = false;  // a row with no allowed slot at all
         if (slot == s.length - 1 && s.masked && r != 1) allowed = true;
         mask[static_cast<size_t>(r * mask_stride + slot)] = allowed;
+      }
+    }
+    if (s.rotary) {  // the angles of positions 0..rows-1 at the models' frequencies
+      for (int64_t r = 0; r < s.rows; ++r) {
+        for (int64_t i = 0; i < d; ++i) {
+          const double angle =
+              static_cast<double>(r + 3) * std::pow(10000.0, -2.0 * (i % (d / 2)) / d);
+          cos.push_back(static_cast<float>(std::cos(angle)));
+          sin.push_back(static_cast<float>(std::sin(angle)));
+        }
       }
     }
     const float nan = std::numeric_limits<float>::quiet_NaN();
@@ -100,6 +113,8 @@ struct AttentionCase {
     a.mask_row_stride = mask_stride;
     a.length = &length;
     a.scale = 1.0f / std::sqrt(static_cast<float>(shape.head_dim));
+    a.rotary_cos = shape.rotary ? cos.data() : nullptr;
+    a.rotary_sin = shape.rotary ? sin.data() : nullptr;
     a.out = out.data();
     return a;
   }
@@ -116,6 +131,20 @@ struct AttentionCase {
     return out;
   }
 
+  // Element i of `head` (exact stored values) as the op uses it: rotated when the case is,
+  // x * cos + rotate_half(x) * sin with float32 roundings, then rounded to the dtype.
+  double rotated(const Matrix& m, int64_t row_of_m, int64_t r, int64_t i) const {
+    const double x = m.get(row_of_m, i);
+    if (!shape.rotary) return x;
+    const int64_t d = shape.head_dim, half = d / 2;
+    const bool first = i < half;
+    const float partner = static_cast<float>(m.get(row_of_m, first ? i + half : i - half));
+    const volatile float direct = static_cast<float>(x) * cos[static_cast<size_t>(r * d + i)];
+    const volatile float turned = (first ? -partner : partner) * sin[static_cast<size_t>(r * d + i)];
+    Matrix one = matrix_of_rows(shape.dtype, {{direct + turned}});
+    return one.get(0, 0);
+  }
+
   // out[(r * heads + h) * head_dim + i] in float64 from the exact stored values.
   std::vector<double> reference() const {
     const AttentionShape& s = shape;
@@ -126,7 +155,7 @@ struct AttentionCase {
       for (int64_t h = 0; h < s.heads; ++h) {
         const int64_t g = h / groups;
         auto key = [&](int64_t slot, int64_t i) {
-          return s.fresh && slot == s.length - 1 ? new_k.get(r * s.kv_heads + g, i)
+          return s.fresh && slot == s.length - 1 ? rotated(new_k, r * s.kv_heads + g, r, i)
                                                  : cache_k.get(r, (g * s.slots + slot) * d + i);
         };
         auto value = [&](int64_t slot, int64_t i) {
@@ -139,7 +168,7 @@ struct AttentionCase {
         for (int64_t slot = 0; slot < s.length; ++slot) {
           if (s.masked && !allowed(r, slot)) continue;
           double dot = 0.0;
-          for (int64_t i = 0; i < d; ++i) dot += query.get(r * s.heads + h, i) * key(slot, i);
+          for (int64_t i = 0; i < d; ++i) dot += rotated(query, r * s.heads + h, r, i) * key(slot, i);
           scores.push_back(dot * static_cast<double>(static_cast<float>(scale)));
           used.push_back(slot);
           top = std::max(top, scores.back());
@@ -167,7 +196,7 @@ inline void expect_caches_written(const AttentionCase& c, const Matrix& k, const
       for (int64_t g = 0; g < s.kv_heads; ++g) {
         for (int64_t i = 0; i < s.head_dim; ++i) {
           const int64_t at = (g * s.slots + s.length - 1) * s.head_dim + i;
-          want_k.set(r, at, static_cast<float>(c.new_k.get(r * s.kv_heads + g, i)));
+          want_k.set(r, at, static_cast<float>(c.rotated(c.new_k, r * s.kv_heads + g, r, i)));
           want_v.set(r, at, static_cast<float>(c.new_v.get(r * s.kv_heads + g, i)));
         }
       }
@@ -199,6 +228,10 @@ inline std::vector<AttentionShape> attention_shapes() {
     shapes.push_back({dtype, 5, 4, 4, 3, 8, 1, true, false});
     shapes.push_back({dtype, 2, 3, 1, 1100, 12, 1090, true, true});
     shapes.push_back({dtype, 1, 8, 2, 64, 80, 64, false, false});
+    shapes.push_back({dtype, 3, 6, 2, 37, 24, 37, true, true, true});
+    shapes.push_back({dtype, 2, 8, 1, 29, 256, 23, true, false, true});
+    shapes.push_back({dtype, 4, 12, 4, 50, 6, 31, false, true, true});
+    shapes.push_back({dtype, 2, 3, 1, 1100, 12, 1090, true, false, true});
   }
   return shapes;
 }

@@ -61,6 +61,15 @@ TEST(DecodeAttentionErrors, NameTheArgument) {
                      "mask_row_stride");
   EXPECT_LATRO_ERROR(latro::decode_attention(with([](auto& a) { a.new_v = nullptr; })),
                      "new_k and new_v");
+  const std::vector<float> angles(16, 0.5f);
+  EXPECT_LATRO_ERROR(
+      latro::decode_attention(with([&](auto& a) { a.rotary_cos = angles.data(); })),
+      "rotary_cos and rotary_sin must be given together");
+  EXPECT_LATRO_ERROR(latro::decode_attention(with([&](auto& a) {
+                       a.rotary_cos = a.rotary_sin = angles.data();
+                       a.head_dim = 7;
+                     })),
+                     "head_dim must be even for a rotary embedding, got 7");
   EXPECT_LATRO_ERROR(latro::decode_attention(with([](auto& a) { a.query = nullptr; })), "query");
   EXPECT_LATRO_ERROR(latro::decode_attention(with([](auto& a) { a.out = nullptr; })), "out");
   EXPECT_LATRO_ERROR(latro::decode_attention(with([](auto& a) { a.length = nullptr; })),

@@ -61,7 +61,7 @@ def _(tokens, stop_tokens, stop_offsets, step, positions, start):
 
 
 @torch.library.register_fake(f"{_LIB}::decode_attention")
-def _(query, cache_k, cache_v, new_k, new_v, slot_mask, length, scale):
+def _(query, cache_k, cache_v, new_k, new_v, slot_mask, rotary_cos, rotary_sin, length, scale):
     return torch.empty_like(query, memory_format=torch.contiguous_format)
 
 

@@ -246,13 +246,14 @@ def decode_attention(
     new_k: torch.Tensor | None = None,
     new_v: torch.Tensor | None = None,
     slot_mask: torch.Tensor | None = None,
+    rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
     scale: float | None = None,
 ) -> torch.Tensor:
     """Attention of one new token per row against a static KV cache (a decode step).
 
     Args:
-        query: ``[B, H, D]`` float32, bfloat16 or float16 (float64 runs the reference), after
-            rotary embeddings; D <= 256.
+        query: ``[B, H, D]`` float32, bfloat16 or float16 (float64 runs the reference);
+            D <= 256.
         cache_k, cache_v: ``[B, G, S, D]`` of query's dtype, dense within each row (rows of a
             contiguous cache, e.g. ``cache[:b]``); G divides H and query head h reads KV head
             ``h // (H // G)``, as grouped-query attention does.
@@ -263,6 +264,11 @@ def decode_attention(
             caches at slot ``length - 1`` (in place) before attending.
         slot_mask: optional bool ``[B, S]``: the slots each row may attend (false for the padding
             of a left-padded prompt). A row with no allowed slot gets zeros.
+        rotary: optional ``(cos, sin)``, float32 ``[B, D]`` (float64 with a float64 query), D
+            even: the query and new_k are rotated first, ``x * cos + rotate_half(x) * sin``
+            with float32 roundings as torch's element-wise ops round them, and rounded to
+            their dtype; the cache receives the rotated key. This is the models' rotary
+            embedding fused into the op (without it, pass query and new_k already rotated).
         scale: the softmax scale, ``D ** -0.5`` by default.
     Returns:
         ``[B, H, D]`` in query's dtype: ``softmax(scale * q . K) V`` over the allowed slots, in
@@ -271,10 +277,11 @@ def decode_attention(
     """
     if scale is None:
         scale = query.shape[-1] ** -0.5
+    cos, sin = (None, None) if rotary is None else rotary
     length_t = _device_int(length, query.device, "length")
     if use_native(query.device) and query.dtype != torch.float64:
         return torch.ops.latro_engine.decode_attention(
-            query, cache_k, cache_v, new_k, new_v, slot_mask, length_t, float(scale)
+            query, cache_k, cache_v, new_k, new_v, slot_mask, cos, sin, length_t, float(scale)
         )
     return reference.decode_attention(
         query,
@@ -284,6 +291,8 @@ def decode_attention(
         new_k=new_k,
         new_v=new_v,
         slot_mask=slot_mask,
+        rotary_cos=cos,
+        rotary_sin=sin,
         scale=float(scale),
     )
 

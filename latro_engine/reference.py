@@ -515,7 +515,9 @@ def latro_rewards(
 MAX_DECODE_HEAD_DIM = 256
 
 
-def _check_decode_attention(query, cache_k, cache_v, new_k, new_v, slot_mask, length, scale):
+def _check_decode_attention(
+    query, cache_k, cache_v, new_k, new_v, slot_mask, rotary_cos, rotary_sin, length, scale
+):
     _check_dtype(query, (*_FLOAT_DTYPES, torch.float64), "query")
     for t, name, dim in ((query, "query", 3), (cache_k, "cache_k", 4), (cache_v, "cache_v", 4)):
         if t.dim() != dim:
@@ -564,6 +566,20 @@ def _check_decode_attention(query, cache_k, cache_v, new_k, new_v, slot_mask, le
                 f"slot_mask must have shape [rows, slots] = [{rows}, {slots}], got "
                 f"{list(slot_mask.shape)}"
             )
+    if (rotary_cos is None) != (rotary_sin is None):
+        raise ValueError("rotary_cos and rotary_sin must be given together")
+    if rotary_cos is not None:
+        if head_dim % 2:
+            raise ValueError(f"head_dim must be even for a rotary embedding, got {head_dim}")
+        allowed = (torch.float32, torch.float64) if query.dtype == torch.float64 else (torch.float32,)
+        for t, name in ((rotary_cos, "rotary_cos"), (rotary_sin, "rotary_sin")):
+            _check_dtype(t, allowed, name)
+            _check_same_device(t, query, name, "query")
+            if t.shape != (rows, head_dim):
+                raise ValueError(
+                    f"{name} must have shape [rows, head_dim] = [{rows}, {head_dim}], got "
+                    f"{list(t.shape)}"
+                )
     _check_dtype(length, (torch.int64,), "length")
     _check_same_device(length, query, "length", "query")
     if length.dim() != 0:
@@ -575,6 +591,17 @@ def _check_decode_attention(query, cache_k, cache_v, new_k, new_v, slot_mask, le
         raise ValueError(f"length must be in [1, slots = {slots}], got {int(length)}")
 
 
+def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The models' rotary embedding of ``x [B, heads, D]`` in float32 (float64 for float64),
+    rounded back to x's dtype: the same element-wise ops, so the same roundings."""
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    x32 = x.to(compute)
+    half = x.shape[-1] // 2
+    turned = torch.cat((-x32[..., half:], x32[..., :half]), dim=-1)
+    cos, sin = cos.to(compute)[:, None], sin.to(compute)[:, None]
+    return (x32 * cos + turned * sin).to(x.dtype)
+
+
 def decode_attention(
     query: torch.Tensor,
     cache_k: torch.Tensor,
@@ -584,12 +611,21 @@ def decode_attention(
     new_k: torch.Tensor | None = None,
     new_v: torch.Tensor | None = None,
     slot_mask: torch.Tensor | None = None,
+    rotary_cos: torch.Tensor | None = None,
+    rotary_sin: torch.Tensor | None = None,
     scale: float,
 ) -> torch.Tensor:
     """Attention of one query token per row over slots ``[0, length)`` of a KV cache, in float32
-    (float64 for float64 inputs); writes new_k / new_v at slot ``length - 1`` first. No host
-    synchronization while a CUDA graph is captured (the length stays on the device)."""
-    _check_decode_attention(query, cache_k, cache_v, new_k, new_v, slot_mask, length, scale)
+    (float64 for float64 inputs); rotates the query and new_k first when given the rotary
+    tables, and writes new_k / new_v at slot ``length - 1``. No host synchronization while a
+    CUDA graph is captured (the length stays on the device)."""
+    _check_decode_attention(
+        query, cache_k, cache_v, new_k, new_v, slot_mask, rotary_cos, rotary_sin, length, scale
+    )
+    if rotary_cos is not None:
+        query = _rotary(query, rotary_cos, rotary_sin)
+        if new_k is not None:
+            new_k = _rotary(new_k, rotary_cos, rotary_sin)
     rows, heads, head_dim = query.shape
     kv_heads, slots = cache_k.shape[1], cache_k.shape[2]
     if new_k is not None:

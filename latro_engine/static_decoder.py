@@ -272,12 +272,18 @@ class StaticDecoder:
         sin = (emb.sin() * self.rope_scaling).to(self.residual_dtype)
         return cos[:, None], sin[:, None]
 
-    def _qkv(self, layer: dict, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    def _projections(self, layer: dict, h: torch.Tensor):
+        """q, k, v ``[b, T, heads, head_dim]`` before rotary embeddings."""
         b, t, _ = h.shape
         x = _rms_norm(h, layer["in_norm"].weight, layer["in_norm"].variance_epsilon)
-        q = layer["q"](x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
-        k = layer["k"](x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = layer["v"](x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        q = layer["q"](x).view(b, t, self.heads, self.head_dim)
+        k = layer["k"](x).view(b, t, self.kv_heads, self.head_dim)
+        v = layer["v"](x).view(b, t, self.kv_heads, self.head_dim)
+        return q, k, v
+
+    def _qkv(self, layer: dict, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """q, k, v ``[b, heads, T, head_dim]`` with q and k rotated, as the models do."""
+        q, k, v = (x.transpose(1, 2) for x in self._projections(layer, h))
         dtype = self.key.matmul_dtype
         q = (q * cos + _rotate_half(q) * sin).to(dtype)
         k = (k * cos + _rotate_half(k) * sin).to(dtype)
@@ -323,18 +329,24 @@ class StaticDecoder:
         mask = self.slot_mask[:b]
         mask.index_fill_(1, (length - 1).view(1), True)
         h = F.embedding(self.last_token[:b, None], self.embed)
+        # The models' cos / sin (in the residual dtype), as the op's float32 tables (float64
+        # for a float64 model): the rotation happens inside the attention op.
         cos, sin = self._rotary(self.position[:b, None])
+        table = torch.float64 if self.residual_dtype == torch.float64 else torch.float32
+        rotary = (cos[:, 0, 0].to(table), sin[:, 0, 0].to(table))
         for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, h, cos, sin)
-            # One kernel per layer: writes k / v into the slot, attends over [0, length) only.
+            q, k, v = self._projections(layer, h)
+            # One kernel per layer: rotates q and k, writes k / v into the slot, attends over
+            # [0, length) only.
             attn = ops.decode_attention(
-                q[:, :, 0],
+                q[:, 0],
                 self.cache_k[i][:b],
                 self.cache_v[i][:b],
                 length=length,
-                new_k=k[:, :, 0],
-                new_v=v[:, :, 0],
+                new_k=k[:, 0],
+                new_v=v[:, 0],
                 slot_mask=mask,
+                rotary=rotary,
                 scale=self.scale,
             )
             h = self._finish_layer(layer, h, attn.reshape(b, 1, self.heads * self.head_dim))

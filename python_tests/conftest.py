@@ -118,8 +118,31 @@ def decode_attention_problem(rows, heads, kv, slots, dim, length, dtype, seed=0,
     return query, cache_k, cache_v, new_k, new_v, mask
 
 
-def decode_attention_oracle(query, cache_k, cache_v, new_k, new_v, mask, length, scale):
-    """float64, through torch's own attention with the KV heads repeated."""
+def rotary_tables(rows: int, dim: int, base: float = 10000.0):
+    """float32 cos / sin [rows, dim] of positions 3, 4, ... as Llama computes them."""
+    inv_freq = base ** (-torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    freqs = (torch.arange(rows, dtype=torch.float32) + 3)[:, None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def rotate_as_stored(x, rotary):
+    """x [rows, heads, dim] rotated in float64 (x * cos + rotate_half(x) * sin) and rounded to
+    x's dtype, as the op stores it; x itself without rotary."""
+    if rotary is None:
+        return x
+    cos, sin = (t.double()[:, None] for t in rotary)
+    half = x.shape[-1] // 2
+    x64 = x.double()
+    return (x64 * cos + torch.cat((-x64[..., half:], x64[..., :half]), -1) * sin).to(x.dtype)
+
+
+def decode_attention_oracle(
+    query, cache_k, cache_v, new_k, new_v, mask, length, scale, rotary=None
+):
+    """float64, through torch's own attention with the KV heads repeated (query and new_k
+    rotated first when ``rotary`` is given)."""
+    query, new_k = rotate_as_stored(query, rotary), rotate_as_stored(new_k, rotary)
     rows, heads, dim = query.shape
     kv = cache_k.shape[1]
     keys, values = cache_k.double().clone(), cache_v.double().clone()

@@ -202,6 +202,16 @@ def test_decode_attention_errors(device, backend, use_backend):
     with _raises(ValueError, r"length must be in \[1, slots = 5\]"):  # an empty batch too
         call(query=q[:0], cache_k=k[:0], cache_v=v[:0], new_k=nk[:0], new_v=nv[:0],
              slot_mask=mask[:0], length=0)
+    cos = torch.ones(2, 8, device=device)
+    with _raises(ValueError, "rotary_cos and rotary_sin must be given together"):
+        ops.decode_attention(q, k, v, length=3, rotary=(cos, None))
+    with _raises(TypeError, "rotary_sin"):
+        call(rotary=(cos, cos.double()))
+    with _raises(ValueError, "rotary_cos must have shape"):
+        call(rotary=(cos[:, :6], cos))
+    with _raises(ValueError, "head_dim must be even for a rotary embedding"):
+        q5, k5, v5 = torch.randn(2, 4, 5, device=device), *torch.randn(2, 2, 2, 5, 5, device=device)
+        ops.decode_attention(q5, k5, v5, length=3, rotary=(cos[:, :5], cos[:, :5]))
     with _raises(ValueError, "scale must be finite"):
         call(scale=float("inf"))
     if backend == "native":  # the reference accepts any layout; the kernels write in place

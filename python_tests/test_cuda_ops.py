@@ -19,6 +19,7 @@ from conftest import (
     assert_close_to_oracle,
     decode_attention_oracle,
     decode_attention_problem,
+    rotary_tables,
 )
 
 import latro_engine
@@ -318,12 +319,16 @@ ATTENTION_SHAPES = [
 ]
 
 
+@pytest.mark.parametrize("rotary", [False, True], ids=["", "rotary"])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("shape", ATTENTION_SHAPES, ids=str)
-def test_decode_attention_matches_cpu_and_oracle(shape, dtype):
+def test_decode_attention_matches_cpu_and_oracle(shape, dtype, rotary):
+    if rotary and shape[4] % 2:
+        pytest.skip("a rotary embedding needs an even head dim")
     length = shape[-1]
     tensors = decode_attention_problem(*shape, dtype, seed=4)
-    oracle = decode_attention_oracle(*tensors, length, shape[4] ** -0.5)
+    tables = rotary_tables(shape[0], shape[4]) if rotary else None
+    oracle = decode_attention_oracle(*tensors, length, shape[4] ** -0.5, rotary=tables)
     results = {}
     for device in ("cpu", "cuda"):
         query, cache_k, cache_v, new_k, new_v, mask = (t.to(device) for t in tensors)
@@ -335,12 +340,14 @@ def test_decode_attention_matches_cpu_and_oracle(shape, dtype):
             new_k=new_k,
             new_v=new_v,
             slot_mask=mask,
+            rotary=None if tables is None else tuple(t.to(device) for t in tables),
         )
         results[device] = out.cpu(), cache_k.cpu(), cache_v.cpu()
     tol = DECODE_ATTENTION_ATOL[dtype]
     (cpu, cpu_k, cpu_v), (gpu, gpu_k, gpu_v) = results["cpu"], results["cuda"]
     torch.testing.assert_close(gpu.double(), oracle, atol=tol, rtol=tol)
     torch.testing.assert_close(gpu.float(), cpu.float(), atol=tol, rtol=tol)
+    # The same roundings on both devices: the rotated key is stored bit for bit alike.
     torch.testing.assert_close(gpu_k, cpu_k, equal_nan=True, atol=0, rtol=0)
     torch.testing.assert_close(gpu_v, cpu_v, equal_nan=True, atol=0, rtol=0)
 
@@ -359,7 +366,8 @@ def test_decode_attention_inside_cuda_graph():
     mask = (torch.rand(rows, slots, generator=g) < 0.8).cuda()
     length = torch.tensor(10).cuda()
     eager_k, eager_v = cache_k.clone(), cache_v.clone()
-    kw = dict(new_k=new_k, new_v=new_v, slot_mask=mask)
+    rotary = tuple(t.cuda() for t in rotary_tables(rows, dim))
+    kw = dict(new_k=new_k, new_v=new_v, slot_mask=mask, rotary=rotary)
     ops.decode_attention(query, cache_k, cache_v, length=length, **kw)  # warm-up
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()

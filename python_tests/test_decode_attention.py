@@ -15,18 +15,24 @@ from conftest import (
     backends_for,
     decode_attention_oracle,
     decode_attention_problem,
+    rotary_tables,
+    rotate_as_stored,
 )
 
 from latro_engine import ops
 
 
 @pytest.mark.parametrize("backend", backends_for("cpu"))
+@pytest.mark.parametrize("rotary", [False, True], ids=["", "rotary"])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("shape", DECODE_ATTENTION_SHAPES, ids=str)
-def test_matches_the_oracle_and_writes_the_newest_slot(shape, dtype, backend, use_backend):
+def test_matches_the_oracle_and_writes_the_newest_slot(shape, dtype, rotary, backend, use_backend):
     use_backend(backend)
+    if rotary and shape[4] % 2:
+        pytest.skip("a rotary embedding needs an even head dim")
     length = shape[-1]
     query, cache_k, cache_v, new_k, new_v, mask = decode_attention_problem(*shape, dtype)
+    tables = rotary_tables(shape[0], shape[4]) if rotary else None
     before_k, before_v = cache_k.clone(), cache_v.clone()
     scale = 0.7 / math.sqrt(shape[4])
     out = ops.decode_attention(
@@ -37,20 +43,50 @@ def test_matches_the_oracle_and_writes_the_newest_slot(shape, dtype, backend, us
         new_k=new_k,
         new_v=new_v,
         slot_mask=mask,
+        rotary=tables,
         scale=scale,
     )
     assert out.dtype == dtype and out.shape == query.shape
-    oracle = decode_attention_oracle(query, before_k, before_v, new_k, new_v, mask, length, scale)
-    torch.testing.assert_close(
-        out.double(), oracle, atol=DECODE_ATTENTION_ATOL[dtype], rtol=DECODE_ATTENTION_ATOL[dtype]
+    oracle = decode_attention_oracle(
+        query, before_k, before_v, new_k, new_v, mask, length, scale, rotary=tables
     )
+    tol = DECODE_ATTENTION_ATOL[dtype]
+    torch.testing.assert_close(out.double(), oracle, atol=tol, rtol=tol)
     if shape[0] > 1:
         assert bool((out[1] == 0).all())
-    # The newest slot now holds new_k / new_v; every other element is untouched (NaN included).
+    # The newest slot now holds new_k (rotated: to within the last bit of the float64 oracle's
+    # rotation) and new_v; every other element is untouched (NaN included).
+    newest_k = cache_k[:, :, length - 1].clone()
+    torch.testing.assert_close(newest_k, rotate_as_stored(new_k, tables))
     want_k, want_v = before_k.clone(), before_v.clone()
-    want_k[:, :, length - 1], want_v[:, :, length - 1] = new_k, new_v
+    want_k[:, :, length - 1], want_v[:, :, length - 1] = newest_k, new_v
     torch.testing.assert_close(cache_k, want_k, equal_nan=True, atol=0, rtol=0)
     torch.testing.assert_close(cache_v, want_v, equal_nan=True, atol=0, rtol=0)
+
+
+def test_rotary_is_the_models_rotary_embedding(use_backend):
+    """The fused rotation equals Llama's own apply_rotary_pos_emb followed by the op, bit for
+    bit in float32 (the same roundings, no fused multiply-add)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    query, cache_k, cache_v, new_k, new_v, mask = decode_attention_problem(
+        3, 8, 2, 40, 32, 33, torch.float32, seed=5
+    )
+    cos, sin = rotary_tables(3, 32)
+    for backend in backends_for("cpu"):
+        use_backend(backend)
+        k1, v1, k2, v2 = cache_k.clone(), cache_v.clone(), cache_k.clone(), cache_v.clone()
+        fused = ops.decode_attention(
+            query, k1, v1, length=33, new_k=new_k, new_v=new_v, slot_mask=mask, rotary=(cos, sin)
+        )
+        q_rot, k_rot = apply_rotary_pos_emb(
+            query[:, :, None], new_k[:, :, None], cos[:, None], sin[:, None]
+        )
+        plain = ops.decode_attention(
+            q_rot[:, :, 0], k2, v2, length=33, new_k=k_rot[:, :, 0], new_v=new_v, slot_mask=mask
+        )
+        assert torch.equal(fused, plain), backend
+        torch.testing.assert_close(k1, k2, equal_nan=True, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("backend", backends_for("cpu"))

@@ -36,6 +36,7 @@ def _op_samples(device: str):
     cache = torch.randn(2, 4, 2, 9, 8, generator=g).to(device)  # [k/v, rows + 1, G, S, D]
     fresh = torch.randn(2, 3, 2, 8, generator=g).to(device)
     mask = torch.rand(3, 9, generator=g).to(device) < 0.8
+    angles = torch.randn(2, 3, 8, generator=g).to(device)  # rotary cos and sin
     return {
         "token_logprobs": [
             (logits.clone().requires_grad_(), targets, -100),
@@ -79,8 +80,11 @@ def _op_samples(device: str):
             (tokens, stop_tokens, stop_offsets, scalar(4), torch.full((6,), 11, device=device), 0)
         ],
         "decode_attention": [
-            (query, cache[0, :3], cache[1, :3], fresh[0], fresh[1], mask, scalar(7), 0.3),
-            (query.half(), *cache.half()[:, 1:], None, None, None, scalar(9), 0.35),
+            (query, cache[0, :3], cache[1, :3], fresh[0], fresh[1], mask, None, None, scalar(7),
+             0.3),
+            (query.half(), *cache.half()[:, 1:], None, None, None, None, None, scalar(9), 0.35),
+            (query, cache[0, :3], cache[1, :3], fresh[0], fresh[1], None, *angles, scalar(4),
+             0.3),
         ],
         "rloo_advantages": [(rewards, 4)],
         "latro_rewards": [(rewards, rewards * 2, rewards * 3, finished, 0.05, -1.0, "batch_mean")],

@@ -136,11 +136,13 @@ struct StopTable {
 
 // ---------------------------------------------------------------- decode_attention
 // query and new_k / new_v contiguous, the caches as check_decode_attention accepts them, the
-// mask undefined or [B, S] with a dense last dimension, out [B, H, D] contiguous.
+// mask undefined or [B, S] with a dense last dimension, the rotary tables undefined or
+// contiguous, out [B, H, D] contiguous.
 inline latro::DecodeAttentionArgs decode_attention_args(
     const at::Tensor& query, const at::Tensor& cache_k, const at::Tensor& cache_v,
     const at::Tensor& new_k, const at::Tensor& new_v, const at::Tensor& slot_mask,
-    const at::Tensor& length, double scale, const at::Tensor& out) {
+    const at::Tensor& rotary_cos, const at::Tensor& rotary_sin, const at::Tensor& length,
+    double scale, const at::Tensor& out) {
   latro::DecodeAttentionArgs args;
   args.dtype = core_dtype(query, "query");
   args.rows = query.size(0);
@@ -156,6 +158,8 @@ inline latro::DecodeAttentionArgs decode_attention_args(
   args.new_v = new_v.defined() ? new_v.data_ptr() : nullptr;
   args.slot_mask = slot_mask.defined() ? slot_mask.data_ptr<bool>() : nullptr;
   args.mask_row_stride = slot_mask.defined() && args.rows > 1 ? slot_mask.stride(0) : -1;
+  args.rotary_cos = rotary_cos.defined() ? rotary_cos.data_ptr<float>() : nullptr;
+  args.rotary_sin = rotary_sin.defined() ? rotary_sin.data_ptr<float>() : nullptr;
   args.length = length.data_ptr<int64_t>();
   args.scale = static_cast<float>(scale);
   args.out = out.data_ptr();

@@ -27,21 +27,25 @@ void check_stop_step(const at::Tensor& tokens, const at::Tensor& step,
                      const at::Tensor& positions);
 // decode_attention: query [B, H, D], caches [B, G, S, D] dense within a row (written in place,
 // never copied), optional new_k / new_v [B, G, D] and slot_mask bool [B, S], length int64
-// 0-d, all of query's dtype (float32/bf16/fp16) and device.
+// 0-d, optional rotary_cos / rotary_sin float32 [B, D] (D even), all on query's device and
+// of query's dtype (float32/bf16/fp16) where not said otherwise.
 void check_decode_attention(const at::Tensor& query, const at::Tensor& cache_k,
                             const at::Tensor& cache_v, const std::optional<at::Tensor>& new_k,
                             const std::optional<at::Tensor>& new_v,
-                            const std::optional<at::Tensor>& slot_mask, const at::Tensor& length,
+                            const std::optional<at::Tensor>& slot_mask,
+                            const std::optional<at::Tensor>& rotary_cos,
+                            const std::optional<at::Tensor>& rotary_sin, const at::Tensor& length,
                             double scale);
 // The checked inputs of decode_attention laid out for the core (query and new_k / new_v
 // contiguous, the mask with dense rows; undefined where not given) and its output [B, H, D].
 struct DecodeAttentionTensors {
-  at::Tensor query, new_k, new_v, slot_mask, out;
+  at::Tensor query, new_k, new_v, slot_mask, rotary_cos, rotary_sin, out;
 };
 DecodeAttentionTensors prepare_decode_attention(
     const at::Tensor& query, const at::Tensor& cache_k, const at::Tensor& cache_v,
     const std::optional<at::Tensor>& new_k, const std::optional<at::Tensor>& new_v,
-    const std::optional<at::Tensor>& slot_mask, const at::Tensor& length, double scale);
+    const std::optional<at::Tensor>& slot_mask, const std::optional<at::Tensor>& rotary_cos,
+    const std::optional<at::Tensor>& rotary_sin, const at::Tensor& length, double scale);
 void check_rloo(const at::Tensor& rewards, int64_t k);
 void check_latro_rewards(const at::Tensor& answer_logp, const at::Tensor& rationale_logp,
                          const at::Tensor& ref_rationale_logp, const at::Tensor& finished,

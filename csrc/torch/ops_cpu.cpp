@@ -163,9 +163,11 @@ at::Tensor decode_attention_cpu(const at::Tensor& query, at::Tensor& cache_k, at
                                 const std::optional<at::Tensor>& new_k,
                                 const std::optional<at::Tensor>& new_v,
                                 const std::optional<at::Tensor>& slot_mask,
+                                const std::optional<at::Tensor>& rotary_cos,
+                                const std::optional<at::Tensor>& rotary_sin,
                                 const at::Tensor& length, double scale) {
-  const DecodeAttentionTensors t =
-      prepare_decode_attention(query, cache_k, cache_v, new_k, new_v, slot_mask, length, scale);
+  const DecodeAttentionTensors t = prepare_decode_attention(
+      query, cache_k, cache_v, new_k, new_v, slot_mask, rotary_cos, rotary_sin, length, scale);
   // Checked before the empty-batch return so that an empty batch fails like a full one.
   const int64_t length_value = length.item<int64_t>();
   TORCH_CHECK_VALUE(length_value >= 1 && length_value <= cache_k.size(2),
@@ -173,7 +175,8 @@ at::Tensor decode_attention_cpu(const at::Tensor& query, at::Tensor& cache_k, at
   const int64_t rows = query.size(0);
   if (rows == 0) return t.out;
   const latro::DecodeAttentionArgs args = decode_attention_args(
-      t.query, cache_k, cache_v, t.new_k, t.new_v, t.slot_mask, length, scale, t.out);
+      t.query, cache_k, cache_v, t.new_k, t.new_v, t.slot_mask, t.rotary_cos, t.rotary_sin,
+      length, scale, t.out);
   call_core([&] {
     at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
       latro::decode_attention(args, begin, end);

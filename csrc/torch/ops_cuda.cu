@@ -8,7 +8,6 @@
 // into a CUDA graph or when LATRO_CUDA_CHECKS=off: bad rows then come back as NaN log-probs
 // or id -1 instead of an exception.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -319,9 +318,11 @@ at::Tensor decode_attention_cuda(const at::Tensor& query, at::Tensor& cache_k, a
                                  const std::optional<at::Tensor>& new_k,
                                  const std::optional<at::Tensor>& new_v,
                                  const std::optional<at::Tensor>& slot_mask,
+                                 const std::optional<at::Tensor>& rotary_cos,
+                                 const std::optional<at::Tensor>& rotary_sin,
                                  const at::Tensor& length, double scale) {
-  const DecodeAttentionTensors t =
-      prepare_decode_attention(query, cache_k, cache_v, new_k, new_v, slot_mask, length, scale);
+  const DecodeAttentionTensors t = prepare_decode_attention(
+      query, cache_k, cache_v, new_k, new_v, slot_mask, rotary_cos, rotary_sin, length, scale);
   const c10::cuda::CUDAGuard guard(query.device());
   const cudaStream_t stream = current_stream(query);
   const int64_t slots = cache_k.size(2);
@@ -338,12 +339,15 @@ at::Tensor decode_attention_cuda(const at::Tensor& query, at::Tensor& cache_k, a
   }
   const Status status = Status::make(query, stream);
   const latro::DecodeAttentionArgs args = decode_attention_args(
-      t.query, cache_k, cache_v, t.new_k, t.new_v, t.slot_mask, length, scale, t.out);
+      t.query, cache_k, cache_v, t.new_k, t.new_v, t.slot_mask, t.rotary_cos, t.rotary_sin,
+      length, scale, t.out);
+  // The runtime's attribute query, not ATen/cuda/CUDAContext.h (which needs the cuSPARSE and
+  // cuBLAS headers, absent from a bare toolkit).
+  int multiprocessors = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount,
+                                        query.device().index()));
   latro::cuda::DecodeAttentionPlan plan;
-  call_cuda([&] {
-    plan = latro::cuda::plan_decode_attention(
-        args, at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
-  });
+  call_cuda([&] { plan = latro::cuda::plan_decode_attention(args, multiprocessors); });
   at::Tensor workspace;
   if (plan.workspace_floats > 0) {
     workspace = at::empty({plan.workspace_floats}, query.options().dtype(at::kFloat));

@@ -89,7 +89,9 @@ void check_stop_step(const at::Tensor& tokens, const at::Tensor& step,
 void check_decode_attention(const at::Tensor& query, const at::Tensor& cache_k,
                             const at::Tensor& cache_v, const std::optional<at::Tensor>& new_k,
                             const std::optional<at::Tensor>& new_v,
-                            const std::optional<at::Tensor>& slot_mask, const at::Tensor& length,
+                            const std::optional<at::Tensor>& slot_mask,
+                            const std::optional<at::Tensor>& rotary_cos,
+                            const std::optional<at::Tensor>& rotary_sin, const at::Tensor& length,
                             double scale) {
   core_dtype(query, "query");
   check_dim(query, 3, "query");
@@ -142,6 +144,20 @@ void check_decode_attention(const at::Tensor& query, const at::Tensor& cache_k,
                       "slot_mask must have shape [rows, slots] = [", rows, ", ", slots,
                       "], got ", slot_mask->sizes());
   }
+  TORCH_CHECK_VALUE(rotary_cos.has_value() == rotary_sin.has_value(),
+                    "rotary_cos and rotary_sin must be given together");
+  if (rotary_cos.has_value()) {
+    TORCH_CHECK_VALUE(head_dim % 2 == 0, "head_dim must be even for a rotary embedding, got ",
+                      head_dim);
+    for (const auto& [t, name] :
+         {std::pair{&*rotary_cos, "rotary_cos"}, std::pair{&*rotary_sin, "rotary_sin"}}) {
+      check_dtype(*t, at::kFloat, name);
+      check_same_device(*t, query, name, "query");
+      TORCH_CHECK_VALUE(t->dim() == 2 && t->size(0) == rows && t->size(1) == head_dim, name,
+                        " must have shape [rows, head_dim] = [", rows, ", ", head_dim, "], got ",
+                        t->sizes());
+    }
+  }
   check_dtype(length, at::kLong, "length");
   check_same_device(length, query, "length", "query");
   TORCH_CHECK_VALUE(length.dim() == 0, "length must be an int or a 0-d tensor, got shape ",
@@ -152,8 +168,10 @@ void check_decode_attention(const at::Tensor& query, const at::Tensor& cache_k,
 DecodeAttentionTensors prepare_decode_attention(
     const at::Tensor& query, const at::Tensor& cache_k, const at::Tensor& cache_v,
     const std::optional<at::Tensor>& new_k, const std::optional<at::Tensor>& new_v,
-    const std::optional<at::Tensor>& slot_mask, const at::Tensor& length, double scale) {
-  check_decode_attention(query, cache_k, cache_v, new_k, new_v, slot_mask, length, scale);
+    const std::optional<at::Tensor>& slot_mask, const std::optional<at::Tensor>& rotary_cos,
+    const std::optional<at::Tensor>& rotary_sin, const at::Tensor& length, double scale) {
+  check_decode_attention(query, cache_k, cache_v, new_k, new_v, slot_mask, rotary_cos, rotary_sin,
+                         length, scale);
   DecodeAttentionTensors t;
   t.query = query.contiguous();
   if (new_k.has_value()) {
@@ -161,6 +179,10 @@ DecodeAttentionTensors prepare_decode_attention(
     t.new_v = new_v->contiguous();
   }
   if (slot_mask.has_value()) t.slot_mask = dense_rows(*slot_mask);
+  if (rotary_cos.has_value()) {
+    t.rotary_cos = rotary_cos->contiguous();
+    t.rotary_sin = rotary_sin->contiguous();
+  }
   t.out = at::empty(query.sizes(), query.options());
   return t;
 }
@@ -617,7 +639,8 @@ TORCH_LIBRARY(latro_engine, m) {
   // Writes new_k / new_v into the caches at slot length - 1 (when given).
   m.def(
       "decode_attention(Tensor query, Tensor(a!) cache_k, Tensor(b!) cache_v, Tensor? new_k, "
-      "Tensor? new_v, Tensor? slot_mask, Tensor length, float scale) -> Tensor");
+      "Tensor? new_v, Tensor? slot_mask, Tensor? rotary_cos, Tensor? rotary_sin, Tensor length, "
+      "float scale) -> Tensor");
   m.def("rloo_advantages(Tensor rewards, int k) -> Tensor");
   m.def(
       "latro_rewards(Tensor answer_logp, Tensor rationale_logp, Tensor ref_rationale_logp, "

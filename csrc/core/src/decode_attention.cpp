@@ -6,6 +6,7 @@
 
 #include "cpu_common.h"
 #include "latro/latro.h"
+#include "rotary.h"
 
 namespace latro {
 namespace {
@@ -13,6 +14,21 @@ namespace {
 template <typename T>
 void to_floats(const T* in, int64_t n, float* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = to_float(in[i]);
+}
+
+// A head's vector as floats, rotated when `cos` is given (then rounded to T, as stored).
+template <typename T>
+void head_floats(const T* in, int64_t d, const float* cos, const float* sin, float* out) {
+  to_floats(in, d, out);
+  if (cos == nullptr) return;
+  std::vector<float> raw(out, out + d);
+  const int64_t half = d / 2;
+  for (int64_t i = 0; i < d; ++i) {
+    const bool first = i < half;
+    const float x = detail::rotary_element(raw[i], raw[first ? i + half : i - half], cos[i],
+                                           sin[i], first);
+    out[i] = to_float(from_float<T>(x));
+  }
 }
 
 template <typename T>
@@ -31,17 +47,24 @@ void attend_rows(const DecodeAttentionArgs& args, const detail::DecodeAttentionS
       acc(static_cast<size_t>(d)), weights(static_cast<size_t>(length));
   for (int64_t r = row_begin; r < row_end; ++r) {
     const bool* allowed = args.slot_mask ? args.slot_mask + r * strides.mask_row : nullptr;
+    const float* cos = args.rotary_cos ? args.rotary_cos + r * d : nullptr;
+    const float* sin = args.rotary_sin ? args.rotary_sin + r * d : nullptr;
     for (int64_t g = 0; g < args.kv_heads; ++g) {
       T* keys = cache_k + r * strides.cache_row + g * slots * d;
       T* values = cache_v + r * strides.cache_row + g * slots * d;
       if (new_k != nullptr) {  // the caller's newest key and value go into the cache first
         const int64_t from = (r * args.kv_heads + g) * d;
-        std::copy(new_k + from, new_k + from + d, keys + newest * d);
+        if (cos == nullptr) {
+          std::copy(new_k + from, new_k + from + d, keys + newest * d);
+        } else {
+          head_floats(new_k + from, d, cos, sin, kv.data());
+          for (int64_t i = 0; i < d; ++i) keys[newest * d + i] = from_float<T>(kv[i]);
+        }
         std::copy(new_v + from, new_v + from + d, values + newest * d);
       }
       for (int64_t h = g * groups; h < (g + 1) * groups; ++h) {
         // The scale goes on the query, as in the CUDA kernel (the same roundings).
-        to_floats(query + (r * args.heads + h) * d, d, q.data());
+        head_floats(query + (r * args.heads + h) * d, d, cos, sin, q.data());
         for (float& x : q) x *= args.scale;
         float top = -std::numeric_limits<float>::infinity();
         for (int64_t s = 0; s < length; ++s) {

@@ -20,6 +20,7 @@
 #include <algorithm>
 
 #include "cuda_common.cuh"
+#include "rotary.h"
 
 namespace latro::cuda {
 namespace {
@@ -76,6 +77,25 @@ __device__ __forceinline__ void load_lane(const T* p, int d0, int head_dim,
   }
 }
 
+// The rotary embedding of head vector `raw` (floats in shared memory) at elements [d0, d0 + 8),
+// rounded to T as the rotated tensor would be stored; zeros beyond head_dim.
+template <typename T>
+__device__ __forceinline__ void rotate_lane(const float* raw, const float* cos, const float* sin,
+                                            int d0, int head_dim, float (&v)[kLaneElements]) {
+  const int half = head_dim / 2;
+#pragma unroll
+  for (int i = 0; i < kLaneElements; ++i) {
+    const int e = d0 + i;
+    v[i] = 0.0f;
+    if (e < head_dim) {
+      const bool first = e < half;
+      const float x = ::latro::detail::rotary_element(raw[e], raw[first ? e + half : e - half], cos[e],
+                                             sin[e], first);
+      v[i] = load_float(store_float<T>(x));
+    }
+  }
+}
+
 // Block-wide max (kMax) or sum of kQueryTile values per thread; every thread gets the result.
 // Fixed combination order, so the result does not change from run to run.
 template <bool kMax>
@@ -115,13 +135,20 @@ __device__ __forceinline__ float pick(const float (&a)[kQueryTile], int j) {
   return value;
 }
 
+// Five blocks per SM (at most 102 registers; 96 without spills): left alone the compiler takes
+// 128 for the rotary staging, and four blocks of four warps keep fewer loads in flight.
 template <typename T, bool kVector>
-__global__ void __launch_bounds__(kThreads) decode_attention_kernel(const AttentionParams p) {
+__global__ void __launch_bounds__(kThreads, 5) decode_attention_kernel(const AttentionParams p) {
   const DecodeAttentionArgs& a = p.args;
   // Scores [kQueryTile][kMaxChunk]; after pass 2 the per-warp output sums
   // [kWarps][kQueryTile][kMaxDecodeHeadDim].
   __shared__ float scores[kQueryTile * kMaxChunk];
   __shared__ float scratch[kWarps][kQueryTile];
+  // With a rotary embedding: the query tile and the newest key before rotation, and that key
+  // rotated (as stored in the cache).
+  __shared__ float raw_query[kQueryTile][kMaxDecodeHeadDim];
+  __shared__ float raw_key[kMaxDecodeHeadDim];
+  __shared__ float rotated_key[kMaxDecodeHeadDim];
 
   const int64_t block = blockIdx.x;
   const int64_t split = block % p.splits;
@@ -150,13 +177,28 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Attent
   T* values = static_cast<T*>(a.cache_v) + head_offset;
   const T* fresh_k = a.new_k ? static_cast<const T*>(a.new_k) + (r * a.kv_heads + g) * d : nullptr;
   const T* fresh_v = a.new_v ? static_cast<const T*>(a.new_v) + (r * a.kv_heads + g) * d : nullptr;
-  if (fresh_k != nullptr && begin <= newest && newest < end) {
+  const bool owns_newest = begin <= newest && newest < end;
+  const float* cos = a.rotary_cos ? a.rotary_cos + r * d : nullptr;
+  const float* sin = a.rotary_sin ? a.rotary_sin + r * d : nullptr;
+  const bool rotate_key = fresh_k != nullptr && cos != nullptr;
+  if (rotate_key) {
+    for (int i = threadIdx.x; i < d; i += kThreads) raw_key[i] = load_float(fresh_k[i]);
+    __syncthreads();
     for (int i = threadIdx.x; i < d; i += kThreads) {
-      keys[newest * d + i] = fresh_k[i];
+      const bool first = i < d / 2;
+      rotated_key[i] = load_float(store_float<T>(::latro::detail::rotary_element(
+          raw_key[i], raw_key[first ? i + d / 2 : i - d / 2], cos[i], sin[i], first)));
+    }
+    __syncthreads();
+  }
+  if (fresh_k != nullptr && owns_newest) {
+    for (int i = threadIdx.x; i < d; i += kThreads) {
+      keys[newest * d + i] = rotate_key ? store_float<T>(rotated_key[i]) : fresh_k[i];
       values[newest * d + i] = fresh_v[i];
     }
   }
-  // Slot `newest` is read from fresh_k / fresh_v: no thread reads what another writes.
+  // Slot `newest` is read from fresh_k / rotated_key / fresh_v: no thread reads what another
+  // writes.
   const T* newest_k = fresh_k ? fresh_k : keys + newest * d;
   const T* newest_v = fresh_v ? fresh_v : values + newest * d;
   const bool* allowed = a.slot_mask ? a.slot_mask + r * p.strides.mask_row : nullptr;
@@ -173,9 +215,18 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Attent
     const int tile = groups - q0 < kQueryTile ? static_cast<int>(groups - q0) : kQueryTile;
     const int64_t h0 = g * groups + q0;
     float q[kQueryTile][kLaneElements];
+    if (cos != nullptr) {  // the rotation pairs element i with i +- D/2, held by another lane
+      for (int i = threadIdx.x; i < tile * d; i += kThreads) {
+        raw_query[i / d][i % d] =
+            load_float(static_cast<const T*>(a.query)[(r * a.heads + h0) * d + i]);
+      }
+      __syncthreads();
+    }
 #pragma unroll
     for (int j = 0; j < kQueryTile; ++j) {
-      if (j < tile) {
+      if (j < tile && cos != nullptr) {
+        rotate_lane<T>(raw_query[j], cos, sin, d0, d, q[j]);
+      } else if (j < tile) {
         load_lane<T, kVector>(static_cast<const T*>(a.query) + (r * a.heads + h0 + j) * d, d0, d,
                               q[j]);
       } else {
@@ -191,7 +242,10 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Attent
       const int64_t s = base + sub;
       const bool live = s < end && (allowed == nullptr || allowed[s]);
       float k[kLaneElements];
-      if (live) {
+      if (live && s == newest && rotate_key) {
+#pragma unroll
+        for (int i = 0; i < kLaneElements; ++i) k[i] = d0 + i < d ? rotated_key[d0 + i] : 0.0f;
+      } else if (live) {
         load_lane<T, kVector>(s == newest ? newest_k : keys + s * d, d0, d, k);
       } else {
 #pragma unroll

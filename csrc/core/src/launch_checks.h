@@ -115,6 +115,10 @@ inline DecodeAttentionStrides check_decode_attention_args(const DecodeAttentionA
                                                      "mask_row_stride")};
   LATRO_CHECK((args.new_k == nullptr) == (args.new_v == nullptr),
               "new_k and new_v must be given together");
+  LATRO_CHECK((args.rotary_cos == nullptr) == (args.rotary_sin == nullptr),
+              "rotary_cos and rotary_sin must be given together");
+  LATRO_CHECK(args.rotary_cos == nullptr || args.head_dim % 2 == 0,
+              "head_dim must be even for a rotary embedding, got ", args.head_dim);
   LATRO_CHECK(args.length != nullptr, "length is a null pointer");
   const bool empty = args.rows == 0;
   LATRO_CHECK(args.query != nullptr || empty, "query is a null pointer");

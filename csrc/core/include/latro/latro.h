@@ -177,6 +177,12 @@ struct DecodeAttentionArgs {
   // left-padded prompt are false); nullptr: all of them.
   const bool* slot_mask = nullptr;
   int64_t mask_row_stride = -1;  // -1: slots
+  // Optional rotary embedding [rows, head_dim] float32, dense (both or neither; head_dim even):
+  // the query and new_k are first rotated, x * cos + rotate_half(x) * sin in float32 with
+  // rotate_half(x) = [-x[D/2:], x[:D/2]], and rounded to dtype; the cache receives the rotated
+  // key. Without it they are used as given.
+  const float* rotary_cos = nullptr;
+  const float* rotary_sin = nullptr;
   const int64_t* length = nullptr;  // one value in [1, slots], readable where the kernel runs
   float scale = 1.0f;               // softmax scale, usually 1 / sqrt(head_dim)
   void* out = nullptr;              // out [rows, heads, head_dim], dense
