@@ -121,14 +121,7 @@ struct AttentionCase {
 
   // An output buffer full of NaN, so an element the op forgets to write fails the comparison.
   Matrix output() const {
-    Matrix out = matrix_of_rows(shape.dtype, {});
-    out.rows = shape.rows * shape.heads;
-    out.cols = out.stride = shape.head_dim;
-    out.storage.assign(static_cast<size_t>(out.rows * out.cols) * out.element_size(), 0);
-    for (int64_t r = 0; r < out.rows; ++r) {
-      for (int64_t c = 0; c < out.cols; ++c) out.set(r, c, std::numeric_limits<float>::quiet_NaN());
-    }
-    return out;
+    return nan_matrix(shape.dtype, shape.rows * shape.heads, shape.head_dim);
   }
 
   // Element i of `head` (exact stored values) as the op uses it: rotated when the case is,
@@ -204,15 +197,6 @@ inline void expect_caches_written(const AttentionCase& c, const Matrix& k, const
   }
   EXPECT_TRUE(k.storage == want_k.storage) << "cache_k holds other values than expected";
   EXPECT_TRUE(v.storage == want_v.storage) << "cache_v holds other values than expected";
-}
-
-// The output as doubles, [rows * heads * head_dim].
-inline std::vector<double> values_of(const Matrix& m) {
-  std::vector<double> values(static_cast<size_t>(m.rows * m.cols));
-  for (int64_t r = 0; r < m.rows; ++r) {
-    for (int64_t c = 0; c < m.cols; ++c) values[static_cast<size_t>(r * m.cols + c)] = m.get(r, c);
-  }
-  return values;
 }
 
 // Odd sizes: groups of 1, 3, 5 and 8 query heads (two query tiles of the CUDA kernel), head

@@ -18,6 +18,7 @@
 #include "latro/latro.h"
 #include "decode_attention_reference.h"
 #include "latro_cuda_emulator.h"
+#include "rms_norm_reference.h"
 #include "sample_reference.h"
 #include "test_util.h"
 
@@ -449,8 +450,8 @@ TEST_P(EmulatedDecodeAttention, MatchesTheCpuAndTheReference) {
       EXPECT_GT(plan.splits, 1);
     }
     const Tolerance tol = attention_tolerance(c.shape.dtype);
-    EXPECT_TRUE(all_close(values_of(out), want, tol));
-    EXPECT_TRUE(all_close(values_of(out), values_of(cpu_out), tol));
+    EXPECT_TRUE(all_close(matrix_values(out), want, tol));
+    EXPECT_TRUE(all_close(matrix_values(out), matrix_values(cpu_out), tol));
     EXPECT_TRUE(k.storage == cpu_k.storage && v.storage == cpu_v.storage);
   }
 }
@@ -474,7 +475,7 @@ TEST(EmulatedDecodeAttentionErrors, LengthOutOfRangeIsNaNAndRecorded) {
       const latro::cuda::StatusRecord record = latro::cuda::read_status(&status, nullptr);
       EXPECT_EQ(record.kind, latro::cuda::StatusKind::LengthOutOfRange);
       EXPECT_EQ(record.row, -1);
-      for (double x : values_of(out)) ASSERT_TRUE(std::isnan(x));
+      for (double x : matrix_values(out)) ASSERT_TRUE(std::isnan(x));
       EXPECT_TRUE(k.storage == c.cache_k.storage && v.storage == c.cache_v.storage);
     }
   }
@@ -501,6 +502,27 @@ TEST(EmulatedDecodeAttentionErrors, HostVisibleMistakesThrowLikeTheCpu) {
                      "plan.workspace_floats");
   EXPECT_LATRO_ERROR(latro::cuda::plan_decode_attention(args, 0), "multiprocessors");
 }
+
+// ---------------------------------------------------------------- RMSNorm
+class EmulatedRmsNorm : public ::testing::TestWithParam<NormShape> {};
+
+TEST_P(EmulatedRmsNorm, MatchesTheCpuAndTheReference) {
+  std::mt19937 rng(47);
+  const NormCase c(GetParam(), rng);
+  Matrix cpu_out = c.blank(), cpu_sum = c.blank(), out = c.blank(), sum = c.blank();
+  latro::rms_norm(c.args(cpu_out, cpu_sum));
+  under_every_schedule([&] { latro::cuda::rms_norm(c.args(out, sum), nullptr); },
+                       [&] { return out.storage; });
+  const Tolerance tol = stored_tolerance(c.shape.dtype);
+  EXPECT_TRUE(all_close(matrix_values(out), c.reference(), tol));
+  // The float64 sums of squares differ in order only: the float32 results are the CPU's.
+  EXPECT_TRUE(out.storage == cpu_out.storage);
+  if (c.shape.residual) {
+    EXPECT_TRUE(sum.storage == cpu_sum.storage);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, EmulatedRmsNorm, ::testing::ValuesIn(norm_shapes()), norm_name);
 
 // ---------------------------------------------------------------- the emulator itself
 TEST(CudaEmulator, ReportsABarrierThatSomeThreadsSkip) {

@@ -20,7 +20,7 @@ TEST_P(DecodeAttention, MatchesTheFloat64Reference) {
   const AttentionCase c(GetParam(), rng);
   Matrix k = c.cache_k, v = c.cache_v, out = c.output();
   latro::decode_attention(c.args(k, v, out));
-  EXPECT_TRUE(all_close(values_of(out), c.reference(), attention_tolerance(c.shape.dtype)));
+  EXPECT_TRUE(all_close(matrix_values(out), c.reference(), attention_tolerance(c.shape.dtype)));
   expect_caches_written(c, k, v);
 }
 

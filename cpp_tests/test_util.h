@@ -167,6 +167,29 @@ inline Matrix matrix_of_rows(DType dtype, const std::vector<std::vector<float>>&
   return m;
 }
 
+// rows x cols of NaN: an output buffer in which an element the op forgets to write fails the
+// comparison.
+inline Matrix nan_matrix(DType dtype, int64_t rows, int64_t cols) {
+  Matrix m = matrix_of_rows(dtype, {});
+  m.rows = rows;
+  m.cols = m.stride = cols;
+  m.storage.assign(static_cast<size_t>(rows * cols) * m.element_size(), 0);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c) m.set(r, c, std::numeric_limits<float>::quiet_NaN());
+  }
+  return m;
+}
+
+// The exact values of a matrix's elements, row after row (its padding left out).
+inline std::vector<double> matrix_values(const Matrix& m) {
+  std::vector<double> values;
+  values.reserve(static_cast<size_t>(m.rows * m.cols));
+  for (int64_t r = 0; r < m.rows; ++r) {
+    for (int64_t c = 0; c < m.cols; ++c) values.push_back(m.get(r, c));
+  }
+  return values;
+}
+
 // `rows` copies of one row.
 inline Matrix repeated_row(DType dtype, const std::vector<float>& row, int64_t rows) {
   return matrix_of_rows(dtype, std::vector<std::vector<float>>(static_cast<size_t>(rows), row));

@@ -65,6 +65,13 @@ def _(query, cache_k, cache_v, new_k, new_v, slot_mask, rotary_cos, rotary_sin, 
     return torch.empty_like(query, memory_format=torch.contiguous_format)
 
 
+@torch.library.register_fake(f"{_LIB}::rms_norm")
+def _(x, weight, residual, eps):
+    contiguous = torch.contiguous_format
+    total = torch.empty_like(x, memory_format=contiguous) if residual is not None else x.new_empty(0)
+    return torch.empty_like(x, memory_format=contiguous), total
+
+
 @torch.library.register_fake(f"{_LIB}::rloo_advantages")
 def _(rewards, k):
     return torch.empty_like(rewards)

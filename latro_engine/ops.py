@@ -26,6 +26,7 @@ __all__ = [
     "decode_attention",
     "latro_rewards",
     "linear_token_logprobs",
+    "rms_norm",
     "rloo_advantages",
     "sample",
     "stop_positions",
@@ -295,6 +296,30 @@ def decode_attention(
         rotary_sin=sin,
         scale=float(scale),
     )
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, *, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The RMSNorm of Llama-family models, optionally fused with the residual addition before it.
+
+    Args:
+        x: ``[..., D]`` float32, bfloat16 or float16 (float64 runs the reference).
+        weight: ``[D]`` of x's dtype. eps: finite, >= 0.
+        residual: optional, x's shape and dtype: the norm is then of ``s = x + residual``.
+    Returns:
+        ``weight * (s / sqrt(mean(s^2) + eps)).to(dtype)`` with the models' roundings (float32
+        arithmetic, the mean of squares summed in float64); with a residual, the pair
+        ``(normed, s)``. One kernel on CUDA where the models' forward takes five. No gradient
+        (it serves decoding).
+    """
+    x, weight = x.detach(), weight.detach()
+    residual = None if residual is None else residual.detach()
+    if use_native(x.device) and x.dtype != torch.float64:
+        out, total = torch.ops.latro_engine.rms_norm(x, weight, residual, float(eps))
+    else:
+        out, total = reference.rms_norm(x, weight, residual=residual, eps=float(eps))
+    return out if residual is None else (out, total)
 
 
 def rloo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:

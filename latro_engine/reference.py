@@ -649,3 +649,39 @@ def decode_attention(
     total = weights.sum(-1, keepdim=True)
     out = (weights @ values) / torch.where(total > 0, total, 1.0)
     return out.reshape(rows, heads, head_dim).to(query.dtype)
+
+
+# ----------------------------------------------------------------------------- RMSNorm
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, *, residual: torch.Tensor | None, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight * (s / sqrt(mean(s^2) + eps)).to(dtype), s) with s = x (+ residual), in float32
+    with the mean of squares in float64 (all float64 for float64 inputs); s is empty without a
+    residual."""
+    _check_dtype(x, (*_FLOAT_DTYPES, torch.float64), "x")
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"x must have a non-empty last dimension, got shape {list(x.shape)}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight must be {x.dtype} like x, got {weight.dtype}")
+    _check_same_device(weight, x, "weight", "x")
+    if weight.shape != x.shape[-1:]:
+        raise ValueError(f"weight must have shape [D] = [{x.shape[-1]}], got {list(weight.shape)}")
+    if residual is not None:
+        if residual.dtype != x.dtype:
+            raise TypeError(f"residual must be {x.dtype} like x, got {residual.dtype}")
+        _check_same_device(residual, x, "residual", "x")
+        if residual.shape != x.shape:
+            raise ValueError(
+                f"residual must have the shape of x {list(x.shape)}, got {list(residual.shape)}"
+            )
+    if not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps must be finite and >= 0, got {eps}")
+    total = x + residual if residual is not None else x.new_empty(0)
+    s = total if residual is not None else x
+    if x.dtype == torch.float64:
+        inverse = torch.rsqrt((s * s).mean(-1, keepdim=True) + eps)
+        return weight * (s * inverse), total
+    v = s.float()
+    mean = (v.double() * v.double()).mean(-1, keepdim=True).float()
+    inverse = 1.0 / torch.sqrt(mean + as_float32(eps))
+    return (weight.float() * (v * inverse).to(x.dtype).float()).to(x.dtype), total

@@ -124,6 +124,17 @@ def static_decoder_unsupported(model: torch.nn.Module, total_length: int = 0) ->
     sliding = getattr(config, "use_sliding_window", True)  # qwen2 has it off by default
     if window and sliding and total_length > window:
         return f"sequences of {total_length} tokens exceed the sliding window {window}"
+    residual_dtype = body.embed_tokens.weight.dtype
+    norms = [
+        (f"layers.{i}.{part}", getattr(layer, part, None))
+        for i, layer in enumerate(body.layers)
+        for part in ("input_layernorm", "post_attention_layernorm")
+    ]
+    for name, norm in [*norms, ("norm", body.norm)]:
+        if not hasattr(norm, "variance_epsilon") or not hasattr(norm, "weight"):
+            return f"{name} is not an RMSNorm with weight and variance_epsilon"
+        if norm.weight.dtype != residual_dtype:
+            return f"{name}.weight is {norm.weight.dtype}, the residual stream {residual_dtype}"
     linears = [("lm_head", inner.lm_head)]
     for i, layer in enumerate(body.layers):
         attn, mlp = layer.self_attn, layer.mlp
@@ -181,12 +192,6 @@ class _Linear:
         return F.linear(x.to(self.dtype), self.weight, self.bias)
 
 
-def _rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """As the models' RMSNorm: normalized in float32, then weight * normalized in h's dtype
-    (torch's fused rms_norm: one kernel instead of five, for two norms per layer per token)."""
-    return weight * F.rms_norm(h.float(), (h.shape[-1],), eps=eps).to(h.dtype)
-
-
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -234,7 +239,9 @@ class StaticDecoder:
                     down=_Linear(mlp.down_proj, dtype),
                 )
             )
-        self.norm = body.norm
+        # The RMSNorm before each layer, then the final one (each fused with the residual
+        # addition before it, but the first).
+        self.norms = [layer.input_layernorm for layer in body.layers] + [body.norm]
         self.lm_head = _Linear(inner.lm_head, dtype)
         self.heads = config.num_attention_heads
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
@@ -272,30 +279,39 @@ class StaticDecoder:
         sin = (emb.sin() * self.rope_scaling).to(self.residual_dtype)
         return cos[:, None], sin[:, None]
 
-    def _projections(self, layer: dict, h: torch.Tensor):
-        """q, k, v ``[b, T, heads, head_dim]`` before rotary embeddings."""
-        b, t, _ = h.shape
-        x = _rms_norm(h, layer["in_norm"].weight, layer["in_norm"].variance_epsilon)
+    def _norm(self, norm: torch.nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """The model's RMSNorm of x, or of residual + x (then with that sum, the new residual
+        stream): ops.rms_norm, one kernel on CUDA where the models' forward takes five."""
+        eps = norm.variance_epsilon
+        return ops.rms_norm(x.to(self.residual_dtype), norm.weight, eps=eps, residual=residual)
+
+    def _forward(self, h: torch.Tensor, attend) -> torch.Tensor:
+        """The decoder layers over the residual stream ``h [b, T, hidden]``, ending with the final
+        norm; ``attend(i, layer, x)`` gives layer i's attention output ``[b, T, heads *
+        head_dim]`` from its normalized input x. Each norm after the first takes the residual
+        addition before it."""
+        x = self._norm(self.norms[0], h)
+        for i, layer in enumerate(self.layers):
+            x, h = self._norm(layer["post_norm"], layer["o"](attend(i, layer, x)), residual=h)
+            mlp = layer["down"](F.silu(layer["gate"](x)) * layer["up"](x))
+            x, h = self._norm(self.norms[i + 1], mlp, residual=h)
+        return x
+
+    def _projections(self, layer: dict, x: torch.Tensor):
+        """q, k, v ``[b, T, heads, head_dim]`` of the normalized x, before rotary embeddings."""
+        b, t, _ = x.shape
         q = layer["q"](x).view(b, t, self.heads, self.head_dim)
         k = layer["k"](x).view(b, t, self.kv_heads, self.head_dim)
         v = layer["v"](x).view(b, t, self.kv_heads, self.head_dim)
         return q, k, v
 
-    def _qkv(self, layer: dict, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    def _qkv(self, layer: dict, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """q, k, v ``[b, heads, T, head_dim]`` with q and k rotated, as the models do."""
-        q, k, v = (x.transpose(1, 2) for x in self._projections(layer, h))
+        q, k, v = (t.transpose(1, 2) for t in self._projections(layer, x))
         dtype = self.key.matmul_dtype
         q = (q * cos + _rotate_half(q) * sin).to(dtype)
         k = (k * cos + _rotate_half(k) * sin).to(dtype)
         return q, k, v
-
-    def _finish_layer(self, layer: dict, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        h = h + layer["o"](attn)
-        x = _rms_norm(h, layer["post_norm"].weight, layer["post_norm"].variance_epsilon)
-        return h + layer["down"](F.silu(layer["gate"](x)) * layer["up"](x))
-
-    def _logits(self, h_last: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(_rms_norm(h_last, self.norm.weight, self.norm.variance_epsilon))
 
     def _prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Runs the prompts ``[b, P]`` (left-padded), fills slots ``[0, P)``; last logits."""
@@ -305,10 +321,10 @@ class StaticDecoder:
         causal = torch.ones((p, p), dtype=torch.bool, device=ids.device).tril()
         allowed = (causal[None] & keys[:, None, :])[:, None]  # [b, 1, P, P]
         groups = self.heads // self.kv_heads
-        h = F.embedding(ids, self.embed)
         cos, sin = self._rotary(positions)
-        for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, h, cos, sin)
+
+        def attend(i: int, layer: dict, x: torch.Tensor) -> torch.Tensor:
+            q, k, v = self._qkv(layer, x, cos, sin)
             self.cache_k[i][:b, :, :p] = k
             self.cache_v[i][:b, :, :p] = v
             # Padding queries see no key; a finite fill keeps them finite (their output is unused).
@@ -319,8 +335,9 @@ class StaticDecoder:
                 attn_mask=allowed | ~keys[:, None, :, None],
                 scale=self.scale,
             )
-            h = self._finish_layer(layer, h, attn.transpose(1, 2).reshape(b, p, -1))
-        return self._logits(h[:, -1])
+            return attn.transpose(1, 2).reshape(b, p, -1)
+
+        return self.lm_head(self._forward(F.embedding(ids, self.embed), attend)[:, -1])
 
     def _decode_forward(self, b: int) -> torch.Tensor:
         """One token per row for the first b rows: last_token at ``position`` into slot
@@ -328,14 +345,14 @@ class StaticDecoder:
         length = self.prompt_slots + self.step  # slots [0, P + step) hold the row so far
         mask = self.slot_mask[:b]
         mask.index_fill_(1, (length - 1).view(1), True)
-        h = F.embedding(self.last_token[:b, None], self.embed)
         # The models' cos / sin (in the residual dtype), as the op's float32 tables (float64
         # for a float64 model): the rotation happens inside the attention op.
         cos, sin = self._rotary(self.position[:b, None])
         table = torch.float64 if self.residual_dtype == torch.float64 else torch.float32
         rotary = (cos[:, 0, 0].to(table), sin[:, 0, 0].to(table))
-        for i, layer in enumerate(self.layers):
-            q, k, v = self._projections(layer, h)
+
+        def attend(i: int, layer: dict, x: torch.Tensor) -> torch.Tensor:
+            q, k, v = self._projections(layer, x)
             # One kernel per layer: rotates q and k, writes k / v into the slot, attends over
             # [0, length) only.
             attn = ops.decode_attention(
@@ -349,8 +366,10 @@ class StaticDecoder:
                 rotary=rotary,
                 scale=self.scale,
             )
-            h = self._finish_layer(layer, h, attn.reshape(b, 1, self.heads * self.head_dim))
-        return self._logits(h[:, -1])
+            return attn.reshape(b, 1, self.heads * self.head_dim)
+
+        h = F.embedding(self.last_token[:b, None], self.embed)
+        return self.lm_head(self._forward(h, attend)[:, -1])
 
     def _sample_and_record(self, logits: torch.Tensor, b: int) -> None:
         """Samples step ``self.step`` for the first b rows, records it, advances the step."""

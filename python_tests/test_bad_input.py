@@ -223,3 +223,29 @@ def test_decode_attention_errors(device, backend, use_backend):
             call(cache_k=k.to(other))
     assert call(query=q[:0], cache_k=k[:0], cache_v=v[:0], new_k=nk[:0], new_v=nv[:0],
                 slot_mask=mask[:0]).shape == (0, 4, 8)
+
+
+@pytest.mark.parametrize("device,backend", PAIRS)
+def test_rms_norm_errors(device, backend, use_backend):
+    use_backend(backend)
+    x, w = torch.randn(3, 8, device=device), torch.randn(8, device=device)
+    with _raises(TypeError, "x must be"):
+        ops.rms_norm(x.long(), w, eps=1e-6)
+    with _raises(ValueError, "x must have a non-empty last dimension"):
+        ops.rms_norm(x[:, :0], w[:0], eps=1e-6)
+    with _raises(TypeError, "weight must be"):
+        ops.rms_norm(x, w.half(), eps=1e-6)
+    with _raises(ValueError, "weight must have shape"):
+        ops.rms_norm(x, w[:7], eps=1e-6)
+    with _raises(TypeError, "residual must be"):
+        ops.rms_norm(x, w, eps=1e-6, residual=x.half())
+    with _raises(ValueError, "residual must have the shape of x"):
+        ops.rms_norm(x, w, eps=1e-6, residual=x[:2])
+    for eps in (-1.0, float("nan"), float("inf")):
+        with _raises(ValueError, "eps must be finite and >= 0"):
+            ops.rms_norm(x, w, eps=eps)
+    if torch.cuda.is_available():
+        other = "cpu" if device == "cuda" else "cuda"
+        with _raises(ValueError, "weight is on"):
+            ops.rms_norm(x, w.to(other), eps=1e-6)
+    assert ops.rms_norm(x[:0], w, eps=1e-6).shape == (0, 8)

@@ -399,6 +399,23 @@ def test_decode_attention_bad_length_raises_or_gives_nan(monkeypatch):
     torch.testing.assert_close(cache_k, before, equal_nan=True, atol=0, rtol=0)
 
 
+# ----------------------------------------------------------------------------- RMSNorm
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("shape", [(3, 1), (5, 37), (2, 3, 257), (64, 2048), (7, 4099)], ids=str)
+def test_rms_norm_equals_cpu(shape, dtype):
+    """The float64 sum of squares makes the float32 mean the CPU's: equal outputs, and the
+    residual sum equal to torch's addition."""
+    g = torch.Generator().manual_seed(9)
+    x, residual = (torch.randn(*shape, generator=g) * 2).to(dtype), torch.randn(*shape, generator=g)
+    weight = torch.randn(shape[-1], generator=g).to(dtype)
+    residual = residual.to(dtype)
+    cpu = ops.rms_norm(x, weight, eps=1e-5, residual=residual)
+    gpu = ops.rms_norm(x.cuda(), weight.cuda(), eps=1e-5, residual=residual.cuda())
+    assert torch.equal(gpu[0].cpu(), cpu[0]) and torch.equal(gpu[1].cpu(), cpu[1])
+    plain = ops.rms_norm(x.cuda(), weight.cuda(), eps=1e-5)
+    assert torch.equal(plain.cpu(), ops.rms_norm(x, weight, eps=1e-5))
+
+
 # ----------------------------------------------------------------------------- stops, rewards
 @pytest.mark.parametrize("start", [0, 5, 300, 301])
 def test_stop_positions_match_cpu(start):

@@ -86,6 +86,10 @@ def _op_samples(device: str):
             (query, cache[0, :3], cache[1, :3], fresh[0], fresh[1], None, *angles, scalar(4),
              0.3),
         ],
+        "rms_norm": [
+            (query, query[0, 0], None, 1e-5),
+            (query.bfloat16(), query[0, 0].bfloat16(), (query * 2).bfloat16(), 1e-6),
+        ],
         "rloo_advantages": [(rewards, 4)],
         "latro_rewards": [(rewards, rewards * 2, rewards * 3, finished, 0.05, -1.0, "batch_mean")],
     }

@@ -166,4 +166,22 @@ inline latro::DecodeAttentionArgs decode_attention_args(
   return args;
 }
 
+// ---------------------------------------------------------------- rms_norm
+// x, residual (undefined without one), weight, out and sum contiguous.
+inline latro::RmsNormArgs rms_norm_args(const at::Tensor& x, const at::Tensor& residual,
+                                        const at::Tensor& weight, double eps,
+                                        const at::Tensor& out, const at::Tensor& sum) {
+  latro::RmsNormArgs args;
+  args.dtype = core_dtype(x, "x");
+  args.dim = x.size(-1);
+  args.rows = x.numel() / args.dim;
+  args.x = x.data_ptr();
+  args.residual = residual.defined() ? residual.data_ptr() : nullptr;
+  args.sum = residual.defined() ? sum.data_ptr() : nullptr;
+  args.weight = weight.data_ptr();
+  args.eps = static_cast<float>(eps);
+  args.out = out.data_ptr();
+  return args;
+}
+
 }  // namespace latro_torch

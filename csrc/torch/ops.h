@@ -46,6 +46,16 @@ DecodeAttentionTensors prepare_decode_attention(
     const std::optional<at::Tensor>& new_k, const std::optional<at::Tensor>& new_v,
     const std::optional<at::Tensor>& slot_mask, const std::optional<at::Tensor>& rotary_cos,
     const std::optional<at::Tensor>& rotary_sin, const at::Tensor& length, double scale);
+// rms_norm: x [..., D] float32/bf16/fp16, weight [D] and residual (optional) of x's shape, all
+// of x's dtype and device; eps finite and >= 0.
+void check_rms_norm(const at::Tensor& x, const at::Tensor& weight,
+                    const std::optional<at::Tensor>& residual, double eps);
+// The checked inputs of rms_norm, contiguous, with its outputs (sum empty without a residual).
+struct RmsNormTensors {
+  at::Tensor x, residual, weight, out, sum;
+};
+RmsNormTensors prepare_rms_norm(const at::Tensor& x, const at::Tensor& weight,
+                                const std::optional<at::Tensor>& residual, double eps);
 void check_rloo(const at::Tensor& rewards, int64_t k);
 void check_latro_rewards(const at::Tensor& answer_logp, const at::Tensor& rationale_logp,
                          const at::Tensor& ref_rationale_logp, const at::Tensor& finished,

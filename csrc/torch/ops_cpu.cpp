@@ -185,6 +185,20 @@ at::Tensor decode_attention_cpu(const at::Tensor& query, at::Tensor& cache_k, at
   return t.out;
 }
 
+std::tuple<at::Tensor, at::Tensor> rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                                const std::optional<at::Tensor>& residual,
+                                                double eps) {
+  const RmsNormTensors t = prepare_rms_norm(x, weight, residual, eps);
+  const latro::RmsNormArgs args = rms_norm_args(t.x, t.residual, t.weight, eps, t.out, t.sum);
+  if (args.rows == 0) return {t.out, t.sum};
+  call_core([&] {
+    at::parallel_for(0, args.rows, row_grain(args.dim), [&](int64_t begin, int64_t end) {
+      latro::rms_norm(args, begin, end);
+    });
+  });
+  return {t.out, t.sum};
+}
+
 at::Tensor rloo_advantages_cpu(const at::Tensor& rewards_in, int64_t k) {
   check_rloo(rewards_in, k);
   const at::Tensor rewards = rewards_in.contiguous();
@@ -226,6 +240,7 @@ TORCH_LIBRARY_IMPL(latro_engine, CPU, m) {
   m.impl("stop_positions", &latro_torch::stop_positions_cpu);
   m.impl("stop_positions_step", &latro_torch::stop_positions_step_cpu);
   m.impl("decode_attention", &latro_torch::decode_attention_cpu);
+  m.impl("rms_norm", &latro_torch::rms_norm_cpu);
   m.impl("rloo_advantages", &latro_torch::rloo_advantages_cpu);
   m.impl("latro_rewards", &latro_torch::latro_rewards_cpu);
 }

@@ -363,6 +363,17 @@ at::Tensor decode_attention_cuda(const at::Tensor& query, at::Tensor& cache_k, a
   return t.out;
 }
 
+// ------------------------------------------------------------------ RMSNorm
+std::tuple<at::Tensor, at::Tensor> rms_norm_cuda(const at::Tensor& x, const at::Tensor& weight,
+                                                 const std::optional<at::Tensor>& residual,
+                                                 double eps) {
+  const RmsNormTensors t = prepare_rms_norm(x, weight, residual, eps);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const latro::RmsNormArgs args = rms_norm_args(t.x, t.residual, t.weight, eps, t.out, t.sum);
+  call_cuda([&] { latro::cuda::rms_norm(args, current_stream(x)); });
+  return {t.out, t.sum};
+}
+
 // ------------------------------------------------------------------ rewards and advantages
 at::Tensor rloo_advantages_cuda(const at::Tensor& rewards_in, int64_t k) {
   check_rloo(rewards_in, k);
@@ -408,6 +419,7 @@ TORCH_LIBRARY_IMPL(latro_engine, CUDA, m) {
   m.impl("stop_positions", &latro_torch::stop_positions_cuda);
   m.impl("stop_positions_step", &latro_torch::stop_positions_step_cuda);
   m.impl("decode_attention", &latro_torch::decode_attention_cuda);
+  m.impl("rms_norm", &latro_torch::rms_norm_cuda);
   m.impl("rloo_advantages", &latro_torch::rloo_advantages_cuda);
   m.impl("latro_rewards", &latro_torch::latro_rewards_cuda);
 }

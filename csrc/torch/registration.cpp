@@ -187,6 +187,42 @@ DecodeAttentionTensors prepare_decode_attention(
   return t;
 }
 
+void check_rms_norm(const at::Tensor& x, const at::Tensor& weight,
+                    const std::optional<at::Tensor>& residual, double eps) {
+  core_dtype(x, "x");
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) > 0,
+                    "x must have a non-empty last dimension, got shape ", x.sizes());
+  TORCH_CHECK_TYPE(weight.scalar_type() == x.scalar_type(), "weight must be ", x.scalar_type(),
+                   " like x, got ", weight.scalar_type());
+  check_same_device(weight, x, "weight", "x");
+  TORCH_CHECK_VALUE(weight.dim() == 1 && weight.size(0) == x.size(-1),
+                    "weight must have shape [D] = [", x.size(-1), "], got ", weight.sizes());
+  if (residual.has_value()) {
+    TORCH_CHECK_TYPE(residual->scalar_type() == x.scalar_type(), "residual must be ",
+                     x.scalar_type(), " like x, got ", residual->scalar_type());
+    check_same_device(*residual, x, "residual", "x");
+    TORCH_CHECK_VALUE(residual->sizes() == x.sizes(), "residual must have the shape of x ",
+                      x.sizes(), ", got ", residual->sizes());
+  }
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0.0, "eps must be finite and >= 0, got ", eps);
+}
+
+RmsNormTensors prepare_rms_norm(const at::Tensor& x, const at::Tensor& weight,
+                                const std::optional<at::Tensor>& residual, double eps) {
+  check_rms_norm(x, weight, residual, eps);
+  RmsNormTensors t;
+  t.x = x.contiguous();
+  t.weight = weight.contiguous();
+  t.out = at::empty(x.sizes(), x.options());
+  if (residual.has_value()) {
+    t.residual = residual->contiguous();
+    t.sum = at::empty(x.sizes(), x.options());
+  } else {
+    t.sum = at::empty({0}, x.options());
+  }
+  return t;
+}
+
 void check_rloo(const at::Tensor& rewards, int64_t k) {
   check_dtype(rewards, at::kFloat, "rewards");
   check_dim(rewards, 1, "rewards");
@@ -641,6 +677,8 @@ TORCH_LIBRARY(latro_engine, m) {
       "decode_attention(Tensor query, Tensor(a!) cache_k, Tensor(b!) cache_v, Tensor? new_k, "
       "Tensor? new_v, Tensor? slot_mask, Tensor? rotary_cos, Tensor? rotary_sin, Tensor length, "
       "float scale) -> Tensor");
+  // (out, x + residual); the second is empty without a residual.
+  m.def("rms_norm(Tensor x, Tensor weight, Tensor? residual, float eps) -> (Tensor, Tensor)");
   m.def("rloo_advantages(Tensor rewards, int k) -> Tensor");
   m.def(
       "latro_rewards(Tensor answer_logp, Tensor rationale_logp, Tensor ref_rationale_logp, "

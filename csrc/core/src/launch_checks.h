@@ -128,4 +128,18 @@ inline DecodeAttentionStrides check_decode_attention_args(const DecodeAttentionA
   return strides;
 }
 
+// rms_norm: sizes, pointers and eps.
+inline void check_rms_norm_args(const RmsNormArgs& args) {
+  LATRO_CHECK(args.rows >= 0, "rows must be >= 0, got ", args.rows);
+  LATRO_CHECK(args.dim > 0, "dim must be > 0, got ", args.dim);
+  LATRO_CHECK(std::isfinite(args.eps) && args.eps >= 0.0f, "eps must be finite and >= 0, got ",
+              args.eps);
+  const bool empty = args.rows == 0;
+  LATRO_CHECK(args.x != nullptr || empty, "x is a null pointer");
+  LATRO_CHECK(args.weight != nullptr, "weight is a null pointer");
+  LATRO_CHECK(args.out != nullptr || empty, "out (output) is a null pointer");
+  LATRO_CHECK(args.residual == nullptr || args.sum != nullptr || empty,
+              "sum (output) is a null pointer, but residual is given");
+}
+
 }  // namespace latro::detail

@@ -154,4 +154,8 @@ DecodeAttentionPlan plan_decode_attention(const DecodeAttentionArgs& args, int m
 void decode_attention(const DecodeAttentionArgs& args, const DecodeAttentionPlan& plan,
                       float* workspace, cudaStream_t stream, uint64_t* status = nullptr);
 
+// Semantics of latro::rms_norm, one block per row; the same float32 results as the CPU's up to
+// the float64 sum of squares' order (which the float32 mean hides).
+void rms_norm(const RmsNormArgs& args, cudaStream_t stream);
+
 }  // namespace latro::cuda

@@ -6,6 +6,7 @@
 //   rloo_advantages         leave-one-out baselines within groups of k samples
 //   latro_rewards           self-reward minus the KL term, with the non-stop penalty
 //   decode_attention        one query token per row against a static KV cache (decoding)
+//   rms_norm                the models' RMSNorm, optionally of a residual sum (decoding)
 //
 // Conventions: row-major matrices with an explicit row stride (elements) and unit stride along
 // the last dimension; int64 ids; float32 results. Every function validates its arguments and
@@ -196,5 +197,24 @@ constexpr int64_t kMaxDecodeHeadDim = 256;
 // are never read, so a decode loop pays for the tokens it has, not for the cache's capacity.
 void decode_attention(const DecodeAttentionArgs& args, int64_t row_begin = 0,
                       int64_t row_end = -1);
+
+// ---------------------------------------------------------------- RMSNorm
+struct RmsNormArgs {
+  DType dtype = DType::Float32;  // of every tensor
+  int64_t rows = 0;
+  int64_t dim = 0;
+  const void* x = nullptr;         // [rows, dim], dense
+  const void* residual = nullptr;  // optional [rows, dim]: the norm is of s = x + residual
+  void* sum = nullptr;             // out [rows, dim], required with residual: s
+  const void* weight = nullptr;    // [dim]
+  float eps = 1e-6f;
+  void* out = nullptr;             // out [rows, dim]
+};
+
+// The RMSNorm of Llama-family models, optionally fused with the residual addition before it:
+// s = x (+ residual, rounded to dtype), n = s / sqrt(mean(s^2) + eps) rounded to dtype, out =
+// weight * n rounded to dtype: the roundings of the models' own forward (float32 arithmetic,
+// the mean of squares summed in float64 so that every backend gets the same float32 mean).
+void rms_norm(const RmsNormArgs& args, int64_t row_begin = 0, int64_t row_end = -1);
 
 }  // namespace latro

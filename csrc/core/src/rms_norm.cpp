@@ -1,0 +1,50 @@
+// The models' RMSNorm on the CPU, optionally fused with the residual addition before it.
+#include <cmath>
+
+#include "cpu_common.h"
+#include "latro/latro.h"
+
+namespace latro {
+namespace {
+
+template <typename T>
+float rounded(float x) {
+  return to_float(from_float<T>(x));
+}
+
+template <typename T>
+void normalize_rows(const RmsNormArgs& args, int64_t row_begin, int64_t row_end) {
+  const int64_t d = args.dim;
+  const T* x = static_cast<const T*>(args.x);
+  const T* residual = static_cast<const T*>(args.residual);
+  const T* weight = static_cast<const T*>(args.weight);
+  T* sum = static_cast<T*>(args.sum);
+  T* out = static_cast<T*>(args.out);
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    auto s_at = [&](int64_t i) {  // the same expression in both loops, so the same value
+      const float v = to_float(x[r * d + i]);
+      return residual ? rounded<T>(v + to_float(residual[r * d + i])) : v;
+    };
+    double squares = 0.0;
+    for (int64_t i = 0; i < d; ++i) {
+      const float s = s_at(i);
+      if (residual) sum[r * d + i] = from_float<T>(s);
+      squares += static_cast<double>(s) * s;
+    }
+    const float inverse =
+        1.0f / std::sqrt(static_cast<float>(squares / static_cast<double>(d)) + args.eps);
+    for (int64_t i = 0; i < d; ++i) {
+      out[r * d + i] = from_float<T>(to_float(weight[i]) * rounded<T>(s_at(i) * inverse));
+    }
+  }
+}
+
+}  // namespace
+
+void rms_norm(const RmsNormArgs& args, int64_t row_begin, int64_t row_end) {
+  detail::check_rms_norm_args(args);
+  detail::resolve_row_range(args.rows, row_begin, row_end);
+  LATRO_DISPATCH_DTYPE(args.dtype, T, [&] { normalize_rows<T>(args, row_begin, row_end); });
+}
+
+}  // namespace latro
