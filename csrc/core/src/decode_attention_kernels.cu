@@ -5,8 +5,9 @@
 // handles one (row, KV head) and a split of the slots [0, length), for all the query heads
 // that share the KV head (grouped-query attention reads each key and value once for them):
 //
-//   pass 1  each warp takes `32 / lanes` slots at a time, each slot `lanes` lanes of 8
-//           head-dim elements (one 16-byte load of bf16/fp16, two of float32); the partial dot
+//   pass 1  each warp takes `32 / lanes` slots at a time (twice, so that two loads per lane
+//           are in flight), each slot `lanes` lanes of 8 head-dim elements (one 16-byte load
+//           of bf16/fp16, two of float32); the partial dot
 //           products with the (scaled) queries in registers are summed by shuffles, and the
 //           scores go to shared memory (at most kMaxChunk slots per block);
 //   softmax the block's max and sum of exp(score - max) per query head;
@@ -36,6 +37,9 @@ constexpr int kLaneElements = 8;  // head-dim elements per lane; 32 lanes cover 
 constexpr int kQueryTile = 4;     // query heads per pass over the slots (registers: 2 x 4 x 8)
 constexpr int64_t kMaxChunk = 1024;  // slots per block: the scores fill 16 KiB of shared memory
 constexpr int64_t kMinChunk = 64;    // splits stop where a block would get fewer slots
+// Slots each lane group loads before using any: two 16-byte loads in flight per lane instead
+// of one, for a loop that is otherwise bound by the latency of its loads.
+constexpr int kInFlight = 2;
 static_assert(kWarp * kLaneElements == kMaxDecodeHeadDim, "one warp covers the largest head");
 static_assert(kWarps * kQueryTile * kMaxDecodeHeadDim <= kQueryTile * kMaxChunk,
               "the per-warp output sums reuse the scores' shared memory");
@@ -238,34 +242,52 @@ __global__ void __launch_bounds__(kThreads, 5) decode_attention_kernel(const Att
     }
 
     // Pass 1: scores. Every lane of a warp runs the same iterations (the shuffles need them).
-    for (int64_t base = begin + warp * per_warp; base < end; base += step) {
-      const int64_t s = base + sub;
-      const bool live = s < end && (allowed == nullptr || allowed[s]);
-      float k[kLaneElements];
-      if (live && s == newest && rotate_key) {
+    for (int64_t base = begin + warp * per_warp; base < end; base += kInFlight * step) {
+      int64_t slot[kInFlight];
+      bool live[kInFlight];
+      float k[kInFlight][kLaneElements];
 #pragma unroll
-        for (int i = 0; i < kLaneElements; ++i) k[i] = d0 + i < d ? rotated_key[d0 + i] : 0.0f;
-      } else if (live) {
-        load_lane<T, kVector>(s == newest ? newest_k : keys + s * d, d0, d, k);
-      } else {
+      for (int u = 0; u < kInFlight; ++u) {
+        const int64_t s = slot[u] = base + u * step + sub;
+        live[u] = s < end && (allowed == nullptr || allowed[s]);
+        if (live[u] && s == newest && rotate_key) {
 #pragma unroll
-        for (int i = 0; i < kLaneElements; ++i) k[i] = 0.0f;
+          for (int i = 0; i < kLaneElements; ++i) {
+            k[u][i] = d0 + i < d ? rotated_key[d0 + i] : 0.0f;
+          }
+        } else if (live[u]) {
+          load_lane<T, kVector>(s == newest ? newest_k : keys + s * d, d0, d, k[u]);
+        } else {
+#pragma unroll
+          for (int i = 0; i < kLaneElements; ++i) k[u][i] = 0.0f;
+        }
       }
-      float dot[kQueryTile];
+      float dot[kInFlight][kQueryTile];
 #pragma unroll
-      for (int j = 0; j < kQueryTile; ++j) {
-        dot[j] = 0.0f;
+      for (int u = 0; u < kInFlight; ++u) {
 #pragma unroll
-        for (int i = 0; i < kLaneElements; ++i) dot[j] = fmaf(q[j][i], k[i], dot[j]);
+        for (int j = 0; j < kQueryTile; ++j) {
+          dot[u][j] = 0.0f;
+#pragma unroll
+          for (int i = 0; i < kLaneElements; ++i) dot[u][j] = fmaf(q[j][i], k[u][i], dot[u][j]);
+        }
       }
       for (int mask = lanes / 2; mask > 0; mask /= 2) {
 #pragma unroll
-        for (int j = 0; j < kQueryTile; ++j) dot[j] += __shfl_xor_sync(0xFFFFFFFFu, dot[j], mask);
-      }
-      if (d0 == 0 && s < end) {
+        for (int u = 0; u < kInFlight; ++u) {
 #pragma unroll
-        for (int j = 0; j < kQueryTile; ++j) {
-          scores[j * kMaxChunk + (s - begin)] = live ? dot[j] : detail::neg_inf();
+          for (int j = 0; j < kQueryTile; ++j) {
+            dot[u][j] += __shfl_xor_sync(0xFFFFFFFFu, dot[u][j], mask);
+          }
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kInFlight; ++u) {
+        if (d0 == 0 && slot[u] < end) {
+#pragma unroll
+          for (int j = 0; j < kQueryTile; ++j) {
+            scores[j * kMaxChunk + (slot[u] - begin)] = live[u] ? dot[u][j] : detail::neg_inf();
+          }
         }
       }
     }
@@ -300,21 +322,35 @@ __global__ void __launch_bounds__(kThreads, 5) decode_attention_kernel(const Att
 #pragma unroll
       for (int i = 0; i < kLaneElements; ++i) acc[j][i] = 0.0f;
     }
-    for (int64_t s = begin + warp * per_warp + sub; s < end; s += step) {
-      float w[kQueryTile];
-      bool any = false;
+    // Each lane adds its slots in increasing order, kInFlight loaded at a time.
+    for (int64_t first = begin + warp * per_warp + sub; first < end; first += kInFlight * step) {
+      float w[kInFlight][kQueryTile];
+      float v[kInFlight][kLaneElements];
 #pragma unroll
-      for (int j = 0; j < kQueryTile; ++j) {
-        w[j] = scores[j * kMaxChunk + (s - begin)];
-        any = any || w[j] != 0.0f;
+      for (int u = 0; u < kInFlight; ++u) {
+        const int64_t s = first + u * step;
+        bool any = false;
+#pragma unroll
+        for (int j = 0; j < kQueryTile; ++j) {
+          w[u][j] = s < end ? scores[j * kMaxChunk + (s - begin)] : 0.0f;
+          any = any || w[u][j] != 0.0f;
+        }
+        if (any) {
+          load_lane<T, kVector>(s == newest ? newest_v : values + s * d, d0, d, v[u]);
+        } else {
+#pragma unroll
+          for (int i = 0; i < kLaneElements; ++i) v[u][i] = 0.0f;
+        }
       }
-      if (!any) continue;
-      float v[kLaneElements];
-      load_lane<T, kVector>(s == newest ? newest_v : values + s * d, d0, d, v);
 #pragma unroll
-      for (int j = 0; j < kQueryTile; ++j) {
+      for (int u = 0; u < kInFlight; ++u) {
 #pragma unroll
-        for (int i = 0; i < kLaneElements; ++i) acc[j][i] += w[j] == 0.0f ? 0.0f : w[j] * v[i];
+        for (int j = 0; j < kQueryTile; ++j) {
+#pragma unroll
+          for (int i = 0; i < kLaneElements; ++i) {
+            acc[j][i] += w[u][j] == 0.0f ? 0.0f : w[u][j] * v[u][i];
+          }
+        }
       }
     }
     for (int mask = lanes; mask < kWarp; mask *= 2) {
