@@ -524,6 +524,23 @@ TEST_P(EmulatedRmsNorm, MatchesTheCpuAndTheReference) {
 
 INSTANTIATE_TEST_SUITE_P(Shapes, EmulatedRmsNorm, ::testing::ValuesIn(norm_shapes()), norm_name);
 
+// ---------------------------------------------------------------- silu_mul
+TEST(EmulatedSiluMul, EqualsTheCpu) {
+  std::mt19937 rng(59);
+  for (DType dtype : all_dtypes()) {
+    for (int64_t n : {int64_t{1}, int64_t{37}, int64_t{70001}}) {
+      const Matrix gate = random_matrix(dtype, 1, n, n, rng, 4.0);
+      const Matrix up = random_matrix(dtype, 1, n, n, rng, 2.0);
+      Matrix cpu = nan_matrix(dtype, 1, n), out = nan_matrix(dtype, 1, n);
+      latro::silu_mul({dtype, n, gate.data(), up.data(), cpu.data()});
+      under_every_schedule(
+          [&] { latro::cuda::silu_mul({dtype, n, gate.data(), up.data(), out.data()}, nullptr); },
+          [&] { return out.storage; });
+      EXPECT_TRUE(out.storage == cpu.storage) << dtype_str(dtype) << " n " << n;
+    }
+  }
+}
+
 // ---------------------------------------------------------------- the emulator itself
 TEST(CudaEmulator, ReportsABarrierThatSomeThreadsSkip) {
   latro_emu::launch(dim3(1), dim3(64), [] {

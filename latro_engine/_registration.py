@@ -72,6 +72,11 @@ def _(x, weight, residual, eps):
     return torch.empty_like(x, memory_format=contiguous), total
 
 
+@torch.library.register_fake(f"{_LIB}::silu_mul")
+def _(gate, up):
+    return torch.empty_like(gate, memory_format=torch.contiguous_format)
+
+
 @torch.library.register_fake(f"{_LIB}::rloo_advantages")
 def _(rewards, k):
     return torch.empty_like(rewards)

@@ -27,6 +27,7 @@ __all__ = [
     "latro_rewards",
     "linear_token_logprobs",
     "rms_norm",
+    "silu_mul",
     "rloo_advantages",
     "sample",
     "stop_positions",
@@ -320,6 +321,17 @@ def rms_norm(
     else:
         out, total = reference.rms_norm(x, weight, residual=residual, eps=float(eps))
     return out if residual is None else (out, total)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up``, the gated MLP's activation, as the models compute it: the silu in
+    float32 rounded to the dtype, then the product rounded (float32, bfloat16 or float16, one
+    shape; float64 runs the reference). One kernel on CUDA where the models' forward takes two.
+    No gradient (it serves decoding)."""
+    gate, up = gate.detach(), up.detach()
+    if use_native(gate.device) and gate.dtype != torch.float64:
+        return torch.ops.latro_engine.silu_mul(gate, up)
+    return reference.silu_mul(gate, up)
 
 
 def rloo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:

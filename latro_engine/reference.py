@@ -685,3 +685,15 @@ def rms_norm(
     mean = (v.double() * v.double()).mean(-1, keepdim=True).float()
     inverse = 1.0 / torch.sqrt(mean + as_float32(eps))
     return (weight.float() * (v * inverse).to(x.dtype).float()).to(x.dtype), total
+
+
+# ----------------------------------------------------------------------------- silu_mul
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` with the models' roundings (torch's own silu and product)."""
+    _check_dtype(gate, (*_FLOAT_DTYPES, torch.float64), "gate")
+    if up.dtype != gate.dtype:
+        raise TypeError(f"up must be {gate.dtype} like gate, got {up.dtype}")
+    _check_same_device(up, gate, "up", "gate")
+    if up.shape != gate.shape:
+        raise ValueError(f"up must have the shape of gate {list(gate.shape)}, got {list(up.shape)}")
+    return torch.nn.functional.silu(gate) * up

@@ -293,7 +293,7 @@ class StaticDecoder:
         x = self._norm(self.norms[0], h)
         for i, layer in enumerate(self.layers):
             x, h = self._norm(layer["post_norm"], layer["o"](attend(i, layer, x)), residual=h)
-            mlp = layer["down"](F.silu(layer["gate"](x)) * layer["up"](x))
+            mlp = layer["down"](ops.silu_mul(layer["gate"](x), layer["up"](x)))
             x, h = self._norm(self.norms[i + 1], mlp, residual=h)
         return x
 

@@ -249,3 +249,19 @@ def test_rms_norm_errors(device, backend, use_backend):
         with _raises(ValueError, "weight is on"):
             ops.rms_norm(x, w.to(other), eps=1e-6)
     assert ops.rms_norm(x[:0], w, eps=1e-6).shape == (0, 8)
+
+
+@pytest.mark.parametrize("device,backend", PAIRS)
+def test_silu_mul_errors(device, backend, use_backend):
+    use_backend(backend)
+    g = torch.randn(3, 8, device=device)
+    with _raises(TypeError, "gate must be"):
+        ops.silu_mul(g.long(), g)
+    with _raises(TypeError, "up must be"):
+        ops.silu_mul(g, g.half())
+    with _raises(ValueError, "up must have the shape of gate"):
+        ops.silu_mul(g, g[:2])
+    if torch.cuda.is_available():
+        with _raises(ValueError, "up is on"):
+            ops.silu_mul(g, g.to("cpu" if device == "cuda" else "cuda"))
+    assert ops.silu_mul(g[:0], g[:0]).shape == (0, 8)

@@ -90,6 +90,7 @@ def _op_samples(device: str):
             (query, query[0, 0], None, 1e-5),
             (query.bfloat16(), query[0, 0].bfloat16(), (query * 2).bfloat16(), 1e-6),
         ],
+        "silu_mul": [(query, query * 3), (query.half(), query.half().neg())],
         "rloo_advantages": [(rewards, 4)],
         "latro_rewards": [(rewards, rewards * 2, rewards * 3, finished, 0.05, -1.0, "batch_mean")],
     }

@@ -184,4 +184,12 @@ inline latro::RmsNormArgs rms_norm_args(const at::Tensor& x, const at::Tensor& r
   return args;
 }
 
+// ---------------------------------------------------------------- silu_mul
+// gate, up and out contiguous, of one shape.
+inline latro::SiluMulArgs silu_mul_args(const at::Tensor& gate, const at::Tensor& up,
+                                        const at::Tensor& out) {
+  return latro::SiluMulArgs{core_dtype(gate, "gate"), gate.numel(), gate.data_ptr(),
+                            up.data_ptr(), out.data_ptr()};
+}
+
 }  // namespace latro_torch

@@ -50,6 +50,8 @@ DecodeAttentionTensors prepare_decode_attention(
 // of x's dtype and device; eps finite and >= 0.
 void check_rms_norm(const at::Tensor& x, const at::Tensor& weight,
                     const std::optional<at::Tensor>& residual, double eps);
+// silu_mul: gate float32/bf16/fp16, up of its shape, dtype and device.
+void check_silu_mul(const at::Tensor& gate, const at::Tensor& up);
 // The checked inputs of rms_norm, contiguous, with its outputs (sum empty without a residual).
 struct RmsNormTensors {
   at::Tensor x, residual, weight, out, sum;

@@ -199,6 +199,19 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_cpu(const at::Tensor& x, const at::T
   return {t.out, t.sum};
 }
 
+at::Tensor silu_mul_cpu(const at::Tensor& gate_in, const at::Tensor& up_in) {
+  check_silu_mul(gate_in, up_in);
+  const at::Tensor gate = gate_in.contiguous(), up = up_in.contiguous();
+  at::Tensor out = at::empty(gate.sizes(), gate.options());
+  const latro::SiluMulArgs args = silu_mul_args(gate, up, out);
+  call_core([&] {
+    at::parallel_for(0, args.count, 32768, [&](int64_t begin, int64_t end) {
+      latro::silu_mul(args, begin, end);
+    });
+  });
+  return out;
+}
+
 at::Tensor rloo_advantages_cpu(const at::Tensor& rewards_in, int64_t k) {
   check_rloo(rewards_in, k);
   const at::Tensor rewards = rewards_in.contiguous();
@@ -241,6 +254,7 @@ TORCH_LIBRARY_IMPL(latro_engine, CPU, m) {
   m.impl("stop_positions_step", &latro_torch::stop_positions_step_cpu);
   m.impl("decode_attention", &latro_torch::decode_attention_cpu);
   m.impl("rms_norm", &latro_torch::rms_norm_cpu);
+  m.impl("silu_mul", &latro_torch::silu_mul_cpu);
   m.impl("rloo_advantages", &latro_torch::rloo_advantages_cpu);
   m.impl("latro_rewards", &latro_torch::latro_rewards_cpu);
 }

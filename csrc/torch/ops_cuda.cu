@@ -374,6 +374,16 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_cuda(const at::Tensor& x, const at::
   return {t.out, t.sum};
 }
 
+// ------------------------------------------------------------------ silu_mul
+at::Tensor silu_mul_cuda(const at::Tensor& gate_in, const at::Tensor& up_in) {
+  check_silu_mul(gate_in, up_in);
+  const c10::cuda::CUDAGuard guard(gate_in.device());
+  const at::Tensor gate = gate_in.contiguous(), up = up_in.contiguous();
+  at::Tensor out = at::empty(gate.sizes(), gate.options());
+  call_cuda([&] { latro::cuda::silu_mul(silu_mul_args(gate, up, out), current_stream(gate)); });
+  return out;
+}
+
 // ------------------------------------------------------------------ rewards and advantages
 at::Tensor rloo_advantages_cuda(const at::Tensor& rewards_in, int64_t k) {
   check_rloo(rewards_in, k);
@@ -420,6 +430,7 @@ TORCH_LIBRARY_IMPL(latro_engine, CUDA, m) {
   m.impl("stop_positions_step", &latro_torch::stop_positions_step_cuda);
   m.impl("decode_attention", &latro_torch::decode_attention_cuda);
   m.impl("rms_norm", &latro_torch::rms_norm_cuda);
+  m.impl("silu_mul", &latro_torch::silu_mul_cuda);
   m.impl("rloo_advantages", &latro_torch::rloo_advantages_cuda);
   m.impl("latro_rewards", &latro_torch::latro_rewards_cuda);
 }

@@ -207,6 +207,15 @@ void check_rms_norm(const at::Tensor& x, const at::Tensor& weight,
   TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0.0, "eps must be finite and >= 0, got ", eps);
 }
 
+void check_silu_mul(const at::Tensor& gate, const at::Tensor& up) {
+  core_dtype(gate, "gate");
+  TORCH_CHECK_TYPE(up.scalar_type() == gate.scalar_type(), "up must be ", gate.scalar_type(),
+                   " like gate, got ", up.scalar_type());
+  check_same_device(up, gate, "up", "gate");
+  TORCH_CHECK_VALUE(up.sizes() == gate.sizes(), "up must have the shape of gate ", gate.sizes(),
+                    ", got ", up.sizes());
+}
+
 RmsNormTensors prepare_rms_norm(const at::Tensor& x, const at::Tensor& weight,
                                 const std::optional<at::Tensor>& residual, double eps) {
   check_rms_norm(x, weight, residual, eps);
@@ -679,6 +688,7 @@ TORCH_LIBRARY(latro_engine, m) {
       "float scale) -> Tensor");
   // (out, x + residual); the second is empty without a residual.
   m.def("rms_norm(Tensor x, Tensor weight, Tensor? residual, float eps) -> (Tensor, Tensor)");
+  m.def("silu_mul(Tensor gate, Tensor up) -> Tensor");
   m.def("rloo_advantages(Tensor rewards, int k) -> Tensor");
   m.def(
       "latro_rewards(Tensor answer_logp, Tensor rationale_logp, Tensor ref_rationale_logp, "

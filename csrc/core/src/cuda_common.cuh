@@ -31,6 +31,7 @@ using ::latro::detail::check_latro_rewards_args;
 using ::latro::detail::check_decode_attention_args;
 using ::latro::detail::check_matrix;
 using ::latro::detail::check_rms_norm_args;
+using ::latro::detail::check_silu_mul_args;
 using ::latro::detail::DecodeAttentionStrides;
 using ::latro::detail::check_rloo_args;
 using ::latro::detail::check_sample_args;

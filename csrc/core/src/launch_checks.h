@@ -142,4 +142,13 @@ inline void check_rms_norm_args(const RmsNormArgs& args) {
               "sum (output) is a null pointer, but residual is given");
 }
 
+// silu_mul: the element count and pointers.
+inline void check_silu_mul_args(const SiluMulArgs& args) {
+  LATRO_CHECK(args.count >= 0, "count must be >= 0, got ", args.count);
+  const bool empty = args.count == 0;
+  LATRO_CHECK(args.gate != nullptr || empty, "gate is a null pointer");
+  LATRO_CHECK(args.up != nullptr || empty, "up is a null pointer");
+  LATRO_CHECK(args.out != nullptr || empty, "out (output) is a null pointer");
+}
+
 }  // namespace latro::detail

@@ -158,4 +158,7 @@ void decode_attention(const DecodeAttentionArgs& args, const DecodeAttentionPlan
 // the float64 sum of squares' order (which the float32 mean hides).
 void rms_norm(const RmsNormArgs& args, cudaStream_t stream);
 
+// Semantics of latro::silu_mul (a grid-stride loop; the CPU's float32 up to expf's last bit).
+void silu_mul(const SiluMulArgs& args, cudaStream_t stream);
+
 }  // namespace latro::cuda

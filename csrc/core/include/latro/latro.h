@@ -7,6 +7,7 @@
 //   latro_rewards           self-reward minus the KL term, with the non-stop penalty
 //   decode_attention        one query token per row against a static KV cache (decoding)
 //   rms_norm                the models' RMSNorm, optionally of a residual sum (decoding)
+//   silu_mul                the gated MLP's silu(gate) * up (decoding)
 //
 // Conventions: row-major matrices with an explicit row stride (elements) and unit stride along
 // the last dimension; int64 ids; float32 results. Every function validates its arguments and
@@ -216,5 +217,19 @@ struct RmsNormArgs {
 // weight * n rounded to dtype: the roundings of the models' own forward (float32 arithmetic,
 // the mean of squares summed in float64 so that every backend gets the same float32 mean).
 void rms_norm(const RmsNormArgs& args, int64_t row_begin = 0, int64_t row_end = -1);
+
+// ---------------------------------------------------------------- gated MLP activation
+struct SiluMulArgs {
+  DType dtype = DType::Float32;  // of every tensor
+  int64_t count = 0;             // elements, dense
+  const void* gate = nullptr;
+  const void* up = nullptr;
+  void* out = nullptr;
+};
+
+// out = silu(gate) * up as the models compute it: silu(g) = g / (1 + exp(-g)) in float32,
+// rounded to dtype, then times up, rounded. The CPU function takes an element range
+// [begin, end) (end = -1: all) instead of rows.
+void silu_mul(const SiluMulArgs& args, int64_t begin = 0, int64_t end = -1);
 
 }  // namespace latro
