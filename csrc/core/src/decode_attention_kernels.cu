@@ -1,15 +1,18 @@
 // Decode attention on CUDA: one query token per row against a static KV cache.
 //
-// The torch way (q @ K^T, mask, softmax, @ V over the whole cache) costs about seven kernels
-// per layer and reads every slot of the cache at every step, filled or not. Here one block
-// handles one (row, KV head) and a split of the slots [0, length), for all the query heads
-// that share the KV head (grouped-query attention reads each key and value once for them):
+// The torch way (rotary embedding, cache writes, q @ K^T, mask, softmax, @ V over the whole
+// cache) costs about nineteen kernels per layer and reads every slot of the cache at every
+// step, filled or not. Here one block handles one (row, KV head) and a split of the slots
+// [0, length), for all the query heads that share the KV head (grouped-query attention reads
+// each key and value once for them):
 //
+//   rotary  with rotary tables, the query tile and the newest key are rotated through shared
+//           memory first (element i pairs with i +- D/2, held by another lane);
 //   pass 1  each warp takes `32 / lanes` slots at a time (twice, so that two loads per lane
 //           are in flight), each slot `lanes` lanes of 8 head-dim elements (one 16-byte load
-//           of bf16/fp16, two of float32); the partial dot
-//           products with the (scaled) queries in registers are summed by shuffles, and the
-//           scores go to shared memory (at most kMaxChunk slots per block);
+//           of bf16/fp16, two of float32); the partial dot products with the (scaled) queries
+//           in registers are summed by shuffles, and the scores go to shared memory (at most
+//           kMaxChunk slots per block);
 //   softmax the block's max and sum of exp(score - max) per query head;
 //   pass 2  the same lanes read the values and accumulate weight x value in registers,
 //           summed over the warp's slots by shuffles and over the warps in shared memory.
