@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 import torch
 import transformers
-from conftest import backends_for
+from conftest import backends_for, requires_native
 
 from latro_engine import static_decoder
 from latro_engine.rollout import sample_rationales
@@ -266,3 +266,27 @@ def test_cuda_graph_bfloat16_and_autocast():
         c = sample_rationales(fp32, ids, mask, decoder="static", **kw)
     assert static_decoder._DECODERS[fp32][-1].layers[0]["q"].weight.dtype == torch.bfloat16
     assert bool(torch.isfinite(c.sample_logprobs).all())
+
+
+@requires_native
+def test_decode_step_runs_the_fused_ops(monkeypatch):
+    """A decode step of an L-layer model calls decode_attention L times, rms_norm 2L + 1 times
+    and silu_mul L times, and none of the element-wise ops they replace (on CUDA each call is
+    one kernel; the rollout's speed rests on it)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    monkeypatch.setenv("LATRO_BACKEND", "native")
+    model = _model().float()
+    layers = model.config.num_hidden_layers
+    _both(model)  # builds the decoder
+    decoder = static_decoder._DECODERS[model][-1]
+    decoder.step.fill_(1)
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        decoder._decode_forward(decoder.key.rows)
+    names = [e.name for e in prof.events()]
+    assert names.count("latro_engine::decode_attention") == layers
+    assert names.count("latro_engine::rms_norm") == 2 * layers + 1
+    assert names.count("latro_engine::silu_mul") == layers
+    replaced = {"aten::softmax", "aten::_softmax", "aten::rsqrt", "aten::pow", "aten::silu",
+                "aten::masked_fill", "aten::index_copy_", "aten::rms_norm"}
+    assert not replaced & set(names), replaced & set(names)
