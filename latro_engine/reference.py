@@ -30,6 +30,13 @@ def _check_same_device(t: torch.Tensor, ref: torch.Tensor, name: str, ref_name: 
         raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
 
 
+def _check_like(t: torch.Tensor, ref: torch.Tensor, name: str, ref_name: str) -> None:
+    """t has the dtype and the device of ``ref`` (the op's tensors that must match one)."""
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name} must be {ref.dtype} like {ref_name}, got {t.dtype}")
+    _check_same_device(t, ref, name, ref_name)
+
+
 def _check_logits(logits: torch.Tensor, name: str = "logits") -> None:
     # float64 is accepted here only: it is how the tests ask for the float64 oracle.
     _check_dtype(logits, (*_FLOAT_DTYPES, torch.float64), name)
@@ -522,10 +529,8 @@ def _check_decode_attention(
     for t, name, dim in ((query, "query", 3), (cache_k, "cache_k", 4), (cache_v, "cache_v", 4)):
         if t.dim() != dim:
             raise ValueError(f"{name} must have {dim} dimension(s), got shape {list(t.shape)}")
-    for t, name in ((cache_k, "cache_k"), (cache_v, "cache_v")):
-        if t.dtype != query.dtype:
-            raise TypeError(f"{name} must be {query.dtype} like query, got {t.dtype}")
-        _check_same_device(t, query, name, "query")
+    _check_like(cache_k, query, "cache_k", "query")
+    _check_like(cache_v, query, "cache_v", "query")
     rows, heads, head_dim = query.shape
     if cache_k.shape[0] != rows or cache_k.shape[3] != head_dim:
         raise ValueError(
@@ -550,9 +555,7 @@ def _check_decode_attention(
         raise ValueError("new_k and new_v must be given together")
     if new_k is not None:
         for t, name in ((new_k, "new_k"), (new_v, "new_v")):
-            if t.dtype != query.dtype:
-                raise TypeError(f"{name} must be {query.dtype} like query, got {t.dtype}")
-            _check_same_device(t, query, name, "query")
+            _check_like(t, query, name, "query")
             if t.shape != (rows, kv_heads, head_dim):
                 raise ValueError(
                     f"{name} must have shape [rows, kv_heads, head_dim] = "
@@ -594,7 +597,7 @@ def _check_decode_attention(
 def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """The models' rotary embedding of ``x [B, heads, D]`` in float32 (float64 for float64),
     rounded back to x's dtype: the same element-wise ops, so the same roundings."""
-    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    compute = _result_dtype(x)
     x32 = x.to(compute)
     half = x.shape[-1] // 2
     turned = torch.cat((-x32[..., half:], x32[..., :half]), dim=-1)
@@ -632,7 +635,7 @@ def decode_attention(
         newest = (length - 1).reshape(1)
         cache_k.index_copy_(2, newest, new_k[:, :, None])
         cache_v.index_copy_(2, newest, new_v[:, :, None])
-    compute = torch.float64 if query.dtype == torch.float64 else torch.float32
+    compute = _result_dtype(query)
     allowed = torch.arange(slots, device=query.device) < length
     if slot_mask is not None:
         allowed = allowed & slot_mask
@@ -661,15 +664,11 @@ def rms_norm(
     _check_dtype(x, (*_FLOAT_DTYPES, torch.float64), "x")
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"x must have a non-empty last dimension, got shape {list(x.shape)}")
-    if weight.dtype != x.dtype:
-        raise TypeError(f"weight must be {x.dtype} like x, got {weight.dtype}")
-    _check_same_device(weight, x, "weight", "x")
+    _check_like(weight, x, "weight", "x")
     if weight.shape != x.shape[-1:]:
         raise ValueError(f"weight must have shape [D] = [{x.shape[-1]}], got {list(weight.shape)}")
     if residual is not None:
-        if residual.dtype != x.dtype:
-            raise TypeError(f"residual must be {x.dtype} like x, got {residual.dtype}")
-        _check_same_device(residual, x, "residual", "x")
+        _check_like(residual, x, "residual", "x")
         if residual.shape != x.shape:
             raise ValueError(
                 f"residual must have the shape of x {list(x.shape)}, got {list(residual.shape)}"
@@ -691,9 +690,7 @@ def rms_norm(
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` with the models' roundings (torch's own silu and product)."""
     _check_dtype(gate, (*_FLOAT_DTYPES, torch.float64), "gate")
-    if up.dtype != gate.dtype:
-        raise TypeError(f"up must be {gate.dtype} like gate, got {up.dtype}")
-    _check_same_device(up, gate, "up", "gate")
+    _check_like(up, gate, "up", "gate")
     if up.shape != gate.shape:
         raise ValueError(f"up must have the shape of gate {list(gate.shape)}, got {list(up.shape)}")
     return torch.nn.functional.silu(gate) * up

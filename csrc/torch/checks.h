@@ -35,6 +35,14 @@ inline void check_same_device(const at::Tensor& t, const at::Tensor& reference, 
                     reference_name, " is on ", reference.device());
 }
 
+// t has the dtype and the device of `reference` (the op's tensors that must match one).
+inline void check_like(const at::Tensor& t, const at::Tensor& reference, const char* name,
+                       const char* reference_name) {
+  TORCH_CHECK_TYPE(t.scalar_type() == reference.scalar_type(), name, " must be ",
+                   reference.scalar_type(), " like ", reference_name, ", got ", t.scalar_type());
+  check_same_device(t, reference, name, reference_name);
+}
+
 inline void check_dim(const at::Tensor& t, int64_t dim, const char* name) {
   TORCH_CHECK_VALUE(t.dim() == dim, name, " must have ", dim, " dimension(s), got shape ",
                     t.sizes());

@@ -97,11 +97,8 @@ void check_decode_attention(const at::Tensor& query, const at::Tensor& cache_k,
   check_dim(query, 3, "query");
   check_dim(cache_k, 4, "cache_k");
   check_dim(cache_v, 4, "cache_v");
-  for (const auto& [t, name] : {std::pair{&cache_k, "cache_k"}, std::pair{&cache_v, "cache_v"}}) {
-    TORCH_CHECK_TYPE(t->scalar_type() == query.scalar_type(), name, " must be ",
-                     query.scalar_type(), " like query, got ", t->scalar_type());
-    check_same_device(*t, query, name, "query");
-  }
+  check_like(cache_k, query, "cache_k", "query");
+  check_like(cache_v, query, "cache_v", "query");
   const int64_t rows = query.size(0), heads = query.size(1), head_dim = query.size(2);
   TORCH_CHECK_VALUE(cache_k.size(0) == rows && cache_k.size(3) == head_dim,
                     "cache_k must have shape [rows, kv_heads, slots, head_dim] with rows = ",
@@ -127,9 +124,7 @@ void check_decode_attention(const at::Tensor& query, const at::Tensor& cache_k,
                     "new_k and new_v must be given together");
   if (new_k.has_value()) {
     for (const auto& [t, name] : {std::pair{&*new_k, "new_k"}, std::pair{&*new_v, "new_v"}}) {
-      TORCH_CHECK_TYPE(t->scalar_type() == query.scalar_type(), name, " must be ",
-                       query.scalar_type(), " like query, got ", t->scalar_type());
-      check_same_device(*t, query, name, "query");
+      check_like(*t, query, name, "query");
       TORCH_CHECK_VALUE(t->dim() == 3 && t->size(0) == rows && t->size(1) == kv_heads &&
                             t->size(2) == head_dim,
                         name, " must have shape [rows, kv_heads, head_dim] = [", rows, ", ",
@@ -192,15 +187,11 @@ void check_rms_norm(const at::Tensor& x, const at::Tensor& weight,
   core_dtype(x, "x");
   TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) > 0,
                     "x must have a non-empty last dimension, got shape ", x.sizes());
-  TORCH_CHECK_TYPE(weight.scalar_type() == x.scalar_type(), "weight must be ", x.scalar_type(),
-                   " like x, got ", weight.scalar_type());
-  check_same_device(weight, x, "weight", "x");
+  check_like(weight, x, "weight", "x");
   TORCH_CHECK_VALUE(weight.dim() == 1 && weight.size(0) == x.size(-1),
                     "weight must have shape [D] = [", x.size(-1), "], got ", weight.sizes());
   if (residual.has_value()) {
-    TORCH_CHECK_TYPE(residual->scalar_type() == x.scalar_type(), "residual must be ",
-                     x.scalar_type(), " like x, got ", residual->scalar_type());
-    check_same_device(*residual, x, "residual", "x");
+    check_like(*residual, x, "residual", "x");
     TORCH_CHECK_VALUE(residual->sizes() == x.sizes(), "residual must have the shape of x ",
                       x.sizes(), ", got ", residual->sizes());
   }
@@ -209,9 +200,7 @@ void check_rms_norm(const at::Tensor& x, const at::Tensor& weight,
 
 void check_silu_mul(const at::Tensor& gate, const at::Tensor& up) {
   core_dtype(gate, "gate");
-  TORCH_CHECK_TYPE(up.scalar_type() == gate.scalar_type(), "up must be ", gate.scalar_type(),
-                   " like gate, got ", up.scalar_type());
-  check_same_device(up, gate, "up", "gate");
+  check_like(up, gate, "up", "gate");
   TORCH_CHECK_VALUE(up.sizes() == gate.sizes(), "up must have the shape of gate ", gate.sizes(),
                     ", got ", up.sizes());
 }

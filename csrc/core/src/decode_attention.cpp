@@ -6,7 +6,7 @@
 
 #include "cpu_common.h"
 #include "latro/latro.h"
-#include "rotary.h"
+#include "decode_elements.h"
 
 namespace latro {
 namespace {
@@ -21,13 +21,9 @@ template <typename T>
 void head_floats(const T* in, int64_t d, const float* cos, const float* sin, float* out) {
   to_floats(in, d, out);
   if (cos == nullptr) return;
-  std::vector<float> raw(out, out + d);
-  const int64_t half = d / 2;
+  const std::vector<float> raw(out, out + d);
   for (int64_t i = 0; i < d; ++i) {
-    const bool first = i < half;
-    const float x = detail::rotary_element(raw[i], raw[first ? i + half : i - half], cos[i],
-                                           sin[i], first);
-    out[i] = to_float(from_float<T>(x));
+    out[i] = detail::rounded_to<T>(detail::rotary_element(raw.data(), i, d, cos[i], sin[i]));
   }
 }
 

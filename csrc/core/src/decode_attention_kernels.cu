@@ -24,7 +24,7 @@
 #include <algorithm>
 
 #include "cuda_common.cuh"
-#include "rotary.h"
+#include "decode_elements.h"
 
 namespace latro::cuda {
 namespace {
@@ -89,17 +89,14 @@ __device__ __forceinline__ void load_lane(const T* p, int d0, int head_dim,
 template <typename T>
 __device__ __forceinline__ void rotate_lane(const float* raw, const float* cos, const float* sin,
                                             int d0, int head_dim, float (&v)[kLaneElements]) {
-  const int half = head_dim / 2;
 #pragma unroll
   for (int i = 0; i < kLaneElements; ++i) {
     const int e = d0 + i;
-    v[i] = 0.0f;
-    if (e < head_dim) {
-      const bool first = e < half;
-      const float x = ::latro::detail::rotary_element(raw[e], raw[first ? e + half : e - half], cos[e],
-                                             sin[e], first);
-      v[i] = load_float(store_float<T>(x));
-    }
+    // The device's conversion instructions round as the core's rounded_to does, in fewer
+    // registers (the software float16 rounding spills here).
+    v[i] = e < head_dim ? load_float(store_float<T>(::latro::detail::rotary_element(
+                              raw, e, head_dim, cos[e], sin[e])))
+                        : 0.0f;
   }
 }
 
@@ -192,9 +189,8 @@ __global__ void __launch_bounds__(kThreads, 5) decode_attention_kernel(const Att
     for (int i = threadIdx.x; i < d; i += kThreads) raw_key[i] = load_float(fresh_k[i]);
     __syncthreads();
     for (int i = threadIdx.x; i < d; i += kThreads) {
-      const bool first = i < d / 2;
-      rotated_key[i] = load_float(store_float<T>(::latro::detail::rotary_element(
-          raw_key[i], raw_key[first ? i + d / 2 : i - d / 2], cos[i], sin[i], first)));
+      rotated_key[i] = load_float(
+          store_float<T>(::latro::detail::rotary_element(raw_key, i, d, cos[i], sin[i])));
     }
     __syncthreads();
   }

@@ -1,16 +1,10 @@
 // The models' RMSNorm on the CPU, optionally fused with the residual addition before it.
-#include <cmath>
-
 #include "cpu_common.h"
+#include "decode_elements.h"
 #include "latro/latro.h"
 
 namespace latro {
 namespace {
-
-template <typename T>
-float rounded(float x) {
-  return to_float(from_float<T>(x));
-}
 
 template <typename T>
 void normalize_rows(const RmsNormArgs& args, int64_t row_begin, int64_t row_end) {
@@ -21,20 +15,17 @@ void normalize_rows(const RmsNormArgs& args, int64_t row_begin, int64_t row_end)
   T* sum = static_cast<T*>(args.sum);
   T* out = static_cast<T*>(args.out);
   for (int64_t r = row_begin; r < row_end; ++r) {
-    auto s_at = [&](int64_t i) {  // the same expression in both loops, so the same value
-      const float v = to_float(x[r * d + i]);
-      return residual ? rounded<T>(v + to_float(residual[r * d + i])) : v;
-    };
+    const T* row_residual = residual ? residual + r * d : nullptr;
     double squares = 0.0;
     for (int64_t i = 0; i < d; ++i) {
-      const float s = s_at(i);
+      const float s = detail::rms_input(x + r * d, row_residual, i);
       if (residual) sum[r * d + i] = from_float<T>(s);
       squares += static_cast<double>(s) * s;
     }
-    const float inverse =
-        1.0f / std::sqrt(static_cast<float>(squares / static_cast<double>(d)) + args.eps);
+    const float inverse = detail::rms_inverse(squares, d, args.eps);
     for (int64_t i = 0; i < d; ++i) {
-      out[r * d + i] = from_float<T>(to_float(weight[i]) * rounded<T>(s_at(i) * inverse));
+      out[r * d + i] =
+          detail::rms_output(weight[i], detail::rms_input(x + r * d, row_residual, i), inverse);
     }
   }
 }

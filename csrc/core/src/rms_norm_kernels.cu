@@ -4,11 +4,11 @@
 // squares in float64 over a fixed reduction tree (so the float32 mean is the CPU's), then the
 // row again (from L1/L2) for the output.
 #include "cuda_common.cuh"
+#include "decode_elements.h"
 
 namespace latro::cuda {
 namespace {
 
-using detail::load_float;
 using detail::store_float;
 
 constexpr int kThreads = 256;
@@ -16,11 +16,6 @@ constexpr int kThreads = 256;
 struct SumDouble {
   __device__ double operator()(double a, double b) const { return a + b; }
 };
-
-template <typename T>
-__device__ __forceinline__ float rounded(float x) {
-  return load_float(store_float<T>(x));
-}
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) rms_norm_kernel(const RmsNormArgs a) {
@@ -32,22 +27,18 @@ __global__ void __launch_bounds__(kThreads) rms_norm_kernel(const RmsNormArgs a)
   T* sum = static_cast<T*>(a.sum);
   T* out = static_cast<T*>(a.out);
   for (int64_t r = blockIdx.x; r < a.rows; r += gridDim.x) {
-    auto s_at = [&](int64_t i) {
-      const float v = load_float(x[r * d + i]);
-      return residual ? rounded<T>(v + load_float(residual[r * d + i])) : v;
-    };
+    const T* row_residual = residual ? residual + r * d : nullptr;
     double squares = 0.0;
     for (int64_t i = threadIdx.x; i < d; i += kThreads) {
-      const float s = s_at(i);
+      const float s = ::latro::detail::rms_input(x + r * d, row_residual, i);
       if (residual) sum[r * d + i] = store_float<T>(s);
       squares += static_cast<double>(s) * s;
     }
     squares = detail::block_all_reduce(squares, SumDouble{}, scratch);
-    // IEEE sqrt and division (nvcc's defaults), not rsqrtf: the CPU's float.
-    const float inverse =
-        1.0f / sqrtf(static_cast<float>(squares / static_cast<double>(d)) + a.eps);
+    const float inverse = ::latro::detail::rms_inverse(squares, d, a.eps);
     for (int64_t i = threadIdx.x; i < d; i += kThreads) {
-      out[r * d + i] = store_float<T>(load_float(weight[i]) * rounded<T>(s_at(i) * inverse));
+      out[r * d + i] = ::latro::detail::rms_output(
+          weight[i], ::latro::detail::rms_input(x + r * d, row_residual, i), inverse);
     }
   }
 }

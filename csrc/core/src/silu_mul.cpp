@@ -1,5 +1,5 @@
 // The gated MLP's silu(gate) * up on the CPU.
-#include "activation.h"
+#include "decode_elements.h"
 #include "cpu_common.h"
 #include "latro/latro.h"
 

@@ -1,6 +1,6 @@
 // The gated MLP's silu(gate) * up on CUDA: one kernel where the models' forward takes two (the
 // activation, then the product), in a grid-stride loop.
-#include "activation.h"
+#include "decode_elements.h"
 #include "cuda_common.cuh"
 
 namespace latro::cuda {
