@@ -369,14 +369,20 @@ def torch_rotary(x, cos, sin):
     return x * cos[:, None] + torch.cat((-x[..., half:], x[..., :half]), -1) * sin[:, None]
 
 
+def rotate_and_write(q, cache_k, cache_v, new_k, new_v, slot, cos, sin):
+    """The torch way's first steps: rotate q and the new key, write the new key and value into
+    the caches at ``slot``; returns the rotated q."""
+    cache_k.index_copy_(2, slot, torch_rotary(new_k, cos, sin)[:, :, None])
+    cache_v.index_copy_(2, slot, new_v[:, :, None])
+    return torch_rotary(q, cos, sin)
+
+
 def torch_decode_attention(q, cache_k, cache_v, new_k, new_v, mask, slot, scale, cos, sin):
     """The static decoder's attention before ops.decode_attention (plain torch over the whole
     cache): rotate q and k, write the new key and value, q @ K^T, mask, float32 softmax, @ V."""
     b, h, d = q.shape
     kv = cache_k.shape[1]
-    q, new_k = torch_rotary(q, cos, sin), torch_rotary(new_k, cos, sin)
-    cache_k.index_copy_(2, slot, new_k[:, :, None])
-    cache_v.index_copy_(2, slot, new_v[:, :, None])
+    q = rotate_and_write(q, cache_k, cache_v, new_k, new_v, slot, cos, sin)
     scores = torch.matmul(q.view(b, kv, h // kv, d), cache_k.transpose(-1, -2)).float() * scale
     scores = scores.masked_fill(~mask[:, None, None, :], torch.finfo(torch.float32).min)
     probs = scores.softmax(-1).to(cache_v.dtype)
@@ -385,9 +391,7 @@ def torch_decode_attention(q, cache_k, cache_v, new_k, new_v, mask, slot, scale,
 
 def sdpa_decode_attention(q, cache_k, cache_v, new_k, new_v, mask, slot, scale, cos, sin):
     """The same through torch's scaled_dot_product_attention (grouped heads, boolean mask)."""
-    q, new_k = torch_rotary(q, cos, sin), torch_rotary(new_k, cos, sin)
-    cache_k.index_copy_(2, slot, new_k[:, :, None])
-    cache_v.index_copy_(2, slot, new_v[:, :, None])
+    q = rotate_and_write(q, cache_k, cache_v, new_k, new_v, slot, cos, sin)
     out = torch.nn.functional.scaled_dot_product_attention(
         q[:, :, None],
         cache_k,
