@@ -11,6 +11,8 @@ Cases (at V = 32,000 and V = 128,256):
 * the same, forward + backward (float32);
 * ``linear_token_logprobs`` (chunked) forward and forward + backward from ``hidden [N, D]`` and
   ``weight [V, D]`` vs ``(hidden @ weight.T).float().log_softmax(-1).gather(...)``;
+* ``linear_weighted_logprob_sum`` forward + backward (per-token weights known in advance, the
+  gradient taken in the forward) vs the same plain-torch scorer's weighted sum and backward;
 * ``sample`` on ``[B, V]`` logits: plain (temperature 1), top-p 0.9 and top-k 50 vs
   ``torch.multinomial(torch.softmax(logits / T, -1), 1)`` and the usual Hugging-Face-style
   top-p (sort, softmax, cumsum, mask, scatter back, softmax, multinomial) and top-k
@@ -18,7 +20,8 @@ Cases (at V = 32,000 and V = 128,256):
 
 ``linear_token_logprobs`` runs with ``chunk_size = N // 4`` rows (``--chunk-rows`` changes it):
 the library's default, about 2^27 logits per chunk, would not chunk at all at these N. Its
-backward recomputes the logits (in vocabulary blocks), one matmul more than torch's autograd does.
+backward recomputes the logits (in vocabulary blocks), one matmul more than torch's autograd does;
+``linear_weighted_logprob_sum`` does torch's three.
 
 Time: each case runs once as warm-up (its result is checked against the other implementation),
 then ours and torch's alternate for a number of repeats (more for fast cases, within a time
@@ -88,7 +91,7 @@ Thunk = Callable[[], tuple[torch.Tensor, ...]]
 class Case:
     """One benchmark row: what to run and at which size."""
 
-    kind: str  # tl | tl_bf16 | tl_bwd | linear | linear_bwd | sample | sample_top_p | sample_top_k
+    kind: str  # tl | tl_bf16 | tl_bwd | linear | linear_bwd | linear_weighted | sample | ...
     vocab: int
     rows: int  # N (token_logprobs, linear) or B (sample)
     dim: int = 0  # D for the linear cases
@@ -103,6 +106,7 @@ class Case:
             "tl_bwd": f"token_logprobs fp32 fwd+bwd (N={self.rows})",
             "linear": f"linear_token_logprobs fwd ({shape})",
             "linear_bwd": f"linear_token_logprobs fwd+bwd ({shape})",
+            "linear_weighted": f"linear_weighted_logprob_sum fwd+bwd ({shape})",
             "sample": f"sample T=1 (B={self.rows})",
             "sample_top_p": f"sample top_p=0.9 (B={self.rows})",
             "sample_top_k": f"sample top_k=50 (B={self.rows})",
@@ -160,6 +164,7 @@ def make_cases(settings: Settings, chunk_rows: int) -> list[Case]:
             Case("tl_bwd", vocab, n_tl),
             Case("linear", vocab, n_lin, settings.linear_dim, chunk),
             Case("linear_bwd", vocab, n_lin, settings.linear_dim, chunk),
+            Case("linear_weighted", vocab, n_lin, settings.linear_dim, chunk),
             Case("sample", vocab, settings.sample_rows),
             Case("sample_top_p", vocab, settings.sample_rows),
             Case("sample_top_k", vocab, settings.sample_rows),
@@ -234,11 +239,12 @@ def build(case: Case, impl: str, rows: int, ops: ModuleType) -> Thunk:
 
         return forward_backward
 
-    if case.kind in ("linear", "linear_bwd"):
+    if case.kind in ("linear", "linear_bwd", "linear_weighted"):
         hidden = torch.randn(rows, case.dim, generator=gen)
         weight = torch.randn(vocab, case.dim, generator=gen) * case.dim**-0.5
         chunk = max(1, min(case.chunk, rows))
-        backward = case.kind == "linear_bwd"
+        backward = case.kind != "linear"
+        token_weights = torch.randn(rows, generator=gen)
         hidden.requires_grad_(backward)
         weight.requires_grad_(backward)
 
@@ -250,6 +256,22 @@ def build(case: Case, impl: str, rows: int, ops: ModuleType) -> Thunk:
 
         if not backward:
             return lambda: (linear_forward(),)
+
+        def weighted_forward_backward() -> tuple[torch.Tensor, ...]:
+            hidden.grad = None
+            weight.grad = None
+            if ours:
+                total, _ = ops.linear_weighted_logprob_sum(
+                    hidden, weight, targets, token_weights, chunk_size=chunk
+                )
+            else:
+                total = (linear_forward() * token_weights).sum()
+            total.backward()
+            assert hidden.grad is not None and weight.grad is not None
+            return total.detach(), hidden.grad, weight.grad
+
+        if case.kind == "linear_weighted":
+            return weighted_forward_backward
 
         def linear_forward_backward() -> tuple[torch.Tensor, ...]:
             hidden.grad = None

@@ -1,5 +1,5 @@
 """Python-side registrations for the native ops: fake (meta) kernels so torch.compile and
-FakeTensor tracing see shapes without running the kernels, and autograd formulas for the two
+FakeTensor tracing see shapes without running the kernels, and autograd formulas for the three
 differentiable ops. Imported by :mod:`latro_engine.ops` when the extension is loaded."""
 
 from __future__ import annotations
@@ -41,6 +41,21 @@ def _(grad_logprobs, hidden, weight, bias, targets, lse, chunk_size, ignore_inde
         torch.empty_like(hidden, memory_format=torch.contiguous_format),
         torch.empty_like(weight, memory_format=torch.contiguous_format),
         hidden.new_empty(weight.shape[:1]),
+    )
+
+
+@torch.library.register_fake(f"{_LIB}::linear_weighted_logprob_sum")
+def _(hidden, weight, bias, targets, token_weights, chunk_size, ignore_index, hidden_grad,
+      weight_grad, bias_grad):
+    def grad_like(t, wanted):
+        return torch.empty_like(t, memory_format=torch.contiguous_format) if wanted else t.new_empty(0)
+
+    return (
+        _scores_like(hidden, torch.Size([])),
+        _scores_like(hidden, hidden.shape[:1]),
+        grad_like(hidden, hidden_grad),
+        grad_like(weight, weight_grad),
+        grad_like(bias if bias is not None else hidden.new_empty(0), bias_grad),
     )
 
 
@@ -165,4 +180,42 @@ def _linear_backward(ctx, grad_logprobs, grad_lse):
 
 torch.library.register_autograd(
     f"{_LIB}::linear_token_logprobs", _linear_backward, setup_context=_linear_setup
+)
+
+
+# linear_weighted_logprob_sum computed the gradients of its total in the forward; the backward
+# scales them by the upstream gradient of the total and hands each out once. Its other outputs
+# carry no gradient.
+def _scaled(grad, upstream):
+    # In place when eager (no second [V, D] buffer beside an LM head's gradient); functionally
+    # when traced (torch.compile, AOT: FakeTensor / FunctionalTensor subclasses), where a
+    # backward may not update a forward output in place.
+    if type(grad) is torch.Tensor and type(upstream) is torch.Tensor:
+        return grad.mul_(upstream)
+    return grad * upstream
+
+
+def _weighted_setup(ctx, inputs, output):
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.grads = list(output[2:])
+    ctx.wanted = inputs[7:]
+    ctx.set_materialize_grads(False)
+
+
+def _weighted_backward(ctx, grad_total, *unused):
+    if ctx.grads is None:
+        raise RuntimeError(
+            "linear_weighted_logprob_sum: its gradients were computed in the forward and are "
+            "handed out once; backward through it twice (retain_graph) is not supported"
+        )
+    grads, ctx.grads = ctx.grads, None
+    out = [
+        _scaled(grad, grad_total) if wanted and grad_total is not None else None
+        for grad, wanted in zip(grads, ctx.wanted)
+    ]
+    return out[0], out[1], out[2], None, None, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    f"{_LIB}::linear_weighted_logprob_sum", _weighted_backward, setup_context=_weighted_setup
 )

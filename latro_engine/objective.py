@@ -74,6 +74,20 @@ def latro_loss(
     return loss, stats
 
 
+def loss_weights(
+    advantages: torch.Tensor, sft_weight: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The coefficients of :func:`latro_loss` (given its advantages) on the per-row sums:
+    ``loss = sum_i rationale_w_i * rationale_logp_i + answer_w_i * answer_logp_i``.
+
+    With advantages known before the gradient pass, the loss is linear in the log-probabilities
+    with fixed coefficients, so the scoring pass can take its gradient as it goes
+    (``score_sequences(..., loss_weights=...)``, ``ops.linear_weighted_logprob_sum``)."""
+    n = advantages.numel()
+    rationale_w = -advantages.detach().to(torch.float32) / n
+    return rationale_w, torch.full_like(rationale_w, -sft_weight / n)
+
+
 def reward_stats(
     rewards: torch.Tensor,
     answer_logp: torch.Tensor,

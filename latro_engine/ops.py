@@ -26,6 +26,7 @@ __all__ = [
     "decode_attention",
     "latro_rewards",
     "linear_token_logprobs",
+    "linear_weighted_logprob_sum",
     "rms_norm",
     "silu_mul",
     "rloo_advantages",
@@ -87,6 +88,60 @@ def linear_token_logprobs(
         )[0]
     return reference.linear_token_logprobs(
         hidden, weight, targets, bias=bias, chunk_size=chunk_size, ignore_index=ignore_index
+    )
+
+
+def linear_weighted_logprob_sum(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    token_weights: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    ignore_index: int = -100,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A loss linear in the token log-probabilities, ``sum_i token_weights_i * logp_i``, with its
+    gradient computed in the forward.
+
+    When the coefficients of a loss are known before its forward (LaTRO's, once the advantages
+    are: see :func:`latro_engine.objective.loss_weights`), the gradient w.r.t. the logits of
+    each row, ``w_i (onehot - softmax)``, can be formed as soon as the row's logits are, so the
+    native op takes the forward and the backward in one pass: three matmuls per chunk of rows
+    (logits, hidden gradient, weight gradient) where :func:`linear_token_logprobs` followed by
+    its backward does four (it must recompute the logits). The backward then only scales the
+    stored gradients by the upstream gradient of the total.
+
+    Args:
+        hidden, weight, targets, bias, ignore_index: as :func:`linear_token_logprobs`.
+        token_weights: floating ``[N]`` (used in float32; float64 with float64 inputs).
+        chunk_size: rows per chunk, about ``chunk_size x V`` logits held at once (default: about
+            2^27 logits). With gradients, every chunk reads the LM head three times and adds into
+            the weight gradient in the weight's dtype (bf16: one rounding per chunk, as
+            accumulating micro-batch gradients in a bf16 ``.grad``); without, the op is
+            :func:`linear_token_logprobs`' forward.
+    Returns:
+        ``(total, logprobs)``: the float32 0-d total, differentiable w.r.t. hidden, weight and
+        bias (the gradients wanted are those of the inputs that require grad when grad mode is
+        on; a graph through it can be backpropagated once), and the float32 ``[N]``
+        log-probabilities, without gradient (0 where ignored). Ignored rows add nothing.
+    """
+    if chunk_size is not None and chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive (or None), got {chunk_size}")
+    if not isinstance(token_weights, torch.Tensor) or not token_weights.is_floating_point():
+        what = token_weights.dtype if isinstance(token_weights, torch.Tensor) else type(token_weights)
+        raise TypeError(f"token_weights must be a floating tensor, got {what}")
+    if use_native(hidden.device) and hidden.dtype != torch.float64:
+        grad = torch.is_grad_enabled()
+        wants = [grad and t is not None and t.requires_grad for t in (hidden, weight, bias)]
+        total, logprobs, *_ = torch.ops.latro_engine.linear_weighted_logprob_sum(
+            hidden, weight, bias, targets, token_weights.to(torch.float32), chunk_size or 0,
+            ignore_index, *wants,
+        )
+        return total, logprobs
+    return reference.linear_weighted_logprob_sum(
+        hidden, weight, targets, token_weights, bias=bias, chunk_size=chunk_size,
+        ignore_index=ignore_index,
     )
 
 

@@ -217,6 +217,33 @@ def linear_token_logprobs(
     return _ChunkedLinearLogprobs.apply(hidden, weight, bias, targets, chunk, ignore_index)
 
 
+def linear_weighted_logprob_sum(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    token_weights: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    ignore_index: int = -100,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sum_i w_i logp_i, logp.detach())`` with ``logp = linear_token_logprobs(...)``; ignored
+    rows add nothing. The gradient goes through :func:`linear_token_logprobs`' backward."""
+    _check_linear(hidden, weight, bias, targets)
+    _check_dtype(token_weights, (torch.float32, torch.float64), "token_weights")
+    _check_same_device(token_weights, hidden, "token_weights", "hidden")
+    if token_weights.shape != (hidden.shape[0],):
+        raise ValueError(
+            f"token_weights must have shape [N] = [{hidden.shape[0]}], "
+            f"got {list(token_weights.shape)}"
+        )
+    logp = linear_token_logprobs(
+        hidden, weight, targets, bias=bias, chunk_size=chunk_size, ignore_index=ignore_index
+    )
+    terms = torch.where(targets == ignore_index, 0.0, logp.double() * token_weights.double())
+    return terms.sum().to(logp.dtype), logp.detach()
+
+
 # ----------------------------------------------------------------------------- sampling
 _PHILOX_M = (0xD2511F53, 0xCD9E8D57)
 _PHILOX_W = (0x9E3779B9, 0xBB67AE85)

@@ -60,12 +60,16 @@ class SequenceScores:
         rationale_logp: sum of log p(z_t | x, z_<t) over the rationale tokens (0 if empty).
         answer_logp: sum of log p(y_t | x, z, y_<t) over the answer tokens (0 if not scored).
         rationale_tokens, answer_tokens: int64 ``[B]`` token counts.
+        loss: with ``loss_weights`` (see :func:`score_sequences`), the float32 0-d
+            ``sum_b rationale_weight_b * rationale_logp_b + answer_weight_b * answer_logp_b``,
+            which then alone carries the gradient; else None.
     """
 
     rationale_logp: torch.Tensor
     answer_logp: torch.Tensor
     rationale_tokens: torch.Tensor
     answer_tokens: torch.Tensor
+    loss: torch.Tensor | None = None
 
 
 def _as_padded(
@@ -215,7 +219,8 @@ def _score_batch(
     a_len: torch.Tensor,
     fast_path: bool | None,
     chunk_size: int | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    loss_weights: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     rows, width = input_ids.shape
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     cols = torch.arange(width, device=input_ids.device).expand(rows, -1)
@@ -226,23 +231,37 @@ def _score_batch(
     targets = input_ids[row_idx, col_idx]
     is_answer = in_y[row_idx, col_idx]
 
+    # A loss linear in the sums is one with per-token weights: its row's weight for each token.
+    token_weights = None
+    if loss_weights is not None:
+        rationale_w, answer_w = (w.to(torch.float32) for w in loss_weights)
+        token_weights = torch.where(is_answer, answer_w[row_idx], rationale_w[row_idx])
+
     decoder, head = _decoder_and_head(model)
     if fast_path is None:
         fast_path = _use_fast_path(model, decoder, head)
+    loss = None
     if fast_path:
         hidden = decoder(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
                          use_cache=False).last_hidden_state
         rows_h = hidden[row_idx, col_idx - 1].to(head.weight.dtype)  # autocast may differ
-        logp = ops.linear_token_logprobs(rows_h, head.weight, targets, bias=head.bias,
-                                         chunk_size=chunk_size)
+        if token_weights is None:
+            logp = ops.linear_token_logprobs(rows_h, head.weight, targets, bias=head.bias,
+                                             chunk_size=chunk_size)
+        else:
+            loss, logp = ops.linear_weighted_logprob_sum(
+                rows_h, head.weight, targets, token_weights, bias=head.bias, chunk_size=chunk_size
+            )
     else:
         logits = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
                        use_cache=False).logits
         logp = ops.token_logprobs(logits[row_idx, col_idx - 1], targets)
+        if token_weights is not None:
+            loss, logp = (logp * token_weights).sum(), logp.detach()
     zeros = logp.new_zeros(rows)
     rationale = zeros.index_add(0, row_idx, torch.where(is_answer, 0.0, logp))
     answer = zeros.index_add(0, row_idx, torch.where(is_answer, logp, 0.0))
-    return rationale, answer
+    return rationale, answer, loss
 
 
 def score_sequences(
@@ -258,6 +277,7 @@ def score_sequences(
     micro_batch_size: int | None = None,
     fast_path: bool | None = None,
     chunk_size: int | None = None,
+    loss_weights: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> SequenceScores:
     """log p(z|x) and log p(y|x,z) per row from one forward pass over ``[x, z, y]``.
 
@@ -278,6 +298,12 @@ def score_sequences(
             ``logits_scaling``, or anything a one-time 2-token probe detects); those go
             through the full model and ``ops.token_logprobs`` on the gathered logits.
         chunk_size: forwarded to ``ops.linear_token_logprobs``.
+        loss_weights: ``(rationale_weight, answer_weight)``, float ``[B]``: the coefficients of
+            a loss linear in the sums, known before the pass (LaTRO's once the advantages are,
+            see :func:`latro_engine.objective.loss_weights`; SFT's). The loss is then returned
+            as ``SequenceScores.loss`` and its gradient is taken in this pass (the fast path's
+            ``ops.linear_weighted_logprob_sum``: three LM-head matmuls instead of four); the
+            sums carry no gradient.
     Returns:
         :class:`SequenceScores`, float32 sums in the input row order.
     """
@@ -287,28 +313,42 @@ def score_sequences(
     r_len = rationale_lengths.to(device=device, dtype=torch.int64)
     if rows and bool((prompt_mask.sum(-1) == 0).any()):
         raise ValueError("every prompt needs at least one real token")
+    if loss_weights is not None:
+        if len(loss_weights) != 2 or any(
+            not isinstance(w, torch.Tensor) or w.shape != (rows,) for w in loss_weights
+        ):
+            raise ValueError(
+                f"loss_weights must be (rationale_weight, answer_weight), two [B] = [{rows}] tensors"
+            )
+        loss_weights = tuple(w.to(device) for w in loss_weights)
     ids, mask, r_start, a_start = pack_sequences(prompt_ids, prompt_mask, rationale_ids, r_len, a_ids, a_len)
     counts = (r_len, a_len)
     step = micro_batch_size if micro_batch_size and micro_batch_size < rows else rows
     if step == rows:
         if rows == 0:
             empty = torch.zeros(0, dtype=torch.float32, device=device)
-            return SequenceScores(empty, empty.clone(), *counts)
-        out = _score_batch(model, ids, mask, r_start, r_len, a_start, a_len, fast_path, chunk_size)
-        return SequenceScores(out[0], out[1], *counts)
+            loss = empty.sum() if loss_weights is not None else None
+            return SequenceScores(empty, empty.clone(), *counts, loss)
+        out = _score_batch(model, ids, mask, r_start, r_len, a_start, a_len, fast_path, chunk_size,
+                           loss_weights)
+        return SequenceScores(*out[:2], *counts, out[2])
 
     order = torch.argsort(mask.sum(-1), stable=True)
-    parts_z, parts_y = [], []
+    parts_z, parts_y, losses = [], [], []
     for begin in range(0, rows, step):
         idx = order[begin: begin + step]
         sub_mask = mask[idx]
         drop = int((sub_mask.sum(0) == 0).sum())  # all-pad leading columns of this micro-batch
-        z, y = _score_batch(model, ids[idx, drop:], sub_mask[:, drop:], r_start[idx] - drop, r_len[idx],
-                            a_start[idx] - drop, a_len[idx], fast_path, chunk_size)
+        sub_weights = None if loss_weights is None else tuple(w[idx] for w in loss_weights)
+        z, y, loss = _score_batch(model, ids[idx, drop:], sub_mask[:, drop:], r_start[idx] - drop,
+                                  r_len[idx], a_start[idx] - drop, a_len[idx], fast_path,
+                                  chunk_size, sub_weights)
         parts_z.append(z)
         parts_y.append(y)
+        losses.append(loss)
     inverse = torch.argsort(order)
-    return SequenceScores(torch.cat(parts_z)[inverse], torch.cat(parts_y)[inverse], *counts)
+    total = None if loss_weights is None else torch.stack(losses).sum()
+    return SequenceScores(torch.cat(parts_z)[inverse], torch.cat(parts_y)[inverse], *counts, total)
 
 
 def score_rollout(

@@ -35,7 +35,7 @@ from latro_engine.generation import (
     pad_id,
 )
 from latro_engine.metrics import MetricsLog, plot_curves, read_metrics
-from latro_engine.objective import batch_advantages, latro_loss
+from latro_engine.objective import batch_advantages, latro_loss, loss_weights
 from latro_engine.offload import HostStateAdamW, keep_on_host
 from latro_engine.rollout import Rollout, sample_rationales, stop_token_sequences
 from latro_engine.scoring import reference_logprobs
@@ -416,6 +416,7 @@ class LatroTrainer(_Trainer):
         rows: torch.Tensor,
         answers: list[list[int]] | None,
         micro_batch_size: int | None = None,
+        weights: tuple[torch.Tensor, torch.Tensor] | None = None,
     ):
         idx = rows.tolist()
         with self._autocast():
@@ -426,6 +427,7 @@ class LatroTrainer(_Trainer):
                 rollout.rationale_lengths[rows],
                 [answers[i] for i in idx] if answers is not None else None,
                 micro_batch_size=micro_batch_size,
+                loss_weights=weights,
             )
 
     def _reference(self, rollout: Rollout, rows: torch.Tensor) -> torch.Tensor:
@@ -478,9 +480,15 @@ class LatroTrainer(_Trainer):
             rows = all_rows[begin : begin + mb]
             weight = len(rows) / total
             ref_mb = self._reference(rollout, rows) if fused else None
+            # With the advantages known, the loss is linear in the scores with fixed
+            # coefficients: the scoring pass takes its gradient as it goes (three LM-head
+            # matmuls instead of four) and latro_loss below only reports.
+            weights = None
+            if not fused:
+                weights = tuple(w * weight for w in loss_weights(advantages[rows], config.sft_weight))
             # gradients cross ranks once per step: in the last micro-batch's backward
             with self.dist.gradient_sync(begin + mb >= total):
-                scores = self._score(rollout, rows, answers)
+                scores = self._score(rollout, rows, answers, weights=weights)
                 with self._autocast():
                     loss, mb_stats = latro_loss(
                         scores.answer_logp,
@@ -494,7 +502,7 @@ class LatroTrainer(_Trainer):
                         penalty_mode=config.penalty_mode,
                         advantages=None if fused else advantages[rows],
                     )
-                (loss * weight).backward()
+                (loss * weight if fused else scores.loss).backward()
             for key, value in mb_stats.items():
                 sums[key] = sums.get(key, 0.0) + value * weight
         grad_norm, finite = self._apply_gradients(sums.get("loss", 0.0))
@@ -533,6 +541,8 @@ class SFTTrainer(_Trainer):
         empty = torch.zeros((len(examples), 0), dtype=torch.int64, device=self.device)
         no_rationale = torch.zeros(len(examples), dtype=torch.int64, device=self.device)
         total, loss_sum = len(examples), 0.0
+        # loss = -mean_i log p(y_i | x_i): linear in the scores, its gradient taken in the pass
+        answer_w = torch.full((total,), -1.0 / total, device=self.device)
         for begin in range(0, total, config.micro_batch_size):
             sl = slice(begin, begin + config.micro_batch_size)
             with self.dist.gradient_sync(begin + config.micro_batch_size >= total):
@@ -543,11 +553,10 @@ class SFTTrainer(_Trainer):
                         empty[sl],
                         no_rationale[sl],
                         answers[sl],
+                        loss_weights=(torch.zeros_like(answer_w[sl]), answer_w[sl]),
                     )
-                    loss = -scores.answer_logp.mean()
-                weight = scores.answer_logp.shape[0] / total
-                (loss * weight).backward()
-            loss_sum += float(loss.detach()) * weight
+                scores.loss.backward()
+            loss_sum -= float(scores.answer_logp.sum()) / total
         grad_norm, finite = self._apply_gradients(loss_sum)
         elapsed = time.perf_counter() - start
         return {

@@ -160,6 +160,38 @@ def test_linear_token_logprobs_matches_cpu_and_oracle(dtype, n, d, v, chunk):
         torch.testing.assert_close(gw.double(), w64.grad, atol=tol, rtol=tol, msg=device)
 
 
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("n,d,v,chunk", [(37, 16, 211, 8), (29, 64, LLAMA3_VOCAB, 16)])
+def test_linear_weighted_logprob_sum_matches_cpu_and_oracle(dtype, n, d, v, chunk):
+    g = torch.Generator().manual_seed(n + v + 1)
+    hidden = torch.randn(n, d, generator=g).to(dtype)
+    weight = (torch.randn(v, d, generator=g) / d**0.5).to(dtype)
+    bias = torch.randn(v, generator=g).to(dtype)
+    targets = torch.randint(0, v, (n,), generator=g)
+    targets[3] = -100
+    token_weights = torch.randn(n, generator=g)
+    results = {}
+    for device in ("cpu", "cuda"):
+        leaves = [t.to(device).detach().clone().requires_grad_() for t in (hidden, weight, bias)]
+        total, logp = ops.linear_weighted_logprob_sum(
+            leaves[0], leaves[1], targets.to(device), token_weights.to(device), bias=leaves[2],
+            chunk_size=chunk,
+        )
+        (1.5 * total).backward()
+        results[device] = (total.cpu(), logp.cpu(), *(t.grad.float().cpu() for t in leaves))
+    leaves64 = [t.double().detach().requires_grad_() for t in (hidden, weight, bias)]
+    oracle = reference.token_logprobs(leaves64[0] @ leaves64[1].t() + leaves64[2], targets)
+    oracle_total = (oracle * token_weights.double()).sum()
+    (1.5 * oracle_total).backward()
+    expected = (oracle_total.detach(), oracle.detach(), *(t.grad for t in leaves64))
+    tol = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}[dtype]
+    for device, got in results.items():
+        for name, mine, theirs in zip(("total", "logp", "hidden", "weight", "bias"), got, expected):
+            scale = 10 if name == "total" else 1  # a sum of n terms
+            torch.testing.assert_close(mine.double(), theirs, atol=tol * scale, rtol=tol,
+                                       msg=f"{device} {name}")
+
+
 # ----------------------------------------------------------------------------- sampling
 def _sample_both(logits, **kw):
     """ops.sample on CUDA and on the CPU; tensor arguments (seed, offset) follow the logits."""

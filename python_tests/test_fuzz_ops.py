@@ -270,6 +270,39 @@ def test_linear_token_logprobs_fuzz(data, monkeypatch):
             _assert_same(got, results[0], rtol=tol, atol=tol)
 
 
+@FUZZ
+@given(data=st.data())
+def test_linear_weighted_logprob_sum_fuzz(data, monkeypatch):
+    """Forward and the gradients it takes in the forward, both backends, any input."""
+    dtype = data.draw(st.sampled_from(DTYPES))
+    n, d = data.draw(st.integers(0, 6)), data.draw(st.integers(1, 6))
+    vocab = data.draw(st.sampled_from([0, 1, 3, 17]))
+    hidden = data.draw(floats_tensor((n, d), dtype, scale=1.0))
+    weight = data.draw(floats_tensor((vocab, d), dtype, specials=data.draw(st.booleans()), scale=1.0))
+    targets = torch.randint(-1, vocab + 2, (n,), generator=torch.Generator().manual_seed(n + d))
+    if data.draw(st.booleans()):
+        targets = targets.clamp(0, max(vocab - 1, 0))
+    token_weights = data.draw(floats_tensor((n,), torch.float32, specials=False, scale=2.0))
+    chunk = data.draw(st.sampled_from([None, 1, 2, 64, 0, -3]))
+    wants = (data.draw(st.booleans()), data.draw(st.booleans()))
+    hidden = _place(hidden, data.draw(st.sampled_from(LAYOUTS)))
+
+    def call():
+        h, w = (t.detach().requires_grad_(want) for t, want in zip((hidden, weight), wants))
+        total, logp = ops.linear_weighted_logprob_sum(h, w, targets, token_weights, chunk_size=chunk)
+        if total.requires_grad:
+            total.backward()
+        return [total, logp] + [t.grad for t, want in zip((h, w), wants) if want]
+
+    results = _on_every_backend(
+        call, ("hidden", "weight", "targets", "token_weights", "chunk_size"), monkeypatch
+    )
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    for got in results[1:]:
+        for a, b in zip(got, results[0], strict=True):
+            _assert_same(a, b, rtol=tol, atol=tol)
+
+
 # ----------------------------------------------------------------------------- sampling
 @FUZZ
 @given(data=st.data())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from latro_engine.objective import batch_advantages, latro_loss
+from latro_engine.objective import batch_advantages, latro_loss, loss_weights
 
 
 def _hand(answer, rationale, ref, finished, k, kl_coef, sft_weight, penalty, mode):
@@ -85,3 +85,22 @@ def test_precomputed_advantages_give_the_same_loss():
     )
     assert abs(full.item() - halves.item()) < 1e-4
     assert stats["kl_mean"] == pytest.approx((rationale - ref).mean().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("sft_weight", [1.0, 0.0, 0.3])
+def test_loss_weights_are_the_coefficients_of_latro_loss(sft_weight):
+    """loss_weights(A, sft) gives latro_loss's value as a weighted sum of the scores, and its
+    coefficients are latro_loss's gradient w.r.t. them."""
+    g = torch.Generator().manual_seed(2)
+    answer, rationale, ref = (-torch.rand(3, 12, generator=g) * 10).unbind()
+    finished = torch.rand(12, generator=g) > 0.2
+    kw = dict(k=4, kl_coef=0.05, nonstop_penalty=-10.0, penalty_mode="constant")
+    adv, _ = batch_advantages(answer, rationale, ref, finished, **kw)
+    a, r = answer.clone().requires_grad_(), rationale.clone().requires_grad_()
+    loss, _ = latro_loss(a, r, ref, finished, sft_weight=sft_weight, advantages=adv, **kw)
+    loss.backward()
+    rationale_w, answer_w = loss_weights(adv, sft_weight)
+    torch.testing.assert_close(rationale_w, r.grad)
+    torch.testing.assert_close(answer_w, a.grad)
+    weighted = (rationale_w * rationale + answer_w * answer).sum()
+    torch.testing.assert_close(weighted, loss.detach())

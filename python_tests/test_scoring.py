@@ -113,6 +113,38 @@ def test_gradients_match_plain_torch(llama):
     llama.zero_grad()
 
 
+@pytest.mark.parametrize("fast_path", [True, False])
+@pytest.mark.parametrize("micro_batch_size", [None, 3])
+def test_loss_weights_take_the_gradient_in_the_pass(llama, fast_path, micro_batch_size):
+    """With loss_weights the pass returns sum_b rw_b z_b + aw_b y_b and its gradient (taken in
+    the forward on the fast path): the same as autograd through the plain sums."""
+    ids, mask, r_ids, r_len = _inputs()
+    rationale_w, answer_w = torch.tensor([0.7, -1.3, 0.4, 2.0]), torch.tensor([-0.5, 1.5, 0.25, -1.0])
+    kw = dict(fast_path=fast_path, micro_batch_size=micro_batch_size)
+    llama.zero_grad()
+    got = score_sequences(llama, ids, mask, r_ids, r_len, ANSWERS, loss_weights=(rationale_w, answer_w), **kw)
+    assert not got.rationale_logp.requires_grad and not got.answer_logp.requires_grad
+    got.loss.backward()
+    mine = {n: p.grad.clone() for n, p in llama.named_parameters()}
+    llama.zero_grad()
+    plain = score_sequences(llama, ids, mask, r_ids, r_len, ANSWERS, **kw)
+    expected = (rationale_w * plain.rationale_logp + answer_w * plain.answer_logp).sum()
+    expected.backward()
+    torch.testing.assert_close(got.loss, expected.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.rationale_logp, plain.rationale_logp.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.answer_logp, plain.answer_logp.detach(), rtol=1e-5, atol=1e-5)
+    for name, param in llama.named_parameters():
+        torch.testing.assert_close(mine[name], param.grad, rtol=1e-4, atol=1e-6, msg=name)
+    llama.zero_grad()
+
+
+def test_loss_weights_must_be_two_rows_long_tensors(llama):
+    ids, mask, r_ids, r_len = _inputs()
+    for bad in ((torch.ones(4),), (torch.ones(4), torch.ones(3)), (torch.ones(4), [1.0] * 4)):
+        with pytest.raises(ValueError, match="loss_weights must be"):
+            score_sequences(llama, ids, mask, r_ids, r_len, ANSWERS, loss_weights=bad)
+
+
 def test_micro_batches_equal_one_batch(llama):
     prompts, rationales = PROMPTS * 2, RATIONALES[::-1] * 2
     answers = ANSWERS * 2

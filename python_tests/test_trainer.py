@@ -10,6 +10,7 @@ import torch
 
 from latro_engine import checkpoint as ckpt
 from latro_engine.metrics import read_metrics
+from latro_engine.objective import batch_advantages, latro_loss
 from latro_engine.trainer import LatroTrainer, SFTTrainer
 
 TIMING = {"rollout_s", "score_s", "train_s", "samples_per_s", "tokens_per_s"}
@@ -191,3 +192,40 @@ def test_gradient_checkpointing_recomputes_layers_and_trains_the_same(tmp_path):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
     for a, b in zip(runs[False][1], runs[True][1]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_step_with_known_advantages_takes_the_latro_loss_gradient(tmp_path, monkeypatch):
+    """Micro-batches of 3 rows do not hold whole groups of 4: the advantages come from a no-grad
+    pass first and each micro-batch's gradient is taken in its own scoring pass (loss_weights,
+    scaled by the micro-batch's share). Summed over micro-batches, that is the gradient of
+    latro_loss over the whole batch by plain autograd."""
+    config = tiny.config(tmp_path, micro_batch_size=3, penalty_mode="batch_mean", nonstop_penalty=2.0)
+    trainer = LatroTrainer(tiny.model(), tiny.tokenizer(), tiny.examples(16), config)
+    seen = {}
+    rollout_fn = trainer._rollout
+    monkeypatch.setattr(trainer, "_rollout", lambda *a: seen.setdefault("rollout", rollout_fn(*a)))
+
+    def capture(loss=0.0):
+        seen["grads"] = [p.grad.clone() for p in trainer.model.parameters()]
+        trainer.optimizer.zero_grad(set_to_none=True)
+        return 0.0, True
+
+    monkeypatch.setattr(trainer, "_apply_gradients", capture)
+    trainer.train_step()
+
+    rollout, answers = seen["rollout"]
+    rows = torch.arange(rollout.batch_size)
+    with torch.no_grad():
+        scores = trainer._score(rollout, rows, answers)
+    ref = trainer._reference(rollout, rows)
+    kw = dict(k=config.k, kl_coef=config.kl_coef, nonstop_penalty=config.nonstop_penalty,
+              penalty_mode=config.penalty_mode)
+    advantages, _ = batch_advantages(scores.answer_logp, scores.rationale_logp, ref,
+                                     rollout.finished, **kw)
+    scores = trainer._score(rollout, rows, answers)
+    loss, _ = latro_loss(scores.answer_logp, scores.rationale_logp, ref, rollout.finished,
+                         sft_weight=config.sft_weight, advantages=advantages, **kw)
+    loss.backward()
+    for (name, param), got in zip(trainer.model.named_parameters(), seen["grads"]):
+        torch.testing.assert_close(got, param.grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert any(g.abs().sum() > 0 for g in seen["grads"])

@@ -641,6 +641,104 @@ std::tuple<at::Tensor, at::Tensor> linear_token_logprobs_autocast(
                                          chunk_size, ignore_index);
 }
 
+// ------------------------------------------------------------------ linear_weighted_logprob_sum
+// sum_i w_i log p(targets_i | hidden_i) with per-token weights w known before the forward (a
+// loss linear in the log-probabilities whose coefficients are fixed, as LaTRO's are once the
+// advantages are known). Its gradient is then known in the forward too, so one pass computes
+// it: per chunk of rows, the logits of the whole vocabulary (matmul 1), their log-softmax at
+// the targets, the logits overwritten in place by w (onehot - softmax) (the token_logprobs
+// backward kernel), grad_hidden = G W (matmul 2) and grad_weight += G^T hidden (matmul 3).
+// Three matmuls where linear_token_logprobs' forward + backward do four (its backward, not
+// knowing its upstream gradient in advance, recomputes the logits). The price: chunks cut by
+// rows read the LM head three times each and add into the weight gradient once each, in the
+// weight's dtype (bf16: one rounding per chunk, as accumulating micro-batch gradients in a bf16
+// .grad does; a float32 accumulator would double the memory of a bf16 LM head).
+//
+// Returns (total, logprobs, grad_hidden, grad_weight, grad_bias); a gradient not asked for is an
+// empty tensor. Whole rows per chunk, so rows with extreme logits need no special path.
+void check_token_weights(const at::Tensor& token_weights, const at::Tensor& hidden) {
+  check_dtype(token_weights, at::kFloat, "token_weights");
+  check_same_device(token_weights, hidden, "token_weights", "hidden");
+  TORCH_CHECK_VALUE(token_weights.dim() == 1 && token_weights.size(0) == hidden.size(0),
+                    "token_weights must have shape [N] = [", hidden.size(0), "], got ",
+                    token_weights.sizes());
+}
+
+using WeightedSum = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+WeightedSum linear_weighted_logprob_sum(const at::Tensor& hidden, const at::Tensor& weight,
+                                        const std::optional<at::Tensor>& bias,
+                                        const at::Tensor& targets, const at::Tensor& token_weights,
+                                        int64_t chunk_size, int64_t ignore_index,
+                                        bool hidden_grad, bool weight_grad, bool bias_grad) {
+  at::NoGradGuard no_grad;  // the Python autograd registration owns the gradient
+  NoAutocast no_autocast(c10::autocast_dispatch_keyset);
+  check_linear(hidden, weight, bias, targets);
+  check_token_weights(token_weights, hidden);
+  TORCH_CHECK_VALUE(!bias_grad || bias, "bias_grad needs a bias");
+  const int64_t rows = hidden.size(0), vocab = weight.size(0);
+  const int64_t chunk = resolve_chunk(chunk_size, rows, vocab);
+  const at::Tensor w = token_weights.contiguous();
+  // Outputs not asked for: distinct empty tensors (outputs of an op may not alias).
+  const auto none = [&] { return at::empty({0}, hidden.options()); };
+  at::Tensor logprobs, grad_hidden = none(), grad_weight = none(), grad_bias = none();
+  if (!hidden_grad && !weight_grad && !bias_grad) {
+    logprobs = std::get<0>(vocab_blocked_forward(hidden, weight, bias, targets, chunk, ignore_index));
+  } else {
+    // Up front, so an error names the row in the whole batch, not within its chunk.
+    check_targets_in_range(targets, at::arange(rows, targets.options()), vocab, ignore_index);
+    logprobs = at::empty({rows}, hidden.options().dtype(at::kFloat));
+    if (hidden_grad) grad_hidden = at::empty_like(hidden, at::MemoryFormat::Contiguous);
+    // Written by the first chunk's matmul (zeros when there is none).
+    if (weight_grad) grad_weight = rows > 0 ? at::empty(weight.sizes(), weight.options())
+                                            : at::zeros(weight.sizes(), weight.options());
+    at::Tensor bias_sum = bias_grad ? at::zeros({vocab}, hidden.options().dtype(at::kFloat)) : none();
+    for (int64_t begin = 0; begin < rows; begin += chunk) {
+      const int64_t n = std::min(chunk, rows - begin);
+      const at::Tensor h = hidden.narrow(0, begin, n);
+      const at::Tensor t = targets.narrow(0, begin, n);
+      at::Tensor logits = chunk_logits(h, weight, bias);
+      auto [lp, lse] = token_logprobs_op().call(logits, t, ignore_index);
+      logprobs.narrow(0, begin, n).copy_(lp);
+      token_logprobs_backward_inplace_op().call(w.narrow(0, begin, n), logits, t, lse,
+                                                ignore_index);
+      if (hidden_grad) {
+        at::Tensor grad_hidden_rows = grad_hidden.narrow(0, begin, n);
+        at::mm_out(grad_hidden_rows, logits, weight);
+      }
+      if (weight_grad && begin == 0) at::mm_out(grad_weight, logits.t(), h);
+      if (weight_grad && begin > 0) grad_weight.addmm_(logits.t(), h);
+      if (bias_grad) bias_sum.add_(logits.sum(0, /*keepdim=*/false, at::kFloat));
+    }
+    if (bias_grad) grad_bias = bias_sum.to(hidden.scalar_type());
+  }
+  // Ignored rows have log-probability 0 and add nothing, whatever their weight.
+  const at::Tensor terms = at::where(targets == ignore_index, at::zeros_like(logprobs),
+                                     logprobs.to(at::kDouble) * w.to(at::kDouble));
+  return {terms.sum().to(at::kFloat), logprobs, grad_hidden, grad_weight, grad_bias};
+}
+
+// The autocast rule of linear_token_logprobs (casts through autograd, so float32 leaves get
+// float32 gradients); token_weights stay float32.
+template <c10::DeviceType kDevice>
+WeightedSum linear_weighted_logprob_sum_autocast(
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& targets, const at::Tensor& token_weights, int64_t chunk_size,
+    int64_t ignore_index, bool hidden_grad, bool weight_grad, bool bias_grad) {
+  NoAutocast no_autocast(c10::autocast_dispatch_keyset);
+  const at::ScalarType dtype = at::autocast::get_autocast_dtype(kDevice);
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("latro_engine::linear_weighted_logprob_sum", "")
+          .typed<WeightedSum(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                             const at::Tensor&, const at::Tensor&, int64_t, int64_t, bool, bool,
+                             bool)>();
+  return op.call(at::autocast::cached_cast(dtype, hidden, kDevice),
+                 at::autocast::cached_cast(dtype, weight, kDevice),
+                 at::autocast::cached_cast(dtype, bias, kDevice), targets, token_weights,
+                 chunk_size, ignore_index, hidden_grad, weight_grad, bias_grad);
+}
+
 }  // namespace
 }  // namespace latro_torch
 
@@ -661,6 +759,12 @@ TORCH_LIBRARY(latro_engine, m) {
       "linear_token_logprobs_backward(Tensor grad_logprobs, Tensor hidden, Tensor weight, "
       "Tensor? bias, Tensor targets, Tensor lse, int chunk_size, int ignore_index) "
       "-> (Tensor, Tensor, Tensor)");
+  // (total, logprobs, grad_hidden, grad_weight, grad_bias): the gradients of total, computed in
+  // the forward (empty when not asked for); the Python autograd formula hands them out.
+  m.def(
+      "linear_weighted_logprob_sum(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, "
+      "Tensor token_weights, int chunk_size, int ignore_index, bool hidden_grad, "
+      "bool weight_grad, bool bias_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "sample(Tensor logits, Tensor seeds, Tensor offset, float temperature, int top_k, "
       "float top_p, float min_p) -> (Tensor, Tensor)");
@@ -687,23 +791,29 @@ TORCH_LIBRARY(latro_engine, m) {
 TORCH_LIBRARY_IMPL(latro_engine, CPU, m) {
   m.impl("linear_token_logprobs", &latro_torch::linear_token_logprobs);
   m.impl("linear_token_logprobs_backward", &latro_torch::linear_token_logprobs_backward);
+  m.impl("linear_weighted_logprob_sum", &latro_torch::linear_weighted_logprob_sum);
 }
 
 #ifdef LATRO_WITH_CUDA
 TORCH_LIBRARY_IMPL(latro_engine, CUDA, m) {
   m.impl("linear_token_logprobs", &latro_torch::linear_token_logprobs);
   m.impl("linear_token_logprobs_backward", &latro_torch::linear_token_logprobs_backward);
+  m.impl("linear_weighted_logprob_sum", &latro_torch::linear_weighted_logprob_sum);
 }
 #endif
 
 TORCH_LIBRARY_IMPL(latro_engine, AutocastCPU, m) {
   m.impl("linear_token_logprobs",
          &latro_torch::linear_token_logprobs_autocast<c10::DeviceType::CPU>);
+  m.impl("linear_weighted_logprob_sum",
+         &latro_torch::linear_weighted_logprob_sum_autocast<c10::DeviceType::CPU>);
 }
 
 TORCH_LIBRARY_IMPL(latro_engine, AutocastCUDA, m) {
   m.impl("linear_token_logprobs",
          &latro_torch::linear_token_logprobs_autocast<c10::DeviceType::CUDA>);
+  m.impl("linear_weighted_logprob_sum",
+         &latro_torch::linear_weighted_logprob_sum_autocast<c10::DeviceType::CUDA>);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
