@@ -13,7 +13,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +38,92 @@ from latro_engine.metrics import MetricsLog, plot_curves, read_metrics
 from latro_engine.objective import batch_advantages, latro_loss, loss_weights
 from latro_engine.offload import HostStateAdamW, keep_on_host
 from latro_engine.rollout import Rollout, sample_rationales, stop_token_sequences
-from latro_engine.scoring import reference_logprobs
+from latro_engine.scoring import SequenceScores, reference_logprobs
 
 logger = logging.getLogger(__name__)
+
+
+# The LaTRO step after its rollout, as two passes that the trainer (and the whole-step benchmark)
+# run: ``score(rows, micro_batch_size=None, weights=None)`` scores rows of the rollout with the
+# policy (``score_sequences``, under the run's autocast), ``reference(rows)`` gives their
+# log p_ref(z|x).
+Score = Callable[..., SequenceScores]
+Reference = Callable[[torch.Tensor], torch.Tensor]
+
+
+def rewards_in_gradient_pass(config: LatroConfig) -> bool:
+    """Whether micro-batches get their rewards from their own gradient pass: when they hold
+    whole groups and the penalty needs no batch-wide mean. Two forwards per sequence
+    (reference, policy) instead of three."""
+    return config.micro_batch_size % config.k == 0 and config.penalty_mode == "constant"
+
+
+def advantages_pass(
+    rollout: Rollout, config: LatroConfig, score: Score, reference: Reference, dist: Distributed
+) -> tuple[torch.Tensor | None, dict[str, float]]:
+    """The advantages of this rank's rows from one no-grad pass over them (rewards and their
+    stats over the global batch), or ``(None, {})`` when the gradient pass computes its own
+    (:func:`rewards_in_gradient_pass`)."""
+    if rewards_in_gradient_pass(config):
+        return None, {}
+    rows = torch.arange(rollout.batch_size, device=rollout.prompt_ids.device)
+    with torch.no_grad():
+        scores = score(rows, micro_batch_size=config.micro_batch_size * 4)
+    ref = reference(rows)
+    advantages, stats = batch_advantages(
+        *dist.gather_rows(scores.answer_logp, scores.rationale_logp, ref, rollout.finished),
+        k=config.k,
+        kl_coef=config.kl_coef,
+        nonstop_penalty=config.nonstop_penalty,
+        penalty_mode=config.penalty_mode,
+    )
+    return dist.shard(advantages)[0], stats
+
+
+def gradient_pass(
+    rollout: Rollout,
+    advantages: torch.Tensor | None,
+    config: LatroConfig,
+    score: Score,
+    reference: Reference,
+    dist: Distributed,
+) -> dict[str, float]:
+    """Accumulates the step's gradient over micro-batches (their losses weighted by their share
+    of the rows); returns latro_loss's stats averaged over them. With ``advantages`` the loss is
+    linear in the scores with known coefficients and each scoring pass takes its gradient as it
+    goes (``loss_weights``: three LM-head matmuls instead of four); without, each micro-batch
+    scores its reference and computes its own rewards first."""
+    total, mb = rollout.batch_size, config.micro_batch_size
+    all_rows = torch.arange(total, device=rollout.prompt_ids.device)
+    sums: dict[str, float] = {}
+    for begin in range(0, total, mb):
+        rows = all_rows[begin : begin + mb]
+        share = len(rows) / total
+        known = advantages[rows] if advantages is not None else None
+        ref = reference(rows) if known is None else None
+        weights = None
+        if known is not None:
+            weights = tuple(w * share for w in loss_weights(known, config.sft_weight))
+        # gradients cross ranks once per step: in the last micro-batch's backward
+        with dist.gradient_sync(begin + mb >= total):
+            scores = score(rows, weights=weights)
+            # With known advantages latro_loss only reports (its inputs carry no gradient).
+            loss, mb_stats = latro_loss(
+                scores.answer_logp,
+                scores.rationale_logp,
+                ref if ref is not None else torch.zeros_like(scores.rationale_logp),
+                rollout.finished[rows],
+                k=config.k,
+                kl_coef=config.kl_coef,
+                sft_weight=config.sft_weight,
+                nonstop_penalty=config.nonstop_penalty,
+                penalty_mode=config.penalty_mode,
+                advantages=known,
+            )
+            (loss * share if known is None else scores.loss).backward()
+        for key, value in mb_stats.items():
+            sums[key] = sums.get(key, 0.0) + value * share
+    return sums
 
 
 class TrainingError(RuntimeError):
@@ -449,62 +532,16 @@ class LatroTrainer(_Trainer):
         examples, first = self._next_shard()
         rollout, answers = self._rollout(examples, first)
         rollout_time = time.perf_counter() - start
-        total = rollout.batch_size
-        device = rollout.prompt_ids.device
-        all_rows = torch.arange(total, device=device)
-        mb = config.micro_batch_size
-        # When micro-batches hold whole groups and the penalty needs no batch-wide mean, the
-        # rewards of a micro-batch come from its own gradient pass: two forwards per sequence
-        # (reference, policy) instead of three.
-        fused = mb % config.k == 0 and config.penalty_mode == "constant"
-        stats: dict[str, float] = {}
-        advantages = None
-        if not fused:
-            with torch.no_grad():
-                scores = self._score(rollout, all_rows, answers, micro_batch_size=mb * 4)
-            ref = self._reference(rollout, all_rows)
-            # Batch-wide rewards (batch_mean penalty) and stats over the global batch.
-            advantages, stats = batch_advantages(
-                *self.dist.gather_rows(
-                    scores.answer_logp, scores.rationale_logp, ref, rollout.finished
-                ),
-                k=config.k,
-                kl_coef=config.kl_coef,
-                nonstop_penalty=config.nonstop_penalty,
-                penalty_mode=config.penalty_mode,
-            )
-            advantages = self.dist.shard(advantages)[0]
+
+        def score(rows: torch.Tensor, **kwargs: Any) -> SequenceScores:
+            return self._score(rollout, rows, answers, **kwargs)
+
+        def reference(rows: torch.Tensor) -> torch.Tensor:
+            return self._reference(rollout, rows)
+
+        advantages, stats = advantages_pass(rollout, config, score, reference, self.dist)
         score_time = time.perf_counter() - start - rollout_time
-        sums: dict[str, float] = {}
-        for begin in range(0, total, mb):
-            rows = all_rows[begin : begin + mb]
-            weight = len(rows) / total
-            ref_mb = self._reference(rollout, rows) if fused else None
-            # With the advantages known, the loss is linear in the scores with fixed
-            # coefficients: the scoring pass takes its gradient as it goes (three LM-head
-            # matmuls instead of four) and latro_loss below only reports.
-            weights = None
-            if not fused:
-                weights = tuple(w * weight for w in loss_weights(advantages[rows], config.sft_weight))
-            # gradients cross ranks once per step: in the last micro-batch's backward
-            with self.dist.gradient_sync(begin + mb >= total):
-                scores = self._score(rollout, rows, answers, weights=weights)
-                with self._autocast():
-                    loss, mb_stats = latro_loss(
-                        scores.answer_logp,
-                        scores.rationale_logp,
-                        ref_mb if fused else torch.zeros_like(scores.rationale_logp),
-                        rollout.finished[rows],
-                        k=config.k,
-                        kl_coef=config.kl_coef,
-                        sft_weight=config.sft_weight,
-                        nonstop_penalty=config.nonstop_penalty,
-                        penalty_mode=config.penalty_mode,
-                        advantages=None if fused else advantages[rows],
-                    )
-                (loss * weight if fused else scores.loss).backward()
-            for key, value in mb_stats.items():
-                sums[key] = sums.get(key, 0.0) + value * weight
+        sums = gradient_pass(rollout, advantages, config, score, reference, self.dist)
         grad_norm, finite = self._apply_gradients(sums.get("loss", 0.0))
         elapsed = time.perf_counter() - start
         lengths = rollout.rationale_lengths.float()
@@ -518,7 +555,7 @@ class LatroTrainer(_Trainer):
             "rationale_length_mean": float(lengths.mean()),
             "rationale_length_max": float(lengths.max()),
             "finished_frac": float(rollout.finished.float().mean()),
-            "samples_per_s": total / elapsed,
+            "samples_per_s": rollout.batch_size / elapsed,
             "tokens_per_s": tokens / elapsed,
             "rollout_s": rollout_time,
             "score_s": score_time,
