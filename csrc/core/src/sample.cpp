@@ -1,7 +1,6 @@
 // Sampling with temperature, top-k, top-p and min-p on the CPU (semantics in latro.h).
 #include <algorithm>
 #include <cmath>
-#include <numeric>
 #include <vector>
 
 #include "cpu_common.h"
@@ -17,8 +16,9 @@ using detail::kNegInf;
 struct RowScratch {
   std::vector<float> scaled;     // logits / temperature
   std::vector<float> selection;  // copy for nth_element
-  std::vector<int64_t> order;    // candidates for top-p
+  std::vector<int64_t> order;    // top-p's tokens around its crossing, sorted
   std::vector<double> weight;    // exp(s - m) of each token, for top-p's sums
+  std::vector<double> bin_mass;  // top-p's mass per bin of m - s
 };
 
 template <typename T>
@@ -68,51 +68,67 @@ void sample_row(const SampleArgs& args, const T* row, int64_t r, uint64_t seed, 
 
   // Top-p over the renormalized survivors: walk them by decreasing logit until the mass reaches
   // top_p; every token at least as likely as the last one walked is kept (ties stay together).
+  // Only the tokens near the crossing need sorting: the survivors' mass summed over bins of
+  // d = m - s (width 1/32, the CUDA kernel's level-0 bins) gives the bin where the running mass
+  // reaches the target. Every token of an earlier bin is larger than every token of a later
+  // one, so the walk sorts only that bin's tokens (and the following bins' up to where the
+  // running mass passes the target by a margin, in case the bins' sums, added in another order
+  // than the walk's, round to the other side of it) and starts from the mass of the bins before.
+  // A trained model's few-token nucleus and a flat row's 30,000-token one alike sort a few
+  // hundred tokens, not the nucleus.
   float nucleus_floor = kNegInf;
   if (args.top_p < 1.0f) {
-    std::vector<int64_t>& order = scratch.order;
+    constexpr int kBins = 2048;
+    constexpr float kBinsPerUnit = 32.0f;
+    const auto bin_of = [m](float value) {
+      const float d = (m - value) * kBinsPerUnit;  // >= 0: value <= m
+      return d < static_cast<float>(kBins - 1) ? static_cast<int>(d) : kBins - 1;
+    };
     std::vector<double>& weight = scratch.weight;
-    order.clear();
+    std::vector<double>& bin_mass = scratch.bin_mass;
     weight.resize(static_cast<size_t>(vocab));
+    bin_mass.assign(kBins, 0.0);
     double mass = 0.0;
     for (int64_t v = 0; v < vocab; ++v) {
       if (kept_before_top_p(v)) {
-        order.push_back(v);
         weight[v] = std::exp(static_cast<double>(s[v]) - m);
+        bin_mass[bin_of(s[v])] += weight[v];
         mass += weight[v];
       }
     }
-    // The walk needs only a prefix of the sorted survivors (a trained model's nucleus is a few
-    // tokens): nth_element selects the first `head`, and only when their mass can reach the
-    // target are they sorted and walked; otherwise, or if rounding leaves the walk short, four
-    // times as many. The order is strict, so every prefix and its running sums are those of
-    // sorting everything: the result is the full sort's.
-    const auto before = [&](int64_t a, int64_t b) {
-      return s[a] > s[b] || (s[a] == s[b] && a < b);
-    };
     const double target = static_cast<double>(args.top_p) * mass;
-    const size_t n = order.size();
-    const auto grow = [n](size_t head) { return std::min(n, head * 4); };
-    nucleus_floor = kNegInf;
-    for (size_t head = std::min<size_t>(n, 1024); nucleus_floor == kNegInf; head = grow(head)) {
-      if (head < n) {
-        std::nth_element(order.begin(), order.begin() + head, order.end(), before);
-        double head_mass = 0.0;
-        for (size_t i = 0; i < head; ++i) head_mass += weight[order[i]];
-        if (head_mass < target * (1.0 - 1e-9)) continue;  // the nucleus reaches past the head
-      }
-      std::sort(order.begin(), order.begin() + head, before);
-      double cumulative = 0.0;
-      for (size_t i = 0; i < head; ++i) {
-        cumulative += weight[order[i]];
-        if (cumulative >= target) {
-          nucleus_floor = s[order[i]];
-          break;
-        }
-      }
-      // Rounding can leave the target unreached: every survivor is kept.
-      if (nucleus_floor == kNegInf && head == n) nucleus_floor = s[order.back()];
+    int first = 0;  // the crossing bin (less the margin)
+    double before = 0.0;
+    while (first < kBins - 1 && before + bin_mass[first] < target * (1.0 - 1e-9)) {
+      before += bin_mass[first++];
     }
+    int last = first;  // where the running mass is past the target (plus the margin)
+    for (double through = before + bin_mass[first];
+         last < kBins - 1 && through < target * (1.0 + 1e-9);) {
+      through += bin_mass[++last];
+    }
+    std::vector<int64_t>& order = scratch.order;
+    order.clear();
+    float smallest = -kNegInf;
+    for (int64_t v = 0; v < vocab; ++v) {
+      if (!kept_before_top_p(v)) continue;
+      smallest = std::min(smallest, s[v]);
+      const int bin = bin_of(s[v]);
+      if (bin >= first && bin <= last) order.push_back(v);
+    }
+    std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+      return s[a] > s[b] || (s[a] == s[b] && a < b);
+    });
+    double cumulative = before;
+    for (const int64_t v : order) {
+      cumulative += weight[v];
+      if (cumulative >= target) {
+        nucleus_floor = s[v];
+        break;
+      }
+    }
+    // Rounding can leave the target unreached: every survivor is kept.
+    if (nucleus_floor == kNegInf) nucleus_floor = smallest;
   }
 
   // Gumbel-max over the kept set, and the kept set's normalizer for the log-prob.
