@@ -48,6 +48,30 @@ def test_backends_draw_the_same_ids(device, backend, options, dtype, rows, vocab
 
 
 @pytest.mark.parametrize("device,backend", device_backend_pairs())
+@pytest.mark.parametrize("top_p", [0.05, 0.5, 0.9, 0.999, 0.99999994])
+def test_top_p_crossings_within_bins_and_at_ties(device, backend, top_p, use_backend):
+    """Rows built so that top-p's crossing falls inside one of the histogram's bins (width 1/32
+    of a logit), among tied values, in a long tail, or in a 30,000-token nucleus: the kept set
+    (seen through the log-prob, s - m - log(kept mass)) and the draws equal the reference's."""
+    vocab = 4099
+    g = torch.Generator().manual_seed(7)
+    rows = [
+        torch.zeros(vocab),  # every token tied
+        torch.cat([torch.zeros(vocab // 2), torch.full((vocab - vocab // 2,), -0.01)]),  # one bin
+        torch.linspace(0, -300, vocab),  # spread far past the last bin (d >= 64)
+        (torch.rand(vocab, generator=g) * 0.1).round(decimals=2),  # few values, many ties
+        torch.randn(vocab, generator=g) * 2,
+        torch.randn(vocab, generator=g) * 8,
+    ]
+    logits = torch.stack(rows).to(device)
+    for seed in range(4):
+        ids, logp = _sample_with(backend, use_backend, logits, seed=seed, top_p=top_p)
+        ref_ids, ref_logp = _sample_with("torch", use_backend, logits, seed=seed, top_p=top_p)
+        assert torch.equal(ids, ref_ids)
+        torch.testing.assert_close(logp, ref_logp, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device,backend", device_backend_pairs())
 def test_llama3_vocabulary_and_determinism(device, backend, use_backend):
     logits = _logits(5, LLAMA3_VOCAB, torch.bfloat16, device, seed=2, scale=4.0)
     for options in OPTIONS:
