@@ -12,6 +12,12 @@
 #   bash benchmarks/gpu_check.sh                      # all three
 #   STAGES="test bench" BENCH_SECTIONS="rollout" bash benchmarks/gpu_check.sh   # prebuilt module
 #
+# On a 15-minute device budget, two calls on the same warm machine (the in-place build stays):
+#   STAGES="build test bench" BENCH_SECTIONS="sample scorer attention" SECTION_TIMEOUT=120 \
+#     bash benchmarks/gpu_check.sh                                   # about 7 minutes
+#   STAGES="bench" BENCH_SECTIONS="rollout latro" BENCH_ARGS="--latro-weights bfloat16" \
+#     SECTION_TIMEOUT=240 bash benchmarks/gpu_check.sh               # about 6 minutes
+#
 # Outputs go to $OUT when it is set (the device tool's folder), else build/gpu-check:
 # gpu_check.log (everything), nvidia-smi.txt, pytest.log, bench_gpu.md, bench_gpu.json and the
 # built module (_C.*.so). Environment: PYTHON (default: python3 if its torch has CUDA, else
