@@ -237,3 +237,34 @@ def test_step_with_known_advantages_takes_the_latro_loss_gradient(tmp_path, monk
     for (name, param), got in zip(trainer.model.named_parameters(), seen["grads"]):
         torch.testing.assert_close(got, param.grad, rtol=rtol, atol=atol, msg=name)
     assert any(g.abs().sum() > 0 for g in seen["grads"])
+
+
+@pytest.mark.parametrize("micro_batch_size,weighted", [(3, True), (4, False)])
+def test_scoring_pass_takes_the_gradient_when_the_advantages_are_known(
+    tmp_path, monkeypatch, micro_batch_size, weighted
+):
+    """Micro-batches of 3 (not whole groups of 4): every gradient pass goes through
+    ops.linear_weighted_logprob_sum (three LM-head matmuls); whole groups compute their rewards
+    in the pass and go through ops.linear_token_logprobs' autograd instead."""
+    from latro_engine import ops
+
+    calls = {"weighted": 0, "grad_plain": 0}
+    weighted_op, plain_op = ops.linear_weighted_logprob_sum, ops.linear_token_logprobs
+
+    def count_weighted(*args, **kwargs):
+        calls["weighted"] += 1
+        return weighted_op(*args, **kwargs)
+
+    def count_plain(*args, **kwargs):
+        calls["grad_plain"] += torch.is_grad_enabled()
+        return plain_op(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "linear_weighted_logprob_sum", count_weighted)
+    monkeypatch.setattr(ops, "linear_token_logprobs", count_plain)
+    config = tiny.config(tmp_path, micro_batch_size=micro_batch_size, device="cpu")
+    LatroTrainer(tiny.model(), tiny.tokenizer(), tiny.examples(16), config).train_step()
+    micro_batches = -(-config.k * config.prompts_per_step // micro_batch_size)
+    if weighted:
+        assert calls == {"weighted": micro_batches, "grad_plain": 0}
+    else:
+        assert calls["weighted"] == 0 and calls["grad_plain"] == micro_batches
