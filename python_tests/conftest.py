@@ -62,6 +62,27 @@ def device_backend_pairs() -> list[tuple[str, str]]:
     return [(d, b) for d in DEVICES for b in backends_for(d)]
 
 
+# ----------------------------------------------------------------------------- LM-head scorers
+# (rows, hidden dim, vocabulary, chunk_size) for linear_token_logprobs and
+# linear_weighted_logprob_sum: one row, odd sizes, a chunk per few rows, Llama 3's vocabulary.
+LINEAR_SHAPES = [(1, 8, 7, None), (7, 16, 97, 3), (97, 32, 1025, 10), (33, 24, LLAMA3_VOCAB, 16)]
+
+
+def linear_problem(n, d, v, dtype, device, bias=False, seed=0, token_weights=False):
+    """(hidden [n, d], weight [v, d] / sqrt(d), bias [v] or None, targets [n] with the middle
+    one ignored (-100)), and with ``token_weights`` a float32 weight per token after them."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, d, generator=g).to(dtype).to(device)
+    weight = (torch.randn(v, d, generator=g) / d**0.5).to(dtype).to(device)
+    b = torch.randn(v, generator=g).to(dtype).to(device) if bias else None
+    targets = torch.randint(0, v, (n,), generator=g).to(device)
+    if n > 2:
+        targets[n // 2] = -100
+    if not token_weights:
+        return hidden, weight, b, targets
+    return hidden, weight, b, targets, torch.randn(n, generator=g).to(device)
+
+
 def stop_positions_by_brute_force(
     tokens: list[list[int]], stops: list[list[int]], start: int
 ) -> list[int]:

@@ -4,20 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FLOAT_DTYPES, assert_close_to_oracle, device_backend_pairs, requires_native
+from conftest import (
+    FLOAT_DTYPES,
+    LINEAR_SHAPES,
+    assert_close_to_oracle,
+    device_backend_pairs,
+    linear_problem,
+    requires_native,
+)
 
 from latro_engine import ops, reference
-
-
-def _case(n, d, v, dtype, device, bias=False, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    hidden = (torch.randn(n, d, generator=g)).to(dtype).to(device)
-    weight = (torch.randn(v, d, generator=g) / d**0.5).to(dtype).to(device)
-    b = (torch.randn(v, generator=g)).to(dtype).to(device) if bias else None
-    targets = torch.randint(0, v, (n,), generator=g).to(device)
-    if n > 2:
-        targets[n // 2] = -100
-    return hidden, weight, b, targets
 
 
 def _full_logits_oracle(hidden, weight, bias, targets):
@@ -28,13 +24,11 @@ def _full_logits_oracle(hidden, weight, bias, targets):
 
 
 @pytest.mark.parametrize("device,backend", device_backend_pairs())
-@pytest.mark.parametrize(
-    "n,d,v,chunk", [(1, 8, 7, None), (7, 16, 97, 3), (97, 32, 1025, 10), (33, 24, 128_256, 16)]
-)
+@pytest.mark.parametrize("n,d,v,chunk", LINEAR_SHAPES)
 @pytest.mark.parametrize("bias", [False, True])
 def test_forward_matches_full_logits(device, backend, n, d, v, chunk, bias, use_backend):
     use_backend(backend)
-    hidden, weight, b, targets = _case(n, d, v, torch.float32, device, bias, seed=n + v)
+    hidden, weight, b, targets = linear_problem(n, d, v, torch.float32, device, bias, seed=n + v)
     out = ops.linear_token_logprobs(hidden, weight, targets, bias=b, chunk_size=chunk)
     torch.testing.assert_close(
         out.double(), _full_logits_oracle(hidden, weight, b, targets), atol=2e-5, rtol=1e-5
@@ -46,7 +40,7 @@ def test_forward_matches_full_logits(device, backend, n, d, v, chunk, bias, use_
 def test_half_precision_equals_token_logprobs_of_matmul(device, backend, dtype, use_backend):
     """Same result as token_logprobs(hidden @ weight.T) computed at the input dtype."""
     use_backend(backend)
-    hidden, weight, _, targets = _case(29, 16, 97, dtype, device, seed=9)
+    hidden, weight, _, targets = linear_problem(29, 16, 97, dtype, device, seed=9)
     out = ops.linear_token_logprobs(hidden, weight, targets, chunk_size=8)
     expected = reference.token_logprobs((hidden @ weight.t()).double(), targets)
     tol = {torch.float32: 1e-5, torch.bfloat16: 1e-5, torch.float16: 1e-5}[dtype]
@@ -57,7 +51,7 @@ def test_half_precision_equals_token_logprobs_of_matmul(device, backend, dtype, 
 @pytest.mark.parametrize("bias", [False, True])
 def test_backward_matches_full_logits(device, backend, bias, use_backend):
     use_backend(backend)
-    hidden, weight, b, targets = _case(37, 12, 211, torch.float32, device, bias, seed=4)
+    hidden, weight, b, targets = linear_problem(37, 12, 211, torch.float32, device, bias, seed=4)
     upstream = torch.randn(37, device=device)
     _assert_grads_match_oracle(hidden, weight, b, targets, upstream, atol=1e-5, rtol=1e-4,
                                chunk_size=5)
@@ -93,7 +87,7 @@ def test_default_chunk_bounds_logits_memory():
 
 # ----------------------------------------------------------------------------- autocast
 def _autocast_case(bias, seed=5):
-    hidden, weight, b, targets = _case(37, 24, 211, torch.float32, "cpu", bias, seed=seed)
+    hidden, weight, b, targets = linear_problem(37, 24, 211, torch.float32, "cpu", bias, seed=seed)
     return hidden, weight, b, targets, torch.randn(37, generator=torch.Generator().manual_seed(1))
 
 
@@ -221,7 +215,7 @@ def test_backward_vocabulary_blocks_with_bias_and_in_vocab_ignore_index(device, 
     """chunk_size=1 cuts V=1000 into 8 vocabulary blocks (the last one narrower); targets fall in
     every block, and ignore_index is itself a vocabulary id (3) that must still mean "ignored"."""
     use_backend(backend)
-    hidden, weight, b, targets = _case(19, 16, 1000, torch.float32, device, bias=True, seed=21)
+    hidden, weight, b, targets = linear_problem(19, 16, 1000, torch.float32, device, bias=True, seed=21)
     targets[targets == -100] = 7  # -100 is not the ignore_index here
     targets[::4] = 3
     targets[1] = 999  # the last column of the last block
@@ -258,7 +252,7 @@ def test_backward_with_logits_in_the_hundreds(device, backend, use_backend):
     """Rows whose log-sum-exp is large take the row-chunked backward (the kernel recomputes
     their log-sum-exp over the whole row); the gradient still matches the oracle."""
     use_backend(backend)
-    hidden, weight, _, targets = _case(23, 8, 300, torch.float32, device, seed=5)
+    hidden, weight, _, targets = linear_problem(23, 8, 300, torch.float32, device, seed=5)
     hidden = hidden * 150  # logits of several hundred
     upstream = torch.randn(23, device=device)
     _assert_grads_match_oracle(hidden, weight, None, targets, upstream, atol=1e-4, rtol=1e-4,
@@ -270,7 +264,7 @@ def test_rows_with_huge_logits_next_to_ordinary_rows(device, backend, use_backen
     """One call, both kinds of rows: ordinary ones go through the vocabulary blocks, rows with
     logits in the hundreds are redone over whole rows; forward and backward match the oracle."""
     use_backend(backend)
-    hidden, weight, b, targets = _case(29, 8, 700, torch.float32, device, bias=True, seed=8)
+    hidden, weight, b, targets = linear_problem(29, 8, 700, torch.float32, device, bias=True, seed=8)
     hidden[::3] *= 120  # every third row: logits of several hundred
     upstream = torch.randn(29, device=device)
     out = ops.linear_token_logprobs(hidden, weight, targets, bias=b, chunk_size=2)
@@ -286,7 +280,7 @@ def test_masked_vocabulary_block(device, backend, use_backend):
     """A bias of -inf over whole vocabulary blocks: targets there get -inf, the others their
     log-probability over the unmasked vocabulary."""
     use_backend(backend)
-    hidden, weight, b, targets = _case(13, 8, 600, torch.float32, device, bias=True, seed=3)
+    hidden, weight, b, targets = linear_problem(13, 8, 600, torch.float32, device, bias=True, seed=3)
     b[300:] = -float("inf")
     targets[:4] = torch.tensor([450, 599, 300, 299], device=device)
     out = ops.linear_token_logprobs(hidden, weight, targets, bias=b, chunk_size=1)

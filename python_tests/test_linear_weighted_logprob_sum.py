@@ -5,21 +5,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FLOAT_DTYPES, assert_close_to_oracle, device_backend_pairs, requires_native
+from conftest import (
+    FLOAT_DTYPES,
+    LINEAR_SHAPES,
+    assert_close_to_oracle,
+    device_backend_pairs,
+    linear_problem,
+    requires_native,
+)
 
 from latro_engine import ops, reference
 
 
 def _case(n, d, v, dtype, device, bias=False, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(n, d, generator=g).to(dtype).to(device)
-    weight = (torch.randn(v, d, generator=g) / d**0.5).to(dtype).to(device)
-    b = torch.randn(v, generator=g).to(dtype).to(device) if bias else None
-    targets = torch.randint(0, v, (n,), generator=g).to(device)
-    if n > 2:
-        targets[n // 2] = -100
-    token_weights = torch.randn(n, generator=g).to(device)
-    return hidden, weight, b, targets, token_weights
+    return linear_problem(n, d, v, dtype, device, bias, seed, token_weights=True)
 
 
 def _oracle(hidden, weight, bias, targets, token_weights, ignore_index=-100):
@@ -47,9 +46,7 @@ def _weighted(hidden, weight, bias, targets, token_weights, *, upstream=1.0, gra
 
 
 @pytest.mark.parametrize("device,backend", device_backend_pairs())
-@pytest.mark.parametrize(
-    "n,d,v,chunk", [(1, 8, 7, None), (7, 16, 97, 3), (97, 32, 1025, 10), (33, 24, 128_256, 16)]
-)
+@pytest.mark.parametrize("n,d,v,chunk", LINEAR_SHAPES)
 @pytest.mark.parametrize("bias", [False, True])
 def test_total_logprobs_and_gradients_match_float64(device, backend, n, d, v, chunk, bias, use_backend):
     use_backend(backend)

@@ -7,6 +7,7 @@ import math
 import pytest
 import tiny
 import torch
+from conftest import DEVICES
 
 from latro_engine import checkpoint as ckpt
 from latro_engine.metrics import read_metrics
@@ -192,9 +193,6 @@ def test_gradient_checkpointing_recomputes_layers_and_trains_the_same(tmp_path):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
     for a, b in zip(runs[False][1], runs[True][1]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-
-
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 @pytest.mark.parametrize("device", DEVICES)
