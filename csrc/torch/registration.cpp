@@ -629,16 +629,29 @@ linear_token_logprobs_op() {
 // so float32 leaves get float32 gradients, and weight casts use autocast's per-region cache.
 // linear_token_logprobs_backward keeps the fallthrough: it runs at the dtypes the forward
 // saved, which its own guard above makes well defined.
+// The rule, shared with linear_weighted_logprob_sum: hidden, weight and bias at the region's dtype.
+struct LinearInputs {
+  at::Tensor hidden, weight;
+  std::optional<at::Tensor> bias;
+};
+
+template <c10::DeviceType kDevice>
+LinearInputs autocast_linear_inputs(const at::Tensor& hidden, const at::Tensor& weight,
+                                    const std::optional<at::Tensor>& bias) {
+  const at::ScalarType dtype = at::autocast::get_autocast_dtype(kDevice);
+  return {at::autocast::cached_cast(dtype, hidden, kDevice),
+          at::autocast::cached_cast(dtype, weight, kDevice),
+          at::autocast::cached_cast(dtype, bias, kDevice)};
+}
+
 template <c10::DeviceType kDevice>
 std::tuple<at::Tensor, at::Tensor> linear_token_logprobs_autocast(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& targets, int64_t chunk_size, int64_t ignore_index) {
   NoAutocast no_autocast(c10::autocast_dispatch_keyset);
-  const at::ScalarType dtype = at::autocast::get_autocast_dtype(kDevice);
-  return linear_token_logprobs_op().call(at::autocast::cached_cast(dtype, hidden, kDevice),
-                                         at::autocast::cached_cast(dtype, weight, kDevice),
-                                         at::autocast::cached_cast(dtype, bias, kDevice), targets,
-                                         chunk_size, ignore_index);
+  const LinearInputs in = autocast_linear_inputs<kDevice>(hidden, weight, bias);
+  return linear_token_logprobs_op().call(in.hidden, in.weight, in.bias, targets, chunk_size,
+                                         ignore_index);
 }
 
 // ------------------------------------------------------------------ linear_weighted_logprob_sum
@@ -718,25 +731,23 @@ WeightedSum linear_weighted_logprob_sum(const at::Tensor& hidden, const at::Tens
   return {terms.sum().to(at::kFloat), logprobs, grad_hidden, grad_weight, grad_bias};
 }
 
-// The autocast rule of linear_token_logprobs (casts through autograd, so float32 leaves get
-// float32 gradients); token_weights stay float32.
+// linear_token_logprobs' autocast rule (casts through autograd, so float32 leaves get float32
+// gradients); token_weights stay float32.
 template <c10::DeviceType kDevice>
 WeightedSum linear_weighted_logprob_sum_autocast(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& targets, const at::Tensor& token_weights, int64_t chunk_size,
     int64_t ignore_index, bool hidden_grad, bool weight_grad, bool bias_grad) {
   NoAutocast no_autocast(c10::autocast_dispatch_keyset);
-  const at::ScalarType dtype = at::autocast::get_autocast_dtype(kDevice);
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("latro_engine::linear_weighted_logprob_sum", "")
           .typed<WeightedSum(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                              const at::Tensor&, const at::Tensor&, int64_t, int64_t, bool, bool,
                              bool)>();
-  return op.call(at::autocast::cached_cast(dtype, hidden, kDevice),
-                 at::autocast::cached_cast(dtype, weight, kDevice),
-                 at::autocast::cached_cast(dtype, bias, kDevice), targets, token_weights,
-                 chunk_size, ignore_index, hidden_grad, weight_grad, bias_grad);
+  const LinearInputs in = autocast_linear_inputs<kDevice>(hidden, weight, bias);
+  return op.call(in.hidden, in.weight, in.bias, targets, token_weights, chunk_size, ignore_index,
+                 hidden_grad, weight_grad, bias_grad);
 }
 
 }  // namespace
