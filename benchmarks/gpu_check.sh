@@ -5,7 +5,8 @@
 #              LATRO_FORCE_CUDA=1: the build fails rather than silently leaving them out), and
 #              copies the built module to $OUT so a later run can carry it instead of rebuilding;
 #   2. test    the CUDA tests: python_tests/test_cuda_ops.py and every cuda-named case of the
-#              rest of the suite (pytest -k cuda: the static decoder's CUDA graphs among them);
+#              rest of the suite (pytest -k cuda: the static decoder's CUDA graphs among them),
+#              going on past a test that crashes the process (scripts/pytest_through_crashes.sh);
 #   3. bench   benchmarks/bench_gpu.py, one process per section (scorer, sample, rollout, latro),
 #              each under its own time limit so one slow section cannot hide the others.
 #
@@ -23,7 +24,7 @@
 # built module (_C.*.so). Environment: PYTHON (default: python3 if its torch has CUDA, else
 # .venv/bin/python), STAGES (default "build test bench"), MAX_JOBS (default: all cores),
 # BENCH_SECTIONS (default "scorer sample attention rollout latro"), BENCH_ARGS (extra options),
-# TEST_ARGS (pytest arguments instead of the default selection), TEST_TIMEOUT (s, default 240),
+# TEST_ARGS (pytest selection instead of the default), TEST_TIMEOUT (s for all tests, default 240),
 # SECTION_TIMEOUT (s per bench section, default 240).
 # Every stage runs even if an earlier one failed (except that nothing runs without a build);
 # the exit status is non-zero if any failed.
@@ -115,21 +116,13 @@ EOF_PROBE
 }
 
 cuda_tests() {
-  # test_cuda_ops.py whole, plus the cuda-named cases elsewhere; -p no:cacheprovider keeps the
-  # copied tree clean. TEST_ARGS replaces both with one pytest run of those arguments.
-  if [[ -n "${TEST_ARGS:-}" ]]; then
-    # shellcheck disable=SC2086  # TEST_ARGS is a list of arguments
-    timeout "${TEST_TIMEOUT:-240}" "$PYTHON" -m pytest -q -p no:cacheprovider -rfEs $TEST_ARGS \
-      2>&1 | tee -a "$OUT/pytest.log"
-    return "${PIPESTATUS[0]}"
-  fi
-  timeout "${TEST_TIMEOUT:-240}" "$PYTHON" -m pytest -q -p no:cacheprovider -rfEs \
-    python_tests/test_cuda_ops.py 2>&1 | tee "$OUT/pytest.log"
-  local a=${PIPESTATUS[0]}
-  timeout "${TEST_TIMEOUT:-240}" "$PYTHON" -m pytest -q -p no:cacheprovider -rfE -k cuda \
-    --ignore=python_tests/test_cuda_ops.py python_tests 2>&1 | tee -a "$OUT/pytest.log"
-  local b=${PIPESTATUS[0]}
-  [[ $a -eq 0 && ($b -eq 0 || $b -eq 5) ]]  # 5: nothing selected
+  # test_cuda_ops.py and the cuda-named cases of the rest of the suite (-k cuda selects both: the
+  # module's name has it), or TEST_ARGS instead. Through scripts/pytest_through_crashes.sh: a
+  # test that kills the process (the bad-input SIGSEGV of 2026-11-25) is named and the tests
+  # after it still run.
+  # shellcheck disable=SC2086  # TEST_ARGS is a list of arguments
+  PYTHON="$PYTHON" LOG="$OUT/pytest.log" TEST_TIMEOUT="${TEST_TIMEOUT:-240}" \
+    bash scripts/pytest_through_crashes.sh ${TEST_ARGS:-python_tests -k cuda}
 }
 
 bench() {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -17,6 +18,16 @@ LLAMA3_VOCAB = 128_256
 # Absolute slack added to "at most 2x plain torch's error at the same dtype" (flash-attention's
 # rule for reductions), per input dtype.
 ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-5, torch.float16: 1e-5, torch.float64: 1e-10}
+
+def pytest_runtest_logstart(nodeid, location):
+    """With LATRO_TEST_PROGRESS set, the id of the test about to run goes to that file: when a
+    test kills the process (a signal, not a failure), scripts/pytest_through_crashes.sh reads
+    which one it was and goes on after it."""
+    path = os.environ.get("LATRO_TEST_PROGRESS")
+    if path:
+        with open(path, "w") as progress:
+            progress.write(nodeid)
+
 
 requires_native = pytest.mark.skipif(
     not latro_engine.native_available(), reason="the native extension is not built"

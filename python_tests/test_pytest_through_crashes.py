@@ -1,0 +1,74 @@
+"""scripts/pytest_through_crashes.sh, the GPU check's test runner: a test that kills the process
+is reported by name and the tests after it still run."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "pytest_through_crashes.sh"
+
+CRASHING_TESTS = """
+import os
+import signal
+
+import pytest
+
+
+@pytest.mark.parametrize("i", range(6))
+def test_numbered(i):
+    if i in (1, 2):
+        os.kill(os.getpid(), signal.SIGSEGV if i == 1 else signal.SIGABRT)
+    assert i != 4
+
+
+def test_last():
+    pass
+"""
+
+
+def run_script(tmp_path: Path, test_source: str, *selection: str) -> tuple[int, str]:
+    # The real conftest, whose progress hook names the test that was running.
+    shutil.copy(ROOT / "python_tests" / "conftest.py", tmp_path / "conftest.py")
+    (tmp_path / "test_subject.py").write_text(test_source)
+    log = tmp_path / "run.log"
+    result = subprocess.run(
+        ["bash", str(SCRIPT), *selection],
+        cwd=tmp_path,
+        env={
+            "PATH": "/usr/bin:/bin",
+            "PYTHON": sys.executable,
+            "PYTHONPATH": str(ROOT),
+            "LOG": str(log),
+            "TEST_TIMEOUT": "120",
+        },
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    return result.returncode, log.read_text()
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_crashes_are_named_and_the_rest_still_runs(tmp_path):
+    rc, log = run_script(tmp_path, CRASHING_TESTS, "test_subject.py")
+    assert rc == 1
+    assert "CRASHED (exit 139, signal 11): test_subject.py::test_numbered[1]" in log
+    assert "CRASHED (exit 134, signal 6): test_subject.py::test_numbered[2]" in log
+    assert "2 test(s) killed the process" in log
+    # After the second crash: [3] passes, [4] fails, [5] and test_last pass.
+    assert "FAILED test_subject.py::test_numbered[4]" in log
+    assert "1 failed, 3 passed" in log
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_a_clean_run_passes_and_an_empty_selection_is_not_an_error(tmp_path):
+    rc, log = run_script(tmp_path, "def test_fine():\n    pass\n", "test_subject.py")
+    assert (rc, "1 passed" in log, "CRASHED" in log) == (0, True, False)
+    rc, log = run_script(tmp_path, "def test_fine():\n    pass\n", "test_subject.py", "-k", "nope")
+    assert rc == 0
