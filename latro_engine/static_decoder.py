@@ -2,7 +2,8 @@
 
 Hugging Face's forward costs a few milliseconds of Python and kernel launches per token whatever
 the batch, so a decode loop built on it is limited by the host, not the GPU. This module decodes
-Llama-family models (``llama``, ``mistral``, ``qwen2``: RMSNorm, rotary embeddings, grouped-query
+Llama-family models (``llama``, ``mistral``, ``qwen2``, and ``phi3`` with its fused q/k/v and
+gate/up projections and its longrope embeddings: RMSNorm, rotary embeddings, grouped-query
 attention, SiLU-gated MLP) with its own functional forward over the model's weights:
 
 * the KV cache is preallocated ``[rows, kv heads, slots, head dim]`` per layer, the prompt in slots
@@ -26,8 +27,9 @@ same dtypes as the model's own forward under the same autocast state.
 
 A decoder, its buffers and graphs are kept per model between rollouts with the same shape and
 sampling settings (training calls the rollout with the same settings every step); the
-``KEPT_DECODERS`` most recently used are kept, and :func:`release_static_decoder` frees them. :func:`static_decoder_unsupported` says why a model cannot use this path; the
-rollout then falls back to the Hugging Face loop in :mod:`latro_engine.rollout`.
+``KEPT_DECODERS`` most recently used are kept, and :func:`release_static_decoder` frees them.
+:func:`static_decoder_unsupported` says why a model cannot use this path; the rollout then
+falls back to the Hugging Face loop in :mod:`latro_engine.rollout`.
 """
 
 from __future__ import annotations
@@ -44,8 +46,14 @@ from latro_engine import ops
 
 __all__ = ["StaticDecoder", "decode_static", "release_static_decoder", "static_decoder_unsupported"]
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "phi3")
 _STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # inv_freq fixed at init
+# Where each family keeps its linear layers (attribute of self_attn / mlp -> the decoder's name):
+# q, k and v, gate and up as separate matmuls, or each group fused into one (phi3).
+_ATTENTION_LINEARS = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o"}
+_FUSED_ATTENTION_LINEARS = {"qkv_proj": "qkv", "o_proj": "o"}
+_MLP_LINEARS = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
+_FUSED_MLP_LINEARS = {"gate_up_proj": "gate_up", "down_proj": "down"}
 ROW_BUCKET = 8  # rows are padded to a multiple of this; one CUDA graph per bucket in use
 SLOT_BUCKET = 64  # KV slots are allocated in multiples of this (prompt lengths vary per call)
 # Decoders kept per model, most recently used: training alternates rollouts with evaluation
@@ -65,11 +73,51 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def _rope_parameters(config) -> dict:
+    return getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+
+
 def _rope_type(config) -> str:
-    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
-    if not params:
-        return "default"
+    params = _rope_parameters(config)
     return str(params.get("rope_type", params.get("type", "default")))
+
+
+def _rope_unsupported(config, total_length: int) -> str | None:
+    rope = _rope_type(config)
+    if rope == "longrope":
+        # Hugging Face switches a whole forward to the long factors once a position reaches the
+        # original context, and keeps the short ones (the buffer original_inv_freq) below it.
+        original = _rope_parameters(config).get("original_max_position_embeddings") or getattr(
+            config, "original_max_position_embeddings", None
+        )
+        if original is None:
+            return "longrope without original_max_position_embeddings"
+        if total_length > original:
+            return (
+                f"sequences of {total_length} tokens pass longrope's original context "
+                f"{original} (its long factors)"
+            )
+    elif rope not in _STATIC_ROPE_TYPES:
+        return f"rope type {rope!r} (supported: {_STATIC_ROPE_TYPES} and longrope)"
+    partial = _rope_parameters(config).get("partial_rotary_factor")
+    if partial is None:
+        partial = getattr(config, "partial_rotary_factor", None)
+    if partial is not None and partial != 1.0:
+        return "partial rotary embeddings"
+    return None
+
+
+def _layer_linears(layer: torch.nn.Module) -> dict[str, tuple[str, torch.nn.Module | None]]:
+    """A decoder layer's linear modules by the decoder's names: (path in the layer, the module
+    or None where it is missing)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    attn_names = _FUSED_ATTENTION_LINEARS if hasattr(attn, "qkv_proj") else _ATTENTION_LINEARS
+    mlp_names = _FUSED_MLP_LINEARS if hasattr(mlp, "gate_up_proj") else _MLP_LINEARS
+    out = {}
+    for prefix, module, names in (("self_attn", attn, attn_names), ("mlp", mlp, mlp_names)):
+        for name, short in names.items():
+            out[short] = (f"{prefix}.{name}", getattr(module, name, None))
+    return out
 
 
 def _is_lora(module: torch.nn.Module) -> bool:
@@ -116,10 +164,9 @@ def static_decoder_unsupported(model: torch.nn.Module, total_length: int = 0) ->
         return f"embed_tokens is a {type(body.embed_tokens).__name__}"
     if getattr(config, "hidden_act", "silu") != "silu":
         return f"hidden_act {config.hidden_act!r} (only silu)"
-    if _rope_type(config) not in _STATIC_ROPE_TYPES:
-        return f"rope type {_rope_type(config)!r} (supported: {_STATIC_ROPE_TYPES})"
-    if getattr(config, "partial_rotary_factor", 1.0) != 1.0:
-        return "partial rotary embeddings"
+    reason = _rope_unsupported(config, total_length)
+    if reason:
+        return reason
     window = getattr(config, "sliding_window", None)
     sliding = getattr(config, "use_sliding_window", True)  # qwen2 has it off by default
     if window and sliding and total_length > window:
@@ -137,12 +184,8 @@ def static_decoder_unsupported(model: torch.nn.Module, total_length: int = 0) ->
             return f"{name}.weight is {norm.weight.dtype}, the residual stream {residual_dtype}"
     linears = [("lm_head", inner.lm_head)]
     for i, layer in enumerate(body.layers):
-        attn, mlp = layer.self_attn, layer.mlp
-        for part in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            linears.append((f"layers.{i}.self_attn.{part}", getattr(attn, part, None)))
-        for part in ("gate_proj", "up_proj", "down_proj"):
-            linears.append((f"layers.{i}.mlp.{part}", getattr(mlp, part, None)))
-        if hasattr(attn, "q_norm") or hasattr(attn, "k_norm"):
+        linears += [(f"layers.{i}.{path}", m) for path, m in _layer_linears(layer).values()]
+        if hasattr(layer.self_attn, "q_norm") or hasattr(layer.self_attn, "k_norm"):
             return "query/key norms"
     for name, module in linears:
         if module is None:
@@ -225,20 +268,9 @@ class StaticDecoder:
         self.residual_dtype = self.embed.dtype
         self.layers = []
         for layer in body.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            self.layers.append(
-                dict(
-                    in_norm=layer.input_layernorm,
-                    post_norm=layer.post_attention_layernorm,
-                    q=_Linear(attn.q_proj, dtype),
-                    k=_Linear(attn.k_proj, dtype),
-                    v=_Linear(attn.v_proj, dtype),
-                    o=_Linear(attn.o_proj, dtype),
-                    gate=_Linear(mlp.gate_proj, dtype),
-                    up=_Linear(mlp.up_proj, dtype),
-                    down=_Linear(mlp.down_proj, dtype),
-                )
-            )
+            linears = {n: _Linear(m, dtype) for n, (_, m) in _layer_linears(layer).items()}
+            norms = dict(in_norm=layer.input_layernorm, post_norm=layer.post_attention_layernorm)
+            self.layers.append({**norms, **linears})
         # The RMSNorm before each layer, then the final one (each fused with the residual
         # addition before it, but the first).
         self.norms = [layer.input_layernorm for layer in body.layers] + [body.norm]
@@ -248,7 +280,11 @@ class StaticDecoder:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.scale = 1.0 / math.sqrt(self.head_dim)
         rotary = body.rotary_emb
-        self.inv_freq = rotary.inv_freq.detach().float().to(device)
+        # original_inv_freq: the frequencies a forward over these lengths uses (longrope's short
+        # factors; inv_freq itself may hold the long ones after a long forward).
+        inv_freq = getattr(rotary, "original_inv_freq", None)
+        inv_freq = rotary.inv_freq if inv_freq is None else inv_freq
+        self.inv_freq = inv_freq.detach().float().to(device)
         self.rope_scaling = float(getattr(rotary, "attention_scaling", 1.0) or 1.0)
 
         rows, slots, limit = key.rows, key.slots, key.limit
@@ -293,17 +329,27 @@ class StaticDecoder:
         x = self._norm(self.norms[0], h)
         for i, layer in enumerate(self.layers):
             x, h = self._norm(layer["post_norm"], layer["o"](attend(i, layer, x)), residual=h)
-            mlp = layer["down"](ops.silu_mul(layer["gate"](x), layer["up"](x)))
+            if "gate_up" in layer:
+                gate, up = layer["gate_up"](x).chunk(2, dim=-1)
+            else:
+                gate, up = layer["gate"](x), layer["up"](x)
+            mlp = layer["down"](ops.silu_mul(gate, up))
             x, h = self._norm(self.norms[i + 1], mlp, residual=h)
         return x
 
     def _projections(self, layer: dict, x: torch.Tensor):
         """q, k, v ``[b, T, heads, head_dim]`` of the normalized x, before rotary embeddings."""
         b, t, _ = x.shape
-        q = layer["q"](x).view(b, t, self.heads, self.head_dim)
-        k = layer["k"](x).view(b, t, self.kv_heads, self.head_dim)
-        v = layer["v"](x).view(b, t, self.kv_heads, self.head_dim)
-        return q, k, v
+        if "qkv" in layer:
+            sizes = [self.heads * self.head_dim] + [self.kv_heads * self.head_dim] * 2
+            q, k, v = layer["qkv"](x).split(sizes, dim=-1)
+        else:
+            q, k, v = layer["q"](x), layer["k"](x), layer["v"](x)
+        return (
+            q.view(b, t, self.heads, self.head_dim),
+            k.view(b, t, self.kv_heads, self.head_dim),
+            v.view(b, t, self.kv_heads, self.head_dim),
+        )
 
     def _qkv(self, layer: dict, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """q, k, v ``[b, heads, T, head_dim]`` with q and k rotated, as the models do."""

@@ -29,6 +29,7 @@ def _model(kind: str = "llama", seed: int = 0, **extra) -> torch.nn.Module:
         "llama": transformers.LlamaConfig,
         "mistral": transformers.MistralConfig,
         "qwen2": transformers.Qwen2Config,  # q/k/v biases
+        "phi3": transformers.Phi3Config,  # fused qkv_proj and gate_up_proj
     }[kind](**shape)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config)
@@ -41,6 +42,17 @@ def _model(kind: str = "llama", seed: int = 0, **extra) -> torch.nn.Module:
 
 
 PROMPTS = [[1, 5, 6, 7], [1, 9], [1, 3, 4, 8, 10, 12], [1, 14, 15]]
+# Phi-3.5's rotary embeddings, scaled down: per-frequency short factors within the original
+# context (the decoder's case), long ones beyond it, and an attention scaling from their ratio.
+LONGROPE = {
+    "max_position_embeddings": 512,
+    "original_max_position_embeddings": 64,
+    "rope_scaling": {
+        "type": "longrope",
+        "short_factor": [1.0, 1.3, 1.7, 2.9],
+        "long_factor": [2.0, 3.0, 5.0, 9.0],
+    },
+}
 
 
 def _prompts(prompts=PROMPTS):
@@ -50,13 +62,12 @@ def _prompts(prompts=PROMPTS):
     return ids, mask
 
 
-def _both(model, prompts=PROMPTS, **kw):
+def _both(model, prompts=PROMPTS, decoders=("hf", "static"), **kw):
+    """The rollouts of the two decoders, run in the order given."""
     ids, mask = _prompts(prompts)
     kw = {"k": 5, "max_new_tokens": 30, "stop_sequences": [[2], [7, 8]], "pad_token_id": PAD,
           "seed": 123, **kw}
-    hf = sample_rationales(model, ids, mask, decoder="hf", **kw)
-    static = sample_rationales(model, ids, mask, decoder="static", **kw)
-    return hf, static
+    return tuple(sample_rationales(model, ids, mask, decoder=d, **kw) for d in decoders)
 
 
 def _assert_same(a, b):
@@ -70,7 +81,8 @@ def _assert_same(a, b):
 @pytest.mark.parametrize(
     "kind,extra",
     [("llama", {}), ("mistral", {}), ("qwen2", {}), ("llama", {"tie_word_embeddings": True}),
-     ("llama", {"attention_bias": True, "mlp_bias": True, "head_dim": 16})],
+     ("llama", {"attention_bias": True, "mlp_bias": True, "head_dim": 16}), ("phi3", {}),
+     ("phi3", LONGROPE)],
 )
 def test_same_rollouts_as_the_generic_loop(kind, extra):
     model = _model(kind, **extra)
@@ -80,8 +92,27 @@ def test_same_rollouts_as_the_generic_loop(kind, extra):
     _assert_same(hf, static)
 
 
+def test_longrope_uses_the_short_factors_within_the_original_context():
+    """A forward past the original context leaves Hugging Face's inv_freq buffer on the long
+    factors; rollouts within that context still use the short ones, as the model's own forward
+    over them does. Past it the decoder declines (its forward would switch factors)."""
+    model = _model("phi3", **LONGROPE)
+    with torch.no_grad():
+        model(torch.ones(1, 80, dtype=torch.long))  # 80 > 64: long factors
+    rotary = model.model.rotary_emb
+    assert not torch.equal(rotary.inv_freq, rotary.original_inv_freq)
+    static, hf = _both(model, decoders=("static", "hf"))  # the static decoder is built first
+    assert hf.finished.any() and not hf.finished.all()
+    _assert_same(hf, static)
+    assert static_decoder.static_decoder_unsupported(model, 64) is None
+    assert "original context 64" in static_decoder.static_decoder_unsupported(model, 65)
+    partial = _model("phi3", partial_rotary_factor=0.5)
+    assert static_decoder.static_decoder_unsupported(partial) == "partial rotary embeddings"
+
+
+@pytest.mark.parametrize("kind", ["llama", "phi3"])  # phi3: q, k, v are views of one matmul
 @pytest.mark.parametrize("backend", backends_for("cpu"))
-def test_float32_rollouts_through_the_attention_op(backend, use_backend, monkeypatch):
+def test_float32_rollouts_through_the_attention_op(backend, kind, use_backend, monkeypatch):
     """In float32 the decode step's attention is ops.decode_attention on the chosen backend
     (the float64 tests above run its reference): the generic loop's rollouts still come out."""
     use_backend(backend)
@@ -93,7 +124,7 @@ def test_float32_rollouts_through_the_attention_op(backend, use_backend, monkeyp
         return op(query, *args, **kw)
 
     monkeypatch.setattr(static_decoder.ops, "decode_attention", spy)
-    model = _model().float()
+    model = _model(kind).float()
     hf, static = _both(model)
     assert calls and set(calls) == {torch.float32}
     assert hf.finished.any() and not hf.finished.all()
@@ -213,7 +244,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 
 
 @cuda
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "phi3"])
 def test_cuda_graph_rollouts_match_the_generic_loop_and_cpu(kind):
     import latro_engine
 
