@@ -3,8 +3,9 @@
 Hugging Face's forward costs a few milliseconds of Python and kernel launches per token whatever
 the batch, so a decode loop built on it is limited by the host, not the GPU. This module decodes
 Llama-family models (``llama``, ``mistral``, ``qwen2``, and ``phi3`` with its fused q/k/v and
-gate/up projections and its longrope embeddings: RMSNorm, rotary embeddings, grouped-query
-attention, SiLU-gated MLP) with its own functional forward over the model's weights:
+gate/up projections, taken as blocks of rows, and its longrope embeddings: RMSNorm, rotary
+embeddings, grouped-query attention, SiLU-gated MLP) with its own functional forward over the
+model's weights:
 
 * the KV cache is preallocated ``[rows, kv heads, slots, head dim]`` per layer, the prompt in slots
   ``[0, P)`` and decode step t's input in slot ``P + t - 1``; a boolean slot mask replaces the
@@ -48,12 +49,6 @@ __all__ = ["StaticDecoder", "decode_static", "release_static_decoder", "static_d
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "phi3")
 _STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # inv_freq fixed at init
-# Where each family keeps its linear layers (attribute of self_attn / mlp -> the decoder's name):
-# q, k and v, gate and up as separate matmuls, or each group fused into one (phi3).
-_ATTENTION_LINEARS = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o"}
-_FUSED_ATTENTION_LINEARS = {"qkv_proj": "qkv", "o_proj": "o"}
-_MLP_LINEARS = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
-_FUSED_MLP_LINEARS = {"gate_up_proj": "gate_up", "down_proj": "down"}
 ROW_BUCKET = 8  # rows are padded to a multiple of this; one CUDA graph per bucket in use
 SLOT_BUCKET = 64  # KV slots are allocated in multiples of this (prompt lengths vary per call)
 # Decoders kept per model, most recently used: training alternates rollouts with evaluation
@@ -107,16 +102,46 @@ def _rope_unsupported(config, total_length: int) -> str | None:
     return None
 
 
-def _layer_linears(layer: torch.nn.Module) -> dict[str, tuple[str, torch.nn.Module | None]]:
-    """A decoder layer's linear modules by the decoder's names: (path in the layer, the module
-    or None where it is missing)."""
+def _attention_shape(config) -> tuple[int, int, int]:
+    """(query heads, KV heads, head dim)."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return heads, kv_heads, getattr(config, "head_dim", None) or config.hidden_size // heads
+
+
+def _base(module: torch.nn.Module) -> torch.nn.Module:
+    return module.base_layer if _is_lora(module) else module
+
+
+# A matmul of the decoder: the module holding its weight (None where missing), that module's
+# path in the layer, and its rows of the weight (None: all).
+_Matmul = tuple[torch.nn.Module | None, str, slice | None]
+
+
+def _layer_matmuls(layer: torch.nn.Module, config) -> dict[str, _Matmul]:
+    """A decoder layer's seven matmuls (q, k, v, o, gate, up, down). Where a model fuses some
+    into one module (phi3: qkv_proj, gate_up_proj) each is its block of rows of that weight,
+    a view: the same weight bytes read, and outputs that need no splitting copies."""
     attn, mlp = layer.self_attn, layer.mlp
-    attn_names = _FUSED_ATTENTION_LINEARS if hasattr(attn, "qkv_proj") else _ATTENTION_LINEARS
-    mlp_names = _FUSED_MLP_LINEARS if hasattr(mlp, "gate_up_proj") else _MLP_LINEARS
-    out = {}
-    for prefix, module, names in (("self_attn", attn, attn_names), ("mlp", mlp, mlp_names)):
-        for name, short in names.items():
-            out[short] = (f"{prefix}.{name}", getattr(module, name, None))
+    out: dict[str, _Matmul] = {}
+    if hasattr(attn, "qkv_proj"):
+        heads, kv_heads, dim = _attention_shape(config)
+        q, kv = heads * dim, kv_heads * dim
+        blocks = {"q": slice(0, q), "k": slice(q, q + kv), "v": slice(q + kv, q + 2 * kv)}
+        for name, rows in blocks.items():
+            out[name] = (attn.qkv_proj, "self_attn.qkv_proj", rows)
+    else:
+        for name in "qkv":
+            out[name] = (getattr(attn, f"{name}_proj", None), f"self_attn.{name}_proj", None)
+    out["o"] = (getattr(attn, "o_proj", None), "self_attn.o_proj", None)
+    if hasattr(mlp, "gate_up_proj"):
+        half = config.intermediate_size
+        out["gate"] = (mlp.gate_up_proj, "mlp.gate_up_proj", slice(0, half))
+        out["up"] = (mlp.gate_up_proj, "mlp.gate_up_proj", slice(half, 2 * half))
+    else:
+        for name in ("gate", "up"):
+            out[name] = (getattr(mlp, f"{name}_proj", None), f"mlp.{name}_proj", None)
+    out["down"] = (getattr(mlp, "down_proj", None), "mlp.down_proj", None)
     return out
 
 
@@ -182,54 +207,66 @@ def static_decoder_unsupported(model: torch.nn.Module, total_length: int = 0) ->
             return f"{name} is not an RMSNorm with weight and variance_epsilon"
         if norm.weight.dtype != residual_dtype:
             return f"{name}.weight is {norm.weight.dtype}, the residual stream {residual_dtype}"
-    linears = [("lm_head", inner.lm_head)]
+    matmuls: list[_Matmul] = [(inner.lm_head, "lm_head", None)]
     for i, layer in enumerate(body.layers):
-        linears += [(f"layers.{i}.{path}", m) for path, m in _layer_linears(layer).values()]
         if hasattr(layer.self_attn, "q_norm") or hasattr(layer.self_attn, "k_norm"):
             return "query/key norms"
-    for name, module in linears:
+        for module, path, rows in _layer_matmuls(layer, config).values():
+            matmuls.append((module, f"layers.{i}.{path}", rows))
+    for module, name, rows in matmuls:
         if module is None:
             return f"{name} is missing"
         reason = _linear_unsupported(module, name)
         if reason:
             return reason
+        if rows is not None and _base(module).weight.shape[0] < rows.stop:
+            return f"{name} has {_base(module).weight.shape[0]} rows, not the config's {rows.stop}"
     return None
 
 
 class _Linear:
-    """A linear layer's effective weight (and bias) in the matmul dtype.
+    """A matmul's effective weight (and bias) in the matmul dtype: a linear layer's, or a block
+    of its rows (``rows``) where the model fuses several matmuls into one layer.
 
-    The parameter itself when it already has that dtype; otherwise a copy (cast, or with the
-    active LoRA adapters merged) that :meth:`refresh` rewrites in place, so captured graphs keep
-    reading the same memory."""
+    The parameter itself (or a view of its rows) when it already has that dtype; otherwise a
+    copy (cast, or with the active LoRA adapters merged) that :meth:`refresh` rewrites in place,
+    so captured graphs keep reading the same memory."""
 
-    def __init__(self, module: torch.nn.Module, dtype: torch.dtype):
+    def __init__(self, module: torch.nn.Module, dtype: torch.dtype, rows: slice | None = None):
         self.module = module
         self.dtype = dtype
-        base = module.base_layer if _is_lora(module) else module
+        self.rows = slice(None) if rows is None else rows
+        base = _base(module)
         self.copy_weight = _is_lora(module) or base.weight.dtype != dtype
-        self.weight = self._effective_weight() if self.copy_weight else base.weight
+        self.weight = self._effective_weight() if self.copy_weight else self._base_weight()
         bias = base.bias
-        self.bias = None if bias is None else (bias if bias.dtype == dtype else bias.to(dtype))
+        self.copy_bias = bias is not None and bias.dtype != dtype
+        if bias is None:
+            self.bias = None
+        else:
+            bias = bias.detach()[self.rows]
+            self.bias = bias.to(dtype) if self.copy_bias else bias
+
+    def _base_weight(self) -> torch.Tensor:
+        return _base(self.module).weight.detach()[self.rows]
 
     def _effective_weight(self) -> torch.Tensor:
         module = self.module
         if not _is_lora(module):
-            return module.weight.detach().to(self.dtype)
-        weight = module.base_layer.weight.detach().float()
+            return self._base_weight().to(self.dtype)
+        weight = self._base_weight().float()
         if not module.merged and not getattr(module, "disable_adapters", False):
             for adapter in module.active_adapters:
                 a = module.lora_A[adapter].weight.detach().float()
-                b = module.lora_B[adapter].weight.detach().float()
+                b = module.lora_B[adapter].weight.detach()[self.rows].float()
                 weight = weight + (b @ a) * module.scaling[adapter]
         return weight.to(self.dtype)
 
     def refresh(self) -> None:
         if self.copy_weight:
             self.weight.copy_(self._effective_weight())
-        base = self.module.base_layer if _is_lora(self.module) else self.module
-        if self.bias is not None and self.bias is not base.bias:
-            self.bias.copy_(base.bias.detach())
+        if self.copy_bias:
+            self.bias.copy_(_base(self.module).bias.detach()[self.rows])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x.to(self.dtype), self.weight, self.bias)
@@ -268,16 +305,15 @@ class StaticDecoder:
         self.residual_dtype = self.embed.dtype
         self.layers = []
         for layer in body.layers:
-            linears = {n: _Linear(m, dtype) for n, (_, m) in _layer_linears(layer).items()}
+            matmuls = _layer_matmuls(layer, config)
+            linears = {n: _Linear(m, dtype, rows) for n, (m, _, rows) in matmuls.items()}
             norms = dict(in_norm=layer.input_layernorm, post_norm=layer.post_attention_layernorm)
             self.layers.append({**norms, **linears})
         # The RMSNorm before each layer, then the final one (each fused with the residual
         # addition before it, but the first).
         self.norms = [layer.input_layernorm for layer in body.layers] + [body.norm]
         self.lm_head = _Linear(inner.lm_head, dtype)
-        self.heads = config.num_attention_heads
-        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.heads, self.kv_heads, self.head_dim = _attention_shape(config)
         self.scale = 1.0 / math.sqrt(self.head_dim)
         rotary = body.rotary_emb
         # original_inv_freq: the frequencies a forward over these lengths uses (longrope's short
@@ -329,27 +365,17 @@ class StaticDecoder:
         x = self._norm(self.norms[0], h)
         for i, layer in enumerate(self.layers):
             x, h = self._norm(layer["post_norm"], layer["o"](attend(i, layer, x)), residual=h)
-            if "gate_up" in layer:
-                gate, up = layer["gate_up"](x).chunk(2, dim=-1)
-            else:
-                gate, up = layer["gate"](x), layer["up"](x)
-            mlp = layer["down"](ops.silu_mul(gate, up))
+            mlp = layer["down"](ops.silu_mul(layer["gate"](x), layer["up"](x)))
             x, h = self._norm(self.norms[i + 1], mlp, residual=h)
         return x
 
     def _projections(self, layer: dict, x: torch.Tensor):
         """q, k, v ``[b, T, heads, head_dim]`` of the normalized x, before rotary embeddings."""
         b, t, _ = x.shape
-        if "qkv" in layer:
-            sizes = [self.heads * self.head_dim] + [self.kv_heads * self.head_dim] * 2
-            q, k, v = layer["qkv"](x).split(sizes, dim=-1)
-        else:
-            q, k, v = layer["q"](x), layer["k"](x), layer["v"](x)
-        return (
-            q.view(b, t, self.heads, self.head_dim),
-            k.view(b, t, self.kv_heads, self.head_dim),
-            v.view(b, t, self.kv_heads, self.head_dim),
-        )
+        q = layer["q"](x).view(b, t, self.heads, self.head_dim)
+        k = layer["k"](x).view(b, t, self.kv_heads, self.head_dim)
+        v = layer["v"](x).view(b, t, self.kv_heads, self.head_dim)
+        return q, k, v
 
     def _qkv(self, layer: dict, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """q, k, v ``[b, heads, T, head_dim]`` with q and k rotated, as the models do."""
