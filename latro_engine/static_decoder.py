@@ -2,10 +2,10 @@
 
 Hugging Face's forward costs a few milliseconds of Python and kernel launches per token whatever
 the batch, so a decode loop built on it is limited by the host, not the GPU. This module decodes
-Llama-family models (``llama``, ``mistral``, ``qwen2``, and ``phi3`` with its fused q/k/v and
-gate/up projections, taken as blocks of rows, and its longrope embeddings: RMSNorm, rotary
-embeddings, grouped-query attention, SiLU-gated MLP) with its own functional forward over the
-model's weights:
+Llama-family models (``llama``, ``mistral``, ``qwen2``; ``qwen3`` with its RMSNorm of each query
+and key head; ``phi3`` with its fused q/k/v and gate/up projections, taken as blocks of rows, and
+its longrope embeddings: RMSNorm, rotary embeddings, grouped-query attention, SiLU-gated MLP)
+with its own functional forward over the model's weights:
 
 * the KV cache is preallocated ``[rows, kv heads, slots, head dim]`` per layer, the prompt in slots
   ``[0, P)`` and decode step t's input in slot ``P + t - 1``; a boolean slot mask replaces the
@@ -47,7 +47,7 @@ from latro_engine import ops
 
 __all__ = ["StaticDecoder", "decode_static", "release_static_decoder", "static_decoder_unsupported"]
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "phi3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 _STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # inv_freq fixed at init
 ROW_BUCKET = 8  # rows are padded to a multiple of this; one CUDA graph per bucket in use
 SLOT_BUCKET = 64  # KV slots are allocated in multiples of this (prompt lengths vary per call)
@@ -209,8 +209,14 @@ def static_decoder_unsupported(model: torch.nn.Module, total_length: int = 0) ->
             return f"{name}.weight is {norm.weight.dtype}, the residual stream {residual_dtype}"
     matmuls: list[_Matmul] = [(inner.lm_head, "lm_head", None)]
     for i, layer in enumerate(body.layers):
-        if hasattr(layer.self_attn, "q_norm") or hasattr(layer.self_attn, "k_norm"):
-            return "query/key norms"
+        head_norms = [getattr(layer.self_attn, p, None) for p in ("q_norm", "k_norm")]
+        if any(n is not None for n in head_norms):
+            head_dim = _attention_shape(config)[2]
+            for part, norm in zip(("q_norm", "k_norm"), head_norms):
+                weight = getattr(norm, "weight", None)
+                shape = None if weight is None else tuple(weight.shape)
+                if not hasattr(norm, "variance_epsilon") or shape != (head_dim,):
+                    return f"layers.{i}.self_attn.{part} is not an RMSNorm over the head dim"
         for module, path, rows in _layer_matmuls(layer, config).values():
             matmuls.append((module, f"layers.{i}.{path}", rows))
     for module, name, rows in matmuls:
@@ -272,6 +278,24 @@ class _Linear:
         return F.linear(x.to(self.dtype), self.weight, self.bias)
 
 
+class _HeadNorm:
+    """The RMSNorm of each query or key head (qwen3: over the head dim, before the rotary
+    embedding), with its weight in the matmul dtype: the parameter, or a copy that
+    :meth:`refresh` rewrites in place where the parameter's dtype differs."""
+
+    def __init__(self, norm: torch.nn.Module, dtype: torch.dtype):
+        self.norm = norm
+        self.copy_weight = norm.weight.dtype != dtype
+        self.weight = norm.weight.detach().to(dtype)
+
+    def refresh(self) -> None:
+        if self.copy_weight:
+            self.weight.copy_(self.norm.weight.detach())
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.rms_norm(x, self.weight, eps=self.norm.variance_epsilon)
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -308,6 +332,9 @@ class StaticDecoder:
             matmuls = _layer_matmuls(layer, config)
             linears = {n: _Linear(m, dtype, rows) for n, (m, _, rows) in matmuls.items()}
             norms = dict(in_norm=layer.input_layernorm, post_norm=layer.post_attention_layernorm)
+            for part in ("q_norm", "k_norm"):
+                if getattr(layer.self_attn, part, None) is not None:
+                    norms[part] = _HeadNorm(getattr(layer.self_attn, part), dtype)
             self.layers.append({**norms, **linears})
         # The RMSNorm before each layer, then the final one (each fused with the residual
         # addition before it, but the first).
@@ -375,6 +402,8 @@ class StaticDecoder:
         q = layer["q"](x).view(b, t, self.heads, self.head_dim)
         k = layer["k"](x).view(b, t, self.kv_heads, self.head_dim)
         v = layer["v"](x).view(b, t, self.kv_heads, self.head_dim)
+        if "q_norm" in layer:
+            q, k = layer["q_norm"](q), layer["k_norm"](k)
         return q, k, v
 
     def _qkv(self, layer: dict, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
@@ -508,7 +537,7 @@ class StaticDecoder:
     def refresh_weights(self) -> None:
         for layer in self.layers:
             for piece in layer.values():
-                if isinstance(piece, _Linear):
+                if isinstance(piece, (_Linear, _HeadNorm)):
                     piece.refresh()
         self.lm_head.refresh()
 

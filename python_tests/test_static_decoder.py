@@ -30,13 +30,16 @@ def _model(kind: str = "llama", seed: int = 0, **extra) -> torch.nn.Module:
         "mistral": transformers.MistralConfig,
         "qwen2": transformers.Qwen2Config,  # q/k/v biases
         "phi3": transformers.Phi3Config,  # fused qkv_proj and gate_up_proj
+        "qwen3": transformers.Qwen3Config,  # an RMSNorm per query / key head
     }[kind](**shape)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():  # biases start at zero; make them count
+    with torch.no_grad():  # biases start at zero and norm weights at one; make them count
         for name, p in model.named_parameters():
             if name.endswith("bias"):
                 p.normal_(0, 0.5)
+            elif name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
     # float64: a flipped draw from rounding differences is practically impossible
     return model.double().eval()
 
@@ -82,7 +85,7 @@ def _assert_same(a, b):
     "kind,extra",
     [("llama", {}), ("mistral", {}), ("qwen2", {}), ("llama", {"tie_word_embeddings": True}),
      ("llama", {"attention_bias": True, "mlp_bias": True, "head_dim": 16}), ("phi3", {}),
-     ("phi3", LONGROPE)],
+     ("phi3", LONGROPE), ("qwen3", {}), ("qwen3", {"head_dim": 16})],
 )
 def test_same_rollouts_as_the_generic_loop(kind, extra):
     model = _model(kind, **extra)
@@ -110,7 +113,8 @@ def test_longrope_uses_the_short_factors_within_the_original_context():
     assert static_decoder.static_decoder_unsupported(partial) == "partial rotary embeddings"
 
 
-@pytest.mark.parametrize("kind", ["llama", "phi3"])  # phi3: q, k, v are views of one matmul
+# phi3: q, k, v are views of one matmul; qwen3: its head norms through ops.rms_norm
+@pytest.mark.parametrize("kind", ["llama", "phi3", "qwen3"])
 @pytest.mark.parametrize("backend", backends_for("cpu"))
 def test_float32_rollouts_through_the_attention_op(backend, kind, use_backend, monkeypatch):
     """In float32 the decode step's attention is ops.decode_attention on the chosen backend
@@ -187,8 +191,9 @@ def test_weight_updates_are_seen(kind):
     _assert_same(*_both(model))
 
 
-def test_autocast_uses_bfloat16_weight_copies():
-    model = _model().float()
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])  # qwen3: its head norms' weights too
+def test_autocast_uses_bfloat16_weight_copies(kind):
+    model = _model(kind).float()
     ids, mask = _prompts()
     kw = {"k": 2, "max_new_tokens": 6, "stop_sequences": [], "pad_token_id": PAD, "seed": 1}
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -197,6 +202,14 @@ def test_autocast_uses_bfloat16_weight_copies():
     decoder = static_decoder._DECODERS[model][-1]
     assert decoder.key.matmul_dtype == torch.bfloat16
     assert decoder.layers[0]["q"].weight.dtype == torch.bfloat16
+    if kind == "qwen3":  # a copy in bf16, refreshed from the parameter before each rollout
+        copy = decoder.layers[0]["k_norm"].weight
+        param = model.model.layers[0].self_attn.k_norm.weight
+        assert copy.dtype == torch.bfloat16
+        with torch.no_grad():
+            param.mul_(2)
+        decoder.refresh_weights()
+        assert torch.equal(copy, param.detach().bfloat16())
     assert decoder.embed.dtype == torch.float32  # residual stream in float32, as autocast does
     assert r.rationale_ids.shape == (8, 6) and bool((r.sample_logprobs <= 0).all())
     # bf16 rounding differs between the two forwards; the first draws nearly always agree
@@ -239,6 +252,10 @@ def test_unsupported_models_fall_back_or_raise():
     assert sample_rationales(gpt2, ids, mask, decoder="auto", **kw).rationale_ids.shape == (4, 3)
     with pytest.raises(ValueError, match="decoder must be"):
         sample_rationales(gpt2, ids, mask, decoder="fast", **kw)
+    qwen3 = _model("qwen3")
+    qwen3.model.layers[1].self_attn.k_norm.weight = torch.nn.Parameter(torch.ones(3).double())
+    reason = static_decoder.static_decoder_unsupported(qwen3)
+    assert reason == "layers.1.self_attn.k_norm is not an RMSNorm over the head dim"
     windowed = _model("mistral", sliding_window=16)
     assert "sliding window" in static_decoder.static_decoder_unsupported(windowed, 40)
     assert static_decoder.static_decoder_unsupported(windowed, 16) is None
@@ -249,7 +266,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 
 
 @cuda
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "phi3"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "phi3", "qwen3"])
 def test_cuda_graph_rollouts_match_the_generic_loop_and_cpu(kind):
     import latro_engine
 
