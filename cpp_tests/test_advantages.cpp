@@ -105,14 +105,13 @@ std::vector<double> reference_rewards(const RewardInputs& in, double kl_coef, do
   for (float a : in.answer) mean_answer += a;
   mean_answer /= static_cast<double>(in.n);
   std::vector<double> out;
+  const double nonstop = mode == latro::PenaltyMode::Constant ? penalty : penalty * mean_answer;
   for (int64_t i = 0; i < in.n; ++i) {
     const size_t s = static_cast<size_t>(i);
-    if (in.finished[s]) {
-      out.push_back(static_cast<double>(in.answer[s]) -
-                    kl_coef * (static_cast<double>(in.rationale[s]) - in.ref_rationale[s]));
-    } else {
-      out.push_back(mode == latro::PenaltyMode::Constant ? penalty : penalty * mean_answer);
-    }
+    // The penalty replaces the self-reward of an unfinished row; the KL term stays.
+    const double self_reward = in.finished[s] ? static_cast<double>(in.answer[s]) : nonstop;
+    out.push_back(self_reward -
+                  kl_coef * (static_cast<double>(in.rationale[s]) - in.ref_rationale[s]));
   }
   return out;
 }
@@ -140,17 +139,18 @@ TEST(LatroRewards, BothPenaltyModesAgainstReference) {
 TEST(LatroRewards, HandWritten) {
   const std::vector<float> answer = {-1.0f, -2.0f, -3.0f, -6.0f};
   const std::vector<float> rationale = {-10.0f, -20.0f, -30.0f, -40.0f};
-  const std::vector<float> ref = {-12.0f, -20.0f, -25.0f, -40.0f};
+  const std::vector<float> ref = {-12.0f, -22.0f, -25.0f, -40.0f};
   const bool finished[] = {true, false, true, false};
   std::vector<float> out(4);
   latro::latro_rewards(answer.data(), rationale.data(), ref.data(), finished, 4, 0.5f, -7.0f,
                        latro::PenaltyMode::Constant, out.data());
   // finished: -1 - 0.5 * (-10 + 12) = -2;  -3 - 0.5 * (-30 + 25) = -0.5
-  EXPECT_TRUE(all_close(to_double(out), {-2.0, -7.0, -0.5, -7.0}, float32_result_tolerance()));
+  // unfinished: the penalty, minus the KL term: -7 - 0.5 * (-20 + 22) = -8;  -7 - 0 = -7
+  EXPECT_TRUE(all_close(to_double(out), {-2.0, -8.0, -0.5, -7.0}, float32_result_tolerance()));
   latro::latro_rewards(answer.data(), rationale.data(), ref.data(), finished, 4, 0.5f, 2.0f,
                        latro::PenaltyMode::BatchMean, out.data());
-  // mean answer_logp over all 4 rows = -3, times 2 = -6.
-  EXPECT_TRUE(all_close(to_double(out), {-2.0, -6.0, -0.5, -6.0}, float32_result_tolerance()));
+  // mean answer_logp over all 4 rows = -3, times 2 = -6; minus the KL terms as above.
+  EXPECT_TRUE(all_close(to_double(out), {-2.0, -7.0, -0.5, -6.0}, float32_result_tolerance()));
   // All finished: the penalty plays no role.
   const bool all_done[] = {true, true, true, true};
   latro::latro_rewards(answer.data(), rationale.data(), ref.data(), all_done, 4, 0.0f, 99.0f,

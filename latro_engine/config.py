@@ -65,7 +65,8 @@ class LatroConfig:
     rollout_decoder: str = _opt(
         "auto",
         "decode loop of rollouts and evaluation: static (static KV cache, CUDA graphs; "
-        "Llama/Mistral/Qwen2), hf (the model's own forward), auto (static on CUDA when supported)",
+        "Llama/Mistral/Qwen2/Qwen3/Phi-3), hf (the model's own forward), auto (static on CUDA "
+        "when supported)",
     )
     # --- objective
     kl_coef: float = _opt(0.05, "beta of the KL term in the reward (paper: 0.05 GSM8K, 0.25 ARC)")
@@ -74,8 +75,9 @@ class LatroConfig:
     )
     nonstop_penalty: float = _opt(
         -10.0,
-        "reward of a rationale that never stopped (constant mode), or the "
-        "multiplier of the batch's mean answer log-prob (batch_mean mode, reference: 2)",
+        "self-reward of a rationale that never stopped, in place of log p(y|x,z) (its KL term "
+        "stays): this value (constant mode), or the multiplier of the batch's mean answer "
+        "log-prob (batch_mean mode, reference: 2)",
     )
     penalty_mode: str = _opt("constant", "'constant' or 'batch_mean' (the reference code's choice)")
     # --- optimisation

@@ -1,8 +1,8 @@
 """The LaTRO objective on per-sequence log-probabilities.
 
 With K rationales z_k per question, the self-reward R_k = log p(y | x, z_k), the reward
-r_k = R_k - kl_coef * (log p(z_k|x) - log p_ref(z_k|x)) (a penalty instead for rationales that
-never stopped) and the leave-one-out advantage A_k = r_k - mean of the other K - 1 rewards,
+r_k = R_k - kl_coef * (log p(z_k|x) - log p_ref(z_k|x)) (for rationales that never stopped a
+penalty replaces R_k, the KL term stays, as in the reference code) and the leave-one-out advantage A_k = r_k - mean of the other K - 1 rewards,
 
     loss = mean_i[-A_i * log p(z_i|x)] + sft_weight * mean_i[-log p(y|x, z_i)]
 

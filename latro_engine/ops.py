@@ -412,10 +412,12 @@ def latro_rewards(
 ) -> torch.Tensor:
     """LaTRO's per-sample reward, float32 ``[N]``.
 
-    ``r = answer_logp - kl_coef * (rationale_logp - ref_rationale_logp)`` for rows that finished;
-    rows that never stopped get ``nonstop_penalty`` (``penalty_mode="constant"``) or
-    ``nonstop_penalty * mean(answer_logp)`` (``"batch_mean"``, the reference code's choice).
-    ``finished`` is bool ``[N]``. No gradient flows through the result.
+    ``r = R - kl_coef * (rationale_logp - ref_rationale_logp)``, the self-reward ``R`` being
+    ``answer_logp`` for rows that finished; rows that never stopped get a penalty instead of it
+    (the KL term stays, as in the reference code): ``nonstop_penalty``
+    (``penalty_mode="constant"``) or ``nonstop_penalty * mean(answer_logp)`` over all rows
+    (``"batch_mean"``, the reference code's choice). ``finished`` is bool ``[N]``. No gradient
+    flows through the result.
     """
     answer_logp, rationale_logp, ref_rationale_logp = (
         answer_logp.detach(),

@@ -508,7 +508,9 @@ def latro_rewards(
     nonstop_penalty: float,
     penalty_mode: str = "constant",
 ) -> torch.Tensor:
-    """``r = answer_logp - kl_coef * (rationale_logp - ref_rationale_logp)``; penalty if unfinished."""
+    """``r = R - kl_coef * (rationale_logp - ref_rationale_logp)`` with the self-reward ``R =
+    answer_logp`` for finished rows and the penalty for the others (it replaces the self-reward,
+    not the KL term, as in the reference code)."""
     _check_dtype(answer_logp, (torch.float32, torch.float64), "answer_logp")
     if answer_logp.dim() != 1:
         raise ValueError(
@@ -536,13 +538,14 @@ def latro_rewards(
             raise ValueError(f"{name} must be finite in float32, got {value}")
     kl_coef, nonstop_penalty = as_float32(kl_coef), as_float32(nonstop_penalty)
     a = answer_logp.double()
-    reward = a - kl_coef * (rationale_logp.double() - ref_rationale_logp.double())
     penalty = (
         nonstop_penalty * a.mean()
         if penalty_mode == "batch_mean"
         else torch.tensor(float(nonstop_penalty), dtype=torch.float64, device=a.device)
     )
-    return torch.where(finished, reward, penalty).to(answer_logp.dtype)
+    self_reward = torch.where(finished, a, penalty)
+    kl = rationale_logp.double() - ref_rationale_logp.double()
+    return (self_reward - kl_coef * kl).to(answer_logp.dtype)
 
 
 # ----------------------------------------------------------------------------- decode attention

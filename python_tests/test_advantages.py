@@ -43,7 +43,8 @@ def test_latro_rewards(device, backend, mode, use_backend):
         finished.tolist(),
     )
     penalty = -2.5 if mode == "constant" else -2.5 * sum(a) / n
-    expected = [a[i] - 0.05 * r[i] if f[i] else penalty for i in range(n)]
+    # The penalty replaces an unfinished row's self-reward; its KL term stays.
+    expected = [(a[i] if f[i] else penalty) - 0.05 * r[i] for i in range(n)]
     torch.testing.assert_close(
         out.double().cpu(), torch.tensor(expected, dtype=torch.float64), atol=1e-5, rtol=1e-6
     )

@@ -11,10 +11,10 @@ from latro_engine.objective import batch_advantages, latro_loss, loss_weights
 def _hand(answer, rationale, ref, finished, k, kl_coef, sft_weight, penalty, mode):
     n = len(answer)
     mean_answer = sum(answer) / n
+    nonstop = penalty if mode == "constant" else penalty * mean_answer
+    # The penalty replaces an unfinished row's self-reward; its KL term stays.
     rewards = [
-        answer[i] - kl_coef * (rationale[i] - ref[i])
-        if finished[i]
-        else (penalty if mode == "constant" else penalty * mean_answer)
+        (answer[i] if finished[i] else nonstop) - kl_coef * (rationale[i] - ref[i])
         for i in range(n)
     ]
     adv = []

@@ -33,8 +33,10 @@ void latro_rewards(const float* answer_logp, const float* rationale_logp,
   }
   for (int64_t i = 0; i < n; ++i) {
     const double kl = static_cast<double>(rationale_logp[i]) - ref_rationale_logp[i];
-    out[i] = finished[i] ? static_cast<float>(answer_logp[i] - kl_coef * kl)
-                         : static_cast<float>(penalty);
+    // The penalty replaces the self-reward of a row that never stopped, not its KL term (as
+    // the reference code does).
+    const double self_reward = finished[i] ? static_cast<double>(answer_logp[i]) : penalty;
+    out[i] = static_cast<float>(self_reward - kl_coef * kl);
   }
 }
 

@@ -37,9 +37,10 @@ __global__ void __launch_bounds__(kRewardThreads)
   }
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
     const double kl = static_cast<double>(rationale_logp[i]) - ref_rationale_logp[i];
-    // kl_coef * kl in float64 like the CPU (float * double promotes).
-    out[i] = finished[i] ? static_cast<float>(answer_logp[i] - kl_coef * kl)
-                         : static_cast<float>(penalty);
+    // As the CPU: the penalty replaces an unfinished row's self-reward, not its KL term;
+    // kl_coef * kl in float64 (float * double promotes).
+    const double self_reward = finished[i] ? static_cast<double>(answer_logp[i]) : penalty;
+    out[i] = static_cast<float>(self_reward - kl_coef * kl);
   }
 }
 

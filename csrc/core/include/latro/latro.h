@@ -151,8 +151,10 @@ enum class PenaltyMode : int {
                   // reference implementation does
 };
 
-// out[i] = answer_logp[i] - kl_coef * (rationale_logp[i] - ref_rationale_logp[i]) for rows that
-// finished, the penalty for rows that did not.
+// out[i] = R_i - kl_coef * (rationale_logp[i] - ref_rationale_logp[i]), with the self-reward
+// R_i = answer_logp[i] for rows that finished and the penalty for rows that did not (the penalty
+// replaces the self-reward, not the KL term, as in the reference code): nonstop_penalty
+// (Constant) or nonstop_penalty * mean(answer_logp) over all n rows (BatchMean).
 void latro_rewards(const float* answer_logp, const float* rationale_logp,
                    const float* ref_rationale_logp, const bool* finished, int64_t n,
                    float kl_coef, float nonstop_penalty, PenaltyMode mode, float* out);
