@@ -336,7 +336,10 @@ def _decode(
     )
     cache = _output_cache(out)
     layers = getattr(cache, "layers", [])
-    if compact_every > 0 and not all(hasattr(layer, "batch_select_indices") for layer in layers):
+    can_select = hasattr(cache, "batch_select_indices") and all(
+        hasattr(layer, "batch_select_indices") for layer in layers
+    )
+    if compact_every > 0 and not can_select:
         logger.warning(
             "%s cannot drop batch rows from its cache; decoding without compaction",
             type(cache).__name__,

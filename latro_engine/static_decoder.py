@@ -44,6 +44,8 @@ import torch
 import torch.nn.functional as F
 
 from latro_engine import ops
+from latro_engine._extension import use_native
+from latro_engine.reference import MAX_DECODE_HEAD_DIM
 
 __all__ = ["StaticDecoder", "decode_static", "release_static_decoder", "static_decoder_unsupported"]
 
@@ -187,6 +189,9 @@ def static_decoder_unsupported(model: torch.nn.Module, total_length: int = 0) ->
         return "the model has no embed_tokens/layers/norm/rotary_emb"
     if type(body.embed_tokens) is not torch.nn.Embedding:
         return f"embed_tokens is a {type(body.embed_tokens).__name__}"
+    head_dim = _attention_shape(config)[2]
+    if head_dim > MAX_DECODE_HEAD_DIM:
+        return f"head_dim {head_dim} (decode_attention takes up to {MAX_DECODE_HEAD_DIM})"
     if getattr(config, "hidden_act", "silu") != "silu":
         return f"hidden_act {config.hidden_act!r} (only silu)"
     reason = _rope_unsupported(config, total_length)
@@ -211,7 +216,6 @@ def static_decoder_unsupported(model: torch.nn.Module, total_length: int = 0) ->
     for i, layer in enumerate(body.layers):
         head_norms = [getattr(layer.self_attn, p, None) for p in ("q_norm", "k_norm")]
         if any(n is not None for n in head_norms):
-            head_dim = _attention_shape(config)[2]
             for part, norm in zip(("q_norm", "k_norm"), head_norms):
                 weight = getattr(norm, "weight", None)
                 shape = None if weight is None else tuple(weight.shape)
@@ -501,8 +505,10 @@ class StaticDecoder:
 
     def _run_step(self, b: int) -> None:
         """One decode step for the first b rows: eager on the CPU; on CUDA the bucket's graph,
-        captured (after one eager step that warms up kernels and libraries) on first use."""
-        if self.pool is None:
+        captured (after one eager step that warms up kernels and libraries) on first use.
+        Eager too where the ops run their reference (``LATRO_BACKEND=torch``, or an extension
+        without CUDA kernels): it reads values back to the host, which capture forbids."""
+        if self.pool is None or not use_native(self.key.device):
             self._step(b)
             return
         graph = self.graphs.get(b)
@@ -642,7 +648,9 @@ def decode_static(
         rows=_round_up(rows, ROW_BUCKET),
         slots=_round_up(prompt + limit, SLOT_BUCKET),
         limit=limit,
-        sampling=tuple(sorted((k, float(v)) for k, v in sampling.items())),
+        sampling=tuple(
+            sorted((k, int(v) if k == "top_k" else float(v)) for k, v in sampling.items())
+        ),
         stops=tuple(tuple(int(t) for t in s) for s in stop_sequences),
         pad_token_id=int(pad_token_id),
     )

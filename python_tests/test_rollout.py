@@ -104,6 +104,33 @@ def test_compaction_does_not_change_results_scripted():
         assert torch.equal(base.finished, other.finished)
 
 
+class LegacyCacheLM(ScriptedLM):
+    """ScriptedLM returning the legacy cache, a tuple of per-layer (key, value) pairs, which
+    cannot drop batch rows."""
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None,
+                use_cache=None, logits_to_keep=0):
+        kv = input_ids[:, None, :, None].float()
+        if cache is not None:
+            kv = torch.cat([cache[0][0], kv], 2)
+        self.batch_sizes.append(input_ids.shape[0])
+        return CausalLMOutputWithPast(logits=self.table[input_ids], past_key_values=((kv, kv),))
+
+
+def test_a_cache_that_cannot_drop_rows_decodes_without_compaction(caplog):
+    prompts = [[7, 3], [10], [20], [15]]
+    base, _ = _scripted(prompts, 8, compact_every=0)
+    model = LegacyCacheLM()
+    ids, mask = _left_pad(prompts)
+    with caplog.at_level("WARNING"):
+        r = sample_rationales(model, ids, mask, k=1, max_new_tokens=8, stop_sequences=STOP,
+                              pad_token_id=PAD, seed=0, compact_every=1)
+    assert "cannot drop batch rows" in caplog.text
+    assert set(model.batch_sizes) == {4}
+    assert torch.equal(r.rationale_ids, base.rationale_ids)
+    assert torch.equal(r.finished, base.finished)
+
+
 def test_zero_limit_and_no_stops():
     r, _ = _scripted([[3]], 0)
     assert r.rationale_ids.shape == (1, 0) and r.rationale_lengths.tolist() == [0]

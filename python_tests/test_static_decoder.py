@@ -137,6 +137,14 @@ def test_float32_rollouts_through_the_attention_op(backend, kind, use_backend, m
     torch.testing.assert_close(hf.sample_logprobs, static.sample_logprobs, atol=1e-4, rtol=1e-4)
 
 
+def test_reference_backend_rollouts(use_backend):
+    """Under LATRO_BACKEND=torch the decode step's ops run their reference (top_k reaches it as
+    an int): the same rollouts as the generic loop."""
+    use_backend("torch")
+    model = _model()
+    _assert_same(*_both(model, top_k=5, top_p=0.8))
+
+
 @pytest.mark.parametrize("compact_every", [0, 1, 3, None])
 @pytest.mark.parametrize("sampling", [{}, {"temperature": 0.0}, {"top_k": 5, "top_p": 0.8}])
 def test_row_buckets_and_compaction_do_not_change_results(compact_every, sampling, monkeypatch):
@@ -252,6 +260,8 @@ def test_unsupported_models_fall_back_or_raise():
     assert sample_rationales(gpt2, ids, mask, decoder="auto", **kw).rationale_ids.shape == (4, 3)
     with pytest.raises(ValueError, match="decoder must be"):
         sample_rationales(gpt2, ids, mask, decoder="fast", **kw)
+    wide = _model(head_dim=258)
+    assert "head_dim 258" in static_decoder.static_decoder_unsupported(wide)
     qwen3 = _model("qwen3")
     qwen3.model.layers[1].self_attn.k_norm.weight = torch.nn.Parameter(torch.ones(3).double())
     reason = static_decoder.static_decoder_unsupported(qwen3)
@@ -297,6 +307,21 @@ def _on_cpu(rollout):
             if isinstance(getattr(rollout, f.name), torch.Tensor)
         },
     )
+
+
+@cuda
+def test_cuda_reference_backend_decodes_eagerly(use_backend):
+    """With the ops on their reference (which reads values back to the host) the static
+    decoder runs its steps eagerly on CUDA instead of capturing them: same rollouts as the
+    generic loop, no graphs."""
+    use_backend("torch")
+    model = _model().cuda()
+    ids, mask = (t.cuda() for t in _prompts())
+    kw = {"k": 3, "max_new_tokens": 20, "stop_sequences": [[2]], "pad_token_id": PAD, "seed": 4}
+    static = sample_rationales(model, ids, mask, decoder="auto", **kw)
+    hf = sample_rationales(model, ids, mask, decoder="hf", **kw)
+    assert not static_decoder._DECODERS[model][-1].graphs
+    _assert_same(static, hf)
 
 
 @cuda
