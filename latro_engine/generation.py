@@ -27,10 +27,47 @@ def pad_id(tokenizer: Any) -> int:
     return int(value)
 
 
-def eos_ids(tokenizer: Any) -> list[int]:
+def _eos_id(tokenizer: Any) -> int:
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no EOS token (needed to end answers and completions)")
-    return [int(tokenizer.eos_token_id)]
+    return int(tokenizer.eos_token_id)
+
+
+def uses_chat_template(tokenizer: Any, config: LatroConfig) -> bool:
+    """Whether prompts go through the tokenizer's chat template (see ``build_prompt``)."""
+    wanted = _USE_CHAT[config.use_chat_template]
+    return bool(getattr(tokenizer, "chat_template", None)) if wanted == "auto" else wanted
+
+
+_SENTINEL = "LATRO_TURN_SENTINEL"
+
+
+def turn_end_id(tokenizer: Any, config: LatroConfig) -> int:
+    """The token that ends the model's turn, appended to every answer y (LaTRO) and completion
+    (SFT): with the chat template in use, the special token it writes right after an assistant
+    message (Phi-3.5's ``<|end|>``, Llama 3's ``<|eot_id|>``, Qwen's ``<|im_end|>``, where the
+    tokenizer's EOS may be another token), else EOS."""
+    eos = _eos_id(tokenizer)
+    if not uses_chat_template(tokenizer, config):
+        return eos
+    turn = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": _SENTINEL}]
+    try:
+        text = str(tokenizer.apply_chat_template(turn, tokenize=False))
+    except Exception as error:  # a template that refuses this conversation
+        logger.warning("chat template: no assistant turn to read its end from (%s); EOS", error)
+        return eos
+    if _SENTINEL not in text:
+        return eos
+    after = tokenizer(text.split(_SENTINEL, 1)[1], add_special_tokens=False)["input_ids"]
+    special = set(tokenizer.all_special_ids) | {
+        int(i) for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if t.special
+    }
+    return int(after[0]) if after and int(after[0]) in special else eos
+
+
+def end_ids(tokenizer: Any, config: LatroConfig) -> list[int]:
+    """The ids that end a rationale or a completion: the turn's end, and EOS when it differs."""
+    return list(dict.fromkeys([turn_end_id(tokenizer, config), _eos_id(tokenizer)]))
 
 
 def prompt_texts(tokenizer: Any, examples: Sequence[Example], config: LatroConfig) -> list[str]:
@@ -42,6 +79,17 @@ def prompt_texts(tokenizer: Any, examples: Sequence[Example], config: LatroConfi
             use_chat_template=_USE_CHAT[config.use_chat_template],
         )
         for ex in examples
+    ]
+
+
+def prompt_ids(tokenizer: Any, examples: Sequence[Example], config: LatroConfig) -> list[list[int]]:
+    """Each prompt's token ids, BOS first unless the text already starts with it: chat templates
+    such as Llama 3's and Mistral's write their own BOS, and a second one would be a prompt the
+    model never saw in training."""
+    bos = getattr(tokenizer, "bos_token", None)
+    return [
+        list(tokenizer(t, add_special_tokens=not (bos and t.startswith(bos)))["input_ids"])
+        for t in prompt_texts(tokenizer, examples, config)
     ]
 
 
@@ -63,21 +111,19 @@ def left_pad(
 def encode_prompts(
     tokenizer: Any, examples: Sequence[Example], config: LatroConfig, device: torch.device | str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    texts = prompt_texts(tokenizer, examples, config)
-    encoded = [tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
-    return left_pad(encoded, pad_id(tokenizer), device)
+    return left_pad(prompt_ids(tokenizer, examples, config), pad_id(tokenizer), device)
 
 
 def encode_answers(
     tokenizer: Any, examples: Sequence[Example], config: LatroConfig
 ) -> list[list[int]]:
-    """y per example: answer_prefix + answer_template filled with the gold, then EOS."""
+    """y per example: answer_prefix + answer_template filled with the gold, then the token that
+    ends the model's turn (``turn_end_id``)."""
+    end = turn_end_id(tokenizer, config)
     out = []
     for ex in examples:
         text = config.answer_prefix + answer_text(gold_answer_string(ex), config.answer_template)
-        out.append(
-            list(tokenizer(text, add_special_tokens=False)["input_ids"]) + eos_ids(tokenizer)
-        )
+        out.append(list(tokenizer(text, add_special_tokens=False)["input_ids"]) + [end])
     return out
 
 
@@ -104,7 +150,7 @@ def fit_to_context(
     """
     if context is None or not examples:
         return list(examples)
-    prompts = tokenizer(prompt_texts(tokenizer, examples, config), add_special_tokens=True)
+    prompts = prompt_ids(tokenizer, examples, config)
     if use == "eval":
         limit = config.eval_max_new_tokens or config.max_rationale_tokens + 32
         after, what = [limit] * len(examples), "the completion limit"
@@ -113,7 +159,7 @@ def fit_to_context(
         after = [rationale + len(a) for a in encode_answers(tokenizer, examples, config)]
         what = "the rationale limit and the answer" if use == "latro" else "the answer"
     kept, problems = [], []
-    for ex, prompt, more in zip(examples, prompts["input_ids"], after):
+    for ex, prompt, more in zip(examples, prompts, after):
         if len(prompt) + more <= context:
             kept.append(ex)
         else:
@@ -143,12 +189,13 @@ def complete(
     seed: int,
     device: torch.device | str,
 ) -> list[list[str]]:
-    """Per example: the greedy completion, then ``num_samples`` sampled ones (until EOS)."""
+    """Per example: the greedy completion, then ``num_samples`` sampled ones (each until the
+    turn's end or EOS, see ``end_ids``)."""
     ids, mask = encode_prompts(tokenizer, examples, config, device)
     max_new = config.eval_max_new_tokens or config.max_rationale_tokens + 32
     common = dict(
         max_new_tokens=max_new,
-        stop_sequences=[eos_ids(tokenizer)],
+        stop_sequences=[[i] for i in end_ids(tokenizer, config)],
         pad_token_id=pad_id(tokenizer),
         decoder=config.rollout_decoder,
     )

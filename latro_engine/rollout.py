@@ -108,7 +108,7 @@ def stop_token_sequences(
     tokenizer,
     strings: Iterable[str] = DEFAULT_STOP_STRINGS,
     *,
-    include_eos: bool = True,
+    end_ids: Iterable[int] | None = None,
 ) -> list[list[int]]:
     """Token-id sequences that spell each stop string, in the forms a tokenizer may produce.
 
@@ -119,8 +119,9 @@ def stop_token_sequences(
     Empty results are dropped and duplicates removed. The list is sorted longest first, because
     at one decode step the stop op picks the first sequence (in list order) that ends there, and
     the longest begins earliest: " The answer is" is preferred to "The answer is", so the cut
-    rationale does not end with the space. With ``include_eos`` the tokenizer's EOS id(s) are
-    appended as single-token sequences.
+    rationale does not end with the space. ``end_ids`` (default: the tokenizer's EOS id(s); the
+    trainer passes the turn's end and EOS, ``generation.end_ids``) are appended as single-token
+    sequences.
     """
 
     def encode(text: str) -> list[int]:
@@ -143,11 +144,12 @@ def stop_token_sequences(
             if v and v not in found:
                 found.append(v)
     found.sort(key=len, reverse=True)  # stable: equal lengths keep discovery order
-    if include_eos:
+    if end_ids is None:
         eos = tokenizer.eos_token_id
-        for e in eos if isinstance(eos, (list, tuple)) else [eos]:
-            if e is not None and [int(e)] not in found:
-                found.append([int(e)])
+        end_ids = [e for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None]
+    for e in end_ids:
+        if [int(e)] not in found:
+            found.append([int(e)])
     return found
 
 

@@ -30,6 +30,7 @@ from latro_engine.generation import (
     context_length,
     encode_answers,
     encode_prompts,
+    end_ids,
     evaluate_model,
     fit_to_context,
     pad_id,
@@ -294,7 +295,32 @@ class _Trainer:
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))
         self._order = self._epoch_order(self.epoch)
+        self._apply_optimizer_settings()
         logger.info("resumed from %s at step %d", path, self.step)
+
+    def _apply_optimizer_settings(self) -> None:
+        """After loading a checkpoint: the optimizer's state (AdamW moments) and the schedule's
+        position are the checkpoint's, its settings (learning rate, betas, weight decay, the
+        schedule) this run's config, so that resuming with a lower learning rate lowers it
+        (loading alone would bring back the saved ones)."""
+        config, groups = self.config, self.optimizer.param_groups
+        saved = (self.scheduler.base_lrs[0], tuple(groups[0]["betas"]), groups[0]["weight_decay"])
+        wanted = (config.learning_rate, tuple(config.adam_betas), config.weight_decay)
+        if saved != wanted:
+            logger.info(
+                "resuming with learning_rate, adam_betas, weight_decay = %s (the checkpoint's: %s)",
+                wanted,
+                saved,
+            )
+        self.scheduler.base_lrs = [config.learning_rate] * len(groups)
+        factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)  # this config's schedule
+        for group in groups:
+            group.update(
+                initial_lr=config.learning_rate,
+                lr=config.learning_rate * factor,
+                betas=tuple(config.adam_betas),
+                weight_decay=config.weight_decay,
+            )
 
     # ------------------------------------------------------------------ optimizer step
     def _apply_gradients(self, loss: float = 0.0) -> tuple[float, bool]:
@@ -461,7 +487,10 @@ class LatroTrainer(_Trainer):
             self.ref_model = self.dist.prepare(frozen, bf16=self.autocast)
             if config.reference_on_host:  # (after prepare: every rank holds rank 0's weights)
                 keep_on_host(self.ref_model)
-        self.stops = stop_token_sequences(tokenizer, config.stop_strings, include_eos=True)
+        # Rationales end at an answer template, or where the model ends its turn.
+        self.stops = stop_token_sequences(
+            tokenizer, config.stop_strings, end_ids=end_ids(tokenizer, config)
+        )
 
     def _rollout(self, examples: list[Example], first: int) -> tuple[Rollout, list[list[int]]]:
         """Samples k rationales per example; ``first`` is the global index of ``examples[0]``:

@@ -361,6 +361,60 @@ def test_build_prompt_through_chat_template(char_tokenizer):
         tok.chat_template = None
 
 
+# ----------------------------------------------------------------- the end of the model's turn
+# Phi-3.5's layout: the turn ends with <|end|>, the tokenizer's EOS is another token.
+PHI_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% else %}{{ eos_token }}{% endif %}"
+)
+# Llama 3's: the template writes the BOS itself.
+BOS_TEMPLATE = "{{ bos_token }}" + PHI_TEMPLATE
+
+
+def _chat_tokenizer(template):
+    from latro_engine.tokenizer import train_char_tokenizer
+
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    tok = train_char_tokenizer([f"{letters} {letters.upper()} 0123456789.?':"])
+    tok.add_special_tokens({"additional_special_tokens": ["<|end|>", "<|user|>", "<|assistant|>"]})
+    tok.chat_template = template
+    return tok
+
+
+def test_answers_and_stops_end_with_the_chat_templates_turn_end():
+    from latro_engine.config import LatroConfig
+    from latro_engine.generation import encode_answers, end_ids, turn_end_id
+    from latro_engine.rollout import stop_token_sequences
+
+    tok = _chat_tokenizer(PHI_TEMPLATE)
+    end = tok.convert_tokens_to_ids("<|end|>")
+    config = LatroConfig(progress=False)
+    assert end != tok.eos_token_id and turn_end_id(tok, config) == end
+    example = Example(id="a", question="2+2?", answer="4", source_line=1)
+    (answer,) = encode_answers(tok, [example], config)
+    assert tok.decode(answer) == " The answer is 4.<|end|>" and answer[-1] == end
+    assert end_ids(tok, config) == [end, tok.eos_token_id]
+    stops = stop_token_sequences(tok, ["The answer is"], end_ids=end_ids(tok, config))
+    assert stops[-2:] == [[end], [tok.eos_token_id]]
+    # Without the chat template (off, or none) the turn ends with EOS.
+    off = LatroConfig(progress=False, use_chat_template="off")
+    assert turn_end_id(tok, off) == tok.eos_token_id and end_ids(tok, off) == [tok.eos_token_id]
+    tok.chat_template = "{{ raise_exception('user turns only') }}"
+    assert turn_end_id(tok, config) == tok.eos_token_id  # a template that refuses: EOS
+
+
+def test_prompts_get_one_bos_whoever_writes_it():
+    from latro_engine.config import LatroConfig
+    from latro_engine.generation import prompt_ids
+
+    example = Example(id="a", question="2+2?", answer="4", source_line=1)
+    config = LatroConfig(progress=False)
+    for template in (PHI_TEMPLATE, BOS_TEMPLATE):  # the tokenizer adds it / the template does
+        (ids,) = prompt_ids(_chat_tokenizer(template), [example], config)
+        tok = _chat_tokenizer(template)
+        assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1, template
+
+
 def test_answer_text():
     assert answer_text("72") == "The answer is 72."
     assert answer_text("(B) water") == "The answer is (B) water."

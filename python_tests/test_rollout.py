@@ -233,4 +233,5 @@ def test_stop_token_sequences_char_tokenizer():
     assert bare in seqs and tok(" Answer:", add_special_tokens=False)["input_ids"] in seqs
     assert seqs[-1] == [tok.eos_token_id]
     assert len(seqs) == len({tuple(s) for s in seqs}) and all(seqs)
-    assert [tok.eos_token_id] not in stop_token_sequences(tok, ["Answer:"], include_eos=False)
+    assert [tok.eos_token_id] not in stop_token_sequences(tok, ["Answer:"], end_ids=[])
+    assert stop_token_sequences(tok, ["Answer:"], end_ids=[7, 7])[-1] == [7]
