@@ -223,14 +223,18 @@ def static_decoder_unsupported(model: torch.nn.Module, total_length: int = 0) ->
                     return f"layers.{i}.self_attn.{part} is not an RMSNorm over the head dim"
         for module, path, rows in _layer_matmuls(layer, config).values():
             matmuls.append((module, f"layers.{i}.{path}", rows))
+    fused: dict[str, tuple[torch.nn.Module, int]] = {}  # rows the blocks of a fused layer cover
     for module, name, rows in matmuls:
         if module is None:
             return f"{name} is missing"
         reason = _linear_unsupported(module, name)
         if reason:
             return reason
-        if rows is not None and _base(module).weight.shape[0] < rows.stop:
-            return f"{name} has {_base(module).weight.shape[0]} rows, not the config's {rows.stop}"
+        if rows is not None:
+            fused[name] = (module, max(rows.stop, fused.get(name, (module, 0))[1]))
+    for name, (module, covered) in fused.items():
+        if _base(module).weight.shape[0] != covered:
+            return f"{name} has {_base(module).weight.shape[0]} rows, its blocks {covered}"
     return None
 
 

@@ -260,6 +260,10 @@ def test_unsupported_models_fall_back_or_raise():
     assert sample_rationales(gpt2, ids, mask, decoder="auto", **kw).rationale_ids.shape == (4, 3)
     with pytest.raises(ValueError, match="decoder must be"):
         sample_rationales(gpt2, ids, mask, decoder="fast", **kw)
+    phi3 = _model("phi3")  # a fused layer whose rows do not split as the config says
+    phi3.model.layers[0].mlp.gate_up_proj = torch.nn.Linear(32, 100, bias=False).double()
+    reason = static_decoder.static_decoder_unsupported(phi3)
+    assert reason == "layers.0.mlp.gate_up_proj has 100 rows, its blocks 96"
     wide = _model(head_dim=258)
     assert "head_dim 258" in static_decoder.static_decoder_unsupported(wide)
     qwen3 = _model("qwen3")
