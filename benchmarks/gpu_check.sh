@@ -24,7 +24,8 @@
 # built module (_C.*.so). Environment: PYTHON (default: python3 if its torch has CUDA, else
 # .venv/bin/python), STAGES (default "build test bench"), MAX_JOBS (default: all cores),
 # BENCH_SECTIONS (default "scorer sample attention rollout latro"), BENCH_ARGS (extra options),
-# TEST_ARGS (pytest selection instead of the default), TEST_TIMEOUT (s for all tests, default 240),
+# TEST_ARGS (pytest selection instead of the default), PYTEST_OPTIONS (options for the test runs,
+# e.g. "-x -v"), TEST_TIMEOUT (s for all tests, default 240),
 # SECTION_TIMEOUT (s per bench section, default 240).
 # Every stage runs even if an earlier one failed (except that nothing runs without a build);
 # the exit status is non-zero if any failed.

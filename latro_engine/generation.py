@@ -40,6 +40,7 @@ def uses_chat_template(tokenizer: Any, config: LatroConfig) -> bool:
 
 
 _SENTINEL = "LATRO_TURN_SENTINEL"
+_WARNED_TEMPLATES: set[str] = set()
 
 
 def turn_end_id(tokenizer: Any, config: LatroConfig) -> int:
@@ -54,7 +55,9 @@ def turn_end_id(tokenizer: Any, config: LatroConfig) -> int:
     try:
         text = str(tokenizer.apply_chat_template(turn, tokenize=False))
     except Exception as error:  # a template that refuses this conversation
-        logger.warning("chat template: no assistant turn to read its end from (%s); EOS", error)
+        if str(tokenizer.chat_template) not in _WARNED_TEMPLATES:  # once, not at every step
+            _WARNED_TEMPLATES.add(str(tokenizer.chat_template))
+            logger.warning("chat template: no assistant turn to read its end from (%s); EOS", error)
         return eos
     if _SENTINEL not in text:
         return eos

@@ -351,10 +351,11 @@ class StaticDecoder:
         self.heads, self.kv_heads, self.head_dim = _attention_shape(config)
         self.scale = 1.0 / math.sqrt(self.head_dim)
         rotary = body.rotary_emb
-        # original_inv_freq: the frequencies a forward over these lengths uses (longrope's short
-        # factors; inv_freq itself may hold the long ones after a long forward).
-        inv_freq = getattr(rotary, "original_inv_freq", None)
-        inv_freq = rotary.inv_freq if inv_freq is None else inv_freq
+        # longrope: original_inv_freq holds the short factors a forward over these lengths uses
+        # (inv_freq holds the long ones after a long forward). Other types: inv_freq, the buffer
+        # that follows the model's casts (transformers 4.x keeps original_inv_freq uncast).
+        longrope = _rope_type(config) == "longrope"
+        inv_freq = rotary.original_inv_freq if longrope else rotary.inv_freq
         self.inv_freq = inv_freq.detach().float().to(device)
         self.rope_scaling = float(getattr(rotary, "attention_scaling", 1.0) or 1.0)
 

@@ -19,14 +19,22 @@ LLAMA3_VOCAB = 128_256
 # rule for reductions), per input dtype.
 ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-5, torch.float16: 1e-5, torch.float64: 1e-10}
 
-def pytest_runtest_logstart(nodeid, location):
-    """With LATRO_TEST_PROGRESS set, the id of the test about to run goes to that file: when a
-    test kills the process (a signal, not a failure), scripts/pytest_through_crashes.sh reads
-    which one it was and goes on after it."""
+def _write_progress(text: str) -> None:
     path = os.environ.get("LATRO_TEST_PROGRESS")
     if path:
         with open(path, "w") as progress:
-            progress.write(nodeid)
+            progress.write(text)
+
+
+def pytest_runtest_logstart(nodeid, location):
+    """With LATRO_TEST_PROGRESS set, the id of the test about to run goes to that file (and is
+    cleared once it is done): when a test kills the process (a signal, not a failure),
+    scripts/pytest_through_crashes.sh reads which one it was and goes on after it."""
+    _write_progress(nodeid)
+
+
+def pytest_runtest_logfinish(nodeid, location):
+    _write_progress("")  # a crash after this test (at exit, say) is not its fault
 
 
 requires_native = pytest.mark.skipif(

@@ -32,7 +32,9 @@ def test_last():
 """
 
 
-def run_script(tmp_path: Path, test_source: str, *selection: str) -> tuple[int, str]:
+def run_script(
+    tmp_path: Path, test_source: str, *selection: str, options: str = ""
+) -> tuple[int, str]:
     # The real conftest, whose progress hook names the test that was running.
     shutil.copy(ROOT / "python_tests" / "conftest.py", tmp_path / "conftest.py")
     (tmp_path / "test_subject.py").write_text(test_source)
@@ -46,6 +48,7 @@ def run_script(tmp_path: Path, test_source: str, *selection: str) -> tuple[int, 
             "PYTHONPATH": str(ROOT),
             "LOG": str(log),
             "TEST_TIMEOUT": "120",
+            "PYTEST_OPTIONS": options,
         },
         capture_output=True,
         text=True,
@@ -72,3 +75,18 @@ def test_a_clean_run_passes_and_an_empty_selection_is_not_an_error(tmp_path):
     assert (rc, "1 passed" in log, "CRASHED" in log) == (0, True, False)
     rc, log = run_script(tmp_path, "def test_fine():\n    pass\n", "test_subject.py", "-k", "nope")
     assert rc == 0
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_a_crash_outside_any_test_blames_none_and_options_reach_the_runs(tmp_path):
+    at_exit = (
+        "import atexit, os, signal\n"
+        "atexit.register(lambda: os.kill(os.getpid(), signal.SIGSEGV))\n"
+        "def test_fine():\n    pass\n"
+    )
+    rc, log = run_script(tmp_path, at_exit, "test_subject.py")
+    assert rc == 1 and "1 passed" in log
+    assert "died (exit 139) outside any test" in log and "CRASHED" not in log
+    three = "def test_a():\n    pass\ndef test_b():\n    assert False\ndef test_c():\n    pass\n"
+    rc, log = run_script(tmp_path, three, "test_subject.py", options="-x")
+    assert rc == 1 and "1 failed, 1 passed" in log  # -x: test_c never ran

@@ -95,6 +95,15 @@ def test_same_rollouts_as_the_generic_loop(kind, extra):
     _assert_same(hf, static)
 
 
+def test_rotary_frequencies_are_the_buffer_the_forward_uses():
+    """Outside longrope the forward reads inv_freq; transformers 4.x kept original_inv_freq as
+    an uncast copy, stale after model.to(bfloat16): the decoder must not read it."""
+    model = _model()
+    rotary = model.model.rotary_emb
+    rotary.original_inv_freq = rotary.inv_freq * 1.5  # stale, as a 4.x copy can be
+    _assert_same(*_both(model))
+
+
 def test_longrope_uses_the_short_factors_within_the_original_context():
     """A forward past the original context leaves Hugging Face's inv_freq buffer on the long
     factors; rollouts within that context still use the short ones, as the model's own forward

@@ -5,16 +5,17 @@
 # (see benchmarks/exception_probe.sh): one such test ended the whole pytest run and hid every
 # test after it. This runs the selection, and when the process dies of a signal it reports the
 # test that was running (python_tests/conftest.py writes each test's id to
-# $LATRO_TEST_PROGRESS as it starts), counts it as failed and runs the tests after it in a
+# $LATRO_TEST_PROGRESS as it starts and empties the file when it is done), counts it as failed and runs the tests after it in a
 # fresh process, until the selection is done or the time is up.
 #
 #   PYTHON=python3 TEST_TIMEOUT=240 LOG=pytest.log bash scripts/pytest_through_crashes.sh \
 #       python_tests -k cuda
 #
 # Arguments: a pytest selection (paths, -k, -m). Environment: PYTHON (default python3),
-# TEST_TIMEOUT (seconds for everything, default 240), LOG (appended to; default: none).
-# Exit status: 0 when every test passed (or none was selected), 1 when any failed or crashed,
-# 124 when the time ran out.
+# TEST_TIMEOUT (seconds for everything, default 240), LOG (appended to; default: none),
+# PYTEST_OPTIONS (options for the runs themselves, e.g. "-x -v"; the selection's arguments only
+# pick the tests). Exit status: 0 when every test passed (or none was selected), 1 when any
+# failed or crashed, 124 when the time ran out.
 set -uo pipefail
 
 PYTHON="${PYTHON:-python3}"
@@ -24,13 +25,19 @@ trap 'rm -rf "$work"' EXIT
 log() { if [[ -n "${LOG:-}" ]]; then tee -a "$LOG"; else cat; fi; }
 
 # The node ids, in the order pytest runs them (no cache plugin: the checkout stays clean).
-"$PYTHON" -m pytest -q -p no:cacheprovider --collect-only "$@" >"$work/collected" 2>&1
+timeout "${TEST_TIMEOUT:-240}" "$PYTHON" -m pytest -q -p no:cacheprovider --collect-only "$@" \
+  >"$work/collected" 2>&1
 collect_rc=$?
-grep '::' "$work/collected" >"$work/todo"
-if [[ $collect_rc -ne 0 && $collect_rc -ne 5 ]] || [[ ! -s "$work/todo" ]]; then
+grep -E '^[^[:space:]]+::' "$work/collected" >"$work/todo"
+if [[ $collect_rc -eq 5 && ! -s "$work/todo" ]]; then
   log <"$work/collected"
-  [[ $collect_rc -eq 5 ]] && exit 0  # nothing selected
-  exit "$collect_rc"
+  exit 0  # nothing selected
+fi
+# A collection that listed its tests and then died of a signal (a crash at exit) still counts.
+if [[ ! -s "$work/todo" ]] || ((collect_rc != 0 && collect_rc < 128)); then
+  log <"$work/collected"
+  echo "pytest_through_crashes: collecting the tests failed (exit $collect_rc)" | log
+  exit 1
 fi
 
 crashed=()
@@ -44,8 +51,9 @@ while [[ -s "$work/todo" ]]; do
   fi
   mapfile -t ids <"$work/todo"
   : >"$work/progress"
-  LATRO_TEST_PROGRESS="$work/progress" timeout "$left" \
-    "$PYTHON" -X faulthandler -m pytest -q -p no:cacheprovider -rfE "${ids[@]}" 2>&1 | log
+  # shellcheck disable=SC2086  # PYTEST_OPTIONS is a list of options
+  LATRO_TEST_PROGRESS="$work/progress" timeout "$left" "$PYTHON" -X faulthandler -m pytest \
+    -q -p no:cacheprovider -rfEs ${PYTEST_OPTIONS:-} "${ids[@]}" 2>&1 | log
   rc=${PIPESTATUS[0]}
   if [[ $rc -eq 124 ]]; then
     echo "pytest_through_crashes: out of time (${TEST_TIMEOUT:-240} s)" | log
@@ -58,8 +66,8 @@ while [[ -s "$work/todo" ]]; do
   fi
   # Killed by signal rc - 128: the test in progress is the culprit; go on after it.
   dead="$(cat "$work/progress")"
-  if [[ -z "$dead" ]]; then
-    echo "pytest_through_crashes: pytest died (exit $rc) before its first test" | log
+  if [[ -z "$dead" ]]; then  # conftest clears the file when a test is done
+    echo "pytest_through_crashes: pytest died (exit $rc) outside any test" | log
     status=1
     break
   fi
