@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Sequence
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal, InvalidOperation, localcontext
 
 __all__ = [
     "DEFAULT_TEMPLATE",
@@ -30,13 +30,15 @@ __all__ = [
 DEFAULT_TEMPLATE = "The answer is"
 
 # A number: optional sign and "$" (either order), digits with optional thousands groups and an
-# optional decimal part, or a bare ".5". The look-behind rejects digits glued to a word ("mp3",
-# "COVID19") or continuing a previous number ("1.2.3" does not yield ".3"); a trailing period
-# is never part of the number because the decimal part needs a digit after the dot.
+# optional decimal part, or a bare ".5". The look-behinds reject digits glued to a word ("mp3",
+# "COVID19") or continuing a previous number ("1.2.3" yields neither "2.3" nor ".3"), but not
+# digits after a dot that ends a word or an ellipsis ("Rs.500", "is...5"); a bare ".5" needs
+# no dot before it. A trailing period is never part of the number because the decimal part
+# needs a digit after the dot.
 _NUMBER_RE = re.compile(
-    r"(?<![\w.])"
+    r"(?<!\w)(?<!\d\.)"
     r"(?P<sign>[-\u2212])?(?:\$\s?)?(?P<sign2>[-\u2212])?"
-    r"(?P<body>\d+(?:,\d{3})*(?:\.\d+)?|\.\d+)"
+    r"(?P<body>\d+(?:,\d{3})*(?:\.\d+)?|(?<!\.)\.\d+)"
     r"(?!\d)"
 )
 
@@ -56,6 +58,13 @@ def find_numbers(text: str) -> list[str]:
     return found
 
 
+def _last_template(text: str, template: str) -> re.Match[str] | None:
+    """The last case-insensitive occurrence of ``template`` (on the original text: lowering it
+    first would shift positions where a character lowers to two, as "\u0130" does)."""
+    matches = list(re.finditer(re.escape(template), text, re.IGNORECASE))
+    return matches[-1] if matches else None
+
+
 def extract_numeric_answer(text: str, template: str = DEFAULT_TEMPLATE) -> str | None:
     """The GSM8K prediction in ``text``, or None when it holds no number.
 
@@ -65,9 +74,9 @@ def extract_numeric_answer(text: str, template: str = DEFAULT_TEMPLATE) -> str |
     """
     if not text:
         return None
-    pos = text.lower().rfind(template.lower()) if template else -1
-    if pos >= 0:
-        after = find_numbers(text[pos + len(template) :])
+    found = _last_template(text, template) if template else None
+    if found is not None:
+        after = find_numbers(text[found.end() :])
         if after:
             return after[0]
     numbers = find_numbers(text)
@@ -99,7 +108,9 @@ def normalize_number(value: str | None) -> str | None:
         return None
     if d == 0:
         return "0"
-    return format(d.normalize(), "f")
+    with localcontext() as ctx:  # normalize() rounds to the context's precision (28 digits)
+        ctx.prec = max(28, len(d.as_tuple().digits))
+        return format(d.normalize(), "f")
 
 
 def numbers_equal(a: str | None, b: str | None) -> bool:
@@ -111,13 +122,20 @@ def numbers_equal(a: str | None, b: str | None) -> bool:
     return da is not None and db is not None and da == db
 
 
-def _sentence_span(text: str, pos: int, length: int) -> tuple[int, int]:
-    """Start of the sentence holding text[pos:pos+length] and the end of that line."""
+def _sentence_span(text: str, begin: int, end: int) -> tuple[int, int]:
+    """The sentence holding text[begin:end]: where it starts, and where it ends after ``end``.
+    When nothing but markup (":", "*", spaces) follows the template on its line ("The answer
+    is:" then "**(B) water**" on the next line), the sentence runs on through the next
+    non-empty line."""
     start = 0
-    for m in _SENTENCE_BREAK_RE.finditer(text, 0, pos):
+    for m in _SENTENCE_BREAK_RE.finditer(text, 0, begin):
         start = m.end()
-    end = text.find("\n", pos + length)
-    return start, len(text) if end < 0 else end
+    stop = _SENTENCE_BREAK_RE.search(text, end)
+    line_end = text.find("\n", end)
+    if line_end >= 0 and not text[end:line_end].strip(" \t:*_"):
+        rest = text[line_end:]
+        stop = _SENTENCE_BREAK_RE.search(text, line_end + len(rest) - len(rest.lstrip()))
+    return start, len(text) if stop is None else stop.start()
 
 
 def _option_patterns(
@@ -155,7 +173,8 @@ def extract_choice(
 ) -> str | None:
     """The label of the option ``text`` answers with, or None.
 
-    Looks only at the sentence holding the last ``template`` (case-insensitive): first in the
+    Looks only at the sentence holding the last ``template`` (case-insensitive; the sentence
+    runs on to the next line when only markup follows the template on its own): first in the
     part after the template, where the earliest mention of an option wins ("The answer is (B)
     water" -> B even though "water" may also match), then in the part before it ("For (C) the
     answer is yes", where a bare letter does not count). Without the template there is no
@@ -164,14 +183,15 @@ def extract_choice(
     """
     if not text or not options:
         return None
-    pos = text.lower().rfind(template.lower())
-    if pos < 0:
+    match = _last_template(text, template)
+    if match is None:
         return None
-    start, end = _sentence_span(text, pos, len(template))
-    after = text[pos + len(template) : end]
+    start, end = _sentence_span(text, match.start(), match.end())
+    after = text[match.end() : end]
     found = _first_option(after, _option_patterns(options, bare_labels=True))
     if found is None:
-        found = _first_option(text[start:pos], _option_patterns(options, bare_labels=False))
+        before = text[start : match.start()]
+        found = _first_option(before, _option_patterns(options, bare_labels=False))
     return found
 
 

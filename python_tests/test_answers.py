@@ -45,6 +45,10 @@ from latro_engine.answers import (
         ("The answer is \u22124", "-4"),  # unicode minus
         ("Result: 1,2345", "2345"),  # not a thousands group
         ("The answer is 7\n\nThe answer is 8.\n", "8"),
+        ("She has 3 apples. The answer is...5", "5"),  # after an ellipsis, not ".5"
+        ("The answer is Rs.500", "500"),  # after a dot that ends a word
+        ("v1.2.3 then the answer is", None),  # glued to a word, then continuing it
+        ("\u0130\u0130 The answer is 15", "15"),  # "\u0130" lowers to two characters
     ],
 )
 def test_extract_numeric_answer(text, expected):
@@ -88,6 +92,8 @@ def test_normalize_number():
     assert normalize_number("12.50") == "12.5"
     assert normalize_number("nan") is None
     assert normalize_number("seven") is None
+    big = "1234567890123456789012345678901234567890"  # 40 digits: no rounding to 28
+    assert normalize_number(big) == big and normalize_number(big + ".000") == big
 
 
 OPTIONS = (("A", "water"), ("B", "salt water"), ("C", "Vitamin C"), ("D", "sand"))
@@ -110,6 +116,10 @@ OPTIONS = (("A", "water"), ("B", "salt water"), ("C", "Vitamin C"), ("D", "sand"
         ("I think (B) is right.", None),  # no template
         ("", None),
         ("The answer is (B)\nAlso (C) is nice.", "B"),
+        ("I think (C) is wrong. So the answer is clear. Sand floats.", None),  # next sentence
+        ("The answer is none. Therefore, (C) is the best.", None),
+        ("The answer is\n(B) salt water", "B"),  # the answer on the next line
+        ("The answer is:\n\n**D**", "D"),
     ],
 )
 def test_extract_choice(text, expected):
