@@ -89,7 +89,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
     name, keys, pos, has_gauss, gauss_value = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss_value))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # One state per device that saved it; a resume that sees fewer devices (one GPU per
+        # rank under torchrun or SLURM) restores those it has.
+        for device, device_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(device_state, device)
 
 
 # ----------------------------------------------------------------------------- save / find
@@ -137,6 +140,7 @@ def save_checkpoint(
     _fsync_tree(tmp)
     if final.exists():  # a checkpoint of the same step from an earlier, interrupted run
         trash = output_dir / f".trash-{PREFIX}{step}-{os.getpid()}"
+        shutil.rmtree(trash, ignore_errors=True)  # a crashed writer's, with a reused pid
         os.replace(final, trash)
         shutil.rmtree(trash, ignore_errors=True)
     os.replace(tmp, final)
@@ -169,7 +173,8 @@ def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint (the ``latest`` pointer is a hint, the scan decides)."""
+    """The newest complete checkpoint (the ``latest`` pointer is a hint, the scan decides: a
+    run's steps only grow, and a fresh run refuses a directory that holds checkpoints)."""
     checkpoints = list_checkpoints(output_dir)
     return checkpoints[-1][1] if checkpoints else None
 
@@ -217,7 +222,16 @@ def load_model_weights(model: torch.nn.Module, model_dir: Path) -> None:
         state: dict[str, torch.Tensor] = {}
         for f in files:
             state.update(load_file(f))
-        set_peft_model_state_dict(model, state)
+        result = set_peft_model_state_dict(model, state)
+        # Adapters saved for other modules (another lora_target_modules) would load nothing.
+        unexpected = list(getattr(result, "unexpected_keys", []))
+        missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
+        if unexpected or missing:
+            raise CheckpointError(
+                f"{model_dir}: the saved LoRA adapters do not fit the model (unexpected: "
+                f"{unexpected[:3]}, missing: {missing[:3]}); same lora_target_modules / "
+                "lora_rank as the run that saved them?"
+            )
         return
     missing, unexpected = model.load_state_dict(read_model_weights(model_dir), strict=False)
     check_weights_fit(model, model_dir, missing, unexpected)
@@ -251,6 +265,15 @@ def check_weights_fit(model: torch.nn.Module, model_dir: Path, missing, unexpect
         )
 
 
+def read_trainer_state(path: str | Path) -> dict[str, Any]:
+    """The trainer state a checkpoint was saved with (step, data position, trainer, config)."""
+    file = Path(path) / STATE_FILE
+    try:
+        return json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{file}: unreadable or not valid JSON ({error})") from error
+
+
 def load_checkpoint(
     path: str | Path,
     *,
@@ -267,10 +290,7 @@ def load_checkpoint(
         raise CheckpointError(f"{path} is not a complete checkpoint")
     optim_state = safe_torch_load(path / "optim.pt")
     rng = safe_torch_load(path / "rng.pt")
-    try:
-        state = json.loads((path / STATE_FILE).read_text())
-    except json.JSONDecodeError as error:
-        raise CheckpointError(f"{path / STATE_FILE}: not valid JSON ({error})") from error
+    state = read_trainer_state(path)
     if model is not None:
         load_model_weights(model, path / "model")
     if optimizer is not None:

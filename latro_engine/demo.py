@@ -16,6 +16,7 @@ import copy
 import dataclasses
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,6 +165,9 @@ def run_demo(
             result = evaluate_model(model, tokenizer, held_out, config, seed=config.seed + 17)
             write_eval_jsonl(result, out / f"eval_{name}.jsonl")
         else:
+            # The demo's own earlier run in this directory, if any: replaced (a fresh run does
+            # not start among another run's checkpoints).
+            shutil.rmtree(config.output_dir, ignore_errors=True)
             trainer = cls(copy.deepcopy(model), tokenizer, train, config)
             trainer.train()
             result = trainer.evaluate(held_out, write_path=out / f"eval_{name}.jsonl")

@@ -287,6 +287,12 @@ class _Trainer:
         )
 
     def resume_from(self, path: str | Path) -> None:
+        saved_by = ckpt.read_trainer_state(path).get("trainer", self.name)
+        if saved_by != self.name:  # e.g. `latro sft` pointed at a LaTRO run's directory
+            raise ckpt.CheckpointError(
+                f"{path} was written by the {saved_by} trainer, not {self.name}: use another "
+                "output_dir for this run"
+            )
         state = self.dist.load_checkpoint(
             path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler
         )
@@ -359,6 +365,14 @@ class _Trainer:
             if latest is not None:
                 self.resume_from(latest)
                 resume_step = self.step
+        elif ckpt.list_checkpoints(self.output_dir):
+            # A fresh run among another run's checkpoints would prune them by step number and
+            # a later resume could pick theirs: refused, nothing is deleted.
+            names = ", ".join(p.name for _, p in ckpt.list_checkpoints(self.output_dir))
+            raise ckpt.CheckpointError(
+                f"{self.output_dir} holds checkpoints of an earlier run ({names}) and resume is "
+                "off: resume it, choose another output_dir, or remove them"
+            )
         main = self.dist.is_main  # only rank 0 writes logs, config and plots
         log = None
         if main:

@@ -103,3 +103,29 @@ def test_weights_that_do_not_fit_are_rejected(tmp_path):
     os.remove(path / "model" / "model.safetensors")
     with pytest.raises(ckpt.CheckpointError, match="no safetensors"):
         ckpt.load_checkpoint(path, model=tiny.model())
+
+
+def test_resaving_a_step_survives_a_crashed_writers_trash(tmp_path):
+    """A trash directory left by a crashed writer whose pid this process now has does not
+    block re-saving the same step."""
+    model, opt, sched = _parts()
+    kw = dict(model=model, tokenizer=None, optimizer=opt, scheduler=sched, trainer_state={})
+    ckpt.save_checkpoint(tmp_path, 3, **kw)
+    leftover = tmp_path / f".trash-checkpoint-3-{os.getpid()}"
+    (leftover / "model").mkdir(parents=True)
+    (leftover / "model" / "half.bin").write_bytes(b"x")
+    assert ckpt.save_checkpoint(tmp_path, 3, **kw) == tmp_path / "checkpoint-3"
+    assert not leftover.exists()
+
+
+def test_cuda_rng_restores_the_devices_this_process_sees(monkeypatch):
+    """A checkpoint saved with 8 visible GPUs resumes with one per rank: the states of the
+    devices it has are restored, the others ignored (no IndexError)."""
+    restored = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, d: restored.update({d: s}))
+    state = ckpt.rng_state()
+    state["cuda"] = [torch.full((4,), i, dtype=torch.uint8) for i in range(8)]
+    ckpt.set_rng_state(state)
+    assert list(restored) == [0] and torch.equal(restored[0], state["cuda"][0])

@@ -168,6 +168,34 @@ def test_lora_trains_adapters_and_uses_the_base_as_reference(tmp_path):
         assert torch.equal(again.model.state_dict()[k], v), k
 
 
+def test_lora_adapters_for_other_modules_are_refused(tmp_path):
+    """Resuming with another lora_target_modules would load no adapter weight (and the AdamW
+    moments onto other parameters): refused by name instead."""
+    pytest.importorskip("peft")
+    config = tiny.config(tmp_path, lora_rank=4, lora_alpha=8.0, steps=2,
+                         lora_target_modules=("q_proj", "v_proj"))
+    LatroTrainer(tiny.model(), tiny.tokenizer(), tiny.examples(8), config).train()
+    other = tiny.config(tmp_path, lora_rank=4, lora_alpha=8.0, steps=3,
+                        lora_target_modules=("k_proj", "o_proj"))
+    trainer = LatroTrainer(tiny.model(), tiny.tokenizer(), tiny.examples(8), other)
+    with pytest.raises(ckpt.CheckpointError, match="LoRA adapters do not fit"):
+        trainer.train()
+
+
+def test_a_run_does_not_start_among_another_runs_checkpoints(tmp_path):
+    """A fresh run (resume off) in a directory with checkpoints, or a run of the other trainer
+    resuming one, is refused before it touches them."""
+    data = tiny.examples(8)
+    LatroTrainer(tiny.model(), tiny.tokenizer(), data, tiny.config(tmp_path, steps=2)).train()
+    before = sorted(p.name for p in (tmp_path / "run").iterdir())
+    fresh = tiny.config(tmp_path, steps=3, resume=False)
+    with pytest.raises(ckpt.CheckpointError, match="holds checkpoints of an earlier run"):
+        LatroTrainer(tiny.model(), tiny.tokenizer(), data, fresh).train()
+    with pytest.raises(ckpt.CheckpointError, match="written by the latro trainer, not sft"):
+        SFTTrainer(tiny.model(), tiny.tokenizer(), data, tiny.config(tmp_path, steps=3)).train()
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before
+
+
 @pytest.mark.parametrize("lora", [False, True])
 def test_static_rollout_decoder_trains_like_the_hf_loop(tmp_path, lora):
     """rollout_decoder=static (the CUDA-graph decoder, eager on the CPU) draws the rationales the
