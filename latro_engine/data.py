@@ -38,6 +38,7 @@ __all__ = [
     "GSM8K_TEMPLATE",
     "answer_text",
     "build_prompt",
+    "chat_template_in_use",
     "format_arc_question",
     "gold_answer_string",
     "load_arc",
@@ -420,6 +421,14 @@ def format_arc_question(example: Example) -> str:
     return f"Question: {example.question}\nOptions: {opts}\n{ARC_INSTRUCTION}"
 
 
+def chat_template_in_use(tokenizer: Any, use_chat_template: bool | Literal["auto"]) -> bool:
+    """Whether prompts go through the chat template: as asked, or with "auto" when the
+    tokenizer has one."""
+    if use_chat_template == "auto":
+        return bool(getattr(tokenizer, "chat_template", None))
+    return bool(use_chat_template)
+
+
 def build_prompt(
     tokenizer: Any,
     question: str,
@@ -436,10 +445,9 @@ def build_prompt(
     the template, so braces inside the question are safe.
     """
     content = template.format(question=question)
-    has_template = bool(getattr(tokenizer, "chat_template", None))
-    if not (has_template if use_chat_template == "auto" else use_chat_template):
+    if not chat_template_in_use(tokenizer, use_chat_template):
         return content
-    if not has_template:
+    if not getattr(tokenizer, "chat_template", None):
         raise ValueError("use_chat_template=True but the tokenizer has no chat template")
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True

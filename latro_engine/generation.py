@@ -10,7 +10,14 @@ from typing import Any, Literal
 import torch
 
 from latro_engine.config import LatroConfig
-from latro_engine.data import DataError, Example, answer_text, build_prompt, gold_answer_string
+from latro_engine.data import (
+    DataError,
+    Example,
+    answer_text,
+    build_prompt,
+    chat_template_in_use,
+    gold_answer_string,
+)
 from latro_engine.evaluation import EvalResult, Kind, evaluate
 from latro_engine.rollout import sample_rationales
 
@@ -33,12 +40,6 @@ def _eos_id(tokenizer: Any) -> int:
     return int(tokenizer.eos_token_id)
 
 
-def uses_chat_template(tokenizer: Any, config: LatroConfig) -> bool:
-    """Whether prompts go through the tokenizer's chat template (see ``build_prompt``)."""
-    wanted = _USE_CHAT[config.use_chat_template]
-    return bool(getattr(tokenizer, "chat_template", None)) if wanted == "auto" else wanted
-
-
 _SENTINEL = "LATRO_TURN_SENTINEL"
 _WARNED_TEMPLATES: set[str] = set()
 
@@ -49,7 +50,7 @@ def turn_end_id(tokenizer: Any, config: LatroConfig) -> int:
     message (Phi-3.5's ``<|end|>``, Llama 3's ``<|eot_id|>``, Qwen's ``<|im_end|>``, where the
     tokenizer's EOS may be another token), else EOS."""
     eos = _eos_id(tokenizer)
-    if not uses_chat_template(tokenizer, config):
+    if not chat_template_in_use(tokenizer, _USE_CHAT[config.use_chat_template]):
         return eos
     turn = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": _SENTINEL}]
     try:

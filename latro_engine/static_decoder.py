@@ -162,9 +162,8 @@ def _linear_unsupported(module: torch.nn.Module, name: str) -> str | None:
                 return f"{name}: LoRA bias"
             if adapter not in module.lora_A:
                 return f"{name}: adapter {adapter!r} is not a LoRA linear adapter"
-        module = module.base_layer
-    if type(module) is not torch.nn.Linear:
-        return f"{name} is a {type(module).__name__}, not a torch.nn.Linear"
+    if type(_base(module)) is not torch.nn.Linear:
+        return f"{name} is a {type(_base(module)).__name__}, not a torch.nn.Linear"
     return None
 
 

@@ -365,10 +365,10 @@ class _Trainer:
             if latest is not None:
                 self.resume_from(latest)
                 resume_step = self.step
-        elif ckpt.list_checkpoints(self.output_dir):
+        elif earlier := ckpt.list_checkpoints(self.output_dir):
             # A fresh run among another run's checkpoints would prune them by step number and
             # a later resume could pick theirs: refused, nothing is deleted.
-            names = ", ".join(p.name for _, p in ckpt.list_checkpoints(self.output_dir))
+            names = ", ".join(p.name for _, p in earlier)
             raise ckpt.CheckpointError(
                 f"{self.output_dir} holds checkpoints of an earlier run ({names}) and resume is "
                 "off: resume it, choose another output_dir, or remove them"
