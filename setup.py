@@ -7,12 +7,24 @@ CUDA kernels are compiled when a CUDA toolkit and a CUDA-enabled torch are both 
   TORCH_CUDA_ARCH_LIST  GPU architectures (default "8.0;9.0")
   LATRO_SKIP_EXTENSION=1  install the pure-Python package only (reference backend)
   LATRO_NO_OPENMP=1   compile without OpenMP (CPU ops then run on one thread)
+  LATRO_SKIP_RAISE_CHECK=1  skip the check that the built module raises errors cleanly
+
+After building, the module is loaded in a child process and handed bad input, which must raise
+a ValueError (see _raise_check). On the H100 machine of 2026-11-25/26 a module built by the
+environment's compiler (CC/CXX=/opt/gcc/bin/gcc|g++, a separate GCC 13.3 install) died with
+SIGSEGV on every error it raised, while the same sources built by the system's /usr/bin/g++
+raised cleanly; so a failed check rebuilds once with the system compiler, and fails the build
+if that does not help either (a module that crashes on a typo is worse than none).
 """
 
 from __future__ import annotations
 
+import copy
 import glob
 import os
+import shutil
+import subprocess
+import sys
 
 from setuptools import setup
 
@@ -84,8 +96,113 @@ def _extensions() -> tuple[list, dict]:
             extra_link_args=link_flags,
         )
     print(f"latro_engine: building the native extension with CUDA {'on' if use_cuda else 'off'}")
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    return [ext], {"build_ext": _checked(BuildExtension.with_options(use_ninja=True))}
 
 
-ext_modules, cmdclass = _extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+# The child process of the check: loads the built module as latro_engine._C, then imports the
+# package from this checkout (so the op is reached the way users reach it: through the Python
+# autograd registration), and asks for a log-probability of a target outside the vocabulary.
+_RAISE_CHECK = """
+import importlib.util, sys
+import torch  # first: the module links against torch's libraries
+root, path = sys.argv[1:3]
+try:
+    spec = importlib.util.spec_from_file_location("latro_engine._C", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+except ImportError as error:
+    print(f"the module does not load: {error}")
+    sys.exit(4)
+sys.modules["latro_engine._C"] = module
+sys.path.insert(0, root)
+from latro_engine import ops
+try:
+    ops.token_logprobs(torch.zeros(2, 5), torch.tensor([1, 9]))
+except ValueError:
+    sys.exit(0)
+sys.exit("an out-of-range target raised no ValueError")
+"""
+
+
+def _raise_check(path: str) -> str | None:
+    """None when the module at ``path`` raises ValueError for bad input; else what went wrong."""
+    env = {k: v for k, v in os.environ.items() if k != "LATRO_BACKEND"}
+    try:
+        done = subprocess.run([sys.executable, "-c", _RAISE_CHECK, ROOT, path], env=env,
+                              capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        return "it hung for 300 s"
+    if done.returncode == 0:
+        return None
+    if done.returncode == 4:  # not this check's business: the import error shows at use
+        print(f"latro_engine: could not run the raise check: {done.stdout.strip()}")
+        return None
+    if done.returncode < 0:
+        return f"it died of signal {-done.returncode}"
+    output = (done.stderr or done.stdout).strip()
+    return output.splitlines()[-1] if output else f"exit status {done.returncode}"
+
+
+def _system_compilers() -> tuple[str, str] | None:
+    """The system's gcc and g++ when they are not the ones this build used."""
+    cc, cxx = "/usr/bin/gcc", "/usr/bin/g++"
+    if not (os.access(cc, os.X_OK) and os.access(cxx, os.X_OK)):
+        return None
+    used = shutil.which(os.environ.get("CXX", "c++"))
+    if used and os.path.realpath(used) == os.path.realpath(cxx):
+        return None
+    return cc, cxx
+
+
+def _checked(build_ext_class):
+    """build_ext followed by the raise check (see the module docstring)."""
+
+    class CheckedBuildExt(build_ext_class):
+        def run(self):
+            # A build changes both: run() replaces the --compiler option with a compiler object,
+            # and torch's build_extensions appends its flags to the extensions.
+            compiler_option, pristine = self.compiler, copy.deepcopy(self.extensions)
+            super().run()
+            if os.environ.get("LATRO_SKIP_RAISE_CHECK") == "1" or not self.extensions:
+                return
+            problem = _raise_check(self._built_module())
+            if problem is None:
+                return
+            compiler = os.environ.get("CXX", "c++")
+            system = _system_compilers()
+            message = (f"latro_engine: the module built with {compiler} does not raise a clean "
+                       f"error for bad input ({problem})")
+            if system is not None:
+                print(f"{message}; rebuilding it with {system[1]}", file=sys.stderr)
+                os.environ["CC"], os.environ["CXX"] = system
+                self.compiler, self.extensions = compiler_option, pristine
+                self.force = True
+                super().run()
+                problem = _raise_check(self._built_module())
+                if problem is None:
+                    print(f"latro_engine: built with {system[1]}, which raises cleanly",
+                          file=sys.stderr)
+                    return
+                message += f", and so does the one built with {system[1]} ({problem})"
+            raise RuntimeError(
+                f"{message}. Build with a compiler that matches torch's (CC=... CXX=...), or "
+                "set LATRO_SKIP_RAISE_CHECK=1 to keep it anyway."
+            )
+
+        def _built_module(self) -> str:
+            # setuptools builds into build_lib and then copies in place for --inplace; the
+            # newest of the two paths is the one just built.
+            inplace = self.inplace
+            paths = []
+            for self.inplace in (0, 1):
+                paths.append(self.get_ext_fullpath(self.extensions[0].name))
+            self.inplace = inplace
+            existing = [p for p in paths if os.path.exists(p)]
+            return max(existing, key=os.path.getmtime) if existing else paths[0]
+
+    return CheckedBuildExt
+
+
+if __name__ == "__main__":  # as pip and `python setup.py` run it; tests import the helpers
+    ext_modules, cmdclass = _extensions()
+    setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -740,29 +740,37 @@ def _full_vocab_sums(model, ids, mask, positions, weight_mask) -> torch.Tensor:
     return (token_logp * weight_mask[:, 1:]).sum(-1)
 
 
-class PhasePeaks:
-    """Peak CUDA memory of each phase of a LaTRO step (rollout, scoring, training), so the memory
-    table says where a peak comes from. Each phase resets the peak counter, so the step's peak
-    is the largest phase peak; off the GPU it records nothing."""
+class PhaseStats:
+    """Seconds and peak CUDA memory of each phase of a LaTRO step (rollout, scoring, training),
+    so the table says where the time and the peak come from. Each phase synchronizes the device
+    at its ends and resets the peak counter, so the step's peak is the largest phase peak; off
+    the GPU only the seconds are recorded."""
 
     def __init__(self, device: torch.device):
         self.device = device
+        self.seconds: dict[str, float] = {}
         self.peaks: dict[str, float] = {}
 
     @contextlib.contextmanager
     def __call__(self, name: str):
-        if self.device.type != "cuda":
-            yield
-            return
-        torch.cuda.reset_peak_memory_stats(self.device)
+        _sync(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        t0 = time.perf_counter()
         yield
-        self.peaks[name] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        _sync(self.device)
+        self.seconds[name] = time.perf_counter() - t0
+        if self.device.type == "cuda":
+            self.peaks[name] = torch.cuda.max_memory_allocated(self.device) / 2**30
 
     def step_peak(self) -> float | None:
         return max(self.peaks.values()) if self.peaks else None
 
     def summary(self) -> str:
-        return " / ".join(f"{name} {peak:.1f}" for name, peak in self.peaks.items())
+        return " / ".join(
+            f"{name} {seconds:.2f} s" + (f", {self.peaks[name]:.1f} GiB" if name in self.peaks else "")
+            for name, seconds in self.seconds.items()
+        )
 
 
 def _no_phases(name: str):
@@ -785,14 +793,15 @@ def reference_pattern_step(
     score_batch: int = 16,
     amp: Callable[[], Any] = contextlib.nullcontext,
     phase: Callable[[str], Any] = _no_phases,
-) -> None:
+) -> float:
     """One LaTRO step the reference implementation's way (/work/shared/LATRO.md): full-length
     sampling with ``generate`` keeping the scores, the rationales cut at stop strings
     afterwards, three separate no-grad forwards with a float32 log_softmax over the whole
     vocabulary and sequence (policy on x+z, reference on x+z, policy on x+z+y), leave-one-out
     advantages with the non-stop penalty 2 x the batch's mean reward, then micro-batches of
     ``micro`` with two grad forwards each (x+z for log p(z|x), x+z+y for log p(y|x,z)) and one
-    optimizer step. Forwards run under ``amp()``, backwards outside it (as the trainer does)."""
+    optimizer step. Forwards run under ``amp()``, backwards outside it (as the trainer does).
+    Returns the rationales' mean length in tokens."""
     device = prompt_ids.device
     ids = prompt_ids.repeat_interleave(k, 0)
     mask = prompt_mask.repeat_interleave(k, 0)
@@ -846,6 +855,7 @@ def reference_pattern_step(
             (loss * (lz.shape[0] / n)).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+    return lengths.float().mean().item()
 
 
 def ours_step(
@@ -865,7 +875,7 @@ def ours_step(
     amp: Callable[[], Any] = contextlib.nullcontext,
     phase: Callable[[str], Any] = _no_phases,
     checkpointing: bool = False,
-) -> None:
+) -> float:
     """One LaTRO step with the engine: the rollout (stop detection and compaction), then the
     trainer's own two passes (``latro_engine.trainer.advantages_pass`` and ``gradient_pass``,
     what ``LatroTrainer.train_step`` runs) and the optimizer step. With micro-batches of 4,
@@ -877,7 +887,8 @@ def ours_step(
     instead of three. Forwards run under ``amp()``, backwards outside it, as in the trainer.
     ``checkpointing``: the grad passes keep only each decoder layer's input and recompute the
     rest in the backward (the trainer's ``gradient_checkpointing`` option), trading about a
-    third more training compute for most of the activation memory."""
+    third more training compute for most of the activation memory. Returns the rationales'
+    mean length in tokens."""
     from latro_engine.config import LatroConfig
     from latro_engine.distributed import Distributed
     from latro_engine.scoring import reference_logprobs, score_sequences
@@ -916,6 +927,7 @@ def ours_step(
     finally:
         if checkpointing:
             set_activation_checkpointing(model, False)
+    return rollout.rationale_lengths.float().mean().item()
 
 
 # The step's implementations, the baseline first: (name, step, reference kept in host memory,
@@ -999,9 +1011,9 @@ def bench_latro(device: torch.device, small: bool) -> None:
                     state = None  # weights, reference, AdamW state (and our kept decoder)
                     if device.type == "cuda":
                         state = torch.cuda.memory_allocated(device) / 2**30
-                    phases = PhasePeaks(device)
+                    phases = PhaseStats(device)
                     t0 = time.perf_counter()
-                    step(
+                    mean_length = step(
                         model,
                         reference,
                         optimizer,
@@ -1020,10 +1032,12 @@ def bench_latro(device: torch.device, small: bool) -> None:
                         "s": seconds,
                         "peak GiB": peak,
                         "state GiB": state,
-                        "phase peaks GiB": phases.summary() or None,
+                        "mean rationale tokens": mean_length,
+                        "phases (s, peak GiB)": phases.summary() or None,
                     }
                     print(
-                        f"  {weights}, {label}, {name}: {seconds:.2f} s, peak {_fmt(peak)} GiB "
+                        f"  {weights}, {label}, {name}: {seconds:.2f} s, peak {_fmt(peak)} GiB, "
+                        f"{mean_length:.0f} rationale tokens "
                         f"(state {_fmt(state)}; {phases.summary()})"
                     )
                 except Exception as error:

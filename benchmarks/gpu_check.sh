@@ -13,11 +13,14 @@
 #   bash benchmarks/gpu_check.sh                      # all three
 #   STAGES="test bench" BENCH_SECTIONS="rollout" bash benchmarks/gpu_check.sh   # prebuilt module
 #
-# On a 15-minute device budget, two calls on the same warm machine (the in-place build stays):
-#   STAGES="build test bench" BENCH_SECTIONS="sample scorer attention" SECTION_TIMEOUT=120 \
-#     bash benchmarks/gpu_check.sh                                   # about 7 minutes
-#   STAGES="bench" BENCH_SECTIONS="rollout latro" BENCH_ARGS="--latro-weights bfloat16" \
-#     SECTION_TIMEOUT=240 bash benchmarks/gpu_check.sh               # about 6 minutes
+# On a 15-minute device budget, two calls on the same warm machine (the in-place build stays;
+# the second call must follow within the machine's 30 idle seconds). Timings of 2026-11-26, H100:
+# build 50 s (twice that where setup.py's raise check rebuilds with the system compiler), tests
+# 165 s, sample + scorer + attention 46 s, rollout 67 s, latro over 140 s.
+#   STAGES="build test bench" BENCH_SECTIONS="sample scorer attention rollout" \
+#     SECTION_TIMEOUT=120 TEST_TIMEOUT=200 bash benchmarks/gpu_check.sh    # about 6.5 minutes
+#   STAGES="bench" BENCH_SECTIONS="latro" BENCH_ARGS="--latro-weights bfloat16" \
+#     SECTION_TIMEOUT=330 bash benchmarks/gpu_check.sh                     # about 5 minutes
 #
 # Outputs go to $OUT when it is set (the device tool's folder), else build/gpu-check:
 # gpu_check.log (everything), nvidia-smi.txt, pytest.log, bench_gpu.md, bench_gpu.json and the
@@ -95,9 +98,10 @@ has_kernels() {
 }
 
 errors_probe() {
-  # An op given bad input must raise ValueError, not crash the process (on the H100 machine of
-  # 2026-11-25 every C++ exception leaving the extension segfaulted): one process per device,
-  # so a crash is reported with its exit status and the next stages still run.
+  # An op given bad input must raise ValueError, not crash the process (on the H100 machines of
+  # 2026-11-25/26 every C++ exception leaving a module built by /opt/gcc's g++ segfaulted;
+  # setup.py's raise check now rebuilds such a module with /usr/bin/g++): one process per
+  # device, so a crash is reported with its exit status and the next stages still run.
   local device status=0
   for device in cpu cuda; do
     "$PYTHON" -X faulthandler - "$device" <<'EOF_PROBE' || { echo "errors probe on $device: exit $?"; status=1; }

@@ -37,6 +37,16 @@ def pytest_runtest_logfinish(nodeid, location):
     _write_progress("")  # a crash after this test (at exit, say) is not its fault
 
 
+def pytest_runtest_logreport(report):
+    """With LATRO_TEST_OUTCOMES set, each test's outcome is appended to that file (its setup's
+    when the setup failed or skipped it, else its call's), so that
+    scripts/pytest_through_crashes.sh can total the runs that crashes cut the selection into."""
+    path = os.environ.get("LATRO_TEST_OUTCOMES")
+    if path and (report.when == "call" or (report.when == "setup" and report.outcome != "passed")):
+        with open(path, "a") as outcomes:
+            outcomes.write(f"{report.outcome} {report.nodeid}\n")
+
+
 requires_native = pytest.mark.skipif(
     not latro_engine.native_available(), reason="the native extension is not built"
 )

@@ -101,13 +101,13 @@ def test_token_logprobs_layouts_without_copies_match_cpu():
     for name, (logits, t) in views.items():
         out = ops.token_logprobs(logits, t)
         expected = ops.token_logprobs(logits.cpu(), t.cpu())
-        torch.testing.assert_close(out.cpu(), expected, atol=1e-5, rtol=1e-5, msg=name)
+        torch.testing.assert_close(out.cpu(), expected, atol=1e-5, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
         grad = torch.randn(t.shape, generator=torch.Generator().manual_seed(2))
         x = logits.detach().clone().requires_grad_()
         (ops.token_logprobs(x, t) * grad.cuda()).sum().backward()
         x_cpu = logits.detach().cpu().clone().requires_grad_()
         (ops.token_logprobs(x_cpu, t.cpu()) * grad).sum().backward()
-        torch.testing.assert_close(x.grad.cpu(), x_cpu.grad, atol=1e-6, rtol=1e-5, msg=name)
+        torch.testing.assert_close(x.grad.cpu(), x_cpu.grad, atol=1e-6, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)

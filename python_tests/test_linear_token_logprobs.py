@@ -225,6 +225,22 @@ def test_backward_vocabulary_blocks_with_bias_and_in_vocab_ignore_index(device, 
                                chunk_size=1, ignore_index=3)
 
 
+@requires_native
+def test_vocabulary_blocks_are_multiples_of_128_columns():
+    """chunk_size=3 of 10 rows asks for blocks of 300 columns; the native op rounds them up to
+    384, a tile-aligned width (cuBLAS ran blocks of an odd width 6x slower on an H100), in the
+    forward and in the backward's recomputed logits. The last block takes what is left."""
+    from torch.profiler import ProfilerActivity, profile
+
+    hidden, weight, _, targets = linear_problem(10, 16, 1000, torch.float32, "cpu", False, seed=3)
+    hidden.requires_grad_()
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        ops.linear_token_logprobs(hidden, weight, targets, chunk_size=3).sum().backward()
+    widths = [e.input_shapes[1][1] for e in prof.events()
+              if e.name == "aten::mm" and e.input_shapes[0] == [10, 16]]
+    assert widths == [384, 384, 232] * 2
+
+
 @pytest.mark.parametrize("device,backend", device_backend_pairs())
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_hidden_grad_does_not_degrade_with_blocks(device, backend, dtype, use_backend):

@@ -67,12 +67,15 @@ def test_crashes_are_named_and_the_rest_still_runs(tmp_path):
     # After the second crash: [3] passes, [4] fails, [5] and test_last pass.
     assert "FAILED test_subject.py::test_numbered[4]" in log
     assert "1 failed, 3 passed" in log
+    # [0] passed before the first crash: the total counts every run.
+    assert "in all 4 passed, 1 failed, 0 skipped, 2 crashed, of 7 selected" in log
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_a_clean_run_passes_and_an_empty_selection_is_not_an_error(tmp_path):
     rc, log = run_script(tmp_path, "def test_fine():\n    pass\n", "test_subject.py")
     assert (rc, "1 passed" in log, "CRASHED" in log) == (0, True, False)
+    assert "in all 1 passed, 0 failed, 0 skipped, 0 crashed, of 1 selected" in log
     rc, log = run_script(tmp_path, "def test_fine():\n    pass\n", "test_subject.py", "-k", "nope")
     assert rc == 0
 

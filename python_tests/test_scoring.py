@@ -108,7 +108,7 @@ def test_gradients_match_plain_torch(llama):
     z, y = _oracle(llama, dtype=torch.float32)
     (weights * z + y).sum().backward()
     for name, param in llama.named_parameters():
-        torch.testing.assert_close(mine[name], param.grad, rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(mine[name], param.grad, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
     assert any(g.abs().sum() > 0 for g in mine.values())
     llama.zero_grad()
 
@@ -134,7 +134,7 @@ def test_loss_weights_take_the_gradient_in_the_pass(llama, fast_path, micro_batc
     torch.testing.assert_close(got.rationale_logp, plain.rationale_logp.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got.answer_logp, plain.answer_logp.detach(), rtol=1e-5, atol=1e-5)
     for name, param in llama.named_parameters():
-        torch.testing.assert_close(mine[name], param.grad, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(mine[name], param.grad, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
     llama.zero_grad()
 
 

@@ -79,7 +79,7 @@ def test_noncontiguous_and_batched_shapes(device, backend, use_backend):
         out = ops.token_logprobs(logits, t)
         expected = _oracle(logits, t)
         assert out.shape == t.shape, name
-        torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5, msg=name)
+        torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("device,backend", device_backend_pairs())

@@ -250,9 +250,11 @@ def test_step_with_known_advantages_takes_the_latro_loss_gradient(tmp_path, monk
     pass first and each micro-batch's gradient is taken in its own scoring pass (loss_weights,
     scaled by the micro-batch's share). Summed over micro-batches, that is the gradient of
     latro_loss over the whole batch by plain autograd. On CUDA the whole step runs there (the
-    static decoder's graphs, the native scorers)."""
+    static decoder's graphs, the native scorers), in float32: under bf16 autocast the
+    micro-batches' matmuls (other shapes, other cuBLAS kernels) round differently from the whole
+    batch's (the bf16 run of this test failed its 1e-3 tolerance on an H100, 2026-11-26)."""
     config = tiny.config(tmp_path, micro_batch_size=3, penalty_mode="batch_mean", nonstop_penalty=2.0,
-                         device=device)
+                         device=device, bf16="off")
     trainer = LatroTrainer(tiny.model(), tiny.tokenizer(), tiny.examples(16), config)
     seen = {}
     rollout_fn = trainer._rollout
@@ -282,7 +284,7 @@ def test_step_with_known_advantages_takes_the_latro_loss_gradient(tmp_path, monk
     # CUDA sums in other orders (micro-batches against the whole batch): float32 rounding
     rtol, atol = (1e-4, 1e-6) if device == "cpu" else (1e-3, 1e-5)
     for (name, param), got in zip(trainer.model.named_parameters(), seen["grads"]):
-        torch.testing.assert_close(got, param.grad, rtol=rtol, atol=atol, msg=name)
+        torch.testing.assert_close(got, param.grad, rtol=rtol, atol=atol, msg=lambda m, name=name: f"{name}: {m}")
     assert any(g.abs().sum() > 0 for g in seen["grads"])
 
 

@@ -15,7 +15,8 @@
 # TEST_TIMEOUT (seconds for everything, default 240), LOG (appended to; default: none),
 # PYTEST_OPTIONS (options for the runs themselves, e.g. "-x -v"; the selection's arguments only
 # pick the tests). Exit status: 0 when every test passed (or none was selected), 1 when any
-# failed or crashed, 124 when the time ran out.
+# failed or crashed, 124 when the time ran out. The last line totals every run (conftest
+# appends each outcome to $LATRO_TEST_OUTCOMES): pytest's own summary covers only the last.
 set -uo pipefail
 
 PYTHON="${PYTHON:-python3}"
@@ -29,6 +30,8 @@ timeout "${TEST_TIMEOUT:-240}" "$PYTHON" -m pytest -q -p no:cacheprovider --coll
   >"$work/collected" 2>&1
 collect_rc=$?
 grep -E '^[^[:space:]]+::' "$work/collected" >"$work/todo"
+selected=$(wc -l <"$work/todo")
+: >"$work/outcomes"
 if [[ $collect_rc -eq 5 && ! -s "$work/todo" ]]; then
   log <"$work/collected"
   exit 0  # nothing selected
@@ -52,7 +55,8 @@ while [[ -s "$work/todo" ]]; do
   mapfile -t ids <"$work/todo"
   : >"$work/progress"
   # shellcheck disable=SC2086  # PYTEST_OPTIONS is a list of options
-  LATRO_TEST_PROGRESS="$work/progress" timeout "$left" "$PYTHON" -X faulthandler -m pytest \
+  LATRO_TEST_PROGRESS="$work/progress" LATRO_TEST_OUTCOMES="$work/outcomes" \
+    timeout "$left" "$PYTHON" -X faulthandler -m pytest \
     -q -p no:cacheprovider -rfEs ${PYTEST_OPTIONS:-} "${ids[@]}" 2>&1 | log
   rc=${PIPESTATUS[0]}
   if [[ $rc -eq 124 ]]; then
@@ -84,4 +88,7 @@ if [[ ${#crashed[@]} -gt 0 ]]; then
     printf '  %s\n' "${crashed[@]}"
   } | log
 fi
+awk -v crashed="${#crashed[@]}" -v selected="$selected" '{ n[$1]++ } END {
+  printf "pytest_through_crashes: in all %d passed, %d failed, %d skipped, %d crashed, of %d selected\n",
+    n["passed"], n["failed"], n["skipped"], crashed, selected }' "$work/outcomes" | log
 exit "$status"
