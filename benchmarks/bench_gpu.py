@@ -121,7 +121,7 @@ def peak_gib(fn: Callable[[], Any], device: torch.device, exclude_bytes: int = 0
 @contextlib.contextmanager
 def environment(name: str, value: str | None):
     """Sets (or, for None, unsets) an environment variable for the block; the extension reads
-    LATRO_CUDA_CHECKS and LATRO_CUDA_SAMPLE_GRID at each call."""
+    LATRO_CUDA_CHECKS, LATRO_CUDA_SAMPLE_GRID and LATRO_CUDA_SAMPLE_PREFETCH at each call."""
     before = os.environ.pop(name, None)
     if value is not None:
         os.environ[name] = value
@@ -375,6 +375,23 @@ def bench_sample(device: torch.device, small: bool) -> None:
         f"sample with filters, blocks in flight ({sms} SMs; 'rows' = one block per row)",
         sweep,
     )
+
+    # The filtered kernel's L2 prefetch distance (iterations ahead; 0 = none, the default), on
+    # flat and peaked rows: more of the row in flight without the registers the kernel lacks.
+    sweep = []
+    with cuda_checks("off"):
+        for label, x in (("flat", logits), ("peaked", peaked)):
+            for name, options in cases[1:]:
+                row = {"case": f"{name}, {label}"}
+                for ahead in (0, 2, 4, 8, 16):
+                    with environment("LATRO_CUDA_SAMPLE_PREFETCH", str(ahead)):
+                        row[f"prefetch {ahead} ms"] = time_ms(
+                            lambda o=options, x=x: ops.sample(x, seed=seeds, offset=offset, **o),
+                            device,
+                            repeat=50,
+                        )
+                sweep.append(row)
+    table("sample_prefetch", "sample with filters, L2 prefetch iterations ahead", sweep)
 
 
 # ----------------------------------------------------------------------------- attention

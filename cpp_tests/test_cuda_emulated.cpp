@@ -221,6 +221,20 @@ TEST(EmulatedSampleLarge, FewerBlocksThanRows) {
   unsetenv("LATRO_CUDA_SAMPLE_GRID");
 }
 
+TEST(EmulatedSampleLarge, L2PrefetchChangesNoDraw) {
+  // LATRO_CUDA_SAMPLE_PREFETCH: the filtered passes prefetch a thread's vector that many
+  // iterations ahead (here each byte prefetched is read, so ASan checks the bound), rows long
+  // enough for several iterations, misaligned starts (row strides of an odd length) included.
+  ASSERT_EQ(setenv("LATRO_CUDA_SAMPLE_PREFETCH", "3", 1), 0);
+  std::mt19937 rng(23);
+  const Matrix logits = random_matrix(DType::Float32, 4, 20011, 20011, rng, 2.0);
+  std::mt19937_64 seed_rng(5);
+  for (const Options& o : filter_configs()) {
+    expect_cpu_draws(logits, random_seeds(4, seed_rng), true, 2, o);
+  }
+  unsetenv("LATRO_CUDA_SAMPLE_PREFETCH");
+}
+
 TEST(EmulatedSampleErrors, BadRowsGetMinusOneAndNaNAndTheFirstIsRecorded) {
   const float ninf = -kInfF;
   const Matrix logits = matrix_of_rows(DType::Float32, {{1.0f, 2.0f, 3.0f},

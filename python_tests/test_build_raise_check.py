@@ -54,12 +54,15 @@ class _Base:
     """Stands in for torch's BuildExtension: records each build's compiler and force flag."""
 
     def __init__(self):
+        self.compiler = None  # the --compiler option, which a real run replaces
         self.extensions = [object()]
         self.force = False
         self.builds = []
 
     def run(self):
+        assert self.compiler is None, "a run must start from the --compiler option"
         self.builds.append((os.environ.get("CXX"), self.force))
+        self.compiler = object()  # as distutils' run: the option becomes a compiler object
 
 
 def _build(setup_module, monkeypatch, checks, system=("/sys/gcc", "/sys/g++")):

@@ -276,6 +276,16 @@ def test_sample_with_fewer_blocks_than_rows(options, monkeypatch):
     _check_same_draws(cuda, cpu, logits, options)
 
 
+@pytest.mark.parametrize("options", [o for o in SAMPLING if o["temperature"] > 0], ids=str)
+def test_sample_with_l2_prefetch(options, monkeypatch):
+    """LATRO_CUDA_SAMPLE_PREFETCH (the benchmark's sweep) adds L2 prefetches to the filtered
+    kernel's passes over the row: the same draws as the CPU."""
+    monkeypatch.setenv("LATRO_CUDA_SAMPLE_PREFETCH", "4")
+    logits = _randn((5, 20011), scale=2.0, seed=19)
+    cuda, cpu = _sample_both(logits, seed=torch.arange(5) + 3, offset=2, **options)
+    _check_same_draws(cuda, cpu, logits, options)
+
+
 def test_sample_per_row_seeds_follow_the_row():
     logits = _randn((9, 500), seed=3).cuda()
     seeds = torch.arange(100, 109).cuda()

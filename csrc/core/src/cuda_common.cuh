@@ -132,6 +132,17 @@ __device__ __forceinline__ int64_t misaligned_head(const T* p, int64_t n) {
   return head < n ? head : n;
 }
 
+// Asks L2 for the 128-byte line holding p, without waiting and without a destination register
+// (prefetch.global.L2: a hint the hardware may drop). The CPU emulation reads the byte instead,
+// so AddressSanitizer sees a prefetch outside the buffer.
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+#if defined(LATRO_CUDA_EMULATION)
+  (void)*static_cast<const volatile unsigned char*>(p);
+#else
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+#endif
+}
+
 // Calls f(index, values) over row[0, n) split across the block's threads: a scalar head until
 // 16-byte alignment, then one 16-byte vector per call (coalesced), then a scalar tail. `values`
 // is a float array of 1 or kVec<T> elements; each thread sees its indices in increasing order.
@@ -142,8 +153,13 @@ __device__ __forceinline__ int64_t misaligned_head(const T* p, int64_t n) {
 // 6 GB/s per block (80 us), a seventh of its share of the bandwidth. More loads in flight cost
 // 4 registers each. The order in which f sees a thread's indices is the same for every kLoads,
 // so results do not depend on it.
+//
+// prefetch_ahead > 0: with each vector, the thread also asks L2 for its vector that many
+// iterations ahead (prefetch_l2), which keeps more of the row in flight without registers
+// (for kernels already at their register budget); 0 leaves it out. Results never depend on it.
 template <int kLoads = 1, typename T, typename F>
-__device__ __forceinline__ void for_each_in_row(const T* row, int64_t n, F&& f) {
+__device__ __forceinline__ void for_each_in_row(const T* row, int64_t n, F&& f,
+                                                int64_t prefetch_ahead = 0) {
   static_assert(kLoads >= 1, "at least one load in flight");
   const int64_t head = misaligned_head(row, n);
   for (int64_t i = threadIdx.x; i < head; i += blockDim.x) {
@@ -167,7 +183,9 @@ __device__ __forceinline__ void for_each_in_row(const T* row, int64_t n, F&& f) 
       }
     }
   }
+  const int64_t ahead = prefetch_ahead * stride;
   for (; j < vectors; j += stride) {
+    if (ahead > 0 && j + ahead < vectors) prefetch_l2(body + j + ahead);
     float values[kVec<T>];
     unpack<T>(body[j], values);
     f(head + j * kVec<T>, values);

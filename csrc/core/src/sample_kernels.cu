@@ -81,6 +81,7 @@ struct SampleKernelArgs {
   float top_p;
   float min_p;
   float log_min_p;  // computed on the host exactly as the CPU does
+  int64_t prefetch_ahead;  // LATRO_CUDA_SAMPLE_PREFETCH (see filtered_prefetch), 0: none
   int64_t* ids;
   float* logprobs;
   uint64_t* status;
@@ -264,18 +265,21 @@ __device__ __forceinline__ T* scratch_as(Shared& sh) {
   return reinterpret_cast<T*>(sh.scratch);
 }
 
-// Calls f(index, scaled logit) for every token of the row.
+// Calls f(index, scaled logit) for every token of the row (prefetch_ahead: see for_each_in_row).
 template <typename T, typename F>
 __device__ __forceinline__ void for_each_scaled(const T* row, int64_t vocab, float temperature,
-                                                F&& f) {
+                                                F&& f, int64_t prefetch_ahead = 0) {
   const bool unit = temperature == 1.0f;  // x / 1 == x: skip the division's dozen instructions
-  for_each_in_row(row, vocab, [&](int64_t base, const auto& values) {
-    constexpr int n = count_of<decltype(values)>;
+  for_each_in_row(
+      row, vocab,
+      [&](int64_t base, const auto& values) {
+        constexpr int n = count_of<decltype(values)>;
 #pragma unroll
-    for (int i = 0; i < n; ++i) {
-      f(base + i, unit ? values[i] : values[i] / temperature);  // IEEE division, as the CPU
-    }
-  });
+        for (int i = 0; i < n; ++i) {
+          f(base + i, unit ? values[i] : values[i] / temperature);  // IEEE division, as the CPU
+        }
+      },
+      prefetch_ahead);
 }
 
 __device__ void clear_histogram(Shared& sh) {
@@ -728,10 +732,13 @@ __global__ void __launch_bounds__(kThreads, 2) sample_kernel(SampleKernelArgs a)
     }
     // The rest of the row, one loop per kind of row (each keeps only its own state live).
     auto rest_of_row = [&](auto&& also) {
-      for_each_scaled(x + prefix, a.vocab - prefix, a.temperature, [&](int64_t i, float s) {
-        count_token(s);
-        if (s == s && s != neg_inf()) also(prefix + i, s);
-      });
+      for_each_scaled(
+          x + prefix, a.vocab - prefix, a.temperature,
+          [&](int64_t i, float s) {
+            count_token(s);
+            if (s == s && s != neg_inf()) also(prefix + i, s);
+          },
+          a.prefetch_ahead);
     };
     if (gather) {
       // The block's max of the prefix bounds the row max from below, like each thread's own.
@@ -872,9 +879,12 @@ __global__ void __launch_bounds__(kThreads, 2) sample_kernel(SampleKernelArgs a)
                                   true);
       } else {
         clear_histogram(sh);
-        for_each_scaled(x, a.vocab, a.temperature, [&](int64_t, float s) {
-          if (f.survives(s)) add_to_histogram(sh, s, m);
-        });
+        for_each_scaled(
+            x, a.vocab, a.temperature,
+            [&](int64_t, float s) {
+              if (f.survives(s)) add_to_histogram(sh, s, m);
+            },
+            a.prefetch_ahead);
         __syncthreads();
         const Crossing level0 = find_crossing(sh, true, static_cast<double>(a.top_p), true);
         if (level0.count_before + level0.count_at > static_cast<unsigned long long>(kBins) &&
@@ -918,21 +928,24 @@ __global__ void __launch_bounds__(kThreads, 2) sample_kernel(SampleKernelArgs a)
       // drawn over after. Until then f.tau_p is -inf, so offer_kept keeps every survivor.
       if (threadIdx.x == 0) sh.candidate_count = 0;
       __syncthreads();
-      for_each_scaled(x, a.vocab, a.temperature, [&](int64_t v, float s) {
-        if (!f.survives(s)) return;
-        const int bin = s > bin_ref ? -1 : level0_bin(s, bin_ref);  // -1: above every bin
-        if (bin < nucleus_bin) {
-          offer_kept(v, s);
-        } else if (bin == nucleus_bin) {
-          push_candidate(sh, s, v);
-        }
-      });
+      for_each_scaled(
+          x, a.vocab, a.temperature,
+          [&](int64_t v, float s) {
+            if (!f.survives(s)) return;
+            const int bin = s > bin_ref ? -1 : level0_bin(s, bin_ref);  // -1: above every bin
+            if (bin < nucleus_bin) {
+              offer_kept(v, s);
+            } else if (bin == nucleus_bin) {
+              push_candidate(sh, s, v);
+            }
+          },
+          a.prefetch_ahead);
       __syncthreads();
       const int n = sort_candidates(sh);
       f.tau_p = walk_candidates(sh, n, f, true, false, nucleus_bin_need, false);
       offer_candidates(n);
     } else {
-      for_each_scaled(x, a.vocab, a.temperature, offer_kept);
+      for_each_scaled(x, a.vocab, a.temperature, offer_kept, a.prefetch_ahead);
     }
     fin.mass = kept_mass;
     fin.best = draw.best;
@@ -959,6 +972,18 @@ unsigned int filtered_grid(int64_t rows) {
   return detail::row_blocks(rows);
 }
 
+// The filtered kernel is at its 64-register budget (two blocks per SM) with one 16-byte load in
+// flight per thread, which leaves a block streaming its row latency-bound; more loads in flight
+// spill (ptxas: 100 bytes with two). An L2 prefetch needs no register:
+// LATRO_CUDA_SAMPLE_PREFETCH=<iterations> has each thread ask for its vector that many
+// iterations ahead in the passes over the whole row (unset or 0: none, the default until a GPU
+// has measured it; benchmarks/bench_gpu.py sweeps it). At most 64.
+int64_t filtered_prefetch() {
+  const char* text = std::getenv("LATRO_CUDA_SAMPLE_PREFETCH");
+  const long long ahead = text != nullptr ? std::atoll(text) : 0;
+  return ahead > 0 && ahead <= 64 ? ahead : 0;
+}
+
 }  // namespace
 
 void sample(const SampleArgs& args, cudaStream_t stream, uint64_t* status) {
@@ -981,6 +1006,7 @@ void sample(const SampleArgs& args, cudaStream_t stream, uint64_t* status) {
   // Exactly the CPU's expression, so both compare s - m against the same float.
   a.log_min_p = args.min_p > 0.0f ? static_cast<float>(std::log(static_cast<double>(args.min_p)))
                                   : -INFINITY;
+  a.prefetch_ahead = filtered_prefetch();
   a.ids = args.ids;
   a.logprobs = args.logprobs;
   a.status = status;
