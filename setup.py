@@ -13,8 +13,9 @@ After building, the module is loaded in a child process and handed bad input, wh
 a ValueError (see _raise_check). On the H100 machine of 2026-11-25/26 a module built by the
 environment's compiler (CC/CXX=/opt/gcc/bin/gcc|g++, a separate GCC 13.3 install) died with
 SIGSEGV on every error it raised, while the same sources built by the system's /usr/bin/g++
-raised cleanly; so a failed check rebuilds once with the system compiler, and fails the build
-if that does not help either (a module that crashes on a typo is worse than none).
+raised cleanly (both probed on CPU and CUDA tensors); so a failed check rebuilds once with the
+system compiler, and if that does not help either, removes the module and fails the build (a
+module that crashes on a typo is worse than none).
 """
 
 from __future__ import annotations
@@ -115,7 +116,11 @@ except ImportError as error:
     sys.exit(4)
 sys.modules["latro_engine._C"] = module
 sys.path.insert(0, root)
-from latro_engine import ops
+try:
+    from latro_engine import ops
+except ImportError as error:  # the package's own dependencies: not the module's fault
+    print(f"the package does not import: {error}")
+    sys.exit(4)
 try:
     ops.token_logprobs(torch.zeros(2, 5), torch.tensor([1, 9]))
 except ValueError:
@@ -184,19 +189,28 @@ def _checked(build_ext_class):
                           file=sys.stderr)
                     return
                 message += f", and so does the one built with {system[1]} ({problem})"
+            # setuptools has already copied it in place (--inplace, editable installs), where
+            # the next import would load it.
+            for path in self._module_paths():
+                if os.path.exists(path):
+                    os.remove(path)
             raise RuntimeError(
                 f"{message}. Build with a compiler that matches torch's (CC=... CXX=...), or "
                 "set LATRO_SKIP_RAISE_CHECK=1 to keep it anyway."
             )
 
-        def _built_module(self) -> str:
-            # setuptools builds into build_lib and then copies in place for --inplace; the
-            # newest of the two paths is the one just built.
+        def _module_paths(self) -> list[str]:
+            """Where the module is built (build_lib) and where --inplace copies it."""
             inplace = self.inplace
             paths = []
             for self.inplace in (0, 1):
                 paths.append(self.get_ext_fullpath(self.extensions[0].name))
             self.inplace = inplace
+            return paths
+
+        def _built_module(self) -> str:
+            # The newest of the two is the one just built (a copy keeps its time: either).
+            paths = self._module_paths()
             existing = [p for p in paths if os.path.exists(p)]
             return max(existing, key=os.path.getmtime) if existing else paths[0]
 

@@ -16,9 +16,10 @@
 #   3. latro_engine with the system compiler (/usr/bin/gcc, /usr/bin/g++), if present;
 #   4. latro_engine with the environment's compiler and without -fopenmp (LATRO_NO_OPENMP=1).
 #
-# The H100 run of 2026-11-26 answered 1-3: the minimal extension raises cleanly with the
-# environment's compiler, latro_engine built with it crashes (CPU and CUDA tensors alike), and
-# built with /usr/bin/g++ raises cleanly. setup.py now checks every build and rebuilds with the
+# The H100 run of 2026-11-26 answered 1-3 (3 by hand, the same build and probe, after the script
+# ran out of its time): the minimal extension raises cleanly with the environment's compiler,
+# latro_engine built with it crashes (CPU and CUDA tensors alike), and built with /usr/bin/g++
+# raises cleanly on both. setup.py now checks every build and rebuilds with the
 # system compiler when needed (LATRO_SKIP_RAISE_CHECK=1 here, so each variant is kept as built);
 # step 4 would tell whether OpenMP is the ingredient.
 #

@@ -15,7 +15,7 @@
 #
 # On a 15-minute device budget, two calls on the same warm machine (the in-place build stays;
 # the second call must follow within the machine's 30 idle seconds). Timings of 2026-11-26, H100:
-# build 50 s (twice that where setup.py's raise check rebuilds with the system compiler), tests
+# build 74 s (twice that where setup.py's raise check rebuilds with the system compiler), tests
 # 165 s, sample + scorer + attention 46 s, rollout 67 s, latro over 140 s.
 #   STAGES="build test bench" BENCH_SECTIONS="sample scorer attention rollout" \
 #     SECTION_TIMEOUT=120 TEST_TIMEOUT=200 bash benchmarks/gpu_check.sh    # about 6.5 minutes

@@ -72,8 +72,8 @@ def linear_token_logprobs(
             float64 runs the reference on every backend).
         targets: int64 ``[N]``.
         chunk_size: bounds the logits held at once to about ``chunk_size x V`` (default: about
-            2^27 logits); the native op holds them as vocabulary blocks of all N rows (a multiple of
-            128 columns), so each pass reads the LM head once. Rows whose log-sum-exp is
+            2^27 logits); the native op holds them as vocabulary blocks of all N rows (multiples of
+            128 columns but the last), so each pass reads the LM head once. Rows whose log-sum-exp is
             extreme (|lse| >= 64) are redone over whole rows, ``chunk_size`` at a time.
     Returns:
         float32 ``[N]`` equal to ``token_logprobs(hidden @ weight.T + bias, targets)`` while never

@@ -33,18 +33,34 @@ def pytest_runtest_logstart(nodeid, location):
     _write_progress(nodeid)
 
 
-def pytest_runtest_logfinish(nodeid, location):
-    _write_progress("")  # a crash after this test (at exit, say) is not its fault
+# Each test's outcome so far (LATRO_TEST_OUTCOMES): written when the test is done, so a test
+# that kills the process in its teardown is counted once, as crashed.
+_OUTCOMES: dict[str, str] = {}
 
 
 def pytest_runtest_logreport(report):
-    """With LATRO_TEST_OUTCOMES set, each test's outcome is appended to that file (its setup's
-    when the setup failed or skipped it, else its call's), so that
+    """With LATRO_TEST_OUTCOMES set, each test's outcome goes to that file once the test is done
+    (passed, failed, error for a failing setup or teardown, skipped, xfailed, xpassed), so that
     scripts/pytest_through_crashes.sh can total the runs that crashes cut the selection into."""
+    if not os.environ.get("LATRO_TEST_OUTCOMES"):
+        return
+    if report.when == "call":
+        outcome = report.outcome
+        if hasattr(report, "wasxfail"):
+            outcome = "xfailed" if report.skipped else "xpassed"
+        _OUTCOMES[report.nodeid] = outcome
+    elif report.failed:
+        _OUTCOMES[report.nodeid] = "error"
+    elif report.skipped and report.when == "setup":
+        _OUTCOMES[report.nodeid] = "xfailed" if hasattr(report, "wasxfail") else "skipped"
+
+
+def pytest_runtest_logfinish(nodeid, location):
+    _write_progress("")  # a crash after this test (at exit, say) is not its fault
     path = os.environ.get("LATRO_TEST_OUTCOMES")
-    if path and (report.when == "call" or (report.when == "setup" and report.outcome != "passed")):
+    if path and nodeid in _OUTCOMES:
         with open(path, "a") as outcomes:
-            outcomes.write(f"{report.outcome} {report.nodeid}\n")
+            outcomes.write(f"{_OUTCOMES.pop(nodeid)} {nodeid}\n")
 
 
 requires_native = pytest.mark.skipif(

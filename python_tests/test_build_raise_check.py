@@ -65,7 +65,7 @@ class _Base:
         self.compiler = object()  # as distutils' run: the option becomes a compiler object
 
 
-def _build(setup_module, monkeypatch, checks, system=("/sys/gcc", "/sys/g++")):
+def _build(setup_module, monkeypatch, tmp_path, checks, system=("/sys/gcc", "/sys/g++")):
     monkeypatch.setenv("CXX", "/env/g++")
     monkeypatch.setenv("CC", "/env/gcc")
     monkeypatch.delenv("LATRO_SKIP_RAISE_CHECK", raising=False)
@@ -74,20 +74,27 @@ def _build(setup_module, monkeypatch, checks, system=("/sys/gcc", "/sys/g++")):
     monkeypatch.setattr(setup_module, "_system_compilers", lambda: system)
 
     class Build(setup_module._checked(_Base)):
-        def _built_module(self):
-            return "built.so"
+        def _module_paths(self):
+            return [str(tmp_path / "lib" / "built.so"), str(tmp_path / "inplace" / "built.so")]
+
+        def run(self):
+            for path in self._module_paths():  # what the real build leaves, for the check
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                Path(path).write_bytes(b"module")
+            super().run()
 
     return Build()
 
 
-def test_a_clean_module_is_built_once(setup_module, monkeypatch):
-    build = _build(setup_module, monkeypatch, [None])
+def test_a_clean_module_is_built_once(setup_module, monkeypatch, tmp_path):
+    build = _build(setup_module, monkeypatch, tmp_path, [None])
     build.run()
     assert build.builds == [("/env/g++", False)]
+    assert all(os.path.exists(path) for path in build._module_paths())
 
 
-def test_a_crashing_module_is_rebuilt_with_the_system_compiler(setup_module, monkeypatch, capsys):
-    build = _build(setup_module, monkeypatch, ["it died of signal 11", None])
+def test_a_crashing_module_is_rebuilt_with_the_system_compiler(setup_module, monkeypatch, tmp_path, capsys):
+    build = _build(setup_module, monkeypatch, tmp_path, ["it died of signal 11", None])
     build.run()
     assert build.builds == [("/env/g++", False), ("/sys/g++", True)]
     assert os.environ["CC"] == "/sys/gcc"
@@ -95,23 +102,25 @@ def test_a_crashing_module_is_rebuilt_with_the_system_compiler(setup_module, mon
     assert "/env/g++ does not raise a clean error" in err and "signal 11" in err
 
 
-def test_the_build_fails_when_the_system_compiler_does_not_help(setup_module, monkeypatch):
-    build = _build(setup_module, monkeypatch, ["it died of signal 11", "it died of signal 6"])
+def test_the_build_fails_when_the_system_compiler_does_not_help(setup_module, monkeypatch, tmp_path):
+    build = _build(setup_module, monkeypatch, tmp_path, ["it died of signal 11", "it died of signal 6"])
     with pytest.raises(RuntimeError, match="signal 11.*/sys/g\\+\\+ \\(it died of signal 6\\)"
                        ".*LATRO_SKIP_RAISE_CHECK=1"):
         build.run()
     assert len(build.builds) == 2
+    # The crashing module is not left where the next import would load it.
+    assert not any(os.path.exists(path) for path in build._module_paths())
 
 
-def test_the_build_fails_at_once_without_a_system_compiler(setup_module, monkeypatch):
-    build = _build(setup_module, monkeypatch, ["it died of signal 11"], system=None)
+def test_the_build_fails_at_once_without_a_system_compiler(setup_module, monkeypatch, tmp_path):
+    build = _build(setup_module, monkeypatch, tmp_path, ["it died of signal 11"], system=None)
     with pytest.raises(RuntimeError, match="/env/g\\+\\+ does not raise a clean error"):
         build.run()
     assert build.builds == [("/env/g++", False)]
 
 
-def test_the_check_can_be_skipped(setup_module, monkeypatch):
-    build = _build(setup_module, monkeypatch, [])  # a check would exhaust the iterator
+def test_the_check_can_be_skipped(setup_module, monkeypatch, tmp_path):
+    build = _build(setup_module, monkeypatch, tmp_path, [])  # a check would exhaust the iterator
     monkeypatch.setenv("LATRO_SKIP_RAISE_CHECK", "1")
     build.run()
     assert build.builds == [("/env/g++", False)]

@@ -68,16 +68,68 @@ def test_crashes_are_named_and_the_rest_still_runs(tmp_path):
     assert "FAILED test_subject.py::test_numbered[4]" in log
     assert "1 failed, 3 passed" in log
     # [0] passed before the first crash: the total counts every run.
-    assert "in all 4 passed, 1 failed, 0 skipped, 2 crashed, of 7 selected" in log
+    assert "in all 4 passed, 1 failed, 2 crashed, 0 not run, of 7 selected" in log
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_a_clean_run_passes_and_an_empty_selection_is_not_an_error(tmp_path):
     rc, log = run_script(tmp_path, "def test_fine():\n    pass\n", "test_subject.py")
     assert (rc, "1 passed" in log, "CRASHED" in log) == (0, True, False)
-    assert "in all 1 passed, 0 failed, 0 skipped, 0 crashed, of 1 selected" in log
+    assert "in all 1 passed, 0 failed, 0 crashed, 0 not run, of 1 selected" in log
     rc, log = run_script(tmp_path, "def test_fine():\n    pass\n", "test_subject.py", "-k", "nope")
-    assert rc == 0
+    assert rc == 0 and "in all nothing selected" in log
+
+
+TEARDOWNS_AND_MARKS = """
+import os
+import signal
+
+import pytest
+
+
+@pytest.fixture
+def breaks_in_teardown():
+    yield
+    raise RuntimeError("teardown")
+
+
+@pytest.fixture
+def dies_in_teardown():
+    yield
+    os.kill(os.getpid(), signal.SIGSEGV)
+
+
+def test_error_in_teardown(breaks_in_teardown):
+    pass
+
+
+@pytest.mark.xfail(reason="known")
+def test_expected_failure():
+    assert False
+
+
+@pytest.mark.skip(reason="not here")
+def test_skipped():
+    pass
+
+
+def test_crash_in_teardown(dies_in_teardown):
+    pass
+
+
+def test_after():
+    pass
+"""
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_the_totals_count_each_test_once(tmp_path):
+    """A teardown error counts as an error (not a pass), xfail as xfailed, and a test that
+    passes but kills the process in its teardown as crashed only."""
+    rc, log = run_script(tmp_path, TEARDOWNS_AND_MARKS, "test_subject.py")
+    assert rc == 1
+    assert ("in all 1 passed, 0 failed, 1 error, 1 skipped, 1 xfailed, 1 crashed, 0 not run, "
+            "of 5 selected") in log
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")

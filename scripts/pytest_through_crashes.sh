@@ -34,7 +34,8 @@ selected=$(wc -l <"$work/todo")
 : >"$work/outcomes"
 if [[ $collect_rc -eq 5 && ! -s "$work/todo" ]]; then
   log <"$work/collected"
-  exit 0  # nothing selected
+  echo "pytest_through_crashes: in all nothing selected" | log
+  exit 0
 fi
 # A collection that listed its tests and then died of a signal (a crash at exit) still counts.
 if [[ ! -s "$work/todo" ]] || ((collect_rc != 0 && collect_rc < 128)); then
@@ -88,7 +89,11 @@ if [[ ${#crashed[@]} -gt 0 ]]; then
     printf '  %s\n' "${crashed[@]}"
   } | log
 fi
-awk -v crashed="${#crashed[@]}" -v selected="$selected" '{ n[$1]++ } END {
-  printf "pytest_through_crashes: in all %d passed, %d failed, %d skipped, %d crashed, of %d selected\n",
-    n["passed"], n["failed"], n["skipped"], crashed, selected }' "$work/outcomes" | log
+# Every outcome conftest wrote, then the crashes, then what never ran (time out, -x).
+awk -v crashed="${#crashed[@]}" -v selected="$selected" '{ n[$1]++; done++ } END {
+  line = ""
+  split("passed failed error skipped xfailed xpassed", kinds, " ")
+  for (i = 1; i <= 6; i++) if (n[kinds[i]] > 0 || i <= 2) line = line n[kinds[i]] + 0 " " kinds[i] ", "
+  printf "pytest_through_crashes: in all %s%d crashed, %d not run, of %d selected\n",
+    line, crashed, selected - done - crashed, selected }' "$work/outcomes" | log
 exit "$status"

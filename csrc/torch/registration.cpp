@@ -378,9 +378,9 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // Vocabulary columns per block: the logits the forward holds per chunk (chunk rows x V), over
 // all N rows, rounded up to a multiple of 128 columns (or V) so that a large N does not turn the
 // backward into many thin matmuls and [N, D] accumulations, and so that every block's matmul
-// has a tile-aligned width. An odd width is what cuBLAS runs slowly: on an H100 (2026-11-26)
-// the default chunk gave blocks of 8,189 columns and a forward at 6.6x the bare matmul, where
-// blocks of 32,064 columns ran at 1.06x.
+// but the last has an aligned width. On an H100 (2026-11-26) the default chunk gave blocks of
+// 8,189 columns and a forward at 6.6x the bare matmul, where blocks of 32,064 columns (a
+// multiple of 64) ran at 1.06x: cuBLAS's fast kernels want aligned shapes.
 constexpr int64_t kBlockColumnMultiple = 128;
 
 int64_t resolve_block_columns(int64_t chunk_rows, int64_t rows, int64_t vocab) {
