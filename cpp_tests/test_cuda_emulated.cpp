@@ -538,19 +538,63 @@ TEST_P(EmulatedRmsNorm, MatchesTheCpuAndTheReference) {
 
 INSTANTIATE_TEST_SUITE_P(Shapes, EmulatedRmsNorm, ::testing::ValuesIn(norm_shapes()), norm_name);
 
+// The shapes above whose dim is whole 16-byte vectors (2,048) take the vector kernel; these
+// arrays have whole vectors too but each starts one element past a 16-byte boundary, which
+// only the element kernel may read: the same results as the CPU either way.
+TEST(EmulatedRmsNormMisaligned, EqualsTheCpu) {
+  std::mt19937 rng(61);
+  for (DType dtype : all_dtypes()) {
+    const int64_t rows = 3, dim = 64, n = rows * dim + 1;
+    const Matrix x = random_matrix(dtype, 1, n, n, rng, 2.0);
+    const Matrix residual = random_matrix(dtype, 1, n, n, rng, 2.0);
+    const Matrix weight = random_matrix(dtype, 1, dim + 1, dim + 1, rng, 1.0);
+    Matrix cpu_out = nan_matrix(dtype, 1, n), cpu_sum = nan_matrix(dtype, 1, n);
+    Matrix out = nan_matrix(dtype, 1, n), sum = nan_matrix(dtype, 1, n);
+    const size_t e = x.element_size();
+    auto late = [e](const Matrix& m) { return static_cast<const unsigned char*>(m.data()) + e; };
+    auto args = [&](Matrix& o, Matrix& s) {
+      latro::RmsNormArgs a;
+      a.dtype = dtype;
+      a.rows = rows;
+      a.dim = dim;
+      a.x = late(x);
+      a.residual = late(residual);
+      a.weight = late(weight);
+      a.sum = static_cast<unsigned char*>(s.data()) + e;
+      a.out = static_cast<unsigned char*>(o.data()) + e;
+      return a;
+    };
+    latro::rms_norm(args(cpu_out, cpu_sum));
+    under_every_schedule([&] { latro::cuda::rms_norm(args(out, sum), nullptr); },
+                         [&] { return out.storage; });
+    EXPECT_TRUE(out.storage == cpu_out.storage) << dtype_str(dtype);
+    EXPECT_TRUE(sum.storage == cpu_sum.storage) << dtype_str(dtype);
+  }
+}
+
 // ---------------------------------------------------------------- silu_mul
 TEST(EmulatedSiluMul, EqualsTheCpu) {
   std::mt19937 rng(59);
   for (DType dtype : all_dtypes()) {
-    for (int64_t n : {int64_t{1}, int64_t{37}, int64_t{70001}}) {
-      const Matrix gate = random_matrix(dtype, 1, n, n, rng, 4.0);
-      const Matrix up = random_matrix(dtype, 1, n, n, rng, 2.0);
-      Matrix cpu = nan_matrix(dtype, 1, n), out = nan_matrix(dtype, 1, n);
-      latro::silu_mul({dtype, n, gate.data(), up.data(), cpu.data()});
-      under_every_schedule(
-          [&] { latro::cuda::silu_mul({dtype, n, gate.data(), up.data(), out.data()}, nullptr); },
-          [&] { return out.storage; });
-      EXPECT_TRUE(out.storage == cpu.storage) << dtype_str(dtype) << " n " << n;
+    // 4,096 and 70,000: whole 16-byte vectors (the vector kernel); 1, 37, 70,001: not. Then
+    // 4,096 again, each array starting one element past a 16-byte boundary (element kernel).
+    for (int64_t n : {int64_t{1}, int64_t{37}, int64_t{4096}, int64_t{70000}, int64_t{70001}}) {
+      for (size_t late : {size_t{0}, size_t{1}}) {
+        if (late && n != 4096) continue;
+        const Matrix gate = random_matrix(dtype, 1, n + 1, n + 1, rng, 4.0);
+        const Matrix up = random_matrix(dtype, 1, n + 1, n + 1, rng, 2.0);
+        Matrix cpu = nan_matrix(dtype, 1, n + 1), out = nan_matrix(dtype, 1, n + 1);
+        const size_t skip = late * gate.element_size();
+        auto args = [&](Matrix& o) {
+          return latro::SiluMulArgs{dtype, n, static_cast<const unsigned char*>(gate.data()) + skip,
+                                    static_cast<const unsigned char*>(up.data()) + skip,
+                                    static_cast<unsigned char*>(o.data()) + skip};
+        };
+        latro::silu_mul(args(cpu));
+        under_every_schedule([&] { latro::cuda::silu_mul(args(out), nullptr); },
+                             [&] { return out.storage; });
+        EXPECT_TRUE(out.storage == cpu.storage) << dtype_str(dtype) << " n " << n << " late " << late;
+      }
     }
   }
 }

@@ -8,6 +8,8 @@ and that it raises the CPU backend's errors. Run on a GPU machine by benchmarks/
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import (
@@ -456,6 +458,31 @@ def test_rms_norm_equals_cpu(shape, dtype):
     assert torch.equal(gpu[0].cpu(), cpu[0]) and torch.equal(gpu[1].cpu(), cpu[1])
     plain = ops.rms_norm(x.cuda(), weight.cuda(), eps=1e-5)
     assert torch.equal(plain.cpu(), ops.rms_norm(x, weight, eps=1e-5))
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_misaligned_views_take_the_element_kernels(dtype):
+    """rms_norm and silu_mul move whole 16-byte vectors when every tensor starts 16-byte aligned
+    (the tests above) and else an element at a time: these views start one element into their
+    storage, with rows of whole vectors. The CPU's results either way."""
+    g = torch.Generator().manual_seed(13)
+
+    def late(*shape):  # the same values on the CPU and the GPU, one element into the storage
+        base = (torch.randn(math.prod(shape) + 1, generator=g) * 2).to(dtype)
+        gpu = base.cuda()[1:].view(*shape)
+        assert gpu.data_ptr() % 16 != 0
+        return base[1:].view(*shape), gpu
+
+    (x, xg), (residual, rg), (weight, wg) = late(3, 64), late(3, 64), late(64)
+    cpu = ops.rms_norm(x, weight, eps=1e-5, residual=residual)
+    gpu = ops.rms_norm(xg, wg, eps=1e-5, residual=rg)
+    assert torch.equal(gpu[0].cpu(), cpu[0]) and torch.equal(gpu[1].cpu(), cpu[1])
+    assert torch.equal(ops.rms_norm(xg, wg, eps=1e-5).cpu(), ops.rms_norm(x, weight, eps=1e-5))
+    (gate, gate_g), (up, up_g) = late(4, 256), late(4, 256)
+    # The same formula and roundings; expf may differ in its last bit between the two.
+    tol = {torch.float32: 2e-6, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
+    torch.testing.assert_close(ops.silu_mul(gate_g, up_g).cpu(), ops.silu_mul(gate, up),
+                               atol=tol, rtol=tol)
 
 
 # ----------------------------------------------------------------------------- stops, rewards

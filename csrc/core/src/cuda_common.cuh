@@ -124,6 +124,18 @@ __device__ __forceinline__ uint4 pack(const float (&in)[kVec<T>]) {
   return raw;
 }
 
+// kVec<T> elements as one 16-byte unit: through a pointer to it, a thread loads or stores a
+// whole vector at once (LDG.128 / STG.128). For arrays whose every pointer is 16-byte aligned
+// (is_aligned16) and whose length is a multiple of kVec<T>.
+template <typename T>
+struct alignas(16) Vec16 {
+  T items[kVec<T>];
+};
+
+inline bool is_aligned16(const void* p) {  // nullptr (an absent array) counts as aligned
+  return (reinterpret_cast<uintptr_t>(p) & 15) == 0;
+}
+
 // Elements before `p` reaches 16-byte alignment (p is always element-aligned).
 template <typename T>
 __device__ __forceinline__ int64_t misaligned_head(const T* p, int64_t n) {

@@ -36,11 +36,17 @@ LATRO_HOST_DEVICE float rotary_element(const float* raw, int64_t i, int64_t head
 #endif
 }
 
+// RMSNorm with the residual addition: x + residual rounded to T, as the models' sum.
+template <typename T>
+LATRO_HOST_DEVICE float rms_residual_sum(float x, float residual) {
+  return rounded_to<T>(x + residual);
+}
+
 // RMSNorm: the value normalized at element i, x (+ residual, rounded to T as the models' sum).
 template <typename T>
 LATRO_HOST_DEVICE float rms_input(const T* x, const T* residual, int64_t i) {
   const float v = to_float(x[i]);
-  return residual ? rounded_to<T>(v + to_float(residual[i])) : v;
+  return residual ? rms_residual_sum<T>(v, to_float(residual[i])) : v;
 }
 
 // RMSNorm: 1 / sqrt(mean + eps) from the float64 sum of squares; IEEE sqrt and division (also
