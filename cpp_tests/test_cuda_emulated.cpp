@@ -276,6 +276,29 @@ TEST(EmulatedSampleErrors, HostVisibleMistakesThrowLikeTheCpu) {
   EXPECT_LATRO_ERROR(latro::cuda::sample(args, nullptr), "ids");
 }
 
+TEST(EmulatedSampleErrors, MalformedTuningVariablesAreErrorsNamingThem) {
+  const Matrix logits = matrix_of_rows(DType::Float32, {{1.0f, 2.0f}});
+  std::vector<int64_t> seeds = {1};
+  int64_t offset = 0;
+  Draws out;
+  Options filtered;
+  filtered.top_k = 1;
+  const latro::SampleArgs args = sample_args(logits, seeds, false, &offset, filtered, out);
+  for (const char* name : {"LATRO_CUDA_SAMPLE_PREFETCH", "LATRO_CUDA_SAMPLE_GRID"}) {
+    for (const char* bad : {"4abc", "-1", "99999999999999999999"}) {
+      ASSERT_EQ(setenv(name, bad, 1), 0);
+      EXPECT_LATRO_ERROR(latro::cuda::sample(args, nullptr),
+                         std::string(name) + " must be an integer in [0, ");
+    }
+    ASSERT_EQ(setenv(name, "", 1), 0);  // empty: unset
+    latro::cuda::sample(args, nullptr);
+    unsetenv(name);
+  }
+  ASSERT_EQ(setenv("LATRO_CUDA_SAMPLE_PREFETCH", "65", 1), 0);
+  EXPECT_LATRO_ERROR(latro::cuda::sample(args, nullptr), "[0, 64], got '65'");
+  unsetenv("LATRO_CUDA_SAMPLE_PREFETCH");
+}
+
 // ---------------------------------------------------------------- token log-probabilities
 struct Scored {
   std::vector<uint32_t> logprobs, lse;
@@ -538,37 +561,40 @@ TEST_P(EmulatedRmsNorm, MatchesTheCpuAndTheReference) {
 
 INSTANTIATE_TEST_SUITE_P(Shapes, EmulatedRmsNorm, ::testing::ValuesIn(norm_shapes()), norm_name);
 
-// The shapes above whose dim is whole 16-byte vectors (2,048) take the vector kernel; these
-// arrays have whole vectors too but each starts one element past a 16-byte boundary, which
-// only the element kernel may read: the same results as the CPU either way.
+// The shapes above whose dim is whole 16-byte vectors (2,048) take the vector kernel. Here the
+// rows are whole vectors too, but one array at a time (then all) starts one element past a
+// 16-byte boundary, which only the element kernel may read: the same results as the CPU.
 TEST(EmulatedRmsNormMisaligned, EqualsTheCpu) {
   std::mt19937 rng(61);
+  const char* arrays[] = {"x", "residual", "weight", "sum", "out", "all"};
   for (DType dtype : all_dtypes()) {
-    const int64_t rows = 3, dim = 64, n = rows * dim + 1;
-    const Matrix x = random_matrix(dtype, 1, n, n, rng, 2.0);
-    const Matrix residual = random_matrix(dtype, 1, n, n, rng, 2.0);
-    const Matrix weight = random_matrix(dtype, 1, dim + 1, dim + 1, rng, 1.0);
-    Matrix cpu_out = nan_matrix(dtype, 1, n), cpu_sum = nan_matrix(dtype, 1, n);
-    Matrix out = nan_matrix(dtype, 1, n), sum = nan_matrix(dtype, 1, n);
-    const size_t e = x.element_size();
-    auto late = [e](const Matrix& m) { return static_cast<const unsigned char*>(m.data()) + e; };
-    auto args = [&](Matrix& o, Matrix& s) {
-      latro::RmsNormArgs a;
-      a.dtype = dtype;
-      a.rows = rows;
-      a.dim = dim;
-      a.x = late(x);
-      a.residual = late(residual);
-      a.weight = late(weight);
-      a.sum = static_cast<unsigned char*>(s.data()) + e;
-      a.out = static_cast<unsigned char*>(o.data()) + e;
-      return a;
-    };
-    latro::rms_norm(args(cpu_out, cpu_sum));
-    under_every_schedule([&] { latro::cuda::rms_norm(args(out, sum), nullptr); },
-                         [&] { return out.storage; });
-    EXPECT_TRUE(out.storage == cpu_out.storage) << dtype_str(dtype);
-    EXPECT_TRUE(sum.storage == cpu_sum.storage) << dtype_str(dtype);
+    for (const std::string late : arrays) {
+      const int64_t rows = 3, dim = 64, n = rows * dim + 1;
+      const Matrix x = random_matrix(dtype, 1, n, n, rng, 2.0);
+      const Matrix residual = random_matrix(dtype, 1, n, n, rng, 2.0);
+      const Matrix weight = random_matrix(dtype, 1, dim + 1, dim + 1, rng, 1.0);
+      Matrix cpu_out = nan_matrix(dtype, 1, n), cpu_sum = nan_matrix(dtype, 1, n);
+      Matrix out = nan_matrix(dtype, 1, n), sum = nan_matrix(dtype, 1, n);
+      const size_t e = x.element_size();
+      auto skip = [&](const char* name) { return late == name || late == "all" ? e : 0; };
+      auto args = [&](Matrix& o, Matrix& s) {
+        latro::RmsNormArgs a;
+        a.dtype = dtype;
+        a.rows = rows;
+        a.dim = dim;
+        a.x = static_cast<const unsigned char*>(x.data()) + skip("x");
+        a.residual = static_cast<const unsigned char*>(residual.data()) + skip("residual");
+        a.weight = static_cast<const unsigned char*>(weight.data()) + skip("weight");
+        a.sum = static_cast<unsigned char*>(s.data()) + skip("sum");
+        a.out = static_cast<unsigned char*>(o.data()) + skip("out");
+        return a;
+      };
+      latro::rms_norm(args(cpu_out, cpu_sum));
+      under_every_schedule([&] { latro::cuda::rms_norm(args(out, sum), nullptr); },
+                           [&] { return out.storage; });
+      EXPECT_TRUE(out.storage == cpu_out.storage) << dtype_str(dtype) << " late " << late;
+      EXPECT_TRUE(sum.storage == cpu_sum.storage) << dtype_str(dtype) << " late " << late;
+    }
   }
 }
 
@@ -577,18 +603,20 @@ TEST(EmulatedSiluMul, EqualsTheCpu) {
   std::mt19937 rng(59);
   for (DType dtype : all_dtypes()) {
     // 4,096 and 70,000: whole 16-byte vectors (the vector kernel); 1, 37, 70,001: not. Then
-    // 4,096 again, each array starting one element past a 16-byte boundary (element kernel).
+    // 4,096 again with one array (bit 0: gate, 1: up, 2: out) or all starting one element past
+    // a 16-byte boundary, which only the element kernel may read.
     for (int64_t n : {int64_t{1}, int64_t{37}, int64_t{4096}, int64_t{70000}, int64_t{70001}}) {
-      for (size_t late : {size_t{0}, size_t{1}}) {
+      for (int late : {0, 1, 2, 4, 7}) {
         if (late && n != 4096) continue;
         const Matrix gate = random_matrix(dtype, 1, n + 1, n + 1, rng, 4.0);
         const Matrix up = random_matrix(dtype, 1, n + 1, n + 1, rng, 2.0);
         Matrix cpu = nan_matrix(dtype, 1, n + 1), out = nan_matrix(dtype, 1, n + 1);
-        const size_t skip = late * gate.element_size();
+        const size_t e = gate.element_size();
+        auto skip = [&](int bit) { return (late >> bit) & 1 ? e : 0; };
         auto args = [&](Matrix& o) {
-          return latro::SiluMulArgs{dtype, n, static_cast<const unsigned char*>(gate.data()) + skip,
-                                    static_cast<const unsigned char*>(up.data()) + skip,
-                                    static_cast<unsigned char*>(o.data()) + skip};
+          return latro::SiluMulArgs{dtype, n, static_cast<const unsigned char*>(gate.data()) + skip(0),
+                                    static_cast<const unsigned char*>(up.data()) + skip(1),
+                                    static_cast<unsigned char*>(o.data()) + skip(2)};
         };
         latro::silu_mul(args(cpu));
         under_every_schedule([&] { latro::cuda::silu_mul(args(out), nullptr); },

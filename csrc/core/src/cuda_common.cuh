@@ -131,6 +131,9 @@ template <typename T>
 struct alignas(16) Vec16 {
   T items[kVec<T>];
 };
+static_assert(sizeof(Vec16<float>) == 16 && sizeof(Vec16<bfloat16>) == 16 &&
+                  sizeof(Vec16<float16>) == 16,
+              "a Vec16 is one 16-byte load");
 
 inline bool is_aligned16(const void* p) {  // nullptr (an absent array) counts as aligned
   return (reinterpret_cast<uintptr_t>(p) & 15) == 0;
@@ -145,13 +148,13 @@ __device__ __forceinline__ int64_t misaligned_head(const T* p, int64_t n) {
 }
 
 // Asks L2 for the 128-byte line holding p, without waiting and without a destination register
-// (prefetch.global.L2: a hint the hardware may drop). The CPU emulation reads the byte instead,
-// so AddressSanitizer sees a prefetch outside the buffer.
+// (prefetch.L2 on a generic address: a hint the hardware may drop). The CPU emulation reads the
+// byte instead, so AddressSanitizer sees a prefetch outside the buffer.
 __device__ __forceinline__ void prefetch_l2(const void* p) {
 #if defined(LATRO_CUDA_EMULATION)
   (void)*static_cast<const volatile unsigned char*>(p);
 #else
-  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+  asm volatile("prefetch.L2 [%0];" ::"l"(p));
 #endif
 }
 
@@ -166,9 +169,10 @@ __device__ __forceinline__ void prefetch_l2(const void* p) {
 // 4 registers each. The order in which f sees a thread's indices is the same for every kLoads,
 // so results do not depend on it.
 //
-// prefetch_ahead > 0: with each vector, the thread also asks L2 for its vector that many
-// iterations ahead (prefetch_l2), which keeps more of the row in flight without registers
-// (for kernels already at their register budget); 0 leaves it out. Results never depend on it.
+// prefetch_ahead > 0 (with kLoads = 1; with more loads, only their tail loop prefetches): with
+// each vector, the thread also asks L2 for its vector that many iterations ahead (prefetch_l2),
+// which keeps more of the row in flight without registers (for kernels already at their
+// register budget); 0 leaves it out. Results never depend on it.
 template <int kLoads = 1, typename T, typename F>
 __device__ __forceinline__ void for_each_in_row(const T* row, int64_t n, F&& f,
                                                 int64_t prefetch_ahead = 0) {

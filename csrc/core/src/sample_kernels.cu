@@ -44,6 +44,7 @@
 //
 // Histogram masses are 32.32 fixed-point integers added with 32-bit integer atomics (add_mass),
 // so their sums, and with them every threshold, are the same on every run.
+#include <cerrno>
 #include <cstdlib>
 
 #include "cuda_common.cuh"
@@ -965,10 +966,22 @@ __global__ void __launch_bounds__(kThreads, 2) sample_kernel(SampleKernelArgs a)
 // one block per row is for a GPU to tell: LATRO_CUDA_SAMPLE_GRID=<blocks> sets the grid
 // (unset or 0: one block per row, the default until measured), and benchmarks/bench_gpu.py
 // sweeps it.
+// A tuning variable's value: unset or empty is 0; anything but an integer in [0, max] is an
+// error naming the variable (not a silent default, which would hide a typo in a sweep).
+int64_t tuning_variable(const char* name, int64_t max) {
+  const char* text = std::getenv(name);
+  if (text == nullptr || *text == '\0') return 0;
+  char* end = nullptr;
+  errno = 0;
+  const long long value = std::strtoll(text, &end, 10);
+  LATRO_CHECK(errno == 0 && *end == '\0' && value >= 0 && value <= max, name,
+              " must be an integer in [0, ", max, "], got '", text, "'");
+  return value;
+}
+
 unsigned int filtered_grid(int64_t rows) {
-  const char* text = std::getenv("LATRO_CUDA_SAMPLE_GRID");
-  const long long blocks = text != nullptr ? std::atoll(text) : 0;
-  if (blocks > 0 && blocks < rows && blocks <= (1 << 30)) return static_cast<unsigned int>(blocks);
+  const int64_t blocks = tuning_variable("LATRO_CUDA_SAMPLE_GRID", int64_t{1} << 30);
+  if (blocks > 0 && blocks < rows) return static_cast<unsigned int>(blocks);
   return detail::row_blocks(rows);
 }
 
@@ -978,11 +991,7 @@ unsigned int filtered_grid(int64_t rows) {
 // LATRO_CUDA_SAMPLE_PREFETCH=<iterations> has each thread ask for its vector that many
 // iterations ahead in the passes over the whole row (unset or 0: none, the default until a GPU
 // has measured it; benchmarks/bench_gpu.py sweeps it). At most 64.
-int64_t filtered_prefetch() {
-  const char* text = std::getenv("LATRO_CUDA_SAMPLE_PREFETCH");
-  const long long ahead = text != nullptr ? std::atoll(text) : 0;
-  return ahead > 0 && ahead <= 64 ? ahead : 0;
-}
+int64_t filtered_prefetch() { return tuning_variable("LATRO_CUDA_SAMPLE_PREFETCH", 64); }
 
 }  // namespace
 
@@ -1006,7 +1015,6 @@ void sample(const SampleArgs& args, cudaStream_t stream, uint64_t* status) {
   // Exactly the CPU's expression, so both compare s - m against the same float.
   a.log_min_p = args.min_p > 0.0f ? static_cast<float>(std::log(static_cast<double>(args.min_p)))
                                   : -INFINITY;
-  a.prefetch_ahead = filtered_prefetch();
   a.ids = args.ids;
   a.logprobs = args.logprobs;
   a.status = status;
@@ -1015,6 +1023,7 @@ void sample(const SampleArgs& args, cudaStream_t stream, uint64_t* status) {
                      !(args.min_p > 0.0f);
   const bool top_p_only = args.temperature > 0.0f && !top_k_on && args.top_p < 1.0f &&
                           !(args.min_p > 0.0f);
+  a.prefetch_ahead = plain ? 0 : filtered_prefetch();  // the filtered kernel's alone
   LATRO_DISPATCH_DTYPE(args.dtype, T, [&] {
     if (plain && args.temperature == 1.0f) {
       detail::launch(plain_sample_kernel<T, true>, detail::row_blocks(args.rows), kThreads,
