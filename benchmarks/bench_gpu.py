@@ -352,46 +352,44 @@ def bench_sample(device: torch.device, small: bool) -> None:
     peaked = torch.randn(b, v, device=device, generator=g) * 8.0
     table("sample_peaked", f"sample, float32 logits [{b}, {v:,}] (randn x 8)", case_rows(peaked))
 
+    def sweep(variable: str, values: list[int], column: Callable[[int], str], inputs) -> list:
+        """The filtered cases on each (label, logits) of ``inputs``, one column per value of the
+        tuning variable (which the extension reads at each call), checks off."""
+        out = []
+        with cuda_checks("off"):
+            for label, x in inputs:
+                for name, options in cases[1:]:
+                    row: dict[str, Any] = {"case": f"{name}{label}"}
+                    for value in values:
+                        with environment(variable, str(value)):
+                            row[column(value)] = time_ms(
+                                lambda o=options, x=x: ops.sample(x, seed=seeds, offset=offset, **o),
+                                device,
+                                repeat=50,
+                            )
+                    out.append(row)
+        return out
+
     # The filtered kernel's grid: one block per row (the default) against fewer blocks looping
     # over rows, whose logits may then stay in L2 between the filter's passes.
     sms = 1
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
     grids = sorted({0, sms // 4, sms // 2, (3 * sms) // 4, sms, 2 * sms} - {b})
-    sweep = []
-    with cuda_checks("off"):
-        for name, options in cases[1:]:
-            row: dict[str, Any] = {"case": name}
-            for grid in grids:
-                with environment("LATRO_CUDA_SAMPLE_GRID", str(grid)):
-                    row[f"grid {grid or 'rows'} ms"] = time_ms(
-                        lambda o=options: ops.sample(logits, seed=seeds, offset=offset, **o),
-                        device,
-                        repeat=50,
-                    )
-            sweep.append(row)
     table(
         "sample_grid",
         f"sample with filters, blocks in flight ({sms} SMs; 'rows' = one block per row)",
-        sweep,
+        sweep("LATRO_CUDA_SAMPLE_GRID", grids, lambda g: f"grid {g or 'rows'} ms", [("", logits)]),
     )
 
     # The filtered kernel's L2 prefetch distance (iterations ahead; 0 = none, the default), on
     # flat and peaked rows: more of the row in flight without the registers the kernel lacks.
-    sweep = []
-    with cuda_checks("off"):
-        for label, x in (("flat", logits), ("peaked", peaked)):
-            for name, options in cases[1:]:
-                row = {"case": f"{name}, {label}"}
-                for ahead in (0, 2, 4, 8, 16):
-                    with environment("LATRO_CUDA_SAMPLE_PREFETCH", str(ahead)):
-                        row[f"prefetch {ahead} ms"] = time_ms(
-                            lambda o=options, x=x: ops.sample(x, seed=seeds, offset=offset, **o),
-                            device,
-                            repeat=50,
-                        )
-                sweep.append(row)
-    table("sample_prefetch", "sample with filters, L2 prefetch iterations ahead", sweep)
+    table(
+        "sample_prefetch",
+        "sample with filters, L2 prefetch iterations ahead",
+        sweep("LATRO_CUDA_SAMPLE_PREFETCH", [0, 2, 4, 8, 16], lambda a: f"prefetch {a} ms",
+              [(", flat", logits), (", peaked", peaked)]),
+    )
 
 
 # ----------------------------------------------------------------------------- attention

@@ -209,30 +209,44 @@ TEST(EmulatedSampleLarge, TiesAndCrowdedBins) {
   }
 }
 
+// An environment variable set for a scope, unset at its end (also when an assertion ends the
+// test early, so that no later test runs with it).
+class ScopedVariable {
+ public:
+  ScopedVariable(const char* name, const char* value) : name_(name) {
+    EXPECT_EQ(setenv(name, value, 1), 0);
+  }
+  ~ScopedVariable() { unsetenv(name_); }
+  ScopedVariable(const ScopedVariable&) = delete;
+  ScopedVariable& operator=(const ScopedVariable&) = delete;
+
+ private:
+  const char* name_;
+};
+
+// With the filtered kernel's tuning variable `name` set to `value`, every filter configuration
+// draws the CPU's ids from random float32 logits [rows, vocab].
+void expect_cpu_draws_tuned(const char* name, const char* value, int64_t rows, int64_t vocab,
+                            unsigned int seed, int64_t offset) {
+  const ScopedVariable tuned(name, value);
+  std::mt19937 rng(seed);
+  const Matrix logits = random_matrix(DType::Float32, rows, vocab, vocab, rng, 2.0);
+  std::mt19937_64 seed_rng(seed);
+  for (const Options& o : filter_configs()) {
+    expect_cpu_draws(logits, random_seeds(rows, seed_rng), true, offset, o);
+  }
+}
+
 TEST(EmulatedSampleLarge, FewerBlocksThanRows) {
   // LATRO_CUDA_SAMPLE_GRID makes the filtered kernel's blocks loop over rows.
-  ASSERT_EQ(setenv("LATRO_CUDA_SAMPLE_GRID", "3", 1), 0);
-  std::mt19937 rng(17);
-  const Matrix logits = random_matrix(DType::Float32, 11, 3001, 3001, rng, 2.0);
-  std::mt19937_64 seed_rng(3);
-  for (const Options& o : filter_configs()) {
-    expect_cpu_draws(logits, random_seeds(11, seed_rng), true, 7, o);
-  }
-  unsetenv("LATRO_CUDA_SAMPLE_GRID");
+  expect_cpu_draws_tuned("LATRO_CUDA_SAMPLE_GRID", "3", 11, 3001, 17, 7);
 }
 
 TEST(EmulatedSampleLarge, L2PrefetchChangesNoDraw) {
   // LATRO_CUDA_SAMPLE_PREFETCH: the filtered passes prefetch a thread's vector that many
   // iterations ahead (here each byte prefetched is read, so ASan checks the bound), rows long
   // enough for several iterations, misaligned starts (row strides of an odd length) included.
-  ASSERT_EQ(setenv("LATRO_CUDA_SAMPLE_PREFETCH", "3", 1), 0);
-  std::mt19937 rng(23);
-  const Matrix logits = random_matrix(DType::Float32, 4, 20011, 20011, rng, 2.0);
-  std::mt19937_64 seed_rng(5);
-  for (const Options& o : filter_configs()) {
-    expect_cpu_draws(logits, random_seeds(4, seed_rng), true, 2, o);
-  }
-  unsetenv("LATRO_CUDA_SAMPLE_PREFETCH");
+  expect_cpu_draws_tuned("LATRO_CUDA_SAMPLE_PREFETCH", "3", 4, 20011, 23, 2);
 }
 
 TEST(EmulatedSampleErrors, BadRowsGetMinusOneAndNaNAndTheFirstIsRecorded) {
@@ -286,17 +300,15 @@ TEST(EmulatedSampleErrors, MalformedTuningVariablesAreErrorsNamingThem) {
   const latro::SampleArgs args = sample_args(logits, seeds, false, &offset, filtered, out);
   for (const char* name : {"LATRO_CUDA_SAMPLE_PREFETCH", "LATRO_CUDA_SAMPLE_GRID"}) {
     for (const char* bad : {"4abc", "-1", "99999999999999999999"}) {
-      ASSERT_EQ(setenv(name, bad, 1), 0);
+      const ScopedVariable tuned(name, bad);
       EXPECT_LATRO_ERROR(latro::cuda::sample(args, nullptr),
                          std::string(name) + " must be an integer in [0, ");
     }
-    ASSERT_EQ(setenv(name, "", 1), 0);  // empty: unset
+    const ScopedVariable empty(name, "");  // empty: as unset
     latro::cuda::sample(args, nullptr);
-    unsetenv(name);
   }
-  ASSERT_EQ(setenv("LATRO_CUDA_SAMPLE_PREFETCH", "65", 1), 0);
+  const ScopedVariable too_far("LATRO_CUDA_SAMPLE_PREFETCH", "65");
   EXPECT_LATRO_ERROR(latro::cuda::sample(args, nullptr), "[0, 64], got '65'");
-  unsetenv("LATRO_CUDA_SAMPLE_PREFETCH");
 }
 
 // ---------------------------------------------------------------- token log-probabilities

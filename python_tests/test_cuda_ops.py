@@ -268,23 +268,22 @@ def test_sample_ties_and_crowded_bins(options, kind):
     _check_same_draws(cuda, cpu, logits, options)
 
 
-@pytest.mark.parametrize("options", [o for o in SAMPLING if o["temperature"] > 0], ids=str)
-def test_sample_with_fewer_blocks_than_rows(options, monkeypatch):
-    """LATRO_CUDA_SAMPLE_GRID (the benchmark's sweep) makes the filtered kernel's blocks loop
-    over rows: the same draws as the CPU."""
-    monkeypatch.setenv("LATRO_CUDA_SAMPLE_GRID", "3")
-    logits = _randn((11, 3001), scale=2.0, seed=17)
-    cuda, cpu = _sample_both(logits, seed=torch.arange(11) + 2, offset=7, **options)
-    _check_same_draws(cuda, cpu, logits, options)
+# The filtered kernel's tuning variables (the benchmark's sweeps): LATRO_CUDA_SAMPLE_GRID makes
+# its blocks loop over rows, LATRO_CUDA_SAMPLE_PREFETCH adds L2 prefetches to its passes over
+# rows long enough for several iterations. (variable, value, logits shape, seed, offset)
+TUNINGS = [
+    ("LATRO_CUDA_SAMPLE_GRID", "3", (11, 3001), 17, 7),
+    ("LATRO_CUDA_SAMPLE_PREFETCH", "4", (5, 20011), 19, 2),
+]
 
 
+@pytest.mark.parametrize("variable,value,shape,seed,offset", TUNINGS, ids=[t[0] for t in TUNINGS])
 @pytest.mark.parametrize("options", [o for o in SAMPLING if o["temperature"] > 0], ids=str)
-def test_sample_with_l2_prefetch(options, monkeypatch):
-    """LATRO_CUDA_SAMPLE_PREFETCH (the benchmark's sweep) adds L2 prefetches to the filtered
-    kernel's passes over the row: the same draws as the CPU."""
-    monkeypatch.setenv("LATRO_CUDA_SAMPLE_PREFETCH", "4")
-    logits = _randn((5, 20011), scale=2.0, seed=19)
-    cuda, cpu = _sample_both(logits, seed=torch.arange(5) + 3, offset=2, **options)
+def test_sample_tuning_variables_change_no_draw(options, variable, value, shape, seed, offset,
+                                                monkeypatch):
+    monkeypatch.setenv(variable, value)
+    logits = _randn(shape, scale=2.0, seed=seed)
+    cuda, cpu = _sample_both(logits, seed=torch.arange(shape[0]) + 2, offset=offset, **options)
     _check_same_draws(cuda, cpu, logits, options)
 
 

@@ -5,8 +5,8 @@
 # (see benchmarks/exception_probe.sh): one such test ended the whole pytest run and hid every
 # test after it. This runs the selection, and when the process dies of a signal it reports the
 # test that was running (python_tests/conftest.py writes each test's id to
-# $LATRO_TEST_PROGRESS as it starts and empties the file when it is done), counts it as failed and runs the tests after it in a
-# fresh process, until the selection is done or the time is up.
+# $LATRO_TEST_PROGRESS as it starts and empties the file when it is done), counts it as failed
+# and runs the tests after it in a fresh process, until the selection is done or the time is up.
 #
 #   PYTHON=python3 TEST_TIMEOUT=240 LOG=pytest.log bash scripts/pytest_through_crashes.sh \
 #       python_tests -k cuda

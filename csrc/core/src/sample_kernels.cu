@@ -960,12 +960,6 @@ __global__ void __launch_bounds__(kThreads, 2) sample_kernel(SampleKernelArgs a)
   }
 }
 
-// Blocks of the filtered kernel (each loops over rows). Filters read a row up to three times;
-// with fewer rows in flight their logits may stay in L2 between passes (a 128k float32 row is
-// 0.5 MiB; an H100 has 50 MiB of L2, and 264 rows in flight need 130 MiB). Whether that beats
-// one block per row is for a GPU to tell: LATRO_CUDA_SAMPLE_GRID=<blocks> sets the grid
-// (unset or 0: one block per row, the default until measured), and benchmarks/bench_gpu.py
-// sweeps it.
 // A tuning variable's value: unset or empty is 0; anything but an integer in [0, max] is an
 // error naming the variable (not a silent default, which would hide a typo in a sweep).
 int64_t tuning_variable(const char* name, int64_t max) {
@@ -979,6 +973,12 @@ int64_t tuning_variable(const char* name, int64_t max) {
   return value;
 }
 
+// Blocks of the filtered kernel (each loops over rows). Filters read a row up to three times;
+// with fewer rows in flight their logits may stay in L2 between passes (a 128k float32 row is
+// 0.5 MiB; an H100 has 50 MiB of L2, and 264 rows in flight need 130 MiB). Whether that beats
+// one block per row is for a GPU to tell: LATRO_CUDA_SAMPLE_GRID=<blocks> sets the grid
+// (unset or 0: one block per row, the default until measured), and benchmarks/bench_gpu.py
+// sweeps it.
 unsigned int filtered_grid(int64_t rows) {
   const int64_t blocks = tuning_variable("LATRO_CUDA_SAMPLE_GRID", int64_t{1} << 30);
   if (blocks > 0 && blocks < rows) return static_cast<unsigned int>(blocks);
