@@ -17,6 +17,9 @@ Each section prints one markdown table (ours, the torch way, the floor, the rati
   the plain torch rotary and attention over the whole cache (what the static decoder did before)
   and the rotary plus torch's ``scaled_dot_product_attention``, each replayed from a CUDA graph of 16 calls; the floor reads
   the filled keys and values once.
+* ``stop``: ``ops.stop_positions_step`` (one decode step's stop detection, 48 rows of 628
+  tokens, replayed from a CUDA graph) with 20 stop sequences and with the ``latro`` section's
+  855 single tokens, against the pure-torch form in ``latro_engine.reference``.
 * ``rollout``: decoding with a random 1.5B-parameter Llama-shaped model (hidden 2048, 16 layers,
   32 heads, 8 KV heads, vocabulary 128,256, bfloat16), batch 64, 128-token prompts, 256 new
   tokens: Hugging Face ``generate``, a static KV cache with the decode step compiled by
@@ -507,6 +510,36 @@ def bench_attention(device: torch.device, small: bool) -> None:
         f"{slots}-slot cache",
         rows,
     )
+
+
+def bench_stop(device: torch.device, small: bool) -> None:
+    """One decode step's stop detection (``ops.stop_positions_step``, replayed from a CUDA graph
+    as in the decode step) for the LaTRO step's rows and cache length, with a stop set of the
+    size a tokenizer's answer-template variants give and with the LaTRO section's V/150
+    single-token set, against the pure-torch form (``latro_engine.reference``: a few ops per
+    stop sequence)."""
+    from latro_engine import ops, reference
+
+    rows, length, vocab = (4, 40, 512) if small else (48, 628, 128_256)
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(3, vocab, (rows, length), generator=g).to(device)
+    positions = torch.full((rows,), length, dtype=torch.int64, device=device)
+    step = torch.tensor(length - 1, device=device)
+    templates = [torch.randint(3, vocab, (int(n),), generator=g).tolist() for n in [1, 2, 3, 4] * 5]
+    sets = {
+        "20 sequences of 1-4 tokens": templates,
+        f"{vocab // 150} single tokens": [[t] for t in range(3, 3 + vocab // 150)],
+    }
+    out = []
+    for label, sequences in sets.items():
+        ours = functools.partial(ops.stop_positions_step, tokens, ops.StopSequences(sequences, device),
+                                 step=step, positions=positions)
+        plain = functools.partial(reference.stop_positions_step, tokens, sequences, step=step,
+                                  positions=positions)
+        ours_ms, plain_ms = graph_ms(ours, device, calls=16), time_ms(plain, device)
+        out.append({"stop set": label, "ours us": ours_ms * 1e3, "torch us": plain_ms * 1e3,
+                    "torch / ours": _ratio(plain_ms, ours_ms)})
+    table("stop", f"stop detection for one decode step, {rows} rows of {length} tokens", out)
 
 
 # ----------------------------------------------------------------------------- models
@@ -1018,11 +1051,15 @@ def bench_latro(device: torch.device, small: bool) -> None:
                 optimizer = optimizer_cls(model.parameters(), lr=1e-7)
                 kwargs = dict(k=k, stops=stops, amp=amp)
                 try:
-                    # warm-up: kernels, allocator, AdamW state, and for ours at full length the
-                    # decoder's buffers and CUDA graphs, kept between steps as in training
-                    warm_len = 4 if step is reference_pattern_step else max_len
-                    step(model, reference, optimizer, ids, mask, answer, max_len=warm_len, **kwargs)
+                    # Warm-up: one whole step, the same for every implementation: kernels,
+                    # library heuristics and the allocator's pool for these shapes, AdamW state,
+                    # and for ours the decoder's buffers and CUDA graphs, kept between steps as
+                    # in training. Its seconds are printed too: a first step far slower than the
+                    # second is a one-time cost, not the implementation's speed.
+                    t0 = time.perf_counter()
+                    step(model, reference, optimizer, ids, mask, answer, max_len=max_len, **kwargs)
                     _sync(device)
+                    warm_seconds = time.perf_counter() - t0
                     state = None  # weights, reference, AdamW state (and our kept decoder)
                     if device.type == "cuda":
                         state = torch.cuda.memory_allocated(device) / 2**30
@@ -1053,7 +1090,7 @@ def bench_latro(device: torch.device, small: bool) -> None:
                     print(
                         f"  {weights}, {label}, {name}: {seconds:.2f} s, peak {_fmt(peak)} GiB, "
                         f"{mean_length:.0f} rationale tokens "
-                        f"(state {_fmt(state)}; {phases.summary()})"
+                        f"(state {_fmt(state)}; {phases.summary()}; warm-up {warm_seconds:.2f} s)"
                     )
                 except Exception as error:
                     row["s"] = f"failed: {type(error).__name__}: {error}"[:200]
@@ -1099,6 +1136,7 @@ SECTIONS = {
     "scorer": bench_scorer,
     "sample": bench_sample,
     "attention": bench_attention,
+    "stop": bench_stop,
     "rollout": bench_rollout,
     "latro": bench_latro,
 }

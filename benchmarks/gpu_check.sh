@@ -17,7 +17,7 @@
 # the second call must follow within the machine's 30 idle seconds). Timings of 2026-11-26, H100:
 # build 74 s (twice that where setup.py's raise check rebuilds with the system compiler), tests
 # 165 s, sample + scorer + attention 46 s, rollout 67 s, latro over 140 s.
-#   STAGES="build test bench" BENCH_SECTIONS="sample scorer attention rollout" \
+#   STAGES="build test bench" BENCH_SECTIONS="sample scorer attention stop rollout" \
 #     SECTION_TIMEOUT=120 TEST_TIMEOUT=200 bash benchmarks/gpu_check.sh    # about 6.5 minutes
 #   STAGES="bench" BENCH_SECTIONS="latro" BENCH_ARGS="--latro-weights bfloat16" \
 #     SECTION_TIMEOUT=330 bash benchmarks/gpu_check.sh                     # about 5 minutes
@@ -26,7 +26,7 @@
 # gpu_check.log (everything), nvidia-smi.txt, pytest.log, bench_gpu.md, bench_gpu.json and the
 # built module (_C.*.so). Environment: PYTHON (default: python3 if its torch has CUDA, else
 # .venv/bin/python), STAGES (default "build test bench"), MAX_JOBS (default: all cores),
-# BENCH_SECTIONS (default "scorer sample attention rollout latro"), BENCH_ARGS (extra options),
+# BENCH_SECTIONS (default "scorer sample attention stop rollout latro"), BENCH_ARGS (extra options),
 # TEST_ARGS (pytest selection instead of the default), PYTEST_OPTIONS (options for the test runs,
 # e.g. "-x -v"), TEST_TIMEOUT (s for all tests, default 240),
 # SECTION_TIMEOUT (s per bench section, default 240).
@@ -132,7 +132,7 @@ cuda_tests() {
 
 bench() {
   local section status=0
-  for section in ${BENCH_SECTIONS:-scorer sample attention rollout latro}; do
+  for section in ${BENCH_SECTIONS:-scorer sample attention stop rollout latro}; do
     # shellcheck disable=SC2086  # BENCH_ARGS is a list of options
     timeout "${SECTION_TIMEOUT:-240}" "$PYTHON" benchmarks/bench_gpu.py --only "$section" \
       --json "$OUT/bench_gpu.json" ${BENCH_ARGS:-} | tee -a "$OUT/bench_gpu.md"

@@ -400,37 +400,123 @@ INSTANTIATE_TEST_SUITE_P(DTypesAndSizes, EmulatedTokenLogprobs,
                          shape_name);
 
 // ---------------------------------------------------------------- stops, rewards, advantages
-TEST(EmulatedStops, MatchTheCpuOnRandomTokens) {
-  std::mt19937 rng(5);
-  constexpr int64_t kRows = 37, kLen = 61, kStride = 64;
-  std::uniform_int_distribution<int64_t> token(0, 4);
-  std::vector<int64_t> tokens(static_cast<size_t>(kRows * kStride));
-  for (auto& t : tokens) t = token(rng);
-  const std::vector<int64_t> stop_tokens = {1, 2, 3, 4, 4, 0, 2, 2, 2};
-  const std::vector<int64_t> offsets = {0, 3, 5, 6, 9};
-  const latro::StopSequences stops{stop_tokens.data(), offsets.data(), 4};
+// Rows of the stop tests: kStopRows x kStopLen tokens in rows of kStopStride.
+constexpr int64_t kStopRows = 37, kStopLen = 61, kStopStride = 64;
+
+// The whole-row and step forms against the CPU on `tokens`, at two starts.
+void expect_stops_match_the_cpu(const std::vector<int64_t>& tokens,
+                                const std::vector<int64_t>& stop_tokens,
+                                const std::vector<int64_t>& offsets) {
+  const latro::StopSequences stops{stop_tokens.data(), offsets.data(),
+                                   static_cast<int64_t>(offsets.size()) - 1};
   const int64_t count = static_cast<int64_t>(stop_tokens.size());
   for (int64_t start : {int64_t{0}, int64_t{9}}) {
-    std::vector<int64_t> want(kRows), got(kRows);
-    latro::stop_positions(tokens.data(), kRows, kLen, kStride, stops, start, want.data());
+    std::vector<int64_t> want(kStopRows), got(kStopRows);
+    latro::stop_positions(tokens.data(), kStopRows, kStopLen, kStopStride, stops, start,
+                          want.data());
     under_every_schedule(
         [&] {
-          latro::cuda::stop_positions(tokens.data(), kRows, kLen, kStride, stops, count, start,
-                                      got.data(), nullptr);
+          latro::cuda::stop_positions(tokens.data(), kStopRows, kStopLen, kStopStride, stops,
+                                      count, start, got.data(), nullptr);
         },
         [&] { return got; });
     EXPECT_EQ(got, want) << "start " << start;
     // The incremental form, step by step, ends at the same positions.
-    std::vector<int64_t> positions(kRows, kLen), cpu_positions(kRows, kLen);
-    for (int64_t step = start; step < kLen; ++step) {
-      latro::stop_positions_step(tokens.data(), kRows, kLen, kStride, stops, step, start,
-                                 cpu_positions.data(), cpu_positions.data());
-      latro::cuda::stop_positions_step(tokens.data(), kRows, kLen, kStride, stops, count, &step,
-                                       start, positions.data(), positions.data(), nullptr);
+    std::vector<int64_t> positions(kStopRows, kStopLen), cpu_positions(kStopRows, kStopLen);
+    uint64_t status = latro::cuda::kStatusOk;
+    for (int64_t step = start; step < kStopLen; ++step) {
+      latro::stop_positions_step(tokens.data(), kStopRows, kStopLen, kStopStride, stops, step,
+                                 start, cpu_positions.data(), cpu_positions.data());
+      const std::vector<int64_t> before = positions;
+      under_every_schedule(
+          [&] {
+            positions = before;
+            latro::cuda::stop_positions_step(tokens.data(), kStopRows, kStopLen, kStopStride,
+                                             stops, count, &step, start, positions.data(),
+                                             positions.data(), nullptr, &status);
+          },
+          [&] { return positions; });
       ASSERT_EQ(positions, cpu_positions) << "step " << step;
     }
-    EXPECT_EQ(positions, want);
+    // (Not always `want`: a row stops where a sequence is first completed, which may begin
+    // after another that completes later; test_stop.cpp covers the CPU's two forms.)
+    EXPECT_EQ(status, latro::cuda::kStatusOk);
   }
+}
+
+TEST(EmulatedStops, MatchTheCpuOnRandomTokens) {
+  std::mt19937 rng(5);
+  std::uniform_int_distribution<int64_t> token(0, 4);
+  std::vector<int64_t> tokens(static_cast<size_t>(kStopRows * kStopStride));
+  for (auto& t : tokens) t = token(rng);
+  expect_stops_match_the_cpu(tokens, {1, 2, 3, 4, 4, 0, 2, 2, 2}, {0, 3, 5, 6, 9});
+}
+
+// More sequences than a warp has lanes: the step kernel tries them 32 at a time, and where
+// several end at the same step the first in table order must win, whichever round and lane
+// finds it. Every fifth sequence is the last three tokens of the one before (later in the same
+// or the next round), and from the 40th on every fifth one extends an entry 40 places earlier
+// (an earlier round) by a token in front; each wins with another start than its rival. Rows are
+// random tokens with whole stop sequences spliced in, so those coincidences happen often.
+TEST(EmulatedStops, ManySequencesMatchTheCpu) {
+  std::mt19937 rng(11);
+  std::uniform_int_distribution<int64_t> token(0, 9);
+  std::vector<std::vector<int64_t>> table;
+  for (int i = 0; i < 100; ++i) {
+    if (i % 5 == 4) {
+      table.emplace_back(table.back().end() - 3, table.back().end());
+    } else if (i >= 40 && i % 5 == 3) {
+      std::vector<int64_t> longer = {token(rng)};
+      longer.insert(longer.end(), table[static_cast<size_t>(i - 40)].begin(),
+                    table[static_cast<size_t>(i - 40)].end());
+      table.push_back(longer);
+    } else {
+      table.push_back({token(rng), token(rng), token(rng), token(rng)});
+    }
+  }
+  std::vector<int64_t> stop_tokens, offsets = {0};
+  for (const auto& sequence : table) {
+    stop_tokens.insert(stop_tokens.end(), sequence.begin(), sequence.end());
+    offsets.push_back(static_cast<int64_t>(stop_tokens.size()));
+  }
+  std::vector<int64_t> tokens(static_cast<size_t>(kStopRows * kStopStride));
+  std::uniform_int_distribution<size_t> pick(0, table.size() - 1);
+  std::bernoulli_distribution splice(0.05);
+  for (int64_t r = 0; r < kStopRows; ++r) {
+    for (int64_t i = 0; i < kStopStride;) {
+      const std::vector<int64_t> piece =
+          splice(rng) ? table[pick(rng)] : std::vector<int64_t>{token(rng)};
+      for (size_t j = 0; j < piece.size() && i < kStopStride; ++j, ++i) {
+        tokens[static_cast<size_t>(r * kStopStride + i)] = piece[j];
+      }
+    }
+  }
+  expect_stops_match_the_cpu(tokens, stop_tokens, offsets);
+}
+
+// A table whose offsets stop increasing past the first warp's worth: the step kernel reports
+// it and leaves every position as it was.
+TEST(EmulatedStops, StepReportsABadTableFoundByAnyLane) {
+  constexpr int64_t kRows = 5, kLen = 8;
+  std::vector<int64_t> tokens(kRows * kLen, 1), stop_tokens(40, 1), offsets(41);
+  for (int64_t i = 0; i <= 40; ++i) offsets[static_cast<size_t>(i)] = i;
+  offsets[35] = offsets[34];  // sequence 34 is empty
+  const latro::StopSequences stops{stop_tokens.data(), offsets.data(), 40};
+  const int64_t step = 3;
+  std::vector<int64_t> positions = {kLen, 2, kLen, kLen, 0};
+  const std::vector<int64_t> before = positions;
+  uint64_t status = latro::cuda::kStatusOk;
+  latro::cuda::stop_positions_step(tokens.data(), kRows, kLen, kLen, stops, 40, &step, 0,
+                                   positions.data(), positions.data(), nullptr, &status);
+  EXPECT_EQ(positions, before);
+  EXPECT_EQ(latro::cuda::decode_status(status).kind, latro::cuda::StatusKind::BadStopTable);
+  // The same table whole stops rows at the first 1 (sequence 0 is the single token 1).
+  offsets[35] = 35;
+  status = latro::cuda::kStatusOk;
+  latro::cuda::stop_positions_step(tokens.data(), kRows, kLen, kLen, stops, 40, &step, 0,
+                                   positions.data(), positions.data(), nullptr, &status);
+  EXPECT_EQ(status, latro::cuda::kStatusOk);
+  EXPECT_EQ(positions, (std::vector<int64_t>{3, 2, 3, 3, 0}));
 }
 
 TEST(EmulatedAdvantages, RlooAndRewardsEqualTheCpuBitForBit) {

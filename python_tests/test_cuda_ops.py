@@ -485,11 +485,20 @@ def test_misaligned_views_take_the_element_kernels(dtype):
 
 
 # ----------------------------------------------------------------------------- stops, rewards
+def _many_stops() -> list[list[int]]:
+    """70 sequences of 2-5 tokens (more than a warp's 32 lanes try at once), some sharing their
+    ends, so several end at one step and the first in list order must win."""
+    g = torch.Generator().manual_seed(70)
+    stops = [torch.randint(0, 4, (int(n),), generator=g).tolist() for n in torch.randint(3, 6, (70,), generator=g)]
+    return [s[1:] if i % 4 == 3 else s for i, s in enumerate(stops)]
+
+
+@pytest.mark.parametrize("stops", [[[1, 2, 3], [0], [0, 1], [2, 2, 2, 3]], _many_stops()],
+                         ids=["4 stops", "70 stops"])
 @pytest.mark.parametrize("start", [0, 5, 300, 301])
-def test_stop_positions_match_cpu(start):
+def test_stop_positions_match_cpu(start, stops):
     g = torch.Generator().manual_seed(start)
     tokens = torch.randint(0, 4, (37, 301), generator=g)
-    stops = [[1, 2, 3], [0], [0, 1], [2, 2, 2, 3]]
     cpu = ops.stop_positions(tokens, stops, start=start)
     cuda = ops.stop_positions(tokens.cuda(), stops, start=start)
     assert torch.equal(cuda.cpu(), cpu)

@@ -174,6 +174,21 @@ T __shfl_sync(unsigned int mask, T value, int source, int width = 32) {
                               [&](int lane) { return (lane / width) * width + source % width; });
 }
 
+// Bit `lane` set where that lane's predicate is true; every lane gets the same word.
+inline unsigned int __ballot_sync(unsigned int mask, int predicate) {
+  ::latro_emu::check_full_mask(mask);
+  ::latro_emu::warp_slot(::latro_emu::lane_id()) = predicate != 0 ? 1u : 0u;
+  ::latro_emu::sync_warp();
+  unsigned int bits = 0;
+  for (int lane = 0; lane < ::latro_emu::warp_width(); ++lane) {
+    if (::latro_emu::warp_slot(lane) != 0) bits |= 1u << lane;
+  }
+  ::latro_emu::sync_warp();  // nobody overwrites a slot before every lane has read
+  return bits;
+}
+// The 1-based position of the lowest set bit, 0 for none (as the device's __ffs).
+inline int __ffs(int x) { return __builtin_ffs(x); }
+
 // ---------------------------------------------------------------- atomics
 // Threads switch only at barriers, so a read-modify-write is atomic by construction.
 template <typename T>

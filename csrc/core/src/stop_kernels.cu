@@ -55,27 +55,70 @@ __global__ void __launch_bounds__(kStopThreads)
   }
 }
 
-// One thread per row: only stop sequences ending exactly at *step are checked.
-__global__ void stop_positions_step_kernel(const int64_t* __restrict__ tokens, int64_t rows,
-                                           int64_t len, int64_t row_stride, StopSequences stops,
-                                           int64_t stop_token_count, const int64_t* step_ptr,
-                                           int64_t start, const int64_t* positions_in,
-                                           int64_t* positions_out, uint64_t* status) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+// The step form runs once per decode step, so its cost is paid a few hundred times a rollout.
+// One warp per row, its lanes splitting the table: validating the offsets and trying the
+// sequences ending at `step` both take count / 32 iterations per lane instead of count per
+// thread (with the 855-sequence stop set of bench_gpu.py, a serial scan per thread cost tens of
+// microseconds a step). The first sequence in table order that matches wins, as on the CPU.
+constexpr int kStepThreads = 128;  // four warps: four rows per block
+constexpr unsigned kFullWarp = 0xFFFFFFFFu;
+
+__device__ bool warp_stop_table_ok(const StopSequences& stops, int64_t stop_token_count,
+                                   int lane) {
+  if (stops.count == 0) return true;
+  bool ok = true;
+  if (lane == 0) ok = stops.offsets[0] == 0 && stops.offsets[stops.count] == stop_token_count;
+  for (int64_t i = lane; i < stops.count; i += detail::kWarp) {
+    ok = ok && stops.offsets[i + 1] > stops.offsets[i];
+  }
+  return __ballot_sync(kFullWarp, !ok) == 0;
+}
+
+// stop_ending_at (stop_common.h) with the sequences split over the warp's lanes: each round
+// tries 32 consecutive sequences and the lowest lane that matched is the first in table order.
+__device__ int64_t warp_stop_ending_at(const int64_t* row, int64_t len, const StopSequences& stops,
+                                       int64_t step, int64_t start, int lane) {
+  for (int64_t base = 0; base < stops.count; base += detail::kWarp) {
+    const int64_t which = base + lane;
+    int64_t begin = len;
+    bool hit = false;
+    if (which < stops.count) {
+      begin = step + 1 - (stops.offsets[which + 1] - stops.offsets[which]);
+      hit = begin >= start && ::latro::detail::stop_occurs_at(row, len, stops, which, begin);
+    }
+    const unsigned hits = __ballot_sync(kFullWarp, hit);
+    if (hits != 0) return __shfl_sync(kFullWarp, begin, __ffs(static_cast<int>(hits)) - 1);
+  }
+  return len;
+}
+
+// Only stop sequences ending exactly at *step are checked. A row's warp takes every branch
+// together (the table, the step and the row's position are the same for all its lanes), so
+// its ballots always see the whole warp; warps past the last row exit whole.
+__global__ void __launch_bounds__(kStepThreads)
+    stop_positions_step_kernel(const int64_t* __restrict__ tokens, int64_t rows, int64_t len,
+                               int64_t row_stride, StopSequences stops, int64_t stop_token_count,
+                               const int64_t* step_ptr, int64_t start,
+                               const int64_t* positions_in, int64_t* positions_out,
+                               uint64_t* status) {
+  const int lane = static_cast<int>(threadIdx.x) % detail::kWarp;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (kStepThreads / detail::kWarp) +
+                      static_cast<int64_t>(threadIdx.x) / detail::kWarp;
   if (row >= rows) return;
   const int64_t step = *step_ptr;
-  // Read before writing: positions_out may alias positions_in.
   int64_t position = positions_in[row];
-  if (!stop_table_ok(stops, stop_token_count)) {
-    if (row == 0) detail::record(status, -1, StatusKind::BadStopTable);
+  if (!warp_stop_table_ok(stops, stop_token_count, lane)) {
+    if (row == 0 && lane == 0) detail::record(status, -1, StatusKind::BadStopTable);
   } else if (step < 0 || step >= len) {
-    if (row == 0) detail::record(status, -1, StatusKind::StepOutOfRange);
+    if (row == 0 && lane == 0) detail::record(status, -1, StatusKind::StepOutOfRange);
   } else if (position < 0 || position > len) {
-    detail::record(status, row, StatusKind::PositionOutOfRange);
+    if (lane == 0) detail::record(status, row, StatusKind::PositionOutOfRange);
   } else if (position == len) {
-    position = ::latro::detail::stop_ending_at(tokens + row * row_stride, len, stops, step, start);
+    position = warp_stop_ending_at(tokens + row * row_stride, len, stops, step, start, lane);
   }
-  positions_out[row] = position;
+  // Every lane has read positions_in[row] before it is written: positions_out may alias it.
+  __syncwarp();
+  if (lane == 0) positions_out[row] = position;
 }
 
 void check_rows(const int64_t* tokens, int64_t rows, int64_t len, int64_t row_stride,
@@ -113,10 +156,10 @@ void stop_positions_step(const int64_t* tokens, int64_t rows, int64_t len, int64
   LATRO_CHECK((positions_in != nullptr && positions_out != nullptr) || rows == 0,
               "positions is a null pointer");
   if (rows == 0) return;
-  constexpr int kThreads = 128;
-  const int64_t blocks = (rows + kThreads - 1) / kThreads;
+  constexpr int64_t kRowsPerBlock = kStepThreads / detail::kWarp;
+  const int64_t blocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
   LATRO_CHECK(blocks <= INT32_MAX, "too many rows: ", rows);
-  detail::launch(stop_positions_step_kernel, static_cast<unsigned int>(blocks), kThreads, stream,
+  detail::launch(stop_positions_step_kernel, static_cast<unsigned int>(blocks), kStepThreads, stream,
       tokens, rows, len, row_stride, stops, stop_token_count, step, start, positions_in,
       positions_out, status);
   LATRO_CUDA_CHECK(cudaGetLastError());
