@@ -21,6 +21,117 @@ struct RowScratch {
   std::vector<double> bin_mass;  // top-p's mass per bin of m - s
 };
 
+// Which tokens the draw keeps: s != -inf, s >= kth_largest (top-k), s - m >= log_min_p
+// (min-p) and s >= nucleus_floor (top-p); a filter that is off leaves -inf.
+struct KeptSet {
+  float kth_largest;
+  float log_min_p;
+  float nucleus_floor;
+  bool keeps(float s, float m) const {
+    return s != kNegInf && s >= kth_largest && (s - m) >= log_min_p && s >= nucleus_floor;
+  }
+};
+
+// Pass 1 over a float32 row: s = x / temperature and the max of s, NaN winning (so one
+// compare after the loop finds a NaN anywhere).
+LATRO_CPU_CLONES float scale_row(const float* x, int64_t n, float temperature, float* s) {
+  int64_t i = 0;
+  float best = kNegInf;
+#if LATRO_HAVE_VECTOR_EXT
+  using detail::kVecWidth;
+  detail::vfloat a = detail::vbroadcast(kNegInf), b = a;
+  for (; i + 2 * kVecWidth <= n; i += 2 * kVecWidth) {
+    const detail::vfloat u = detail::vload(x + i) / temperature;
+    const detail::vfloat v = detail::vload(x + i + kVecWidth) / temperature;
+    detail::vstore(s + i, u);
+    detail::vstore(s + i + kVecWidth, v);
+    a = detail::vmax_keep_nan(u, a);
+    b = detail::vmax_keep_nan(v, b);
+  }
+  a = detail::vmax_keep_nan(b, a);
+  for (int j = 0; j < kVecWidth; ++j) best = (a[j] > best || a[j] != a[j]) ? a[j] : best;
+#endif
+  for (; i < n; ++i) {
+    s[i] = x[i] / temperature;
+    best = (s[i] > best || s[i] != s[i]) ? s[i] : best;
+  }
+  return best;
+}
+
+// The Gumbel-max draw over the kept tokens of s[0, n) and their mass sum exp(s - m) (m: the
+// row max, which the kept set holds). Eight tokens at a time (two Philox blocks): their
+// exps, the kept-set tests and the skip test of gumbel.h run as vectors, and only tokens that
+// could still beat the best key reach draw.offer, which tests them again against the current
+// best. The vector tests use the draw's floor and skip factor as of the group's start; both
+// only tighten as the best key grows, so they skip a subset of what offer would: the winner is
+// the one the scalar loop (the tail, and builds without vector extensions) finds.
+LATRO_CPU_CLONES void draw_from_kept(const float* s, int64_t n, float m, const KeptSet& keep,
+                                     uint64_t seed, uint32_t stream, uint64_t step,
+                                     GumbelArgmax& draw, double& kept_mass) {
+  int64_t i = 0;
+#if LATRO_HAVE_VECTOR_EXT
+  using detail::kVecWidth;
+  using detail::vfloat;
+  using detail::vint;
+  typedef uint32_t vuint __attribute__((vector_size(32)));
+  typedef float vfloat4 __attribute__((vector_size(16)));
+  typedef double vdouble4 __attribute__((vector_size(32)));
+  static_assert(kVecWidth == 8, "a group is two Philox blocks of four tokens");
+  const PhiloxKey key = sampling_key(seed);
+  vdouble4 mass_lo{}, mass_hi{};
+  // Whether any lane of a mask is set, in lanes [0, 4) and [4, 8): OR-ing 64-bit words costs
+  // a few instructions where extracting eight lanes costs sixteen.
+  auto any_by_half = [](vint mask, bool (&half)[2]) {
+    uint64_t words[4];
+    std::memcpy(words, &mask, sizeof(words));
+    half[0] = (words[0] | words[1]) != 0;
+    half[1] = (words[2] | words[3]) != 0;
+    return half[0] || half[1];
+  };
+  bool half_set[2];
+  for (; i + kVecWidth <= n; i += kVecWidth) {
+    const vfloat x = detail::vload(s + i);
+    const vint kept = (x != kNegInf) & (x >= keep.kth_largest) & ((x - m) >= keep.log_min_p) &
+                      (x >= keep.nucleus_floor);
+    const vfloat p = detail::vselect(kept, detail::vexp_nonpositive(x - m), vfloat{});
+    vfloat4 halves[2];
+    std::memcpy(halves, &p, sizeof(p));
+    mass_lo += __builtin_convertvector(halves[0], vdouble4);
+    mass_hi += __builtin_convertvector(halves[1], vdouble4);
+    const vint candidates = kept & (x >= draw.floor);
+    if (!any_by_half(candidates, half_set)) continue;
+    uint32_t words[kVecWidth] = {};
+    const uint32_t block = static_cast<uint32_t>(i >> 2);
+    for (int half = 0; half < 2; ++half) {
+      if (half_set[half]) {
+        const Philox4 b = sampling_random_block(key, stream, step, block + half);
+        std::memcpy(words + 4 * half, b.v, sizeof(b.v));
+      }
+    }
+    vuint w;
+    std::memcpy(&w, words, sizeof(w));
+    // uniform_open01_complement of each word, exactly as philox.h computes it.
+    // (under 2^23, so the conversion through int32 is exact)
+    const vfloat complement =
+        (__builtin_convertvector(reinterpret_cast<vint>(0x7FFFFFu - (w >> 9)), vfloat) + 0.5f) *
+        0x1.0p-23f;
+    const vint may_win = candidates & ~(complement > p * draw.skip_factor);
+    if (!any_by_half(may_win, half_set)) continue;
+    for (int j = 0; j < kVecWidth; ++j) {
+      if (may_win[j]) draw.offer(i + j, x[j], p[j], m, [&] { return words[j]; });
+    }
+  }
+  for (int j = 0; j < 4; ++j) kept_mass += mass_lo[j] + mass_hi[j];
+#endif
+  RowNoise noise = RowNoise::at(seed, stream, step);
+  for (; i < n; ++i) {
+    if (!keep.keeps(s[i], m)) continue;
+    const float p = exp_nonpositive(s[i] - m);
+    kept_mass += static_cast<double>(p);
+    draw.offer(noise, i, s[i], p, m);
+  }
+}
+
 template <typename T>
 void greedy_row(const T* row, int64_t vocab, int64_t r, int64_t* id, float* logprob) {
   int64_t best = -1;
@@ -43,12 +154,9 @@ void sample_row(const SampleArgs& args, const T* row, int64_t r, uint64_t seed, 
   const int64_t vocab = args.vocab;
   std::vector<float>& s = scratch.scaled;
   s.resize(static_cast<size_t>(vocab));
-  float m = kNegInf;
-  for (int64_t v = 0; v < vocab; ++v) {
-    s[v] = to_float(row[v]) / args.temperature;
-    LATRO_CHECK(s[v] == s[v], "logits row ", r, " contains NaN");
-    m = s[v] > m ? s[v] : m;
-  }
+  const float* x = detail::row_as_float(row, vocab, s.data());  // 16-bit rows into s first
+  const float m = scale_row(x, vocab, args.temperature, s.data());
+  LATRO_CHECK(m == m, "logits row ", r, " contains NaN");
   LATRO_CHECK(m != kNegInf, "logits row ", r, " has no finite value");
   LATRO_CHECK(m != -kNegInf, "logits row ", r, " contains +inf");
 
@@ -62,9 +170,8 @@ void sample_row(const SampleArgs& args, const T* row, int64_t r, uint64_t seed, 
   }
   const float log_min_p =
       args.min_p > 0.0f ? static_cast<float>(std::log(static_cast<double>(args.min_p))) : kNegInf;
-  auto kept_before_top_p = [&](int64_t v) {
-    return s[v] != kNegInf && s[v] >= kth_largest && (s[v] - m) >= log_min_p;
-  };
+  KeptSet keep{kth_largest, log_min_p, kNegInf};  // top-p's floor comes below
+  auto kept_before_top_p = [&](int64_t v) { return keep.keeps(s[v], m); };
 
   // Top-p over the renormalized survivors: walk them by decreasing logit until the mass reaches
   // top_p; every token at least as likely as the last one walked is kept (ties stay together).
@@ -76,7 +183,6 @@ void sample_row(const SampleArgs& args, const T* row, int64_t r, uint64_t seed, 
   // than the walk's, round to the other side of it) and starts from the mass of the bins before.
   // A trained model's few-token nucleus and a flat row's 30,000-token one alike sort a few
   // hundred tokens, not the nucleus.
-  float nucleus_floor = kNegInf;
   if (args.top_p < 1.0f) {
     constexpr int kBins = 2048;
     constexpr float kBinsPerUnit = 32.0f;
@@ -123,24 +229,18 @@ void sample_row(const SampleArgs& args, const T* row, int64_t r, uint64_t seed, 
     for (const int64_t v : order) {
       cumulative += weight[v];
       if (cumulative >= target) {
-        nucleus_floor = s[v];
+        keep.nucleus_floor = s[v];
         break;
       }
     }
     // Rounding can leave the target unreached: every survivor is kept.
-    if (nucleus_floor == kNegInf) nucleus_floor = smallest;
+    if (keep.nucleus_floor == kNegInf) keep.nucleus_floor = smallest;
   }
 
   // Gumbel-max over the kept set, and the kept set's normalizer for the log-prob.
-  RowNoise noise = RowNoise::at(seed, stream, step);
   GumbelArgmax draw = GumbelArgmax::start(m);
   double kept_mass = 0.0;
-  for (int64_t v = 0; v < vocab; ++v) {
-    if (!kept_before_top_p(v) || s[v] < nucleus_floor) continue;
-    const float p = exp_nonpositive(s[v] - m);
-    kept_mass += static_cast<double>(p);
-    draw.offer(noise, v, s[v], p, m);
-  }
+  draw_from_kept(s.data(), vocab, m, keep, seed, stream, step, draw, kept_mass);
   // The max token is always kept, so there is a winner.
   const int64_t best = draw.best.index;
   args.ids[r] = best;
