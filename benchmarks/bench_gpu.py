@@ -752,6 +752,24 @@ def profile_ours(model, ids, mask, device: torch.device, new: int = 32) -> None:
     )
 
 
+def profile_step(run: Callable[[], Any], label: str, device: torch.device) -> None:
+    """Where one more LaTRO step's time goes (after the timed one, which it does not touch): the
+    CUDA kernels by GPU time, and the host calls by their own time (synchronizations and
+    allocations show there). For the engine's step, so a step slower than expected says why."""
+    if device.type != "cuda" or SMOKE:
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize(device)
+    averages = prof.key_averages()
+    print(f"\n{label}: one more step's kernels, by GPU time:\n")
+    print(averages.table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=70))
+    print(f"\n{label}: its host calls, by their own time:\n")
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=70))
+
+
 # ----------------------------------------------------------------------------- LaTRO step
 def _cut(
     rationales: torch.Tensor, stops: list[list[int]], pad: int
@@ -1092,6 +1110,10 @@ def bench_latro(device: torch.device, small: bool) -> None:
                         f"{mean_length:.0f} rationale tokens "
                         f"(state {_fmt(state)}; {phases.summary()}; warm-up {warm_seconds:.2f} s)"
                     )
+                    if name == "ours":
+                        again = functools.partial(step, model, reference, optimizer, ids, mask,
+                                                  answer, max_len=max_len, **kwargs)
+                        profile_step(again, f"{weights}, {label}, {name}", device)
                 except Exception as error:
                     row["s"] = f"failed: {type(error).__name__}: {error}"[:200]
                 del optimizer
