@@ -61,6 +61,7 @@ __global__ void __launch_bounds__(kStopThreads)
 // thread (with the 855-sequence stop set of bench_gpu.py, a serial scan per thread cost tens of
 // microseconds a step). The first sequence in table order that matches wins, as on the CPU.
 constexpr int kStepThreads = 128;  // four warps: four rows per block
+static_assert(kStepThreads % detail::kWarp == 0, "every row gets a whole warp");
 constexpr unsigned kFullWarp = 0xFFFFFFFFu;
 
 __device__ bool warp_stop_table_ok(const StopSequences& stops, int64_t stop_token_count,
@@ -102,7 +103,7 @@ __global__ void __launch_bounds__(kStepThreads)
                                const int64_t* positions_in, int64_t* positions_out,
                                uint64_t* status) {
   const int lane = static_cast<int>(threadIdx.x) % detail::kWarp;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * (kStepThreads / detail::kWarp) +
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / detail::kWarp) +
                       static_cast<int64_t>(threadIdx.x) / detail::kWarp;
   if (row >= rows) return;
   const int64_t step = *step_ptr;
