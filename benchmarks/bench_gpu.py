@@ -996,37 +996,39 @@ def ours_step(
     return rollout.rationale_lengths.float().mean().item()
 
 
-# The step's implementations, the baseline first: (name, step, reference kept in host memory,
-# AdamW moments kept in host memory). The last two are the trainer's memory options
-# (``gradient_checkpointing``, ``reference_on_host``, ``optimizer_on_host``).
-IMPLEMENTATIONS: tuple[tuple[str, Callable[..., None], bool, bool], ...] = (
-    ("reference pattern", reference_pattern_step, False, False),
-    ("ours", ours_step, False, False),
-    (
+# The step's implementations, the baseline first, by the key ``--latro-settings`` names them
+# with: (name, step, reference kept in host memory, AdamW moments kept in host memory). The
+# last two are the trainer's memory options (``gradient_checkpointing``, ``reference_on_host``,
+# ``optimizer_on_host``).
+IMPLEMENTATIONS: dict[str, tuple[str, Callable[..., None], bool, bool]] = {
+    "reference": ("reference pattern", reference_pattern_step, False, False),
+    "ours": ("ours", ours_step, False, False),
+    "checkpointing": (
         "ours, gradient checkpointing",
         functools.partial(ours_step, checkpointing=True),
         False,
         False,
     ),
-    (
+    "reference-on-host": (
         "ours, checkpointing + reference on host",
         functools.partial(ours_step, checkpointing=True),
         True,
         False,
     ),
-    (
+    "all-on-host": (
         "ours, checkpointing + reference and AdamW state on host",
         functools.partial(ours_step, checkpointing=True),
         True,
         True,
     ),
-    (
+    "whole-groups": (
         "ours, checkpointing, micro-batches of whole groups",
         functools.partial(ours_step, checkpointing=True, micro=None),
         False,
         False,
     ),
-)
+}
+LATRO_SETTINGS = tuple(IMPLEMENTATIONS)  # --latro-settings: the reference pattern always runs
 
 
 def bench_latro(device: torch.device, small: bool) -> None:
@@ -1062,7 +1064,9 @@ def bench_latro(device: torch.device, small: bool) -> None:
         realistic = [[t] for t in range(3, 3 + vocab // 150)]  # ~1/150 per token, flat model
         for stops, label in ((never, "full length"), (realistic, "stop after ~150 tokens")):
             baseline: dict[str, Any] = {}
-            for name, step, reference_on_host, optimizer_on_host in IMPLEMENTATIONS:
+            for name, step, reference_on_host, optimizer_on_host in (
+                IMPLEMENTATIONS[key] for key in LATRO_SETTINGS
+            ):
                 row: dict[str, Any] = {"weights": weights, "rationales": label, "implementation": name}
                 reference = host_ref if reference_on_host else ref_model
                 optimizer_cls = HostStateAdamW if optimizer_on_host else torch.optim.AdamW
@@ -1184,8 +1188,19 @@ def main(argv: list[str] | None = None) -> int:
         help="the LaTRO step's weight settings, comma-separated: bfloat16 (the issue's "
         "setting), float32 (float32 weights under bfloat16 autocast)",
     )
+    parser.add_argument(
+        "--latro-settings",
+        default=",".join(IMPLEMENTATIONS),
+        help="the LaTRO step's implementations to time, comma-separated, of "
+        f"{', '.join(IMPLEMENTATIONS)} (the reference pattern always runs: every ratio is to it)",
+    )
     args = parser.parse_args(argv)
-    global LATRO_WEIGHTS
+    global LATRO_WEIGHTS, LATRO_SETTINGS
+    chosen = {w.strip() for w in args.latro_settings.split(",") if w.strip()}
+    if chosen - set(IMPLEMENTATIONS):
+        parser.error(f"--latro-settings: unknown {sorted(chosen - set(IMPLEMENTATIONS))}; "
+                     f"choose from {', '.join(IMPLEMENTATIONS)}")
+    LATRO_SETTINGS = tuple(key for key in IMPLEMENTATIONS if key in chosen | {"reference"})
     LATRO_WEIGHTS = tuple(w.strip() for w in args.latro_weights.split(",") if w.strip())
     if not LATRO_WEIGHTS or any(w not in ("bfloat16", "float32") for w in LATRO_WEIGHTS):
         parser.error(f"--latro-weights takes bfloat16 and/or float32, got {args.latro_weights!r}")

@@ -7,7 +7,8 @@
 #   2. test    the CUDA tests: python_tests/test_cuda_ops.py and every cuda-named case of the
 #              rest of the suite (pytest -k cuda: the static decoder's CUDA graphs among them),
 #              going on past a test that crashes the process (scripts/pytest_through_crashes.sh);
-#   3. bench   benchmarks/bench_gpu.py, one process per section (scorer, sample, rollout, latro),
+#   3. bench   benchmarks/bench_gpu.py, one process per section (scorer, sample, attention, stop,
+#              rollout, latro),
 #              each under its own time limit so one slow section cannot hide the others.
 #
 #   bash benchmarks/gpu_check.sh                      # all three
@@ -16,11 +17,14 @@
 # On a 15-minute device budget, two calls on the same warm machine (the in-place build stays;
 # the second call must follow within the machine's 30 idle seconds). Timings of 2026-11-26, H100:
 # build 74 s (twice that where setup.py's raise check rebuilds with the system compiler), tests
-# 165 s, sample + scorer + attention 46 s, rollout 67 s, latro over 140 s.
+# 165 s, sample + scorer + attention 46 s, rollout 67 s, latro over 140 s (the stop section is
+# new: seconds).
 #   STAGES="build test bench" BENCH_SECTIONS="sample scorer attention stop rollout" \
 #     SECTION_TIMEOUT=120 TEST_TIMEOUT=200 bash benchmarks/gpu_check.sh    # about 6.5 minutes
 #   STAGES="bench" BENCH_SECTIONS="latro" BENCH_ARGS="--latro-weights bfloat16" \
 #     SECTION_TIMEOUT=330 bash benchmarks/gpu_check.sh                     # about 5 minutes
+# With less time, "--latro-settings ours,whole-groups" (added to BENCH_ARGS) times two of our
+# five settings against the reference pattern.
 #
 # Outputs go to $OUT when it is set (the device tool's folder), else build/gpu-check:
 # gpu_check.log (everything), nvidia-smi.txt, pytest.log, bench_gpu.md, bench_gpu.json and the
