@@ -16,7 +16,8 @@
 #
 # On a 15-minute device budget, two calls on the same warm machine (the in-place build stays;
 # the second call must follow within the machine's 30 idle seconds). Timings of 2026-11-26, H100:
-# build 74 s (twice that where setup.py's raise check rebuilds with the system compiler), tests
+# build 74 s (twice that where setup.py's raise check rebuilds with the system compiler, which
+# the build stage now avoids by using /usr/bin/g++ from the start), tests
 # 165 s, sample + scorer + attention 46 s, rollout 67 s, latro over 140 s (the stop section is
 # new: seconds).
 #   STAGES="build test bench" BENCH_SECTIONS="sample scorer attention stop rollout" \
@@ -31,6 +32,7 @@
 # built module (_C.*.so). Environment: PYTHON (default: python3 if its torch has CUDA, else
 # .venv/bin/python), STAGES (default "build test bench"), MAX_JOBS (default: all cores),
 # BENCH_SECTIONS (default "scorer sample attention stop rollout latro"), BENCH_ARGS (extra options),
+# KEEP_COMPILER=1 (build with $CC/$CXX even where /usr/bin/g++ exists),
 # TEST_ARGS (pytest selection instead of the default), PYTEST_OPTIONS (options for the test runs,
 # e.g. "-x -v"), TEST_TIMEOUT (s for all tests, default 240),
 # SECTION_TIMEOUT (s per bench section, default 240).
@@ -91,7 +93,18 @@ run_stage() {  # run_stage NAME COMMAND...
 }
 
 build() {
-  TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" LATRO_FORCE_CUDA=1 \
+  # The system's compiler where the environment names another: on the H100 machines of
+  # 2026-11-25/26, CC/CXX named /opt/gcc, whose modules segfault on any raised error there.
+  # setup.py's raise check would find that and rebuild with /usr/bin/g++, a second full build
+  # (74 s of a 15-minute budget); building with it at once saves that. KEEP_COMPILER=1 keeps
+  # the environment's compiler (and so exercises the raise check's rebuild).
+  local compilers=()
+  if [[ "${KEEP_COMPILER:-0}" != 1 && -x /usr/bin/g++ && -x /usr/bin/gcc && -n "${CXX:-}" &&
+        "$(realpath "$(command -v "$CXX")" 2>/dev/null)" != "$(realpath /usr/bin/g++)" ]]; then
+    echo "gpu_check: building with /usr/bin/gcc and /usr/bin/g++ instead of CC=${CC:-} CXX=$CXX"
+    compilers=(CC=/usr/bin/gcc CXX=/usr/bin/g++)
+  fi
+  env "${compilers[@]}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" LATRO_FORCE_CUDA=1 \
     "$PYTHON" setup.py build_ext --inplace &&
     has_kernels &&
     cp latro_engine/_C.*.so "$OUT/"
