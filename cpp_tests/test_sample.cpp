@@ -302,6 +302,53 @@ TEST(SampleSemantics, TopKKeepsTiesAndLargeKKeepsEverything) {
                     float32_result_tolerance()));
 }
 
+// Top-k's threshold comes from counting the values in bins of their top bits and selecting
+// within one bin: rows where one bin holds everything, where the k-th largest ends a bin
+// exactly or starts the next, where +0 and -0 (different bins, equal values) tie at it, and
+// where fewer than k values are finite. The kept set shows in the log-prob.
+TEST(SampleSemantics, TopKThresholdAtBinEdges) {
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  std::vector<float> equal(3001, 0.5f), steps, zeros, masked(2000, -kInf);
+  for (int i = 0; i < 3; ++i) steps.push_back(4.0f);
+  for (int i = 0; i < 7; ++i) steps.push_back(2.0f);
+  for (int i = 0; i < 5; ++i) steps.push_back(1.0f);
+  for (int i = 0; i < 985; ++i) steps.push_back(-3.0f - static_cast<float>(i % 7));
+  for (int i = 0; i < 10; ++i) zeros.push_back(0.0f);
+  for (int i = 0; i < 10; ++i) zeros.push_back(-0.0f);
+  for (int i = 0; i < 500; ++i) {
+    zeros.push_back(i % 3 == 0 ? -kInf : -2.0f - static_cast<float>(i % 5));
+  }
+  for (int i = 0; i < 40; ++i) masked[static_cast<size_t>(i * 37)] = static_cast<float>(i % 4);
+  std::vector<float> distinct(1000, -4.0f);  // 21 different values in the bin [1, 1.25)
+  for (int i = 0; i < 21; ++i) {
+    distinct[static_cast<size_t>(i * 47)] = 1.0f + 0.01f * static_cast<float>(i);
+  }
+  const std::vector<std::pair<std::vector<float>, std::vector<int64_t>>> cases = {
+      {equal, {1, 50, 3000}},         // every value in one bin, all tied
+      {steps, {2, 3, 4, 10, 11, 15, 16}},  // k-th largest inside, ending or after a bin
+      {zeros, {5, 10, 15, 20, 21}},   // +0 and -0 tie at the threshold
+      {masked, {39, 40, 41, 1999}},   // fewer finite values than k: every finite one stays
+      {distinct, {1, 5, 20, 21, 22}},  // the k-th largest of one bin's different values
+  };
+  for (const auto& [row, ks] : cases) {
+    for (const int64_t k : ks) {
+      SCOPED_TRACE("vocab " + std::to_string(row.size()) + ", top_k " + std::to_string(k));
+      const Options o{1.0f, k, 1.0f, 0.0f};
+      const Matrix logits = repeated_row(DType::Float32, row, 16);
+      const KeptSet want = reference_kept_set(row_values(logits, 0), o);
+      ASSERT_TRUE(want.robust);
+      const Draws d = run_sample(logits, {3}, false, 0, o);
+      for (size_t r = 0; r < d.ids.size(); ++r) {
+        const size_t id = static_cast<size_t>(d.ids[r]);
+        ASSERT_LT(id, row.size());
+        EXPECT_TRUE(want.kept[id]) << "drew " << id;
+        const double logprob = want.scaled[id] - want.log_norm;
+        EXPECT_TRUE(close(d.logprobs[r], logprob, float32_result_tolerance())) << "drew " << id;
+      }
+    }
+  }
+}
+
 TEST(SampleSemantics, MinusInfinityNeverDrawn) {
   // One finite token among -inf: always drawn, with log-prob 0, whatever the options.
   const int64_t vocab = 1025;

@@ -15,7 +15,8 @@ using detail::kNegInf;
 
 struct RowScratch {
   std::vector<float> scaled;     // logits / temperature
-  std::vector<float> selection;  // copy for nth_element
+  std::vector<float> selection;  // top-k's values in the bin of its k-th largest
+  std::vector<int64_t> key_bin_counts;
   std::vector<int64_t> order;    // top-p's tokens around its crossing, sorted
   std::vector<double> weight;    // exp(s - m) of each token, for top-p's sums
   std::vector<double> bin_mass;  // top-p's mass per bin of m - s
@@ -31,6 +32,40 @@ struct KeptSet {
     return s != kNegInf && s >= kth_largest && (s - m) >= log_min_p && s >= nucleus_floor;
   }
 };
+
+// The k-th largest of s[0, n) (0 < k < n, no NaN). The values are counted in 2048 bins of the
+// top 11 bits of a key with their order (the CUDA kernel's top-k bins); only the bin where the
+// count from the top reaches k needs selecting, usually a few hundred values, where
+// nth_element over a copy of the row would move all of them.
+float kth_largest_value(const float* s, int64_t n, int64_t k, std::vector<int64_t>& counts,
+                        std::vector<float>& selection) {
+  constexpr int kBins = 2048;
+  const auto bin_of = [](float value) {  // order-preserving key (-0 below +0), top 11 bits
+    const uint32_t bits = float_to_bits(value);
+    return static_cast<int>(((bits & 0x80000000u) ? ~bits : (bits | 0x80000000u)) >> 21);
+  };
+  // Four interleaved histograms, summed after: neighbouring values often share a bin, and one
+  // histogram would make each increment wait for the one before.
+  counts.assign(4 * kBins, 0);
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    for (int j = 0; j < 4; ++j) ++counts[static_cast<size_t>(j * kBins + bin_of(s[i + j]))];
+  }
+  for (; i < n; ++i) ++counts[static_cast<size_t>(bin_of(s[i]))];
+  for (size_t b = 0; b < kBins; ++b) {
+    for (size_t j = 1; j < 4; ++j) counts[b] += counts[j * kBins + b];
+  }
+  int64_t above = 0;  // values in the bins above `bin`
+  int bin = kBins - 1;
+  while (above + counts[static_cast<size_t>(bin)] < k) above += counts[static_cast<size_t>(bin--)];
+  selection.clear();
+  for (i = 0; i < n; ++i) {
+    if (bin_of(s[i]) == bin) selection.push_back(s[i]);
+  }
+  const auto nth = selection.begin() + (k - above - 1);
+  std::nth_element(selection.begin(), nth, selection.end(), std::greater<float>());
+  return *nth;
+}
 
 // Pass 1 over a float32 row: s = x / temperature and the max of s, NaN winning (so one
 // compare after the loop finds a NaN anywhere).
@@ -163,10 +198,8 @@ void sample_row(const SampleArgs& args, const T* row, int64_t r, uint64_t seed, 
   // Thresholds of top-k and min-p: keep s >= kth_largest and s - m >= log(min_p).
   float kth_largest = kNegInf;
   if (args.top_k > 0 && args.top_k < vocab) {
-    std::vector<float>& sel = scratch.selection;
-    sel.assign(s.begin(), s.end());
-    std::nth_element(sel.begin(), sel.begin() + (args.top_k - 1), sel.end(), std::greater<float>());
-    kth_largest = sel[static_cast<size_t>(args.top_k - 1)];
+    kth_largest = kth_largest_value(s.data(), vocab, args.top_k, scratch.key_bin_counts,
+                                    scratch.selection);
   }
   const float log_min_p =
       args.min_p > 0.0f ? static_cast<float>(std::log(static_cast<double>(args.min_p))) : kNegInf;

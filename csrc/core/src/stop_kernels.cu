@@ -160,8 +160,8 @@ void stop_positions_step(const int64_t* tokens, int64_t rows, int64_t len, int64
   constexpr int64_t kRowsPerBlock = kStepThreads / detail::kWarp;
   const int64_t blocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
   LATRO_CHECK(blocks <= INT32_MAX, "too many rows: ", rows);
-  detail::launch(stop_positions_step_kernel, static_cast<unsigned int>(blocks), kStepThreads, stream,
-      tokens, rows, len, row_stride, stops, stop_token_count, step, start, positions_in,
+  detail::launch(stop_positions_step_kernel, static_cast<unsigned int>(blocks), kStepThreads,
+      stream, tokens, rows, len, row_stride, stops, stop_token_count, step, start, positions_in,
       positions_out, status);
   LATRO_CUDA_CHECK(cudaGetLastError());
 }
