@@ -92,10 +92,17 @@ def gradient_pass(
     """Accumulates the step's gradient over micro-batches (their losses weighted by their share
     of the rows); returns latro_loss's stats averaged over them. With ``advantages`` the loss is
     linear in the scores with known coefficients and each scoring pass takes its gradient as it
-    goes (``loss_weights``: three LM-head matmuls instead of four); without, each micro-batch
-    scores its reference and computes its own rewards first."""
+    goes (``loss_weights``: three LM-head matmuls instead of four), and micro-batches take the
+    rows in order of length; without, each micro-batch (whole groups, in order) scores its
+    reference and computes its own rewards first."""
     total, mb = rollout.batch_size, config.micro_batch_size
     all_rows = torch.arange(total, device=rollout.prompt_ids.device)
+    if advantages is not None:
+        # With the advantages known, any rows may share a micro-batch: rows of similar length
+        # do, as a micro-batch is as wide as its longest row (rationales that stop early would
+        # otherwise be padded to the length of those that ran on).
+        lengths = rollout.prompt_mask.sum(-1) + rollout.rationale_lengths
+        all_rows = torch.argsort(lengths, stable=True)
     sums: dict[str, float] = {}
     for begin in range(0, total, mb):
         rows = all_rows[begin : begin + mb]

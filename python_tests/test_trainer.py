@@ -288,6 +288,32 @@ def test_step_with_known_advantages_takes_the_latro_loss_gradient(tmp_path, monk
     assert any(g.abs().sum() > 0 for g in seen["grads"])
 
 
+def test_known_advantages_micro_batches_take_rows_of_similar_length(tmp_path, monkeypatch):
+    """A micro-batch is as wide as its longest row. With the advantages known any rows may share
+    one, so the gradient pass takes the rows in order of length: no row of a micro-batch is
+    longer than a row of the next, and every row comes once."""
+    config = tiny.config(tmp_path, micro_batch_size=3, penalty_mode="batch_mean", nonstop_penalty=2.0)
+    trainer = LatroTrainer(tiny.model(), tiny.tokenizer(), tiny.examples(16), config)
+    seen: dict = {"batches": []}
+    rollout_fn, score_fn = trainer._rollout, trainer._score
+    monkeypatch.setattr(trainer, "_rollout", lambda *a: seen.setdefault("rollout", rollout_fn(*a)))
+
+    def score(rollout, rows, answers, micro_batch_size=None, weights=None):
+        if weights is not None:  # the gradient pass's calls
+            seen["batches"].append(rows.tolist())
+        return score_fn(rollout, rows, answers, micro_batch_size=micro_batch_size, weights=weights)
+
+    monkeypatch.setattr(trainer, "_score", score)
+    trainer.train_step()
+    rollout, _ = seen["rollout"]
+    lengths = (rollout.prompt_mask.sum(-1) + rollout.rationale_lengths).tolist()
+    assert len(set(lengths)) > 1, "the rollout's rows all have one length: nothing to order"
+    batches = seen["batches"]
+    assert sorted(i for b in batches for i in b) == list(range(rollout.batch_size))
+    for this, after in zip(batches, batches[1:]):
+        assert max(lengths[i] for i in this) <= min(lengths[i] for i in after)
+
+
 @pytest.mark.parametrize("micro_batch_size,weighted", [(3, True), (4, False)])
 def test_scoring_pass_takes_the_gradient_when_the_advantages_are_known(
     tmp_path, monkeypatch, micro_batch_size, weighted
