@@ -14,7 +14,9 @@
 // where a thread reads shared memory that another writes later in program order, by running
 // the threads in several schedules (forward, reverse, shuffled).
 // What it cannot check: speed, registers, memory ordering and races finer than a barrier,
-// code that relies on the warp executing in lockstep without a shuffle or __syncwarp.
+// code that relies on the warp executing in lockstep without a shuffle or __syncwarp, and
+// lanes of one warp reaching different warp collectives (a shuffle, ballot or __syncwarp
+// only counts its lanes, so lanes in two branches, each at its own ballot, pass together).
 #pragma once
 
 #include <cmath>
