@@ -7,17 +7,23 @@
 namespace latro::cuda {
 namespace {
 
-// Offsets start at 0, increase strictly and end at the number of stop tokens.
-__device__ bool stop_table_ok(const StopSequences& stops, int64_t stop_token_count) {
+constexpr unsigned kFullWarp = 0xFFFFFFFFu;
+
+// Offsets start at 0, increase strictly and end at the number of stop tokens: checked by a
+// whole warp, its lanes splitting the table; every lane gets the answer.
+__device__ bool warp_stop_table_ok(const StopSequences& stops, int64_t stop_token_count,
+                                   int lane) {
   if (stops.count == 0) return true;
-  if (stops.offsets[0] != 0 || stops.offsets[stops.count] != stop_token_count) return false;
-  for (int64_t i = 0; i < stops.count; ++i) {
-    if (stops.offsets[i + 1] <= stops.offsets[i]) return false;
+  bool ok = true;
+  if (lane == 0) ok = stops.offsets[0] == 0 && stops.offsets[stops.count] == stop_token_count;
+  for (int64_t i = lane; i < stops.count; i += detail::kWarp) {
+    ok = ok && stops.offsets[i + 1] > stops.offsets[i];
   }
-  return true;
+  return __ballot_sync(kFullWarp, !ok) == 0;
 }
 
 constexpr int kStopThreads = 256;
+static_assert(kStopThreads >= detail::kWarp, "the table is checked by the block's first warp");
 
 // One block per row: threads try start positions, the block keeps the smallest match.
 __global__ void __launch_bounds__(kStopThreads)
@@ -26,9 +32,12 @@ __global__ void __launch_bounds__(kStopThreads)
                           int64_t start, int64_t* __restrict__ out, uint64_t* status) {
   __shared__ unsigned long long earliest;
   __shared__ bool table_ok;
-  if (threadIdx.x == 0) {
-    table_ok = stop_table_ok(stops, stop_token_count);
-    if (!table_ok) detail::record(status, -1, StatusKind::BadStopTable);
+  if (threadIdx.x < detail::kWarp) {
+    const bool ok = warp_stop_table_ok(stops, stop_token_count, static_cast<int>(threadIdx.x));
+    if (threadIdx.x == 0) {
+      table_ok = ok;
+      if (!ok) detail::record(status, -1, StatusKind::BadStopTable);
+    }
   }
   __syncthreads();
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
@@ -62,18 +71,6 @@ __global__ void __launch_bounds__(kStopThreads)
 // microseconds a step). The first sequence in table order that matches wins, as on the CPU.
 constexpr int kStepThreads = 128;  // four warps: four rows per block
 static_assert(kStepThreads % detail::kWarp == 0, "every row gets a whole warp");
-constexpr unsigned kFullWarp = 0xFFFFFFFFu;
-
-__device__ bool warp_stop_table_ok(const StopSequences& stops, int64_t stop_token_count,
-                                   int lane) {
-  if (stops.count == 0) return true;
-  bool ok = true;
-  if (lane == 0) ok = stops.offsets[0] == 0 && stops.offsets[stops.count] == stop_token_count;
-  for (int64_t i = lane; i < stops.count; i += detail::kWarp) {
-    ok = ok && stops.offsets[i + 1] > stops.offsets[i];
-  }
-  return __ballot_sync(kFullWarp, !ok) == 0;
-}
 
 // stop_ending_at (stop_common.h) with the sequences split over the warp's lanes: each round
 // tries 32 consecutive sequences and the lowest lane that matched is the first in table order.
