@@ -304,7 +304,7 @@ TEST(SampleSemantics, TopKKeepsTiesAndLargeKKeepsEverything) {
 
 // Top-k's threshold comes from counting the values in bins of their top bits and selecting
 // within one bin: rows where one bin holds everything, where the k-th largest ends a bin
-// exactly or starts the next, where +0 and -0 (different bins, equal values) tie at it, and
+// exactly or starts the next, where +0 and -0 (equal values, one key) tie at it, and
 // where fewer than k values are finite. The kept set shows in the log-prob.
 TEST(SampleSemantics, TopKThresholdAtBinEdges) {
   constexpr float kInf = std::numeric_limits<float>::infinity();

@@ -46,6 +46,11 @@ inline float exp_nonpositive(float x) {
   return x != x ? x : flushed;
 }
 
+// max(value, best) where a NaN wins (once best is NaN no comparison replaces it).
+inline float max_keep_nan(float value, float best) {
+  return (value > best || value != value) ? value : best;
+}
+
 #if defined(__GNUC__)
 // The same on 8 floats at once with GCC/Clang vector extensions: explicit SIMD without
 // intrinsics, lowered to AVX2 or SSE2 by whichever clone runs (see LATRO_CPU_CLONES).
@@ -76,6 +81,11 @@ LATRO_INLINE vfloat vselect(vint mask, vfloat if_true, vfloat if_false) {
 // max that lets a NaN win (once a lane holds NaN no comparison replaces it).
 LATRO_INLINE vfloat vmax_keep_nan(vfloat value, vfloat best) {
   return vselect((value > best) | (value != value), value, best);
+}
+// Folds a vector's lanes into `best` with max_keep_nan.
+LATRO_INLINE float hmax_keep_nan(vfloat value, float best) {
+  for (int i = 0; i < kVecWidth; ++i) best = max_keep_nan(value[i], best);
+  return best;
 }
 
 // The core of vexp_nonpositive for finite or -inf inputs: inputs below -87 give exp(-87) ~

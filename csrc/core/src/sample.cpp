@@ -6,6 +6,7 @@
 #include "cpu_common.h"
 #include "latro/gumbel.h"
 #include "latro/latro.h"
+#include "sample_bins.h"
 
 namespace latro {
 namespace {
@@ -33,34 +34,31 @@ struct KeptSet {
   }
 };
 
-// The k-th largest of s[0, n) (0 < k < n, no NaN). The values are counted in 2048 bins of the
-// top 11 bits of a key with their order (the CUDA kernel's top-k bins); only the bin where the
-// count from the top reaches k needs selecting, usually a few hundred values, where
-// nth_element over a copy of the row would move all of them.
+// The k-th largest of s[0, n) (0 < k < n, no NaN). The values are counted in the CUDA kernel's
+// top-k bins (sample_bins.h); only the bin where the count from the top reaches k needs
+// selecting, usually a few hundred values, where nth_element over a copy of the row would move
+// all of them.
 float kth_largest_value(const float* s, int64_t n, int64_t k, std::vector<int64_t>& counts,
                         std::vector<float>& selection) {
-  constexpr int kBins = 2048;
-  const auto bin_of = [](float value) {  // order-preserving key (-0 below +0), top 11 bits
-    const uint32_t bits = float_to_bits(value);
-    return static_cast<int>(((bits & 0x80000000u) ? ~bits : (bits | 0x80000000u)) >> 21);
-  };
+  using detail::key_bin;
+  constexpr size_t kBins = detail::kKeyBins;
   // Four interleaved histograms, summed after: neighbouring values often share a bin, and one
   // histogram would make each increment wait for the one before.
   counts.assign(4 * kBins, 0);
   int64_t i = 0;
   for (; i + 4 <= n; i += 4) {
-    for (int j = 0; j < 4; ++j) ++counts[static_cast<size_t>(j * kBins + bin_of(s[i + j]))];
+    for (size_t j = 0; j < 4; ++j) ++counts[j * kBins + static_cast<size_t>(key_bin(s[i + j]))];
   }
-  for (; i < n; ++i) ++counts[static_cast<size_t>(bin_of(s[i]))];
+  for (; i < n; ++i) ++counts[static_cast<size_t>(key_bin(s[i]))];
   for (size_t b = 0; b < kBins; ++b) {
     for (size_t j = 1; j < 4; ++j) counts[b] += counts[j * kBins + b];
   }
-  int64_t above = 0;  // values in the bins above `bin`
-  int bin = kBins - 1;
-  while (above + counts[static_cast<size_t>(bin)] < k) above += counts[static_cast<size_t>(bin--)];
+  int64_t above = 0;  // values in the bins above (before) `bin`
+  int bin = 0;
+  while (above + counts[static_cast<size_t>(bin)] < k) above += counts[static_cast<size_t>(bin++)];
   selection.clear();
   for (i = 0; i < n; ++i) {
-    if (bin_of(s[i]) == bin) selection.push_back(s[i]);
+    if (key_bin(s[i]) == bin) selection.push_back(s[i]);
   }
   const auto nth = selection.begin() + (k - above - 1);
   std::nth_element(selection.begin(), nth, selection.end(), std::greater<float>());
@@ -84,11 +82,11 @@ LATRO_CPU_CLONES float scale_row(const float* x, int64_t n, float temperature, f
     b = detail::vmax_keep_nan(v, b);
   }
   a = detail::vmax_keep_nan(b, a);
-  for (int j = 0; j < kVecWidth; ++j) best = (a[j] > best || a[j] != a[j]) ? a[j] : best;
+  best = detail::hmax_keep_nan(a, best);
 #endif
   for (; i < n; ++i) {
     s[i] = x[i] / temperature;
-    best = (s[i] > best || s[i] != s[i]) ? s[i] : best;
+    best = detail::max_keep_nan(s[i], best);
   }
   return best;
 }

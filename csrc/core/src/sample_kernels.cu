@@ -49,6 +49,7 @@
 
 #include "cuda_common.cuh"
 #include "latro/gumbel.h"
+#include "sample_bins.h"
 
 namespace latro::cuda {
 namespace {
@@ -89,12 +90,8 @@ struct SampleKernelArgs {
 };
 
 // ---------------------------------------------------------------- values, keys, bins
-// Unsigned keys with the order of the floats (-0 and +0 share one: they are equal values).
-__device__ __forceinline__ uint32_t order_key(float s) {
-  if (s == 0.0f) s = 0.0f;
-  const uint32_t bits = __float_as_uint(s);
-  return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
-}
+// Unsigned keys with the order of the floats, and back (order_key: sample_bins.h).
+using ::latro::detail::order_key;
 __device__ __forceinline__ float key_value(uint32_t key) {
   return __uint_as_float((key & 0x80000000u) ? (key & 0x7FFFFFFFu) : ~key);
 }
@@ -107,13 +104,11 @@ __device__ __forceinline__ int level0_bin(float s, float m) {
   return scaled < static_cast<float>(kBins - 1) ? static_cast<int>(scaled) : kBins - 1;
 }
 
-// Level-0 bins of the key instead (top-k): its top 11 bits (sign, exponent, two mantissa bits),
-// largest values in bin 0. They need no max, so pass 1 counts them: top-k reads the row twice,
-// not three times. Bin b holds the keys [key_bin_lo(b), key_bin_hi(b)].
-static_assert(kBins == 1 << 11, "key bins are the top 11 bits of a 32-bit key");
-__device__ __forceinline__ int key_bin(float s) {
-  return kBins - 1 - static_cast<int>(order_key(s) >> 21);
-}
+// Level-0 bins of the key instead (top-k, sample_bins.h's key_bin): its top 11 bits, largest
+// values in bin 0. They need no max, so pass 1 counts them: top-k reads the row twice, not
+// three times. Bin b holds the keys [key_bin_lo(b), key_bin_hi(b)].
+static_assert(kBins == ::latro::detail::kKeyBins, "key bins are the top 11 bits of a 32-bit key");
+using ::latro::detail::key_bin;
 __device__ __forceinline__ uint32_t key_bin_lo(int bin) {
   return static_cast<uint32_t>(kBins - 1 - bin) << 21;
 }

@@ -43,9 +43,7 @@ LATRO_CPU_CLONES float block_max(const float* x, int64_t n) {
   }
   for (; i < n; i += kVecWidth) a = vmax_keep_nan(vload_partial(x + i, std::min<int64_t>(kVecWidth, n - i), kNegInf), a);
   a = vmax_keep_nan(b, a);
-  float best = kNegInf;
-  for (int j = 0; j < kVecWidth; ++j) best = (a[j] > best || a[j] != a[j]) ? a[j] : best;
-  return best;
+  return detail::hmax_keep_nan(a, kNegInf);
 }
 
 // sum exp(x - shift) over the block, shift >= every x and finite, no NaN in x (the caller
@@ -83,7 +81,7 @@ LATRO_CPU_CLONES void block_neg_softmax(const float* x, int64_t n, float shift, 
 #else
 LATRO_CPU_CLONES float block_max(const float* x, int64_t n) {
   float best = kNegInf;
-  for (int64_t i = 0; i < n; ++i) best = (x[i] > best || x[i] != x[i]) ? x[i] : best;
+  for (int64_t i = 0; i < n; ++i) best = detail::max_keep_nan(x[i], best);
   return best;
 }
 
