@@ -124,7 +124,7 @@ def peak_gib(fn: Callable[[], Any], device: torch.device, exclude_bytes: int = 0
 @contextlib.contextmanager
 def environment(name: str, value: str | None):
     """Sets (or, for None, unsets) an environment variable for the block; the extension reads
-    LATRO_CUDA_CHECKS, LATRO_CUDA_SAMPLE_GRID and LATRO_CUDA_SAMPLE_PREFETCH at each call."""
+    LATRO_CUDA_CHECKS and the LATRO_CUDA_SAMPLE_* tuning variables at each call."""
     before = os.environ.pop(name, None)
     if value is not None:
         os.environ[name] = value
@@ -355,16 +355,23 @@ def bench_sample(device: torch.device, small: bool) -> None:
     peaked = torch.randn(b, v, device=device, generator=g) * 8.0
     table("sample_peaked", f"sample, float32 logits [{b}, {v:,}] (randn x 8)", case_rows(peaked))
 
-    def sweep(variable: str, values: list[int], column: Callable[[int], str], inputs) -> list:
-        """The filtered cases on each (label, logits) of ``inputs``, one column per value of the
-        tuning variable (which the extension reads at each call), checks off."""
+    def sweep(
+        variable: str,
+        values: list[int | None],
+        column: Callable[[int | None], str],
+        inputs,
+        which: list[tuple[str, dict]] = cases[1:],
+    ) -> list:
+        """The filtered cases (or ``which``) on each (label, logits) of ``inputs``, one column
+        per value of the tuning variable (which the extension reads at each call; None leaves
+        it unset, the default), checks off."""
         out = []
         with cuda_checks("off"):
             for label, x in inputs:
-                for name, options in cases[1:]:
+                for name, options in which:
                     row: dict[str, Any] = {"case": f"{name}{label}"}
                     for value in values:
-                        with environment(variable, str(value)):
+                        with environment(variable, None if value is None else str(value)):
                             row[column(value)] = time_ms(
                                 lambda o=options, x=x: ops.sample(x, seed=seeds, offset=offset, **o),
                                 device,
@@ -392,6 +399,18 @@ def bench_sample(device: torch.device, small: bool) -> None:
         "sample with filters, L2 prefetch iterations ahead",
         sweep("LATRO_CUDA_SAMPLE_PREFETCH", [0, 2, 4, 8, 16], lambda a: f"prefetch {a} ms",
               [(", flat", logits), (", peaked", peaked)]),
+    )
+
+    # Top-p alone with its window (tokens held in shared memory; unset: the most that fits one
+    # block per SM, the default) against none (0: the kernel of two blocks per SM, which reads a
+    # flat row twice), on flat rows in float32 and bfloat16 and on peaked rows.
+    table(
+        "sample_window",
+        "top-p alone, window tokens (0 = none: two reads of a flat row; default = most that fit)",
+        sweep("LATRO_CUDA_SAMPLE_WINDOW", [0, 4096, 8192, 16384, None],
+              lambda w: f"window {'default' if w is None else w} ms",
+              [(", flat", logits), (", flat bf16", logits.bfloat16()), (", peaked", peaked)],
+              which=[cases[2]]),
     )
 
 

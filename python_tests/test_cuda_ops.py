@@ -270,14 +270,21 @@ def test_sample_ties_and_crowded_bins(options, kind):
 
 # The filtered kernel's tuning variables (the benchmark's sweeps): LATRO_CUDA_SAMPLE_GRID makes
 # its blocks loop over rows, LATRO_CUDA_SAMPLE_PREFETCH adds L2 prefetches to its passes over
-# rows long enough for several iterations. (variable, value, logits shape, seed, offset)
+# rows long enough for several iterations, LATRO_CUDA_SAMPLE_WINDOW sizes top-p's window (0:
+# none, the kernel of two blocks per SM; 700 tokens: too small for these rows' predicted bins,
+# so they take the second pass; the default window is every other test's). (variable, value,
+# logits shape, seed, offset)
 TUNINGS = [
     ("LATRO_CUDA_SAMPLE_GRID", "3", (11, 3001), 17, 7),
     ("LATRO_CUDA_SAMPLE_PREFETCH", "4", (5, 20011), 19, 2),
+    ("LATRO_CUDA_SAMPLE_WINDOW", "0", (5, 20011), 23, 1),
+    ("LATRO_CUDA_SAMPLE_WINDOW", "700", (5, 20011), 29, 5),
 ]
 
 
-@pytest.mark.parametrize("variable,value,shape,seed,offset", TUNINGS, ids=[t[0] for t in TUNINGS])
+@pytest.mark.parametrize(
+    "variable,value,shape,seed,offset", TUNINGS, ids=[f"{t[0]}={t[1]}" for t in TUNINGS]
+)
 @pytest.mark.parametrize("options", [o for o in SAMPLING if o["temperature"] > 0], ids=str)
 def test_sample_tuning_variables_change_no_draw(options, variable, value, shape, seed, offset,
                                                 monkeypatch):

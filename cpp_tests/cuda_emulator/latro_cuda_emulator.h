@@ -89,8 +89,13 @@ Schedule schedule();
 // The message of the last failed launch (deadlock, an exception in a thread, ...).
 const char* last_error_message();
 
-// Runs body() once per thread of every block of the grid, blocks in order.
+// Runs body() once per thread of every block of the grid, blocks in order; each block gets
+// dynamic_shared_bytes of dynamic shared memory (16-byte aligned), filled with a garbage
+// pattern.
 void launch(dim3 grid, dim3 block, const std::function<void()>& body);
+void launch(dim3 grid, dim3 block, size_t dynamic_shared_bytes, const std::function<void()>& body);
+// The running block's dynamic shared memory (extern __shared__ on a GPU); nullptr without any.
+void* dynamic_shared();
 
 // What the kernel sees of the running thread and its block.
 const uint3& thread_idx();
