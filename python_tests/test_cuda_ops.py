@@ -272,7 +272,8 @@ def test_sample_ties_and_crowded_bins(options, kind):
 # its blocks loop over rows, LATRO_CUDA_SAMPLE_PREFETCH adds L2 prefetches to its passes over
 # rows long enough for several iterations, LATRO_CUDA_SAMPLE_WINDOW sizes top-p's window (0:
 # none, the kernel of two blocks per SM; 700 tokens: too small for these rows' predicted bins,
-# so they take the second pass; the default window is every other test's). (variable, value,
+# which the emulated tests show sends such rows to the second pass; the default window is every
+# other test's). (variable, value,
 # logits shape, seed, offset)
 TUNINGS = [
     ("LATRO_CUDA_SAMPLE_GRID", "3", (11, 3001), 17, 7),

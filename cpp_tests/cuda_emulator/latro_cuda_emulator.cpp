@@ -182,8 +182,8 @@ struct BlockRun {
 BlockRun g_run;
 bool g_running = false;
 Schedule g_schedule = Schedule::Forward;
-// The running block's dynamic shared memory (launch's dynamic_shared_bytes, in 16-byte units).
-std::unique_ptr<uint4[]> g_dynamic_shared;
+// The running block's dynamic shared memory (launch's dynamic_shared_bytes).
+std::unique_ptr<unsigned char[]> g_dynamic_shared;
 uint32_t g_seed = 0;
 
 Fiber& current_fiber() { return g_run.fibers[static_cast<size_t>(g_run.current)]; }
@@ -427,9 +427,10 @@ void launch(dim3 grid, dim3 block, size_t dynamic_shared_bytes,
     g_run.fibers.emplace_back();
     g_run.fibers.back().stack = new_stack();
   }
-  // Exactly the bytes asked for (a fresh allocation: ASan reports a read past them).
-  const size_t shared_units = (dynamic_shared_bytes + 15) / 16;
-  g_dynamic_shared.reset(shared_units > 0 ? new uint4[shared_units] : nullptr);
+  // Exactly the bytes asked for (a fresh allocation: ASan reports a read past them; new[]
+  // aligns it for any fundamental type, 16 bytes here).
+  g_dynamic_shared.reset(dynamic_shared_bytes > 0 ? new unsigned char[dynamic_shared_bytes]
+                                                  : nullptr);
   g_running = true;
   g_run.body = &body;
   g_run.grid = grid;
@@ -444,8 +445,7 @@ void launch(dim3 grid, dim3 block, size_t dynamic_shared_bytes,
                               static_cast<unsigned int>(b / plane)};
     // Each block finds its dynamic shared memory holding garbage, as on a GPU: a kernel that
     // reads a byte before writing it reads this pattern, not a tidy zero.
-    std::fill_n(g_dynamic_shared.get(), shared_units, uint4{0xA5A5A5A5u, 0xA5A5A5A5u,
-                                                            0xA5A5A5A5u, 0xA5A5A5A5u});
+    std::fill_n(g_dynamic_shared.get(), dynamic_shared_bytes, static_cast<unsigned char>(0xA5));
     run_block();
   }
   g_running = false;

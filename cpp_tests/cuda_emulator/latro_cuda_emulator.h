@@ -91,7 +91,7 @@ const char* last_error_message();
 
 // Runs body() once per thread of every block of the grid, blocks in order; each block gets
 // dynamic_shared_bytes of dynamic shared memory (16-byte aligned), filled with a garbage
-// pattern.
+// pattern. (The device's limits on it are not checked: 48 KiB without an opt-in.)
 void launch(dim3 grid, dim3 block, const std::function<void()>& body);
 void launch(dim3 grid, dim3 block, size_t dynamic_shared_bytes, const std::function<void()>& body);
 // The running block's dynamic shared memory (extern __shared__ on a GPU); nullptr without any.

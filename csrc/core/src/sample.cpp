@@ -215,12 +215,9 @@ void sample_row(const SampleArgs& args, const T* row, int64_t r, uint64_t seed, 
   // A trained model's few-token nucleus and a flat row's 30,000-token one alike sort a few
   // hundred tokens, not the nucleus.
   if (args.top_p < 1.0f) {
-    constexpr int kBins = 2048;
-    constexpr float kBinsPerUnit = 32.0f;
-    const auto bin_of = [m](float value) {
-      const float d = (m - value) * kBinsPerUnit;  // >= 0: value <= m
-      return d < static_cast<float>(kBins - 1) ? static_cast<int>(d) : kBins - 1;
-    };
+    using detail::level0_bin;
+    constexpr int kBins = detail::kLevel0Bins;
+    const auto bin_of = [m](float value) { return level0_bin(value, m); };  // (value <= m)
     std::vector<double>& weight = scratch.weight;
     std::vector<double>& bin_mass = scratch.bin_mass;
     weight.resize(static_cast<size_t>(vocab));

@@ -75,7 +75,6 @@ using detail::neg_inf;
 constexpr int kThreads = 512;
 constexpr int kBins = 2048;             // histogram bins, and candidates held in shared memory
 constexpr int kPerThread = kBins / kThreads;
-constexpr float kBinsPerUnit = 32.0f;   // level-0 bins of d = m - s: width 1/32 over [0, 64)
 constexpr float kMassScale = 4294967296.0f;  // 2^32: fixed-point unit of histogram masses
 constexpr int64_t kPrefixFraction = 8;  // speculative gathering: 1/8 of the row bounds the rest
 static_assert(kBins % kThreads == 0, "bins split evenly over the threads");
@@ -108,13 +107,9 @@ __device__ __forceinline__ float key_value(uint32_t key) {
   return __uint_as_float((key & 0x80000000u) ? (key & 0x7FFFFFFFu) : ~key);
 }
 
-// Level-0 bin of a finite s: d = m - s >= 0, rounded the same way in every pass, so the bin
-// is a fixed, non-increasing function of s.
-__device__ __forceinline__ int level0_bin(float s, float m) {
-  const float d = m - s;
-  const float scaled = d * kBinsPerUnit;
-  return scaled < static_cast<float>(kBins - 1) ? static_cast<int>(scaled) : kBins - 1;
-}
+// Level-0 bins of a finite s <= m (sample_bins.h's level0_bin, as the CPU's top-p has them).
+using ::latro::detail::level0_bin;
+static_assert(kBins == ::latro::detail::kLevel0Bins, "level-0 bins are sample_bins.h's");
 
 // Level-0 bins of the key instead (top-k, sample_bins.h's key_bin): its top 11 bits, largest
 // values in bin 0. They need no max, so pass 1 counts them: top-k reads the row twice, not
@@ -1234,10 +1229,18 @@ WindowLimits window_limits() {
 #endif
 }
 
+// 0 for rows without a prefix (vocab <= kBins: nothing predicts a window) and where the
+// variable asks for none, without touching the device's attributes.
 template <typename T>
-int64_t window_capacity() {
+int64_t window_capacity(int64_t vocab) {
+  constexpr const char* kName = "LATRO_CUDA_SAMPLE_WINDOW";
+  const int64_t asked = tuning_variable(kName, int64_t{1} << 40, -1);  // -1: unset
+  if (asked == 0 || vocab <= kBins) return 0;
   const WindowLimits limits = window_limits<T>();
-  return tuning_variable("LATRO_CUDA_SAMPLE_WINDOW", limits.max_tokens, limits.default_tokens);
+  if (asked < 0) return limits.default_tokens;
+  LATRO_CHECK(asked <= limits.max_tokens, kName, " must be an integer in [0, ",
+              limits.max_tokens, "] on this device, got '", std::getenv(kName), "'");
+  return asked;
 }
 
 }  // namespace
@@ -1279,7 +1282,7 @@ void sample(const SampleArgs& args, cudaStream_t stream, uint64_t* status) {
     } else if (plain) {
       detail::launch(plain_sample_kernel<T, false>, detail::row_blocks(args.rows), kThreads,
                      stream, a);
-    } else if (top_p_only && (a.window_capacity = window_capacity<T>()) > 0) {
+    } else if (top_p_only && (a.window_capacity = window_capacity<T>(args.vocab)) > 0) {
       const size_t window_bytes =
           static_cast<size_t>(a.window_capacity) * sizeof(unsigned long long);
       detail::launch_with_shared(sample_kernel<T, true, true>, filtered_grid(args.rows),
