@@ -19,9 +19,11 @@
 # build 74 s (twice that where setup.py's raise check rebuilds with the system compiler, which
 # the build stage now avoids by using /usr/bin/g++ from the start), tests
 # 165 s, sample + scorer + attention 46 s, rollout 67 s, latro over 140 s (the stop section is
-# new: seconds).
+# new: seconds). Since then the sampler's kernels take about 2.5x longer to compile (top-p's
+# window kernel: 380 s against 140-170 s on the 2-core CI machine), so expect a build of about
+# three minutes.
 #   STAGES="build test bench" BENCH_SECTIONS="sample scorer attention stop rollout" \
-#     SECTION_TIMEOUT=120 TEST_TIMEOUT=200 bash benchmarks/gpu_check.sh    # about 6.5 minutes
+#     SECTION_TIMEOUT=120 TEST_TIMEOUT=200 bash benchmarks/gpu_check.sh    # about 8 minutes
 #   STAGES="bench" BENCH_SECTIONS="latro" BENCH_ARGS="--latro-weights bfloat16" \
 #     SECTION_TIMEOUT=330 bash benchmarks/gpu_check.sh                     # about 5 minutes
 # With less time, "--latro-settings ours,whole-groups" (added to BENCH_ARGS) times two of our
