@@ -299,7 +299,9 @@ TEST(EmulatedSampleWindow, MissesAndOverflowsTakeTheSecondPass) {
     logits.set(2, c, static_cast<float>(logits.get(2, c) + 6.0));
   }
   const Options top_p{1.0f, 0, 0.9f, 0.0f};
-  EXPECT_EQ(rows_ending_in_window(logits, top_p), 3 * 1);  // row 3 alone
+  // (A window of 8,192 tokens spans fewer bins than the default's, which on a row this short
+  // widens to the most bins a window may span and catches one of the rows built to miss.)
+  EXPECT_EQ(rows_ending_in_window(logits, top_p, "8192"), 3 * 1);  // row 3 alone
   // A window too small for the predicted bins, one the tokens overflow, and none at all: the
   // same draws, all from the second pass.
   for (const char* window : {"16", "700", "0"}) {
@@ -374,6 +376,39 @@ TEST(EmulatedSampleErrors, MalformedTuningVariablesAreErrorsNamingThem) {
   }
   const ScopedVariable too_far("LATRO_CUDA_SAMPLE_PREFETCH", "65");
   EXPECT_LATRO_ERROR(latro::cuda::sample(args, nullptr), "[0, 64], got '65'");
+}
+
+// The window's limit comes from the device's shared memory (the emulator's: an H100's, with no
+// static shared memory of its own): a window one token over it is an error naming the
+// variable and the limit, one at the limit runs, and so does the default, whose launch passes
+// the emulator's dynamic shared memory check only because the kernel's limit was raised.
+TEST(EmulatedSampleErrors, AWindowBeyondTheDeviceIsAnErrorNamingItsLimit) {
+  int optin = 0;
+  ASSERT_EQ(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, 0),
+            cudaSuccess);
+  const int64_t limit = optin / 8;
+  std::mt19937 rng(41);
+  const Matrix logits = random_matrix(DType::Float32, 2, 3001, 3001, rng, 2.0);
+  Options top_p;
+  top_p.top_p = 0.9f;
+  std::vector<int64_t> seeds = {1};
+  int64_t offset = 0;
+  Draws out;
+  const latro::SampleArgs args = sample_args(logits, seeds, false, &offset, top_p, out);
+  const std::string over = std::to_string(limit + 1);
+  {
+    const ScopedVariable too_big("LATRO_CUDA_SAMPLE_WINDOW", over.c_str());
+    EXPECT_LATRO_ERROR(latro::cuda::sample(args, nullptr),
+                       "LATRO_CUDA_SAMPLE_WINDOW must be an integer in [0, " +
+                           std::to_string(limit) + "] on this device, got '" + over + "'");
+  }
+  const Draws want = cpu_sample(logits, seeds, false, 0, top_p);
+  for (const std::string& window : {std::string(), std::to_string(limit)}) {
+    const ScopedVariable tuned("LATRO_CUDA_SAMPLE_WINDOW", window.c_str());
+    const Sampled got = emulated_sample(logits, seeds, false, 0, top_p);
+    EXPECT_EQ(got.ids, want.ids) << "window '" << window << "'";
+    EXPECT_EQ(got.status, latro::cuda::kStatusOk) << "window '" << window << "'";
+  }
 }
 
 // ---------------------------------------------------------------- token log-probabilities
@@ -582,6 +617,44 @@ TEST(EmulatedStops, StepReportsABadTableFoundByAnyLane) {
                                    positions.data(), positions.data(), nullptr, &status);
   EXPECT_EQ(status, latro::cuda::kStatusOk);
   EXPECT_EQ(positions, (std::vector<int64_t>{3, 2, 3, 3, 0}));
+}
+
+// The whole-row kernel checks the table once per block: every kind of bad table (a repeated
+// offset past the first warp's worth, a first offset other than 0, a last one other than the
+// token count) is recorded and stops no row, under every schedule; the good table stops rows
+// at their first 1.
+TEST(EmulatedStops, WholeRowsReportABadTableAndStopNone) {
+  constexpr int64_t kRows = 5, kLen = 8;
+  std::vector<int64_t> tokens(kRows * kLen, 0), stop_tokens(40, 1), offsets(41);
+  for (int64_t r = 0; r < kRows; ++r) tokens[static_cast<size_t>(r * kLen + r + 1)] = 1;
+  for (int64_t i = 0; i <= 40; ++i) offsets[static_cast<size_t>(i)] = i;
+  const latro::StopSequences stops{stop_tokens.data(), offsets.data(), 40};
+  auto run = [&](int64_t stop_token_count, uint64_t* status) {
+    std::vector<int64_t> out(kRows, -7);
+    under_every_schedule(
+        [&] {
+          latro::cuda::stop_positions(tokens.data(), kRows, kLen, kLen, stops, stop_token_count,
+                                      0, out.data(), nullptr, status);
+        },
+        [&] { return out; });
+    return out;
+  };
+  uint64_t status = latro::cuda::kStatusOk;
+  EXPECT_EQ(run(40, &status), (std::vector<int64_t>{1, 2, 3, 4, 5}));
+  EXPECT_EQ(status, latro::cuda::kStatusOk);
+  const std::vector<int64_t> none(kRows, kLen);
+  for (int bad = 0; bad < 3; ++bad) {
+    SCOPED_TRACE("bad table " + std::to_string(bad));
+    std::vector<int64_t> saved = offsets;
+    int64_t count = 40;
+    if (bad == 0) offsets[35] = offsets[34];
+    if (bad == 1) offsets[0] = 1;
+    if (bad == 2) count = 39;
+    status = latro::cuda::kStatusOk;
+    EXPECT_EQ(run(count, &status), none);
+    EXPECT_EQ(latro::cuda::decode_status(status).kind, latro::cuda::StatusKind::BadStopTable);
+    std::copy(saved.begin(), saved.end(), offsets.begin());  // (stops points into it)
+  }
 }
 
 TEST(EmulatedAdvantages, RlooAndRewardsEqualTheCpuBitForBit) {
@@ -799,6 +872,43 @@ TEST(CudaEmulator, ReportsABarrierThatSomeThreadsSkip) {
   EXPECT_NE(std::string(latro_emu::last_error_message()).find("deadlock"), std::string::npos)
       << latro_emu::last_error_message();
   EXPECT_EQ(cudaGetLastError(), cudaSuccess);  // read once, then cleared
+}
+
+// Dynamic shared memory past 48 KiB fails the launch until the kernel's limit is raised, and
+// the limit cannot be raised past the device's opt-in maximum, as on a GPU.
+void kernel_with_dynamic_shared() {}
+
+TEST(CudaEmulator, DynamicSharedMemoryBeyondTheDefaultNeedsTheOptIn) {
+  const auto kernel = reinterpret_cast<latro_emu::KernelKey>(&kernel_with_dynamic_shared);
+  int optin = 0;
+  ASSERT_EQ(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, 0),
+            cudaSuccess);
+  bool ran = false;
+  latro_emu::launch(dim3(1), dim3(32), 48 * 1024, kernel, [&] { ran = true; });
+  EXPECT_EQ(cudaGetLastError(), cudaSuccess);
+  EXPECT_TRUE(ran);
+  ran = false;
+  latro_emu::launch(dim3(1), dim3(32), 48 * 1024 + 16, kernel, [&] { ran = true; });
+  EXPECT_EQ(cudaGetLastError(), cudaErrorLaunchFailure);
+  EXPECT_NE(std::string(latro_emu::last_error_message()).find("49168 bytes of dynamic shared"),
+            std::string::npos)
+      << latro_emu::last_error_message();
+  EXPECT_FALSE(ran);
+  EXPECT_EQ(cudaFuncSetAttribute(&kernel_with_dynamic_shared,
+                                 cudaFuncAttributeMaxDynamicSharedMemorySize, optin + 1),
+            cudaErrorInvalidValue);
+  ASSERT_EQ(cudaFuncSetAttribute(&kernel_with_dynamic_shared,
+                                 cudaFuncAttributeMaxDynamicSharedMemorySize, optin),
+            cudaSuccess);
+  cudaFuncAttributes attributes;
+  ASSERT_EQ(cudaFuncGetAttributes(&attributes, &kernel_with_dynamic_shared), cudaSuccess);
+  EXPECT_EQ(attributes.maxDynamicSharedSizeBytes, optin);
+  latro_emu::launch(dim3(1), dim3(32), static_cast<size_t>(optin), kernel, [&] {
+    static_cast<unsigned char*>(latro_emu::dynamic_shared())[optin - 1] = 1;  // all of it
+    ran = true;
+  });
+  EXPECT_EQ(cudaGetLastError(), cudaSuccess);
+  EXPECT_TRUE(ran);
 }
 
 TEST(CudaEmulator, ReportsThreadsAtDifferentBarriers) {

@@ -13,6 +13,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
+#include <map>
 #include <memory>
 #include <random>
 #include <stdexcept>
@@ -50,6 +51,72 @@ const char* cudaGetErrorString(cudaError_t error) {
   }
   return "unknown error";
 }
+
+// ---------------------------------------------------------------- device and kernel attributes
+namespace {
+constexpr int kSharedPerSm = 228 * 1024;
+constexpr int kSharedPerBlockOptin = 227 * 1024;
+constexpr int kReservedPerBlock = 1024;
+constexpr int kDefaultDynamicShared = 48 * 1024;
+// Kernels whose attributes were set; the others have the defaults.
+std::map<latro_emu::KernelKey, cudaFuncAttributes> g_kernel_attributes;
+
+cudaFuncAttributes attributes_of(latro_emu::KernelKey kernel) {
+  const auto found = g_kernel_attributes.find(kernel);
+  if (found != g_kernel_attributes.end()) return found->second;
+  cudaFuncAttributes defaults;
+  defaults.maxDynamicSharedSizeBytes = kDefaultDynamicShared;
+  return defaults;
+}
+}  // namespace
+
+cudaError_t cudaGetDevice(int* device) {
+  if (device == nullptr) return cudaErrorInvalidValue;
+  *device = 0;
+  return cudaSuccess;
+}
+
+cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attribute, int device) {
+  if (value == nullptr || device != 0) return cudaErrorInvalidValue;
+  switch (attribute) {
+    case cudaDevAttrMaxSharedMemoryPerMultiprocessor: *value = kSharedPerSm; return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = kSharedPerBlockOptin; return cudaSuccess;
+    case cudaDevAttrReservedSharedMemoryPerBlock: *value = kReservedPerBlock; return cudaSuccess;
+  }
+  return cudaErrorInvalidValue;
+}
+
+namespace latro_emu {
+
+cudaError_t func_get_attributes(cudaFuncAttributes* attributes, KernelKey kernel) {
+  if (attributes == nullptr || kernel == nullptr) return cudaErrorInvalidValue;
+  *attributes = attributes_of(kernel);
+  return cudaSuccess;
+}
+
+cudaError_t func_set_attribute(KernelKey kernel, cudaFuncAttribute attribute, int value) {
+  if (kernel == nullptr) return cudaErrorInvalidValue;
+  cudaFuncAttributes attributes = attributes_of(kernel);
+  switch (attribute) {
+    case cudaFuncAttributeMaxDynamicSharedMemorySize:
+      if (value < 0 ||
+          value > kSharedPerBlockOptin - static_cast<int>(attributes.sharedSizeBytes)) {
+        return cudaErrorInvalidValue;
+      }
+      attributes.maxDynamicSharedSizeBytes = value;
+      break;
+    case cudaFuncAttributePreferredSharedMemoryCarveout:
+      if (value < -1 || value > 100) return cudaErrorInvalidValue;
+      attributes.preferredShmemCarveout = value;
+      break;
+    default:
+      return cudaErrorInvalidValue;
+  }
+  g_kernel_attributes[kernel] = attributes;
+  return cudaSuccess;
+}
+
+}  // namespace latro_emu
 
 // ---------------------------------------------------------------- switching stacks
 // On x86-64 a switch saves the callee-saved registers and the floating-point control words on
@@ -410,7 +477,7 @@ void set_schedule(Schedule schedule, uint32_t seed) {
 Schedule schedule() { return g_schedule; }
 const char* last_error_message() { return g_last_error.c_str(); }
 
-void launch(dim3 grid, dim3 block, size_t dynamic_shared_bytes,
+void launch(dim3 grid, dim3 block, size_t dynamic_shared_bytes, KernelKey kernel,
             const std::function<void()>& body) {
   const long long threads = static_cast<long long>(block.x) * block.y * block.z;
   const long long blocks = static_cast<long long>(grid.x) * grid.y * grid.z;
@@ -422,6 +489,13 @@ void launch(dim3 grid, dim3 block, size_t dynamic_shared_bytes,
   if (threads < 1 || threads > kMaxThreads || blocks < 1) {
     return launch_failed("invalid launch configuration: " + std::to_string(blocks) +
                          " blocks of " + std::to_string(threads) + " threads");
+  }
+  const int most_dynamic = attributes_of(kernel).maxDynamicSharedSizeBytes;
+  if (dynamic_shared_bytes > static_cast<size_t>(most_dynamic)) {
+    return launch_failed(std::to_string(dynamic_shared_bytes) +
+                         " bytes of dynamic shared memory exceed the kernel's " +
+                         std::to_string(most_dynamic) +
+                         " (cudaFuncAttributeMaxDynamicSharedMemorySize)");
   }
   while (g_run.fibers.size() < static_cast<size_t>(threads)) {
     g_run.fibers.emplace_back();
@@ -458,7 +532,7 @@ void launch(dim3 grid, dim3 block, size_t dynamic_shared_bytes,
 }
 
 void launch(dim3 grid, dim3 block, const std::function<void()>& body) {
-  launch(grid, block, 0, body);
+  launch(grid, block, 0, nullptr, body);
 }
 
 void* dynamic_shared() { return g_dynamic_shared.get(); }

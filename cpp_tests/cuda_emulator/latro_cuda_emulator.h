@@ -12,7 +12,8 @@
 // accesses under AddressSanitizer; barrier misuse (a barrier some threads never reach is
 // reported as a deadlock, a shuffle with an exited lane as an error) and missing barriers,
 // where a thread reads shared memory that another writes later in program order, by running
-// the threads in several schedules (forward, reverse, shuffled).
+// the threads in several schedules (forward, reverse, shuffled); launches asking for more
+// dynamic shared memory than the kernel's limit (48 KiB unless raised, as on a GPU).
 // What it cannot check: speed, registers, memory ordering and races finer than a barrier,
 // code that relies on the warp executing in lockstep without a shuffle or __syncwarp, and
 // lanes of one warp reaching different warp collectives (a shuffle, ballot or __syncwarp
@@ -78,6 +79,53 @@ inline cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cud
 }
 inline cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
 
+// Shared memory limits. The emulated device is one GPU (device 0) with an H100's figures:
+// 228 KiB of shared memory per SM, 1 KiB of it reserved per block, at most 227 KiB per block
+// after the opt-in, 48 KiB of dynamic shared memory per launch without it. The emulator cannot
+// see a kernel's static __shared__ size, so cudaFuncGetAttributes reports 0 for it.
+enum cudaDeviceAttr {
+  cudaDevAttrMaxSharedMemoryPerMultiprocessor = 81,
+  cudaDevAttrMaxSharedMemoryPerBlockOptin = 97,
+  cudaDevAttrReservedSharedMemoryPerBlock = 111
+};
+enum cudaFuncAttribute {
+  cudaFuncAttributeMaxDynamicSharedMemorySize = 8,
+  cudaFuncAttributePreferredSharedMemoryCarveout = 9
+};
+enum cudaSharedCarveout {
+  cudaSharedmemCarveoutDefault = -1,
+  cudaSharedmemCarveoutMaxL1 = 0,
+  cudaSharedmemCarveoutMaxShared = 100
+};
+struct cudaFuncAttributes {
+  size_t sharedSizeBytes = 0;
+  int maxDynamicSharedSizeBytes = 0;
+  int preferredShmemCarveout = -1;
+};
+cudaError_t cudaGetDevice(int* device);
+cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attribute, int device);
+
+namespace latro_emu {
+// A kernel as the attribute table knows it (any function pointer converts to this and back).
+using KernelKey = void (*)();
+cudaError_t func_get_attributes(cudaFuncAttributes* attributes, KernelKey kernel);
+cudaError_t func_set_attribute(KernelKey kernel, cudaFuncAttribute attribute, int value);
+}  // namespace latro_emu
+
+template <typename... Params>
+cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attributes, void (*kernel)(Params...)) {
+  return ::latro_emu::func_get_attributes(attributes,
+                                          reinterpret_cast<::latro_emu::KernelKey>(kernel));
+}
+// Raising the dynamic limit past the device's opt-in maximum, or a carveout outside
+// [-1, 100], is cudaErrorInvalidValue, as on a GPU.
+template <typename... Params>
+cudaError_t cudaFuncSetAttribute(void (*kernel)(Params...), cudaFuncAttribute attribute,
+                                 int value) {
+  return ::latro_emu::func_set_attribute(reinterpret_cast<::latro_emu::KernelKey>(kernel),
+                                         attribute, value);
+}
+
 namespace latro_emu {
 
 // The order the scheduler gives the threads of a block between two barriers. Results must not
@@ -91,9 +139,11 @@ const char* last_error_message();
 
 // Runs body() once per thread of every block of the grid, blocks in order; each block gets
 // dynamic_shared_bytes of dynamic shared memory (16-byte aligned), filled with a garbage
-// pattern. (The device's limits on it are not checked: 48 KiB without an opt-in.)
+// pattern. More than `kernel`'s cudaFuncAttributeMaxDynamicSharedMemorySize (48 KiB unless
+// raised; a null kernel has the default) fails the launch, as on a GPU.
 void launch(dim3 grid, dim3 block, const std::function<void()>& body);
-void launch(dim3 grid, dim3 block, size_t dynamic_shared_bytes, const std::function<void()>& body);
+void launch(dim3 grid, dim3 block, size_t dynamic_shared_bytes, KernelKey kernel,
+            const std::function<void()>& body);
 // The running block's dynamic shared memory (extern __shared__ on a GPU); nullptr without any.
 void* dynamic_shared();
 

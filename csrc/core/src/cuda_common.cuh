@@ -59,7 +59,8 @@ void launch_with_shared(void (*kernel)(Params...), dim3 grid, dim3 block,
                         size_t dynamic_shared_bytes, cudaStream_t stream, Args&&... args) {
 #if defined(LATRO_CUDA_EMULATION)
   (void)stream;
-  ::latro_emu::launch(grid, block, dynamic_shared_bytes, [&] { kernel(args...); });
+  ::latro_emu::launch(grid, block, dynamic_shared_bytes,
+                      reinterpret_cast<::latro_emu::KernelKey>(kernel), [&] { kernel(args...); });
 #else
   kernel<<<grid, block, dynamic_shared_bytes, stream>>>(std::forward<Args>(args)...);
 #endif

@@ -121,9 +121,12 @@ __device__ __forceinline__ uint32_t key_bin_lo(int bin) {
 }
 __device__ __forceinline__ uint32_t key_bin_hi(int bin) { return key_bin_lo(bin) | 0x1FFFFFu; }
 
-// exp(s - m) in 32.32 fixed point: integer sums are exact and order-free.
+// A mass e = exp(s - m) in 32.32 fixed point: integer sums are exact and order-free.
+__device__ __forceinline__ unsigned long long fixed_of(float e) {
+  return __float2ull_rn(e * kMassScale);
+}
 __device__ __forceinline__ unsigned long long fixed_mass(float s, float m) {
-  return __float2ull_rn(expf(s - m) * kMassScale);
+  return fixed_of(expf(s - m));
 }
 
 // Adds a fixed-point mass to a shared histogram bin with 32-bit atomics. There is no native
@@ -352,10 +355,10 @@ __device__ Crossing find_crossing(Shared& sh, bool by_mass, double need, bool fr
   return result;
 }
 
-// Counts a token into a bin with its fixed-point mass; e = exp(s - ref), as fixed_mass has it.
+// Counts a token into a bin with its fixed-point mass; e = exp(s - ref).
 __device__ __forceinline__ void add_to_bin(Shared& sh, int bin, float e) {
   atomicAdd(&sh.count[bin], 1u);
-  add_mass(&sh.mass[bin], __float2ull_rn(e * kMassScale));
+  add_mass(&sh.mass[bin], fixed_of(e));
 }
 
 // Counts s into level-0 bin of d = ref - s with its fixed-point mass exp(s - ref) (s <= ref).
@@ -1192,9 +1195,6 @@ struct WindowLimits {
 
 template <typename T>
 WindowLimits window_limits() {
-#if defined(LATRO_CUDA_EMULATION)
-  return WindowLimits{8192, int64_t{1} << 20};
-#else
   static std::mutex mutex;
   static std::map<int, WindowLimits> per_device;
   int device = 0;
@@ -1226,7 +1226,6 @@ WindowLimits window_limits() {
   }
   per_device.emplace(device, limits);
   return limits;
-#endif
 }
 
 // 0 for rows without a prefix (vocab <= kBins: nothing predicts a window) and where the
