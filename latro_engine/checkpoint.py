@@ -138,13 +138,15 @@ def save_checkpoint(
         json.dumps({**trainer_state, "step": step}, indent=1, sort_keys=True)
     )
     _fsync_tree(tmp)
+    trash = None
     if final.exists():  # a checkpoint of the same step from an earlier, interrupted run
         trash = output_dir / f".trash-{PREFIX}{step}-{os.getpid()}"
         shutil.rmtree(trash, ignore_errors=True)  # a crashed writer's, with a reused pid
         os.replace(final, trash)
-        shutil.rmtree(trash, ignore_errors=True)
     os.replace(tmp, final)
     _fsync_dir(output_dir)
+    if trash is not None:  # deleted only once the new copy is in place
+        shutil.rmtree(trash, ignore_errors=True)
     write_text_atomic(output_dir / LATEST_FILE, final.name + "\n")
     _prune(output_dir, keep, protect=final)
     logger.info("saved %s", final)

@@ -226,6 +226,16 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as error:
         print(f"latro {args.command}: {error}", file=sys.stderr)
         return 2
+    except RuntimeError as error:
+        # A run that cannot start or go on for a stated reason (another run's checkpoints in
+        # output_dir, non-finite steps): the reason, not a traceback. (Imported here: torch.)
+        from latro_engine.checkpoint import CheckpointError
+        from latro_engine.trainer import TrainingError
+
+        if not isinstance(error, (CheckpointError, TrainingError)):
+            raise
+        print(f"latro {args.command}: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -213,7 +213,7 @@ class LatroConfig:
             raise ConfigError(
                 f"lr_schedule must be 'linear' or 'constant', got {self.lr_schedule!r}"
             )
-        for name in ("bf16", "use_chat_template"):
+        for name in _SWITCHES:
             if getattr(self, name) not in ("auto", "on", "off"):
                 raise ConfigError(
                     f"{name} must be 'auto', 'on' or 'off', got {getattr(self, name)!r}"
@@ -244,6 +244,13 @@ class LatroConfig:
             raise ConfigError(f"adam_betas must both be in [0, 1), got {list(self.adam_betas)}")
         if not 0 <= self.lora_dropout < 1:
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.lora_rank and not self.lora_alpha > 0:
+            raise ConfigError(
+                f"lora_alpha must be > 0 with lora_rank > 0 (the adapters' output is scaled by "
+                f"lora_alpha / lora_rank), got {self.lora_alpha}"
+            )
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"seed must be in [0, 2^32), got {self.seed}")
         if self.lora_rank and not self.lora_target_modules:
             raise ConfigError("lora_rank > 0 needs at least one module in lora_target_modules")
         if self.reference_on_host and self.lora_rank:
@@ -288,6 +295,12 @@ class LatroConfig:
                 "penalty_mode='batch_mean' multiplies the batch's mean answer log-prob (negative) by "
                 f"nonstop_penalty, which must then be > 0 to penalize (reference: 2.0), got {self.nonstop_penalty}"
             )
+        if self.penalty_mode == "constant" and self.nonstop_penalty >= 0:
+            raise ConfigError(
+                "penalty_mode='constant' gives a rationale that never stopped nonstop_penalty as "
+                "its self-reward in place of log p(y|x,z), which is < 0, so it must be < 0 to "
+                f"penalize (default -10), got {self.nonstop_penalty}"
+            )
         if self.rollout_decoder not in ("auto", "static", "hf"):
             raise ConfigError(
                 f"rollout_decoder must be 'auto', 'static' or 'hf', got {self.rollout_decoder!r}"
@@ -329,6 +342,8 @@ class LatroConfig:
         if path is not None:
             try:
                 loaded = yaml.safe_load(Path(path).read_text()) or {}
+            except OSError as error:
+                raise ConfigError(f"{path}: cannot read the config file ({error})") from error
             except yaml.YAMLError as error:
                 raise ConfigError(f"{path}: not valid YAML: {error}") from error
             if not isinstance(loaded, dict):
@@ -338,9 +353,13 @@ class LatroConfig:
         return cls.from_dict(values)
 
 
-def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+def parse_overrides(items: Sequence[str], cls: type | None = None) -> dict[str, Any]:
     """``["--k", "8", "lr=1e-4", "--plot=false"]`` -> {"k": 8, "lr": 1e-4, "plot": False};
-    values are read as YAML scalars and coerced to the field's type later."""
+    values are read as YAML scalars and coerced to the field's type later, except for text
+    fields of ``cls`` (default LatroConfig), which keep the text as typed: YAML would read
+    ``{question}`` as a mapping, ``Answer:`` as one and cut ``exp #2`` at its comment. A list of
+    texts is a single text unless written as a YAML list (``'["a", "b"]'``)."""
+    hints = typing.get_type_hints(cls or LatroConfig)
     result: dict[str, Any] = {}
     items = list(items)
     i = 0
@@ -354,12 +373,25 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
             raw = items[i]
         else:
             raise ConfigError(f"override {item!r} has no value")
-        try:
-            result[key.replace("-", "_")] = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            result[key.replace("-", "_")] = raw
+        key = key.replace("-", "_")
+        hint = hints.get(key)
+        if hint is str or (_is_text_list(hint) and not raw.lstrip().startswith("[")):
+            result[key] = raw
+        else:
+            try:
+                result[key] = yaml.safe_load(raw)
+            except yaml.YAMLError:
+                result[key] = raw
         i += 1
     return result
+
+
+def _is_text_list(hint: Any) -> bool:
+    return typing.get_origin(hint) is tuple and typing.get_args(hint)[:1] == (str,)
+
+
+# Text fields whose values are 'auto', 'on' or 'off'.
+_SWITCHES = ("bf16", "use_chat_template")
 
 
 def _plain(value: Any) -> Any:
@@ -401,6 +433,8 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
             raise ConfigError(f"{name} must be a number, got {value!r}")
         return float(value)
     if hint is str:
+        if name in _SWITCHES and isinstance(value, bool):
+            value = "on" if value else "off"  # YAML 1.1 reads on / off (and yes / no) as booleans
         if not isinstance(value, str):
             raise ConfigError(f"{name} must be a string, got {value!r}")
         return value

@@ -9,6 +9,8 @@ optimizer step over micro-batches with gradient accumulation (on-policy).
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import logging
 import math
 import random
@@ -125,6 +127,7 @@ def gradient_pass(
         # otherwise be padded to the length of those that ran on).
         all_rows = torch.argsort(lengths, stable=True)
     sums: dict[str, float] = {}
+    own_rewards: list[tuple[torch.Tensor, ...]] = []  # the rewards' inputs, when computed here
     for begin in range(0, total, mb):
         rows = all_rows[begin : begin + mb]
         share = len(rows) / total
@@ -153,8 +156,24 @@ def gradient_pass(
                 advantages=known,
             )
             (loss * share if known is None else scores.loss).backward()
+        if known is None:
+            own_rewards.append(
+                (scores.answer_logp.detach(), scores.rationale_logp.detach(), ref,
+                 rollout.finished[rows])
+            )
         for key, value in mb_stats.items():
             sums[key] = sums.get(key, 0.0) + value * share
+    if own_rewards:
+        # The stats of the rewards and advantages are the batch's, as advantages_pass reports
+        # them (a std or a max is not the mean of the micro-batches').
+        _, batch_stats = batch_advantages(
+            *dist.gather_rows(*(torch.cat(column) for column in zip(*own_rewards))),
+            k=config.k,
+            kl_coef=config.kl_coef,
+            nonstop_penalty=config.nonstop_penalty,
+            penalty_mode=config.penalty_mode,
+        )
+        sums.update(batch_stats)
     return sums
 
 
@@ -190,6 +209,19 @@ class _Trainer:
     """What LaTRO and SFT share: device, optimizer, data order, checkpoints, metrics, eval."""
 
     name = "trainer"
+    # Settings that make a run what it is, with its training data: a checkpoint whose run had
+    # other values (another experiment pointed at the same output_dir) is not resumed. The
+    # optimizer's settings, steps, memory, evaluation and logs may change on resuming.
+    identity_fields: tuple[str, ...] = (
+        "seed",
+        "prompt_template",
+        "answer_template",
+        "answer_prefix",
+        "use_chat_template",
+        "lora_rank",
+        "lora_alpha",
+        "lora_target_modules",
+    )
 
     def __init__(
         self,
@@ -303,7 +335,37 @@ class _Trainer:
             "nonfinite_in_a_row": self.nonfinite_in_a_row,
             "trainer": self.name,
             "config": self.config.to_dict(),
+            "train_data": self._train_data_digest(),
         }
+
+    def _train_data_digest(self) -> str:
+        """A digest of the training examples in their order (the data order is drawn over
+        their indices, so resuming over other data would continue another sequence)."""
+        digest = hashlib.sha256()
+        for e in self.train_dataset:
+            digest.update(json.dumps([e.id, e.question, e.answer, e.options]).encode())
+        return f"{len(self.train_dataset)} examples, sha256 {digest.hexdigest()[:16]}"
+
+    def _check_same_run(self, path: str | Path, state: dict[str, Any]) -> None:
+        saved_by = state.get("trainer", self.name)
+        if saved_by != self.name:  # e.g. `latro sft` pointed at a LaTRO run's directory
+            raise ckpt.CheckpointError(
+                f"{path} was written by the {saved_by} trainer, not {self.name}: use another "
+                "output_dir for this run"
+            )
+        ours = {**self.config.to_dict(), "train_data": self._train_data_digest()}
+        theirs = {**state.get("config", {}), "train_data": state.get("train_data")}
+        differ = [
+            f"{name} {theirs[name]!r} there, {ours[name]!r} here"
+            for name in (*self.identity_fields, "train_data")
+            if theirs.get(name) is not None and theirs[name] != ours[name]
+        ]
+        if differ:
+            raise ckpt.CheckpointError(
+                f"{path} is a checkpoint of another run ({'; '.join(differ)}): use another "
+                "output_dir for this run (resume is on, and continuing that run with these "
+                "settings or data would silently mix the two)"
+            )
 
     def save_checkpoint(self) -> Path:
         return self.dist.save_checkpoint(
@@ -318,12 +380,7 @@ class _Trainer:
         )
 
     def resume_from(self, path: str | Path) -> None:
-        saved_by = ckpt.read_trainer_state(path).get("trainer", self.name)
-        if saved_by != self.name:  # e.g. `latro sft` pointed at a LaTRO run's directory
-            raise ckpt.CheckpointError(
-                f"{path} was written by the {saved_by} trainer, not {self.name}: use another "
-                "output_dir for this run"
-            )
+        self._check_same_run(path, ckpt.read_trainer_state(path))
         state = self.dist.load_checkpoint(
             path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler
         )
@@ -511,6 +568,20 @@ class LatroTrainer(_Trainer):
     """
 
     name = "latro"
+    identity_fields = (
+        *_Trainer.identity_fields,
+        "k",
+        "max_rationale_tokens",
+        "temperature",
+        "top_k",
+        "top_p",
+        "min_p",
+        "stop_strings",
+        "kl_coef",
+        "sft_weight",
+        "nonstop_penalty",
+        "penalty_mode",
+    )
 
     def __init__(
         self,

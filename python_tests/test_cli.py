@@ -32,6 +32,10 @@ def test_bad_config_is_rejected_before_loading_anything(tmp_path, capsys):
     )
     assert code == 2
     assert "k must be >= 2" in capsys.readouterr().err
+    missing = tmp_path / "missing.yaml"
+    code = main(["train", "--model", "m", "--train-data", "d.jsonl", "--config", str(missing)])
+    assert code == 2
+    assert f"{missing}: cannot read the config file" in capsys.readouterr().err
 
 
 def test_malformed_data_is_reported_with_line_numbers(tmp_path, capsys):
@@ -93,6 +97,14 @@ def test_train_and_eval_end_to_end(tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["eval"]["n"] == 8
     assert (out / "eval.jsonl").exists() and (out / "checkpoint-2").is_dir()
+    # Another experiment pointed at the same output_dir (other data) stops with the reason.
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(data.read_text().splitlines(keepends=True)[:5]))
+    code = main(["train", "--model", str(model_dir), "--train-data", str(other),
+                 "--config", str(config), "--output_dir", str(out),
+                 "--stop_strings", "[' The answer is']"])
+    assert code == 1
+    assert "is a checkpoint of another run (train_data" in capsys.readouterr().err
     code = main(
         [
             "eval",

@@ -68,6 +68,13 @@ def test_yaml_and_overrides(tmp_path):
         ({"on_data_error": "ignore"}, "on_data_error must be 'skip' or 'raise'"),
         ({"top_k": -1}, "top_k must be >= 0"),
         ({"min_p": 2.0}, "min_p"),
+        # a positive constant would reward never stopping over every finished rationale
+        ({"nonstop_penalty": 2.0}, "nonstop_penalty.*must be < 0"),
+        ({"nonstop_penalty": 0.0}, "must be < 0 to penalize"),
+        ({"lora_rank": 8, "lora_alpha": 0.0}, "lora_alpha must be > 0"),
+        ({"seed": 2**50}, r"seed must be in \[0, 2\^32\)"),
+        ({"seed": -1}, "seed must be in"),
+        ({"bf16": "maybe"}, "bf16 must be 'auto', 'on' or 'off'"),
     ],
 )
 def test_rejects_bad_settings(values, match):
@@ -82,6 +89,42 @@ def test_bad_yaml_and_overrides(tmp_path):
         LatroConfig.from_yaml(bad)
     with pytest.raises(ConfigError, match="has no value"):
         parse_overrides(["--k"])
+
+
+def test_text_overrides_keep_the_text_as_typed(tmp_path):
+    # YAML would read these as a mapping ({question}, Answer:), cut them at " #" (a comment),
+    # make "" None or a date of 2024-01-01.
+    c = LatroConfig.from_yaml(
+        None,
+        [
+            "--prompt_template", "{question}",
+            "--answer_template", "The answer is {answer}. #",
+            "--stop_strings", "Answer:",
+            "--answer_prefix", "",
+            "--output_dir", "runs/exp #2",
+        ],
+    )
+    assert c.prompt_template == "{question}"
+    assert c.answer_template == "The answer is {answer}. #"
+    assert c.stop_strings == ("Answer:",)
+    assert c.answer_prefix == ""
+    assert c.output_dir == "runs/exp #2"
+    assert LatroConfig.from_yaml(None, ["--output_dir=2024-01-01"]).output_dir == "2024-01-01"
+    # A list of texts written as a YAML list is a list; numbers and switches are still parsed.
+    c = LatroConfig.from_yaml(None, ["--stop_strings", '["A:", "B #"]', "--k", "4", "--plot", "off"])
+    assert c.stop_strings == ("A:", "B #") and c.k == 4 and c.plot is False
+
+
+def test_on_and_off_switches_from_yaml_and_overrides(tmp_path):
+    # YAML 1.1 reads bare on / off as booleans; the switches take them as 'on' / 'off'.
+    path = tmp_path / "c.yaml"
+    path.write_text("bf16: off\nuse_chat_template: on\n")
+    c = LatroConfig.from_yaml(path)
+    assert (c.bf16, c.use_chat_template) == ("off", "on")
+    c = LatroConfig.from_yaml(path, ["--bf16", "on", "--use_chat_template", "off"])
+    assert (c.bf16, c.use_chat_template) == ("on", "off")
+    with pytest.raises(ConfigError, match="plot must be true or false"):
+        LatroConfig.from_dict({"plot": "on"})  # booleans stay booleans
 
 
 def test_describe_lists_every_option_with_help():

@@ -179,8 +179,12 @@ def test_lora_adapters_for_other_modules_are_refused(tmp_path):
     other = tiny.config(tmp_path, lora_rank=4, lora_alpha=8.0, steps=3,
                         lora_target_modules=("k_proj", "o_proj"))
     trainer = LatroTrainer(tiny.model(), tiny.tokenizer(), tiny.examples(8), other)
-    with pytest.raises(ckpt.CheckpointError, match="LoRA adapters do not fit"):
+    with pytest.raises(ckpt.CheckpointError, match="lora_target_modules"):
         trainer.train()
+    # A checkpoint without the run's settings (written by hand, or by an older version) is
+    # still refused when its adapters do not fit.
+    with pytest.raises(ckpt.CheckpointError, match="LoRA adapters do not fit"):
+        ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "run"), model=trainer.model)
 
 
 def test_a_run_does_not_start_among_another_runs_checkpoints(tmp_path):
@@ -194,6 +198,16 @@ def test_a_run_does_not_start_among_another_runs_checkpoints(tmp_path):
         LatroTrainer(tiny.model(), tiny.tokenizer(), data, fresh).train()
     with pytest.raises(ckpt.CheckpointError, match="written by the latro trainer, not sft"):
         SFTTrainer(tiny.model(), tiny.tokenizer(), data, tiny.config(tmp_path, steps=3)).train()
+    # Another experiment in the same output_dir (resume is on by default): other data, or
+    # another objective or seed, is refused by name instead of continuing that run.
+    other_data = tiny.examples(9)
+    with pytest.raises(ckpt.CheckpointError, match=r"another run \(train_data '8 examples"):
+        LatroTrainer(tiny.model(), tiny.tokenizer(), other_data, tiny.config(tmp_path, steps=3)).train()
+    for setting in ({"kl_coef": 0.5}, {"seed": 3}, {"k": 3}):
+        name, value = next(iter(setting.items()))
+        with pytest.raises(ckpt.CheckpointError, match=f"{name} .* there, {value} here"):
+            LatroTrainer(tiny.model(), tiny.tokenizer(), data,
+                         tiny.config(tmp_path, steps=3, **setting)).train()
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before
 
 
@@ -370,6 +384,20 @@ def test_whole_group_micro_batches_split_their_forward_by_length(tmp_path, monke
                                    msg=lambda m, name=name: f"{name}: {m}")
     assert any(g.abs().sum() > 0 for g in seen["grads"])
 
+
+def test_whole_group_micro_batches_report_the_batchs_reward_stats(tmp_path):
+    """Micro-batches of one group each compute their own rewards; the step's reward and
+    advantage stats are still the whole batch's (a std or max is not the mean of two groups'),
+    as micro-batches of 3 rows (advantages from the no-grad pass over the batch) report them."""
+    records = {}
+    for mb in (4, 3):
+        config = tiny.config(tmp_path / str(mb), micro_batch_size=mb, steps=1, bf16="off")
+        records[mb] = LatroTrainer(tiny.model(), tiny.tokenizer(), tiny.examples(8), config).train()[0]
+    keys = ("reward_mean", "reward_std", "advantage_std", "advantage_abs_max", "kl_mean",
+            "answer_logp_mean", "finished_frac", "advantage_abs_mean", "loss")
+    for key in keys:
+        assert records[4][key] == pytest.approx(records[3][key], rel=1e-4, abs=1e-5), key
+    assert records[4]["reward_std"] > 0 and records[4]["advantage_abs_max"] > 0
 
 
 @pytest.mark.parametrize("micro_batch_size,weighted", [(3, True), (4, False)])
