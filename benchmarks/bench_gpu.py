@@ -714,7 +714,9 @@ def bench_rollout(device: torch.device, small: bool) -> None:
             floor = linear_floor_ms(model, batch, device)
             print(f"  floor (the linear layers' matmuls alone): {floor:.3f} ms")
             try:
-                profile_ours(model, ids, mask, device)
+                with torch.no_grad():
+                    profile_kernels(lambda: ours_rollout(model, ids, mask, 32),
+                                    "one 32-token rollout (ours)", device, warm_up=True)
             except Exception as error:  # a diagnostic only
                 print(f"profile failed: {type(error).__name__}: {error}")
     results["floor: the linear layers' matmuls alone (CUDA graph)"] = floor
@@ -759,39 +761,35 @@ def linear_floor_ms(model, batch: int, device: torch.device) -> float:
         return graph_ms(step, device)
 
 
-def profile_ours(model, ids, mask, device: torch.device, new: int = 32) -> None:
-    """Where a decode step's GPU time goes: the kernels of a short rollout, by total time."""
+def profile_kernels(
+    run: Callable[[], Any],
+    label: str,
+    device: torch.device,
+    *,
+    warm_up: bool = False,
+    host_calls: bool = False,
+) -> None:
+    """Where ``run``'s time goes: its CUDA kernels by GPU time and, with ``host_calls``, the
+    host calls by their own time (synchronizations and allocations show there), so a step
+    slower than expected says why. ``warm_up``: run it once unprofiled first (builds, CUDA
+    graph captures)."""
     if device.type != "cuda" or SMOKE:
         return
     from torch.profiler import ProfilerActivity, profile
 
-    with torch.no_grad():
-        ours_rollout(model, ids, mask, new)  # builds and captures first
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            ours_rollout(model, ids, mask, new)
-            torch.cuda.synchronize(device)
-    print(f"\nkernels of one {new}-token rollout (ours), by total GPU time:\n")
-    print(
-        prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70)
-    )
+    if warm_up:
+        run()
 
-
-def profile_step(run: Callable[[], Any], label: str, device: torch.device) -> None:
-    """Where one more LaTRO step's time goes (after the timed one, which it does not touch): the
-    CUDA kernels by GPU time, and the host calls by their own time (synchronizations and
-    allocations show there). For the engine's step, so a step slower than expected says why."""
-    if device.type != "cuda" or SMOKE:
-        return
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if host_calls else [])
+    with profile(activities=activities) as prof:
         run()
         torch.cuda.synchronize(device)
     averages = prof.key_averages()
-    print(f"\n{label}: one more step's kernels, by GPU time:\n")
-    print(averages.table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=70))
-    print(f"\n{label}: its host calls, by their own time:\n")
-    print(averages.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=70))
+    print(f"\n{label}: kernels by GPU time:\n")
+    print(averages.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70))
+    if host_calls:
+        print(f"\n{label}: host calls by their own time:\n")
+        print(averages.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=70))
 
 
 # ----------------------------------------------------------------------------- LaTRO step
@@ -1141,7 +1139,8 @@ def bench_latro(device: torch.device, small: bool) -> None:
                     if name == "ours":
                         again = functools.partial(step, model, reference, optimizer, ids, mask,
                                                   answer, max_len=max_len, **kwargs)
-                        profile_step(again, f"{weights}, {label}, {name}", device)
+                        profile_kernels(again, f"{weights}, {label}, {name}: one more step",
+                                        device, host_calls=True)
                 except Exception as error:
                     row["s"] = f"failed: {type(error).__name__}: {error}"[:200]
                 del optimizer

@@ -4,6 +4,7 @@ evaluation (greedy and maj@k) on a dataset."""
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -44,11 +45,28 @@ _SENTINEL = "LATRO_TURN_SENTINEL"
 _WARNED_TEMPLATES: set[str] = set()
 
 
+# turn_end_id's answers per tokenizer, by (chat template, use_chat_template, EOS): rendering
+# the template and tokenizing took about a millisecond at every training step.
+_TURN_ENDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def turn_end_id(tokenizer: Any, config: LatroConfig) -> int:
     """The token that ends the model's turn, appended to every answer y (LaTRO) and completion
     (SFT): with the chat template in use, the special token it writes right after an assistant
     message (Phi-3.5's ``<|end|>``, Llama 3's ``<|eot_id|>``, Qwen's ``<|im_end|>``, where the
     tokenizer's EOS may be another token), else EOS."""
+    key = (str(getattr(tokenizer, "chat_template", None)), config.use_chat_template,
+           _eos_id(tokenizer))
+    try:
+        known = _TURN_ENDS.setdefault(tokenizer, {})
+    except TypeError:  # a tokenizer that cannot be weakly referenced: read it every time
+        known = {}
+    if key not in known:
+        known[key] = _read_turn_end_id(tokenizer, config)
+    return known[key]
+
+
+def _read_turn_end_id(tokenizer: Any, config: LatroConfig) -> int:
     eos = _eos_id(tokenizer)
     if not chat_template_in_use(tokenizer, _USE_CHAT[config.use_chat_template]):
         return eos
@@ -100,8 +118,9 @@ def prompt_ids(tokenizer: Any, examples: Sequence[Example], config: LatroConfig)
 def left_pad(
     sequences: Sequence[Sequence[int]], pad: int, device: torch.device | str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token lists -> left-padded ids and mask, int64 [N, max_len]."""
-    width = max(len(s) for s in sequences)
+    """Token lists -> left-padded ids and mask, int64 [N, max_len] ([0, 0] for no lists: the
+    sampler and the scorer take zero rows)."""
+    width = max((len(s) for s in sequences), default=0)
     ids = torch.full((len(sequences), width), pad, dtype=torch.int64)
     mask = torch.zeros((len(sequences), width), dtype=torch.int64)
     for i, seq in enumerate(sequences):

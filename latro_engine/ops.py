@@ -13,6 +13,7 @@ call. It never waits while a CUDA graph is being captured, nor with ``LATRO_CUDA
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from functools import lru_cache
 
@@ -153,6 +154,17 @@ def _device_int(value: int | torch.Tensor, device: torch.device, name: str) -> t
     return torch.tensor(value, dtype=torch.int64, device=device)
 
 
+def check_top_k(top_k: object) -> int:
+    """``top_k`` as an int: Python and NumPy ints and integer 0-d tensors pass; floats and
+    bools raise a TypeError (``int()`` would silently run top_k=2.5 as 2, and True as 1)."""
+    if not isinstance(top_k, bool) and getattr(top_k, "dtype", None) != torch.bool:
+        try:
+            return operator.index(top_k)
+        except TypeError:
+            pass
+    raise TypeError(f"top_k must be an int, got {type(top_k).__name__} {top_k!r}")
+
+
 def sample(
     logits: torch.Tensor,
     *,
@@ -172,7 +184,7 @@ def sample(
         offset: the decode step, an int or a 0-d int64 tensor on the logits' device (keeps the
             device path free of host synchronization and CUDA-graph capturable; an int is
             copied to the device on every call, and a seed too).
-        temperature: 0 means greedy. top_k (0 = off), top_p (1 = off), min_p (0 = off):
+        temperature: 0 means greedy. top_k (an int, 0 = off), top_p (1 = off), min_p (0 = off):
             top-k and min-p first, then top-p over the renormalized survivors; ties at a
             threshold are kept.
     Returns:
@@ -184,11 +196,12 @@ def sample(
     logits = logits.detach()
     if isinstance(offset, int) and not isinstance(offset, bool) and offset < 0:
         raise ValueError(f"offset must be >= 0, got {offset}")  # before any kernel, any batch
+    top_k = check_top_k(top_k)
     seed_t = _device_int(seed, logits.device, "seed")
     offset_t = _device_int(offset, logits.device, "offset")
     if use_native(logits.device):
         return torch.ops.latro_engine.sample(
-            logits, seed_t, offset_t, float(temperature), int(top_k), float(top_p), float(min_p)
+            logits, seed_t, offset_t, float(temperature), top_k, float(top_p), float(min_p)
         )
     return reference.sample(
         logits,

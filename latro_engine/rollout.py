@@ -194,8 +194,8 @@ def sample_rationales(
     Args:
         model: a Hugging Face causal LM (or a peft wrapper of one); its train/eval mode is
             left as is (call ``model.eval()`` first to sample without dropout).
-        prompt_ids: int64 ``[N, P]``, left-padded. prompt_mask: ``[N, P]``, 1 real / 0 pad;
-            every prompt needs at least one real token.
+        prompt_ids: int64 ``[N, P]``, left-padded. prompt_mask: ``[N, P]``, 1 real / 0 pad,
+            each row 0s then 1s (a ValueError otherwise) with at least one 1.
         k: samples per prompt (rows repeat_interleave'd, so a prompt's samples are contiguous).
         max_new_tokens: the rationale limit L.
         stop_sequences: token-id lists; a row stops when it completes any of them. EOS is
@@ -231,12 +231,12 @@ def sample_rationales(
         raise ValueError(f"k must be >= 1, got {k}")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    top_k = ops.check_top_k(top_k)  # before the static decoder keys its cache on int(top_k)
+    _check_left_padded(prompt_mask)
     device = prompt_ids.device
     ids = prompt_ids.long().repeat_interleave(k, dim=0)
     mask = prompt_mask.long().repeat_interleave(k, dim=0)
     rows, limit = ids.shape[0], int(max_new_tokens)
-    if rows and bool((mask.sum(-1) == 0).any()):
-        raise ValueError("every prompt needs at least one real token (prompt_mask row of zeros)")
     if sample_ids is None:
         sample_ids = torch.arange(rows)
     if len(sample_ids) != rows:
@@ -290,6 +290,31 @@ def sample_rationales(
         sample_logprobs=logps.masked_fill(beyond, 0.0),
         group_size=k,
     )
+
+
+def _check_left_padded(prompt_mask: torch.Tensor) -> None:
+    """ValueError unless every mask row is 0s then 1s, with at least one 1.
+
+    Both decode loops append each new token after the last column, at position ``mask.sum()``:
+    a right-padded row would continue behind its pads. One host synchronization per call.
+    """
+    if prompt_mask.shape[0] == 0:
+        return
+    real = prompt_mask != 0
+    right_padded = real[:, :-1] & ~real[:, 1:]  # a 0 after a 1
+    not_binary, empty, right = torch.stack(
+        [(real & (prompt_mask != 1)).any(), (~real).all(-1).any(), right_padded.any()]
+    ).tolist()
+    if not_binary:
+        raise ValueError("prompt_mask must hold only 0 (pad) and 1 (real token)")
+    if empty:
+        raise ValueError("every prompt needs at least one real token (prompt_mask row of zeros)")
+    if right:
+        row = int(right_padded.any(-1).nonzero()[0])
+        raise ValueError(
+            f"prompts must be left-padded, but prompt_mask row {row} has a 0 after a 1: pad "
+            'on the left (tokenizer.padding_side = "left", or latro_engine.generation.left_pad)'
+        )
 
 
 def _use_static_decoder(

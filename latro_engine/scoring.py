@@ -83,15 +83,23 @@ def _as_padded(
 
     Per-prompt answers (``rows / group_size`` of them) are repeated over the prompt's samples.
     """
+    if lengths is not None and not isinstance(seqs, torch.Tensor):
+        # token lists carry their lengths; silently ignoring these would hide a caller's mistake
+        raise ValueError("answer_lengths is only for a right-padded answer_ids tensor, got "
+                         f"answer_ids as {'None' if seqs is None else 'token lists'}")
     if seqs is None:
         return torch.zeros(rows, 0, dtype=torch.int64, device=device), torch.zeros(
             rows, dtype=torch.int64, device=device)
     if isinstance(seqs, torch.Tensor):
+        _check_integer(seqs, "answer_ids")
+        if seqs.dim() != 2:
+            raise ValueError(f"answer_ids must be [B, A], got {list(seqs.shape)}")
         ids = seqs.to(device=device, dtype=torch.int64)
-        if ids.dim() != 2:
-            raise ValueError(f"answer_ids must be [B, A], got {list(ids.shape)}")
-        lens = (torch.full((ids.shape[0],), ids.shape[1], dtype=torch.int64) if lengths is None
-                else lengths).to(device=device, dtype=torch.int64)
+        if lengths is None:
+            lens = torch.full((ids.shape[0],), ids.shape[1], dtype=torch.int64, device=device)
+        else:
+            _check_integer(lengths, "answer_lengths", (ids.shape[0],))
+            lens = lengths.to(device=device, dtype=torch.int64)
     else:
         lists = [list(map(int, s)) for s in seqs]
         width = max((len(s) for s in lists), default=0)
@@ -108,6 +116,30 @@ def _as_padded(
     return ids, lens
 
 
+def _check_integer(
+    value: object, name: str, shape: tuple[int, ...] | None = None, device: torch.device | None = None
+) -> None:
+    """TypeError unless ``value`` is an integer tensor; ValueError unless it has ``shape`` and
+    is on ``device`` (each when given)."""
+    dtype = value.dtype if isinstance(value, torch.Tensor) else None
+    if dtype is None or dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got "
+                        f"{dtype if dtype is not None else type(value).__name__}")
+    if shape is not None and tuple(value.shape) != shape:
+        raise ValueError(f"{name} must have shape {list(shape)}, got {list(value.shape)}")
+    if device is not None and value.device != device:
+        raise ValueError(f"{name} is on {value.device} but prompt_ids is on {device}")
+
+
+def _check_lengths(lengths: torch.Tensor, ids: torch.Tensor, name: str, ids_name: str) -> None:
+    """ValueError naming the first row whose length is outside ``[0, ids.shape[1]]``."""
+    bad = ((lengths < 0) | (lengths > ids.shape[1])).nonzero()
+    if len(bad):
+        row = int(bad[0])
+        raise ValueError(f"{name} must be in [0, {ids.shape[1]}] (the width of {ids_name}), "
+                         f"got {int(lengths[row])} for row {row}")
+
+
 def pack_sequences(
     prompt_ids: torch.Tensor,
     prompt_mask: torch.Tensor,
@@ -122,6 +154,7 @@ def pack_sequences(
     Returns ``(input_ids [B, T], attention_mask [B, T], rationale_start [B], answer_start [B])``
     where the starts are column indices of the first rationale / answer token in each row.
     Vectorized: every token's destination column is computed from per-row lengths, no loop.
+    Inputs are not checked here: :func:`score_sequences` checks them.
     """
     device = prompt_ids.device
     rows = prompt_ids.shape[0]
@@ -284,10 +317,13 @@ def score_sequences(
     Args:
         model: a Hugging Face causal LM (or peft wrapper). Train/eval mode is the caller's.
         prompt_ids, prompt_mask: ``[B, P]`` (any padding side; each row >= 1 real token).
-        rationale_ids: ``[B, L]`` right-padded; rationale_lengths: int64 ``[B]`` (0 allowed).
+        rationale_ids: ``[B, L]`` right-padded; rationale_lengths: integer ``[B]``, each in
+            ``[0, L]``.
         answer_ids: per-row answer tokens (e.g. " The answer is 7." + EOS), as token lists or a
-            right-padded ``[B, A]`` tensor with ``answer_lengths``; per-prompt answers (B /
-            group_size of them) are repeated. None scores the rationale only.
+            right-padded ``[B, A]`` tensor with ``answer_lengths`` (each in ``[0, A]``; default
+            A; only with a tensor); per-prompt answers (B / group_size of them) are repeated.
+            None scores the rationale only. Bad shapes, dtypes, lengths or devices raise a
+            ValueError (TypeError for a dtype) naming the argument.
         micro_batch_size: rows per forward (default: all). Rows are sorted by length first so
             micro-batches carry little padding. With grad enabled every micro-batch's graph
             is kept until backward; use it to bound memory under ``torch.no_grad()``.
@@ -308,11 +344,38 @@ def score_sequences(
         :class:`SequenceScores`, float32 sums in the input row order.
     """
     device = prompt_ids.device
+    if prompt_ids.dim() != 2 or prompt_mask.shape != prompt_ids.shape:
+        raise ValueError(f"prompt_ids and prompt_mask must both be [B, P], got "
+                         f"{list(prompt_ids.shape)} and {list(prompt_mask.shape)}")
+    if prompt_mask.device != device:
+        raise ValueError(f"prompt_mask is on {prompt_mask.device} but prompt_ids is on {device}")
     rows = prompt_ids.shape[0]
+    _check_integer(rationale_ids, "rationale_ids", device=device)
+    if rationale_ids.dim() != 2 or rationale_ids.shape[0] != rows:
+        raise ValueError(f"rationale_ids must be [B, L] with B = {rows} (prompt_ids' rows), "
+                         f"got {list(rationale_ids.shape)}")
+    _check_integer(rationale_lengths, "rationale_lengths", (rows,))
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    if micro_batch_size is not None and micro_batch_size < 0:
+        raise ValueError(f"micro_batch_size must be >= 1 (None or 0: all rows at once), got "
+                         f"{micro_batch_size}")
     a_ids, a_len = _as_padded(answer_ids, answer_lengths, rows, group_size, device)
     r_len = rationale_lengths.to(device=device, dtype=torch.int64)
-    if rows and bool((prompt_mask.sum(-1) == 0).any()):
-        raise ValueError("every prompt needs at least one real token")
+    if rows:
+        real = prompt_mask != 0
+        checks = torch.stack([
+            (real & (prompt_mask != 1)).any(), (~real).all(-1).any(),
+            ((r_len < 0) | (r_len > rationale_ids.shape[1])).any(),
+            ((a_len < 0) | (a_len > a_ids.shape[1])).any(),
+        ])
+        if bool(checks.any()):  # one host synchronization for every check on tensor contents
+            if checks[0]:
+                raise ValueError("prompt_mask must hold only 0 (pad) and 1 (real token)")
+            if checks[1]:
+                raise ValueError("every prompt needs at least one real token")
+            _check_lengths(r_len, rationale_ids, "rationale_lengths", "rationale_ids")
+            _check_lengths(a_len, a_ids, "answer_lengths", "answer_ids")
     if loss_weights is not None:
         if len(loss_weights) != 2 or any(
             not isinstance(w, torch.Tensor) or w.shape != (rows,) for w in loss_weights

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import device_backend_pairs
@@ -84,6 +85,12 @@ def test_sample_errors(device, backend, use_backend):
     ]:
         with _raises(ValueError, match):
             ops.sample(logits, seed=0, **kw)
+    for bad in (2.5, 2.0, True, "2", torch.tensor(2.0)):  # int() would run 2.5 as 2, True as 1
+        with _raises(TypeError, "top_k must be an int"):
+            ops.sample(logits, seed=0, top_k=bad)
+    ids, _ = ops.sample(logits, seed=0, top_k=2)
+    for same in (np.int64(2), torch.tensor(2)):
+        assert torch.equal(ops.sample(logits, seed=0, top_k=same)[0], ids)
     with _raises(ValueError, "seed must be"):
         ops.sample(logits, seed=torch.arange(2, device=device))
     with _raises(TypeError, "seed"):

@@ -401,6 +401,15 @@ def test_answers_and_stops_end_with_the_chat_templates_turn_end():
     assert turn_end_id(tok, off) == tok.eos_token_id and end_ids(tok, off) == [tok.eos_token_id]
     tok.chat_template = "{{ raise_exception('user turns only') }}"
     assert turn_end_id(tok, config) == tok.eos_token_id  # a template that refuses: EOS
+    # Read once per tokenizer and template (it is asked at every training step), again when the
+    # template changes.
+    tok.chat_template = PHI_TEMPLATE
+    renders = []
+    render = tok.apply_chat_template
+    tok.apply_chat_template = lambda *a, **kw: renders.append(1) or render(*a, **kw)
+    assert [turn_end_id(tok, config) for _ in range(3)] == [end] * 3 and len(renders) == 0
+    tok.chat_template = PHI_TEMPLATE + " "
+    assert [turn_end_id(tok, config) for _ in range(3)] == [end] * 3 and len(renders) == 1
 
 
 def test_prompts_get_one_bos_whoever_writes_it():
@@ -413,6 +422,24 @@ def test_prompts_get_one_bos_whoever_writes_it():
         (ids,) = prompt_ids(_chat_tokenizer(template), [example], config)
         tok = _chat_tokenizer(template)
         assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1, template
+
+
+def test_left_pad_of_no_prompts_is_an_empty_batch():
+    import torch
+
+    from latro_engine.generation import left_pad
+    from latro_engine.rollout import sample_rationales
+
+    ids, mask = left_pad([[5, 6], [7]], 0, "cpu")
+    assert ids.tolist() == [[5, 6], [0, 7]] and mask.tolist() == [[1, 1], [0, 1]]
+    ids, mask = left_pad([], 0, "cpu")
+    assert ids.shape == mask.shape == (0, 0) and ids.dtype == mask.dtype == torch.int64
+    # which the sampler takes as it is (zero rows: no forward)
+    rollout = sample_rationales(torch.nn.Module(), ids, mask, k=2, max_new_tokens=4,
+                                stop_sequences=[[2]], pad_token_id=0, seed=0, decoder="hf")
+    assert rollout.rationale_ids.shape == (0, 4)
+    with pytest.raises(ValueError, match="prompt 1 tokenizes to nothing"):
+        left_pad([[5], []], 0, "cpu")
 
 
 def test_answer_text():

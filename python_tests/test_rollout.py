@@ -142,6 +142,24 @@ def test_zero_limit_and_no_stops():
     assert r.rationale_token_lists() == [[4, 5, 6, 7]] * 2 and not r.finished.any()
 
 
+def test_prompt_masks_must_be_left_padded_zeros_then_ones():
+    model = ScriptedLM()
+    kw = dict(k=2, max_new_tokens=3, stop_sequences=STOP, pad_token_id=PAD, seed=0)
+    ids = torch.tensor([[7, 3, 4], [10, 11, PAD]])
+    for mask, match in [
+        ([[1, 1, 1], [1, 1, 0]], r"left-padded.*row 1 has a 0 after a 1.*padding_side = \"left\""),
+        ([[0, 1, 1], [1, 0, 1]], r"left-padded.*row 1 has a 0 after a 1"),  # a hole
+        ([[1, 1, 1], [0, 2, 1]], "prompt_mask must hold only 0 .* and 1"),
+        ([[1, 1, 1], [0, 0, 0]], "at least one real token"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            sample_rationales(model, ids, torch.tensor(mask), **kw)
+    assert model.batch_sizes == []  # refused before the first forward
+    left = sample_rationales(model, torch.tensor([[7, 3, 4], [PAD, 10, 11]]),
+                             torch.tensor([[1, 1, 1], [0, 1, 1]]), **kw)
+    assert left.rationale_token_lists() == [[]] * 2 + [[1, 2, 3]] * 2
+
+
 # --------------------------------------------------------------------------- tiny Llama
 @pytest.fixture(scope="module")
 def llama() -> transformers.LlamaForCausalLM:

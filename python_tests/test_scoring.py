@@ -145,6 +145,52 @@ def test_loss_weights_must_be_two_rows_long_tensors(llama):
             score_sequences(llama, ids, mask, r_ids, r_len, ANSWERS, loss_weights=bad)
 
 
+def test_bad_inputs_raise_errors_naming_the_argument(llama):
+    ids, mask, r_ids, r_len = _inputs()  # 4 rows, rationales 5 wide
+    a_ids = torch.tensor([a + [PAD] * (4 - len(a)) for a in ANSWERS])
+    a_len = torch.tensor([len(a) for a in ANSWERS])
+    cases = [
+        # lengths past the width would score pad columns; negative ones would index out of range
+        (dict(rationale_lengths=torch.tensor([3, 0, 6, 1])), ValueError,
+         r"rationale_lengths must be in \[0, 5\] \(the width of rationale_ids\), got 6 for row 2"),
+        (dict(rationale_lengths=torch.tensor([-1, 0, 5, 1])), ValueError,
+         r"rationale_lengths must be in \[0, 5\].*got -1 for row 0"),
+        (dict(rationale_lengths=r_len[:1]), ValueError,  # would broadcast
+         r"rationale_lengths must have shape \[4\], got \[1\]"),
+        (dict(rationale_lengths=r_len.float()), TypeError, "rationale_lengths must be an integer tensor"),
+        (dict(rationale_lengths=r_len.tolist()), TypeError, "rationale_lengths must be an integer tensor, got list"),
+        (dict(rationale_ids=r_ids[:3]), ValueError, r"rationale_ids must be \[B, L\] with B = 4.*got \[3, 5\]"),
+        (dict(rationale_ids=r_ids.float()), TypeError, "rationale_ids must be an integer tensor"),
+        (dict(rationale_ids=r_ids.to("meta")), ValueError, "rationale_ids is on meta but prompt_ids is on cpu"),
+        (dict(prompt_mask=mask[:, 1:]), ValueError, r"prompt_ids and prompt_mask must both be \[B, P\]"),
+        (dict(prompt_mask=mask.to("meta")), ValueError, "prompt_mask is on meta"),
+        (dict(prompt_mask=mask * 2), ValueError, "prompt_mask must hold only 0"),
+        (dict(answer_ids=a_ids, answer_lengths=torch.tensor([3, 2, 5, 1])), ValueError,
+         r"answer_lengths must be in \[0, 4\] \(the width of answer_ids\), got 5 for row 2"),
+        (dict(answer_ids=a_ids, answer_lengths=torch.tensor([3, -2, 4, 1])), ValueError,
+         r"answer_lengths must be in \[0, 4\].*got -2 for row 1"),
+        (dict(answer_ids=a_ids, answer_lengths=a_len[:1]), ValueError, r"answer_lengths must have shape \[4\]"),
+        (dict(answer_ids=a_ids, answer_lengths=a_len.float()), TypeError, "answer_lengths must be an integer"),
+        (dict(answer_ids=a_ids.float()), TypeError, "answer_ids must be an integer tensor"),
+        # token lists carry their own lengths: answer_lengths beside them was silently ignored
+        (dict(answer_ids=ANSWERS, answer_lengths=a_len), ValueError,
+         "answer_lengths is only for a right-padded answer_ids tensor, got answer_ids as token lists"),
+        (dict(answer_lengths=a_len), ValueError, "answer_lengths is only for.*got answer_ids as None"),
+        (dict(micro_batch_size=-1), ValueError, "micro_batch_size must be >= 1"),
+        (dict(answer_ids=ANSWERS[:2], group_size=0), ValueError, "group_size must be >= 1, got 0"),
+    ]
+    good = dict(prompt_ids=ids, prompt_mask=mask, rationale_ids=r_ids, rationale_lengths=r_len)
+    for change, error, match in cases:
+        with pytest.raises(error, match=match), torch.no_grad():
+            score_sequences(llama, **{**good, **change})
+    with torch.no_grad():  # any integer dtype; lengths at the widths; micro_batch_size 0: all rows
+        want = score_sequences(llama, ids, mask, r_ids, r_len, a_ids, a_len)
+        got = score_sequences(llama, ids, mask, r_ids.int(), r_len.int(), a_ids.int(), a_len.int(),
+                              micro_batch_size=0)
+    torch.testing.assert_close(got.rationale_logp, want.rationale_logp)
+    torch.testing.assert_close(got.answer_logp, want.answer_logp)
+
+
 def test_micro_batches_equal_one_batch(llama):
     prompts, rationales = PROMPTS * 2, RATIONALES[::-1] * 2
     answers = ANSWERS * 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -254,6 +255,18 @@ def test_lora_adapters_are_merged(kind, targets):
             if "lora_" in name:
                 p.add_(0.3)
     _assert_same(*_both(model))
+
+
+def test_fractional_top_k_is_refused_not_truncated():
+    """The static decoder is kept per sampling settings with top_k as an int: 2.5 must raise,
+    not run (and be cached) as top_k=2."""
+    model = _model()
+    for decoder in ("hf", "static"):
+        with pytest.raises(TypeError, match="top_k must be an int"):
+            _both(model, decoders=(decoder,), top_k=2.5)
+    (as_int,) = _both(model, decoders=("static",), top_k=3)
+    (as_numpy,) = _both(model, decoders=("static",), top_k=np.int64(3))
+    _assert_same(as_int, as_numpy)
 
 
 def test_unsupported_models_fall_back_or_raise():
