@@ -22,6 +22,7 @@ __all__ = [
     "extract_choice",
     "extract_numeric_answer",
     "find_numbers",
+    "is_plain_number",
     "majority_vote",
     "normalize_number",
     "numbers_equal",
@@ -56,6 +57,12 @@ def find_numbers(text: str) -> list[str]:
         negative = m.group("sign") or m.group("sign2")
         found.append(("-" if negative else "") + body)
     return found
+
+
+def is_plain_number(text: str) -> bool:
+    """Whether ``text`` is one number as :func:`find_numbers` reads them (a sign, "$", thousands
+    commas, a decimal part; no exponent, no trailing dot)."""
+    return _NUMBER_RE.fullmatch(text) is not None
 
 
 def _last_template(text: str, template: str) -> re.Match[str] | None:
@@ -110,7 +117,10 @@ def normalize_number(value: str | None) -> str | None:
         return "0"
     with localcontext() as ctx:  # normalize() rounds to the context's precision (28 digits)
         ctx.prec = max(28, len(d.as_tuple().digits))
-        return format(d.normalize(), "f")
+        try:
+            return format(d.normalize(), "f")
+        except ArithmeticError:  # an exponent beyond the context's ("1e1000000"): no answer
+            return None
 
 
 def numbers_equal(a: str | None, b: str | None) -> bool:

@@ -19,14 +19,16 @@ import csv
 import io
 import json
 import logging
+import math
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
 
-from latro_engine.answers import normalize_number
+from latro_engine.answers import is_plain_number, normalize_number
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +59,9 @@ ARC_INSTRUCTION = (
 _MAX_LISTED = 20  # problems spelled out in one DataError message; the rest are counted
 _JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 _SURROGATE = re.compile("[\udc80-\udcff]")  # undecodable bytes under "surrogateescape"
+# A JSON string may spell any UTF-16 half with a \\u escape; alone, it is no text a tokenizer
+# (or UTF-8) can take.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class DataError(ValueError):
@@ -99,10 +104,16 @@ def _text(record: Mapping[str, Any], key: str, *, allow_number: bool = False) ->
     if key not in record or record[key] is None:
         raise _RowError(f"missing field {key!r}")
     value = record[key]
-    if allow_number and isinstance(value, (int, float)) and not isinstance(value, bool):
-        value = str(value)
+    number = isinstance(value, (int, float, Decimal)) and not isinstance(value, bool)
+    if allow_number and number:
+        # JSON numbers arrive as int or Decimal (their digits as written: no float rounding);
+        # a float here is one of JSON's NaN / Infinity.
+        if isinstance(value, float) or not math.isfinite(value):
+            raise _RowError(f"field {key!r} is {value}, not a finite number")
+        value = str(value) if isinstance(value, int) else format(value, "f")
     if not isinstance(value, str):
-        raise _RowError(f"field {key!r} is {type(value).__name__}, not text")
+        kind = "a number" if number else type(value).__name__
+        raise _RowError(f"field {key!r} is {kind}, not text")
     if not value.strip():
         raise _RowError(f"empty field {key!r}")
     return value.strip()
@@ -114,11 +125,14 @@ def _gsm8k_row(record: Mapping[str, Any], line: int, default_id: str) -> Example
     full = _text(record, "answer", allow_number=True)
     if "####" not in full:
         raise _RowError("answer has no '####' marker")
-    gold = full.rsplit("####", 1)[1].replace(",", "").strip()
+    written = full.rsplit("####", 1)[1].strip()
+    gold = written.replace(",", "")
     if not gold:
         raise _RowError("empty answer after '####'")
-    if normalize_number(gold) is None:
-        raise _RowError(f"non-numeric answer {gold!r}")
+    # A number as evaluation reads one back from a completion (no exponent, no trailing dot):
+    # a gold it could never read would be a question no model can get right.
+    if not is_plain_number(written) or normalize_number(gold) is None:
+        raise _RowError(f"answer after '####' is not a plain number: {written!r}")
     rid = str(record["id"]) if record.get("id") not in (None, "") else default_id
     return Example(id=rid, question=question, answer=gold, source_line=line)
 
@@ -212,14 +226,30 @@ def _jsonl_rows(path: Path) -> Iterator[_Row]:
             yield line_no, None, f"not valid UTF-8 (byte {exc.start})"
             continue
         try:
-            record = json.loads(text)
+            record = json.loads(text, parse_float=Decimal)
         except json.JSONDecodeError as exc:
             yield line_no, None, f"invalid JSON ({exc.msg} at column {exc.colno}){cut}"
+            continue
+        except (ValueError, RecursionError) as exc:  # an integer of 4,300+ digits, deep nesting
+            yield line_no, None, f"unreadable JSON ({type(exc).__name__}: {str(exc)[:100]})"
             continue
         if not isinstance(record, dict):
             yield line_no, None, f"expected a JSON object, got {type(record).__name__}"
             continue
+        if _holds_lone_surrogate(record):
+            yield line_no, None, "a string holds a lone UTF-16 surrogate escape (\\ud800-\\udfff)"
+            continue
         yield line_no, record, None
+
+
+def _holds_lone_surrogate(value: Any) -> bool:
+    if isinstance(value, str):
+        return _LONE_SURROGATE.search(value) is not None
+    if isinstance(value, dict):
+        return any(_holds_lone_surrogate(k) or _holds_lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_holds_lone_surrogate(v) for v in value)
+    return False
 
 
 def _csv_rows(path: Path, required: Sequence[str]) -> Iterator[_Row]:
@@ -238,6 +268,9 @@ def _csv_rows(path: Path, required: Sequence[str]) -> Iterator[_Row]:
     missing = [f for f in required if f not in header]
     if missing:
         raise DataError(path, [(1, f"CSV header {header} lacks column(s) {missing}")])
+    repeated = sorted({h for h in header if header.count(h) > 1})
+    if repeated:  # which of the two would a row mean?
+        raise DataError(path, [(1, f"CSV header {header} repeats column(s) {repeated}")])
     while True:
         start = reader.line_num + 1
         try:

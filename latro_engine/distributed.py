@@ -238,7 +238,11 @@ class Distributed:
         return batch[start : start + per], start
 
     def gather_rows(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
-        """Concatenates equal-length 1-D tensors over ranks, in rank order (one collective)."""
+        """Concatenates equal-length 1-D float or bool tensors over ranks, in rank order (one
+        collective, through float64: exact for those, not for integers past 2^53)."""
+        for t in tensors:
+            if not (t.is_floating_point() or t.dtype == torch.bool):
+                raise TypeError(f"gather_rows takes float or bool tensors, got {t.dtype}")
         if self.mode == "none":
             return list(tensors)
         packed = torch.stack([t.detach().double() for t in tensors])

@@ -133,7 +133,11 @@ class HostStateAdamW(torch.optim.AdamW):
                                 host[name] = state[name]
                                 state[name] = host[name].to(p.device, non_blocking=True)
                         hosts.append(host)
-                    super().step()
+                    # AdamW's update itself: once any AdamW exists, torch wraps AdamW.step with
+                    # the step hooks, which belong to this whole step (wrapped the same way),
+                    # not to each chunk.
+                    update = getattr(torch.optim.AdamW.step, "__wrapped__", torch.optim.AdamW.step)
+                    update(self)
                     for p, host in zip(chunk, hosts):
                         state = self.state[p]
                         for name in self._MOMENTS:

@@ -78,6 +78,17 @@ class TaskSettings:
     heldout_permille: int = 100
     split_salt: str = "latro-heldout-v1"
 
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_ops <= self.max_ops <= len(_LABELS):
+            raise ValueError(
+                f"need 1 <= min_ops <= max_ops <= {len(_LABELS)} (one label per step), got "
+                f"min_ops={self.min_ops}, max_ops={self.max_ops}"
+            )
+        if not 3 <= self.modulus <= 10:  # a multiplier in [2, modulus); one digit per value
+            raise ValueError(f"modulus must be in [3, 10], got {self.modulus}")
+        if not 0 < self.heldout_permille < 1000:  # both splits must be drawable
+            raise ValueError(f"heldout_permille must be in [1, 999], got {self.heldout_permille}")
+
 
 @dataclass(frozen=True)
 class CorpusSettings:
@@ -341,7 +352,8 @@ def write_jsonl(pairs: Iterable[QAPair], path: str | os.PathLike[str]) -> Path:
 def read_jsonl(path: str | os.PathLike[str]) -> list[QAPair]:
     """Read a split written by :func:`write_jsonl`."""
     with Path(path).open(encoding="utf-8") as f:
-        return [QAPair(str(d["question"]), str(d["answer"])) for d in map(json.loads, f) if d]
+        records = [json.loads(line) for line in f if line.strip()]
+    return [QAPair(str(d["question"]), str(d["answer"])) for d in records]
 
 
 def write_splits(

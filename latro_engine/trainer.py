@@ -116,8 +116,8 @@ def gradient_pass(
     of the rows); returns latro_loss's stats averaged over them. With ``advantages`` the loss is
     linear in the scores with known coefficients and each scoring pass takes its gradient as it
     goes (``loss_weights``: three LM-head matmuls instead of four), and micro-batches take the
-    rows in order of length; without, each micro-batch (whole groups, in order) scores its
-    reference and computes its own rewards first."""
+    rows in order of length; without, the reference scores every row first (one pass) and
+    each micro-batch (whole groups, in order) computes its own rewards."""
     total, mb = rollout.batch_size, config.micro_batch_size
     all_rows = torch.arange(total, device=rollout.prompt_ids.device)
     lengths = rollout.prompt_mask.sum(-1) + rollout.rationale_lengths
@@ -128,11 +128,14 @@ def gradient_pass(
         all_rows = torch.argsort(lengths, stable=True)
     sums: dict[str, float] = {}
     own_rewards: list[tuple[torch.Tensor, ...]] = []  # the rewards' inputs, when computed here
+    # The reference scores every row in one no-grad pass (one upload of its weights per step
+    # when they are kept on the host), not one per micro-batch.
+    all_ref = reference(all_rows) if advantages is None else None
     for begin in range(0, total, mb):
         rows = all_rows[begin : begin + mb]
         share = len(rows) / total
         known = advantages[rows] if advantages is not None else None
-        ref = reference(rows) if known is None else None
+        ref = all_ref[begin : begin + mb] if all_ref is not None else None
         weights = None
         if known is not None:
             weights = tuple(w * share for w in loss_weights(known, config.sft_weight))

@@ -106,7 +106,7 @@ def test_malformed_rows_skipped_with_line_warnings(bad_gsm8k, caplog):
     assert any("skipped 10 malformed rows, kept 2" in w for w in warnings)
     joined = "\n".join(warnings)
     for reason in ("invalid JSON", "missing field 'answer'", "empty field 'question'",
-                   "non-numeric answer 'seven'", "not valid UTF-8", "duplicate id 'a'",
+                   "not a plain number: 'seven'", "not valid UTF-8", "duplicate id 'a'",
                    "expected a JSON object", "no '####'", "empty answer"):  # fmt: skip
         assert reason in joined, reason
 
@@ -220,6 +220,63 @@ def test_jsonl_records_default_ids_and_numeric_answers(tmp_path):
     assert [(e.id, e.answer) for e in examples] == [("recs-1", "1"), ("recs-2", "2")]
     with pytest.raises(DataError, match="line 3: field 'a' is bool"):
         load_records(path, "q", "a", on_error="raise")
+
+
+def test_jsonl_numbers_keep_their_digits_and_odd_lines_are_rows_errors(tmp_path):
+    """JSON numbers as answers keep the digits written (no float rounding); NaN / Infinity,
+    integers past Python's 4,300-digit limit, nesting past the recursion limit and lone
+    surrogate escapes (no tokenizer takes them) are row errors with their line, not a crash of
+    the loader or of the run when the prompt is first encoded."""
+    path = tmp_path / "recs.jsonl"
+    lines = [
+        '{"q": "a?", "a": 12345678901234567.0}',  # 1
+        '{"q": "b?", "a": 1e20}',  # 2
+        '{"q": "c?", "a": 0.1}',  # 3
+        '{"q": "d?", "a": NaN}',  # 4
+        '{"q": "e?", "a": -Infinity}',  # 5
+        '{"q": "f?", "a": ' + "9" * 5000 + "}",  # 6
+        "[" * 100_000 + "]" * 100_000,  # 7
+        '{"q": "g \\ud800 h?", "a": "1"}',  # 8
+        '{"q": "i?", "a": 2}',  # 9
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    examples = load_records(path, "q", "a")
+    assert [(e.answer, e.source_line) for e in examples] == [
+        ("12345678901234567.0", 1), ("100000000000000000000", 2), ("0.1", 3), ("2", 9)
+    ]
+    with pytest.raises(DataError) as info:
+        load_records(path, "q", "a", on_error="raise")
+    message = str(info.value)
+    assert [line for line, _ in info.value.problems] == [4, 5, 6, 7, 8]
+    for expected in ("line 4: field 'a' is nan, not a finite number",
+                     "line 5: field 'a' is -inf, not a finite number",
+                     "line 6: unreadable JSON (ValueError", "line 7: unreadable JSON (RecursionError",
+                     "line 8: a string holds a lone UTF-16 surrogate"):  # fmt: skip
+        assert expected in message, expected
+
+
+def test_gsm8k_golds_must_be_numbers_evaluation_can_read_back(tmp_path):
+    path = tmp_path / "g.jsonl"
+    path.write_bytes(b"".join(
+        [_row("a", answer="#### -1,234.5"), _row("b", answer="#### 72."),
+         _row("c", answer="#### 1e1000000"), _row("d", answer="#### 1e3")]
+    ))
+    with pytest.raises(DataError) as info:
+        load_gsm8k(path, on_error="raise")
+    assert [line for line, _ in info.value.problems] == [2, 3, 4]
+    assert "line 3: answer after '####' is not a plain number: '1e1000000'" in str(info.value)
+    assert [e.answer for e in load_gsm8k(path)] == ["-1234.5"]
+    from latro_engine.answers import normalize_number
+
+    assert normalize_number("1e1000000") is None and normalize_number("1e3") == "1000"
+
+
+def test_csv_header_repeating_a_column_is_a_config_error(tmp_path):
+    path = tmp_path / "qa.csv"
+    path.write_text("question,answer,question\nq1,5,q2\n")
+    for mode in ("skip", "raise"):
+        with pytest.raises(DataError, match=r"repeats column\(s\) \['question'\]"):
+            load_records(path, on_error=mode)
 
 
 def test_unknown_extension(tmp_path):

@@ -147,6 +147,22 @@ def test_host_state_adamw_is_adamw_bit_for_bit():
     )
 
 
+def test_host_state_adamw_runs_its_step_hooks_once_a_step():
+    """AdamW's step hooks wrap AdamW.step once any AdamW exists (built first here); the chunks'
+    updates must not fire them again, each seeing one chunk as the parameters."""
+    torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
+    model = tiny.model()
+    optimizer = HostStateAdamW(model.parameters(), lr=1e-3, chunk_bytes=4096)
+    calls = []
+    optimizer.register_step_pre_hook(lambda opt, args, kwargs: calls.append("pre"))
+    optimizer.register_step_post_hook(lambda opt, args, kwargs: calls.append("post"))
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    assert len(optimizer._chunks(list(model.parameters()))) > 2
+    optimizer.step()
+    assert calls == ["pre", "post"]
+
+
 def test_host_state_adamw_refuses_a_bad_chunk_size():
     with pytest.raises(ValueError, match="chunk_bytes"):
         HostStateAdamW(tiny.model().parameters(), chunk_bytes=0)

@@ -143,6 +143,32 @@ def test_jsonl_round_trip(tmp_path: Path) -> None:
     assert synthetic.read_jsonl(train) == generate_pairs(20, 0, TASK, "train")
     assert synthetic.read_jsonl(test) == generate_pairs(10, 0, TASK, "heldout")
     assert '"question": "Start with' in test.read_text().splitlines()[0]
+    test.write_text(test.read_text() + "\n\n")  # blank lines (an editor's) are not records
+    assert synthetic.read_jsonl(test) == generate_pairs(10, 0, TASK, "heldout")
+
+
+@pytest.mark.parametrize(
+    "settings,match",
+    [
+        (dict(min_ops=0), "min_ops"),
+        (dict(min_ops=5, max_ops=4), "min_ops"),
+        (dict(max_ops=11), "max_ops <= 10"),
+        (dict(modulus=2), r"modulus must be in \[3, 10\]"),
+        (dict(modulus=11), "modulus"),
+        (dict(heldout_permille=0), "heldout_permille"),
+    ],
+)
+def test_task_settings_out_of_range_are_refused(settings, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        TaskSettings(**settings)
+
+
+def test_metrics_file_damaged_lines_are_dropped(tmp_path: Path) -> None:
+    from latro_engine.metrics import read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(b'{"step": 1}\n7\n\xff\xfe{"step": 2}\n{"step": 3}\n{"step": 4, "lo')
+    assert read_metrics(path) == [{"step": 1}, {"step": 3}]
 
 
 def test_tokenizer_round_trip_and_digits(tok) -> None:

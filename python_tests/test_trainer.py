@@ -400,6 +400,23 @@ def test_whole_group_micro_batches_report_the_batchs_reward_stats(tmp_path):
     assert records[4]["reward_std"] > 0 and records[4]["advantage_abs_max"] > 0
 
 
+def test_the_reference_scores_a_step_in_one_pass(tmp_path, monkeypatch):
+    """With micro-batches of whole groups too: one pass over all rows (one upload of a
+    reference kept on the host per step, not one per micro-batch)."""
+    for mb in (4, 3):
+        config = tiny.config(tmp_path / str(mb), micro_batch_size=mb, steps=1)
+        trainer = LatroTrainer(tiny.model(), tiny.tokenizer(), tiny.examples(8), config)
+        calls = []
+        reference = trainer._reference
+        def counted(rollout, rows, calls=calls, reference=reference):
+            calls.append(len(rows))
+            return reference(rollout, rows)
+
+        monkeypatch.setattr(trainer, "_reference", counted)
+        trainer.train_step()
+        assert calls == [config.rollout_batch_size], mb
+
+
 @pytest.mark.parametrize("micro_batch_size,weighted", [(3, True), (4, False)])
 def test_scoring_pass_takes_the_gradient_when_the_advantages_are_known(
     tmp_path, monkeypatch, micro_batch_size, weighted
