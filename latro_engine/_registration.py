@@ -183,6 +183,25 @@ torch.library.register_autograd(
 )
 
 
+# The backward kernels have no derivative of their own: a second-order gradient through them
+# (create_graph=True, then backward again) is refused, not silently zero.
+def _no_double_backward(op: str):
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"{op}: second-order gradients (double backward) are not supported by the native "
+            "kernels; LATRO_BACKEND=torch runs the ops' pure-torch reference, which has them"
+        )
+
+    return backward
+
+
+for _op in ("token_logprobs_backward", "linear_token_logprobs_backward"):
+    torch.library.register_autograd(
+        f"{_LIB}::{_op}", _no_double_backward(_op.removesuffix("_backward")),
+        setup_context=lambda ctx, inputs, output: None,
+    )
+
+
 # linear_weighted_logprob_sum computed the gradients of its total in the forward; the backward
 # scales them by the upstream gradient of the total and hands each out once. Its other outputs
 # carry no gradient.
@@ -208,6 +227,8 @@ def _weighted_backward(ctx, grad_total, *unused):
             "linear_weighted_logprob_sum: its gradients were computed in the forward and are "
             "handed out once; backward through it twice (retain_graph) is not supported"
         )
+    if grad_total is not None and grad_total.requires_grad and torch.is_grad_enabled():
+        _no_double_backward("linear_weighted_logprob_sum")(ctx)
     grads, ctx.grads = ctx.grads, None
     out = [
         _scaled(grad, grad_total) if wanted and grad_total is not None else None

@@ -13,7 +13,9 @@ call. It never waits while a CUDA graph is being captured, nor with ``LATRO_CUDA
 
 from __future__ import annotations
 
+import math
 import operator
+import struct
 from collections.abc import Sequence
 from functools import lru_cache
 
@@ -52,6 +54,7 @@ def token_logprobs(
         the target is ``ignore_index``. Differentiable w.r.t. ``logits``. The native forward
         reads the logits once (online log-sum-exp in float32) and keeps no ``[..., V]`` copy.
     """
+    ignore_index = _int_arg(ignore_index, "ignore_index")
     if use_native(logits.device) and logits.dtype != torch.float64:
         return torch.ops.latro_engine.token_logprobs(logits, targets, ignore_index)[0]
     return reference.token_logprobs(logits, targets, ignore_index=ignore_index)
@@ -81,8 +84,7 @@ def linear_token_logprobs(
         holding more than about ``chunk_size x V`` logits. Differentiable w.r.t. hidden, weight and
         bias; the backward recomputes each chunk and accepts any per-token upstream gradient.
     """
-    if chunk_size is not None and chunk_size <= 0:
-        raise ValueError(f"chunk_size must be positive (or None), got {chunk_size}")
+    chunk_size, ignore_index = _chunk_size(chunk_size), _int_arg(ignore_index, "ignore_index")
     if use_native(hidden.device) and hidden.dtype != torch.float64:
         return torch.ops.latro_engine.linear_token_logprobs(
             hidden, weight, bias, targets, chunk_size or 0, ignore_index
@@ -115,7 +117,8 @@ def linear_weighted_logprob_sum(
 
     Args:
         hidden, weight, targets, bias, ignore_index: as :func:`linear_token_logprobs`.
-        token_weights: floating ``[N]`` (used in float32; float64 with float64 inputs).
+        token_weights: floating ``[N]`` (used in float32; float64 with float64 inputs): the
+            loss's coefficients, not differentiated.
         chunk_size: rows per chunk, about ``chunk_size x V`` logits held at once (default: about
             2^27 logits). With gradients, every chunk reads the LM head three times and adds into
             the weight gradient in the weight's dtype (bf16: one rounding per chunk, as
@@ -127,11 +130,11 @@ def linear_weighted_logprob_sum(
         on; a graph through it can be backpropagated once), and the float32 ``[N]``
         log-probabilities, without gradient (0 where ignored). Ignored rows add nothing.
     """
-    if chunk_size is not None and chunk_size <= 0:
-        raise ValueError(f"chunk_size must be positive (or None), got {chunk_size}")
+    chunk_size, ignore_index = _chunk_size(chunk_size), _int_arg(ignore_index, "ignore_index")
     if not isinstance(token_weights, torch.Tensor) or not token_weights.is_floating_point():
         what = token_weights.dtype if isinstance(token_weights, torch.Tensor) else type(token_weights)
         raise TypeError(f"token_weights must be a floating tensor, got {what}")
+    token_weights = token_weights.detach()  # coefficients of the loss, not differentiated
     if use_native(hidden.device) and hidden.dtype != torch.float64:
         grad = torch.is_grad_enabled()
         wants = [grad and t is not None and t.requires_grad for t in (hidden, weight, bias)]
@@ -146,23 +149,66 @@ def linear_weighted_logprob_sum(
     )
 
 
-def _device_int(value: int | torch.Tensor, device: torch.device, name: str) -> torch.Tensor:
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int or an int64 tensor, got {type(value).__name__}")
-    return torch.tensor(value, dtype=torch.int64, device=device)
+# ----------------------------------------------------------------------------- scalar arguments
+# Checked here, for both backends alike: the native ops take int64 and float arguments, and
+# pybind's own errors for what does not fit name no argument.
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def _int_arg(value: object, name: str) -> int:
+    """``value`` as an int64: Python and NumPy ints and integer 0-d tensors pass; floats, bools
+    and text are a TypeError (``int()`` would silently run 2.5 as 2, and True as 1)."""
+    if not isinstance(value, bool) and getattr(value, "dtype", None) != torch.bool:
+        try:
+            number = operator.index(value)
+        except TypeError:
+            pass
+        else:
+            if not _INT64[0] <= number <= _INT64[1]:
+                raise ValueError(f"{name} must fit in int64, got {number}")
+            return number
+    raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+
+
+def _float_arg(value: object, name: str) -> float:
+    """``value`` as a float: ints, floats and 0-d tensors of them, not bools or text."""
+    if not isinstance(value, (bool, str, bytes)):
+        try:
+            return float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            pass
+    raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+
+
+def _float32_finite(value: float) -> bool:
+    """Whether ``value`` stays finite as the float32 the kernels compute with (1e39 does not)."""
+    return math.isfinite(struct.unpack("f", struct.pack("f", value))[0])
 
 
 def check_top_k(top_k: object) -> int:
-    """``top_k`` as an int: Python and NumPy ints and integer 0-d tensors pass; floats and
-    bools raise a TypeError (``int()`` would silently run top_k=2.5 as 2, and True as 1)."""
-    if not isinstance(top_k, bool) and getattr(top_k, "dtype", None) != torch.bool:
-        try:
-            return operator.index(top_k)
-        except TypeError:
-            pass
-    raise TypeError(f"top_k must be an int, got {type(top_k).__name__} {top_k!r}")
+    """``top_k`` as an int (see _int_arg); the rollout checks it before keying its decoder."""
+    return _int_arg(top_k, "top_k")
+
+
+def _chunk_size(chunk_size: object) -> int | None:
+    if chunk_size is None:
+        return None
+    chunk_size = _int_arg(chunk_size, "chunk_size")
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive (or None), got {chunk_size}")
+    return chunk_size
+
+
+def _device_int(value: int | torch.Tensor, device: torch.device, name: str) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    if name == "seed" and isinstance(value, int) and 2**63 <= value < 2**64:
+        value -= 2**64  # a uint64 seed: the same 64 bits as an int64
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int or an int64 tensor, got {type(value).__name__}")
+    if not _INT64[0] <= value <= _INT64[1]:
+        raise ValueError(f"{name} must fit in 64 bits, got {value}")
+    return torch.tensor(value, dtype=torch.int64, device=device)
 
 
 def sample(
@@ -197,11 +243,13 @@ def sample(
     if isinstance(offset, int) and not isinstance(offset, bool) and offset < 0:
         raise ValueError(f"offset must be >= 0, got {offset}")  # before any kernel, any batch
     top_k = check_top_k(top_k)
+    temperature = _float_arg(temperature, "temperature")
+    top_p, min_p = _float_arg(top_p, "top_p"), _float_arg(min_p, "min_p")
     seed_t = _device_int(seed, logits.device, "seed")
     offset_t = _device_int(offset, logits.device, "offset")
     if use_native(logits.device):
         return torch.ops.latro_engine.sample(
-            logits, seed_t, offset_t, float(temperature), top_k, float(top_p), float(min_p)
+            logits, seed_t, offset_t, temperature, top_k, top_p, min_p
         )
     return reference.sample(
         logits,
@@ -271,6 +319,7 @@ def stop_positions(
     if not isinstance(tokens, torch.Tensor):
         raise TypeError("tokens must be an int64 tensor")
     stops = _as_stop_sequences(stop_sequences, tokens.device)
+    start = _int_arg(start, "start")
     if use_native(tokens.device):
         return torch.ops.latro_engine.stop_positions(tokens, stops.tokens, stops.offsets, start)
     return reference.stop_positions(tokens, stops.sequences, start=start)
@@ -298,6 +347,7 @@ def stop_positions_step(
         raise TypeError("tokens must be an int64 tensor")
     stops = _as_stop_sequences(stop_sequences, tokens.device)
     step_t = _device_int(step, tokens.device, "step")
+    start = _int_arg(start, "start")
     if use_native(tokens.device):
         return torch.ops.latro_engine.stop_positions_step(
             tokens, stops.tokens, stops.offsets, step_t, positions, start
@@ -344,14 +394,23 @@ def decode_attention(
         ``[B, H, D]`` in query's dtype: ``softmax(scale * q . K) V`` over the allowed slots, in
         float32 arithmetic. The native kernels read each key and value of ``[0, length)`` once
         for all the query heads that share it and never touch the slots beyond the length.
+        No gradient (it serves decoding).
     """
+    if isinstance(query, torch.Tensor) and query.dim() == 3 and 0 in query.shape[1:]:
+        raise ValueError(f"query needs heads and head_dim >= 1, got shape {list(query.shape)}")
     if scale is None:
         scale = query.shape[-1] ** -0.5
+    scale = _float_arg(scale, "scale")
+    if not _float32_finite(scale):
+        raise ValueError(f"scale must be finite (in float32), got {scale}")
+    query = query.detach()
+    new_k = None if new_k is None else new_k.detach()
+    new_v = None if new_v is None else new_v.detach()
     cos, sin = (None, None) if rotary is None else rotary
     length_t = _device_int(length, query.device, "length")
     if use_native(query.device) and query.dtype != torch.float64:
         return torch.ops.latro_engine.decode_attention(
-            query, cache_k, cache_v, new_k, new_v, slot_mask, cos, sin, length_t, float(scale)
+            query, cache_k, cache_v, new_k, new_v, slot_mask, cos, sin, length_t, scale
         )
     return reference.decode_attention(
         query,
@@ -363,7 +422,7 @@ def decode_attention(
         slot_mask=slot_mask,
         rotary_cos=cos,
         rotary_sin=sin,
-        scale=float(scale),
+        scale=scale,
     )
 
 
@@ -382,12 +441,15 @@ def rms_norm(
         ``(normed, s)``. One kernel on CUDA where the models' forward takes five. No gradient
         (it serves decoding).
     """
+    eps = _float_arg(eps, "eps")
+    if not (_float32_finite(eps) and eps >= 0):
+        raise ValueError(f"eps must be finite and >= 0 (as a float32), got {eps}")
     x, weight = x.detach(), weight.detach()
     residual = None if residual is None else residual.detach()
     if use_native(x.device) and x.dtype != torch.float64:
-        out, total = torch.ops.latro_engine.rms_norm(x, weight, residual, float(eps))
+        out, total = torch.ops.latro_engine.rms_norm(x, weight, residual, eps)
     else:
-        out, total = reference.rms_norm(x, weight, residual=residual, eps=float(eps))
+        out, total = reference.rms_norm(x, weight, residual=residual, eps=eps)
     return out if residual is None else (out, total)
 
 
@@ -405,12 +467,13 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 def rloo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
     """Leave-one-out advantages: ``A_i = r_i - (sum of its group - r_i) / (k - 1)``.
 
-    rewards: float32 ``[G * k]``, grouped contiguously by prompt (k samples each); k >= 2.
+    rewards: float32 ``[G * k]``, grouped contiguously by prompt (k samples each; float64 runs
+    the reference on every backend); k >= 2.
     """
-    rewards = rewards.detach()
-    if use_native(rewards.device):
-        return torch.ops.latro_engine.rloo_advantages(rewards, int(k))
-    return reference.rloo_advantages(rewards, int(k))
+    rewards, k = rewards.detach(), _int_arg(k, "k")
+    if use_native(rewards.device) and rewards.dtype != torch.float64:
+        return torch.ops.latro_engine.rloo_advantages(rewards, k)
+    return reference.rloo_advantages(rewards, k)
 
 
 def latro_rewards(
@@ -429,22 +492,27 @@ def latro_rewards(
     ``answer_logp`` for rows that finished; rows that never stopped get a penalty instead of it
     (the KL term stays, as in the reference code): ``nonstop_penalty``
     (``penalty_mode="constant"``) or ``nonstop_penalty * mean(answer_logp)`` over all rows
-    (``"batch_mean"``, the reference code's choice). ``finished`` is bool ``[N]``. No gradient
-    flows through the result.
+    (``"batch_mean"``, the reference code's choice). ``finished`` is bool ``[N]``; the
+    log-probabilities float32 (float64 runs the reference on every backend). No gradient flows
+    through the result.
     """
     answer_logp, rationale_logp, ref_rationale_logp = (
         answer_logp.detach(),
         rationale_logp.detach(),
         ref_rationale_logp.detach(),
     )
-    if use_native(answer_logp.device):
+    kl_coef = _float_arg(kl_coef, "kl_coef")
+    nonstop_penalty = _float_arg(nonstop_penalty, "nonstop_penalty")
+    if not isinstance(penalty_mode, str):
+        raise TypeError(f"penalty_mode must be a string, got {type(penalty_mode).__name__}")
+    if use_native(answer_logp.device) and answer_logp.dtype != torch.float64:
         return torch.ops.latro_engine.latro_rewards(
             answer_logp,
             rationale_logp,
             ref_rationale_logp,
             finished,
-            float(kl_coef),
-            float(nonstop_penalty),
+            kl_coef,
+            nonstop_penalty,
             penalty_mode,
         )
     return reference.latro_rewards(

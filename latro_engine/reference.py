@@ -230,7 +230,7 @@ def linear_weighted_logprob_sum(
     """``(sum_i w_i logp_i, logp.detach())`` with ``logp = linear_token_logprobs(...)``; ignored
     rows add nothing. The gradient goes through :func:`linear_token_logprobs`' backward."""
     _check_linear(hidden, weight, bias, targets)
-    _check_dtype(token_weights, (torch.float32, torch.float64), "token_weights")
+    _check_dtype(token_weights, (torch.float64, *_FLOAT_DTYPES), "token_weights")
     _check_same_device(token_weights, hidden, "token_weights", "hidden")
     if token_weights.shape != (hidden.shape[0],):
         raise ValueError(
@@ -456,6 +456,10 @@ def stop_positions_step(
     _check_dtype(positions, (torch.int64,), "positions")
     if positions.shape != (rows,):
         raise ValueError(f"positions must have shape [B] = [{rows}], got {list(positions.shape)}")
+    if isinstance(step, torch.Tensor):  # as the native op takes it
+        _check_dtype(step, (torch.int64,), "step")
+        if step.dim() != 0:
+            raise ValueError(f"step must be an int or a 0-d tensor, got shape {list(step.shape)}")
     step = int(step)
     if not 0 <= step < length:
         raise ValueError(f"step must be in [0, {length}), got {step}")

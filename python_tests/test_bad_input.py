@@ -272,3 +272,98 @@ def test_silu_mul_errors(device, backend, use_backend):
         with _raises(ValueError, "up is on"):
             ops.silu_mul(g, g.to("cpu" if device == "cuda" else "cuda"))
     assert ops.silu_mul(g[:0], g[:0]).shape == (0, 8)
+
+
+@pytest.mark.parametrize("device,backend", PAIRS)
+def test_scalar_arguments_are_checked_alike_on_both_backends(device, backend, use_backend):
+    """Ints past int64, fractional ints and text for numbers are errors naming the argument
+    (pybind's own named none; int() truncated 3.7 to 3); numbers past float32 too, where the
+    native kernels would compute with inf. A uint64 seed is the int64 of the same bits."""
+    use_backend(backend)
+    logits = torch.randn(2, 5, device=device)
+    r = torch.randn(6, device=device)
+    f = torch.tensor([True, False] * 3, device=device)
+    tokens = torch.zeros(2, 4, dtype=torch.long, device=device)
+    x, w = torch.randn(3, 8, device=device), torch.randn(8, device=device)
+    for call, error, match in [
+        (lambda: ops.rloo_advantages(r, 3.7), TypeError, "k must be an int, got float"),
+        (lambda: ops.rloo_advantages(r, 2**64), ValueError, "k must fit in int64"),
+        (lambda: ops.token_logprobs(logits, tokens[:, 0], ignore_index=2**63), ValueError,
+         "ignore_index must fit in int64"),
+        (lambda: ops.linear_token_logprobs(x, w[None].expand(5, 8), tokens[0, :3] * 0,
+                                           chunk_size=1.5), TypeError, "chunk_size must be an int"),
+        (lambda: ops.stop_positions(tokens, [[1]], start=1.5), TypeError, "start must be an int"),
+        (lambda: ops.sample(logits, seed=2**64), ValueError, "seed must fit in 64 bits"),
+        (lambda: ops.sample(logits, seed=0, temperature="1"), TypeError,
+         "temperature must be a number, got str"),
+        (lambda: ops.latro_rewards(r, r, r, f, kl_coef="0.1", nonstop_penalty=-1.0), TypeError,
+         "kl_coef must be a number"),
+        (lambda: ops.latro_rewards(r, r, r, f, kl_coef=0.1, nonstop_penalty=-1.0,
+                                   penalty_mode=None), TypeError, "penalty_mode must be a string"),
+        (lambda: ops.rms_norm(x, w, eps=1e300), ValueError, "eps must be finite and >= 0"),
+        (lambda: ops.stop_positions_step(tokens, [[1]], step=torch.tensor(1, dtype=torch.int32,
+                                         device=device), positions=tokens[:, 0]), TypeError, "step"),
+        (lambda: ops.stop_positions_step(tokens, [[1]], step=torch.tensor([1], device=device),
+                                         positions=tokens[:, 0]), ValueError,
+         "step must be an int or a 0-d tensor"),
+    ]:
+        with _raises(error, match):
+            call()
+    # A uint64 seed draws as the int64 with its bits.
+    assert torch.equal(ops.sample(logits, seed=2**64 - 5)[0], ops.sample(logits, seed=-5)[0])
+    # float64 rewards run the reference on both backends; low-precision loss weights are cast.
+    assert ops.rloo_advantages(r.double(), 2).dtype == torch.float64
+    assert ops.latro_rewards(r.double(), r.double(), r.double(), f, kl_coef=0.1,
+                             nonstop_penalty=-1.0).dtype == torch.float64
+    h, lm, t = torch.randn(4, 3, device=device), torch.randn(7, 3, device=device), tokens[0]
+    for dtype in (torch.bfloat16, torch.float16):
+        total, _ = ops.linear_weighted_logprob_sum(h, lm, t, torch.ones(4, dtype=dtype, device=device))
+        assert total.dtype == torch.float32
+
+
+@pytest.mark.parametrize("device,backend", PAIRS)
+def test_decode_attention_layouts_and_sizes(device, backend, use_backend):
+    """One row with a cache_v that is not dense within its row (expanded, transposed, strided
+    slots): the native kernels address both caches as dense and wrote outside cache_v (a
+    segfault) or read garbage; they refuse it now, as they did for two rows. Both backends
+    refuse empty heads, a scale past float32, and give no gradient (a decode step)."""
+    use_backend(backend)
+    q = torch.randn(1, 4, 8, device=device)
+    k = torch.randn(1, 2, 5, 8, device=device)
+    nk = torch.randn(1, 2, 8, device=device)
+    bad_v = {
+        "expanded": torch.randn(1, 1, 1, 8, device=device).expand(1, 2, 5, 8),
+        "transposed": torch.randn(1, 2, 8, 5, device=device).transpose(2, 3),
+        "strided slots": torch.randn(1, 2, 10, 8, device=device)[:, :, ::2],
+    }
+    if backend == "native":  # the reference takes any layout
+        for v in bad_v.values():
+            with _raises(ValueError, "cache_v must be dense within each row"):
+                ops.decode_attention(q, k, v, length=5, new_k=nk, new_v=nk)
+    # A size-1 dimension's stride does not matter (one KV head built by a transpose).
+    k1 = torch.randn(1, 5, 1, 8, device=device).transpose(1, 2)
+    v1 = torch.randn(1, 5, 1, 8, device=device).transpose(1, 2)
+    got = ops.decode_attention(q, k1, v1, length=5)
+    want = ops.decode_attention(q, k1.contiguous(), v1.contiguous(), length=5)
+    torch.testing.assert_close(got, want)
+    with _raises(ValueError, "query needs heads and head_dim >= 1"):
+        ops.decode_attention(q[:, :, :0], k[..., :0], k[..., :0], length=5)
+    with _raises(ValueError, "query needs heads"):
+        ops.decode_attention(q[:, :0], k, k, length=5)
+    with _raises(ValueError, r"scale must be finite \(in float32\)"):
+        ops.decode_attention(q, k, k.clone(), length=5, scale=1e39)
+    query = q.clone().requires_grad_()
+    assert not ops.decode_attention(query, k, k.clone(), length=5).requires_grad
+
+
+def test_second_order_gradients_are_refused_by_the_native_kernels(use_backend):
+    """The native backward kernels have no derivative of their own: a double backward raises
+    instead of giving zeros (the reference has one)."""
+    use_backend("native")
+    x = torch.randn(3, 7, requires_grad=True)
+    t = torch.tensor([1, 2, 3])
+    h, w = torch.randn(3, 5, requires_grad=True), torch.randn(9, 5)
+    for logp, wrt in ((ops.token_logprobs(x, t), x), (ops.linear_token_logprobs(h, w, t), h)):
+        (g,) = torch.autograd.grad(logp.sum(), wrt, create_graph=True)
+        with _raises(RuntimeError, "second-order gradients"):
+            (g**2).sum().backward()

@@ -111,15 +111,20 @@ void check_decode_attention(const at::Tensor& query, const at::Tensor& cache_k,
   TORCH_CHECK_VALUE(head_dim >= 1 && head_dim <= latro::kMaxDecodeHeadDim,
                     "head_dim must be in [1, ", latro::kMaxDecodeHeadDim, "], got ", head_dim);
   TORCH_CHECK_VALUE(slots > 0, "cache_k has no slots");
-  // The caches are written in place, so they are never copied into another layout.
-  const bool dense = cache_k.stride(3) == 1 && cache_k.stride(2) == head_dim &&
-                     cache_k.stride(1) == slots * head_dim &&
-                     (rows <= 1 || cache_k.stride(0) >= kv_heads * slots * head_dim);
-  TORCH_CHECK_VALUE(dense, "cache_k must be dense within each row (rows of a contiguous [rows, "
-                    "kv_heads, slots, head_dim] cache), got strides ", cache_k.strides());
-  TORCH_CHECK_VALUE(cache_v.strides() == cache_k.strides() || rows <= 1,
-                    "cache_v must have the strides of cache_k ", cache_k.strides(), ", got ",
-                    cache_v.strides());
+  // The caches are written in place, so they are never copied into another layout: both must
+  // be dense within each row (the kernels address them so), with one stride between rows.
+  // A dimension of size 1 is never stepped along, so its stride does not matter.
+  for (const auto& [t, name] : {std::pair{&cache_k, "cache_k"}, std::pair{&cache_v, "cache_v"}}) {
+    auto stride_is = [&](int dim, int64_t want) { return t->size(dim) <= 1 || t->stride(dim) == want; };
+    const bool dense = stride_is(3, 1) && stride_is(2, head_dim) &&
+                       stride_is(1, slots * head_dim) &&
+                       (rows <= 1 || t->stride(0) >= kv_heads * slots * head_dim);
+    TORCH_CHECK_VALUE(dense, name, " must be dense within each row (rows of a contiguous [rows, "
+                      "kv_heads, slots, head_dim] cache), got strides ", t->strides());
+  }
+  TORCH_CHECK_VALUE(rows <= 1 || cache_v.stride(0) == cache_k.stride(0),
+                    "cache_v must have the row stride of cache_k (", cache_k.stride(0), "), got ",
+                    cache_v.stride(0));
   TORCH_CHECK_VALUE(new_k.has_value() == new_v.has_value(),
                     "new_k and new_v must be given together");
   if (new_k.has_value()) {
