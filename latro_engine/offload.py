@@ -155,10 +155,27 @@ class HostStateAdamW(torch.optim.AdamW):
         return loss
 
     def load_state_dict(self, state_dict) -> None:
-        super().load_state_dict(state_dict)  # casts the moments to each parameter's device
-        for state in self.state.values():
-            for name in self._MOMENTS:
-                if isinstance(state.get(name), torch.Tensor) and state[name].device.type != "cpu":
-                    state[name] = self._to_host(state[name])
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        """AdamW's load, a chunk of parameters at a time: torch's casts every moment to its
+        parameter's device at once, which is all the device memory this class exists to
+        spare (a resume could run out of memory where training does not). Each chunk's
+        moments go back to the host before the next chunk is loaded."""
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        if len(saved_ids) != len(params):  # torch's own check names the mismatch
+            super().load_state_dict(state_dict)
+        id_of = {p: i for p, i in zip(params, saved_ids)}
+        loaded = {}
+        for chunk in self._chunks(params):
+            ids = {id_of[p] for p in chunk}
+            super().load_state_dict(  # the param groups' settings each time; state of this chunk
+                {**state_dict, "state": {i: v for i, v in state_dict["state"].items() if i in ids}}
+            )
+            for p, state in self.state.items():
+                for name in self._MOMENTS:
+                    if isinstance(state.get(name), torch.Tensor) and state[name].device.type != "cpu":
+                        state[name] = self._to_host(state[name])
+                loaded[p] = state
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()  # the chunk's device copies are free once copied
+        self.state.clear()
+        self.state.update(loaded)

@@ -145,6 +145,30 @@ def test_host_state_adamw_is_adamw_bit_for_bit():
     assert all(
         reloaded.state[p]["exp_avg"].device.type == "cpu" for p in again.parameters()
     )
+    for p, q in zip(again.parameters(), want.parameters()):
+        for name in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(reloaded.state[p][name], plain.state[q][name]), name
+    assert [g["lr"] for g in reloaded.param_groups] == [g["lr"] for g in plain.param_groups]
+
+
+def test_host_state_adamw_loads_a_chunk_at_a_time(monkeypatch):
+    """torch's load casts every moment to its parameter's device at once; HostStateAdamW loads
+    one chunk of parameters at a time (its moments back on the host before the next), so a
+    resume needs no more device memory than a step."""
+    _, plain = _trained(torch.optim.AdamW)
+    model, optimizer = _trained(HostStateAdamW, steps=0, chunk_bytes=4096)
+    loads = []
+    load = torch.optim.Optimizer.load_state_dict
+
+    def counted(self, state_dict):
+        loads.append(len(state_dict["state"]))
+        return load(self, state_dict)
+
+    monkeypatch.setattr(torch.optim.Optimizer, "load_state_dict", counted)
+    optimizer.load_state_dict(plain.state_dict())
+    chunks = optimizer._chunks([p for g in optimizer.param_groups for p in g["params"]])
+    assert len(loads) == len(chunks) > 2 and loads == [len(c) for c in chunks]
+    assert len(optimizer.state) == len(list(model.parameters()))
 
 
 def test_host_state_adamw_runs_its_step_hooks_once_a_step():
