@@ -91,4 +91,31 @@ struct NormCase {
   }
 };
 
+// The in-place forms an embedder may use (latro.h): the sum written over the residual or over
+// x (the residual stream updated where it lies), and without a residual out written over x.
+// Each must give the out-of-place result; `run` normalizes with the arguments it is given.
+template <typename Run>
+void expect_in_place_forms_match(const NormCase& c, Run&& run) {
+  Matrix out = c.blank(), sum = c.blank();
+  run(c.args(out, sum));
+  if (!c.shape.residual) {
+    Matrix stream = c.x;
+    latro::RmsNormArgs a = c.args(stream, stream);
+    a.x = stream.data();
+    run(a);
+    EXPECT_TRUE(stream.storage == out.storage) << "out over x";
+    return;
+  }
+  for (bool over_residual : {true, false}) {
+    Matrix stream = over_residual ? c.residual : c.x, in_place_out = c.blank();
+    latro::RmsNormArgs a = c.args(in_place_out, stream);
+    (over_residual ? a.residual : a.x) = stream.data();
+    a.sum = stream.data();
+    run(a);
+    const char* form = over_residual ? "sum over the residual" : "sum over x";
+    EXPECT_TRUE(in_place_out.storage == out.storage) << form;
+    EXPECT_TRUE(stream.storage == sum.storage) << form;
+  }
+}
+
 }  // namespace latro_test

@@ -795,6 +795,15 @@ TEST_P(EmulatedRmsNorm, MatchesTheCpuAndTheReference) {
   }
 }
 
+// Both kernels (the 2,048-wide shapes take the vector one) re-read s from the sum, so the
+// residual stream may be updated in place.
+TEST_P(EmulatedRmsNorm, InPlaceFormsGiveTheSameResults) {
+  std::mt19937 rng(48);
+  expect_in_place_forms_match(NormCase(GetParam(), rng), [](const latro::RmsNormArgs& a) {
+    latro::cuda::rms_norm(a, nullptr);
+  });
+}
+
 INSTANTIATE_TEST_SUITE_P(Shapes, EmulatedRmsNorm, ::testing::ValuesIn(norm_shapes()), norm_name);
 
 // The shapes above whose dim is whole 16-byte vectors (2,048) take the vector kernel. Here the

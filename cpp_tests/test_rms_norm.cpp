@@ -37,6 +37,12 @@ TEST_P(RmsNorm, RowRangesGiveTheSameResults) {
   EXPECT_TRUE(split.storage == out.storage && split_sum.storage == sum.storage);
 }
 
+TEST_P(RmsNorm, InPlaceFormsGiveTheSameResults) {
+  std::mt19937 rng(44);
+  expect_in_place_forms_match(NormCase(GetParam(), rng),
+                              [](const latro::RmsNormArgs& a) { latro::rms_norm(a); });
+}
+
 INSTANTIATE_TEST_SUITE_P(Shapes, RmsNorm, ::testing::ValuesIn(norm_shapes()), norm_name);
 
 TEST(RmsNormErrors, NameTheArgument) {

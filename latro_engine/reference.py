@@ -309,7 +309,8 @@ def kept_mask(
             f"logits row {int((m[:, 0] == -math.inf).nonzero()[0])} has no finite value"
         )
     if bool((m == math.inf).any()):
-        raise ValueError(f"logits row {int((m[:, 0] == math.inf).nonzero()[0])} contains +inf")
+        row = int((m[:, 0] == math.inf).nonzero()[0])
+        raise ValueError(f"logits row {row} contains +inf (after dividing by the temperature)")
     keep = scaled > -math.inf
     vocab = scaled.shape[-1]
     if 0 < top_k < vocab:

@@ -296,6 +296,9 @@ def test_scalar_arguments_are_checked_alike_on_both_backends(device, backend, us
         (lambda: ops.sample(logits, seed=2**64), ValueError, "seed must fit in 64 bits"),
         (lambda: ops.sample(logits, seed=0, temperature="1"), TypeError,
          "temperature must be a number, got str"),
+        # finite logits over a subnormal temperature: +inf, said so
+        (lambda: ops.sample(logits.abs() + 1, seed=0, temperature=1e-45), ValueError,
+         r"contains \+inf \(after dividing by the temperature\)"),
         (lambda: ops.latro_rewards(r, r, r, f, kl_coef="0.1", nonstop_penalty=-1.0), TypeError,
          "kl_coef must be a number"),
         (lambda: ops.latro_rewards(r, r, r, f, kl_coef=0.1, nonstop_penalty=-1.0,

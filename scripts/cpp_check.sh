@@ -73,4 +73,22 @@ cmake -S examples/embed_scorer -B "$EXAMPLE_DIR" "${NINJA_ARGS[@]}" \
 cmake --build "$EXAMPLE_DIR" --parallel "$JOBS"
 "$EXAMPLE_DIR/embed_scorer"
 
+# -- 5. a Debug (-O0) core under the same consumer ------------------------------------------
+# Embedders build Debug too. At -O0 nothing is inlined unless forced, and a vector helper left
+# out of line is called with another ABI from the AVX2 clone of its caller (target_clones):
+# token_logprobs once returned wrong values only there, and no Release build could show it.
+if [[ "$SANITIZE" != "ON" ]]; then
+  DEBUG_DIR="${BUILD_DIR}-debug"
+  step "building the core in Debug ($DEBUG_DIR) and the consumer against it"
+  rm -rf "$DEBUG_DIR" "$DEBUG_DIR-install" "$DEBUG_DIR-embed_scorer"
+  cmake -S . -B "$DEBUG_DIR" "${NINJA_ARGS[@]}" -DCMAKE_BUILD_TYPE=Debug -DLATRO_BUILD_TESTS=OFF \
+    -DLATRO_ENABLE_CUDA=OFF
+  cmake --build "$DEBUG_DIR" --parallel "$JOBS"
+  cmake --install "$DEBUG_DIR" --prefix "$DEBUG_DIR-install"
+  cmake -S examples/embed_scorer -B "$DEBUG_DIR-embed_scorer" "${NINJA_ARGS[@]}" \
+    -DCMAKE_BUILD_TYPE=Debug -DCMAKE_PREFIX_PATH="$(cd "$DEBUG_DIR-install" && pwd)"
+  cmake --build "$DEBUG_DIR-embed_scorer" --parallel "$JOBS"
+  "$DEBUG_DIR-embed_scorer/embed_scorer"
+fi
+
 step "cpp_check: all passed"

@@ -237,7 +237,7 @@ std::tuple<at::Tensor, at::Tensor> sample_cuda(const at::Tensor& logits_in,
   TORCH_CHECK_VALUE(record.kind != StatusKind::RowHasNoFinite, "logits row ", record.row,
                     " has no finite value");
   TORCH_CHECK_VALUE(record.kind != StatusKind::RowHasPosInf, "logits row ", record.row,
-                    " contains +inf");
+                    " contains +inf (after dividing by the temperature)");
   call_cuda([&] { latro::cuda::throw_on_status(record); });
   return {ids, logprobs};
 }

@@ -23,9 +23,11 @@ void normalize_rows(const RmsNormArgs& args, int64_t row_begin, int64_t row_end)
       squares += static_cast<double>(s) * s;
     }
     const float inverse = detail::rms_inverse(squares, d, args.eps);
+    // s again from where it now lies (sum holds it exactly, rounded to T): sum may be the
+    // residual or x itself, updated in place, and x + residual can no longer be re-read.
+    const T* s_row = residual ? sum + r * d : x + r * d;
     for (int64_t i = 0; i < d; ++i) {
-      out[r * d + i] =
-          detail::rms_output(weight[i], detail::rms_input(x + r * d, row_residual, i), inverse);
+      out[r * d + i] = detail::rms_output(weight[i], to_float(s_row[i]), inverse);
     }
   }
 }

@@ -42,9 +42,10 @@ __global__ void __launch_bounds__(kThreads) rms_norm_kernel(const RmsNormArgs a)
     }
     squares = detail::block_all_reduce(squares, SumDouble{}, scratch);
     const float inverse = ::latro::detail::rms_inverse(squares, d, a.eps);
+    // s from where it now lies (see rms_norm.cpp): each thread re-reads the elements it wrote.
+    const T* s_row = residual ? sum + r * d : x + r * d;
     for (int64_t i = threadIdx.x; i < d; i += kThreads) {
-      out[r * d + i] = ::latro::detail::rms_output(
-          weight[i], ::latro::detail::rms_input(x + r * d, row_residual, i), inverse);
+      out[r * d + i] = ::latro::detail::rms_output(weight[i], to_float(s_row[i]), inverse);
     }
   }
 }
@@ -85,15 +86,16 @@ __global__ void __launch_bounds__(kThreads, 4) rms_norm_vector_kernel(const RmsN
     }
     squares = detail::block_all_reduce(squares, SumDouble{}, scratch);
     const float inverse = ::latro::detail::rms_inverse(squares, a.dim, a.eps);
+    // s from where it now lies (see rms_norm.cpp): one vector read instead of x's and the
+    // residual's, each thread re-reading the vectors it wrote.
+    const auto* s_row = kResidual ? static_cast<const Vec16<T>*>(a.sum) + r * vectors : x;
     for (int64_t j = threadIdx.x; j < vectors; j += kThreads) {
-      const Vec16<T> xv = x[j];
-      Vec16<T> rv{};
-      if constexpr (kResidual) rv = residual[j];
+      const Vec16<T> sv = s_row[j];
       const Vec16<T> wv = weight[j];
       Vec16<T> ov;
 #pragma unroll
       for (int i = 0; i < kV; ++i) {
-        ov.items[i] = ::latro::detail::rms_output(wv.items[i], input(xv, rv, i), inverse);
+        ov.items[i] = ::latro::detail::rms_output(wv.items[i], to_float(sv.items[i]), inverse);
       }
       static_cast<Vec16<T>*>(a.out)[r * vectors + j] = ov;
     }

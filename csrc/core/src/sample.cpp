@@ -191,7 +191,8 @@ void sample_row(const SampleArgs& args, const T* row, int64_t r, uint64_t seed, 
   const float m = scale_row(x, vocab, args.temperature, s.data());
   LATRO_CHECK(m == m, "logits row ", r, " contains NaN");
   LATRO_CHECK(m != kNegInf, "logits row ", r, " has no finite value");
-  LATRO_CHECK(m != -kNegInf, "logits row ", r, " contains +inf");
+  LATRO_CHECK(m != -kNegInf, "logits row ", r,
+              " contains +inf (after dividing by the temperature)");
 
   // Thresholds of top-k and min-p: keep s >= kth_largest and s - m >= log(min_p).
   float kth_largest = kNegInf;

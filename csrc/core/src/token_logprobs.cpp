@@ -27,7 +27,7 @@ using detail::vload;
 using detail::vload_partial;
 using detail::vmax_keep_nan;
 
-inline float horizontal_sum(vfloat v) {
+LATRO_INLINE float horizontal_sum(vfloat v) {
   float total = 0.0f;
   for (int i = 0; i < kVecWidth; ++i) total += v[i];
   return total;

@@ -33,7 +33,8 @@ const char* describe(StatusKind kind) {
     case StatusKind::TargetOutOfRange: return "target is out of range for the vocabulary";
     case StatusKind::RowHasNaN: return "logits row contains NaN";
     case StatusKind::RowHasNoFinite: return "logits row has no finite value";
-    case StatusKind::RowHasPosInf: return "logits row contains +inf";
+    case StatusKind::RowHasPosInf:
+      return "logits row contains +inf (after dividing by the temperature)";
     case StatusKind::PositionOutOfRange: return "position is outside [0, len]";
     case StatusKind::LengthOutOfRange: return "length is outside [1, slots]";
   }

@@ -208,10 +208,11 @@ struct RmsNormArgs {
   int64_t dim = 0;
   const void* x = nullptr;         // [rows, dim], dense
   const void* residual = nullptr;  // optional [rows, dim]: the norm is of s = x + residual
-  void* sum = nullptr;             // out [rows, dim], required with residual: s
+  void* sum = nullptr;             // out [rows, dim], required with residual: s; may be
+                                   // residual or x (the residual stream updated in place)
   const void* weight = nullptr;    // [dim]
   float eps = 1e-6f;
-  void* out = nullptr;             // out [rows, dim]
+  void* out = nullptr;             // out [rows, dim]; may be x or sum
 };
 
 // The RMSNorm of Llama-family models, optionally fused with the residual addition before it:
