@@ -33,7 +33,8 @@ Each section prints one markdown table (ours, the torch way, the floor, the rati
   them), with rationales that never stop (a random model) and with rationales that stop at a
   realistic length (a stop set of V/150 single tokens: about 150 tokens on average).
 
-Times are CUDA-event medians after warm-up. Without a CUDA device the script says so and exits
+Kernel and op times are CUDA-event medians after warm-up; a rollout or a LaTRO step is timed
+once, after a whole warm-up run of the same shape, between device synchronizations. Without a CUDA device the script says so and exits
 0; ``--cpu-smoke`` runs every section at toy sizes on the CPU to check the code paths (its
 numbers mean nothing). Run on a GPU machine through ``benchmarks/gpu_check.sh``.
 """
@@ -105,9 +106,18 @@ def graph_ms(fn: Callable[[], Any], device: torch.device, calls: int = 1) -> flo
     return time_ms(graph.replay, device, repeat=20) / calls
 
 
-def peak_gib(fn: Callable[[], Any], device: torch.device, exclude_bytes: int = 0) -> float | None:
+def peak_gib(
+    fn: Callable[[], Any],
+    device: torch.device,
+    exclude_bytes: int = 0,
+    reset: Callable[[], Any] | None = None,
+) -> float | None:
     """Peak CUDA memory fn allocates beyond what was allocated before it (its result kept
-    alive until the peak is read), minus ``exclude_bytes``; None off the GPU."""
+    alive until the peak is read), minus ``exclude_bytes``; None off the GPU. ``reset`` runs
+    first, before the baseline is read: it frees what an earlier call left (gradients), which
+    fn would otherwise free inside the measurement, netting its own new allocations out."""
+    if reset is not None:
+        reset()
     if device.type != "cuda":
         fn()
         return None
@@ -193,20 +203,21 @@ def bench_scorer(device: torch.device, small: bool) -> None:
     def ours_fwd(chunk=None):
         return ops.linear_token_logprobs(hidden, weight, targets, chunk_size=chunk)
 
-    def compare(case, ours, plain, floor, target, exclude_bytes=0, variants=variants):
+    def compare(case, ours, plain, floor, target, exclude_bytes=0, variants=variants,
+                reset=None):
         """One row per variant: ours (ours(chunk)) against plain torch and the floor."""
         t_torch = time_ms(plain, device)
-        m_torch = peak_gib(plain, device, exclude_bytes)
+        m_torch = peak_gib(plain, device, exclude_bytes, reset)
         for label, mode, chunk in variants:
             with cuda_checks(mode):
                 t_ours = time_ms(lambda c=chunk: ours(c), device)
-                m_ours = peak_gib(lambda c=chunk: ours(c), device, exclude_bytes)
+                m_ours = peak_gib(lambda c=chunk: ours(c), device, exclude_bytes, reset)
             rows.append(
                 {
                     "case": f"{case}, {label}",
                     "ours ms": t_ours,
                     "torch ms": t_torch,
-                    "matmul floor ms": floor,
+                    "floor ms": floor,
                     "ours / floor": _ratio(t_ours, floor),
                     "torch / ours": _ratio(t_torch, t_ours),
                     "ours extra GiB": m_ours,
@@ -227,7 +238,13 @@ def bench_scorer(device: torch.device, small: bool) -> None:
 
     h = hidden.detach().requires_grad_()
     w = weight.detach().requires_grad_()
+    # The gradients are outputs: excluded from "extra", and freed before each measurement (the
+    # timing runs leave them allocated; counted in the baseline, then freed inside the call,
+    # they would be subtracted twice).
     grad_bytes = h.numel() * h.element_size() + w.numel() * w.element_size()
+
+    def clear_grads():
+        h.grad = w.grad = None
 
     def ours_fb(chunk=None):
         h.grad = w.grad = None
@@ -242,7 +259,7 @@ def bench_scorer(device: torch.device, small: bool) -> None:
 
     three_matmuls = _three_matmuls_ms(hidden, weight, device)
     compare("forward + backward", ours_fb, torch_fb, three_matmuls, "<= 1.2x floor, < 1 GiB",
-            grad_bytes)
+            grad_bytes, reset=clear_grads)
 
     # The same gradient when the upstream weights are known before the forward (a loss linear in
     # the log-probabilities, LaTRO's once its advantages are): linear_weighted_logprob_sum takes
@@ -262,10 +279,12 @@ def bench_scorer(device: torch.device, small: bool) -> None:
         grad_bytes,
         # 2,048 rows: 0.5 GiB of bf16 logits per chunk, 8 chunks (8 additions into grad_weight)
         variants[:2] + [("ours, checks off, chunk_size=2048", "off", 2048)],
+        reset=clear_grads,
     )
     table(
         "scorer",
-        f"linear_token_logprobs, {str(dtype)[6:]}, N={n:,}, D={d:,}, V={v:,} (max |ours - torch| = {diff:.2e})",
+        f"linear_token_logprobs, {str(dtype)[6:]}, N={n:,}, D={d:,}, V={v:,} (max |ours - torch| = {diff:.2e}; "
+        "floor: the bare LM-head matmul, three matmuls with the backward)",
         rows,
     )
 
@@ -684,11 +703,12 @@ def bench_rollout(device: torch.device, small: bool) -> None:
     model = llama(device, small, torch.bfloat16)
     ids, mask = random_prompts(batch, prompt, model.config.vocab_size, device)
 
-    def per_step(run: Callable[[int], Any], warm_full: bool = True) -> float:
-        # warm-up at both lengths: compilation, graph capture, our decoders (kept per length);
-        # generate has nothing to keep, so a short run warms it
+    def per_step(run: Callable[[int], Any]) -> float:
+        # warm-up at both lengths, for every implementation alike: compilation, graph capture,
+        # our decoders (kept per length), and the allocator's pool at the full length (which
+        # generate's growing cache reaches only then)
         run(1)
-        run(new if warm_full else 8)
+        run(new)
         one = time_ms(lambda: run(1), device, warmup=0, repeat=1)
         full = time_ms(lambda: run(new), device, warmup=0, repeat=1)
         return (full - one) / (new - 1)
@@ -706,10 +726,17 @@ def bench_rollout(device: torch.device, small: bool) -> None:
                 if run is None:
                     decoder = static_compiled_decoder(model, batch, prompt + new, device)
                     run = lambda n, decoder=decoder: decoder(ids, n)  # noqa: E731
-                results[name] = per_step(run, warm_full=name != "Hugging Face generate")
+                results[name] = per_step(run)
         except Exception as error:  # one failed baseline must not hide the others
             results[name] = f"failed: {type(error).__name__}: {error}"[:200]
         print(f"  {name}: {_fmt(results[name])} ms per step ({time.perf_counter() - start:.0f} s)")
+        if "reduce-overhead" in name and device.type == "cuda":
+            # Inductor says only in a silent log when it runs a step without CUDA graphs; a
+            # baseline that fell back would be the weaker one, so its count is printed.
+            from torch._dynamo.utils import counters
+
+            skips = counters["inductor"].get("cudagraph_skips", 0)
+            print(f"  {name}: CUDA graph skips {skips}" + (" (NOT graphed)" if skips else ""))
         if name.startswith("ours"):
             floor = linear_floor_ms(model, batch, device)
             print(f"  floor (the linear layers' matmuls alone): {floor:.3f} ms")
@@ -729,12 +756,13 @@ def bench_rollout(device: torch.device, small: bool) -> None:
                 "implementation": name,
                 "ms per step": ms if ms is not None else value,
                 "this / ours": _ratio(ms, ours) if isinstance(ours, float) else None,
+                "ours / this": _ratio(ours, ms) if isinstance(ours, float) else None,
             }
         )
     rows.append(
         {
             "implementation": "targets",
-            "ms per step": "ours >= 8x faster than generate, <= 0.8x the compiled static loop",
+            "ms per step": "generate / ours >= 8; ours / compiled static loop <= 0.8",
         }
     )
     table(
@@ -910,6 +938,10 @@ def reference_pattern_step(
         )
     model.train()
     rationale, lengths = _cut(out.sequences[:, ids.shape[1] :], stops, 0)
+    # The scores (500 x [48, V] float32: about 11.5 GiB for the 1.5B model) are kept through
+    # generate, as the pattern has them; whether the reference code holds them for the rest of
+    # the step is not known, so they are freed here: the smaller peak for the baseline.
+    del out
     finished = lengths < max_len
     z_mask = (torch.arange(max_len, device=device)[None] < lengths[:, None]).long()
     y = answer.to(device)[None].expand(ids.shape[0], -1)
@@ -1091,6 +1123,10 @@ def bench_latro(device: torch.device, small: bool) -> None:
             ):
                 row: dict[str, Any] = {"weights": weights, "rationales": label, "implementation": name}
                 reference = host_ref if reference_on_host else ref_model
+                if reference_on_host:  # the device copy is not this row's: off the device
+                    ref_model.to("cpu")
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
                 optimizer_cls = HostStateAdamW if optimizer_on_host else torch.optim.AdamW
                 optimizer = optimizer_cls(model.parameters(), lr=1e-7)
                 kwargs = dict(k=k, stops=stops, amp=amp)
@@ -1141,9 +1177,16 @@ def bench_latro(device: torch.device, small: bool) -> None:
                                                   answer, max_len=max_len, **kwargs)
                         profile_kernels(again, f"{weights}, {label}, {name}: one more step",
                                         device, host_calls=True)
+                        del again  # it holds the optimizer (its AdamW state) alive
                 except Exception as error:
                     row["s"] = f"failed: {type(error).__name__}: {error}"[:200]
+                # Nothing of this row stays on the device for the next one to be charged for:
+                # the AdamW state, our kept decoder (KV cache, weight copy).
                 del optimizer
+                release_static_decoder(model)
+                if reference_on_host:
+                    ref_model.to(device)
+                gc.collect()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 baseline = baseline or row
@@ -1151,7 +1194,6 @@ def bench_latro(device: torch.device, small: bool) -> None:
                     row["speedup (>= 4x)"] = _ratio(row.get("samples/s"), baseline.get("samples/s"))
                     row["memory ratio (<= 1/3)"] = _ratio(row.get("peak GiB"), baseline.get("peak GiB"))
                 rows.append(row)
-        release_static_decoder(model)
         del model, ref_model, host_ref
         gc.collect()
         if device.type == "cuda":
