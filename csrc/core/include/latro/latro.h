@@ -115,6 +115,8 @@ void check_sampling_options(float temperature, int64_t top_k, float top_p, float
 
 // ---------------------------------------------------------------- stop detection
 // A set of token sequences, sequence i = tokens[offsets[i] .. offsets[i + 1]); count + 1 offsets.
+// The CPU functions cannot know the length of `tokens`: offsets[count] must not exceed it (the
+// CUDA ones, which read the table on the device, take that length and check it).
 struct StopSequences {
   const int64_t* tokens = nullptr;
   const int64_t* offsets = nullptr;
@@ -154,7 +156,8 @@ enum class PenaltyMode : int {
 // out[i] = R_i - kl_coef * (rationale_logp[i] - ref_rationale_logp[i]), with the self-reward
 // R_i = answer_logp[i] for rows that finished and the penalty for rows that did not (the penalty
 // replaces the self-reward, not the KL term, as in the reference code): nonstop_penalty
-// (Constant) or nonstop_penalty * mean(answer_logp) over all n rows (BatchMean).
+// (Constant) or nonstop_penalty * mean(answer_logp) over all n rows (BatchMean). `finished`
+// holds C++ bools: each byte 0 or 1 (another value is undefined behaviour, as for any bool).
 void latro_rewards(const float* answer_logp, const float* rationale_logp,
                    const float* ref_rationale_logp, const bool* finished, int64_t n,
                    float kl_coef, float nonstop_penalty, PenaltyMode mode, float* out);
@@ -178,7 +181,7 @@ struct DecodeAttentionArgs {
   const void* new_k = nullptr;
   const void* new_v = nullptr;
   // Optional [rows, mask_row_stride]: the slots each row may attend (padding slots of a
-  // left-padded prompt are false); nullptr: all of them.
+  // left-padded prompt are false); nullptr: all of them. Bytes 0 or 1, as any bool.
   const bool* slot_mask = nullptr;
   int64_t mask_row_stride = -1;  // -1: slots
   // Optional rotary embedding [rows, head_dim] float32, dense (both or neither; head_dim even):
