@@ -34,9 +34,9 @@ Each section prints one markdown table (ours, the torch way, the floor, the rati
   realistic length (a stop set of V/150 single tokens: about 150 tokens on average).
 
 Kernel and op times are CUDA-event medians after warm-up; a rollout or a LaTRO step is timed
-once, after a whole warm-up run of the same shape, between device synchronizations. Without a CUDA device the script says so and exits
-0; ``--cpu-smoke`` runs every section at toy sizes on the CPU to check the code paths (its
-numbers mean nothing). Run on a GPU machine through ``benchmarks/gpu_check.sh``.
+once, after a whole warm-up run of the same shape, between device synchronizations. Without
+a CUDA device the script says so and exits 0; ``--cpu-smoke`` runs every section at toy sizes
+on the CPU to check the code paths (its numbers mean nothing). Run on a GPU machine through ``benchmarks/gpu_check.sh``.
 """
 
 from __future__ import annotations

@@ -185,12 +185,16 @@ torch.library.register_autograd(
 
 # The backward kernels have no derivative of their own: a second-order gradient through them
 # (create_graph=True, then backward again) is refused, not silently zero.
+def _double_backward_error(op: str) -> RuntimeError:
+    return RuntimeError(
+        f"{op}: second-order gradients (double backward) are not supported by the native "
+        "kernels; LATRO_BACKEND=torch runs the ops' pure-torch reference, which has them"
+    )
+
+
 def _no_double_backward(op: str):
     def backward(ctx, *grads):
-        raise RuntimeError(
-            f"{op}: second-order gradients (double backward) are not supported by the native "
-            "kernels; LATRO_BACKEND=torch runs the ops' pure-torch reference, which has them"
-        )
+        raise _double_backward_error(op)
 
     return backward
 
@@ -228,7 +232,7 @@ def _weighted_backward(ctx, grad_total, *unused):
             "handed out once; backward through it twice (retain_graph) is not supported"
         )
     if grad_total is not None and grad_total.requires_grad and torch.is_grad_enabled():
-        _no_double_backward("linear_weighted_logprob_sum")(ctx)
+        raise _double_backward_error("linear_weighted_logprob_sum")
     grads, ctx.grads = ctx.grads, None
     out = [
         _scaled(grad, grad_total) if wanted and grad_total is not None else None

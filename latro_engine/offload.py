@@ -97,6 +97,18 @@ class HostStateAdamW(torch.optim.AdamW):
         )
         return host.copy_(tensor, non_blocking=True)
 
+    def _moments_to_host(self, state: dict, host: dict | None = None) -> None:
+        """Moves a parameter's moments that are on a device back to the host, asynchronously:
+        into its ``host`` tensors where it has them (pinned once: allocating is slow), else
+        into new pinned ones (a first step or a load created them on the device)."""
+        for name in self._MOMENTS:
+            value = state.get(name)
+            if isinstance(value, torch.Tensor) and value.device.type != "cpu":
+                if host and name in host:
+                    state[name] = host[name].copy_(value, non_blocking=True)
+                else:
+                    state[name] = self._to_host(value)
+
     def _chunks(self, params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
         chunks, current, size = [], [], 0
         for p in params:
@@ -139,13 +151,7 @@ class HostStateAdamW(torch.optim.AdamW):
                     update = getattr(torch.optim.AdamW.step, "__wrapped__", torch.optim.AdamW.step)
                     update(self)
                     for p, host in zip(chunk, hosts):
-                        state = self.state[p]
-                        for name in self._MOMENTS:
-                            if name in state and state[name].device.type != "cpu":
-                                if name in host:  # (pinned once: allocating it is slow)
-                                    state[name] = host[name].copy_(state[name], non_blocking=True)
-                                else:  # a first step created the moment on the device
-                                    state[name] = self._to_host(state[name])
+                        self._moments_to_host(self.state[p], host)
         finally:
             for group, params in zip(self.param_groups, groups):
                 group["params"] = params
@@ -171,9 +177,7 @@ class HostStateAdamW(torch.optim.AdamW):
                 {**state_dict, "state": {i: v for i, v in state_dict["state"].items() if i in ids}}
             )
             for p, state in self.state.items():
-                for name in self._MOMENTS:
-                    if isinstance(state.get(name), torch.Tensor) and state[name].device.type != "cpu":
-                        state[name] = self._to_host(state[name])
+                self._moments_to_host(state)
                 loaded[p] = state
             if torch.cuda.is_available():
                 torch.cuda.synchronize()  # the chunk's device copies are free once copied

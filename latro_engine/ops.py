@@ -202,8 +202,6 @@ def _chunk_size(chunk_size: object) -> int | None:
 def _device_int(value: int | torch.Tensor, device: torch.device, name: str) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value
-    if name == "seed" and isinstance(value, int) and 2**63 <= value < 2**64:
-        value -= 2**64  # a uint64 seed: the same 64 bits as an int64
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int or an int64 tensor, got {type(value).__name__}")
     if not _INT64[0] <= value <= _INT64[1]:
@@ -245,6 +243,8 @@ def sample(
     top_k = check_top_k(top_k)
     temperature = _float_arg(temperature, "temperature")
     top_p, min_p = _float_arg(top_p, "top_p"), _float_arg(min_p, "min_p")
+    if isinstance(seed, int) and 2**63 <= seed < 2**64:
+        seed -= 2**64  # a uint64 seed: the same 64 bits as an int64
     seed_t = _device_int(seed, logits.device, "seed")
     offset_t = _device_int(offset, logits.device, "offset")
     if use_native(logits.device):

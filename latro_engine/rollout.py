@@ -292,6 +292,21 @@ def sample_rationales(
     )
 
 
+def prompt_mask_flags(prompt_mask: torch.Tensor) -> list[torch.Tensor]:
+    """0-d bool tensors: the mask holds a value other than 0 and 1; a row has no real token.
+    The callers read them with their own checks in one host synchronization, then pass them
+    to :func:`raise_for_prompt_mask`."""
+    real = prompt_mask != 0
+    return [(real & (prompt_mask != 1)).any(), (~real).all(-1).any()]
+
+
+def raise_for_prompt_mask(not_binary: bool, empty: bool) -> None:
+    if not_binary:
+        raise ValueError("prompt_mask must hold only 0 (pad) and 1 (real token)")
+    if empty:
+        raise ValueError("every prompt needs at least one real token (prompt_mask row of zeros)")
+
+
 def _check_left_padded(prompt_mask: torch.Tensor) -> None:
     """ValueError unless every mask row is 0s then 1s, with at least one 1.
 
@@ -302,13 +317,8 @@ def _check_left_padded(prompt_mask: torch.Tensor) -> None:
         return
     real = prompt_mask != 0
     right_padded = real[:, :-1] & ~real[:, 1:]  # a 0 after a 1
-    not_binary, empty, right = torch.stack(
-        [(real & (prompt_mask != 1)).any(), (~real).all(-1).any(), right_padded.any()]
-    ).tolist()
-    if not_binary:
-        raise ValueError("prompt_mask must hold only 0 (pad) and 1 (real token)")
-    if empty:
-        raise ValueError("every prompt needs at least one real token (prompt_mask row of zeros)")
+    *mask_flags, right = torch.stack([*prompt_mask_flags(prompt_mask), right_padded.any()]).tolist()
+    raise_for_prompt_mask(*mask_flags)
     if right:
         row = int(right_padded.any(-1).nonzero()[0])
         raise ValueError(

@@ -24,7 +24,7 @@ import torch
 
 from latro_engine import ops
 from latro_engine.offload import visiting
-from latro_engine.rollout import Rollout
+from latro_engine.rollout import Rollout, prompt_mask_flags, raise_for_prompt_mask
 
 logger = logging.getLogger(__name__)
 
@@ -363,17 +363,13 @@ def score_sequences(
     a_ids, a_len = _as_padded(answer_ids, answer_lengths, rows, group_size, device)
     r_len = rationale_lengths.to(device=device, dtype=torch.int64)
     if rows:
-        real = prompt_mask != 0
         checks = torch.stack([
-            (real & (prompt_mask != 1)).any(), (~real).all(-1).any(),
+            *prompt_mask_flags(prompt_mask),
             ((r_len < 0) | (r_len > rationale_ids.shape[1])).any(),
             ((a_len < 0) | (a_len > a_ids.shape[1])).any(),
         ])
         if bool(checks.any()):  # one host synchronization for every check on tensor contents
-            if checks[0]:
-                raise ValueError("prompt_mask must hold only 0 (pad) and 1 (real token)")
-            if checks[1]:
-                raise ValueError("every prompt needs at least one real token")
+            raise_for_prompt_mask(bool(checks[0]), bool(checks[1]))
             _check_lengths(r_len, rationale_ids, "rationale_lengths", "rationale_ids")
             _check_lengths(a_len, a_ids, "answer_lengths", "answer_ids")
     if loss_weights is not None:

@@ -127,7 +127,7 @@ def gradient_pass(
         # otherwise be padded to the length of those that ran on).
         all_rows = torch.argsort(lengths, stable=True)
     sums: dict[str, float] = {}
-    own_rewards: list[tuple[torch.Tensor, ...]] = []  # the rewards' inputs, when computed here
+    own_scores: list[tuple[torch.Tensor, torch.Tensor]] = []  # (answer, rationale), in row order
     # The reference scores every row in one no-grad pass (one upload of its weights per step
     # when they are kept on the host), not one per micro-batch.
     all_ref = reference(all_rows) if advantages is None else None
@@ -160,17 +160,15 @@ def gradient_pass(
             )
             (loss * share if known is None else scores.loss).backward()
         if known is None:
-            own_rewards.append(
-                (scores.answer_logp.detach(), scores.rationale_logp.detach(), ref,
-                 rollout.finished[rows])
-            )
+            own_scores.append((scores.answer_logp.detach(), scores.rationale_logp.detach()))
         for key, value in mb_stats.items():
             sums[key] = sums.get(key, 0.0) + value * share
-    if own_rewards:
+    if all_ref is not None:
         # The stats of the rewards and advantages are the batch's, as advantages_pass reports
-        # them (a std or a max is not the mean of the micro-batches').
+        # them (a std or a max is not the mean of the micro-batches'). Rows went in order here.
+        answer_logp, rationale_logp = (torch.cat(column) for column in zip(*own_scores))
         _, batch_stats = batch_advantages(
-            *dist.gather_rows(*(torch.cat(column) for column in zip(*own_rewards))),
+            *dist.gather_rows(answer_logp, rationale_logp, all_ref, rollout.finished),
             k=config.k,
             kl_coef=config.kl_coef,
             nonstop_penalty=config.nonstop_penalty,
@@ -206,6 +204,15 @@ def _lr_lambda(config: LatroConfig):
         return max(0.0, 1.0 - (step - config.warmup_steps) / max(1, remaining))
 
     return factor
+
+
+def _data_digest(examples: Sequence[Example]) -> str:
+    """A digest of the examples in their order (the data order is drawn over their indices, so
+    resuming over other data would continue another sequence)."""
+    digest = hashlib.sha256()
+    for e in examples:
+        digest.update(json.dumps([e.id, e.question, e.answer, e.options]).encode())
+    return f"{len(examples)} examples, sha256 {digest.hexdigest()[:16]}"
 
 
 class _Trainer:
@@ -247,6 +254,7 @@ class _Trainer:
         self.train_dataset = fit_to_context(
             tokenizer, train_dataset, config, context, use=use, source="train_dataset"
         )
+        self.train_data_digest = _data_digest(self.train_dataset)  # saved with each checkpoint
         self.eval_dataset = None
         if eval_dataset is not None:
             self.eval_dataset = fit_to_context(
@@ -338,16 +346,8 @@ class _Trainer:
             "nonfinite_in_a_row": self.nonfinite_in_a_row,
             "trainer": self.name,
             "config": self.config.to_dict(),
-            "train_data": self._train_data_digest(),
+            "train_data": self.train_data_digest,
         }
-
-    def _train_data_digest(self) -> str:
-        """A digest of the training examples in their order (the data order is drawn over
-        their indices, so resuming over other data would continue another sequence)."""
-        digest = hashlib.sha256()
-        for e in self.train_dataset:
-            digest.update(json.dumps([e.id, e.question, e.answer, e.options]).encode())
-        return f"{len(self.train_dataset)} examples, sha256 {digest.hexdigest()[:16]}"
 
     def _check_same_run(self, path: str | Path, state: dict[str, Any]) -> None:
         saved_by = state.get("trainer", self.name)
@@ -356,7 +356,7 @@ class _Trainer:
                 f"{path} was written by the {saved_by} trainer, not {self.name}: use another "
                 "output_dir for this run"
             )
-        ours = {**self.config.to_dict(), "train_data": self._train_data_digest()}
+        ours = {**self.config.to_dict(), "train_data": self.train_data_digest}
         theirs = {**state.get("config", {}), "train_data": state.get("train_data")}
         differ = [
             f"{name} {theirs[name]!r} there, {ours[name]!r} here"
