@@ -859,13 +859,15 @@ def _full_vocab_sums(model, ids, mask, positions, weight_mask) -> torch.Tensor:
 class PhaseStats:
     """Seconds and peak CUDA memory of each phase of a LaTRO step (rollout, scoring, training),
     so the table says where the time and the peak come from. Each phase synchronizes the device
-    at its ends and resets the peak counter, so the step's peak is the largest phase peak; off
-    the GPU only the seconds are recorded."""
+    at its ends and resets the peak counters, so the step's peak is the largest phase peak; off
+    the GPU only the seconds are recorded. Besides the tensors' peak (the targets' measure), the
+    caching allocator's reserved peak: what it held from the device (the CUDA context aside)."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.seconds: dict[str, float] = {}
         self.peaks: dict[str, float] = {}
+        self.reserved: dict[str, float] = {}
 
     @contextlib.contextmanager
     def __call__(self, name: str):
@@ -878,9 +880,13 @@ class PhaseStats:
         self.seconds[name] = time.perf_counter() - t0
         if self.device.type == "cuda":
             self.peaks[name] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            self.reserved[name] = torch.cuda.max_memory_reserved(self.device) / 2**30
 
     def step_peak(self) -> float | None:
         return max(self.peaks.values()) if self.peaks else None
+
+    def step_reserved(self) -> float | None:
+        return max(self.reserved.values()) if self.reserved else None
 
     def summary(self) -> str:
         return " / ".join(
@@ -1163,6 +1169,7 @@ def bench_latro(device: torch.device, small: bool) -> None:
                         "samples/s": k * prompts / seconds,
                         "s": seconds,
                         "peak GiB": peak,
+                        "reserved GiB": phases.step_reserved(),
                         "state GiB": state,
                         "mean rationale tokens": mean_length,
                         "phases (s, peak GiB)": phases.summary() or None,

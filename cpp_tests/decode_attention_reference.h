@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <memory>
 #include <random>
 #include <string>
@@ -179,6 +180,27 @@ struct AttentionCase {
     return out;
   }
 };
+
+// Puts non-finite values where the op reads them: a NaN in row 0's first query head (every
+// score of that head NaN), a +inf in row 0's last query head (scores of +-inf or NaN), and in
+// the last row's newest slot (new_k / new_v when the case gives them) a NaN in the last KV
+// head's key and a +inf in the first KV head's value. The float64 reference then has NaN and
+// infinite outputs the op must reproduce; a row with no allowed slot still gives zeros.
+inline void put_non_finite_inputs(AttentionCase& c) {
+  const AttentionShape& s = c.shape;
+  const int64_t d = s.head_dim, r = s.rows - 1, newest = s.length - 1;
+  c.query.set(0, 0, std::numeric_limits<float>::quiet_NaN());
+  c.query.set(s.heads - 1, d - 1, std::numeric_limits<float>::infinity());
+  auto newest_of = [&](Matrix& fresh, Matrix& cache, int64_t g, int64_t i, float x) {
+    if (s.fresh) {
+      fresh.set(r * s.kv_heads + g, i, x);
+    } else {
+      cache.set(r, (g * s.slots + newest) * d + i, x);
+    }
+  };
+  newest_of(c.new_k, c.cache_k, s.kv_heads - 1, d - 1, std::numeric_limits<float>::quiet_NaN());
+  newest_of(c.new_v, c.cache_v, 0, 0, std::numeric_limits<float>::infinity());
+}
 
 // The caches after the op: as before, with new_k / new_v in slot length - 1 when given.
 inline void expect_caches_written(const AttentionCase& c, const Matrix& k, const Matrix& v) {

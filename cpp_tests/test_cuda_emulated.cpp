@@ -17,6 +17,7 @@
 #include "latro/cuda.h"
 #include "latro/latro.h"
 #include "decode_attention_reference.h"
+#include "huge_sizes.h"
 #include "latro_cuda_emulator.h"
 #include "rms_norm_reference.h"
 #include "sample_reference.h"
@@ -422,6 +423,31 @@ struct Scored {
 
 class EmulatedTokenLogprobs : public ShapeTest {};
 
+// The backward kernel against the CPU's for these logits, the forward's lse and an upstream
+// gradient, under every schedule; the gradients within the dtype's rounding.
+void expect_backward_matches_the_cpu(const Matrix& logits, const std::vector<int64_t>& targets,
+                                     const std::vector<float>& lse,
+                                     const std::vector<float>& upstream) {
+  latro::TokenLogprobsBackwardArgs back;
+  back.logits = logits.data();
+  back.dtype = logits.dtype;
+  back.rows = logits.rows;
+  back.vocab = logits.cols;
+  back.row_stride = logits.stride;
+  back.targets = targets.data();
+  back.lse = lse.data();
+  back.grad_logprobs = upstream.data();
+  Matrix cpu_grad = logits, grad = logits;
+  back.grad_logits = cpu_grad.data();
+  back.grad_row_stride = logits.stride;
+  latro::token_logprobs_backward(back);
+  back.grad_logits = grad.data();
+  under_every_schedule([&] { latro::cuda::token_logprobs_backward(back, nullptr); },
+                       [&] { return grad.storage; });
+  EXPECT_TRUE(
+      all_close(matrix_values(grad), matrix_values(cpu_grad), stored_tolerance(logits.dtype)));
+}
+
 TEST_P(EmulatedTokenLogprobs, ForwardAndBackwardMatchTheCpu) {
   std::mt19937 rng(static_cast<unsigned>(rows() * 7 + vocab()));
   const Matrix logits = random_matrix(dtype(), rows(), vocab(), vocab() + 1, rng);
@@ -446,30 +472,44 @@ TEST_P(EmulatedTokenLogprobs, ForwardAndBackwardMatchTheCpu) {
   EXPECT_TRUE(all_close(to_double(logp), to_double(cpu_logp), float32_result_tolerance()));
   EXPECT_TRUE(all_close(to_double(lse), to_double(cpu_lse), float32_result_tolerance()));
 
-  latro::TokenLogprobsBackwardArgs back;
-  back.logits = logits.data();
-  back.dtype = dtype();
-  back.rows = rows();
-  back.vocab = vocab();
-  back.row_stride = logits.stride;
-  back.targets = targets.data();
-  back.lse = cpu_lse.data();
-  back.grad_logprobs = upstream.data();
-  Matrix cpu_grad = logits, grad = logits;
-  back.grad_logits = cpu_grad.data();
-  back.grad_row_stride = logits.stride;
-  latro::token_logprobs_backward(back);
-  back.grad_logits = grad.data();
-  under_every_schedule([&] { latro::cuda::token_logprobs_backward(back, nullptr); },
-                       [&] { return grad.storage; });
-  std::vector<double> got_grad, want_grad;
-  for (int64_t r = 0; r < rows(); ++r) {
-    for (int64_t c = 0; c < vocab(); ++c) {
-      got_grad.push_back(grad.get(r, c));
-      want_grad.push_back(cpu_grad.get(r, c));
-    }
+  expect_backward_matches_the_cpu(logits, targets, cpu_lse, upstream);
+}
+
+// Rows with NaN and infinities (the cases of test_token_logprobs.cpp's FollowsLogSoftmax, in
+// rows longer than a block's stride so the reductions combine them across threads): forward
+// and backward give the CPU's NaN, infinities and values.
+TEST(EmulatedTokenLogprobs, NonFiniteRowsAsOnTheCpu) {
+  constexpr int64_t kVocab = 1301;
+  std::mt19937 rng(41);
+  std::normal_distribution<float> normal;
+  std::vector<std::vector<float>> values(8, std::vector<float>(kVocab));
+  for (auto& row : values) {
+    for (float& x : row) x = normal(rng);
   }
-  EXPECT_TRUE(all_close(got_grad, want_grad, stored_tolerance(dtype())));
+  const std::vector<int64_t> targets = {2, 0, 3, 1000, 1, 3, 4, 900};
+  values[0][700] = kNaNF;                                 // NaN elsewhere: NaN
+  values[1][0] = -kInfF;                                  // -inf at the target: -inf
+  std::fill(values[2].begin(), values[2].end(), -kInfF);  // all -inf: NaN
+  std::fill(values[3].begin(), values[3].end(), -kInfF);  // only the target finite: 0
+  values[3][1000] = 3.0f;
+  values[4][1] = kInfF;     // +inf at the target: NaN
+  values[5][1200] = kInfF;  // +inf elsewhere: NaN or -inf
+  values[6][1100] = -kInfF;  // -inf elsewhere: as if absent
+  values[7][900] = kNaNF;   // NaN at the target
+  for (DType dtype : all_dtypes()) {
+    SCOPED_TRACE(dtype_str(dtype));
+    const Matrix logits = matrix_of_rows(dtype, values);
+    const size_t n = targets.size();
+    std::vector<float> cpu_logp(n), cpu_lse(n), logp(n), lse(n);
+    latro::token_logprobs(forward_args(logits, targets, cpu_logp, &cpu_lse));
+    under_every_schedule(
+        [&] { latro::cuda::token_logprobs(forward_args(logits, targets, logp, &lse), nullptr); },
+        [&] { return std::make_pair(bits_of(logp), bits_of(lse)); });
+    EXPECT_TRUE(std::isnan(cpu_logp[0]) && cpu_logp[1] == -kInfF && cpu_logp[3] == 0.0f);
+    EXPECT_TRUE(all_close(to_double(logp), to_double(cpu_logp), float32_result_tolerance()));
+    EXPECT_TRUE(all_close(to_double(lse), to_double(cpu_lse), float32_result_tolerance()));
+    expect_backward_matches_the_cpu(logits, targets, cpu_lse, std::vector<float>(n, 0.75f));
+  }
 }
 
 TEST(EmulatedTokenLogprobsErrors, TargetOutOfRangeIsNaNAndRecorded) {
@@ -508,8 +548,8 @@ void expect_stops_match_the_cpu(const std::vector<int64_t>& tokens,
                                 const std::vector<int64_t>& stop_tokens,
                                 const std::vector<int64_t>& offsets) {
   const latro::StopSequences stops{stop_tokens.data(), offsets.data(),
-                                   static_cast<int64_t>(offsets.size()) - 1};
-  const int64_t count = static_cast<int64_t>(stop_tokens.size());
+                                   static_cast<int64_t>(offsets.size()) - 1,
+                                   static_cast<int64_t>(stop_tokens.size())};
   for (int64_t start : {int64_t{0}, int64_t{9}}) {
     std::vector<int64_t> want(kStopRows), got(kStopRows);
     latro::stop_positions(tokens.data(), kStopRows, kStopLen, kStopStride, stops, start,
@@ -517,7 +557,7 @@ void expect_stops_match_the_cpu(const std::vector<int64_t>& tokens,
     under_every_schedule(
         [&] {
           latro::cuda::stop_positions(tokens.data(), kStopRows, kStopLen, kStopStride, stops,
-                                      count, start, got.data(), nullptr);
+                                      start, got.data(), nullptr);
         },
         [&] { return got; });
     EXPECT_EQ(got, want) << "start " << start;
@@ -532,7 +572,7 @@ void expect_stops_match_the_cpu(const std::vector<int64_t>& tokens,
           [&] {
             positions = before;
             latro::cuda::stop_positions_step(tokens.data(), kStopRows, kStopLen, kStopStride,
-                                             stops, count, &step, start, positions.data(),
+                                             stops, &step, start, positions.data(),
                                              positions.data(), nullptr, &status);
           },
           [&] { return positions; });
@@ -601,19 +641,19 @@ TEST(EmulatedStops, StepReportsABadTableFoundByAnyLane) {
   std::vector<int64_t> tokens(kRows * kLen, 1), stop_tokens(40, 1), offsets(41);
   for (int64_t i = 0; i <= 40; ++i) offsets[static_cast<size_t>(i)] = i;
   offsets[35] = offsets[34];  // sequence 34 is empty
-  const latro::StopSequences stops{stop_tokens.data(), offsets.data(), 40};
+  const latro::StopSequences stops{stop_tokens.data(), offsets.data(), 40, 40};
   const int64_t step = 3;
   std::vector<int64_t> positions = {kLen, 2, kLen, kLen, 0};
   const std::vector<int64_t> before = positions;
   uint64_t status = latro::cuda::kStatusOk;
-  latro::cuda::stop_positions_step(tokens.data(), kRows, kLen, kLen, stops, 40, &step, 0,
+  latro::cuda::stop_positions_step(tokens.data(), kRows, kLen, kLen, stops, &step, 0,
                                    positions.data(), positions.data(), nullptr, &status);
   EXPECT_EQ(positions, before);
   EXPECT_EQ(latro::cuda::decode_status(status).kind, latro::cuda::StatusKind::BadStopTable);
   // The same table whole stops rows at the first 1 (sequence 0 is the single token 1).
   offsets[35] = 35;
   status = latro::cuda::kStatusOk;
-  latro::cuda::stop_positions_step(tokens.data(), kRows, kLen, kLen, stops, 40, &step, 0,
+  latro::cuda::stop_positions_step(tokens.data(), kRows, kLen, kLen, stops, &step, 0,
                                    positions.data(), positions.data(), nullptr, &status);
   EXPECT_EQ(status, latro::cuda::kStatusOk);
   EXPECT_EQ(positions, (std::vector<int64_t>{3, 2, 3, 3, 0}));
@@ -628,13 +668,14 @@ TEST(EmulatedStops, WholeRowsReportABadTableAndStopNone) {
   std::vector<int64_t> tokens(kRows * kLen, 0), stop_tokens(40, 1), offsets(41);
   for (int64_t r = 0; r < kRows; ++r) tokens[static_cast<size_t>(r * kLen + r + 1)] = 1;
   for (int64_t i = 0; i <= 40; ++i) offsets[static_cast<size_t>(i)] = i;
-  const latro::StopSequences stops{stop_tokens.data(), offsets.data(), 40};
-  auto run = [&](int64_t stop_token_count, uint64_t* status) {
+  latro::StopSequences stops{stop_tokens.data(), offsets.data(), 40, 40};
+  auto run = [&](int64_t token_count, uint64_t* status) {
     std::vector<int64_t> out(kRows, -7);
+    stops.token_count = token_count;
     under_every_schedule(
         [&] {
-          latro::cuda::stop_positions(tokens.data(), kRows, kLen, kLen, stops, stop_token_count,
-                                      0, out.data(), nullptr, status);
+          latro::cuda::stop_positions(tokens.data(), kRows, kLen, kLen, stops, 0, out.data(),
+                                      nullptr, status);
         },
         [&] { return out; });
     return out;
@@ -691,6 +732,36 @@ TEST(EmulatedAdvantages, RlooAndRewardsEqualTheCpuBitForBit) {
   }
 }
 
+// ---------------------------------------------------------------- argument sizes
+// Sizes past any memory (huge_sizes.h): the CUDA entry points refuse them as the CPU ones do,
+// naming the argument, before any launch.
+TEST(EmulatedArgumentSizes, PastAnyMemoryAreRefusedNamingTheArgument) {
+  HugeSizes h;
+  EXPECT_LATRO_ERROR(latro::cuda::token_logprobs(h.token_logprobs(), nullptr),
+                     "logits is too large");
+  EXPECT_LATRO_ERROR(latro::cuda::token_logprobs_backward(h.token_logprobs_backward(), nullptr),
+                     "logits is too large");
+  EXPECT_LATRO_ERROR(latro::cuda::sample(h.sample(), nullptr), "logits is too large");
+  EXPECT_LATRO_ERROR(latro::cuda::plan_decode_attention(h.decode_attention(true), 132),
+                     "cache_k is too large");
+  EXPECT_LATRO_ERROR(latro::cuda::plan_decode_attention(h.decode_attention(false), 132),
+                     "a cache row is too large");
+  EXPECT_LATRO_ERROR(latro::cuda::rms_norm(h.rms_norm(), nullptr), "x is too large");
+  const latro::StopSequences none;
+  const int64_t step = 0;
+  EXPECT_LATRO_ERROR(latro::cuda::stop_positions(h.ints(), HugeSizes::kHuge, HugeSizes::kHuge,
+                                                 HugeSizes::kHuge, none, 0, h.ints(), nullptr),
+                     "tokens is too large");
+  EXPECT_LATRO_ERROR(
+      latro::cuda::stop_positions_step(h.ints(), HugeSizes::kHuge, HugeSizes::kHuge,
+                                       HugeSizes::kHuge, none, &step, 0, h.ints(), h.ints(),
+                                       nullptr),
+      "tokens is too large");
+  EXPECT_LATRO_ERROR(latro::cuda::rloo_advantages(h.floats(), HugeSizes::kHuge, HugeSizes::kHuge,
+                                                  h.floats(), nullptr),
+                     "rewards is too large");
+}
+
 // ---------------------------------------------------------------- decode attention
 class EmulatedDecodeAttention : public ::testing::TestWithParam<AttentionShape> {};
 
@@ -722,6 +793,30 @@ TEST_P(EmulatedDecodeAttention, MatchesTheCpuAndTheReference) {
     } else if (c.shape.rows * c.shape.kv_heads < 132 && c.shape.slots >= 128) {
       EXPECT_GT(plan.splits, 1);
     }
+    const Tolerance tol = attention_tolerance(c.shape.dtype);
+    EXPECT_TRUE(all_close(matrix_values(out), want, tol));
+    EXPECT_TRUE(all_close(matrix_values(out), matrix_values(cpu_out), tol));
+    EXPECT_TRUE(k.storage == cpu_k.storage && v.storage == cpu_v.storage);
+  }
+}
+
+// NaN and infinity where the op reads them (put_non_finite_inputs): the kernels give the NaN
+// and infinite outputs of the CPU and the reference, with and without split slots (fmaxf passes
+// a NaN score over, so the kernels must not take a NaN sum for "no allowed slot").
+TEST_P(EmulatedDecodeAttention, NonFiniteInputsGiveTheCpusNaNAndInfinity) {
+  std::mt19937 rng(24);
+  AttentionCase c(GetParam(), rng);
+  put_non_finite_inputs(c);
+  Matrix cpu_k = c.cache_k, cpu_v = c.cache_v, cpu_out = c.output();
+  latro::decode_attention(c.args(cpu_k, cpu_v, cpu_out));
+  const std::vector<double> want = c.reference();
+  for (int multiprocessors : {1, 132}) {
+    Matrix k = c.cache_k, v = c.cache_v, out = c.output();
+    const latro::DecodeAttentionArgs args = c.args(k, v, out);
+    const auto plan = latro::cuda::plan_decode_attention(args, multiprocessors);
+    std::vector<float> workspace(static_cast<size_t>(plan.workspace_floats));
+    latro::cuda::decode_attention(args, plan, workspace.data(), nullptr);
+    SCOPED_TRACE("splits " + std::to_string(plan.splits));
     const Tolerance tol = attention_tolerance(c.shape.dtype);
     EXPECT_TRUE(all_close(matrix_values(out), want, tol));
     EXPECT_TRUE(all_close(matrix_values(out), matrix_values(cpu_out), tol));

@@ -2,6 +2,8 @@
 // newest key and value written into the cache, row ranges, and bad arguments.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cmath>
 #include <random>
 #include <vector>
 
@@ -34,6 +36,20 @@ TEST_P(DecodeAttention, RowRangesGiveTheSameResults) {
   for (int64_t r = 0; r < c.shape.rows; ++r) latro::decode_attention(args, r, r + 1);
   EXPECT_TRUE(split.storage == out.storage);
   EXPECT_TRUE(k2.storage == k.storage && v2.storage == v.storage);
+}
+
+// NaN and infinity in the query, a key or a value come out as the float64 reference has them
+// (NaN where a score is NaN, not the zeros of a head with no allowed slot).
+TEST_P(DecodeAttention, NonFiniteInputsGiveTheReferencesNaNAndInfinity) {
+  std::mt19937 rng(19);
+  AttentionCase c(GetParam(), rng);
+  put_non_finite_inputs(c);
+  const std::vector<double> want = c.reference();
+  ASSERT_TRUE(std::any_of(want.begin(), want.end(), [](double x) { return std::isnan(x); }));
+  Matrix k = c.cache_k, v = c.cache_v, out = c.output();
+  latro::decode_attention(c.args(k, v, out));
+  EXPECT_TRUE(all_close(matrix_values(out), want, attention_tolerance(c.shape.dtype)));
+  expect_caches_written(c, k, v);
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, DecodeAttention, ::testing::ValuesIn(attention_shapes()),

@@ -26,6 +26,7 @@ struct Stops {
     s.tokens = tokens.data();
     s.offsets = offsets.data();
     s.count = static_cast<int64_t>(offsets.size()) - 1;
+    s.token_count = static_cast<int64_t>(tokens.size());
     return s;
   }
 };
@@ -291,6 +292,24 @@ TEST_F(StopErrors, BadStopSequences) {
   auto negative = ok.view();
   negative.count = -1;
   EXPECT_THROW(latro::check_stop_sequences(negative), latro::Error);
+  auto negative_tokens = ok.view();
+  negative_tokens.token_count = -1;
+  EXPECT_LATRO_ERROR(latro::check_stop_sequences(negative_tokens), "token_count");
+}
+
+// Offsets that end past the tokens (or short of them) are refused before any token is read:
+// the last sequence would reach outside the array.
+TEST_F(StopErrors, OffsetsMustEndAtTheTokenCount) {
+  Stops past({{1, 2}, {3}});
+  past.offsets = {0, 2, 5};
+  EXPECT_LATRO_ERROR(latro::check_stop_sequences(past.view()), "offsets end at 5 but there are 3");
+  EXPECT_LATRO_ERROR(positions(past.view()), "stop tokens");
+  EXPECT_LATRO_ERROR(step(past.view(), 1), "stop tokens");
+  Stops short_of({{1, 2}, {3}});
+  short_of.offsets = {0, 1, 2};
+  EXPECT_LATRO_ERROR(positions(short_of.view()), "offsets end at 2 but there are 3");
+  latro::StopSequences none;  // no sequence: nothing to read, any token count is consistent
+  EXPECT_NO_THROW(positions(none));
 }
 
 TEST_F(StopErrors, BadStartAndStep) {

@@ -184,6 +184,17 @@ def decode_attention_problem(rows, heads, kv, slots, dim, length, dtype, seed=0,
     return query, cache_k, cache_v, new_k, new_v, mask
 
 
+def put_non_finite(query, new_k, new_v):
+    """NaN and infinity where decode attention reads them, in place: a NaN in row 0's first
+    query head (all its scores NaN), +inf in its last query head, a NaN in the last row's new
+    key of the last KV head and +inf in its new value of the first. Outputs NaN where a score
+    is NaN, as torch's attention has them, not the zeros of a row with no allowed slot."""
+    query[0, 0, 0] = math.nan
+    query[0, -1, -1] = math.inf
+    new_k[-1, -1, -1] = math.nan
+    new_v[-1, 0, 0] = math.inf
+
+
 def rotary_tables(rows: int, dim: int, base: float = 10000.0):
     """float32 cos / sin [rows, dim] of positions 3, 4, ... as Llama computes them."""
     inv_freq = base ** (-torch.arange(0, dim, 2, dtype=torch.float32) / dim)

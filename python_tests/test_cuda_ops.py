@@ -21,6 +21,7 @@ from conftest import (
     assert_close_to_oracle,
     decode_attention_oracle,
     decode_attention_problem,
+    put_non_finite,
     rotary_tables,
 )
 
@@ -401,6 +402,25 @@ def test_decode_attention_matches_cpu_and_oracle(shape, dtype, rotary):
     # The same roundings on both devices: the rotated key is stored bit for bit alike.
     torch.testing.assert_close(gpu_k, cpu_k, equal_nan=True, atol=0, rtol=0)
     torch.testing.assert_close(gpu_v, cpu_v, equal_nan=True, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("shape", [(3, 6, 2, 37, 24, 37), (2, 3, 1, 1100, 12, 1090)], ids=str)
+def test_decode_attention_nan_and_infinity_as_on_the_cpu(shape, dtype):
+    """One block per head and the slots split over blocks (the combine kernel) alike."""
+    length = shape[-1]
+    tensors = decode_attention_problem(*shape, dtype, seed=6)
+    put_non_finite(*(tensors[i] for i in (0, 3, 4)))
+    oracle = decode_attention_oracle(*tensors, length, shape[4] ** -0.5)
+    assert bool(oracle.isnan().any())
+    tol = DECODE_ATTENTION_ATOL[dtype]
+    outs = {}
+    for device in ("cpu", "cuda"):
+        query, cache_k, cache_v, new_k, new_v, mask = (t.to(device) for t in tensors)
+        outs[device] = ops.decode_attention(query, cache_k, cache_v, length=length, new_k=new_k,
+                                            new_v=new_v, slot_mask=mask).cpu()
+    torch.testing.assert_close(outs["cuda"].double(), oracle, atol=tol, rtol=tol, equal_nan=True)
+    torch.testing.assert_close(outs["cuda"], outs["cpu"], atol=tol, rtol=tol, equal_nan=True)
 
 
 def test_decode_attention_inside_cuda_graph():

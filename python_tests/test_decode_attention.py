@@ -15,11 +15,32 @@ from conftest import (
     backends_for,
     decode_attention_oracle,
     decode_attention_problem,
+    put_non_finite,
     rotary_tables,
     rotate_as_stored,
 )
 
 from latro_engine import ops
+
+
+@pytest.mark.parametrize("backend", backends_for("cpu"))
+@pytest.mark.parametrize("rotary", [False, True], ids=["", "rotary"])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_nan_and_infinity_come_out_as_in_torchs_attention(dtype, rotary, backend, use_backend):
+    use_backend(backend)
+    shape = (3, 6, 2, 37, 24, 37)
+    query, cache_k, cache_v, new_k, new_v, mask = decode_attention_problem(*shape, dtype, seed=5)
+    put_non_finite(query, new_k, new_v)
+    tables = rotary_tables(shape[0], shape[4]) if rotary else None
+    before_k, before_v = cache_k.clone(), cache_v.clone()
+    out = ops.decode_attention(query, cache_k, cache_v, length=shape[-1], new_k=new_k,
+                               new_v=new_v, slot_mask=mask, rotary=tables)
+    oracle = decode_attention_oracle(query, before_k, before_v, new_k, new_v, mask, shape[-1],
+                                     shape[4] ** -0.5, rotary=tables)
+    assert bool(oracle.isnan().any()) and bool(oracle.isinf().any())
+    tol = DECODE_ATTENTION_ATOL[dtype]
+    torch.testing.assert_close(out.double(), oracle, atol=tol, rtol=tol, equal_nan=True)
+    assert bool((out[1] == 0).all())  # no allowed slot: zeros, whatever the query holds
 
 
 @pytest.mark.parametrize("backend", backends_for("cpu"))

@@ -124,14 +124,13 @@ inline latro::SampleArgs sample_args(const at::Tensor& logits, const at::Tensor&
 inline latro::StopSequences stop_sequences(const at::Tensor& stop_tokens,
                                            const at::Tensor& stop_offsets) {
   return {stop_tokens.data_ptr<int64_t>(), stop_offsets.data_ptr<int64_t>(),
-          stop_offsets.size(0) - 1};
+          stop_offsets.size(0) - 1, stop_tokens.size(0)};
 }
 
 // The contiguous tensors of a stop_positions call (each backend checks and builds it).
 struct StopTable {
   at::Tensor tokens, stop_tokens, stop_offsets;
   latro::StopSequences view() const { return stop_sequences(stop_tokens, stop_offsets); }
-  int64_t token_count() const { return stop_tokens.size(0); }
 };
 
 // ---------------------------------------------------------------- decode_attention

@@ -250,14 +250,11 @@ StopTable stop_table(const at::Tensor& tokens, const at::Tensor& stop_tokens,
 }
 
 // A bad table gets the CPU's message, from the CPU's own check on a host copy of the offsets
-// (only ever on this error path).
+// (only ever on this error path; the check does not read the tokens, left on the device).
 [[noreturn]] void raise_stop_table_error(const StopTable& table) {
   const at::Tensor offsets = table.stop_offsets.cpu();
-  const int64_t count = offsets.size(0) - 1;
-  const int64_t* o = offsets.data_ptr<int64_t>();
-  TORCH_CHECK_VALUE(o[count] == table.token_count(), "stop_sequences offsets end at ", o[count],
-                    " but there are ", table.token_count(), " stop tokens");
-  const latro::StopSequences host{nullptr, o, count};
+  latro::StopSequences host = table.view();
+  host.offsets = offsets.data_ptr<int64_t>();
   call_core([&] { latro::check_stop_sequences(host); });
   TORCH_CHECK_VALUE(false, "stop_sequences offsets are invalid");
 }
@@ -273,8 +270,7 @@ at::Tensor stop_positions_cuda(const at::Tensor& tokens, const at::Tensor& stop_
   const Status status = Status::make(tokens, stream);
   call_cuda([&] {
     latro::cuda::stop_positions(table.tokens.data_ptr<int64_t>(), rows, len, len, table.view(),
-                                table.token_count(), start, out.data_ptr<int64_t>(), stream,
-                                status.ptr());
+                                start, out.data_ptr<int64_t>(), stream, status.ptr());
   });
   const StatusRecord record = status.read();
   if (record.kind == StatusKind::BadStopTable) raise_stop_table_error(table);
@@ -296,7 +292,7 @@ at::Tensor stop_positions_step_cuda(const at::Tensor& tokens, const at::Tensor& 
   const Status status = Status::make(tokens, stream);
   call_cuda([&] {
     latro::cuda::stop_positions_step(table.tokens.data_ptr<int64_t>(), rows, len, len,
-                                     table.view(), table.token_count(), step.data_ptr<int64_t>(),
+                                     table.view(), step.data_ptr<int64_t>(),
                                      start, positions.data_ptr<int64_t>(),
                                      out.data_ptr<int64_t>(), stream, status.ptr());
   });

@@ -76,17 +76,19 @@ void attend_rows(const DecodeAttentionArgs& args, const detail::DecodeAttentionS
         }
         std::fill(acc.begin(), acc.end(), 0.0f);
         float total = 0.0f;
-        // A row with no allowed slot keeps its zeros (top = -inf would make exp(-inf + inf)).
-        if (top != -std::numeric_limits<float>::infinity()) {
-          for (int64_t s = 0; s < length; ++s) {
-            const float w = std::exp(weights[s] - top);
-            if (w == 0.0f) continue;  // masked or negligible: no read, and stale NaN stays out
-            total += w;
-            to_floats(values + s * d, d, kv.data());
-            for (int64_t i = 0; i < d; ++i) acc[i] += w * kv[i];
-          }
+        // With no allowed slot every score is -inf: a shift of 0 gives them all weight 0 and
+        // the head zeros (top = -inf would make exp(-inf + inf)). A NaN score (a NaN or an
+        // infinity in the query or a key) is passed over by the max but gives a NaN weight,
+        // so the head's output is NaN, as in torch, not the zeros of a head with no slot.
+        const float shift = top == -std::numeric_limits<float>::infinity() ? 0.0f : top;
+        for (int64_t s = 0; s < length; ++s) {
+          const float w = std::exp(weights[s] - shift);
+          if (w == 0.0f) continue;  // masked or negligible: no read, and stale NaN stays out
+          total += w;
+          to_floats(values + s * d, d, kv.data());
+          for (int64_t i = 0; i < d; ++i) acc[i] += w * kv[i];
         }
-        const float inverse = total > 0.0f ? 1.0f / total : 0.0f;
+        const float inverse = total == 0.0f ? 0.0f : 1.0f / total;  // NaN stays NaN
         T* o = out + (r * args.heads + h) * d;
         for (int64_t i = 0; i < d; ++i) o[i] = from_float<T>(acc[i] * inverse);
       }

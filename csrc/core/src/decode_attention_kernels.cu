@@ -302,7 +302,8 @@ __global__ void __launch_bounds__(kThreads, 5) decode_attention_kernel(const Att
     block_reduce_tile<true>(top, scratch);
 #pragma unroll
     for (int j = 0; j < kQueryTile; ++j) {
-      // No allowed slot: every score is -inf, and exp(-inf - 0) = 0 keeps the sum at 0.
+      // No allowed slot: every score is -inf, and exp(-inf - 0) = 0 keeps the sum at 0. A NaN
+      // score (fmaxf passes it over) gives a NaN weight and sum: the head's output is NaN.
       const float shift = top[j] == detail::neg_inf() ? 0.0f : top[j];
       total[j] = 0.0f;
       for (int64_t i = threadIdx.x; i < n; i += kThreads) {
@@ -381,7 +382,7 @@ __global__ void __launch_bounds__(kThreads, 5) decode_attention_kernel(const Att
       const int64_t head = r * a.heads + h0 + j;
       const float weight = pick(total, j);
       if (p.splits == 1) {
-        out[head * d + e] = store_float<T>(weight > 0.0f ? sum * (1.0f / weight) : 0.0f);
+        out[head * d + e] = store_float<T>(weight == 0.0f ? 0.0f : sum * (1.0f / weight));
       } else {
         float* partial = p.partial + (head * p.splits + split) * (d + 2);
         if (e == 0) {
@@ -410,17 +411,20 @@ __global__ void __launch_bounds__(kThreads) decode_attention_combine_kernel(cons
   const float* partial = p.partial + head * p.splits * (d + 2);
   float top = detail::neg_inf();
   for (int64_t s = 0; s < p.splits; ++s) top = fmaxf(top, partial[s * (d + 2)]);
+  // A split with no allowed slot has weight 0 and is skipped; one with a NaN score has a NaN
+  // weight (whatever its max) and makes the head NaN, as on the CPU.
   float total = 0.0f;
   for (int64_t s = 0; s < p.splits; ++s) {
-    const float m = partial[s * (d + 2)];
-    if (m != detail::neg_inf()) total += expf(m - top) * partial[s * (d + 2) + 1];
+    const float weight = partial[s * (d + 2) + 1];
+    if (weight != 0.0f) total += expf(partial[s * (d + 2)] - top) * weight;
   }
-  const float inverse = total > 0.0f ? 1.0f / total : 0.0f;
+  const float inverse = total == 0.0f ? 0.0f : 1.0f / total;
   for (int e = threadIdx.x; e < d; e += kThreads) {
     float sum = 0.0f;
     for (int64_t s = 0; s < p.splits; ++s) {
-      const float m = partial[s * (d + 2)];
-      if (m != detail::neg_inf()) sum += expf(m - top) * partial[s * (d + 2) + 2 + e];
+      if (partial[s * (d + 2) + 1] != 0.0f) {
+        sum += expf(partial[s * (d + 2)] - top) * partial[s * (d + 2) + 2 + e];
+      }
     }
     out[e] = store_float<T>(sum * inverse);
   }

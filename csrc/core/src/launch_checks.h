@@ -6,11 +6,28 @@
 
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
 
 #include "latro/error.h"
 #include "latro/latro.h"
 
 namespace latro::detail {
+
+// No array holds more elements: 2^60 of them, 8 bytes each, still have byte offsets in int64.
+constexpr int64_t kMaxElements = int64_t{1} << 60;
+
+// The product of `sizes` (each already checked >= 0), the elements an argument spans. Sizes
+// whose product passes kMaxElements describe no array in memory, and the index arithmetic over
+// them would overflow: an error naming the argument, before anything is read.
+inline int64_t checked_elements(const char* name, std::initializer_list<int64_t> sizes) {
+  int64_t product = 1;
+  for (const int64_t n : sizes) {
+    LATRO_CHECK(n == 0 || product <= kMaxElements / n, name,
+                " is too large: its sizes multiply past 2^60 elements");
+    product *= n;
+  }
+  return product;
+}
 
 // row_stride -1 means dense rows (vocab); anything shorter than a row is an error.
 inline int64_t resolve_row_stride(int64_t row_stride, int64_t vocab, const char* name) {
@@ -30,6 +47,7 @@ inline void check_matrix(const void* data, int64_t rows, int64_t vocab, const ch
 inline int64_t check_token_logprobs_args(const TokenLogprobsArgs& args) {
   check_matrix(args.logits, args.rows, args.vocab, "logits");
   const int64_t stride = resolve_row_stride(args.row_stride, args.vocab, "row_stride");
+  checked_elements("logits", {args.rows, stride});
   LATRO_CHECK(args.targets != nullptr || args.rows == 0, "targets is a null pointer");
   LATRO_CHECK(args.logprobs != nullptr || args.rows == 0, "logprobs (output) is a null pointer");
   return stride;
@@ -47,6 +65,8 @@ inline BackwardStrides check_token_logprobs_backward_args(const TokenLogprobsBac
   const BackwardStrides strides{
       resolve_row_stride(args.row_stride, args.vocab, "row_stride"),
       resolve_row_stride(args.grad_row_stride, args.vocab, "grad_row_stride")};
+  checked_elements("logits", {args.rows, strides.logits});
+  checked_elements("grad_logits", {args.rows, strides.grad});
   LATRO_CHECK(args.targets != nullptr || args.rows == 0, "targets is a null pointer");
   LATRO_CHECK(args.lse != nullptr || args.rows == 0, "lse is a null pointer");
   LATRO_CHECK(args.grad_logprobs != nullptr || args.rows == 0, "grad_logprobs is a null pointer");
@@ -59,6 +79,7 @@ inline BackwardStrides check_token_logprobs_backward_args(const TokenLogprobsBac
 inline int64_t check_sample_args(const SampleArgs& args) {
   check_matrix(args.logits, args.rows, args.vocab, "logits");
   const int64_t stride = resolve_row_stride(args.row_stride, args.vocab, "row_stride");
+  checked_elements("logits", {args.rows, stride});
   check_sampling_options(args.temperature, args.top_k, args.top_p, args.min_p);
   // The noise of token v is word v % 4 of Philox block v / 4, both 32-bit (latro/gumbel.h).
   LATRO_CHECK(args.vocab <= int64_t{0xFFFFFFFF}, "vocab must be below 2^32 for sampling, got ",
@@ -74,6 +95,7 @@ inline void check_rloo_args(const float* rewards, int64_t groups, int64_t k, con
   LATRO_CHECK(k >= 2, "k must be >= 2 for a leave-one-out baseline, got ", k);
   LATRO_CHECK(groups >= 1, "rewards must hold at least one group of k = ", k, ", got ", groups,
               " groups");
+  checked_elements("rewards", {groups, k});
   LATRO_CHECK(rewards != nullptr, "rewards is a null pointer");
   LATRO_CHECK(out != nullptr, "out is a null pointer");
 }
@@ -107,12 +129,16 @@ inline DecodeAttentionStrides check_decode_attention_args(const DecodeAttentionA
   LATRO_CHECK(args.head_dim > 0 && args.head_dim <= kMaxDecodeHeadDim, "head_dim must be in [1, ",
               kMaxDecodeHeadDim, "], got ", args.head_dim);
   LATRO_CHECK(std::isfinite(args.scale), "scale must be finite, got ", args.scale);
-  const int64_t row_elements = args.kv_heads * args.slots * args.head_dim;
+  const int64_t row_elements =
+      checked_elements("a cache row", {args.kv_heads, args.slots, args.head_dim});
   const DecodeAttentionStrides strides{
       resolve_row_stride(args.cache_row_stride, row_elements, "cache_row_stride"),
       args.slot_mask == nullptr ? 0
                                 : resolve_row_stride(args.mask_row_stride, args.slots,
                                                      "mask_row_stride")};
+  checked_elements("query", {args.rows, args.heads, args.head_dim});
+  checked_elements("cache_k", {args.rows, strides.cache_row});
+  checked_elements("slot_mask", {args.rows, strides.mask_row});
   LATRO_CHECK((args.new_k == nullptr) == (args.new_v == nullptr),
               "new_k and new_v must be given together");
   LATRO_CHECK((args.rotary_cos == nullptr) == (args.rotary_sin == nullptr),
@@ -134,12 +160,25 @@ inline void check_rms_norm_args(const RmsNormArgs& args) {
   LATRO_CHECK(args.dim > 0, "dim must be > 0, got ", args.dim);
   LATRO_CHECK(std::isfinite(args.eps) && args.eps >= 0.0f, "eps must be finite and >= 0, got ",
               args.eps);
+  checked_elements("x", {args.rows, args.dim});
   const bool empty = args.rows == 0;
   LATRO_CHECK(args.x != nullptr || empty, "x is a null pointer");
   LATRO_CHECK(args.weight != nullptr, "weight is a null pointer");
   LATRO_CHECK(args.out != nullptr || empty, "out (output) is a null pointer");
   LATRO_CHECK(args.residual == nullptr || args.sum != nullptr || empty,
               "sum (output) is a null pointer, but residual is given");
+}
+
+// stop_positions(_step): the token rows (the stop table's checks differ: the CPU reads it, the
+// CUDA kernels check it on the device).
+inline void check_stop_rows(const int64_t* tokens, int64_t rows, int64_t len, int64_t row_stride,
+                            int64_t start) {
+  LATRO_CHECK(rows >= 0, "rows must be >= 0, got ", rows);
+  LATRO_CHECK(len >= 0, "len must be >= 0, got ", len);
+  LATRO_CHECK(tokens != nullptr || rows == 0 || len == 0, "tokens is a null pointer");
+  LATRO_CHECK(row_stride >= len, "row_stride = ", row_stride, " is smaller than len = ", len);
+  LATRO_CHECK(start >= 0 && start <= len, "start must be in [0, ", len, "], got ", start);
+  checked_elements("tokens", {rows, row_stride});
 }
 
 // silu_mul: the element count and pointers.

@@ -1,24 +1,15 @@
 // Stop-sequence detection ("The answer is", EOS, ...) over token rows.
 #include "cpu_common.h"
 #include "latro/latro.h"
+#include "launch_checks.h"
 #include "stop_common.h"
 
 namespace latro {
-namespace {
-
-void check_rows(const int64_t* tokens, int64_t rows, int64_t len, int64_t row_stride,
-                int64_t start) {
-  LATRO_CHECK(rows >= 0, "rows must be >= 0, got ", rows);
-  LATRO_CHECK(len >= 0, "len must be >= 0, got ", len);
-  LATRO_CHECK(tokens != nullptr || rows == 0 || len == 0, "tokens is a null pointer");
-  LATRO_CHECK(row_stride >= len, "row_stride = ", row_stride, " is smaller than len = ", len);
-  LATRO_CHECK(start >= 0 && start <= len, "start must be in [0, ", len, "], got ", start);
-}
-
-}  // namespace
 
 void check_stop_sequences(const StopSequences& stops) {
   LATRO_CHECK(stops.count >= 0, "stop_sequences count must be >= 0, got ", stops.count);
+  LATRO_CHECK(stops.token_count >= 0, "stop_sequences token_count must be >= 0, got ",
+              stops.token_count);
   if (stops.count == 0) return;
   LATRO_CHECK(stops.offsets != nullptr, "stop_sequences offsets is a null pointer");
   LATRO_CHECK(stops.tokens != nullptr, "stop_sequences tokens is a null pointer");
@@ -28,12 +19,14 @@ void check_stop_sequences(const StopSequences& stops) {
     LATRO_CHECK(stops.offsets[i + 1] > stops.offsets[i], "stop_sequences[", i,
                 "] is empty (offsets must increase strictly)");
   }
+  LATRO_CHECK(stops.offsets[stops.count] == stops.token_count, "stop_sequences offsets end at ",
+              stops.offsets[stops.count], " but there are ", stops.token_count, " stop tokens");
 }
 
 void stop_positions(const int64_t* tokens, int64_t rows, int64_t len, int64_t row_stride,
                     const StopSequences& stops, int64_t start, int64_t* out, int64_t row_begin,
                     int64_t row_end) {
-  check_rows(tokens, rows, len, row_stride, start);
+  detail::check_stop_rows(tokens, rows, len, row_stride, start);
   check_stop_sequences(stops);
   detail::resolve_row_range(rows, row_begin, row_end);
   LATRO_CHECK(out != nullptr || rows == 0, "out is a null pointer");
@@ -56,7 +49,7 @@ void stop_positions_step(const int64_t* tokens, int64_t rows, int64_t len, int64
                          const StopSequences& stops, int64_t step, int64_t start,
                          const int64_t* positions_in, int64_t* positions_out, int64_t row_begin,
                          int64_t row_end) {
-  check_rows(tokens, rows, len, row_stride, start);
+  detail::check_stop_rows(tokens, rows, len, row_stride, start);
   check_stop_sequences(stops);
   detail::resolve_row_range(rows, row_begin, row_end);
   LATRO_CHECK(step >= 0 && step < len, "step must be in [0, ", len, "), got ", step);

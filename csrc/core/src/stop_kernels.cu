@@ -2,6 +2,7 @@
 // memory, so its offsets are validated by the kernels themselves (a BadStopTable record and
 // untouched positions instead of out-of-bounds reads).
 #include "cuda_common.cuh"
+#include "launch_checks.h"
 #include "stop_common.h"
 
 namespace latro::cuda {
@@ -11,11 +12,10 @@ constexpr unsigned kFullWarp = 0xFFFFFFFFu;
 
 // Offsets start at 0, increase strictly and end at the number of stop tokens: checked by a
 // whole warp, its lanes splitting the table; every lane gets the answer.
-__device__ bool warp_stop_table_ok(const StopSequences& stops, int64_t stop_token_count,
-                                   int lane) {
+__device__ bool warp_stop_table_ok(const StopSequences& stops, int lane) {
   if (stops.count == 0) return true;
   bool ok = true;
-  if (lane == 0) ok = stops.offsets[0] == 0 && stops.offsets[stops.count] == stop_token_count;
+  if (lane == 0) ok = stops.offsets[0] == 0 && stops.offsets[stops.count] == stops.token_count;
   for (int64_t i = lane; i < stops.count; i += detail::kWarp) {
     ok = ok && stops.offsets[i + 1] > stops.offsets[i];
   }
@@ -28,12 +28,12 @@ static_assert(kStopThreads >= detail::kWarp, "the table is checked by the block'
 // One block per row: threads try start positions, the block keeps the smallest match.
 __global__ void __launch_bounds__(kStopThreads)
     stop_positions_kernel(const int64_t* __restrict__ tokens, int64_t rows, int64_t len,
-                          int64_t row_stride, StopSequences stops, int64_t stop_token_count,
-                          int64_t start, int64_t* __restrict__ out, uint64_t* status) {
+                          int64_t row_stride, StopSequences stops, int64_t start,
+                          int64_t* __restrict__ out, uint64_t* status) {
   __shared__ unsigned long long earliest;
   __shared__ bool table_ok;
   if (threadIdx.x < detail::kWarp) {
-    const bool ok = warp_stop_table_ok(stops, stop_token_count, static_cast<int>(threadIdx.x));
+    const bool ok = warp_stop_table_ok(stops, static_cast<int>(threadIdx.x));
     if (threadIdx.x == 0) {
       table_ok = ok;
       if (!ok) detail::record(status, -1, StatusKind::BadStopTable);
@@ -95,7 +95,7 @@ __device__ int64_t warp_stop_ending_at(const int64_t* row, int64_t len, const St
 // its ballots always see the whole warp; warps past the last row exit whole.
 __global__ void __launch_bounds__(kStepThreads)
     stop_positions_step_kernel(const int64_t* __restrict__ tokens, int64_t rows, int64_t len,
-                               int64_t row_stride, StopSequences stops, int64_t stop_token_count,
+                               int64_t row_stride, StopSequences stops,
                                const int64_t* step_ptr, int64_t start,
                                const int64_t* positions_in, int64_t* positions_out,
                                uint64_t* status) {
@@ -105,7 +105,7 @@ __global__ void __launch_bounds__(kStepThreads)
   if (row >= rows) return;
   const int64_t step = *step_ptr;
   int64_t position = positions_in[row];
-  if (!warp_stop_table_ok(stops, stop_token_count, lane)) {
+  if (!warp_stop_table_ok(stops, lane)) {
     if (row == 0 && lane == 0) detail::record(status, -1, StatusKind::BadStopTable);
   } else if (step < 0 || step >= len) {
     if (row == 0 && lane == 0) detail::record(status, -1, StatusKind::StepOutOfRange);
@@ -119,15 +119,13 @@ __global__ void __launch_bounds__(kStepThreads)
   if (lane == 0) positions_out[row] = position;
 }
 
+// The rows as on the CPU, and what of the table the host can check without reading it.
 void check_rows(const int64_t* tokens, int64_t rows, int64_t len, int64_t row_stride,
-                int64_t start, const StopSequences& stops, int64_t stop_token_count) {
-  LATRO_CHECK(rows >= 0, "rows must be >= 0, got ", rows);
-  LATRO_CHECK(len >= 0, "len must be >= 0, got ", len);
-  LATRO_CHECK(tokens != nullptr || rows == 0 || len == 0, "tokens is a null pointer");
-  LATRO_CHECK(row_stride >= len, "row_stride = ", row_stride, " is smaller than len = ", len);
-  LATRO_CHECK(start >= 0 && start <= len, "start must be in [0, ", len, "], got ", start);
+                int64_t start, const StopSequences& stops) {
+  ::latro::detail::check_stop_rows(tokens, rows, len, row_stride, start);
   LATRO_CHECK(stops.count >= 0, "stop_sequences count must be >= 0, got ", stops.count);
-  LATRO_CHECK(stop_token_count >= 0, "stop_token_count must be >= 0, got ", stop_token_count);
+  LATRO_CHECK(stops.token_count >= 0, "stop_sequences token_count must be >= 0, got ",
+              stops.token_count);
   LATRO_CHECK(stops.count == 0 || (stops.offsets != nullptr && stops.tokens != nullptr),
               "stop_sequences has a null pointer");
 }
@@ -135,21 +133,21 @@ void check_rows(const int64_t* tokens, int64_t rows, int64_t len, int64_t row_st
 }  // namespace
 
 void stop_positions(const int64_t* tokens, int64_t rows, int64_t len, int64_t row_stride,
-                    const StopSequences& stops, int64_t stop_token_count, int64_t start,
-                    int64_t* out, cudaStream_t stream, uint64_t* status) {
-  check_rows(tokens, rows, len, row_stride, start, stops, stop_token_count);
+                    const StopSequences& stops, int64_t start, int64_t* out,
+                    cudaStream_t stream, uint64_t* status) {
+  check_rows(tokens, rows, len, row_stride, start, stops);
   LATRO_CHECK(out != nullptr || rows == 0, "out is a null pointer");
   if (rows == 0) return;
   detail::launch(stop_positions_kernel, detail::row_blocks(rows), kStopThreads, stream,
-      tokens, rows, len, row_stride, stops, stop_token_count, start, out, status);
+      tokens, rows, len, row_stride, stops, start, out, status);
   LATRO_CUDA_CHECK(cudaGetLastError());
 }
 
 void stop_positions_step(const int64_t* tokens, int64_t rows, int64_t len, int64_t row_stride,
-                         const StopSequences& stops, int64_t stop_token_count,
-                         const int64_t* step, int64_t start, const int64_t* positions_in,
-                         int64_t* positions_out, cudaStream_t stream, uint64_t* status) {
-  check_rows(tokens, rows, len, row_stride, start, stops, stop_token_count);
+                         const StopSequences& stops, const int64_t* step, int64_t start,
+                         const int64_t* positions_in, int64_t* positions_out,
+                         cudaStream_t stream, uint64_t* status) {
+  check_rows(tokens, rows, len, row_stride, start, stops);
   LATRO_CHECK(step != nullptr, "step is a null pointer");
   LATRO_CHECK((positions_in != nullptr && positions_out != nullptr) || rows == 0,
               "positions is a null pointer");
@@ -158,8 +156,8 @@ void stop_positions_step(const int64_t* tokens, int64_t rows, int64_t len, int64
   const int64_t blocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
   LATRO_CHECK(blocks <= INT32_MAX, "too many rows: ", rows);
   detail::launch(stop_positions_step_kernel, static_cast<unsigned int>(blocks), kStepThreads,
-      stream, tokens, rows, len, row_stride, stops, stop_token_count, step, start, positions_in,
-      positions_out, status);
+      stream, tokens, rows, len, row_stride, stops, step, start, positions_in, positions_out,
+      status);
   LATRO_CUDA_CHECK(cudaGetLastError());
 }
 

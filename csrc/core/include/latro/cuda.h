@@ -114,18 +114,17 @@ void token_logprobs_backward(const TokenLogprobsBackwardArgs& args, cudaStream_t
 // all -inf, +inf) gets id -1 and log-prob NaN; a negative offset gives that to every row.
 void sample(const SampleArgs& args, cudaStream_t stream, uint64_t* status = nullptr);
 
-// Semantics of latro::stop_positions / stop_positions_step. `stops` points to device memory
-// with `stop_token_count` tokens (the binding knows it from the tensor's size); the offsets
-// are validated on the device (BadStopTable: every output is then len / positions_in).
-// stop_positions_step reads `step` from device memory (StepOutOfRange: outputs = inputs).
+// Semantics of latro::stop_positions / stop_positions_step. `stops` points to device memory;
+// its offsets are validated on the device against stops.token_count (BadStopTable: every
+// output is then len / positions_in). stop_positions_step reads `step` from device memory
+// (StepOutOfRange: outputs = inputs).
 void stop_positions(const int64_t* tokens, int64_t rows, int64_t len, int64_t row_stride,
-                    const StopSequences& stops, int64_t stop_token_count, int64_t start,
-                    int64_t* out, cudaStream_t stream, uint64_t* status = nullptr);
+                    const StopSequences& stops, int64_t start, int64_t* out,
+                    cudaStream_t stream, uint64_t* status = nullptr);
 void stop_positions_step(const int64_t* tokens, int64_t rows, int64_t len, int64_t row_stride,
-                         const StopSequences& stops, int64_t stop_token_count,
-                         const int64_t* step, int64_t start, const int64_t* positions_in,
-                         int64_t* positions_out, cudaStream_t stream,
-                         uint64_t* status = nullptr);
+                         const StopSequences& stops, const int64_t* step, int64_t start,
+                         const int64_t* positions_in, int64_t* positions_out,
+                         cudaStream_t stream, uint64_t* status = nullptr);
 
 // Semantics of latro::rloo_advantages (the same float64 arithmetic in the same order, so the
 // results equal the CPU's bit for bit) and latro::latro_rewards.

@@ -114,16 +114,17 @@ void sample(const SampleArgs& args, int64_t row_begin = 0, int64_t row_end = -1)
 void check_sampling_options(float temperature, int64_t top_k, float top_p, float min_p);
 
 // ---------------------------------------------------------------- stop detection
-// A set of token sequences, sequence i = tokens[offsets[i] .. offsets[i + 1]); count + 1 offsets.
-// The CPU functions cannot know the length of `tokens`: offsets[count] must not exceed it (the
-// CUDA ones, which read the table on the device, take that length and check it).
+// A set of token sequences, sequence i = tokens[offsets[i] .. offsets[i + 1]); count + 1 offsets
+// and token_count tokens (the length of `tokens`, which the offsets must end at).
 struct StopSequences {
   const int64_t* tokens = nullptr;
   const int64_t* offsets = nullptr;
   int64_t count = 0;
+  int64_t token_count = 0;
 };
 
-// Checks offsets are non-decreasing from 0 and every sequence is non-empty.
+// Checks the offsets start at 0, increase strictly (no empty sequence) and end at token_count,
+// so no sequence reaches outside `tokens`. Reads the offsets, never the tokens.
 void check_stop_sequences(const StopSequences& stops);
 
 // out[r] = the index where the earliest occurrence (starting at or after `start`) of any stop
