@@ -19,6 +19,7 @@ from decimal import Decimal, InvalidOperation, localcontext
 
 __all__ = [
     "DEFAULT_TEMPLATE",
+    "answer_marker",
     "extract_choice",
     "extract_numeric_answer",
     "find_numbers",
@@ -45,6 +46,14 @@ _NUMBER_RE = re.compile(
 
 # Where a sentence starts: after a newline, or after ".", "!" or "?" followed by whitespace.
 _SENTENCE_BREAK_RE = re.compile(r"\n|[.!?](?=\s)")
+
+
+def answer_marker(answer_template: str) -> str:
+    """What evaluation looks for before the answer, from the answer template the model is
+    trained to write: the text before ``{answer}`` without the spaces, markup, brackets and
+    quotes around it ("The answer is ({answer})." -> "The answer is", so "(B)" still follows
+    it; "**Answer:** {answer}" -> "Answer:"), or DEFAULT_TEMPLATE when nothing is left."""
+    return answer_template.split("{answer}")[0].strip(" \t\n([{<\"'*_`") or DEFAULT_TEMPLATE
 
 
 def find_numbers(text: str) -> list[str]:
@@ -168,12 +177,17 @@ def _option_patterns(
     return patterns
 
 
-def _first_option(segment: str, patterns: list[tuple[re.Pattern[str], str]]) -> str | None:
-    """The label named earliest in ``segment`` (the longer match wins at the same position)."""
+def _first_option(
+    segment: str, patterns: list[tuple[re.Pattern[str], str]], starts_before: int | None = None
+) -> str | None:
+    """The label named earliest in ``segment`` (the longer match wins at the same position),
+    among mentions that start before ``starts_before`` (default: anywhere). A mention may run
+    past that point: an option's own text may hold a sentence break ("The plant dies.")."""
+    limit = len(segment) if starts_before is None else starts_before
     best: tuple[int, int, str] | None = None
     for pattern, label in patterns:
         m = pattern.search(segment)
-        if m and (best is None or (m.start(), -len(m.group())) < best[:2]):
+        if m and m.start() < limit and (best is None or (m.start(), -len(m.group())) < best[:2]):
             best = (m.start(), -len(m.group()), label)
     return None if best is None else best[2]
 
@@ -197,8 +211,8 @@ def extract_choice(
     if match is None:
         return None
     start, end = _sentence_span(text, match.start(), match.end())
-    after = text[match.end() : end]
-    found = _first_option(after, _option_patterns(options, bare_labels=True))
+    after = text[match.end() :]  # a mention must start in the sentence, may end past it
+    found = _first_option(after, _option_patterns(options, bare_labels=True), end - match.end())
     if found is None:
         before = text[start : match.start()]
         found = _first_option(before, _option_patterns(options, bare_labels=False))

@@ -185,9 +185,7 @@ def _run_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     device = resolve_device(config.device)
     model.to(device)
     kind = "arc" if args.data_format == "arc" else "gsm8k"
-    result = evaluate_model(
-        model, tokenizer, examples, config, kind=kind, seed=config.seed, device=device
-    )
+    result = evaluate_model(model, tokenizer, examples, config, kind=kind, device=device)
     if args.out:
         write_eval_jsonl(result, args.out)
     print(

@@ -314,6 +314,12 @@ class LatroConfig:
                 f"eval_temperature must be > 0 (maj@k samples), got {self.eval_temperature}"
             )
 
+    def bf16_autocast(self, device_type: str) -> bool:
+        """Whether forwards on ``device_type`` ("cuda", "cpu") run under bf16 autocast: training,
+        rollouts and evaluation alike, so a checkpoint is evaluated with the numerics it was
+        trained with."""
+        return self.bf16 == "on" or (self.bf16 == "auto" and device_type == "cuda")
+
     @property
     def rollout_batch_size(self) -> int:
         """Sequences per step: prompts_per_step * k."""

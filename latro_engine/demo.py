@@ -31,7 +31,7 @@ from latro_engine.data import Example
 from latro_engine.evaluation import EvalResult, write_eval_jsonl
 from latro_engine.generation import evaluate_model
 from latro_engine.metrics import plot_curves, read_metrics
-from latro_engine.trainer import LatroTrainer, SFTTrainer
+from latro_engine.trainer import LatroTrainer, SFTTrainer, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -122,9 +122,13 @@ def _summary(result: EvalResult) -> dict[str, Any]:
     }
 
 
-def format_table(results: dict[str, dict[str, Any]]) -> str:
+def format_table(results: dict[str, dict[str, Any]], temperature: float) -> str:
+    """The results as a Markdown table; maj@k is named with its sampling temperature."""
     k = next(iter(results.values()))["k"]
-    lines = [f"| model | greedy | maj@{k} | greedy answers that reason |", "|---|---|---|---|"]
+    lines = [
+        f"| model | greedy | maj@{k} (T={temperature:g}) | greedy answers that reason |",
+        "|---|---|---|---|",
+    ]
     for name, r in results.items():
         lines.append(
             f"| {name} | {100 * r['greedy_accuracy']:.1f}% | {100 * r['majk_accuracy']:.1f}% "
@@ -161,8 +165,9 @@ def run_demo(
     for name, cls in runs:
         phase = time.perf_counter()
         config = _config(settings, out, name)
-        if cls is None:  # the base needs no trainer, only its evaluation
-            result = evaluate_model(model, tokenizer, held_out, config, seed=config.seed + 17)
+        if cls is None:  # the base needs no trainer, only its evaluation, where theirs runs
+            device = resolve_device(config.device)
+            result = evaluate_model(copy.deepcopy(model).to(device), tokenizer, held_out, config)
             write_eval_jsonl(result, out / f"eval_{name}.jsonl")
         else:
             # The demo's own earlier run in this directory, if any: replaced (a fresh run does
@@ -185,7 +190,7 @@ def run_demo(
         "total_s": round(time.perf_counter() - start, 1),
     }
     (out / "results.json").write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    table = format_table(results)
+    table = format_table(results, settings.temperature)
     (out / "results.md").write_text(table + "\n")
     print(
         f"\n{table}\n\nheld-out questions: {results['base']['n']}; total {payload['total_s']} s; "

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,8 +23,10 @@ from latro_engine.answers import (
     extract_choice,
     extract_numeric_answer,
     majority_vote,
+    normalize_number,
     numbers_equal,
 )
+from latro_engine.checkpoint import write_text_atomic
 from latro_engine.data import Example
 
 logger = logging.getLogger(__name__)
@@ -100,6 +101,28 @@ def _correct(prediction: str | None, gold: str, kind: Kind) -> bool:
     return prediction is not None and prediction == gold
 
 
+def _check_examples(examples: Sequence[Example], kind: Kind) -> None:
+    """Examples that ``kind`` cannot score are an error, not 0%: GSM8K needs numeric golds and
+    no options, ARC options and a gold among their labels (data of the other kind, or a
+    default kind left as it was, would otherwise score every example wrong)."""
+    if kind not in ("gsm8k", "arc"):
+        raise ValueError(f"kind must be 'gsm8k' or 'arc', got {kind!r}")
+    if not examples:
+        raise ValueError("nothing to evaluate: no examples")
+    for ex in examples:
+        if kind == "gsm8k" and (ex.options or normalize_number(ex.answer) is None):
+            raise ValueError(
+                f"example {ex.id!r} cannot be scored as kind='gsm8k' (a numeric gold, no "
+                f"options): gold {ex.answer!r}, {len(ex.options)} options; ARC data needs "
+                "kind='arc'"
+            )
+        if kind == "arc" and ex.answer not in {label for label, _ in ex.options}:
+            raise ValueError(
+                f"example {ex.id!r} cannot be scored as kind='arc': its gold {ex.answer!r} is "
+                f"not one of its option labels {[label for label, _ in ex.options]}"
+            )
+
+
 def evaluate_predictions(
     examples: Sequence[Example],
     completions_per_example: Sequence[Sequence[str]],
@@ -113,14 +136,11 @@ def evaluate_predictions(
     completion, the rest (k of them, the same k for every example) are the samples voted on
     for maj@k. GSM8K answers compare numerically; ARC answers compare option labels.
     """
-    if kind not in ("gsm8k", "arc"):
-        raise ValueError(f"kind must be 'gsm8k' or 'arc', got {kind!r}")
+    _check_examples(examples, kind)
     if len(examples) != len(completions_per_example):
         raise ValueError(
             f"{len(examples)} examples but {len(completions_per_example)} completion lists"
         )
-    if not examples:
-        raise ValueError("nothing to evaluate: no examples")
     sizes = {len(c) for c in completions_per_example}
     if min(sizes) < 1:
         raise ValueError("every example needs at least its greedy completion")
@@ -178,6 +198,7 @@ def evaluate(
         raise ValueError(
             f"need batch_size >= 1 and num_samples >= 0, got {batch_size}, {num_samples}"
         )
+    _check_examples(examples, kind)  # before generating for them
     completions: list[list[str]] = []
     starts = range(0, len(examples), batch_size)
     for start in tqdm(starts, desc=f"eval {kind}", disable=not progress):
@@ -193,20 +214,13 @@ def evaluate(
 
 
 def write_eval_jsonl(result: EvalResult, path: str | os.PathLike[str]) -> Path:
-    """Write one JSON object per example, atomically: a temp file in the same directory then
-    ``os.replace``, so a crash mid-write never leaves a half file that looks complete."""
+    """Write one JSON object per example, atomically (checkpoint.write_text_atomic), so a crash
+    mid-write never leaves a half file that looks complete."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for record in result.records:
-                f.write(json.dumps(asdict(record), ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(
+        target,
+        "".join(json.dumps(asdict(r), ensure_ascii=False) + "\n" for r in result.records),
+    )
     logger.info("wrote %d eval records to %s", len(result.records), target)
     return target

@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 import torch
 
+from latro_engine.answers import answer_marker
 from latro_engine.config import LatroConfig
 from latro_engine.data import (
     DataError,
@@ -253,6 +254,11 @@ def complete(
     return texts
 
 
+# Evaluation's sampling seed is the run's seed plus this: its own stream, never a training
+# rollout's.
+EVAL_SEED_OFFSET = 17
+
+
 def evaluate_model(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -261,11 +267,15 @@ def evaluate_model(
     *,
     kind: Kind = "gsm8k",
     maj_k: int | None = None,
-    seed: int = 0,
+    seed: int | None = None,
     device: torch.device | str | None = None,
 ) -> EvalResult:
-    """Zero-shot greedy and maj@k accuracy (the paper's protocol)."""
-    device = device or next(model.parameters()).device
+    """Zero-shot greedy and maj@k accuracy (the paper's protocol), on ``device`` (default: the
+    model's) under the config's bf16 autocast and with the config's evaluation seed (default
+    ``config.seed + EVAL_SEED_OFFSET``): the trainers, ``latro eval`` and the demo all score a
+    model the same way, so the same checkpoint gets the same numbers from each."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    seed = config.seed + EVAL_SEED_OFFSET if seed is None else seed
     num = config.maj_k if maj_k is None else maj_k
     counter = {"batch": 0}
 
@@ -281,13 +291,16 @@ def evaluate_model(
             device=device,
         )
 
-    template = config.answer_template.split("{answer}")[0].strip() or "The answer is"
-    return evaluate(
-        list(examples),
-        generate_fn,
-        kind=kind,
-        num_samples=num,
-        batch_size=config.eval_batch_size,
-        template=template,
-        progress=config.progress,
+    autocast = torch.autocast(
+        device.type, dtype=torch.bfloat16, enabled=config.bf16_autocast(device.type)
     )
+    with autocast:
+        return evaluate(
+            list(examples),
+            generate_fn,
+            kind=kind,
+            num_samples=num,
+            batch_size=config.eval_batch_size,
+            template=answer_marker(config.answer_template),
+            progress=config.progress,
+        )

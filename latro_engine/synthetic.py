@@ -378,5 +378,5 @@ def answers_match(predicted: str | None, gold: str) -> bool:
 def accuracy(predictions: Sequence[str | None], golds: Sequence[str]) -> float:
     """Fraction of predictions matching their gold answers."""
     if not golds:
-        return 0.0
+        raise ValueError("accuracy of nothing: golds is empty")
     return sum(answers_match(p, g) for p, g in zip(predictions, golds, strict=True)) / len(golds)

@@ -268,7 +268,7 @@ class _Trainer:
         seed_everything(config.seed)
         self.dist = Distributed(config, resolve_device(config.device))
         self.device = self.dist.device
-        self.autocast = self.device.type == "cuda" and config.bf16 != "off" or config.bf16 == "on"
+        self.autocast = config.bf16_autocast(self.device.type)
         self.model = self.dist.prepare(
             self._prepare_model(model.to(self.device)), bf16=self.autocast
         )
@@ -488,6 +488,8 @@ class _Trainer:
                 if config.eval_every and self.eval_dataset and self.step % config.eval_every == 0:
                     result = self.evaluate(maj_k=0)
                     record["eval_greedy_accuracy"] = result.greedy_accuracy
+                    # over the examples that fit the context (fit_to_context skips the others)
+                    record["eval_n"] = result.n
                 if log and (self.step % config.log_every == 0 or self.step == config.steps):
                     log.write(record)
                 bar.update(1)
@@ -531,7 +533,7 @@ class _Trainer:
         examples = dataset if dataset is not None else self.eval_dataset
         if not examples:
             raise ValueError("no evaluation dataset")
-        with self.dist.full_params(self.model), self._autocast():
+        with self.dist.full_params(self.model):
             result = evaluate_model(
                 self.model,
                 self.tokenizer,
@@ -539,7 +541,6 @@ class _Trainer:
                 self.config,
                 kind=self.eval_kind,
                 maj_k=maj_k,
-                seed=self.config.seed + 17,
                 device=self.device,
             )
         if write_path is not None and self.dist.is_main:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from latro_engine.answers import (
+    answer_marker,
     extract_choice,
     extract_numeric_answer,
     find_numbers,
@@ -132,6 +133,32 @@ def test_extract_choice_numeric_labels():
     assert extract_choice("The answer is 18 legs.", opts) == "3"  # "8 legs" not inside "18"
     assert extract_choice("The answer is 8 legs.", opts) == "1"
     assert extract_choice("The answer is (2).", ()) is None
+
+
+def test_extract_choice_option_texts_holding_a_sentence_break():
+    # ARC options are often sentences: their own "." must not end the answer's sentence first.
+    opts = (("A", "The plant grows."), ("B", "The plant dies."), ("C", "U.S. Army"))
+    assert extract_choice("The answer is the plant dies. It lacks water.", opts) == "B"
+    assert extract_choice("The answer is The plant dies.\nSo it wilts.", opts) == "B"
+    assert extract_choice("The answer is The plant dies. ", opts) == "B"
+    assert extract_choice("The answer is U.S. Army.", opts) == "C"
+    # ... but a mention must still start in that sentence
+    assert extract_choice("The answer is unclear. The plant dies.", opts) is None
+
+
+@pytest.mark.parametrize(
+    ("template", "marker", "read_back"),
+    [
+        ("The answer is {answer}.", "The answer is", "B"),
+        ("The answer is ({answer}).", "The answer is", "B"),  # "(B)" still follows the marker
+        ("**Answer:** {answer}", "Answer:", "B"),
+        ("{answer}", "The answer is", None),  # nothing marks the answer: the default marker
+    ],
+)
+def test_answer_marker_from_the_answer_template(template, marker, read_back):
+    assert answer_marker(template) == marker
+    opts = (("A", "yes"), ("B", "no"))  # an answer written with the template reads back
+    assert extract_choice(template.format(answer="(B)"), opts, marker) == read_back
 
 
 def test_majority_vote_basic_and_normalized():

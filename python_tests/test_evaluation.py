@@ -86,6 +86,29 @@ def test_shape_errors():
         evaluate_predictions([], [])
 
 
+ONE_ARC = [Example("a1", "Which?", "B", options=(("A", "yes"), ("B", "no")))]
+
+
+def test_examples_the_kind_cannot_score_are_errors_not_zero_percent():
+    # ARC data left at the default kind, GSM8K data scored as ARC, golds of neither form
+    with pytest.raises(ValueError, match=r"'a1' cannot be scored as kind='gsm8k'.*kind='arc'"):
+        evaluate_predictions(ONE_ARC, [["The answer is (B)"]])
+    with pytest.raises(ValueError, match="'g1' cannot be scored as kind='arc'"):
+        evaluate_predictions(GSM[:1], [["The answer is 4"]], kind="arc")
+    with pytest.raises(ValueError, match="'x' cannot be scored as kind='gsm8k'"):
+        evaluate_predictions([Example("x", "q", "four")], [["4"]])
+    bad_label = [Example("a2", "Which?", "C", options=(("A", "yes"), ("B", "no")))]
+    with pytest.raises(ValueError, match=r"gold 'C' is not one of its option labels \['A', 'B'\]"):
+        evaluate_predictions(bad_label, [["The answer is (B)"]], kind="arc")
+    assert evaluate_predictions(ONE_ARC, [["The answer is (B)"]], kind="arc").greedy_accuracy == 1.0
+
+    def never(batch, num_samples):
+        raise AssertionError("generated for examples it cannot score")
+
+    with pytest.raises(ValueError, match="kind='gsm8k'"):
+        evaluate(ONE_ARC, never, progress=False)
+
+
 def test_evaluate_with_generate_fn_batches():
     calls = []
     table = dict(zip([e.id for e in GSM], GSM_COMPLETIONS, strict=True))
@@ -122,6 +145,9 @@ def test_write_eval_jsonl_atomic(tmp_path):
     out.write_text("old contents\n")
     write_eval_jsonl(res, out)  # overwrites in place
     assert out.read_text().count("\n") == 4
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # as any file the process creates
 
 
 def test_write_eval_jsonl_failure_leaves_old_file(tmp_path, monkeypatch):

@@ -136,6 +136,8 @@ def test_extract_answer() -> None:
     assert extract_answer(" 3+4=7. 7*2=4.") == "4"
     assert extract_answer("no number") is None
     assert synthetic.accuracy(["9", None, "3"], ["9", "1", "4"]) == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="golds is empty"):
+        synthetic.accuracy([], [])
 
 
 def test_jsonl_round_trip(tmp_path: Path) -> None:

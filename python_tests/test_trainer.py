@@ -11,6 +11,7 @@ from conftest import DEVICES
 
 from latro_engine import checkpoint as ckpt
 from latro_engine import trainer as trainer_module
+from latro_engine.generation import evaluate_model
 from latro_engine.metrics import read_metrics
 from latro_engine.objective import batch_advantages, latro_loss
 from latro_engine.trainer import LatroTrainer, SFTTrainer, rows_per_forward
@@ -55,6 +56,7 @@ def test_latro_trains_and_checkpoints(tmp_path, micro_batch_size, penalty_mode, 
             assert math.isfinite(r[key]), (key, r)
         assert 0 <= r["finished_frac"] <= 1
     assert "eval_greedy_accuracy" in records[1]
+    assert records[1]["eval_n"] == 4  # the examples the accuracy is over
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
     assert (tmp_path / "run" / "training_curves.png").stat().st_size > 0
     latest = ckpt.latest_checkpoint(tmp_path / "run")
@@ -138,6 +140,29 @@ def test_evaluate_writes_per_example_jsonl(tmp_path):
     result = trainer.evaluate(maj_k=2, write_path=tmp_path / "eval.jsonl")
     assert result.n == 5 and 0 <= result.greedy_accuracy <= 1 and result.maj_accuracy is not None
     assert len((tmp_path / "eval.jsonl").read_text().splitlines()) == 5
+
+
+@pytest.mark.parametrize("bf16", ["off", "on"])
+def test_every_evaluation_path_scores_a_model_alike(tmp_path, bf16):
+    # The trainer's evaluate, `latro eval` and the demo's base row all call evaluate_model with
+    # its defaults: the config's evaluation seed and its bf16 autocast, whatever the caller.
+    config = tiny.config(tmp_path, bf16=bf16)
+    data = tiny.examples(5)
+    trainer = LatroTrainer(tiny.model(), tiny.tokenizer(), data, config, eval_dataset=data)
+    autocast_seen = []
+    hook = trainer.model.register_forward_pre_hook(
+        lambda module, args: autocast_seen.append(torch.is_autocast_enabled("cpu"))
+    )
+    from_trainer = trainer.evaluate(maj_k=2)
+    direct = evaluate_model(trainer.model, trainer.tokenizer, data, config, maj_k=2)
+    hook.remove()
+    assert autocast_seen and set(autocast_seen) == {bf16 == "on"}
+    assert [r.sampled_predictions for r in direct.records] == [
+        r.sampled_predictions for r in from_trainer.records
+    ]
+    assert [r.greedy_completion for r in direct.records] == [
+        r.greedy_completion for r in from_trainer.records
+    ]
 
 
 def test_lora_trains_adapters_and_uses_the_base_as_reference(tmp_path):
