@@ -61,10 +61,13 @@ _DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 # ----------------------------------------------------------------------------- model access
+def _unwrap_ddp(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The Hugging Face causal LM inside DDP / peft wrappers."""
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        model = model.module
+    model = _unwrap_ddp(model)
     if hasattr(model, "get_base_model"):  # peft: LoRA layers are injected into the base model
         model = model.get_base_model()
     return model
@@ -151,6 +154,18 @@ def _is_lora(module: torch.nn.Module) -> bool:
     return hasattr(module, "lora_A") and hasattr(module, "base_layer")
 
 
+def _peft_unsupported(model: torch.nn.Module) -> str | None:
+    """A peft model whose adapters are not LoRA (prompt or prefix tuning, p-tuning, AdaLoRA,
+    ...): their forward is not the base layers' plus B @ A, which is all the decoder merges."""
+    config = getattr(model, "active_peft_config", None)
+    if config is None:
+        return None
+    peft_type = str(getattr(config, "peft_type", ""))
+    if peft_type.rsplit(".", 1)[-1].upper() != "LORA":
+        return f"peft adapters of type {peft_type.rsplit('.', 1)[-1]} (only plain LoRA is merged)"
+    return None
+
+
 def _linear_unsupported(module: torch.nn.Module, name: str) -> str | None:
     if _is_lora(module):
         if getattr(module, "fan_in_fan_out", False):
@@ -158,9 +173,14 @@ def _linear_unsupported(module: torch.nn.Module, name: str) -> str | None:
         for adapter in module.active_adapters:
             if getattr(module, "use_dora", {}).get(adapter, False):
                 return f"{name}: DoRA adapters"
+            # peft's LoRA variants (DoRA, KaSA, aLoRA, ...) change the forward of B @ A
+            variant = getattr(module, "lora_variant", {}).get(adapter)
+            if variant is not None:
+                return f"{name}: LoRA variant {type(variant).__name__}"
             if getattr(module, "lora_bias", {}).get(adapter, False):
                 return f"{name}: LoRA bias"
-            if adapter not in module.lora_A:
+            a = module.lora_A[adapter] if adapter in module.lora_A else None
+            if not isinstance(a, torch.nn.Linear):  # AdaLoRA: bare parameters (and lora_E)
                 return f"{name}: adapter {adapter!r} is not a LoRA linear adapter"
     if type(_base(module)) is not torch.nn.Linear:
         return f"{name} is a {type(_base(module)).__name__}, not a torch.nn.Linear"
@@ -178,11 +198,19 @@ def static_decoder_unsupported(model: torch.nn.Module, total_length: int = 0) ->
         type(p).__name__ == "DTensor" for p in model.parameters()
     ):
         return "FSDP-sharded parameters"
+    reason = _peft_unsupported(_unwrap_ddp(model))
+    if reason:
+        return reason
     inner = _unwrap(model)
     config = getattr(inner, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         return f"model_type {model_type!r} is not one of {SUPPORTED_MODEL_TYPES}"
+    if model.training and (
+        getattr(config, "attention_dropout", 0.0)
+        or any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
+    ):
+        return "the model is in train mode with dropout (the static decoder applies none)"
     body = getattr(inner, "model", None)
     if not all(hasattr(body, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
         return "the model has no embed_tokens/layers/norm/rotary_emb"
@@ -653,7 +681,7 @@ def decode_static(
         slots=_round_up(prompt + limit, SLOT_BUCKET),
         limit=limit,
         sampling=tuple(
-            sorted((k, int(v) if k == "top_k" else float(v)) for k, v in sampling.items())
+            sorted((k, ops.check_top_k(v) if k == "top_k" else float(v)) for k, v in sampling.items())
         ),
         stops=tuple(tuple(int(t) for t in s) for s in stop_sequences),
         pad_token_id=int(pad_token_id),

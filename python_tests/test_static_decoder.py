@@ -257,6 +257,37 @@ def test_lora_adapters_are_merged(kind, targets):
     _assert_same(*_both(model))
 
 
+def test_peft_adapters_other_than_plain_lora_fall_back_or_raise():
+    """The decoder merges B @ A into the base weight, nothing else: prompt tuning (virtual
+    tokens), AdaLoRA, DoRA and peft's other LoRA variants would decode another model."""
+    peft = pytest.importorskip("peft")
+    lora = dict(r=4, target_modules=["q_proj", "v_proj"])
+    models = {
+        "PROMPT_TUNING": peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
+        "ADALORA": peft.AdaLoraConfig(total_step=10, **lora),
+        "DoRA": peft.LoraConfig(use_dora=True, **lora),
+    }
+    ids, mask = _prompts()
+    kw = {"k": 1, "max_new_tokens": 3, "stop_sequences": [], "pad_token_id": PAD, "seed": 0}
+    for name, config in models.items():
+        model = peft.get_peft_model(_model(), config).eval()
+        reason = static_decoder.static_decoder_unsupported(model)
+        assert reason and name in reason, (name, reason)
+        with pytest.raises(ValueError, match="decoder='static' cannot decode"):
+            sample_rationales(model, ids, mask, decoder="static", **kw)
+    # a variant peft keeps per adapter (KaSA, aLoRA, ...), and LoRA factors that are not linear
+    # layers, on an otherwise plain LoRA model
+    model = peft.get_peft_model(_model(), peft.LoraConfig(**lora)).eval()
+    assert static_decoder.static_decoder_unsupported(model) is None
+    q_proj = model.get_base_model().model.layers[1].self_attn.q_proj
+    q_proj.lora_variant = {"default": object()}
+    assert "q_proj: LoRA variant object" in static_decoder.static_decoder_unsupported(model)
+    q_proj.lora_variant = {}
+    q_proj.lora_A = torch.nn.ParameterDict({"default": torch.nn.Parameter(torch.zeros(4, 32))})
+    reason = static_decoder.static_decoder_unsupported(model)
+    assert "q_proj: adapter 'default' is not a LoRA linear adapter" in reason
+
+
 def test_fractional_top_k_is_refused_not_truncated():
     """The static decoder is kept per sampling settings with top_k as an int: 2.5 must raise,
     not run (and be cached) as top_k=2."""
@@ -292,6 +323,10 @@ def test_unsupported_models_fall_back_or_raise():
     qwen3.model.layers[1].self_attn.k_norm.weight = torch.nn.Parameter(torch.ones(3).double())
     reason = static_decoder.static_decoder_unsupported(qwen3)
     assert reason == "layers.1.self_attn.k_norm is not an RMSNorm over the head dim"
+    dropout = _model(attention_dropout=0.1)  # the model's own forward drops in train mode
+    assert "train mode with dropout" in static_decoder.static_decoder_unsupported(dropout.train())
+    assert static_decoder.static_decoder_unsupported(dropout.eval()) is None
+    assert static_decoder.static_decoder_unsupported(_model().train()) is None  # no dropout
     windowed = _model("mistral", sliding_window=16)
     assert "sliding window" in static_decoder.static_decoder_unsupported(windowed, 40)
     assert static_decoder.static_decoder_unsupported(windowed, 16) is None
