@@ -21,6 +21,7 @@ struct AttentionShape {
   bool fresh;   // new_k / new_v given (written to slot length - 1)
   bool masked;  // a slot mask with holes (a left-padded prompt) and one row with none allowed
   bool rotary = false;  // a rotary embedding of the query and new_k (even head_dim)
+  bool rotary_in_dtype = false;  // ... rounded in dtype, as a bf16 / fp16 model's own tables
 };
 
 inline std::string attention_name(const ::testing::TestParamInfo<AttentionShape>& info) {
@@ -29,7 +30,7 @@ inline std::string attention_name(const ::testing::TestParamInfo<AttentionShape>
          std::to_string(s.heads) + "_kv" + std::to_string(s.kv_heads) + "_slots" +
          std::to_string(s.slots) + "_dim" + std::to_string(s.head_dim) + "_len" +
          std::to_string(s.length) + (s.fresh ? "_fresh" : "") + (s.masked ? "_masked" : "") +
-         (s.rotary ? "_rotary" : "");
+         (s.rotary ? "_rotary" : "") + (s.rotary_in_dtype ? "_indtype" : "");
 }
 
 // One problem in the core's layout. Cache rows are padded (cache_row_stride > dense) and every
@@ -70,8 +71,8 @@ struct AttentionCase {
         for (int64_t i = 0; i < d; ++i) {
           const double angle =
               static_cast<double>(r + 3) * std::pow(10000.0, -2.0 * (i % (d / 2)) / d);
-          cos.push_back(static_cast<float>(std::cos(angle)));
-          sin.push_back(static_cast<float>(std::sin(angle)));
+          cos.push_back(table_value(std::cos(angle)));
+          sin.push_back(table_value(std::sin(angle)));
         }
       }
     }
@@ -89,6 +90,13 @@ struct AttentionCase {
         }
       }
     }
+  }
+
+  // A rotary table's value: float32, or a value of the dtype for a half model's own tables.
+  float table_value(double x) const {
+    const float f = static_cast<float>(x);
+    return shape.rotary_in_dtype ? static_cast<float>(matrix_of_rows(shape.dtype, {{f}}).get(0, 0))
+                                 : f;
   }
 
   bool allowed(int64_t r, int64_t slot) const {
@@ -116,6 +124,7 @@ struct AttentionCase {
     a.scale = 1.0f / std::sqrt(static_cast<float>(shape.head_dim));
     a.rotary_cos = shape.rotary ? cos.data() : nullptr;
     a.rotary_sin = shape.rotary ? sin.data() : nullptr;
+    a.rotary_dtype = shape.rotary_in_dtype ? shape.dtype : DType::Float32;
     a.out = out.data();
     return a;
   }
@@ -126,15 +135,17 @@ struct AttentionCase {
   }
 
   // Element i of `head` (exact stored values) as the op uses it: rotated when the case is,
-  // x * cos + rotate_half(x) * sin with float32 roundings, then rounded to the dtype.
+  // x * cos + rotate_half(x) * sin with float32 roundings (each product and the sum also rounded
+  // to the dtype when rotary_in_dtype), then rounded to the dtype.
   double rotated(const Matrix& m, int64_t row_of_m, int64_t r, int64_t i) const {
     const double x = m.get(row_of_m, i);
     if (!shape.rotary) return x;
     const int64_t d = shape.head_dim, half = d / 2;
     const bool first = i < half;
     const float partner = static_cast<float>(m.get(row_of_m, first ? i + half : i - half));
-    const volatile float direct = static_cast<float>(x) * cos[static_cast<size_t>(r * d + i)];
-    const volatile float turned = (first ? -partner : partner) * sin[static_cast<size_t>(r * d + i)];
+    const volatile float direct = table_value(static_cast<float>(x) * cos[static_cast<size_t>(r * d + i)]);
+    const volatile float turned =
+        table_value((first ? -partner : partner) * sin[static_cast<size_t>(r * d + i)]);
     Matrix one = matrix_of_rows(shape.dtype, {{direct + turned}});
     return one.get(0, 0);
   }
@@ -238,6 +249,10 @@ inline std::vector<AttentionShape> attention_shapes() {
     shapes.push_back({dtype, 2, 8, 1, 29, 256, 23, true, false, true});
     shapes.push_back({dtype, 4, 12, 4, 50, 6, 31, false, true, true});
     shapes.push_back({dtype, 2, 3, 1, 1100, 12, 1090, true, false, true});
+    if (dtype != DType::Float32) {  // a half model's own tables: the rotation rounds in dtype
+      shapes.push_back({dtype, 3, 6, 2, 37, 24, 37, true, true, true, true});
+      shapes.push_back({dtype, 2, 3, 1, 1100, 12, 1090, true, false, true, true});
+    }
   }
   return shapes;
 }

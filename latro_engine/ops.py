@@ -384,11 +384,13 @@ def decode_attention(
             caches at slot ``length - 1`` (in place) before attending.
         slot_mask: optional bool ``[B, S]``: the slots each row may attend (false for the padding
             of a left-padded prompt). A row with no allowed slot gets zeros.
-        rotary: optional ``(cos, sin)``, float32 ``[B, D]`` (float64 with a float64 query), D
-            even: the query and new_k are rotated first, ``x * cos + rotate_half(x) * sin``
-            with float32 roundings as torch's element-wise ops round them, and rounded to
-            their dtype; the cache receives the rotated key. This is the models' rotary
-            embedding fused into the op (without it, pass query and new_k already rotated).
+        rotary: optional ``(cos, sin)``, ``[B, D]``, D even, float32 or of the query's dtype:
+            the query and new_k are rotated first, ``x * cos + rotate_half(x) * sin``, rounded
+            as torch's element-wise ops round them on tables of that dtype (float32 products
+            and sum; with a bf16 / fp16 model's own tables, each product and the sum rounded to
+            that dtype, as the model's forward does), then to the query's dtype; the cache
+            receives the rotated key. This is the models' rotary embedding fused into the op
+            (without it, pass query and new_k already rotated).
         scale: the softmax scale, ``D ** -0.5`` by default.
     Returns:
         ``[B, H, D]`` in query's dtype: ``softmax(scale * q . K) V`` over the allowed slots, in

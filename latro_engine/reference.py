@@ -19,10 +19,14 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 # ----------------------------------------------------------------------------- checks
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
 def _check_dtype(t: torch.Tensor, dtypes: Sequence[torch.dtype], name: str) -> None:
     if t.dtype not in dtypes:
-        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-        raise TypeError(f"{name} must be {allowed}, got {str(t.dtype).replace('torch.', '')}")
+        allowed = ", ".join(_name(d) for d in dtypes)
+        raise TypeError(f"{name} must be {allowed}, got {_name(t.dtype)}")
 
 
 def _check_same_device(t: torch.Tensor, ref: torch.Tensor, name: str, ref_name: str) -> None:
@@ -609,15 +613,23 @@ def _check_decode_attention(
     if rotary_cos is not None:
         if head_dim % 2:
             raise ValueError(f"head_dim must be even for a rotary embedding, got {head_dim}")
-        allowed = (torch.float32, torch.float64) if query.dtype == torch.float64 else (torch.float32,)
         for t, name in ((rotary_cos, "rotary_cos"), (rotary_sin, "rotary_sin")):
-            _check_dtype(t, allowed, name)
+            if t.dtype not in (torch.float32, query.dtype):
+                raise TypeError(
+                    f"{name} must be float32 or the query's dtype {_name(query.dtype)}, got "
+                    f"{_name(t.dtype)}"
+                )
             _check_same_device(t, query, name, "query")
             if t.shape != (rows, head_dim):
                 raise ValueError(
                     f"{name} must have shape [rows, head_dim] = [{rows}, {head_dim}], got "
                     f"{list(t.shape)}"
                 )
+    if rotary_cos is not None and rotary_cos.dtype != rotary_sin.dtype:
+        raise TypeError(
+            "rotary_cos and rotary_sin must have the same dtype, got "
+            f"{_name(rotary_cos.dtype)} and {_name(rotary_sin.dtype)}"
+        )
     _check_dtype(length, (torch.int64,), "length")
     _check_same_device(length, query, "length", "query")
     if length.dim() != 0:
@@ -630,9 +642,10 @@ def _check_decode_attention(
 
 
 def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """The models' rotary embedding of ``x [B, heads, D]`` in float32 (float64 for float64),
-    rounded back to x's dtype: the same element-wise ops, so the same roundings."""
-    compute = _result_dtype(x)
+    """The models' rotary embedding of ``x [B, heads, D]`` in float32 (float64 for float64), or
+    in x's bf16 / fp16 where the tables come in it (a half model's own), rounded back to x's
+    dtype: the same element-wise ops, so the same roundings."""
+    compute = x.dtype if cos.dtype == x.dtype else _result_dtype(x)
     x32 = x.to(compute)
     half = x.shape[-1] // 2
     turned = torch.cat((-x32[..., half:], x32[..., :half]), dim=-1)

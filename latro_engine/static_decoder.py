@@ -482,10 +482,16 @@ class StaticDecoder:
         length = self.prompt_slots + self.step  # slots [0, P + step) hold the row so far
         mask = self.slot_mask[:b]
         mask.index_fill_(1, (length - 1).view(1), True)
-        # The models' cos / sin (in the residual dtype), as the op's float32 tables (float64
-        # for a float64 model): the rotation happens inside the attention op.
+        # The models' cos / sin (in the residual dtype) as the op's tables: the rotation happens
+        # inside the attention op, rounding as the model's forward does. A bf16 / fp16 model
+        # rotates its bf16 / fp16 q and k with tables of that dtype (each product rounded to
+        # it): the same tables. Otherwise (float32 weights, under autocast or not) the products
+        # are float32 ones: float32 tables (float64 for a float64 model).
         cos, sin = self._rotary(self.position[:b, None])
-        table = torch.float64 if self.residual_dtype == torch.float64 else torch.float32
+        if self.residual_dtype == self.key.matmul_dtype and self.residual_dtype.itemsize == 2:
+            table = self.residual_dtype
+        else:
+            table = torch.float64 if self.residual_dtype == torch.float64 else torch.float32
         rotary = (cos[:, 0, 0].to(table), sin[:, 0, 0].to(table))
 
         def attend(i: int, layer: dict, x: torch.Tensor) -> torch.Tensor:

@@ -195,23 +195,41 @@ def put_non_finite(query, new_k, new_v):
     new_v[-1, 0, 0] = math.inf
 
 
-def rotary_tables(rows: int, dim: int, base: float = 10000.0):
-    """float32 cos / sin [rows, dim] of positions 3, 4, ... as Llama computes them."""
+def rotary_tables(rows: int, dim: int, base: float = 10000.0, dtype=torch.float32):
+    """cos / sin [rows, dim] of positions 3, 4, ... as Llama computes them (in float32), in
+    ``dtype`` (a half model's own tables: the rotation then rounds in it)."""
     inv_freq = base ** (-torch.arange(0, dim, 2, dtype=torch.float32) / dim)
     freqs = (torch.arange(rows, dtype=torch.float32) + 3)[:, None] * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+# decode_attention's rotary settings: none, float32 tables, tables of the op's dtype
+ROTARY = ["", "rotary", "rotary-in-dtype"]
+
+
+def rotary_for(setting: str, rows: int, dim: int, dtype):
+    """The rotary tables of a ROTARY setting for a problem of ``dtype``, or None."""
+    if not setting:
+        return None
+    return rotary_tables(rows, dim, dtype=dtype if setting == "rotary-in-dtype" else torch.float32)
 
 
 def rotate_as_stored(x, rotary):
     """x [rows, heads, dim] rotated in float64 (x * cos + rotate_half(x) * sin) and rounded to
-    x's dtype, as the op stores it; x itself without rotary."""
+    x's dtype, as the op stores it; with tables of x's bf16 / fp16 (a half model's own), each
+    product and the sum rounded to it (exact products in float64, then rounded: torch's
+    half ops); x itself without rotary."""
     if rotary is None:
         return x
+    half_tables = rotary[0].dtype == x.dtype and x.dtype.itemsize == 2
     cos, sin = (t.double()[:, None] for t in rotary)
     half = x.shape[-1] // 2
     x64 = x.double()
-    return (x64 * cos + torch.cat((-x64[..., half:], x64[..., :half]), -1) * sin).to(x.dtype)
+    direct, turned = x64 * cos, torch.cat((-x64[..., half:], x64[..., :half]), -1) * sin
+    if half_tables:
+        direct, turned = direct.to(x.dtype).double(), turned.to(x.dtype).double()
+    return (direct + turned).to(x.dtype)
 
 
 def decode_attention_oracle(

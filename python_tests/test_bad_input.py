@@ -212,8 +212,13 @@ def test_decode_attention_errors(device, backend, use_backend):
     cos = torch.ones(2, 8, device=device)
     with _raises(ValueError, "rotary_cos and rotary_sin must be given together"):
         ops.decode_attention(q, k, v, length=3, rotary=(cos, None))
-    with _raises(TypeError, "rotary_sin"):
+    with _raises(TypeError, "rotary_sin must be float32 or the query's dtype"):
         call(rotary=(cos, cos.double()))
+    with _raises(TypeError, "rotary_cos must be float32 or the query's dtype"):
+        call(rotary=(cos.bfloat16(), cos.bfloat16()))  # a float32 query: its tables are float32
+    with _raises(TypeError, "rotary_cos and rotary_sin must have the same dtype"):
+        call(query=q.bfloat16(), cache_k=k.bfloat16(), cache_v=v.bfloat16(),
+             new_k=nk.bfloat16(), new_v=nv.bfloat16(), rotary=(cos.bfloat16(), cos))
     with _raises(ValueError, "rotary_cos must have shape"):
         call(rotary=(cos[:, :6], cos))
     with _raises(ValueError, "head_dim must be even for a rotary embedding"):

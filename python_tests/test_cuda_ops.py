@@ -18,10 +18,12 @@ from conftest import (
     FLOAT_DTYPES,
     LLAMA3_VOCAB,
     ODD_SIZES,
+    ROTARY,
     assert_close_to_oracle,
     decode_attention_oracle,
     decode_attention_problem,
     put_non_finite,
+    rotary_for,
     rotary_tables,
 )
 
@@ -371,7 +373,7 @@ ATTENTION_SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("rotary", [False, True], ids=["", "rotary"])
+@pytest.mark.parametrize("rotary", ROTARY)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("shape", ATTENTION_SHAPES, ids=str)
 def test_decode_attention_matches_cpu_and_oracle(shape, dtype, rotary):
@@ -379,7 +381,7 @@ def test_decode_attention_matches_cpu_and_oracle(shape, dtype, rotary):
         pytest.skip("a rotary embedding needs an even head dim")
     length = shape[-1]
     tensors = decode_attention_problem(*shape, dtype, seed=4)
-    tables = rotary_tables(shape[0], shape[4]) if rotary else None
+    tables = rotary_for(rotary, shape[0], shape[4], dtype)
     oracle = decode_attention_oracle(*tensors, length, shape[4] ** -0.5, rotary=tables)
     results = {}
     for device in ("cpu", "cuda"):

@@ -12,10 +12,12 @@ from conftest import (
     DECODE_ATTENTION_ATOL,
     DECODE_ATTENTION_SHAPES,
     FLOAT_DTYPES,
+    ROTARY,
     backends_for,
     decode_attention_oracle,
     decode_attention_problem,
     put_non_finite,
+    rotary_for,
     rotary_tables,
     rotate_as_stored,
 )
@@ -44,7 +46,7 @@ def test_nan_and_infinity_come_out_as_in_torchs_attention(dtype, rotary, backend
 
 
 @pytest.mark.parametrize("backend", backends_for("cpu"))
-@pytest.mark.parametrize("rotary", [False, True], ids=["", "rotary"])
+@pytest.mark.parametrize("rotary", ROTARY)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("shape", DECODE_ATTENTION_SHAPES, ids=str)
 def test_matches_the_oracle_and_writes_the_newest_slot(shape, dtype, rotary, backend, use_backend):
@@ -53,7 +55,7 @@ def test_matches_the_oracle_and_writes_the_newest_slot(shape, dtype, rotary, bac
         pytest.skip("a rotary embedding needs an even head dim")
     length = shape[-1]
     query, cache_k, cache_v, new_k, new_v, mask = decode_attention_problem(*shape, dtype)
-    tables = rotary_tables(shape[0], shape[4]) if rotary else None
+    tables = rotary_for(rotary, shape[0], shape[4], dtype)
     before_k, before_v = cache_k.clone(), cache_v.clone()
     scale = 0.7 / math.sqrt(shape[4])
     out = ops.decode_attention(
@@ -85,26 +87,40 @@ def test_matches_the_oracle_and_writes_the_newest_slot(shape, dtype, rotary, bac
     torch.testing.assert_close(cache_v, want_v, equal_nan=True, atol=0, rtol=0)
 
 
-def test_rotary_is_the_models_rotary_embedding(use_backend):
-    """The fused rotation equals Llama's own apply_rotary_pos_emb followed by the op, bit for
-    bit in float32 (the same roundings, no fused multiply-add)."""
+@pytest.mark.parametrize(
+    "dtype,table_dtype",
+    [
+        (torch.float32, torch.float32),
+        (torch.bfloat16, torch.bfloat16),  # a bf16 model: its tables, each product rounded
+        (torch.float16, torch.float16),
+        (torch.bfloat16, torch.float32),  # float32 weights under bf16 autocast
+    ],
+    ids=str,
+)
+def test_rotary_is_the_models_rotary_embedding(dtype, table_dtype, use_backend):
+    """The fused rotation equals Llama's own apply_rotary_pos_emb (on q and k of the op's dtype
+    and tables of the model's) followed by the op, bit for bit: the same roundings, no fused
+    multiply-add."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     query, cache_k, cache_v, new_k, new_v, mask = decode_attention_problem(
-        3, 8, 2, 40, 32, 33, torch.float32, seed=5
+        3, 8, 2, 40, 32, 33, dtype, seed=5
     )
-    cos, sin = rotary_tables(3, 32)
+    cos, sin = (t.to(table_dtype) for t in rotary_tables(3, 32))
     for backend in backends_for("cpu"):
         use_backend(backend)
         k1, v1, k2, v2 = cache_k.clone(), cache_v.clone(), cache_k.clone(), cache_v.clone()
         fused = ops.decode_attention(
             query, k1, v1, length=33, new_k=new_k, new_v=new_v, slot_mask=mask, rotary=(cos, sin)
         )
-        q_rot, k_rot = apply_rotary_pos_emb(
-            query[:, :, None], new_k[:, :, None], cos[:, None], sin[:, None]
+        q_rot, k_rot = (
+            t[:, :, 0].to(dtype)  # float32 tables promote: rounded once, as attention reads it
+            for t in apply_rotary_pos_emb(
+                query[:, :, None], new_k[:, :, None], cos[:, None], sin[:, None]
+            )
         )
         plain = ops.decode_attention(
-            q_rot[:, :, 0], k2, v2, length=33, new_k=k_rot[:, :, 0], new_v=new_v, slot_mask=mask
+            q_rot, k2, v2, length=33, new_k=k_rot, new_v=new_v, slot_mask=mask
         )
         assert torch.equal(fused, plain), backend
         torch.testing.assert_close(k1, k2, equal_nan=True, atol=0, rtol=0)

@@ -140,8 +140,8 @@ struct StopTable {
 inline latro::DecodeAttentionArgs decode_attention_args(
     const at::Tensor& query, const at::Tensor& cache_k, const at::Tensor& cache_v,
     const at::Tensor& new_k, const at::Tensor& new_v, const at::Tensor& slot_mask,
-    const at::Tensor& rotary_cos, const at::Tensor& rotary_sin, const at::Tensor& length,
-    double scale, const at::Tensor& out) {
+    const at::Tensor& rotary_cos, const at::Tensor& rotary_sin, latro::DType rotary_dtype,
+    const at::Tensor& length, double scale, const at::Tensor& out) {
   latro::DecodeAttentionArgs args;
   args.dtype = core_dtype(query, "query");
   args.rows = query.size(0);
@@ -159,6 +159,7 @@ inline latro::DecodeAttentionArgs decode_attention_args(
   args.mask_row_stride = slot_mask.defined() && args.rows > 1 ? slot_mask.stride(0) : -1;
   args.rotary_cos = rotary_cos.defined() ? rotary_cos.data_ptr<float>() : nullptr;
   args.rotary_sin = rotary_sin.defined() ? rotary_sin.data_ptr<float>() : nullptr;
+  args.rotary_dtype = rotary_dtype;
   args.length = length.data_ptr<int64_t>();
   args.scale = static_cast<float>(scale);
   args.out = out.data_ptr();

@@ -27,8 +27,9 @@ void check_stop_step(const at::Tensor& tokens, const at::Tensor& step,
                      const at::Tensor& positions);
 // decode_attention: query [B, H, D], caches [B, G, S, D] dense within a row (written in place,
 // never copied), optional new_k / new_v [B, G, D] and slot_mask bool [B, S], length int64
-// 0-d, optional rotary_cos / rotary_sin float32 [B, D] (D even), all on query's device and
-// of query's dtype (float32/bf16/fp16) where not said otherwise.
+// 0-d, optional rotary_cos / rotary_sin [B, D] (D even) float32 or of query's dtype (a half
+// model's own tables: the rotation then rounds in that dtype), all on query's device and of
+// query's dtype (float32/bf16/fp16) where not said otherwise.
 void check_decode_attention(const at::Tensor& query, const at::Tensor& cache_k,
                             const at::Tensor& cache_v, const std::optional<at::Tensor>& new_k,
                             const std::optional<at::Tensor>& new_v,
@@ -37,9 +38,11 @@ void check_decode_attention(const at::Tensor& query, const at::Tensor& cache_k,
                             const std::optional<at::Tensor>& rotary_sin, const at::Tensor& length,
                             double scale);
 // The checked inputs of decode_attention laid out for the core (query and new_k / new_v
-// contiguous, the mask with dense rows; undefined where not given) and its output [B, H, D].
+// contiguous, the mask with dense rows, the rotary tables in float32 with the dtype they came
+// in; undefined where not given) and its output [B, H, D].
 struct DecodeAttentionTensors {
   at::Tensor query, new_k, new_v, slot_mask, rotary_cos, rotary_sin, out;
+  latro::DType rotary_dtype = latro::DType::Float32;
 };
 DecodeAttentionTensors prepare_decode_attention(
     const at::Tensor& query, const at::Tensor& cache_k, const at::Tensor& cache_v,

@@ -176,7 +176,7 @@ at::Tensor decode_attention_cpu(const at::Tensor& query, at::Tensor& cache_k, at
   if (rows == 0) return t.out;
   const latro::DecodeAttentionArgs args = decode_attention_args(
       t.query, cache_k, cache_v, t.new_k, t.new_v, t.slot_mask, t.rotary_cos, t.rotary_sin,
-      length, scale, t.out);
+      t.rotary_dtype, length, scale, t.out);
   call_core([&] {
     at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
       latro::decode_attention(args, begin, end);

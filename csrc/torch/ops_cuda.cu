@@ -336,7 +336,7 @@ at::Tensor decode_attention_cuda(const at::Tensor& query, at::Tensor& cache_k, a
   const Status status = Status::make(query, stream);
   const latro::DecodeAttentionArgs args = decode_attention_args(
       t.query, cache_k, cache_v, t.new_k, t.new_v, t.slot_mask, t.rotary_cos, t.rotary_sin,
-      length, scale, t.out);
+      t.rotary_dtype, length, scale, t.out);
   // The runtime's attribute query, not ATen/cuda/CUDAContext.h (which needs the cuSPARSE and
   // cuBLAS headers, absent from a bare toolkit).
   int multiprocessors = 0;

@@ -151,13 +151,19 @@ void check_decode_attention(const at::Tensor& query, const at::Tensor& cache_k,
                       head_dim);
     for (const auto& [t, name] :
          {std::pair{&*rotary_cos, "rotary_cos"}, std::pair{&*rotary_sin, "rotary_sin"}}) {
-      check_dtype(*t, at::kFloat, name);
+      TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat || t->scalar_type() == query.scalar_type(),
+                       name, " must be float32 or the query's dtype ", query.scalar_type(),
+                       ", got ", t->scalar_type());
       check_same_device(*t, query, name, "query");
       TORCH_CHECK_VALUE(t->dim() == 2 && t->size(0) == rows && t->size(1) == head_dim, name,
                         " must have shape [rows, head_dim] = [", rows, ", ", head_dim, "], got ",
                         t->sizes());
     }
   }
+  TORCH_CHECK_TYPE(!rotary_cos.has_value() || rotary_cos->scalar_type() == rotary_sin->scalar_type(),
+                   "rotary_cos and rotary_sin must have the same dtype, got ",
+                   rotary_cos ? rotary_cos->scalar_type() : at::kFloat, " and ",
+                   rotary_sin ? rotary_sin->scalar_type() : at::kFloat);
   check_dtype(length, at::kLong, "length");
   check_same_device(length, query, "length", "query");
   TORCH_CHECK_VALUE(length.dim() == 0, "length must be an int or a 0-d tensor, got shape ",
@@ -179,9 +185,10 @@ DecodeAttentionTensors prepare_decode_attention(
     t.new_v = new_v->contiguous();
   }
   if (slot_mask.has_value()) t.slot_mask = dense_rows(*slot_mask);
-  if (rotary_cos.has_value()) {
-    t.rotary_cos = rotary_cos->contiguous();
-    t.rotary_sin = rotary_sin->contiguous();
+  if (rotary_cos.has_value()) {  // a half model's tables hold values float32 holds exactly
+    t.rotary_dtype = core_dtype(*rotary_cos, "rotary_cos");
+    t.rotary_cos = rotary_cos->to(at::kFloat).contiguous();
+    t.rotary_sin = rotary_sin->to(at::kFloat).contiguous();
   }
   t.out = at::empty(query.sizes(), query.options());
   return t;

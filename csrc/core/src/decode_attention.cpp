@@ -16,14 +16,17 @@ void to_floats(const T* in, int64_t n, float* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = to_float(in[i]);
 }
 
-// A head's vector as floats, rotated when `cos` is given (then rounded to T, as stored).
+// A head's vector as floats, rotated when `cos` is given (then rounded to T, as stored), its
+// products and sum rounded to T too where `round_in_t` (rotary_dtype = dtype).
 template <typename T>
-void head_floats(const T* in, int64_t d, const float* cos, const float* sin, float* out) {
+void head_floats(const T* in, int64_t d, const float* cos, const float* sin, bool round_in_t,
+                 float* out) {
   to_floats(in, d, out);
   if (cos == nullptr) return;
   const std::vector<float> raw(out, out + d);
+  const auto round = [round_in_t](float x) { return round_in_t ? detail::rounded_to<T>(x) : x; };
   for (int64_t i = 0; i < d; ++i) {
-    out[i] = detail::rounded_to<T>(detail::rotary_element(raw.data(), i, d, cos[i], sin[i]));
+    out[i] = detail::rounded_to<T>(detail::rotary_element(raw.data(), i, d, cos[i], sin[i], round));
   }
 }
 
@@ -39,6 +42,7 @@ void attend_rows(const DecodeAttentionArgs& args, const detail::DecodeAttentionS
   const T* new_v = static_cast<const T*>(args.new_v);
   T* out = static_cast<T*>(args.out);
   const int64_t newest = length - 1;
+  const bool round_in_t = args.rotary_dtype != DType::Float32;  // then it is dtype (checked)
   std::vector<float> q(static_cast<size_t>(d)), kv(static_cast<size_t>(d)),
       acc(static_cast<size_t>(d)), weights(static_cast<size_t>(length));
   for (int64_t r = row_begin; r < row_end; ++r) {
@@ -53,14 +57,14 @@ void attend_rows(const DecodeAttentionArgs& args, const detail::DecodeAttentionS
         if (cos == nullptr) {
           std::copy(new_k + from, new_k + from + d, keys + newest * d);
         } else {
-          head_floats(new_k + from, d, cos, sin, kv.data());
+          head_floats(new_k + from, d, cos, sin, round_in_t, kv.data());
           for (int64_t i = 0; i < d; ++i) keys[newest * d + i] = from_float<T>(kv[i]);
         }
         std::copy(new_v + from, new_v + from + d, values + newest * d);
       }
       for (int64_t h = g * groups; h < (g + 1) * groups; ++h) {
         // The scale goes on the query, as in the CUDA kernel (the same roundings).
-        head_floats(query + (r * args.heads + h) * d, d, cos, sin, q.data());
+        head_floats(query + (r * args.heads + h) * d, d, cos, sin, round_in_t, q.data());
         for (float& x : q) x *= args.scale;
         float top = -std::numeric_limits<float>::infinity();
         for (int64_t s = 0; s < length; ++s) {

@@ -84,19 +84,37 @@ __device__ __forceinline__ void load_lane(const T* p, int d0, int head_dim,
   }
 }
 
+// The rotation's rounding of its products and sum (rotary_element): to T where `in_t`
+// (rotary_dtype = dtype), else none. The device's conversion instructions round as the core's
+// rounded_to does, in fewer registers (the software float16 rounding spills here).
+template <typename T>
+struct RotaryRound {
+  bool in_t;
+  __device__ __forceinline__ float operator()(float x) const {
+    return in_t ? load_float(store_float<T>(x)) : x;
+  }
+};
+
+// Element e of the rotary embedding of head vector `raw`, rounded to T as the rotated tensor
+// is stored.
+template <typename T>
+__device__ __forceinline__ float rotated_element(const float* raw, int e, int head_dim,
+                                                 const float* cos, const float* sin,
+                                                 bool round_in_t) {
+  return load_float(store_float<T>(::latro::detail::rotary_element(
+      raw, e, head_dim, cos[e], sin[e], RotaryRound<T>{round_in_t})));
+}
+
 // The rotary embedding of head vector `raw` (floats in shared memory) at elements [d0, d0 + 8),
-// rounded to T as the rotated tensor would be stored; zeros beyond head_dim.
+// as stored; zeros beyond head_dim.
 template <typename T>
 __device__ __forceinline__ void rotate_lane(const float* raw, const float* cos, const float* sin,
-                                            int d0, int head_dim, float (&v)[kLaneElements]) {
+                                            bool round_in_t, int d0, int head_dim,
+                                            float (&v)[kLaneElements]) {
 #pragma unroll
   for (int i = 0; i < kLaneElements; ++i) {
     const int e = d0 + i;
-    // The device's conversion instructions round as the core's rounded_to does, in fewer
-    // registers (the software float16 rounding spills here).
-    v[i] = e < head_dim ? load_float(store_float<T>(::latro::detail::rotary_element(
-                              raw, e, head_dim, cos[e], sin[e])))
-                        : 0.0f;
+    v[i] = e < head_dim ? rotated_element<T>(raw, e, head_dim, cos, sin, round_in_t) : 0.0f;
   }
 }
 
@@ -185,12 +203,12 @@ __global__ void __launch_bounds__(kThreads, 5) decode_attention_kernel(const Att
   const float* cos = a.rotary_cos ? a.rotary_cos + r * d : nullptr;
   const float* sin = a.rotary_sin ? a.rotary_sin + r * d : nullptr;
   const bool rotate_key = fresh_k != nullptr && cos != nullptr;
+  const bool round_in_t = a.rotary_dtype != DType::Float32;  // then it is dtype (checked)
   if (rotate_key) {
     for (int i = threadIdx.x; i < d; i += kThreads) raw_key[i] = load_float(fresh_k[i]);
     __syncthreads();
     for (int i = threadIdx.x; i < d; i += kThreads) {
-      rotated_key[i] = load_float(
-          store_float<T>(::latro::detail::rotary_element(raw_key, i, d, cos[i], sin[i])));
+      rotated_key[i] = rotated_element<T>(raw_key, i, d, cos, sin, round_in_t);
     }
     __syncthreads();
   }
@@ -228,7 +246,7 @@ __global__ void __launch_bounds__(kThreads, 5) decode_attention_kernel(const Att
 #pragma unroll
     for (int j = 0; j < kQueryTile; ++j) {
       if (j < tile && cos != nullptr) {
-        rotate_lane<T>(raw_query[j], cos, sin, d0, d, q[j]);
+        rotate_lane<T>(raw_query[j], cos, sin, round_in_t, d0, d, q[j]);
       } else if (j < tile) {
         load_lane<T, kVector>(static_cast<const T*>(a.query) + (r * a.heads + h0 + j) * d, d0, d,
                               q[j]);

@@ -19,20 +19,23 @@ LATRO_HOST_DEVICE float rounded_to(float x) {
 
 // Element i of the rotary embedding of the head `raw` (head_dim floats): x * cos + rotate_half(x)
 // * sin, where rotate_half(x)[i] is -x[i + D/2] in the first half and x[i - D/2] in the second.
-// Each product and the sum are rounded to float32, as torch's element-wise ops round them: no
-// fused multiply-add, which would change the last bit against the models' own forward.
+// Each product and the sum are rounded to float32, then by `round` (the identity, or a rounding
+// to the model's bf16 / fp16: DecodeAttentionArgs::rotary_dtype), as torch's element-wise ops
+// round them: no fused multiply-add, which would change the last bit against the models' own
+// forward.
+template <typename Round>
 LATRO_HOST_DEVICE float rotary_element(const float* raw, int64_t i, int64_t head_dim, float cos,
-                                       float sin) {
+                                       float sin, Round round) {
   const int64_t half = head_dim / 2;
   const bool first = i < half;
   const float rotated = first ? -raw[i + half] : raw[i - half];
 #if defined(__CUDA_ARCH__)
-  return __fadd_rn(__fmul_rn(raw[i], cos), __fmul_rn(rotated, sin));
+  return round(__fadd_rn(round(__fmul_rn(raw[i], cos)), round(__fmul_rn(rotated, sin))));
 #else
   // GCC contracts a * b + c into an FMA by default where the target has one; volatile stops it.
-  const volatile float direct = raw[i] * cos;
-  const volatile float turned = rotated * sin;
-  return direct + turned;
+  const volatile float direct = round(raw[i] * cos);
+  const volatile float turned = round(rotated * sin);
+  return round(direct + turned);
 #endif
 }
 

@@ -145,6 +145,8 @@ inline DecodeAttentionStrides check_decode_attention_args(const DecodeAttentionA
               "rotary_cos and rotary_sin must be given together");
   LATRO_CHECK(args.rotary_cos == nullptr || args.head_dim % 2 == 0,
               "head_dim must be even for a rotary embedding, got ", args.head_dim);
+  LATRO_CHECK(args.rotary_dtype == DType::Float32 || args.rotary_dtype == args.dtype,
+              "rotary_dtype must be float32 or the query's dtype");
   LATRO_CHECK(args.length != nullptr, "length is a null pointer");
   const bool empty = args.rows == 0;
   LATRO_CHECK(args.query != nullptr || empty, "query is a null pointer");
