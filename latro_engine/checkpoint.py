@@ -28,6 +28,9 @@ logger = logging.getLogger(__name__)
 PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
 LATEST_FILE = "latest"
+# A step's checkpoint moved aside while a new one of the same step takes its name: it counts
+# as that step's checkpoint until the new one is in place (a crash between the two renames).
+REPLACED = ".replaced-"
 
 
 class CheckpointError(RuntimeError):
@@ -143,22 +146,23 @@ def save_checkpoint(
         json.dumps({**trainer_state, "step": step}, indent=1, sort_keys=True)
     )
     _fsync_tree(tmp)
-    trash = None
+    replaced = None
     if final.exists():  # a checkpoint of the same step from an earlier, interrupted run
-        trash = output_dir / f".trash-{PREFIX}{step}-{os.getpid()}"
-        shutil.rmtree(trash, ignore_errors=True)  # a crashed writer's, with a reused pid
-        os.replace(final, trash)
+        replaced = output_dir / f"{REPLACED}{PREFIX}{step}-{os.getpid()}"
+        shutil.rmtree(replaced, ignore_errors=True)  # a crashed writer's, with a reused pid
+        os.replace(final, replaced)
     os.replace(tmp, final)
     _fsync_dir(output_dir)
-    if trash is not None:  # deleted only once the new copy is in place
-        shutil.rmtree(trash, ignore_errors=True)
+    if replaced is not None:  # deleted only once the new copy is in place
+        _delete(replaced)
     write_text_atomic(output_dir / LATEST_FILE, final.name + "\n")
     _prune(output_dir, keep, protect=final)
     logger.info("saved %s", final)
     return final
 
 
-def _complete(path: Path) -> bool:
+def is_complete(path: Path) -> bool:
+    """Whether ``path`` holds a whole checkpoint (its state files, which make one complete)."""
     return (
         (path / STATE_FILE).is_file()
         and (path / "optim.pt").is_file()
@@ -167,16 +171,19 @@ def _complete(path: Path) -> bool:
 
 
 def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints, oldest first."""
-    found = []
+    """Complete checkpoints, oldest first: ``checkpoint-N``, or for a step without one the copy
+    a re-save of that step moved aside before a crash kept the new one from its place."""
+    found: dict[int, Path] = {}
+    replaced: dict[int, Path] = {}
     root = Path(output_dir)
     if not root.is_dir():
         return []
     for path in root.iterdir():
-        match = re.fullmatch(rf"{PREFIX}(\d+)", path.name)
-        if match and path.is_dir() and _complete(path):
-            found.append((int(match.group(1)), path))
-    return sorted(found)
+        final = re.fullmatch(rf"{PREFIX}(\d+)", path.name)
+        aside = re.fullmatch(rf"{re.escape(REPLACED)}{PREFIX}(\d+)-\d+", path.name)
+        if (final or aside) and path.is_dir() and is_complete(path):
+            (found if final else replaced)[int((final or aside).group(1))] = path
+    return sorted({**replaced, **found}.items())
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
@@ -186,22 +193,31 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return checkpoints[-1][1] if checkpoints else None
 
 
+def _delete(path: Path) -> None:
+    """Renamed out of sight first: a crash during the deletion must not leave a half-deleted
+    directory that still looks like a checkpoint."""
+    trash = path.with_name(f".trash-{path.name.lstrip('.')}-{os.getpid()}")
+    shutil.rmtree(trash, ignore_errors=True)  # a crashed writer's, with a reused pid
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 def _prune(output_dir: Path, keep: int, protect: Path) -> None:
-    for pattern in (f".tmp-{PREFIX}*", f".trash-{PREFIX}*"):
+    for pattern in (f".tmp-{PREFIX}*", f".trash-{PREFIX}*", f".trash-{REPLACED[1:]}*"):
         for root in output_dir.glob(pattern):
             if root != protect:
                 shutil.rmtree(root, ignore_errors=True)  # left by crashed writers
     for stale in output_dir.glob(f".{LATEST_FILE}.tmp-*"):
         stale.unlink(missing_ok=True)
+    kept = list_checkpoints(output_dir)
+    for aside in output_dir.glob(f"{REPLACED}{PREFIX}*"):
+        if aside not in (path for _, path in kept):  # its step's new copy is in place
+            _delete(aside)
     if keep <= 0:
         return
-    for _, path in list_checkpoints(output_dir)[:-keep]:
+    for _, path in kept[:-keep]:
         if path != protect:
-            # Renamed out of sight first: a crash during the deletion must not leave a
-            # half-deleted directory that still looks like a checkpoint.
-            trash = output_dir / f".trash-{path.name}-{os.getpid()}"
-            os.replace(path, trash)
-            shutil.rmtree(trash, ignore_errors=True)
+            _delete(path)
 
 
 # ----------------------------------------------------------------------------- load
@@ -293,7 +309,7 @@ def load_checkpoint(
 
     ``model=None`` / ``optimizer=None`` leave those to the caller (sharded checkpoints)."""
     path = Path(path)
-    if not _complete(path):
+    if not is_complete(path):
         raise CheckpointError(f"{path} is not a complete checkpoint")
     optim_state = safe_torch_load(path / "optim.pt")
     rng = safe_torch_load(path / "rng.pt")

@@ -170,6 +170,11 @@ class LatroConfig:
         "under torchrun: 'ddp' (a replica per process), 'fsdp' (FSDP2 fully_shard, for models "
         "that do not fit) or 'none'; 'auto' = ddp when WORLD_SIZE > 1, else none",
     )
+    distributed_timeout_minutes: float = _opt(
+        60.0,
+        "how long a rank waits for the others in a collective before the run fails (rank 0 "
+        "writes a whole DDP checkpoint while the others wait; NCCL's default is 10 minutes)",
+    )
 
     def __post_init__(self) -> None:
         self.validate()
@@ -304,6 +309,10 @@ class LatroConfig:
         if self.rollout_decoder not in ("auto", "static", "hf"):
             raise ConfigError(
                 f"rollout_decoder must be 'auto', 'static' or 'hf', got {self.rollout_decoder!r}"
+            )
+        if self.distributed_timeout_minutes <= 0:
+            raise ConfigError(
+                f"distributed_timeout_minutes must be > 0, got {self.distributed_timeout_minutes}"
             )
         if self.distributed not in ("auto", "none", "ddp", "fsdp"):
             raise ConfigError(

@@ -38,6 +38,7 @@ starts N processes; :class:`Distributed` is what the trainers need from them:
 
 from __future__ import annotations
 
+import datetime
 import inspect
 import logging
 import os
@@ -128,8 +129,11 @@ class Distributed:
             self.device = torch.device("cuda", self.local_rank)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        if not dist.is_initialized():  # (a launcher's own process group keeps its timeout)
+            dist.init_process_group(
+                "nccl" if self.device.type == "cuda" else "gloo",
+                timeout=datetime.timedelta(minutes=config.distributed_timeout_minutes),
+            )
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         logger.info("rank %d of %d, %s on %s", self.rank, self.world_size, self.mode, self.device)
 
@@ -146,6 +150,22 @@ class Distributed:
     def barrier(self) -> None:
         if self.mode != "none":
             dist.barrier()
+
+    def any_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on any rank (one all-reduce; the flag itself alone)."""
+        if self.mode == "none":
+            return flag
+        value = torch.tensor([int(flag)], device=self._comm)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
+    def from_main(self, value: Any) -> Any:
+        """Rank 0's ``value`` on every rank (a picklable object; one broadcast)."""
+        if self.mode == "none":
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     # ------------------------------------------------------------------ models
     def prepare(self, model: torch.nn.Module, *, bf16: bool = False) -> torch.nn.Module:

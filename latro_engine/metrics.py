@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from latro_engine.checkpoint import write_text_atomic
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_PLOT_KEYS = (
@@ -47,18 +49,18 @@ class MetricsLog:
             # Temp file + rename: a crash while resuming must not lose the kept records.
             for stale in self.path.parent.glob(f".{self.path.name}.tmp-*"):
                 stale.unlink(missing_ok=True)  # left by an earlier crash right here
-            tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-            with open(tmp, "w") as handle:
-                handle.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, self.path)
+            write_text_atomic(
+                self.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept)
+            )
         self._writer = None
         if tensorboard_dir is not None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._writer = SummaryWriter(str(tensorboard_dir))
+                # The events after the checkpoint's step are dropped too, as from the JSONL:
+                # the steps a resumed run repeats would otherwise appear twice.
+                purge = None if resume_step is None else resume_step + 1
+                self._writer = SummaryWriter(str(tensorboard_dir), purge_step=purge)
             except ImportError:
                 logger.warning("tensorboard is not installed; metrics go to %s only", self.path)
 

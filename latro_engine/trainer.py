@@ -142,7 +142,13 @@ def gradient_pass(
         # gradients cross ranks once per step: in the last micro-batch's backward
         with dist.gradient_sync(begin + mb >= total):
             if known is None:  # whole groups: their forwards split by length (rows_per_forward)
-                scores = score(rows, micro_batch_size=rows_per_forward(lengths[rows].tolist()))
+                size = rows_per_forward(lengths[rows].tolist())
+                if dist.mode == "fsdp":
+                    # Every forward gathers each sharded layer on all ranks: they must run as
+                    # many (a split is always ceil(n / FORWARD_PARTS) rows, n the same on all).
+                    split = dist.any_rank(size is not None)
+                    size = -(-len(rows) // FORWARD_PARTS) if split else None
+                scores = score(rows, micro_batch_size=size)
             else:
                 scores = score(rows, weights=weights)
             # With known advantages latro_loss only reports (its inputs carry no gradient).
@@ -451,15 +457,24 @@ class _Trainer:
         """Runs (or resumes) training to ``config.steps``; returns the metric records."""
         config = self.config
         resume_step = None
+        # Rank 0 looks and every rank follows: ranks that each scanned their own view of
+        # output_dir (a node-local disk, a stale network mount) could resume different steps.
+        found = [p.name for _, p in ckpt.list_checkpoints(self.output_dir)]
+        found = self.dist.from_main(found)
         if config.resume:
-            latest = ckpt.latest_checkpoint(self.output_dir)
-            if latest is not None:
+            if found:
+                latest = self.output_dir / found[-1]
+                if self.dist.any_rank(not ckpt.is_complete(latest)):  # every rank raises alike
+                    raise ckpt.CheckpointError(
+                        f"rank 0 resumes from {found[-1]}, which not every rank finds complete "
+                        f"in {self.output_dir}: output_dir must be one directory all ranks share"
+                    )
                 self.resume_from(latest)
                 resume_step = self.step
-        elif earlier := ckpt.list_checkpoints(self.output_dir):
+        elif found:
             # A fresh run among another run's checkpoints would prune them by step number and
             # a later resume could pick theirs: refused, nothing is deleted.
-            names = ", ".join(p.name for _, p in earlier)
+            names = ", ".join(found)
             raise ckpt.CheckpointError(
                 f"{self.output_dir} holds checkpoints of an earlier run ({names}) and resume is "
                 "off: resume it, choose another output_dir, or remove them"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+from pathlib import Path
 
 import pytest
 import tiny
@@ -118,6 +119,33 @@ def test_resaving_a_step_survives_a_crashed_writers_trash(tmp_path):
     assert not leftover.exists()
 
 
+def test_a_crash_while_resaving_a_step_keeps_its_old_copy(tmp_path, monkeypatch):
+    """Re-saving step 3 moves the old copy aside, then renames the new one into place: a crash
+    between the two renames leaves the old copy, which still counts as step 3's checkpoint and
+    loads; the next save puts things in order."""
+    model, opt, sched = _parts()
+    kw = dict(model=model, tokenizer=None, optimizer=opt, scheduler=sched, keep=1)
+    ckpt.save_checkpoint(tmp_path, 3, trainer_state={"copy": "old"}, **kw)
+    real_replace = os.replace
+
+    def crash_into_place(src, dst):
+        if Path(dst).name == "checkpoint-3" and ".tmp-" in Path(src).name:
+            raise OSError("power cut")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash_into_place)
+    with pytest.raises(OSError, match="power cut"):
+        ckpt.save_checkpoint(tmp_path, 3, trainer_state={"copy": "new"}, **kw)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert not (tmp_path / "checkpoint-3").exists()
+    (step, aside), = ckpt.list_checkpoints(tmp_path)
+    assert step == 3 and aside.name.startswith(".replaced-checkpoint-3-")
+    assert ckpt.latest_checkpoint(tmp_path) == aside
+    assert ckpt.load_checkpoint(aside, model=tiny.model())["copy"] == "old"
+    ckpt.save_checkpoint(tmp_path, 4, trainer_state={}, **kw)  # keep=1: step 4 alone stays
+    assert sorted(p.name for p in tmp_path.iterdir() if "checkpoint" in p.name) == ["checkpoint-4"]
+
+
 def test_cuda_rng_restores_the_devices_this_process_sees(monkeypatch):
     """A checkpoint saved with 8 visible GPUs resumes with one per rank: the states of the
     devices it has are restored, the others ignored (no IndexError)."""
@@ -129,3 +157,32 @@ def test_cuda_rng_restores_the_devices_this_process_sees(monkeypatch):
     state["cuda"] = [torch.full((4,), i, dtype=torch.uint8) for i in range(8)]
     ckpt.set_rng_state(state)
     assert list(restored) == [0] and torch.equal(restored[0], state["cuda"][0])
+
+
+def test_a_resumed_metrics_log_drops_what_followed_the_checkpoint(tmp_path, monkeypatch):
+    """The JSONL keeps the records up to the checkpoint's step (atomically rewritten), and the
+    TensorBoard writer purges its events after that step, so repeated steps appear once."""
+    import sys
+    import types
+
+    from latro_engine.metrics import MetricsLog, read_metrics
+
+    writers = []
+
+    class FakeWriter:  # torch.utils.tensorboard needs the tensorboard package
+        def __init__(self, logdir, purge_step=None):
+            writers.append((logdir, purge_step))
+
+        def add_scalar(self, key, value, step):
+            pass
+
+    fake = types.SimpleNamespace(SummaryWriter=FakeWriter)
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    path = tmp_path / "metrics.jsonl"
+    first = MetricsLog(path, tensorboard_dir=tmp_path / "tb")
+    for step in (1, 2, 3, 4):
+        first.write({"step": step, "loss": float(step)})
+    MetricsLog(path, tensorboard_dir=tmp_path / "tb", resume_step=2)
+    assert [r["step"] for r in read_metrics(path)] == [1, 2]
+    assert writers == [(str(tmp_path / "tb"), None), (str(tmp_path / "tb"), 3)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]  # no temp file left

@@ -75,6 +75,8 @@ def test_yaml_and_overrides(tmp_path):
         ({"seed": 2**50}, r"seed must be in \[0, 2\^32\)"),
         ({"seed": -1}, "seed must be in"),
         ({"bf16": "maybe"}, "bf16 must be 'auto', 'on' or 'off'"),
+        ({"distributed_timeout_minutes": 0}, "distributed_timeout_minutes must be > 0"),
+        ({"distributed_timeout_minutes": float("inf")}, "must be a finite number"),
     ],
 )
 def test_rejects_bad_settings(values, match):
