@@ -28,7 +28,8 @@ same dtypes as the model's own forward under the same autocast state.
 
 A decoder, its buffers and graphs are kept per model between rollouts with the same shape and
 sampling settings (training calls the rollout with the same settings every step); the
-``KEPT_DECODERS`` most recently used are kept, and :func:`release_static_decoder` frees them.
+``KEPT_DECODERS`` most recently used are kept, sharing one set of weight copies, and
+:func:`release_static_decoder` frees them.
 :func:`static_decoder_unsupported` says why a model cannot use this path; the rollout then
 falls back to the Hugging Face loop in :mod:`latro_engine.rollout`.
 """
@@ -273,12 +274,25 @@ class _Linear:
     copy (cast, or with the active LoRA adapters merged) that :meth:`refresh` rewrites in place,
     so captured graphs keep reading the same memory."""
 
-    def __init__(self, module: torch.nn.Module, dtype: torch.dtype, rows: slice | None = None):
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        dtype: torch.dtype,
+        rows: slice | None = None,
+        shared: _Linear | None = None,
+    ):
         self.module = module
         self.dtype = dtype
         self.rows = slice(None) if rows is None else rows
         base = _base(module)
         self.copy_weight = _is_lora(module) or base.weight.dtype != dtype
+        if shared is not None and (shared.module, shared.rows, shared.dtype) == (
+            module, self.rows, dtype
+        ):
+            # Another kept decoder of the model holds this copy: both read the same memory
+            # (each rollout refreshes it before use), not a second copy of the model.
+            self.weight, self.bias, self.copy_bias = shared.weight, shared.bias, shared.copy_bias
+            return
         self.weight = self._effective_weight() if self.copy_weight else self._base_weight()
         bias = base.bias
         self.copy_bias = bias is not None and bias.dtype != dtype
@@ -354,7 +368,8 @@ class _Key:
 class StaticDecoder:
     """Static-cache decoding for one model, one row/slot capacity and one sampling setting."""
 
-    def __init__(self, model: torch.nn.Module, key: _Key):
+    def __init__(self, model: torch.nn.Module, key: _Key, donor: StaticDecoder | None = None):
+        """``donor``: a kept decoder of the same model whose weight copies this one shares."""
         inner = _unwrap(model)
         config = inner.config
         body = inner.model
@@ -365,7 +380,11 @@ class StaticDecoder:
         self.layers = []
         for layer in body.layers:
             matmuls = _layer_matmuls(layer, config)
-            linears = {n: _Linear(m, dtype, rows) for n, (m, _, rows) in matmuls.items()}
+            shared = donor.layers[len(self.layers)] if donor is not None else {}
+            linears = {
+                n: _Linear(m, dtype, rows, shared=shared.get(n))
+                for n, (m, _, rows) in matmuls.items()
+            }
             norms = dict(in_norm=layer.input_layernorm, post_norm=layer.post_attention_layernorm)
             for part in ("q_norm", "k_norm"):
                 if getattr(layer.self_attn, part, None) is not None:
@@ -374,7 +393,7 @@ class StaticDecoder:
         # The RMSNorm before each layer, then the final one (each fused with the residual
         # addition before it, but the first).
         self.norms = [layer.input_layernorm for layer in body.layers] + [body.norm]
-        self.lm_head = _Linear(inner.lm_head, dtype)
+        self.lm_head = _Linear(inner.lm_head, dtype, shared=donor and donor.lm_head)
         self.heads, self.kv_heads, self.head_dim = _attention_shape(config)
         self.scale = 1.0 / math.sqrt(self.head_dim)
         rotary = body.rotary_emb
@@ -702,7 +721,7 @@ def decode_static(
         _DECODERS[model] = kept  # drop the others before allocating a new one
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        decoder = StaticDecoder(model, key)
+        decoder = StaticDecoder(model, key, donor=kept[-1] if kept else None)
         decoder.params = params
     else:
         kept.remove(decoder)

@@ -234,6 +234,34 @@ def test_autocast_uses_bfloat16_weight_copies(kind):
     assert (r.rationale_ids[:, 0] == hf.rationale_ids[:, 0]).float().mean() >= 0.75
 
 
+def test_kept_decoders_share_their_weight_copies():
+    """Float32 weights under bf16 autocast decode with bf16 copies: a second kept decoder (other
+    sampling settings, e.g. evaluation's) reads the first one's copies instead of holding a
+    second copy of the model, and both see weight updates."""
+    model = _model().float()
+    ids, mask = _prompts()
+    kw = {"k": 2, "max_new_tokens": 6, "stop_sequences": [], "pad_token_id": PAD, "seed": 1}
+
+    def both(**sampling):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return [sample_rationales(model, ids, mask, decoder=d, **kw, **sampling)
+                    for d in ("static", "hf")]
+
+    both(temperature=1.0)
+    both(temperature=0.0)
+    first, second = static_decoder._DECODERS[model]
+    assert first.key.sampling != second.key.sampling
+    for a, b in [(first.lm_head, second.lm_head), (first.layers[1]["down"], second.layers[1]["down"])]:
+        assert a.weight.dtype == torch.bfloat16 and a.weight.data_ptr() == b.weight.data_ptr()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    kept, _ = both(temperature=1.0)  # the first decoder again, after the update
+    static_decoder.release_static_decoder(model)
+    fresh, _ = both(temperature=1.0)  # a decoder built from the updated weights
+    _assert_same(kept, fresh)
+
+
 @pytest.mark.parametrize(
     "kind,targets",
     [("llama", ["q_proj", "v_proj", "down_proj"]), ("phi3", ["qkv_proj", "gate_up_proj"])],
