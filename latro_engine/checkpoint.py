@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
 LATEST_FILE = "latest"
+BEST_FILE = "best"  # names the checkpoint of the best in-training evaluation (keep_best)
 # A step's checkpoint moved aside while a new one of the same step takes its name: it counts
 # as that step's checkpoint until the new one is in place (a crash between the two renames).
 REPLACED = ".replaced-"
@@ -118,10 +119,12 @@ def save_checkpoint(
     scheduler: Any,
     trainer_state: dict[str, Any],
     keep: int = 2,
+    best_step: int | None = None,
     model_state_dict: dict[str, torch.Tensor] | None = None,
     staging_dir: Path | None = None,
 ) -> Path:
-    """Writes checkpoint-<step> atomically, points ``latest`` at it, prunes older ones.
+    """Writes checkpoint-<step> atomically, points ``latest`` at it, prunes older ones but the
+    ``keep`` newest and, with ``best_step``, that step's (which ``best`` then names).
 
     ``model_state_dict`` replaces ``model.state_dict()`` (a gathered FSDP2 model);
     ``staging_dir`` is a temporary directory other processes already wrote into (sharded
@@ -156,7 +159,12 @@ def save_checkpoint(
     if replaced is not None:  # deleted only once the new copy is in place
         _delete(replaced)
     write_text_atomic(output_dir / LATEST_FILE, final.name + "\n")
-    _prune(output_dir, keep, protect=final)
+    protect = {final}
+    if best_step is not None:
+        best = checkpoint_dir(output_dir, best_step)
+        write_text_atomic(output_dir / BEST_FILE, best.name + "\n")
+        protect.add(best)
+    _prune(output_dir, keep, protect=protect)
     logger.info("saved %s", final)
     return final
 
@@ -186,6 +194,15 @@ def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted({**replaced, **found}.items())
 
 
+def best_checkpoint(output_dir: str | Path) -> Path | None:
+    """The checkpoint of the best in-training evaluation (a run with ``keep_best``), or None."""
+    pointer = Path(output_dir) / BEST_FILE
+    if not pointer.is_file():
+        return None
+    path = Path(output_dir) / pointer.read_text().strip()
+    return path if is_complete(path) else None
+
+
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
     """The newest complete checkpoint (the ``latest`` pointer is a hint, the scan decides: a
     run's steps only grow, and a fresh run refuses a directory that holds checkpoints)."""
@@ -202,10 +219,10 @@ def _delete(path: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def _prune(output_dir: Path, keep: int, protect: Path) -> None:
+def _prune(output_dir: Path, keep: int, protect: set[Path]) -> None:
     for pattern in (f".tmp-{PREFIX}*", f".trash-{PREFIX}*", f".trash-{REPLACED[1:]}*"):
         for root in output_dir.glob(pattern):
-            if root != protect:
+            if root not in protect:
                 shutil.rmtree(root, ignore_errors=True)  # left by crashed writers
     for stale in output_dir.glob(f".{LATEST_FILE}.tmp-*"):
         stale.unlink(missing_ok=True)
@@ -216,7 +233,7 @@ def _prune(output_dir: Path, keep: int, protect: Path) -> None:
     if keep <= 0:
         return
     for _, path in kept[:-keep]:
-        if path != protect:
+        if path not in protect:
             _delete(path)
 
 

@@ -150,6 +150,12 @@ class LatroConfig:
     keep_checkpoints: int = _opt(2, "newest checkpoints kept; 0 = keep all")
     resume: bool = _opt(True, "continue from the newest complete checkpoint in output_dir")
     eval_every: int = _opt(0, "greedy evaluation on the eval set every N steps; 0 = off")
+    keep_best: bool = _opt(
+        False,
+        "keep the checkpoint of the best in-training greedy accuracy beside the newest ones (the "
+        "reference code's choice; needs eval_every): saved at each evaluation that improves it, "
+        "named by output_dir/best",
+    )
     eval_max_new_tokens: int = _opt(
         0, "completion limit when evaluating; 0 = max_rationale_tokens + 32"
     )
@@ -309,6 +315,11 @@ class LatroConfig:
         if self.rollout_decoder not in ("auto", "static", "hf"):
             raise ConfigError(
                 f"rollout_decoder must be 'auto', 'static' or 'hf', got {self.rollout_decoder!r}"
+            )
+        if self.keep_best and not self.eval_every:
+            raise ConfigError(
+                "keep_best needs eval_every > 0: the best checkpoint is the one of the best "
+                "in-training evaluation"
             )
         if self.distributed_timeout_minutes <= 0:
             raise ConfigError(

@@ -295,6 +295,11 @@ class _Trainer:
         self.epoch, self.index = 0, 0
         self.nonfinite_in_a_row = 0
         self.skipped_steps = 0
+        # keep_best: the step and greedy accuracy of the best in-training evaluation so far
+        self.best_step: int | None = None
+        self.best_accuracy: float | None = None
+        if config.keep_best and not self.eval_dataset:
+            raise ValueError("keep_best needs an eval_dataset to evaluate every eval_every steps")
         self._order = self._epoch_order(0)
 
     # ------------------------------------------------------------------ set-up
@@ -350,6 +355,8 @@ class _Trainer:
             "index": self.index,
             "skipped_steps": self.skipped_steps,
             "nonfinite_in_a_row": self.nonfinite_in_a_row,
+            "best_step": self.best_step,
+            "best_accuracy": self.best_accuracy,
             "trainer": self.name,
             "config": self.config.to_dict(),
             "train_data": self.train_data_digest,
@@ -386,6 +393,7 @@ class _Trainer:
             scheduler=self.scheduler,
             trainer_state=self._trainer_state(),
             keep=self.config.keep_checkpoints,
+            best_step=self.best_step if self.config.keep_best else None,
         )
 
     def resume_from(self, path: str | Path) -> None:
@@ -397,6 +405,7 @@ class _Trainer:
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))
+        self.best_step, self.best_accuracy = state.get("best_step"), state.get("best_accuracy")
         self._order = self._epoch_order(self.epoch)
         self._apply_optimizer_settings()
         logger.info("resumed from %s at step %d", path, self.step)
@@ -500,11 +509,16 @@ class _Trainer:
                 record = self.dist.reduce_metrics(self.train_step())
                 self.step += 1
                 record = {"step": self.step, "lr": self.scheduler.get_last_lr()[0], **record}
+                new_best = False
                 if config.eval_every and self.eval_dataset and self.step % config.eval_every == 0:
                     result = self.evaluate(maj_k=0)
                     record["eval_greedy_accuracy"] = result.greedy_accuracy
                     # over the examples that fit the context (fit_to_context skips the others)
                     record["eval_n"] = result.n
+                    best = self.best_accuracy
+                    if config.keep_best and (best is None or result.greedy_accuracy > best):
+                        self.best_step, self.best_accuracy = self.step, result.greedy_accuracy
+                        new_best = True  # saved now, and kept while better ones do not come
                 if log and (self.step % config.log_every == 0 or self.step == config.steps):
                     log.write(record)
                 bar.update(1)
@@ -521,8 +535,10 @@ class _Trainer:
                         "resume (max_nonfinite_steps sets the limit)."
                     )
                 if (
-                    config.save_every and self.step % config.save_every == 0
-                ) or self.step == config.steps:
+                    new_best
+                    or (config.save_every and self.step % config.save_every == 0)
+                    or self.step == config.steps
+                ):
                     self.save_checkpoint()
         finally:
             bar.close()

@@ -186,3 +186,17 @@ def test_a_resumed_metrics_log_drops_what_followed_the_checkpoint(tmp_path, monk
     assert [r["step"] for r in read_metrics(path)] == [1, 2]
     assert writers == [(str(tmp_path / "tb"), None), (str(tmp_path / "tb"), 3)]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]  # no temp file left
+
+
+def test_the_best_step_is_kept_beside_the_newest(tmp_path):
+    model, opt, sched = _parts()
+    kw = dict(model=model, tokenizer=None, optimizer=opt, scheduler=sched, keep=1)
+    assert ckpt.best_checkpoint(tmp_path) is None
+    for step in (1, 2, 3, 4):
+        ckpt.save_checkpoint(tmp_path, step, trainer_state={}, best_step=min(step, 2), **kw)
+    names = sorted(p.name for _, p in ckpt.list_checkpoints(tmp_path))
+    assert names == ["checkpoint-2", "checkpoint-4"]
+    assert ckpt.best_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
+    ckpt.save_checkpoint(tmp_path, 5, trainer_state={}, **kw)  # no best any more: pruned
+    assert [p.name for _, p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-5"]
+    assert ckpt.best_checkpoint(tmp_path) is None

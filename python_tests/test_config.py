@@ -76,6 +76,7 @@ def test_yaml_and_overrides(tmp_path):
         ({"seed": -1}, "seed must be in"),
         ({"bf16": "maybe"}, "bf16 must be 'auto', 'on' or 'off'"),
         ({"distributed_timeout_minutes": 0}, "distributed_timeout_minutes must be > 0"),
+        ({"keep_best": True}, "keep_best needs eval_every > 0"),
         ({"distributed_timeout_minutes": float("inf")}, "must be a finite number"),
     ],
 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import tiny
@@ -140,6 +141,32 @@ def test_evaluate_writes_per_example_jsonl(tmp_path):
     result = trainer.evaluate(maj_k=2, write_path=tmp_path / "eval.jsonl")
     assert result.n == 5 and 0 <= result.greedy_accuracy <= 1 and result.maj_accuracy is not None
     assert len((tmp_path / "eval.jsonl").read_text().splitlines()) == 5
+
+
+def test_keep_best_keeps_the_checkpoint_of_the_best_evaluation(tmp_path, monkeypatch):
+    """keep_best (the reference code's choice): each evaluation that improves the greedy
+    accuracy saves a checkpoint, which pruning spares while no better one comes; a resumed run
+    knows its best."""
+    accuracies = iter([0.5, 0.9, 0.7, 0.8, 0.95])
+
+    def evaluate(self, dataset=None, *, maj_k=None, write_path=None):
+        return SimpleNamespace(greedy_accuracy=next(accuracies), n=4)
+
+    monkeypatch.setattr(LatroTrainer, "evaluate", evaluate)
+    data = tiny.examples(16)
+    config = tiny.config(tmp_path, eval_every=1, keep_best=True, keep_checkpoints=1, save_every=0)
+    LatroTrainer(tiny.model(), tiny.tokenizer(), data, config, eval_dataset=data[:4]).train()
+    run = tmp_path / "run"
+    assert [p.name for _, p in ckpt.list_checkpoints(run)] == ["checkpoint-2", "checkpoint-3"]
+    assert ckpt.best_checkpoint(run) == run / "checkpoint-2"
+    assert ckpt.read_trainer_state(run / "checkpoint-3")["best_accuracy"] == 0.9
+    config = tiny.config(tmp_path, eval_every=1, keep_best=True, keep_checkpoints=1, steps=5)
+    resumed = LatroTrainer(tiny.model(), tiny.tokenizer(), data, config, eval_dataset=data[:4])
+    resumed.train()  # step 4 evaluates 0.8 (not the best), step 5 0.95 (the best)
+    assert (resumed.best_step, resumed.best_accuracy) == (5, 0.95)
+    assert [p.name for _, p in ckpt.list_checkpoints(run)] == ["checkpoint-5"]
+    with pytest.raises(ValueError, match="keep_best needs an eval_dataset"):
+        LatroTrainer(tiny.model(), tiny.tokenizer(), data, config)
 
 
 @pytest.mark.parametrize("bf16", ["off", "on"])
