@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 from types import SimpleNamespace
 
@@ -12,7 +14,7 @@ from conftest import DEVICES
 
 from latro_engine import checkpoint as ckpt
 from latro_engine import trainer as trainer_module
-from latro_engine.generation import evaluate_model
+from latro_engine.generation import evaluate_model, pad_id
 from latro_engine.metrics import read_metrics
 from latro_engine.objective import batch_advantages, latro_loss
 from latro_engine.trainer import LatroTrainer, SFTTrainer, rows_per_forward
@@ -353,6 +355,90 @@ def test_step_with_known_advantages_takes_the_latro_loss_gradient(tmp_path, monk
     for (name, param), got in zip(trainer.model.named_parameters(), seen["grads"]):
         torch.testing.assert_close(got, param.grad, rtol=rtol, atol=atol, msg=lambda m, name=name: f"{name}: {m}")
     assert any(g.abs().sum() > 0 for g in seen["grads"])
+
+
+def _latro_gradient_float64(model, ref_model, rollout, answers, config):
+    """The gradient of one LaTRO step written out by hand (LATRO.md) in float64, each row scored
+    alone on its unpadded [x, z, y]: rewards log p(y|x,z) (the penalty where z never stopped)
+    minus kl_coef (log p(z|x) - log p_ref(z|x)), leave-one-out advantages within each question's
+    k samples (no gradient), loss -mean(A log p(z|x)) - sft_weight mean(log p(y|x,z))."""
+    model = copy.deepcopy(model).double()
+    ref_model = copy.deepcopy(ref_model).double()
+
+    def token_logprobs(m, seq):
+        logp = torch.log_softmax(m(input_ids=torch.tensor([seq])).logits[0], -1)
+        return logp[:-1].gather(1, torch.tensor(seq[1:])[:, None])[:, 0]
+
+    lz, ly, lz_ref = [], [], []
+    for i in range(rollout.batch_size):
+        x = rollout.prompt_ids[i][rollout.prompt_mask[i].bool()].tolist()
+        z = rollout.rationale_ids[i, : int(rollout.rationale_lengths[i])].tolist()
+        tok = token_logprobs(model, x + z + answers[i])  # tok[t - 1]: log p(token t | before)
+        lz.append(tok[len(x) - 1 : len(x) - 1 + len(z)].sum())
+        ly.append(tok[len(x) - 1 + len(z) :].sum())
+        with torch.no_grad():
+            lz_ref.append(token_logprobs(ref_model, x + z)[len(x) - 1 :].sum())
+    lz, ly, lz_ref = torch.stack(lz), torch.stack(ly), torch.stack(lz_ref)
+    answer = ly.detach()
+    if config.penalty_mode == "constant":
+        penalty = torch.tensor(config.nonstop_penalty, dtype=torch.float64)
+    else:  # the reference code's: nonstop_penalty x the batch's mean reward, unfinished rows too
+        penalty = config.nonstop_penalty * answer.mean()
+    reward = torch.where(rollout.finished, answer, penalty) - config.kl_coef * (lz.detach() - lz_ref)
+    r = reward.view(-1, config.k)
+    advantage = (r - (r.sum(1, keepdim=True) - r) / (config.k - 1)).view(-1)
+    (-(advantage * lz).mean() - config.sft_weight * ly.mean()).backward()
+    return [p.grad for p in model.parameters()]
+
+
+@pytest.mark.parametrize(
+    "micro_batch_size,penalty_mode,penalty",
+    [(3, "constant", -10.0), (3, "batch_mean", 2.0), (4, "constant", -10.0), (4, "batch_mean", 2.0)],
+)
+def test_a_step_takes_the_gradient_of_the_latro_estimator(
+    tmp_path, monkeypatch, micro_batch_size, penalty_mode, penalty
+):
+    """End to end against _latro_gradient_float64: a reference that differs from the policy
+    (a KL term), rationales that never stopped, stopped early or are empty, sft_weight 0.3; the
+    two-pass path (micro-batches of 3) and whole groups (4, with the constant penalty)."""
+    config = tiny.config(tmp_path, micro_batch_size=micro_batch_size, penalty_mode=penalty_mode,
+                         nonstop_penalty=penalty, sft_weight=0.3, kl_coef=0.25, bf16="off",
+                         max_grad_norm=0.0)
+    trainer = LatroTrainer(tiny.model(), tiny.tokenizer(), tiny.examples(16), config)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(7)
+        for p in trainer.ref_model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    policy = copy.deepcopy(trainer.model)
+    pad = pad_id(trainer.tokenizer)
+    seen = {}
+    rollout_fn = trainer._rollout
+
+    def rollout_with_lengths(*args):
+        rollout, answers = rollout_fn(*args)
+        limit = rollout.rationale_ids.shape[1]
+        lengths = torch.tensor([limit, 3, 0, 7, limit, limit, 5, 9])
+        cols = torch.arange(limit)[None]
+        ids = (cols * 7 + 11) % 36 + 4  # non-pad tokens, cut at each row's length
+        ids = ids.expand(len(lengths), -1).masked_fill(cols >= lengths[:, None], pad)
+        rollout = dataclasses.replace(rollout, rationale_ids=ids, rationale_lengths=lengths,
+                                      finished=lengths < limit)
+        seen["rollout"] = rollout, answers
+        return rollout, answers
+
+    def capture(loss=0.0):
+        seen["grads"] = [p.grad.clone() for p in trainer.model.parameters()]
+        trainer.optimizer.zero_grad(set_to_none=True)
+        return 0.0, True
+
+    monkeypatch.setattr(trainer, "_rollout", rollout_with_lengths)
+    monkeypatch.setattr(trainer, "_apply_gradients", capture)
+    trainer.train_step()
+    want = _latro_gradient_float64(policy, trainer.ref_model, *seen["rollout"], config)
+    scale = max(float(w.abs().max()) for w in want)
+    for (name, _), got, w in zip(trainer.model.named_parameters(), seen["grads"], want):
+        torch.testing.assert_close(got.double(), w, rtol=1e-4, atol=1e-5 * scale,
+                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_known_advantages_micro_batches_take_rows_of_similar_length(tmp_path, monkeypatch):
