@@ -1,8 +1,9 @@
 """Benchmark latro_engine's native CPU ops against the plain-torch way of doing the same thing.
 
 One run prints one markdown table: for each case and vocabulary size, the median wall time of
-our op and of the plain-torch equivalent, the speedup (torch time / our time), and the peak
-extra memory each one needs.
+our op and of the plain-torch equivalent, the speedup (the median over repeats of torch time /
+our time, each pair timed back to back) with its interquartile range, and the peak extra memory
+each one needs.
 
 Cases (at V = 32,000 and V = 128,256):
 
@@ -10,7 +11,8 @@ Cases (at V = 32,000 and V = 128,256):
   ``torch.log_softmax(logits.float(), -1).gather(-1, targets[:, None])``;
 * the same, forward + backward (float32);
 * ``linear_token_logprobs`` (chunked) forward and forward + backward from ``hidden [N, D]`` and
-  ``weight [V, D]`` vs ``(hidden @ weight.T).float().log_softmax(-1).gather(...)``;
+  ``weight [V, D]`` vs ``(hidden @ weight.T).float().log_softmax(-1).gather(...)``, at D = 256
+  (``--dim``) and, at V = 32,000, at a model's width, D = 2,048, where the matmuls dominate;
 * ``linear_weighted_logprob_sum`` forward + backward (per-token weights known in advance, the
   gradient taken in the forward) vs the same plain-torch scorer's weighted sum and backward;
 * ``sample`` on ``[B, V]`` logits: plain (temperature 1), top-p 0.9 and top-k 50 vs
@@ -23,10 +25,13 @@ the library's default, about 2^27 logits per chunk, would not chunk at all at th
 backward recomputes the logits (in vocabulary blocks), one matmul more than torch's autograd does;
 ``linear_weighted_logprob_sum`` does torch's three.
 
-Time: each case runs once as warm-up (its result is checked against the other implementation),
-then ours and torch's alternate for a number of repeats (more for fast cases, within a time
-budget); the table shows the median of each. Other processes may share the cores, so the
-machine's load average is printed with the results.
+Time: each case runs once as warm-up and its results are checked before anything is timed
+(scores and gradients against torch's; sampled ids equal to the pure-torch reference sampler's
+for the same seed, torch's within the vocabulary); then ours and torch's run back to back, in
+alternating order, for at least 9 repeats (more for fast cases, within a time budget); the table
+shows the median time of each and the median and interquartile range of the per-pair speedups.
+Other processes may share the cores, so the machine's load average is printed with the results,
+and the repository's commit.
 
 Peak extra memory: tracemalloc does not see tensor storage, so memory is measured as growth of
 the process's resident set (RSS), which counts every allocation (torch's and the native
@@ -51,7 +56,7 @@ MiB. Without ``/proc`` (not Linux) memory is reported as n/a.
 
 Run from anywhere with the project's interpreter, e.g.::
 
-    .venv/bin/python benchmarks/bench_ops.py            # full run, a few minutes on 2 cores
+    .venv/bin/python benchmarks/bench_ops.py            # full run, about ten minutes on 2 cores
     .venv/bin/python benchmarks/bench_ops.py --quick    # smoke test, well under a minute
 
 The native extension must be built (and ``LATRO_BACKEND`` unset, ``auto`` or ``native``).
@@ -121,13 +126,15 @@ class Settings:
     tl_rows: dict[int, int]
     linear_rows: dict[int, int]
     linear_dim: int
+    wide_dim: int  # the linear cases again at a model's width (V = 32,000 only)
+    wide_rows: int
     sample_rows: int
     min_repeats: int
     max_repeats: int
     budget_s: float  # target time per case for the repeats (ours + torch)
 
 
-def settings_for(quick: bool, rows_scale: float) -> Settings:
+def settings_for(quick: bool, rows_scale: float, dim: int) -> Settings:
     def scaled(rows: dict[int, int]) -> dict[int, int]:
         return {v: max(2, round(n * rows_scale)) for v, n in rows.items()}
 
@@ -135,7 +142,9 @@ def settings_for(quick: bool, rows_scale: float) -> Settings:
         return Settings(
             tl_rows=scaled({32_000: 64, 128_256: 16}),
             linear_rows=scaled({32_000: 16, 128_256: 8}),
-            linear_dim=32,
+            linear_dim=dim or 32,
+            wide_dim=64,
+            wide_rows=8,
             sample_rows=4,
             min_repeats=2,
             max_repeats=3,
@@ -144,11 +153,13 @@ def settings_for(quick: bool, rows_scale: float) -> Settings:
     return Settings(
         tl_rows=scaled({32_000: 1024, 128_256: 256}),
         linear_rows=scaled({32_000: 512, 128_256: 256}),
-        linear_dim=256,
+        linear_dim=dim or 256,
+        wide_dim=2048,
+        wide_rows=max(2, round(256 * rows_scale)),
         sample_rows=64,
-        min_repeats=3,
-        max_repeats=9,
-        budget_s=2.0,
+        min_repeats=9,
+        max_repeats=31,
+        budget_s=3.0,
     )
 
 
@@ -169,6 +180,10 @@ def make_cases(settings: Settings, chunk_rows: int) -> list[Case]:
             Case("sample_top_p", vocab, settings.sample_rows),
             Case("sample_top_k", vocab, settings.sample_rows),
         ]
+    n_wide = settings.wide_rows
+    chunk = min(n_wide, chunk_rows) if chunk_rows > 0 else max(1, n_wide // 4)
+    cases += [Case(kind, 32_000, n_wide, settings.wide_dim, chunk)
+              for kind in ("linear", "linear_bwd", "linear_weighted")]
     return cases
 
 
@@ -301,12 +316,29 @@ def build(case: Case, impl: str, rows: int, ops: ModuleType) -> Thunk:
     return draw
 
 
-def check_agree(case: Case, ours: tuple[torch.Tensor, ...], ref: tuple[torch.Tensor, ...]) -> None:
-    """Exits if the two implementations disagree (so we never time the wrong thing)."""
+def check_agree(
+    case: Case, ours: tuple[torch.Tensor, ...], ref: tuple[torch.Tensor, ...], ops: ModuleType
+) -> None:
+    """Exits if the two implementations disagree (so we never time the wrong thing). Samplers
+    draw from other random streams: ours must give the ids of the pure-torch reference sampler
+    for the same seed (it filters and draws as the spec says), torch's ids within the
+    vocabulary."""
     if case.kind.startswith("sample"):
-        for ids in (ours[0], ref[0]):
-            if ids.shape != (case.rows,) or int(ids.min()) < 0 or int(ids.max()) >= case.vocab:
-                sys.exit(f"error: {case.label}, V={case.vocab}: sampled ids out of range")
+        ids, torch_ids = ours[0], ref[0]
+        if torch_ids.shape != (case.rows,) or int(torch_ids.min()) < 0 or int(torch_ids.max()) >= case.vocab:
+            sys.exit(f"error: {case.label}, V={case.vocab}: torch's sampled ids out of range")
+        previous = os.environ.get("LATRO_BACKEND")
+        os.environ["LATRO_BACKEND"] = "torch"
+        try:
+            (want,) = build(case, "ours", case.rows, ops)()
+        finally:
+            if previous is None:
+                del os.environ["LATRO_BACKEND"]
+            else:
+                os.environ["LATRO_BACKEND"] = previous
+        if not torch.equal(ids, want):
+            sys.exit(f"error: {case.label}, V={case.vocab}: ours drew other ids than the "
+                     f"reference sampler in {int((ids != want).sum())} rows")
         return
     for a, b in zip(ours, ref, strict=True):
         if a.shape != b.shape or not torch.allclose(a.float(), b.float(), rtol=1e-3, atol=1e-3):
@@ -376,25 +408,43 @@ def measure_memory(cases: list[Case], threads: int | None) -> dict[tuple[Case, s
 
 
 # ----------------------------------------------------------------------------- timing
+@dataclass
+class Timing:
+    ours_ms: float  # medians
+    torch_ms: float
+    speedup: float  # median of the per-pair torch / ours
+    speedup_q1: float  # its interquartile range
+    speedup_q3: float
+    repeats: int
+
+
 def time_pair(
-    ours: Thunk, ref: Thunk, settings: Settings
-) -> tuple[float, float, int, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
-    """Median ms of ours and torch's, alternating, after one warm-up call of each."""
+    case: Case, ours: Thunk, ref: Thunk, settings: Settings, ops: ModuleType
+) -> Timing:
+    """One warm-up call of each, whose results are checked (check_agree) before any timing;
+    then back-to-back pairs in alternating order (neither side always runs on the other's
+    freshly freed memory)."""
     start = time.perf_counter()
     ours_out = ours()
     ref_out = ref()
     warm = time.perf_counter() - start
+    check_agree(case, ours_out, ref_out, ops)
+    del ours_out, ref_out
     repeats = max(settings.min_repeats,
                   min(settings.max_repeats, math.ceil(settings.budget_s / max(warm, 1e-9))))
     ours_s: list[float] = []
     ref_s: list[float] = []
-    for _ in range(repeats):
-        for fn, samples in ((ours, ours_s), (ref, ref_s)):
+    for i in range(repeats):
+        pair = ((ours, ours_s), (ref, ref_s))
+        for fn, samples in pair if i % 2 == 0 else pair[::-1]:
             start = time.perf_counter()
             fn()
             samples.append(time.perf_counter() - start)
-    return (statistics.median(ours_s) * 1e3, statistics.median(ref_s) * 1e3, repeats,
-            ours_out, ref_out)
+    ratios = [r / o for o, r in zip(ours_s, ref_s)]
+    q1, _, q3 = (statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1
+                 else (ratios[0],) * 3)
+    return Timing(statistics.median(ours_s) * 1e3, statistics.median(ref_s) * 1e3,
+                  statistics.median(ratios), q1, q3, repeats)
 
 
 # ----------------------------------------------------------------------------- report
@@ -408,7 +458,17 @@ def machine_info() -> dict[str, Any]:
         pass
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    try:
+        commit = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain",
+                                "--untracked-files=no"], capture_output=True, text=True,
+                               check=True).stdout.strip()
+        commit += " (with uncommitted changes)" if dirty else ""
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
     return {
+        "commit": commit,
         "cpu": cpu,
         "cores": os.cpu_count(),
         "usable_cores": usable,
@@ -435,6 +495,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="multiply N of the token_logprobs and linear cases by this")
     parser.add_argument("--chunk-rows", type=int, default=0,
                         help="linear_token_logprobs chunk_size in rows (default: N // 4)")
+    parser.add_argument("--dim", type=int, default=0,
+                        help="D of the linear cases (default 256; the D=2048 rows stay)")
     parser.add_argument(CHILD_FLAG, action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -447,9 +509,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.rows_scale <= 0:
         parser.error("--rows-scale must be positive")
+    if args.dim < 0:
+        parser.error("--dim must be positive")
 
     ops = load_ops()
-    settings = settings_for(args.quick, args.rows_scale)
+    settings = settings_for(args.quick, args.rows_scale, args.dim)
     cases = make_cases(settings, args.chunk_rows)
     info = machine_info()
     print(f"# latro_engine native CPU ops vs plain torch{' (--quick)' if args.quick else ''}\n")
@@ -457,15 +521,13 @@ def main(argv: list[str] | None = None) -> int:
     threads = info["torch_threads"]
     print(f"- torch {info['torch']}, {threads} thread{'s' if threads != 1 else ''}, "
           f"Python {info['python']}")
-    print(f"- load average at start: {info['load_average']}\n")
+    print(f"- commit {info['commit']}; load average at start: {info['load_average']}\n")
 
     memory = measure_memory(cases, args.threads)
     rows: list[dict[str, Any]] = []
     for case in cases:
-        ours_ms, torch_ms, repeats, ours_out, ref_out = time_pair(
-            build(case, "ours", case.rows, ops), build(case, "torch", case.rows, ops), settings)
-        check_agree(case, ours_out, ref_out)
-        del ours_out, ref_out
+        t = time_pair(case, build(case, "ours", case.rows, ops),
+                      build(case, "torch", case.rows, ops), settings, ops)
         rows.append({
             "case": case.label,
             "kind": case.kind,
@@ -473,25 +535,29 @@ def main(argv: list[str] | None = None) -> int:
             "rows": case.rows,
             "dim": case.dim or None,
             "chunk": case.chunk or None,
-            "ours_ms": round(ours_ms, 3),
-            "torch_ms": round(torch_ms, 3),
-            "speedup": round(torch_ms / ours_ms, 3),
+            "ours_ms": round(t.ours_ms, 3),
+            "torch_ms": round(t.torch_ms, 3),
+            "speedup": round(t.speedup, 3),
+            "speedup_iqr": [round(t.speedup_q1, 3), round(t.speedup_q3, 3)],
             "ours_peak_extra_mib": memory.get((case, "ours")),
             "torch_peak_extra_mib": memory.get((case, "torch")),
-            "repeats": repeats,
+            "repeats": t.repeats,
         })
 
-    print("| case | V | ours ms | torch ms | speedup | ours peak extra MiB "
+    print("| case | V | ours ms | torch ms | speedup | speedup IQR | ours peak extra MiB "
           "| torch peak extra MiB |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
+        q1, q3 = r["speedup_iqr"]
         print(f"| {r['case']} | {r['vocab']:,} | {r['ours_ms']:.1f} | {r['torch_ms']:.1f} "
-              f"| {r['speedup']:.2f}x | {fmt_mib(r['ours_peak_extra_mib'])} "
+              f"| {r['speedup']:.2f}x | {q1:.2f}-{q3:.2f}x | {fmt_mib(r['ours_peak_extra_mib'])} "
               f"| {fmt_mib(r['torch_peak_extra_mib'])} |")
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    print(f"\nTimes: median of {settings.min_repeats}-{settings.max_repeats} alternating repeats "
-          "after a warm-up; speedup = torch ms / ours ms. Peak extra: RSS high-water mark growth "
-          "over the inputs (outputs and gradients included), one run in a fresh child process."
+    print(f"\nTimes: median of {settings.min_repeats}-{settings.max_repeats} back-to-back pairs "
+          "in alternating order after a checked warm-up; speedup = the median of the pairs' "
+          "torch ms / ours ms, with its interquartile range (a range that spans 1x is no "
+          "measured difference). Peak extra: RSS high-water mark growth over the inputs "
+          "(outputs and gradients included), one run in a fresh child process."
           + (f" Load average at end: {[round(x, 2) for x in load]}." if load else ""))
     if args.json is not None:
         args.json.write_text(json.dumps({"machine": info, "rows": rows}, indent=2) + "\n")
