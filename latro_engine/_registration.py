@@ -35,27 +35,32 @@ def _(hidden, weight, bias, targets, chunk_size, ignore_index):
     return _scores_like(hidden, shape), _scores_like(hidden, shape)
 
 
-@torch.library.register_fake(f"{_LIB}::linear_token_logprobs_backward")
-def _(grad_logprobs, hidden, weight, bias, targets, lse, chunk_size, ignore_index):
+def _grad_like(t, wanted):
+    """A gradient of t's shape where wanted, else an empty tensor (the native ops' way)."""
+    return torch.empty_like(t, memory_format=torch.contiguous_format) if wanted else t.new_empty(0)
+
+
+def _linear_grads_like(hidden, weight, bias, hidden_grad, weight_grad, bias_grad):
     return (
-        torch.empty_like(hidden, memory_format=torch.contiguous_format),
-        torch.empty_like(weight, memory_format=torch.contiguous_format),
-        hidden.new_empty(weight.shape[:1]),
+        _grad_like(hidden, hidden_grad),
+        _grad_like(weight, weight_grad),
+        _grad_like(bias if bias is not None else hidden.new_empty(0), bias_grad),
     )
+
+
+@torch.library.register_fake(f"{_LIB}::linear_token_logprobs_backward")
+def _(grad_logprobs, hidden, weight, bias, targets, lse, chunk_size, ignore_index, hidden_grad,
+      weight_grad, bias_grad):
+    return _linear_grads_like(hidden, weight, bias, hidden_grad, weight_grad, bias_grad)
 
 
 @torch.library.register_fake(f"{_LIB}::linear_weighted_logprob_sum")
 def _(hidden, weight, bias, targets, token_weights, chunk_size, ignore_index, hidden_grad,
       weight_grad, bias_grad):
-    def grad_like(t, wanted):
-        return torch.empty_like(t, memory_format=torch.contiguous_format) if wanted else t.new_empty(0)
-
     return (
         _scores_like(hidden, torch.Size([])),
         _scores_like(hidden, hidden.shape[:1]),
-        grad_like(hidden, hidden_grad),
-        grad_like(weight, weight_grad),
-        grad_like(bias if bias is not None else hidden.new_empty(0), bias_grad),
+        *_linear_grads_like(hidden, weight, bias, hidden_grad, weight_grad, bias_grad),
     )
 
 
@@ -159,7 +164,10 @@ def _linear_setup(ctx, inputs, output):
 
 def _linear_backward(ctx, grad_logprobs, grad_lse):
     hidden, weight, bias, targets, lse = ctx.saved_tensors
-    grad_hidden, grad_weight, grad_bias = torch.ops.latro_engine.linear_token_logprobs_backward(
+    # Only the gradients autograd asks for (a frozen LM head: no [V, D] weight gradient).
+    wants = [bool(w) for w in ctx.needs_input_grad[:3]]
+    wants[2] = wants[2] and ctx.has_bias
+    grads = list(torch.ops.latro_engine.linear_token_logprobs_backward(
         _upstream(grad_logprobs, grad_lse, lse),
         hidden,
         weight,
@@ -168,14 +176,19 @@ def _linear_backward(ctx, grad_logprobs, grad_lse):
         lse,
         ctx.chunk_size,
         ctx.ignore_index,
-    )
+        *wants,
+    ))
     if grad_lse is not None:
         h, safe = _lse_target_weight(grad_lse, targets, ctx.ignore_index)
         h = h.to(hidden.dtype)
-        grad_hidden = grad_hidden + h.unsqueeze(-1) * weight[safe]
-        grad_weight = grad_weight.index_add(0, safe, h.unsqueeze(-1) * hidden)
-        grad_bias = grad_bias.index_add(0, safe, h)
-    return grad_hidden, grad_weight, grad_bias if ctx.has_bias else None, None, None, None
+        if wants[0]:
+            grads[0] = grads[0] + h.unsqueeze(-1) * weight[safe]
+        if wants[1]:
+            grads[1] = grads[1].index_add(0, safe, h.unsqueeze(-1) * hidden)
+        if wants[2]:
+            grads[2] = grads[2].index_add(0, safe, h)
+    grad_hidden, grad_weight, grad_bias = (g if w else None for g, w in zip(grads, wants))
+    return grad_hidden, grad_weight, grad_bias, None, None, None
 
 
 torch.library.register_autograd(
@@ -231,7 +244,10 @@ def _weighted_backward(ctx, grad_total, *unused):
             "linear_weighted_logprob_sum: its gradients were computed in the forward and are "
             "handed out once; backward through it twice (retain_graph) is not supported"
         )
-    if grad_total is not None and grad_total.requires_grad and torch.is_grad_enabled():
+    # Grad mode is on in a backward only with create_graph=True: the gradients it hands out were
+    # computed in the forward and would carry no graph (a default upstream gradient of ones
+    # does not require grad, so that alone cannot tell).
+    if torch.is_grad_enabled():
         raise _double_backward_error("linear_weighted_logprob_sum")
     grads, ctx.grads = ctx.grads, None
     out = [

@@ -67,7 +67,7 @@ def test_linear_token_logprobs_errors(device, backend, use_backend):
         lse = torch.zeros(4, device=device)
         with _raises(ValueError, r"targets\[2\] = 9 is out of range"):
             torch.ops.latro_engine.linear_token_logprobs_backward(
-                torch.ones(4, device=device), h, w, None, one_bad, lse, 0, -100
+                torch.ones(4, device=device), h, w, None, one_bad, lse, 0, -100, True, True, False
             )
 
 
@@ -375,3 +375,10 @@ def test_second_order_gradients_are_refused_by_the_native_kernels(use_backend):
         (g,) = torch.autograd.grad(logp.sum(), wrt, create_graph=True)
         with _raises(RuntimeError, "second-order gradients"):
             (g**2).sum().backward()
+    # its gradients come from the forward: refused at the first backward that would need a graph
+    total, _ = ops.linear_weighted_logprob_sum(h, w, t, torch.randn(3))
+    with _raises(RuntimeError, "second-order gradients"):
+        torch.autograd.grad(total, h, create_graph=True)
+    total, _ = ops.linear_weighted_logprob_sum(h, w, t, torch.randn(3))
+    total.backward()  # a plain backward is fine
+    assert h.grad is not None

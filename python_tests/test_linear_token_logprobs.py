@@ -303,3 +303,32 @@ def test_masked_vocabulary_block(device, backend, use_backend):
     expected = _full_logits_oracle(hidden, weight, b, targets)
     assert torch.isneginf(out[:3]).all()
     torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=1e-5)
+
+
+@requires_native
+def test_a_frozen_lm_head_gets_no_weight_gradient(monkeypatch):
+    """Only the gradients autograd asks for are computed: with the LM head frozen (LoRA) the
+    backward makes neither its [V, D] gradient nor that matmul; the hidden gradient is the
+    oracle's, with rows redone over whole rows (logits in the hundreds) and an lse upstream."""
+    hidden, weight, b, targets = linear_problem(17, 8, 500, torch.float32, "cpu", bias=True, seed=6)
+    hidden[::4] *= 120
+    asked = []
+    real = torch.ops.latro_engine.linear_token_logprobs_backward
+
+    def spy(*args):
+        asked.append(args[-3:])
+        return real(*args)
+
+    monkeypatch.setattr(torch.ops.latro_engine, "linear_token_logprobs_backward", spy)
+    h = hidden.clone().requires_grad_(True)
+    logp, lse = torch.ops.latro_engine.linear_token_logprobs(h, weight, b, targets, 3, -100)
+    upstream, lse_upstream = torch.randn(17), torch.randn(17)
+    ((logp * upstream).sum() + (lse * lse_upstream).sum()).backward()
+    hd, wd, bd = (t.double().requires_grad_(t is hidden) for t in (hidden, weight, b))
+    logits = hd @ wd.T + bd
+    kept = (targets != -100).double()  # ignored rows: log-prob and lse 0
+    want_logp = logits.log_softmax(-1).gather(-1, targets.clamp(min=0)[:, None])[:, 0]
+    ((want_logp * upstream.double() * kept).sum()
+     + (logits.logsumexp(-1) * lse_upstream.double() * kept).sum()).backward()
+    torch.testing.assert_close(h.grad.double(), hd.grad, atol=1e-4, rtol=1e-4)
+    assert asked == [(True, False, False)]

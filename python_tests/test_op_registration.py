@@ -78,16 +78,10 @@ def _op_samples(device: str):
              False, False, False),
         ],
         "linear_token_logprobs_backward": [
-            (
-                torch.randn(9).to(device),
-                hidden.detach(),
-                weight.detach(),
-                bias,
-                t9,
-                lin_lse,
-                4,
-                -100,
-            )
+            (torch.randn(9).to(device), hidden.detach(), weight.detach(), bias, t9, lin_lse, 4,
+             -100, True, True, True),
+            (torch.randn(9).to(device), hidden.detach(), weight.detach(), None, t9, lin_lse, 4,
+             -100, True, False, False),  # a frozen LM head: no weight gradient
         ],
         "sample": [
             (logits[0].detach(), scalar(3), scalar(2), 0.8, 10, 0.9, 0.05),

@@ -535,28 +535,47 @@ std::tuple<at::Tensor, at::Tensor> linear_token_logprobs(const at::Tensor& hidde
 // their weight gradient over chunks in float32 and adds it at the end.
 using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
+// Which gradients a backward computes (the inputs that need one): a frozen LM head (LoRA) costs
+// neither the [V, D] weight gradient nor its matmul.
+struct Wanted {
+  bool hidden, weight, bias;
+};
+
+// A gradient not asked for: a distinct empty tensor (outputs of an op may not alias).
+at::Tensor no_grad_of(const at::Tensor& like) { return at::empty({0}, like.options()); }
+
 Grads vocab_blocked_backward(const at::Tensor& grad, const at::Tensor& hidden,
                              const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                              const at::Tensor& targets, const at::Tensor& skipped,
-                             const at::Tensor& lse, int64_t chunk) {
+                             const at::Tensor& lse, int64_t chunk, Wanted wanted) {
   const int64_t vocab = weight.size(0);
   const bool low_precision =
       weight.scalar_type() == at::kBFloat16 || weight.scalar_type() == at::kHalf;
   VocabBlocks blocks(hidden, vocab, chunk);
-  at::Tensor grad_weight = at::empty(weight.sizes(), weight.options());
-  at::Tensor grad_bias = at::zeros({vocab}, hidden.options().dtype(at::kFloat));
-  at::Tensor grad_hidden = at::zeros(hidden.sizes(), hidden.options().dtype(at::kFloat));
-  at::Tensor partial = low_precision ? at::empty_like(hidden, at::MemoryFormat::Contiguous)
-                                     : at::Tensor();
+  at::Tensor grad_weight =
+      wanted.weight ? at::empty(weight.sizes(), weight.options()) : no_grad_of(weight);
+  at::Tensor grad_bias = wanted.bias ? at::zeros({vocab}, hidden.options().dtype(at::kFloat))
+                                     : no_grad_of(hidden);
+  at::Tensor grad_hidden = wanted.hidden
+                               ? at::zeros(hidden.sizes(), hidden.options().dtype(at::kFloat))
+                               : no_grad_of(hidden);
+  at::Tensor partial = low_precision && wanted.hidden
+                           ? at::empty_like(hidden, at::MemoryFormat::Contiguous)
+                           : at::Tensor();
   for (int64_t begin = 0; begin < vocab; begin += blocks.columns) {
     const int64_t n = std::min(blocks.columns, vocab - begin);
     const at::Tensor w = weight.narrow(0, begin, n);
     const at::Tensor block = blocks.fill(hidden, weight, bias, begin, n);
     token_logprobs_backward_inplace_op().call(grad, blocks.buffer,
                                               block_targets(targets, skipped, begin, n), lse, -1);
-    at::Tensor grad_weight_rows = grad_weight.narrow(0, begin, n);
-    at::mm_out(grad_weight_rows, block.t(), hidden);
-    if (bias) grad_bias.narrow(0, begin, n).copy_(block.sum(0, /*keepdim=*/false, at::kFloat));
+    if (wanted.weight) {
+      at::Tensor grad_weight_rows = grad_weight.narrow(0, begin, n);
+      at::mm_out(grad_weight_rows, block.t(), hidden);
+    }
+    if (wanted.bias) {
+      grad_bias.narrow(0, begin, n).copy_(block.sum(0, /*keepdim=*/false, at::kFloat));
+    }
+    if (!wanted.hidden) continue;
     if (low_precision) {
       at::mm_out(partial, block, w);
       grad_hidden.add_(partial);
@@ -564,18 +583,24 @@ Grads vocab_blocked_backward(const at::Tensor& grad, const at::Tensor& hidden,
       grad_hidden.addmm_(block, w);
     }
   }
-  return {grad_hidden.to(hidden.scalar_type()), grad_weight, grad_bias};
+  if (wanted.hidden) grad_hidden = grad_hidden.to(hidden.scalar_type());
+  return {grad_hidden, grad_weight, grad_bias};
 }
 
 // grad_weight and grad_bias come back in float32 (summed over chunks, for the caller to round).
 Grads row_chunked_backward(const at::Tensor& grad, const at::Tensor& hidden,
                            const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                            const at::Tensor& targets, const at::Tensor& lse, int64_t chunk,
-                           int64_t ignore_index) {
+                           int64_t ignore_index, Wanted wanted) {
   const int64_t rows = hidden.size(0);
-  at::Tensor grad_hidden = at::empty_like(hidden, at::MemoryFormat::Contiguous);
-  at::Tensor grad_weight = at::zeros(weight.sizes(), weight.options().dtype(at::kFloat));
-  at::Tensor grad_bias = at::zeros({weight.size(0)}, hidden.options().dtype(at::kFloat));
+  at::Tensor grad_hidden = wanted.hidden ? at::empty_like(hidden, at::MemoryFormat::Contiguous)
+                                         : no_grad_of(hidden);
+  at::Tensor grad_weight = wanted.weight
+                               ? at::zeros(weight.sizes(), weight.options().dtype(at::kFloat))
+                               : no_grad_of(weight);
+  at::Tensor grad_bias = wanted.bias
+                             ? at::zeros({weight.size(0)}, hidden.options().dtype(at::kFloat))
+                             : no_grad_of(hidden);
   for (int64_t begin = 0; begin < rows; begin += chunk) {
     const int64_t n = std::min(chunk, rows - begin);
     const at::Tensor h = hidden.narrow(0, begin, n);
@@ -583,11 +608,13 @@ Grads row_chunked_backward(const at::Tensor& grad, const at::Tensor& hidden,
     token_logprobs_backward_inplace_op().call(grad.narrow(0, begin, n), logits,
                                               targets.narrow(0, begin, n),
                                               lse.narrow(0, begin, n), ignore_index);
-    at::Tensor grad_hidden_rows = grad_hidden.narrow(0, begin, n);
-    at::mm_out(grad_hidden_rows, logits, weight);
+    if (wanted.hidden) {
+      at::Tensor grad_hidden_rows = grad_hidden.narrow(0, begin, n);
+      at::mm_out(grad_hidden_rows, logits, weight);
+    }
     // ATen has no portable low-precision GEMM into a float32 output: float32 copies.
-    grad_weight.addmm_(logits.to(at::kFloat).t(), h.to(at::kFloat));
-    if (bias) grad_bias.add_(logits.sum(0, /*keepdim=*/false, at::kFloat));
+    if (wanted.weight) grad_weight.addmm_(logits.to(at::kFloat).t(), h.to(at::kFloat));
+    if (wanted.bias) grad_bias.add_(logits.sum(0, /*keepdim=*/false, at::kFloat));
   }
   return {grad_hidden, grad_weight, grad_bias};
 }
@@ -595,10 +622,13 @@ Grads row_chunked_backward(const at::Tensor& grad, const at::Tensor& hidden,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_backward(
     const at::Tensor& grad_logprobs, const at::Tensor& hidden, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& targets, const at::Tensor& lse,
-    int64_t chunk_size, int64_t ignore_index) {
+    int64_t chunk_size, int64_t ignore_index, bool hidden_grad, bool weight_grad,
+    bool bias_grad) {
   at::NoGradGuard no_grad;  // a backward is not differentiated again
   NoAutocast no_autocast(c10::autocast_dispatch_keyset);
   check_linear(hidden, weight, bias, targets);
+  TORCH_CHECK_VALUE(!bias_grad || bias, "bias_grad needs a bias");
+  const Wanted wanted{hidden_grad, weight_grad, bias_grad};
   const int64_t chunk = resolve_chunk(chunk_size, hidden.size(0), weight.size(0));
   const at::Tensor grad = grad_logprobs.to(at::kFloat).contiguous();
   const at::Tensor ignored = targets == ignore_index;
@@ -614,16 +644,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_backward(
     skipped = ignored.index_fill(0, redo, true);
   }
   auto [grad_hidden, grad_weight, grad_bias] =
-      vocab_blocked_backward(grad, hidden, weight, bias, targets, skipped, lse, chunk);
+      vocab_blocked_backward(grad, hidden, weight, bias, targets, skipped, lse, chunk, wanted);
   if (redo.numel() > 0) {
     auto [gh, gw, gb] = row_chunked_backward(
         grad.index_select(0, redo), hidden.index_select(0, redo), weight, bias,
-        targets.index_select(0, redo), lse.index_select(0, redo), chunk, ignore_index);
-    grad_hidden.index_copy_(0, redo, gh);
-    grad_weight.copy_(grad_weight.to(at::kFloat).add_(gw));
-    grad_bias.add_(gb);
+        targets.index_select(0, redo), lse.index_select(0, redo), chunk, ignore_index, wanted);
+    if (wanted.hidden) grad_hidden.index_copy_(0, redo, gh);
+    if (wanted.weight) grad_weight.copy_(grad_weight.to(at::kFloat).add_(gw));
+    if (wanted.bias) grad_bias.add_(gb);
   }
-  return {grad_hidden, grad_weight, grad_bias.to(hidden.scalar_type())};
+  return {grad_hidden, grad_weight, wanted.bias ? grad_bias.to(hidden.scalar_type()) : grad_bias};
 }
 
 const c10::TypedOperatorHandle<std::tuple<at::Tensor, at::Tensor>(
@@ -709,9 +739,8 @@ WeightedSum linear_weighted_logprob_sum(const at::Tensor& hidden, const at::Tens
   const int64_t rows = hidden.size(0), vocab = weight.size(0);
   const int64_t chunk = resolve_chunk(chunk_size, rows, vocab);
   const at::Tensor w = token_weights.contiguous();
-  // Outputs not asked for: distinct empty tensors (outputs of an op may not alias).
-  const auto none = [&] { return at::empty({0}, hidden.options()); };
-  at::Tensor logprobs, grad_hidden = none(), grad_weight = none(), grad_bias = none();
+  at::Tensor logprobs, grad_hidden = no_grad_of(hidden), grad_weight = no_grad_of(hidden),
+                       grad_bias = no_grad_of(hidden);
   if (!hidden_grad && !weight_grad && !bias_grad) {
     logprobs = std::get<0>(vocab_blocked_forward(hidden, weight, bias, targets, chunk, ignore_index));
   } else {
@@ -722,7 +751,8 @@ WeightedSum linear_weighted_logprob_sum(const at::Tensor& hidden, const at::Tens
     // Written by the first chunk's matmul (zeros when there is none).
     if (weight_grad) grad_weight = rows > 0 ? at::empty(weight.sizes(), weight.options())
                                             : at::zeros(weight.sizes(), weight.options());
-    at::Tensor bias_sum = bias_grad ? at::zeros({vocab}, hidden.options().dtype(at::kFloat)) : none();
+    at::Tensor bias_sum =
+        bias_grad ? at::zeros({vocab}, hidden.options().dtype(at::kFloat)) : no_grad_of(hidden);
     for (int64_t begin = 0; begin < rows; begin += chunk) {
       const int64_t n = std::min(chunk, rows - begin);
       const at::Tensor h = hidden.narrow(0, begin, n);
@@ -785,8 +815,8 @@ TORCH_LIBRARY(latro_engine, m) {
       "int chunk_size, int ignore_index) -> (Tensor, Tensor)");
   m.def(
       "linear_token_logprobs_backward(Tensor grad_logprobs, Tensor hidden, Tensor weight, "
-      "Tensor? bias, Tensor targets, Tensor lse, int chunk_size, int ignore_index) "
-      "-> (Tensor, Tensor, Tensor)");
+      "Tensor? bias, Tensor targets, Tensor lse, int chunk_size, int ignore_index, "
+      "bool hidden_grad, bool weight_grad, bool bias_grad) -> (Tensor, Tensor, Tensor)");
   // (total, logprobs, grad_hidden, grad_weight, grad_bias): the gradients of total, computed in
   // the forward (empty when not asked for); the Python autograd formula hands them out.
   m.def(
