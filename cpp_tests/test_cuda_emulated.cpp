@@ -768,9 +768,7 @@ class EmulatedDecodeAttention : public ::testing::TestWithParam<AttentionShape> 
 // The kernel against the CPU function and the float64 reference, with one block per (row, KV
 // head) (one multiprocessor) and with the slots split over blocks (132 of them: the combine
 // kernel); the caches must end bit for bit as the CPU leaves them.
-TEST_P(EmulatedDecodeAttention, MatchesTheCpuAndTheReference) {
-  std::mt19937 rng(23);
-  const AttentionCase c(GetParam(), rng);
+void expect_emulated_attention_matches(const AttentionCase& c) {
   Matrix cpu_k = c.cache_k, cpu_v = c.cache_v, cpu_out = c.output();
   latro::decode_attention(c.args(cpu_k, cpu_v, cpu_out));
   const std::vector<double> want = c.reference();
@@ -800,6 +798,11 @@ TEST_P(EmulatedDecodeAttention, MatchesTheCpuAndTheReference) {
   }
 }
 
+TEST_P(EmulatedDecodeAttention, MatchesTheCpuAndTheReference) {
+  std::mt19937 rng(23);
+  expect_emulated_attention_matches(AttentionCase(GetParam(), rng));
+}
+
 // NaN and infinity where the op reads them (put_non_finite_inputs): the kernels give the NaN
 // and infinite outputs of the CPU and the reference, with and without split slots (fmaxf passes
 // a NaN score over, so the kernels must not take a NaN sum for "no allowed slot").
@@ -807,21 +810,7 @@ TEST_P(EmulatedDecodeAttention, NonFiniteInputsGiveTheCpusNaNAndInfinity) {
   std::mt19937 rng(24);
   AttentionCase c(GetParam(), rng);
   put_non_finite_inputs(c);
-  Matrix cpu_k = c.cache_k, cpu_v = c.cache_v, cpu_out = c.output();
-  latro::decode_attention(c.args(cpu_k, cpu_v, cpu_out));
-  const std::vector<double> want = c.reference();
-  for (int multiprocessors : {1, 132}) {
-    Matrix k = c.cache_k, v = c.cache_v, out = c.output();
-    const latro::DecodeAttentionArgs args = c.args(k, v, out);
-    const auto plan = latro::cuda::plan_decode_attention(args, multiprocessors);
-    std::vector<float> workspace(static_cast<size_t>(plan.workspace_floats));
-    latro::cuda::decode_attention(args, plan, workspace.data(), nullptr);
-    SCOPED_TRACE("splits " + std::to_string(plan.splits));
-    const Tolerance tol = attention_tolerance(c.shape.dtype);
-    EXPECT_TRUE(all_close(matrix_values(out), want, tol));
-    EXPECT_TRUE(all_close(matrix_values(out), matrix_values(cpu_out), tol));
-    EXPECT_TRUE(k.storage == cpu_k.storage && v.storage == cpu_v.storage);
-  }
+  expect_emulated_attention_matches(c);
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, EmulatedDecodeAttention, ::testing::ValuesIn(attention_shapes()),

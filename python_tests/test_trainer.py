@@ -313,6 +313,17 @@ def test_gradient_checkpointing_recomputes_layers_and_trains_the_same(tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def _capture_gradients(trainer, monkeypatch, seen: dict) -> None:
+    """Replaces the optimizer's step: the step's accumulated gradients go to seen["grads"]."""
+
+    def capture(loss=0.0):
+        seen["grads"] = [p.grad.clone() for p in trainer.model.parameters()]
+        trainer.optimizer.zero_grad(set_to_none=True)
+        return 0.0, True
+
+    monkeypatch.setattr(trainer, "_apply_gradients", capture)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_step_with_known_advantages_takes_the_latro_loss_gradient(tmp_path, monkeypatch, device):
     """Micro-batches of 3 rows do not hold whole groups of 4: the advantages come from a no-grad
@@ -329,12 +340,7 @@ def test_step_with_known_advantages_takes_the_latro_loss_gradient(tmp_path, monk
     rollout_fn = trainer._rollout
     monkeypatch.setattr(trainer, "_rollout", lambda *a: seen.setdefault("rollout", rollout_fn(*a)))
 
-    def capture(loss=0.0):
-        seen["grads"] = [p.grad.clone() for p in trainer.model.parameters()]
-        trainer.optimizer.zero_grad(set_to_none=True)
-        return 0.0, True
-
-    monkeypatch.setattr(trainer, "_apply_gradients", capture)
+    _capture_gradients(trainer, monkeypatch, seen)
     trainer.train_step()
 
     rollout, answers = seen["rollout"]
@@ -426,13 +432,8 @@ def test_a_step_takes_the_gradient_of_the_latro_estimator(
         seen["rollout"] = rollout, answers
         return rollout, answers
 
-    def capture(loss=0.0):
-        seen["grads"] = [p.grad.clone() for p in trainer.model.parameters()]
-        trainer.optimizer.zero_grad(set_to_none=True)
-        return 0.0, True
-
     monkeypatch.setattr(trainer, "_rollout", rollout_with_lengths)
-    monkeypatch.setattr(trainer, "_apply_gradients", capture)
+    _capture_gradients(trainer, monkeypatch, seen)
     trainer.train_step()
     want = _latro_gradient_float64(policy, trainer.ref_model, *seen["rollout"], config)
     scale = max(float(w.abs().max()) for w in want)
@@ -498,13 +499,8 @@ def test_whole_group_micro_batches_split_their_forward_by_length(tmp_path, monke
             seen["sizes"].append(micro_batch_size)
         return score_fn(rollout, rows, answers, micro_batch_size=micro_batch_size, weights=weights)
 
-    def capture(loss=0.0):
-        seen["grads"] = [p.grad.clone() for p in trainer.model.parameters()]
-        trainer.optimizer.zero_grad(set_to_none=True)
-        return 0.0, True
-
     monkeypatch.setattr(trainer, "_score", score)
-    monkeypatch.setattr(trainer, "_apply_gradients", capture)
+    _capture_gradients(trainer, monkeypatch, seen)
     trainer.train_step()
     assert seen["sizes"] == [2]  # 8 rows in four forwards
 
