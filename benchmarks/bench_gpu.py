@@ -36,7 +36,8 @@ Each section prints one markdown table (ours, the torch way, the floor, the rati
 Kernel and op times are CUDA-event medians after warm-up; a rollout or a LaTRO step is timed
 once, after a whole warm-up run of the same shape, between device synchronizations. Without
 a CUDA device the script says so and exits 0; ``--cpu-smoke`` runs every section at toy sizes
-on the CPU to check the code paths (its numbers mean nothing). Run on a GPU machine through ``benchmarks/gpu_check.sh``.
+on the CPU to check the code paths (its numbers mean nothing). Run on a GPU machine through
+``benchmarks/gpu_check.sh``.
 """
 
 from __future__ import annotations

@@ -625,11 +625,11 @@ def _check_decode_attention(
                     f"{name} must have shape [rows, head_dim] = [{rows}, {head_dim}], got "
                     f"{list(t.shape)}"
                 )
-    if rotary_cos is not None and rotary_cos.dtype != rotary_sin.dtype:
-        raise TypeError(
-            "rotary_cos and rotary_sin must have the same dtype, got "
-            f"{_name(rotary_cos.dtype)} and {_name(rotary_sin.dtype)}"
-        )
+        if rotary_cos.dtype != rotary_sin.dtype:
+            raise TypeError(
+                "rotary_cos and rotary_sin must have the same dtype, got "
+                f"{_name(rotary_cos.dtype)} and {_name(rotary_sin.dtype)}"
+            )
     _check_dtype(length, (torch.int64,), "length")
     _check_same_device(length, query, "length", "query")
     if length.dim() != 0:

@@ -159,11 +159,10 @@ void check_decode_attention(const at::Tensor& query, const at::Tensor& cache_k,
                         " must have shape [rows, head_dim] = [", rows, ", ", head_dim, "], got ",
                         t->sizes());
     }
+    TORCH_CHECK_TYPE(rotary_cos->scalar_type() == rotary_sin->scalar_type(),
+                     "rotary_cos and rotary_sin must have the same dtype, got ",
+                     rotary_cos->scalar_type(), " and ", rotary_sin->scalar_type());
   }
-  TORCH_CHECK_TYPE(!rotary_cos.has_value() || rotary_cos->scalar_type() == rotary_sin->scalar_type(),
-                   "rotary_cos and rotary_sin must have the same dtype, got ",
-                   rotary_cos ? rotary_cos->scalar_type() : at::kFloat, " and ",
-                   rotary_sin ? rotary_sin->scalar_type() : at::kFloat);
   check_dtype(length, at::kLong, "length");
   check_same_device(length, query, "length", "query");
   TORCH_CHECK_VALUE(length.dim() == 0, "length must be an int or a 0-d tensor, got shape ",

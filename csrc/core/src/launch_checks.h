@@ -183,6 +183,17 @@ inline void check_stop_rows(const int64_t* tokens, int64_t rows, int64_t len, in
   checked_elements("tokens", {rows, row_stride});
 }
 
+// A stop table's sizes and pointers: what the host can check without reading the table (the
+// CPU then reads its offsets; the CUDA kernels check them on the device).
+inline void check_stop_table_fields(const StopSequences& stops) {
+  LATRO_CHECK(stops.count >= 0, "stop_sequences count must be >= 0, got ", stops.count);
+  LATRO_CHECK(stops.token_count >= 0, "stop_sequences token_count must be >= 0, got ",
+              stops.token_count);
+  if (stops.count == 0) return;
+  LATRO_CHECK(stops.offsets != nullptr, "stop_sequences offsets is a null pointer");
+  LATRO_CHECK(stops.tokens != nullptr, "stop_sequences tokens is a null pointer");
+}
+
 // silu_mul: the element count and pointers.
 inline void check_silu_mul_args(const SiluMulArgs& args) {
   LATRO_CHECK(args.count >= 0, "count must be >= 0, got ", args.count);

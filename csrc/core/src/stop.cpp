@@ -7,12 +7,8 @@
 namespace latro {
 
 void check_stop_sequences(const StopSequences& stops) {
-  LATRO_CHECK(stops.count >= 0, "stop_sequences count must be >= 0, got ", stops.count);
-  LATRO_CHECK(stops.token_count >= 0, "stop_sequences token_count must be >= 0, got ",
-              stops.token_count);
+  detail::check_stop_table_fields(stops);
   if (stops.count == 0) return;
-  LATRO_CHECK(stops.offsets != nullptr, "stop_sequences offsets is a null pointer");
-  LATRO_CHECK(stops.tokens != nullptr, "stop_sequences tokens is a null pointer");
   LATRO_CHECK(stops.offsets[0] == 0, "stop_sequences offsets must start at 0, got ",
               stops.offsets[0]);
   for (int64_t i = 0; i < stops.count; ++i) {

@@ -123,11 +123,7 @@ __global__ void __launch_bounds__(kStepThreads)
 void check_rows(const int64_t* tokens, int64_t rows, int64_t len, int64_t row_stride,
                 int64_t start, const StopSequences& stops) {
   ::latro::detail::check_stop_rows(tokens, rows, len, row_stride, start);
-  LATRO_CHECK(stops.count >= 0, "stop_sequences count must be >= 0, got ", stops.count);
-  LATRO_CHECK(stops.token_count >= 0, "stop_sequences token_count must be >= 0, got ",
-              stops.token_count);
-  LATRO_CHECK(stops.count == 0 || (stops.offsets != nullptr && stops.tokens != nullptr),
-              "stop_sequences has a null pointer");
+  ::latro::detail::check_stop_table_fields(stops);
 }
 
 }  // namespace
