@@ -1090,6 +1090,9 @@ IMPLEMENTATIONS: dict[str, tuple[str, Callable[..., None], bool, bool]] = {
     ),
 }
 LATRO_SETTINGS = tuple(IMPLEMENTATIONS)  # --latro-settings: the reference pattern always runs
+# --latro-rationales: rationales that never stop (the random model's own behaviour) and ones
+# that stop at a realistic length.
+LATRO_RATIONALES = ("full", "stop")
 
 
 def bench_latro(device: torch.device, small: bool) -> None:
@@ -1123,7 +1126,8 @@ def bench_latro(device: torch.device, small: bool) -> None:
         answer = torch.randint(3, vocab, (8,), generator=torch.Generator().manual_seed(2))
         never = [[vocab + 1]]  # no token ever equals it: every rationale runs to the limit
         realistic = [[t] for t in range(3, 3 + vocab // 150)]  # ~1/150 per token, flat model
-        for stops, label in ((never, "full length"), (realistic, "stop after ~150 tokens")):
+        rationales = {"full": (never, "full length"), "stop": (realistic, "stop after ~150 tokens")}
+        for stops, label in (rationales[r] for r in LATRO_RATIONALES):
             baseline: dict[str, Any] = {}
             for name, step, reference_on_host, optimizer_on_host in (
                 IMPLEMENTATIONS[key] for key in LATRO_SETTINGS
@@ -1267,13 +1271,23 @@ def main(argv: list[str] | None = None) -> int:
         help="the LaTRO step's implementations to time, comma-separated, of "
         f"{', '.join(IMPLEMENTATIONS)} (the reference pattern always runs: every ratio is to it)",
     )
+    parser.add_argument(
+        "--latro-rationales",
+        default="full,stop",
+        help="the LaTRO step's rationale lengths, comma-separated: full (never stop, L tokens), "
+        "stop (stop after about 150 tokens)",
+    )
     args = parser.parse_args(argv)
-    global LATRO_WEIGHTS, LATRO_SETTINGS
+    global LATRO_WEIGHTS, LATRO_SETTINGS, LATRO_RATIONALES
     chosen = {w.strip() for w in args.latro_settings.split(",") if w.strip()}
     if chosen - set(IMPLEMENTATIONS):
         parser.error(f"--latro-settings: unknown {sorted(chosen - set(IMPLEMENTATIONS))}; "
                      f"choose from {', '.join(IMPLEMENTATIONS)}")
     LATRO_SETTINGS = tuple(key for key in IMPLEMENTATIONS if key in chosen | {"reference"})
+    rationales = [r.strip() for r in args.latro_rationales.split(",") if r.strip()]
+    if not rationales or set(rationales) - {"full", "stop"}:
+        parser.error(f"--latro-rationales takes full and/or stop, got {args.latro_rationales!r}")
+    LATRO_RATIONALES = tuple(r for r in ("full", "stop") if r in rationales)
     LATRO_WEIGHTS = tuple(w.strip() for w in args.latro_weights.split(",") if w.strip())
     if not LATRO_WEIGHTS or any(w not in ("bfloat16", "float32") for w in LATRO_WEIGHTS):
         parser.error(f"--latro-weights takes bfloat16 and/or float32, got {args.latro_weights!r}")

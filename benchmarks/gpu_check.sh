@@ -22,12 +22,17 @@
 # new: seconds). Since then the sampler's kernels take about 2.5x longer to compile (top-p's
 # window kernel: 380 s against 140-170 s on the 2-core CI machine), so expect a build of about
 # three minutes.
-#   STAGES="build test bench" BENCH_SECTIONS="sample scorer attention stop rollout" \
-#     SECTION_TIMEOUT=120 TEST_TIMEOUT=200 bash benchmarks/gpu_check.sh    # about 8 minutes
-#   STAGES="bench" BENCH_SECTIONS="latro" BENCH_ARGS="--latro-weights bfloat16" \
+# One call of about nine minutes (the device image has pytest-xdist: "-n 6" runs the tests in
+# six processes on the one GPU):
+#   PYTEST_OPTIONS="-n 6" STAGES="build test bench" \
+#     BENCH_SECTIONS="sample scorer stop attention rollout" SECTION_TIMEOUT=100 \
+#     TEST_TIMEOUT=150 bash benchmarks/gpu_check.sh; \
+#   STAGES="bench" BENCH_SECTIONS="latro" SECTION_TIMEOUT=200 \
+#     BENCH_ARGS="--latro-weights bfloat16 --latro-rationales stop" bash benchmarks/gpu_check.sh
+# The LaTRO section's full-length rows (the reference pattern's step alone takes 40 s, twice
+# with its warm-up) and its float32 rows take a call of their own:
+#   STAGES="bench" BENCH_SECTIONS="latro" BENCH_ARGS="--latro-weights bfloat16 --latro-rationales full" \
 #     SECTION_TIMEOUT=330 bash benchmarks/gpu_check.sh                     # about 5 minutes
-# With less time, "--latro-settings ours,whole-groups" (added to BENCH_ARGS) times two of our
-# five settings against the reference pattern.
 #
 # Outputs go to $OUT when it is set (the device tool's folder), else build/gpu-check:
 # gpu_check.log (everything), nvidia-smi.txt, pytest.log, bench_gpu.md, bench_gpu.json and the
