@@ -657,18 +657,15 @@ __device__ __forceinline__ float fast_exp(float x) {
 #endif
 }
 
-constexpr int kPlainLoads = 4;
-
 // Temperature sampling without filters (the rollout's case): one read of the row computes its
 // max, the normalizer online, and the Gumbel argmax. A kernel of its own: without the filters'
-// histograms it needs a tenth of the shared memory. Each thread keeps kPlainLoads 16-byte loads
-// in flight (see for_each_in_row) and the kernel is held to 64 registers, two blocks per SM:
-// 64 KiB in flight per SM, and 264 rows in one wave. The H100 run of 2026-11-26 had one load
-// per thread (47 registers, two blocks: 16 KiB per SM) and read at 2.6x the read-once floor;
-// four loads left to the compiler took 85 registers, one block per SM. kUnit: temperature 1,
+// histograms it needs a tenth of the shared memory. One 16-byte load in flight per thread
+// (47 registers, two blocks per SM): the H100 runs measured this form at 0.151 ms for 256 rows
+// of 128,256 float32 logits (2026-11-26) and four loads held to 64 registers at 0.263 ms
+// (2026-11-27; 109 us against 80 per rollout step), so it stays at one. kUnit: temperature 1,
 // no division (x / 1 == x).
 template <typename T, bool kUnit>
-__global__ void __launch_bounds__(kThreads, 2) plain_sample_kernel(SampleKernelArgs a) {
+__global__ void __launch_bounds__(kThreads) plain_sample_kernel(SampleKernelArgs a) {
   alignas(16) __shared__ unsigned char scratch[(kMaxWarps + 1) * sizeof(FirstPass)];
   const int64_t step = *a.offset;
   const T* logits = static_cast<const T*>(a.logits);
@@ -696,7 +693,7 @@ __global__ void __launch_bounds__(kThreads, 2) plain_sample_kernel(SampleKernelA
       draw.offer(v, s, p, first.max, bits);  // first.max <= the row max: its skips stay exact
     };
     const T* x = logits + row * a.row_stride;
-    for_each_in_row<kPlainLoads>(x, a.vocab, [&](int64_t base, const auto& values) {
+    for_each_in_row(x, a.vocab, [&](int64_t base, const auto& values) {
       constexpr int n = count_of<decltype(values)>;
       float s[n];
 #pragma unroll
