@@ -45,6 +45,8 @@ struct AttentionCase {
   int64_t mask_stride = 0;
   int64_t length = 0;
   std::vector<float> cos, sin;  // [rows, head_dim] when rotary
+  // The tables as the op reads them: in the dtype when rotary_in_dtype, else float32.
+  Matrix cos_table, sin_table;
 
   AttentionCase(const AttentionShape& s, std::mt19937& rng) : shape(s), length(s.length) {
     const int64_t d = s.head_dim;
@@ -75,6 +77,14 @@ struct AttentionCase {
           sin.push_back(table_value(std::sin(angle)));
         }
       }
+      const DType stored = s.rotary_in_dtype ? s.dtype : DType::Float32;
+      std::vector<std::vector<float>> cos_rows, sin_rows;
+      for (int64_t r = 0; r < s.rows; ++r) {
+        cos_rows.emplace_back(cos.begin() + r * d, cos.begin() + (r + 1) * d);
+        sin_rows.emplace_back(sin.begin() + r * d, sin.begin() + (r + 1) * d);
+      }
+      cos_table = matrix_of_rows(stored, cos_rows);
+      sin_table = matrix_of_rows(stored, sin_rows);
     }
     const float nan = std::numeric_limits<float>::quiet_NaN();
     for (int64_t r = 0; r < s.rows; ++r) {
@@ -122,8 +132,8 @@ struct AttentionCase {
     a.mask_row_stride = mask_stride;
     a.length = &length;
     a.scale = 1.0f / std::sqrt(static_cast<float>(shape.head_dim));
-    a.rotary_cos = shape.rotary ? cos.data() : nullptr;
-    a.rotary_sin = shape.rotary ? sin.data() : nullptr;
+    a.rotary_cos = shape.rotary ? cos_table.data() : nullptr;
+    a.rotary_sin = shape.rotary ? sin_table.data() : nullptr;
     a.rotary_dtype = shape.rotary_in_dtype ? shape.dtype : DType::Float32;
     a.out = out.data();
     return a;

@@ -157,8 +157,8 @@ inline latro::DecodeAttentionArgs decode_attention_args(
   args.new_v = new_v.defined() ? new_v.data_ptr() : nullptr;
   args.slot_mask = slot_mask.defined() ? slot_mask.data_ptr<bool>() : nullptr;
   args.mask_row_stride = slot_mask.defined() && args.rows > 1 ? slot_mask.stride(0) : -1;
-  args.rotary_cos = rotary_cos.defined() ? rotary_cos.data_ptr<float>() : nullptr;
-  args.rotary_sin = rotary_sin.defined() ? rotary_sin.data_ptr<float>() : nullptr;
+  args.rotary_cos = rotary_cos.defined() ? rotary_cos.data_ptr() : nullptr;
+  args.rotary_sin = rotary_sin.defined() ? rotary_sin.data_ptr() : nullptr;
   args.rotary_dtype = rotary_dtype;
   args.length = length.data_ptr<int64_t>();
   args.scale = static_cast<float>(scale);

@@ -38,8 +38,8 @@ void check_decode_attention(const at::Tensor& query, const at::Tensor& cache_k,
                             const std::optional<at::Tensor>& rotary_sin, const at::Tensor& length,
                             double scale);
 // The checked inputs of decode_attention laid out for the core (query and new_k / new_v
-// contiguous, the mask with dense rows, the rotary tables in float32 with the dtype they came
-// in; undefined where not given) and its output [B, H, D].
+// contiguous, the mask with dense rows, the rotary tables contiguous in the dtype they came in;
+// undefined where not given) and its output [B, H, D].
 struct DecodeAttentionTensors {
   at::Tensor query, new_k, new_v, slot_mask, rotary_cos, rotary_sin, out;
   latro::DType rotary_dtype = latro::DType::Float32;

@@ -184,10 +184,10 @@ DecodeAttentionTensors prepare_decode_attention(
     t.new_v = new_v->contiguous();
   }
   if (slot_mask.has_value()) t.slot_mask = dense_rows(*slot_mask);
-  if (rotary_cos.has_value()) {  // a half model's tables hold values float32 holds exactly
+  if (rotary_cos.has_value()) {  // read in their own dtype: no conversion per call (per layer)
     t.rotary_dtype = core_dtype(*rotary_cos, "rotary_cos");
-    t.rotary_cos = rotary_cos->to(at::kFloat).contiguous();
-    t.rotary_sin = rotary_sin->to(at::kFloat).contiguous();
+    t.rotary_cos = rotary_cos->contiguous();
+    t.rotary_sin = rotary_sin->contiguous();
   }
   t.out = at::empty(query.sizes(), query.options());
   return t;

@@ -16,6 +16,16 @@ void to_floats(const T* in, int64_t n, float* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = to_float(in[i]);
 }
 
+// Row r's rotary table as floats: stored as float32, or in T (a half model's own tables).
+template <typename T>
+void table_row(const void* table, int64_t r, int64_t d, bool in_t, float* out) {
+  if (in_t) {
+    to_floats(static_cast<const T*>(table) + r * d, d, out);
+  } else {
+    std::copy_n(static_cast<const float*>(table) + r * d, d, out);
+  }
+}
+
 // A head's vector as floats, rotated when `cos` is given (then rounded to T, as stored), its
 // products and sum rounded to T too where `round_in_t` (rotary_dtype = dtype).
 template <typename T>
@@ -44,11 +54,17 @@ void attend_rows(const DecodeAttentionArgs& args, const detail::DecodeAttentionS
   const int64_t newest = length - 1;
   const bool round_in_t = args.rotary_dtype != DType::Float32;  // then it is dtype (checked)
   std::vector<float> q(static_cast<size_t>(d)), kv(static_cast<size_t>(d)),
-      acc(static_cast<size_t>(d)), weights(static_cast<size_t>(length));
+      acc(static_cast<size_t>(d)), weights(static_cast<size_t>(length)),
+      cos_row(static_cast<size_t>(d)), sin_row(static_cast<size_t>(d));
+  const bool rotary = args.rotary_cos != nullptr;
   for (int64_t r = row_begin; r < row_end; ++r) {
     const bool* allowed = args.slot_mask ? args.slot_mask + r * strides.mask_row : nullptr;
-    const float* cos = args.rotary_cos ? args.rotary_cos + r * d : nullptr;
-    const float* sin = args.rotary_sin ? args.rotary_sin + r * d : nullptr;
+    if (rotary) {
+      table_row<T>(args.rotary_cos, r, d, round_in_t, cos_row.data());
+      table_row<T>(args.rotary_sin, r, d, round_in_t, sin_row.data());
+    }
+    const float* cos = rotary ? cos_row.data() : nullptr;
+    const float* sin = rotary ? sin_row.data() : nullptr;
     for (int64_t g = 0; g < args.kv_heads; ++g) {
       T* keys = cache_k + r * strides.cache_row + g * slots * d;
       T* values = cache_v + r * strides.cache_row + g * slots * d;

@@ -95,6 +95,12 @@ struct RotaryRound {
   }
 };
 
+// Element i of a rotary table stored as float32, or in T (a half model's own tables).
+template <typename T>
+__device__ __forceinline__ float table_value(const void* table, int64_t i, bool in_t) {
+  return in_t ? load_float(static_cast<const T*>(table)[i]) : static_cast<const float*>(table)[i];
+}
+
 // Element e of the rotary embedding of head vector `raw`, rounded to T as the rotated tensor
 // is stored.
 template <typename T>
@@ -171,6 +177,9 @@ __global__ void __launch_bounds__(kThreads, 5) decode_attention_kernel(const Att
   __shared__ float raw_query[kQueryTile][kMaxDecodeHeadDim];
   __shared__ float raw_key[kMaxDecodeHeadDim];
   __shared__ float rotated_key[kMaxDecodeHeadDim];
+  // The row's rotary tables as floats, read once from their own dtype (see rotary_dtype).
+  __shared__ float cos_row[kMaxDecodeHeadDim];
+  __shared__ float sin_row[kMaxDecodeHeadDim];
 
   const int64_t block = blockIdx.x;
   const int64_t split = block % p.splits;
@@ -200,10 +209,19 @@ __global__ void __launch_bounds__(kThreads, 5) decode_attention_kernel(const Att
   const T* fresh_k = a.new_k ? static_cast<const T*>(a.new_k) + (r * a.kv_heads + g) * d : nullptr;
   const T* fresh_v = a.new_v ? static_cast<const T*>(a.new_v) + (r * a.kv_heads + g) * d : nullptr;
   const bool owns_newest = begin <= newest && newest < end;
-  const float* cos = a.rotary_cos ? a.rotary_cos + r * d : nullptr;
-  const float* sin = a.rotary_sin ? a.rotary_sin + r * d : nullptr;
-  const bool rotate_key = fresh_k != nullptr && cos != nullptr;
   const bool round_in_t = a.rotary_dtype != DType::Float32;  // then it is dtype (checked)
+  const float* cos = nullptr;
+  const float* sin = nullptr;
+  if (a.rotary_cos != nullptr) {  // stored in T where not in float32
+    for (int i = threadIdx.x; i < d; i += kThreads) {
+      cos_row[i] = table_value<T>(a.rotary_cos, r * d + i, round_in_t);
+      sin_row[i] = table_value<T>(a.rotary_sin, r * d + i, round_in_t);
+    }
+    __syncthreads();
+    cos = cos_row;
+    sin = sin_row;
+  }
+  const bool rotate_key = fresh_k != nullptr && cos != nullptr;
   if (rotate_key) {
     for (int i = threadIdx.x; i < d; i += kThreads) raw_key[i] = load_float(fresh_k[i]);
     __syncthreads();

@@ -185,16 +185,17 @@ struct DecodeAttentionArgs {
   // left-padded prompt are false); nullptr: all of them. Bytes 0 or 1, as any bool.
   const bool* slot_mask = nullptr;
   int64_t mask_row_stride = -1;  // -1: slots
-  // Optional rotary embedding [rows, head_dim] float32, dense (both or neither; head_dim even):
-  // the query and new_k are first rotated, x * cos + rotate_half(x) * sin with rotate_half(x) =
-  // [-x[D/2:], x[:D/2]], and rounded to dtype; the cache receives the rotated key. Without it
-  // they are used as given.
-  const float* rotary_cos = nullptr;
-  const float* rotary_sin = nullptr;
-  // Where the rotation's two products and their sum are rounded, as torch's element-wise ops
-  // round them on tables of this dtype: Float32 (a model computing in float32, e.g. float32
-  // weights under bf16 autocast), or `dtype` (a bf16 / fp16 model's own tables, whose values
-  // the float32 tables hold exactly: each product and the sum rounded to dtype).
+  // Optional rotary embedding [rows, head_dim], dense, stored in rotary_dtype (both or neither;
+  // head_dim even): the query and new_k are first rotated, x * cos + rotate_half(x) * sin with
+  // rotate_half(x) = [-x[D/2:], x[:D/2]], and rounded to dtype; the cache receives the rotated
+  // key. Without it they are used as given.
+  const void* rotary_cos = nullptr;
+  const void* rotary_sin = nullptr;
+  // The tables' dtype, which is also where the rotation's two products and their sum are
+  // rounded, as torch's element-wise ops round them on such tables: Float32 (a model computing
+  // in float32, e.g. float32 weights under bf16 autocast), or `dtype` (a bf16 / fp16 model's
+  // own tables: each product and the sum rounded to dtype). Read in their own dtype, so a
+  // decode step passes its tables to every layer without a conversion.
   DType rotary_dtype = DType::Float32;
   const int64_t* length = nullptr;  // one value in [1, slots], readable where the kernel runs
   float scale = 1.0f;               // softmax scale, usually 1 / sqrt(head_dim)
