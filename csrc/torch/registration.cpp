@@ -517,6 +517,7 @@ std::tuple<at::Tensor, at::Tensor> linear_token_logprobs(const at::Tensor& hidde
   at::NoGradGuard no_grad;  // the Python autograd registration owns the gradient
   NoAutocast no_autocast(c10::autocast_dispatch_keyset);
   check_linear(hidden, weight, bias, targets);
+  const ComposedCalls composed;  // targets outside the vocabulary: check_targets_in_range
   const int64_t chunk = resolve_chunk(chunk_size, hidden.size(0), weight.size(0));
   return vocab_blocked_forward(hidden, weight, bias, targets, chunk, ignore_index);
 }
@@ -628,6 +629,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_backward(
   check_linear(hidden, weight, bias, targets);
   TORCH_CHECK_VALUE(!bias_grad || bias, "bias_grad needs a bias");
   const Wanted wanted{hidden_grad, weight_grad, bias_grad};
+  const ComposedCalls composed;  // targets outside the vocabulary: check_targets_in_range
   const int64_t chunk = resolve_chunk(chunk_size, hidden.size(0), weight.size(0));
   const at::Tensor grad = grad_logprobs.to(at::kFloat).contiguous();
   const at::Tensor ignored = targets == ignore_index;
@@ -735,6 +737,7 @@ WeightedSum linear_weighted_logprob_sum(const at::Tensor& hidden, const at::Tens
   check_linear(hidden, weight, bias, targets);
   check_token_weights(token_weights, hidden);
   TORCH_CHECK_VALUE(!bias_grad || bias, "bias_grad needs a bias");
+  const ComposedCalls composed;  // targets outside the vocabulary: check_targets_in_range
   const int64_t rows = hidden.size(0), vocab = weight.size(0);
   const int64_t chunk = resolve_chunk(chunk_size, rows, vocab);
   const at::Tensor w = token_weights.contiguous();
