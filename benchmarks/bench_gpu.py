@@ -1049,12 +1049,44 @@ def ours_step(
     try:
         with phase("training"):
             gradient_pass(rollout, advantages, config, score, reference, dist)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            guarded_update(
+                model, optimizer, dist, advantages,
+                again=lambda: gradient_pass(rollout, advantages, config, score, reference, dist),
+            )
     finally:
         if checkpointing:
             set_activation_checkpointing(model, False)
     return rollout.rationale_lengths.float().mean().item()
+
+
+def guarded_update(model, optimizer, dist, advantages, again: Callable[[], Any]) -> None:
+    """The trainer's update (``LatroTrainer._apply_gradients``): clip to norm 1 and step, or,
+    where the gradient norm is not finite, skip the update, so that the weights stay finite
+    for the rows after this one, and raise with what the next run needs to find the cause: the
+    parameters whose gradients are non-finite, whether the advantages were, and the backward
+    op that made the first NaN (``again`` repeats the gradient pass under anomaly detection)."""
+    from latro_engine.trainer import nonfinite_gradients
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    norm = dist.clip_grad_norm(params, 1.0)
+    if bool(torch.isfinite(norm)):
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return
+    bad = ", ".join(nonfinite_gradients(model))
+    optimizer.zero_grad(set_to_none=True)
+    found = "anomaly detection: a second gradient pass raised nothing"
+    try:
+        with torch.autograd.detect_anomaly(check_nan=True):
+            again()
+    except RuntimeError as error:
+        found = f"anomaly detection: {str(error).splitlines()[0]}"
+    optimizer.zero_grad(set_to_none=True)
+    advantages_finite = advantages is None or bool(torch.isfinite(advantages).all())
+    raise FloatingPointError(
+        f"gradient norm {float(norm)}, update skipped; non-finite gradients: {bad}; "
+        f"advantages finite: {advantages_finite}; {found}"
+    )
 
 
 # The step's implementations, the baseline first, by the key ``--latro-settings`` names them
@@ -1192,6 +1224,7 @@ def bench_latro(device: torch.device, small: bool) -> None:
                         del again  # it holds the optimizer (its AdamW state) alive
                 except Exception as error:
                     row["s"] = f"failed: {type(error).__name__}: {error}"[:200]
+                    print(f"  {weights}, {label}, {name}: failed: {type(error).__name__}: {error}")
                 # Nothing of this row stays on the device for the next one to be charged for:
                 # the AdamW state, our kept decoder (KV cache, weight copy).
                 del optimizer

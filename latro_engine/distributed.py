@@ -246,9 +246,19 @@ class Distributed:
                 unit.set_reshard_after_forward(id(unit) not in roots, recurse=False)
 
     def clip_grad_norm(self, params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
-        """``clip_grad_norm_`` returning a plain tensor (FSDP2's norm is a DTensor)."""
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        """``clip_grad_norm_`` returning a plain tensor (FSDP2's norm is a DTensor). A
+        non-finite norm leaves the gradients as they are (scaling by it would make every one
+        NaN), so the skipped step can name the parameters it came from
+        (:func:`latro_engine.trainer.nonfinite_gradients`)."""
+        utils = torch.nn.utils
+        if not hasattr(utils, "get_total_norm"):  # torch < 2.6: the norm and the scaling in one
+            norm = utils.clip_grad_norm_(params, max_norm)
+            return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        total = utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        norm = total.full_tensor() if hasattr(total, "full_tensor") else total
+        if bool(torch.isfinite(norm)):
+            utils.clip_grads_with_norm_(params, max_norm, total)
+        return norm
 
     # ------------------------------------------------------------------ data and metrics
     def shard(self, batch: list[Any]) -> tuple[list[Any], int]:

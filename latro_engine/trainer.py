@@ -82,6 +82,22 @@ def rows_per_forward(lengths: Sequence[int]) -> int | None:
     return size if split <= (1.0 - MIN_PADDING_SAVED) * n * ordered[-1] else None
 
 
+def nonfinite_gradients(model: torch.nn.Module, limit: int = 8) -> list[str]:
+    """The names of the parameters whose gradient holds a NaN or an infinity (this process's
+    part of it under FSDP), the first ``limit`` and then how many more: where a skipped step's
+    non-finite gradient norm came from. One host synchronization per parameter: for a step
+    already known to be bad."""
+    bad = []
+    for name, param in model.named_parameters():
+        grad = param.grad
+        if grad is None:
+            continue
+        grad = grad.to_local() if hasattr(grad, "to_local") else grad  # an FSDP2 DTensor
+        if not bool(torch.isfinite(grad).all()):
+            bad.append(name)
+    return bad[:limit] + ([f"{len(bad) - limit} more"] if len(bad) > limit else [])
+
+
 def advantages_pass(
     rollout: Rollout, config: LatroConfig, score: Score, reference: Reference, dist: Distributed
 ) -> tuple[torch.Tensor | None, dict[str, float]]:
@@ -449,10 +465,12 @@ class _Trainer:
             self.skipped_steps += 1
             self.nonfinite_in_a_row += 1
             logger.warning(
-                "step %d: non-finite loss (%s) or gradient norm (%s), update skipped",
+                "step %d: non-finite loss (%s) or gradient norm (%s), update skipped; "
+                "non-finite gradients on this rank: %s",
                 self.step + 1,
                 loss,
                 float(norm),
+                ", ".join(nonfinite_gradients(self.model)) or "none",
             )
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()

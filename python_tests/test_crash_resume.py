@@ -191,11 +191,12 @@ def _poison_gradients(model: torch.nn.Module, bad_calls: set[int]) -> None:
     param.register_hook(hook)
 
 
-def test_non_finite_gradients_skip_the_step_and_training_goes_on(tmp_path):
+def test_non_finite_gradients_skip_the_step_and_training_goes_on(tmp_path, caplog):
     # micro_batch_size 8 = the whole rollout batch: one backward per step.
     config = tiny.config(tmp_path, steps=4, micro_batch_size=8, save_every=0)
     trainer = LatroTrainer(tiny.model(), tiny.tokenizer(), tiny.examples(8), config)
     _poison_gradients(trainer.model, bad_calls={2, 3})
+    poisoned = next(n for n, p in trainer.model.named_parameters() if p.requires_grad)
     snapshots = []
     step = trainer.train_step
 
@@ -213,6 +214,9 @@ def test_non_finite_gradients_skip_the_step_and_training_goes_on(tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(snapshots[0], snapshots[1]))
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
     assert ckpt.latest_checkpoint(tmp_path / "run").name == "checkpoint-4"
+    # The warning names the parameter whose gradient went bad, and only it: clipping by a
+    # non-finite norm would have made every gradient NaN.
+    assert f"non-finite gradients on this rank: {poisoned}\n" in caplog.text + "\n"
 
 
 def test_non_finite_loss_skips_the_step(tmp_path, monkeypatch):
