@@ -19,9 +19,21 @@ LLAMA3_VOCAB = 128_256
 # rule for reductions), per input dtype.
 ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-5, torch.float16: 1e-5, torch.float64: 1e-10}
 
+# Under pytest-xdist (-n N) the controller process sees every worker's reports through the same
+# hooks: only the processes that run the tests record them (else each outcome counts twice).
+_XDIST_CONTROLLER = False
+
+
+def pytest_configure(config):
+    global _XDIST_CONTROLLER
+    _XDIST_CONTROLLER = bool(getattr(config.option, "numprocesses", None)) and not hasattr(
+        config, "workerinput"
+    )
+
+
 def _write_progress(text: str) -> None:
     path = os.environ.get("LATRO_TEST_PROGRESS")
-    if path:
+    if path and not _XDIST_CONTROLLER:
         with open(path, "w") as progress:
             progress.write(text)
 
@@ -42,7 +54,7 @@ def pytest_runtest_logreport(report):
     """With LATRO_TEST_OUTCOMES set, each test's outcome goes to that file once the test is done
     (passed, failed, error for a failing setup or teardown, skipped, xfailed, xpassed), so that
     scripts/pytest_through_crashes.sh can total the runs that crashes cut the selection into."""
-    if not os.environ.get("LATRO_TEST_OUTCOMES"):
+    if not os.environ.get("LATRO_TEST_OUTCOMES") or _XDIST_CONTROLLER:
         return
     if report.when == "call":
         outcome = report.outcome

@@ -145,3 +145,14 @@ def test_a_crash_outside_any_test_blames_none_and_options_reach_the_runs(tmp_pat
     three = "def test_a():\n    pass\ndef test_b():\n    assert False\ndef test_c():\n    pass\n"
     rc, log = run_script(tmp_path, three, "test_subject.py", options="-x")
     assert rc == 1 and "1 failed, 1 passed" in log  # -x: test_c never ran
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_tests_in_xdist_processes_count_once(tmp_path):
+    """gpu_check.sh runs the tests in xdist processes (PYTEST_OPTIONS="-n 6"), whose reports
+    reach the controller's hooks too: each outcome is still counted once."""
+    pytest.importorskip("xdist")
+    three = "def test_a():\n    pass\ndef test_b():\n    assert False\ndef test_c():\n    pass\n"
+    rc, log = run_script(tmp_path, three, "test_subject.py", options="-n 2")
+    assert rc == 1
+    assert "in all 2 passed, 1 failed, 0 crashed, 0 not run, of 3 selected" in log
