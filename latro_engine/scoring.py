@@ -182,6 +182,27 @@ def pack_sequences(
     return ids, mask, offset + p_len, offset + p_len + r_len
 
 
+# Scoring forwards on CUDA run at widths of whole steps of this many tokens (see _attention_width).
+ATTENTION_WIDTH_STEP = 32
+
+
+def _attention_width(width: int, device: torch.device) -> int:
+    """The width a scoring forward over rows of at most ``width`` tokens runs at (the extra
+    columns are left padding): ``width`` on the CPU; on CUDA the next multiple of 32 tokens
+    that is not 64 mod 128. PyTorch 2.11's cuDNN attention, the default SDPA backend for masked
+    inputs on H100/H200, returns NaN query gradients at sequence lengths of 64 mod 128 when a
+    row's log-sum-exp is below about -88.7, as a left-pad query that sees no key has
+    (pytorch/pytorch#196678): on the H100 run of 2026-11-27 a micro-batch of that width made
+    the LaTRO step's weights NaN. And cuDNN builds an execution plan for each new length (tens
+    of milliseconds): micro-batches of rationales of every length took 4.2 s of a 5.3 s step
+    there. Whole steps of 32 tokens bound the lengths it sees."""
+    if device.type != "cuda" or width == 0:
+        return width
+    step = ATTENTION_WIDTH_STEP
+    padded = -(-width // step) * step
+    return padded + step if padded % 128 == 64 else padded
+
+
 def _decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
     """The decoder body (hidden states out, no LM head) and the LM head."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
@@ -381,6 +402,11 @@ def score_sequences(
             )
         loss_weights = tuple(w.to(device) for w in loss_weights)
     ids, mask, r_start, a_start = pack_sequences(prompt_ids, prompt_mask, rationale_ids, r_len, a_ids, a_len)
+    extra = _attention_width(ids.shape[1], device) - ids.shape[1]
+    if extra > 0:  # more left padding (see _attention_width)
+        ids = torch.nn.functional.pad(ids, (extra, 0), value=0)
+        mask = torch.nn.functional.pad(mask, (extra, 0), value=0)
+        r_start, a_start = r_start + extra, a_start + extra
     counts = (r_len, a_len)
     step = micro_batch_size if micro_batch_size and micro_batch_size < rows else rows
     if step == rows:
@@ -397,7 +423,10 @@ def score_sequences(
     for begin in range(0, rows, step):
         idx = order[begin: begin + step]
         sub_mask = mask[idx]
-        drop = int((sub_mask.sum(0) == 0).sum())  # all-pad leading columns of this micro-batch
+        # All-pad leading columns of this micro-batch go, down to its attention width (at most
+        # the batch's: the width of fewer tokens is never larger).
+        kept = ids.shape[1] - int((sub_mask.sum(0) == 0).sum())
+        drop = ids.shape[1] - _attention_width(kept, device)
         sub_weights = None if loss_weights is None else tuple(w[idx] for w in loss_weights)
         z, y, loss = _score_batch(model, ids[idx, drop:], sub_mask[:, drop:], r_start[idx] - drop,
                                   r_len[idx], a_start[idx] - drop, a_len[idx], fast_path,

@@ -324,3 +324,58 @@ def test_reference_logprobs_with_peft_lora():
     got = reference_logprobs(policy, None, ids, mask, r_ids, r_len, ANSWERS)
     torch.testing.assert_close(got.rationale_logp, want.rationale_logp, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(tuned.rationale_logp, want.rationale_logp, atol=1e-3)
+
+
+def test_attention_widths_on_cuda_avoid_the_cudnn_nan_length():
+    """On CUDA every scoring forward runs at a whole number of 32-token steps that is never 64
+    mod 128 (pytorch/pytorch#196678: cuDNN's NaN query gradients), the least such width; the CPU
+    keeps the rows' own width."""
+    from latro_engine.scoring import ATTENTION_WIDTH_STEP, _attention_width
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    widths = [_attention_width(w, cuda) for w in range(1, 1200)]
+    for w, got in zip(range(1, 1200), widths):
+        assert got >= w and got % ATTENTION_WIDTH_STEP == 0 and got % 128 != 64, (w, got)
+        assert not any(w <= less < got and less % 32 == 0 and less % 128 != 64
+                       for less in range(w, got)), (w, got)  # the least such width
+    assert widths == sorted(widths)  # a micro-batch's width never passes its batch's
+    assert _attention_width(0, cuda) == 0
+    assert [_attention_width(w, cpu) for w in (1, 64, 65, 192)] == [1, 64, 65, 192]
+
+
+@pytest.mark.parametrize("micro_batch_size", [None, 3])
+def test_extra_left_padding_of_the_cuda_widths_leaves_scores_and_gradients_alone(
+    llama, micro_batch_size, monkeypatch
+):
+    """The columns _attention_width adds are left padding: the same sums and the same gradient
+    (run on the CPU with the CUDA rule forced)."""
+    from latro_engine import scoring
+
+    model = copy.deepcopy(llama).double()
+    prompts, rationales = PROMPTS * 2, RATIONALES[::-1] * 2
+    ids, mask, r_ids, r_len = _inputs(prompts, rationales)
+    weights = (torch.linspace(-1, 1, len(prompts)), torch.ones(len(prompts)))
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        out = score_sequences(model, ids, mask, r_ids, r_len, ANSWERS * 2,
+                              micro_batch_size=micro_batch_size, loss_weights=weights)
+        out.loss.backward()
+        return out, [p.grad.clone() for p in model.parameters()]
+
+    plain, plain_grads = run()
+    widths, rule = [], scoring._attention_width
+
+    def cuda_rule(width, device):
+        widths.append(width)
+        return rule(width, torch.device("cuda"))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(scoring, "_attention_width", cuda_rule)
+        padded, padded_grads = run()
+    assert widths and all(w < 32 for w in widths)  # every forward took columns of padding
+    torch.testing.assert_close(padded.rationale_logp, plain.rationale_logp)
+    torch.testing.assert_close(padded.answer_logp, plain.answer_logp)
+    torch.testing.assert_close(padded.loss, plain.loss)
+    for a, b in zip(padded_grads, plain_grads):
+        torch.testing.assert_close(a, b)
