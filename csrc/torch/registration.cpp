@@ -399,13 +399,22 @@ int64_t resolve_block_columns(int64_t chunk_rows, int64_t rows, int64_t vocab) {
   return std::min(vocab, ceil_div(columns, kBlockColumnMultiple) * kBlockColumnMultiple);
 }
 
+// The block buffer's row stride, in elements: the block and its extra column rounded up to 128
+// bytes of bf16, so that every row of the matmul's output starts on a 128-byte boundary as in
+// the bare matmul's (a stride of 8 elements left the 8,192-column blocks' rows 16 bytes off
+// it; without its status reads, a forward still ran 1.25x the bare matmul on the H100 run of
+// 2026-11-27; not yet timed with this stride).
+constexpr int64_t kBufferColumnMultiple = 64;
+
 struct VocabBlocks {
   int64_t columns;  // per block (the last one may be narrower)
   at::Tensor buffer;  // [N, width]: the block's logits, then -inf
 
   VocabBlocks(const at::Tensor& hidden, int64_t vocab, int64_t chunk)
       : columns(resolve_block_columns(chunk, hidden.size(0), vocab)),
-        buffer(at::empty({hidden.size(0), ceil_div(columns + 1, 8) * 8}, hidden.options())) {}
+        buffer(at::empty({hidden.size(0),
+                          ceil_div(columns + 1, kBufferColumnMultiple) * kBufferColumnMultiple},
+                         hidden.options())) {}
 
   // Fills the buffer with block [begin, begin + n) of the logits; returns the [N, n] view.
   at::Tensor fill(const at::Tensor& hidden, const at::Tensor& weight,
