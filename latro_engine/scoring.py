@@ -192,10 +192,11 @@ def _attention_width(width: int, device: torch.device) -> int:
     that is not 64 mod 128. PyTorch 2.11's cuDNN attention, the default SDPA backend for masked
     inputs on H100/H200, returns NaN query gradients at sequence lengths of 64 mod 128 when a
     row's log-sum-exp is below about -88.7, as a left-pad query that sees no key has
-    (pytorch/pytorch#196678): on the H100 run of 2026-11-27 a micro-batch of that width made
-    the LaTRO step's weights NaN. And cuDNN builds an execution plan for each new length (tens
-    of milliseconds): micro-batches of rationales of every length took 4.2 s of a 5.3 s step
-    there. Whole steps of 32 tokens bound the lengths it sees."""
+    (pytorch/pytorch#196678), most likely what made the LaTRO step's weights NaN on the H100
+    run of 2026-11-27. And cuDNN builds an execution plan for each new length (tens of
+    milliseconds), most likely why scoring and training micro-batches of rationales of every
+    length took 4.2 s of a 5.3 s step there. Whole steps of 32 tokens bound the lengths it
+    sees."""
     if device.type != "cuda" or width == 0:
         return width
     step = ATTENTION_WIDTH_STEP
