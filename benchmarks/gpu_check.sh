@@ -14,25 +14,23 @@
 #   bash benchmarks/gpu_check.sh                      # all three
 #   STAGES="test bench" BENCH_SECTIONS="rollout" bash benchmarks/gpu_check.sh   # prebuilt module
 #
-# On a 15-minute device budget, two calls on the same warm machine (the in-place build stays;
-# the second call must follow within the machine's 30 idle seconds). Timings of 2026-11-26, H100:
-# build 74 s (twice that where setup.py's raise check rebuilds with the system compiler, which
-# the build stage now avoids by using /usr/bin/g++ from the start), tests
-# 165 s, sample + scorer + attention 46 s, rollout 67 s, latro over 140 s (the stop section is
-# new: seconds). Since then the sampler's kernels take about 2.5x longer to compile (top-p's
-# window kernel: 380 s against 140-170 s on the 2-core CI machine), so expect a build of about
-# three minutes.
-# One call of about nine minutes (the device image has pytest-xdist: "-n 6" runs the tests in
-# six processes on the one GPU):
+# Timings of the one call of 2026-11-27 (H100, 571 s in all): build 229 s (the sampler's file
+# last: its top-p window kernel, since removed, had made it about 2.5x slower to compile), CUDA
+# tests 76 s in six xdist processes (the device
+# image has pytest-xdist; 165 s in one process on 2026-11-26), sections: sample 2 s, scorer 18 s,
+# stop 1 s, attention 2 s, rollout 68 s, latro with stopping rationales 89 s (the reference
+# pattern's warm-up step alone 44 s). On a 15-minute device budget (a start costs a minute or
+# two), this one call:
 #   PYTEST_OPTIONS="-n 6" STAGES="build test bench" \
 #     BENCH_SECTIONS="sample scorer stop attention rollout" SECTION_TIMEOUT=100 \
 #     TEST_TIMEOUT=150 bash benchmarks/gpu_check.sh; \
 #   STAGES="bench" BENCH_SECTIONS="latro" SECTION_TIMEOUT=200 \
 #     BENCH_ARGS="--latro-weights bfloat16 --latro-rationales stop" bash benchmarks/gpu_check.sh
 # The LaTRO section's full-length rows (the reference pattern's step alone takes 40 s, twice
-# with its warm-up) and its float32 rows take a call of their own:
+# with its warm-up) and its float32 rows need a call of their own:
 #   STAGES="bench" BENCH_SECTIONS="latro" BENCH_ARGS="--latro-weights bfloat16 --latro-rationales full" \
 #     SECTION_TIMEOUT=330 bash benchmarks/gpu_check.sh                     # about 5 minutes
+# A later call on the same warm machine (within its 30 idle seconds) finds the in-place build.
 #
 # Outputs go to $OUT when it is set (the device tool's folder), else build/gpu-check:
 # gpu_check.log (everything), nvidia-smi.txt, pytest.log, bench_gpu.md, bench_gpu.json and the
