@@ -262,6 +262,8 @@ inline std::vector<AttentionShape> attention_shapes() {
     if (dtype != DType::Float32) {  // a half model's own tables: the rotation rounds in dtype
       shapes.push_back({dtype, 3, 6, 2, 37, 24, 37, true, true, true, true});
       shapes.push_back({dtype, 2, 3, 1, 1100, 12, 1090, true, false, true, true});
+      // head_dim 256: more table elements than the CUDA kernel has threads to stage them
+      shapes.push_back({dtype, 2, 8, 1, 29, 256, 23, true, false, true, true});
     }
   }
   return shapes;

@@ -86,6 +86,11 @@ TEST(DecodeAttentionErrors, NameTheArgument) {
                        a.head_dim = 7;
                      })),
                      "head_dim must be even for a rotary embedding, got 7");
+  EXPECT_LATRO_ERROR(latro::decode_attention(with([&](auto& a) {  // float32 query, bf16 tables
+                       a.rotary_cos = a.rotary_sin = angles.data();
+                       a.rotary_dtype = latro::DType::BFloat16;
+                     })),
+                     "rotary_dtype must be float32 or the query's dtype");
   EXPECT_LATRO_ERROR(latro::decode_attention(with([](auto& a) { a.query = nullptr; })), "query");
   EXPECT_LATRO_ERROR(latro::decode_attention(with([](auto& a) { a.out = nullptr; })), "out");
   EXPECT_LATRO_ERROR(latro::decode_attention(with([](auto& a) { a.length = nullptr; })),

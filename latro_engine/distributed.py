@@ -246,10 +246,10 @@ class Distributed:
                 unit.set_reshard_after_forward(id(unit) not in roots, recurse=False)
 
     def clip_grad_norm(self, params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
-        """``clip_grad_norm_`` returning a plain tensor (FSDP2's norm is a DTensor). A
-        non-finite norm leaves the gradients as they are (scaling by it would make every one
-        NaN), so the skipped step can name the parameters it came from
-        (:func:`latro_engine.trainer.nonfinite_gradients`)."""
+        """``clip_grad_norm_`` returning a plain tensor (FSDP2's norm is a DTensor). From torch
+        2.6 on, a non-finite norm leaves the gradients as they are (scaling by it would make
+        every one NaN), so the skipped step can name the parameters it came from
+        (:func:`latro_engine.trainer.nonfinite_gradients`); before, the step names them all."""
         utils = torch.nn.utils
         if not hasattr(utils, "get_total_norm"):  # torch < 2.6: the norm and the scaling in one
             norm = utils.clip_grad_norm_(params, max_norm)
@@ -257,7 +257,7 @@ class Distributed:
         total = utils.get_total_norm([p.grad for p in params if p.grad is not None])
         norm = total.full_tensor() if hasattr(total, "full_tensor") else total
         if bool(torch.isfinite(norm)):
-            utils.clip_grads_with_norm_(params, max_norm, total)
+            utils.clip_grads_with_norm_(params, max_norm, norm)  # the plain norm: no reduction
         return norm
 
     # ------------------------------------------------------------------ data and metrics

@@ -19,14 +19,15 @@ LLAMA3_VOCAB = 128_256
 # rule for reductions), per input dtype.
 ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-5, torch.float16: 1e-5, torch.float64: 1e-10}
 
-# Under pytest-xdist (-n N) the controller process sees every worker's reports through the same
-# hooks: only the processes that run the tests record them (else each outcome counts twice).
+# Under pytest-xdist (-n N, or --dist with --tx) the controller process sees every worker's
+# reports through the same hooks: only the processes that run the tests record them (else each
+# outcome counts twice), except a test whose worker died, which only the controller hears of.
 _XDIST_CONTROLLER = False
 
 
 def pytest_configure(config):
     global _XDIST_CONTROLLER
-    _XDIST_CONTROLLER = bool(getattr(config.option, "numprocesses", None)) and not hasattr(
+    _XDIST_CONTROLLER = getattr(config.option, "dist", "no") != "no" and not hasattr(
         config, "workerinput"
     )
 
@@ -54,7 +55,13 @@ def pytest_runtest_logreport(report):
     """With LATRO_TEST_OUTCOMES set, each test's outcome goes to that file once the test is done
     (passed, failed, error for a failing setup or teardown, skipped, xfailed, xpassed), so that
     scripts/pytest_through_crashes.sh can total the runs that crashes cut the selection into."""
-    if not os.environ.get("LATRO_TEST_OUTCOMES") or _XDIST_CONTROLLER:
+    path = os.environ.get("LATRO_TEST_OUTCOMES")
+    if not path:
+        return
+    if _XDIST_CONTROLLER:
+        if report.when == "???":  # xdist's report for the test its worker died in
+            with open(path, "a") as outcomes:
+                outcomes.write(f"crashed {report.nodeid}\n")
         return
     if report.when == "call":
         outcome = report.outcome

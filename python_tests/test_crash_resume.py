@@ -214,9 +214,11 @@ def test_non_finite_gradients_skip_the_step_and_training_goes_on(tmp_path, caplo
     assert any(not torch.equal(a, b) for a, b in zip(snapshots[0], snapshots[1]))
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
     assert ckpt.latest_checkpoint(tmp_path / "run").name == "checkpoint-4"
-    # The warning names the parameter whose gradient went bad, and only it: clipping by a
-    # non-finite norm would have made every gradient NaN.
-    assert f"non-finite gradients on this rank: {poisoned}\n" in caplog.text + "\n"
+    # The warning names the parameter whose gradient went bad, and (torch 2.6+, where the norm
+    # and the scaling are separate) only it: clipping by a non-finite norm makes every one NaN.
+    assert f"non-finite gradients on this rank: {poisoned}" in caplog.text
+    if hasattr(torch.nn.utils, "get_total_norm"):
+        assert f"non-finite gradients on this rank: {poisoned}\n" in caplog.text + "\n"
 
 
 def test_non_finite_loss_skips_the_step(tmp_path, monkeypatch):

@@ -156,3 +156,17 @@ def test_tests_in_xdist_processes_count_once(tmp_path):
     rc, log = run_script(tmp_path, three, "test_subject.py", options="-n 2")
     assert rc == 1
     assert "in all 2 passed, 1 failed, 0 crashed, 0 not run, of 3 selected" in log
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_a_test_that_kills_its_xdist_worker_counts_as_crashed(tmp_path):
+    pytest.importorskip("xdist")
+    source = (
+        "import os, signal\n"
+        "def test_a():\n    pass\n"
+        "def test_dies():\n    os.kill(os.getpid(), signal.SIGSEGV)\n"
+        "def test_c():\n    pass\n"
+    )
+    rc, log = run_script(tmp_path, source, "test_subject.py", options="-n 2")
+    assert rc == 1
+    assert "in all 2 passed, 0 failed, 1 crashed, 0 not run, of 3 selected" in log

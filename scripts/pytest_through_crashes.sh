@@ -90,7 +90,10 @@ if [[ ${#crashed[@]} -gt 0 ]]; then
   } | log
 fi
 # Every outcome conftest wrote, then the crashes, then what never ran (time out, -x).
+# (Under pytest-xdist the worker that died is replaced and the run goes on: conftest writes its
+# test as crashed.)
 awk -v crashed="${#crashed[@]}" -v selected="$selected" '{ n[$1]++; done++ } END {
+  crashed += n["crashed"]; done -= n["crashed"]
   line = ""
   split("passed failed error skipped xfailed xpassed", kinds, " ")
   for (i = 1; i <= 6; i++) if (n[kinds[i]] > 0 || i <= 2) line = line n[kinds[i]] + 0 " " kinds[i] ", "

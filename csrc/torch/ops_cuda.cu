@@ -6,7 +6,8 @@
 // reads it back after the launch, which waits for the stream, and raises the CPU backend's
 // ValueError. It skips that read, and so never synchronizes, while the stream is being captured
 // into a CUDA graph or when LATRO_CUDA_CHECKS=off: bad rows then come back as NaN log-probs
-// or id -1 instead of an exception.
+// or id -1 instead of an exception. It skips it too inside a composite op that checked the
+// inputs itself (ComposedCalls in ops.h: the LM-head scorers).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>

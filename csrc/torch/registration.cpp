@@ -375,7 +375,7 @@ using NoAutocast = c10::impl::ExcludeDispatchKeyGuard;
 // columns [v0, v0 + n) of one matmul, hidden @ weight[v0 : v0 + n]^T. Cutting by rows instead
 // would read the whole LM head once per chunk (a 1 GiB weight 60 times over for 16k tokens);
 // by columns every pass reads it once. The block lives in a buffer one column wider than the
-// block (rounded up so every row starts 16-byte aligned for tensor cores); that extra column
+// block (rounded up to 64 columns: see kBufferColumnMultiple); that extra column
 // holds -inf and serves as the target of rows whose target lies in another block, so the
 // token_logprobs kernels run on a block unchanged, with the block-local targets below.
 //
