@@ -246,69 +246,42 @@ TEST(EmulatedSampleLarge, FewerBlocksThanRows) {
 TEST(EmulatedSampleLarge, L2PrefetchChangesNoDraw) {
   // LATRO_CUDA_SAMPLE_PREFETCH: the filtered passes prefetch a thread's vector that many
   // iterations ahead (here each byte prefetched is read, so ASan checks the bound), rows long
-  // enough for several iterations, misaligned starts (row strides of an odd length) included.
-  expect_cpu_draws_tuned("LATRO_CUDA_SAMPLE_PREFETCH", "3", 4, 20011, 23, 2);
+  // enough for several iterations, misaligned starts (row strides of an odd length) included;
+  // 0 turns the default (2, every other test's) off.
+  for (const char* ahead : {"3", "0"}) {
+    SCOPED_TRACE(std::string("LATRO_CUDA_SAMPLE_PREFETCH=") + ahead);
+    expect_cpu_draws_tuned("LATRO_CUDA_SAMPLE_PREFETCH", ahead, 4, 20011, 23, 2);
+  }
 }
 
-}  // namespace
-
-namespace latro::cuda::emulated {
-extern int64_t rows_ended_in_window;  // sample_kernels.cu, under the emulator
-}
-
-namespace {
-
-// Top-p alone on flat rows: the rows' top-p ends in the window the prefix predicted (one read
-// of the row); they draw the CPU's ids under every schedule, although the window holds its
-// tokens in the atomics' order. Rows times three schedules per call.
-int64_t rows_ending_in_window(const Matrix& logits, const Options& o, const char* window = nullptr) {
-  std::unique_ptr<ScopedVariable> tuned;
-  if (window != nullptr) tuned = std::make_unique<ScopedVariable>("LATRO_CUDA_SAMPLE_WINDOW", window);
-  latro::cuda::emulated::rows_ended_in_window = 0;
-  expect_cpu_draws(logits, {3, 5, 8, 13}, true, 4, o);
-  return latro::cuda::emulated::rows_ended_in_window;
-}
-
-TEST(EmulatedSampleWindow, FlatRowsEndTopPInTheWindow) {
+TEST(EmulatedSampleLarge, TopPAloneOnFlatRowsTakesTheSecondPass) {
+  // Top-p alone on flat rows: pass 1 builds the mass histogram (relative to the row prefix's
+  // max), and the nucleus ends in a bin that the second pass gathers while it draws over the
+  // bins above it (every row here). Every dtype, a tight nucleus and a wide one.
   for (DType dtype : {DType::Float32, DType::BFloat16, DType::Float16}) {
     SCOPED_TRACE(latro::dtype_name(dtype));
     std::mt19937 rng(31);
     const Matrix logits = random_matrix(dtype, 4, 40009, 40009, rng, 2.0);
     for (const Options& o : {Options{1.0f, 0, 0.9f, 0.0f}, Options{0.7f, 0, 0.5f, 0.0f},
                              Options{1.0f, 0, 0.99f, 0.0f}}) {
-      SCOPED_TRACE(options_str(o));
-      // At least three rows of four under every schedule: the prediction from a prefix of
-      // 5,000 tokens mostly lands (a row that misses draws the CPU's ids by the second pass;
-      // here only the tight nucleus at temperature 0.7 misses, in one row).
-      EXPECT_GE(rows_ending_in_window(logits, o), 3 * 3);
+      expect_cpu_draws(logits, {3, 5, 8, 13}, true, 4, o);
     }
   }
-}
-
-TEST(EmulatedSampleWindow, MissesAndOverflowsTakeTheSecondPass) {
+  // Rows whose rest is unlike their prefix: row 0's rest narrower (the row max in the prefix),
+  // row 1's wider with more tokens near the top (hundreds above the prefix's max, held in
+  // shared memory), row 2's shifted up (more tokens above the prefix's max than shared memory
+  // holds: the general top-p path, a histogram pass of its own before the draw's), row 3 as
+  // drawn.
   std::mt19937 rng(37);
   constexpr int64_t kVocab = 20011;
   Matrix logits = random_matrix(DType::Float32, 4, kVocab, kVocab, rng, 2.0);
-  // Rows whose rest is unlike their prefix, so the nucleus ends away from the predicted bins:
-  // row 0's rest narrower (the nucleus ends above the window), row 1's wider with more tokens
-  // near the top (below it), row 2's shifted up (most of the mass above the prefix's max, the
-  // nucleus among those tokens), row 3 as drawn.
   const int64_t prefix = (kVocab / 8) & ~int64_t{7};
   for (int64_t c = prefix; c < kVocab; ++c) {
     logits.set(0, c, static_cast<float>(logits.get(0, c) * 0.25));
     logits.set(1, c, static_cast<float>(logits.get(1, c) * 1.5 + 1.0));
     logits.set(2, c, static_cast<float>(logits.get(2, c) + 6.0));
   }
-  const Options top_p{1.0f, 0, 0.9f, 0.0f};
-  // (A window of 8,192 tokens spans fewer bins than the default's, which on a row this short
-  // widens to the most bins a window may span and catches one of the rows built to miss.)
-  EXPECT_EQ(rows_ending_in_window(logits, top_p, "8192"), 3 * 1);  // row 3 alone
-  // A window too small for the predicted bins, one the tokens overflow, and none at all: the
-  // same draws, all from the second pass.
-  for (const char* window : {"16", "700", "0"}) {
-    SCOPED_TRACE(std::string("LATRO_CUDA_SAMPLE_WINDOW=") + window);
-    EXPECT_EQ(rows_ending_in_window(logits, top_p, window), 0);
-  }
+  expect_cpu_draws(logits, {3, 5, 8, 13}, true, 4, Options{1.0f, 0, 0.9f, 0.0f});
 }
 
 TEST(EmulatedSampleErrors, BadRowsGetMinusOneAndNaNAndTheFirstIsRecorded) {
@@ -360,56 +333,17 @@ TEST(EmulatedSampleErrors, MalformedTuningVariablesAreErrorsNamingThem) {
   Options filtered;
   filtered.top_k = 1;
   const latro::SampleArgs args = sample_args(logits, seeds, false, &offset, filtered, out);
-  Options top_p_alone;  // the window's variable is read for top-p alone
-  top_p_alone.top_p = 0.5f;
-  const latro::SampleArgs top_p_args = sample_args(logits, seeds, false, &offset, top_p_alone, out);
-  for (const char* name :
-       {"LATRO_CUDA_SAMPLE_PREFETCH", "LATRO_CUDA_SAMPLE_GRID", "LATRO_CUDA_SAMPLE_WINDOW"}) {
-    const latro::SampleArgs& reads_it =
-        std::string(name) == "LATRO_CUDA_SAMPLE_WINDOW" ? top_p_args : args;
+  for (const char* name : {"LATRO_CUDA_SAMPLE_PREFETCH", "LATRO_CUDA_SAMPLE_GRID"}) {
     for (const char* bad : {"4abc", "-1", "99999999999999999999"}) {
       const ScopedVariable tuned(name, bad);
-      EXPECT_LATRO_ERROR(latro::cuda::sample(reads_it, nullptr),
+      EXPECT_LATRO_ERROR(latro::cuda::sample(args, nullptr),
                          std::string(name) + " must be an integer in [0, ");
     }
     const ScopedVariable empty(name, "");  // empty: as unset
-    latro::cuda::sample(reads_it, nullptr);
+    latro::cuda::sample(args, nullptr);
   }
   const ScopedVariable too_far("LATRO_CUDA_SAMPLE_PREFETCH", "65");
   EXPECT_LATRO_ERROR(latro::cuda::sample(args, nullptr), "[0, 64], got '65'");
-}
-
-// The window's limit comes from the device's shared memory (the emulator's: an H100's, with no
-// static shared memory of its own): a window one token over it is an error naming the
-// variable and the limit, one at the limit runs, and so does the default, whose launch passes
-// the emulator's dynamic shared memory check only because the kernel's limit was raised.
-TEST(EmulatedSampleErrors, AWindowBeyondTheDeviceIsAnErrorNamingItsLimit) {
-  int optin = 0;
-  ASSERT_EQ(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, 0),
-            cudaSuccess);
-  const int64_t limit = optin / 8;
-  std::mt19937 rng(41);
-  const Matrix logits = random_matrix(DType::Float32, 2, 3001, 3001, rng, 2.0);
-  Options top_p;
-  top_p.top_p = 0.9f;
-  std::vector<int64_t> seeds = {1};
-  int64_t offset = 0;
-  Draws out;
-  const latro::SampleArgs args = sample_args(logits, seeds, false, &offset, top_p, out);
-  const std::string over = std::to_string(limit + 1);
-  {
-    const ScopedVariable too_big("LATRO_CUDA_SAMPLE_WINDOW", over.c_str());
-    EXPECT_LATRO_ERROR(latro::cuda::sample(args, nullptr),
-                       "LATRO_CUDA_SAMPLE_WINDOW must be an integer in [0, " +
-                           std::to_string(limit) + "] on this device, got '" + over + "'");
-  }
-  const Draws want = cpu_sample(logits, seeds, false, 0, top_p);
-  for (const std::string& window : {std::string(), std::to_string(limit)}) {
-    const ScopedVariable tuned("LATRO_CUDA_SAMPLE_WINDOW", window.c_str());
-    const Sampled got = emulated_sample(logits, seeds, false, 0, top_p);
-    EXPECT_EQ(got.ids, want.ids) << "window '" << window << "'";
-    EXPECT_EQ(got.status, latro::cuda::kStatusOk) << "window '" << window << "'";
-  }
 }
 
 // ---------------------------------------------------------------- token log-probabilities

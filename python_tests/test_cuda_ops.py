@@ -272,17 +272,13 @@ def test_sample_ties_and_crowded_bins(options, kind):
 
 
 # The filtered kernel's tuning variables (the benchmark's sweeps): LATRO_CUDA_SAMPLE_GRID makes
-# its blocks loop over rows, LATRO_CUDA_SAMPLE_PREFETCH adds L2 prefetches to its passes over
-# rows long enough for several iterations, LATRO_CUDA_SAMPLE_WINDOW sizes top-p's window (0:
-# none, the kernel of two blocks per SM; 700 tokens: too small for these rows' predicted bins,
-# which the emulated tests show sends such rows to the second pass; the default window is every
-# other test's). (variable, value,
-# logits shape, seed, offset)
+# its blocks loop over rows, LATRO_CUDA_SAMPLE_PREFETCH sets how far ahead its passes prefetch
+# into L2 over rows long enough for several iterations (0: none; the default, 2, is every other
+# test's). (variable, value, logits shape, seed, offset)
 TUNINGS = [
     ("LATRO_CUDA_SAMPLE_GRID", "3", (11, 3001), 17, 7),
     ("LATRO_CUDA_SAMPLE_PREFETCH", "4", (5, 20011), 19, 2),
-    ("LATRO_CUDA_SAMPLE_WINDOW", "0", (5, 20011), 23, 1),
-    ("LATRO_CUDA_SAMPLE_WINDOW", "700", (5, 20011), 29, 5),
+    ("LATRO_CUDA_SAMPLE_PREFETCH", "0", (5, 20011), 23, 1),
 ]
 
 

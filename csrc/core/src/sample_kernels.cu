@@ -44,30 +44,19 @@
 //
 // Histogram masses are 32.32 fixed-point integers added with 32-bit integer atomics (add_mass),
 // so their sums, and with them every threshold, are the same on every run.
-#include <algorithm>
 #include <cerrno>
 #include <cstdlib>
-#include <map>
-#include <mutex>
 
 #include "cuda_common.cuh"
 #include "latro/gumbel.h"
 #include "sample_bins.h"
 
 namespace latro::cuda {
-#if defined(LATRO_CUDA_EMULATION)
-// For the emulated tests alone: rows whose top-p ended in the window (see Window), so a test
-// can tell the window's path from the second pass that gives the same ids.
-namespace emulated {
-int64_t rows_ended_in_window = 0;
-}
-#endif
 namespace {
 
 using detail::block_all_reduce;
 using detail::block_exclusive_scan;
 using detail::count_of;
-using detail::dynamic_shared;
 using detail::for_each_in_row;
 using detail::kMaxWarps;
 using detail::neg_inf;
@@ -94,7 +83,6 @@ struct SampleKernelArgs {
   float min_p;
   float log_min_p;  // computed on the host exactly as the CPU does
   int64_t prefetch_ahead;  // LATRO_CUDA_SAMPLE_PREFETCH (see filtered_prefetch), 0: none
-  int64_t window_capacity;  // top-p's window, in dynamic shared memory (see window_capacity)
   int64_t* ids;
   float* logprobs;
   uint64_t* status;
@@ -260,8 +248,6 @@ struct Shared {
   unsigned long long candidates[kBins];
   unsigned int candidate_count;
   unsigned int dropped;  // candidates below the speculative gathering's final cut
-  unsigned int window_count;  // tokens pushed into top-p's window (dynamic shared memory)
-  int window_half_width;
   Crossing crossing;
   int last_nonempty;
   alignas(16) unsigned char scratch[(kMaxWarps + 1) * sizeof(FirstPass)];
@@ -274,11 +260,11 @@ __device__ __forceinline__ T* scratch_as(Shared& sh) {
 }
 
 // Calls f(index, scaled logit) for every token of the row (prefetch_ahead: see for_each_in_row).
-template <int kLoads = 1, typename T, typename F>
+template <typename T, typename F>
 __device__ __forceinline__ void for_each_scaled(const T* row, int64_t vocab, float temperature,
                                                 F&& f, int64_t prefetch_ahead = 0) {
   const bool unit = temperature == 1.0f;  // x / 1 == x: skip the division's dozen instructions
-  for_each_in_row<kLoads>(
+  for_each_in_row(
       row, vocab,
       [&](int64_t base, const auto& values) {
         constexpr int n = count_of<decltype(values)>;
@@ -355,15 +341,11 @@ __device__ Crossing find_crossing(Shared& sh, bool by_mass, double need, bool fr
   return result;
 }
 
-// Counts a token into a bin with its fixed-point mass; e = exp(s - ref).
-__device__ __forceinline__ void add_to_bin(Shared& sh, int bin, float e) {
-  atomicAdd(&sh.count[bin], 1u);
-  add_mass(&sh.mass[bin], fixed_of(e));
-}
-
 // Counts s into level-0 bin of d = ref - s with its fixed-point mass exp(s - ref) (s <= ref).
 __device__ __forceinline__ void add_to_histogram(Shared& sh, float s, float ref) {
-  add_to_bin(sh, level0_bin(s, ref), expf(s - ref));
+  const int bin = level0_bin(s, ref);
+  atomicAdd(&sh.count[bin], 1u);
+  add_mass(&sh.mass[bin], fixed_mass(s, ref));
 }
 
 // The sum of a histogram's bins (sh.count or sh.mass), for every thread; its barriers also
@@ -393,76 +375,6 @@ __device__ __forceinline__ void push_candidate(Shared& sh, float s, int64_t v) {
 // has failed and the row takes the passes of the general path) no more atomics.
 __device__ __forceinline__ void push_candidate_while_room(Shared& sh, float s, int64_t v) {
   if (*static_cast<volatile unsigned int*>(&sh.candidate_count) < kBins) push_candidate(sh, s, v);
-}
-
-// ---------------------------------------------------------------- top-p's window
-// Top-p alone on a flat row reads it twice: once for the mass histogram that says where the
-// nucleus ends, once to draw over the nucleus and gather the bin where it ends. The window
-// makes that one read where the prefix predicts the end: before the rest of the row is read,
-// the prefix's own histogram names a few level-0 bins (the window); the pass then holds every
-// token of those bins in dynamic shared memory and draws over the tokens of the bins above
-// them as it goes. When the nucleus ends inside the window and the window did not overflow,
-// the draw finishes from shared memory; otherwise the row takes the second pass as before.
-struct Window {
-  int lo, hi;  // level-0 bins of d = prefix max - s; empty when lo > hi
-  __device__ bool empty() const { return lo > hi; }
-};
-constexpr Window kNoWindow{kBins, -1};  // no bin is <= hi
-
-// Bins each side of the prediction at most: four units of logit. On flat rows the budget binds
-// long before (about 600 tokens a bin on 128k randn x 2 rows); on peaked rows, whose bins are
-// sparse and whose prediction wanders further, the width does: in a simulation of randn x 4
-// rows the nucleus ended in the window 60% of the time with one unit, 96% with four.
-constexpr int kWindowMaxHalfWidth = 128;
-
-// The bin where the prefix's own nucleus ends (sh.count / sh.mass hold the prefix's tokens
-// alone), widened by the same number of bins on each side while those bins' tokens, scaled to
-// the row (times to_row), stay within `budget`. Empty when the prefix has no mass or that bin
-// alone would not fit. The same window for every thread. Uses sh.candidates as scratch: nothing
-// is held there before the rest of the row is read.
-__device__ Window predict_window(Shared& sh, double top_p, double to_row, double budget) {
-  if (histogram_total(sh, sh.mass) == 0) return kNoWindow;
-  const int center = find_crossing(sh, true, top_p, true).index;
-  // Tokens in bins [0, b], for every b.
-  const int first = threadIdx.x * kPerThread;
-  unsigned long long local = 0;
-#pragma unroll
-  for (int i = 0; i < kPerThread; ++i) local += sh.count[first + i];
-  unsigned long long total = 0;
-  unsigned long long through =
-      block_exclusive_scan(local, scratch_as<unsigned long long>(sh), &total);
-#pragma unroll
-  for (int i = 0; i < kPerThread; ++i) {
-    through += sh.count[first + i];
-    sh.candidates[first + i] = through;
-  }
-  if (threadIdx.x == 0) sh.window_half_width = -1;
-  __syncthreads();
-  // The tokens within w bins of the center only grow with w: the largest w that fits wins.
-  for (int w = threadIdx.x; w <= kWindowMaxHalfWidth; w += blockDim.x) {
-    const int lo = center > w ? center - w : 0;
-    const int hi = center + w < kBins - 1 ? center + w : kBins - 1;
-    const unsigned long long tokens = sh.candidates[hi] - (lo > 0 ? sh.candidates[lo - 1] : 0);
-    if (static_cast<double>(tokens) * to_row <= budget) atomicMax(&sh.window_half_width, w);
-  }
-  __syncthreads();
-  const int w = sh.window_half_width;
-  if (w < 0) return kNoWindow;
-  return Window{center > w ? center - w : 0, center + w < kBins - 1 ? center + w : kBins - 1};
-}
-
-// Holds a token of the window; once the window is full (the speculation has failed) no more
-// atomics. Full counts as overflowed (window_held), so a last token refused is never missed.
-__device__ __forceinline__ void push_window(Shared& sh, unsigned long long* window,
-                                            unsigned int capacity, float s, int64_t v) {
-  if (*static_cast<volatile unsigned int*>(&sh.window_count) < capacity) {
-    const unsigned int slot = atomicAdd(&sh.window_count, 1u);
-    if (slot < capacity) window[slot] = candidate(s, v);
-  }
-}
-
-__device__ __forceinline__ bool window_held(const Shared& sh, unsigned int capacity) {
-  return sh.window_count < capacity;
 }
 
 __device__ int sort_candidates(Shared& sh) {
@@ -742,17 +654,9 @@ __global__ void __launch_bounds__(kThreads) plain_sample_kernel(SampleKernelArgs
 // registers): left to itself the compiler takes up to 98 and one block per SM, half the loads
 // in flight for passes that stream the row. kTopPOnly: top-p without top-k or min-p, whose
 // pass 1 also builds the mass histogram; an instantiation of its own, so each keeps only its
-// own pass-1 state in registers. kWindow (with kTopPOnly): top-p's window (see Window), whose
-// pass 1 also draws; that state does not fit 64 registers (ptxas spilled 100-180 bytes), so
-// this instantiation runs one block per SM with up to 128 registers, and its passes over the
-// row keep kWindowLoads loads in flight per thread where the others keep one: more bytes in
-// flight per SM than two blocks of the others (32 KiB against 16 KiB).
-constexpr int kWindowLoads = 4;
-
-template <typename T, bool kTopPOnly, bool kWindow>
-__global__ void __launch_bounds__(kThreads, kWindow ? 1 : 2) sample_kernel(SampleKernelArgs a) {
-  static_assert(kTopPOnly || !kWindow, "the window is top-p's alone");
-  constexpr int kLoads = kWindow ? kWindowLoads : 1;  // loads in flight in the row passes
+// own pass-1 state in registers.
+template <typename T, bool kTopPOnly>
+__global__ void __launch_bounds__(kThreads, 2) sample_kernel(SampleKernelArgs a) {
   __shared__ Shared sh;
   const int64_t step = *a.offset;
   const T* logits = static_cast<const T*>(a.logits);
@@ -791,10 +695,7 @@ __global__ void __launch_bounds__(kThreads, kWindow ? 1 : 2) sample_kernel(Sampl
     // Top-p alone: pass 1 also builds the mass histogram, relative to the prefix's max.
     constexpr bool fused_top_p = kTopPOnly;
     if (top_k_on || fused_top_p) clear_histogram(sh);
-    if (threadIdx.x == 0) {
-      sh.candidate_count = 0;
-      sh.window_count = 0;
-    }
+    if (threadIdx.x == 0) sh.candidate_count = 0;
     FirstPass first{neg_inf(), 0u, 0.0, Best::none()};
     auto count_token = [&](float s) {
       first.nan |= s != s;
@@ -820,48 +721,9 @@ __global__ void __launch_bounds__(kThreads, kWindow ? 1 : 2) sample_kernel(Sampl
     } else {
       __syncthreads();  // candidate_count is reset before anyone pushes
     }
-    // Top-p alone: the prefix's tokens go into the mass histogram, relative to its max M. With
-    // the window, now (while they are in L2), and the prefix's own nucleus predicts the window
-    // (see Window); the draw then starts over the prefix's tokens above the window, its p's
-    // relative to M. Without, after the rest of the row (where it costs no spilled register).
-    auto add_prefix_to_histogram = [&] {
-      for_each_scaled<kLoads>(x, prefix, a.temperature, [&](int64_t, float s) {
-        if (s == s && s != neg_inf()) add_to_histogram(sh, s, prefix_max);
-      });
-    };
-    RowNoise noise = row_noise(a, row, step);
-    GumbelArgmax draw = GumbelArgmax::start(prefix_max);
-    unsigned long long* const window_tokens = dynamic_shared<unsigned long long>();
-    const unsigned int window_capacity = static_cast<unsigned int>(a.window_capacity);
-    Window window = kNoWindow;
-    // Draws over a token of a bin above the window, holds one of the window (e = exp(s - M)).
-    auto draw_or_hold = [&](int64_t v, float s, int bin, float e) {
-      if (bin < window.lo) {
-        draw.offer(noise, v, s, e, prefix_max);
-      } else if (bin <= window.hi) {
-        push_window(sh, window_tokens, window_capacity, s, v);
-      }
-    };
-    if (kWindow && prefix > 0) {
-      add_prefix_to_histogram();
-      __syncthreads();
-      if (window_capacity > 0) {
-        const double to_row = static_cast<double>(a.vocab) / static_cast<double>(prefix);
-        // A quarter of the room spare: the prediction's counts are estimates.
-        window = predict_window(sh, a.top_p, to_row, 0.75 * window_capacity);
-      }
-      if (!window.empty()) {
-        for_each_scaled<kLoads>(x, prefix, a.temperature, [&](int64_t v, float s) {
-          if (s == s && s != neg_inf()) {
-            const int bin = level0_bin(s, prefix_max);
-            if (bin <= window.hi) draw_or_hold(v, s, bin, expf(s - prefix_max));
-          }
-        });
-      }
-    }
     // The rest of the row, one loop per kind of row (each keeps only its own state live).
     auto rest_of_row = [&](auto&& also) {
-      for_each_scaled<kLoads>(
+      for_each_scaled(
           x + prefix, a.vocab - prefix, a.temperature,
           [&](int64_t i, float s) {
             count_token(s);
@@ -884,10 +746,7 @@ __global__ void __launch_bounds__(kThreads, kWindow ? 1 : 2) sample_kernel(Sampl
         if (s > prefix_max) {
           push_candidate_while_room(sh, s, v);  // above the prefix's max: a few tokens
         } else {
-          const int bin = level0_bin(s, prefix_max);
-          const float e = expf(s - prefix_max);
-          add_to_bin(sh, bin, e);
-          if (kWindow && bin <= window.hi) draw_or_hold(v, s, bin, e);
+          add_to_histogram(sh, s, prefix_max);
         }
       });
     } else {
@@ -964,19 +823,17 @@ __global__ void __launch_bounds__(kThreads, kWindow ? 1 : 2) sample_kernel(Sampl
     // built the mass histogram; tokens above it are then kept whenever top-p binds below them).
     float bin_ref = m;
     bool top_p_done = false;
-    // The nucleus ended in the window: every read is done (see Window) and `draw` holds the
-    // draw over the bins above the window. window_kept_mass: the kept mass summed in fixed
-    // point (relative to m), of those bins (from the histogram), then of the tokens held in
-    // shared memory; 0 on the other paths.
-    bool ends_in_window = false;
-    double window_kept_mass = 0.0;
     if (fused_top_p && room_left()) {
       // Pass 1 binned every token below the prefix's max M relative to M and kept the (few)
-      // tokens above M as candidates. Find where the mass from the top reaches top_p: among
-      // the candidates (every kept token is then one: no more reads), or in a bin, which the
-      // window holds or the draw's pass gathers. Masses in units of exp(s - m) 2^32: the
-      // candidates' exact, the bins' scaled by exp(M - m).
-      if (!kWindow && prefix > 0) add_prefix_to_histogram();
+      // tokens above M as candidates. Add the prefix's tokens to the bins, then find where the
+      // mass from the top reaches top_p: among the candidates (every kept token is then one:
+      // no more reads), or in a bin, which the draw's pass gathers. Masses in units of
+      // exp(s - m) 2^32: the candidates' exact, the bins' scaled by exp(M - m).
+      if (prefix > 0) {
+        for_each_scaled(x, prefix, a.temperature, [&](int64_t, float s) {
+          if (s == s && s != neg_inf()) add_to_histogram(sh, s, prefix_max);
+        });
+      }
       const int held = candidates_held(sh);
       unsigned long long local_top = 0;
       for (int i = threadIdx.x; i < held; i += blockDim.x) {
@@ -1003,19 +860,6 @@ __global__ void __launch_bounds__(kThreads, kWindow ? 1 : 2) sample_kernel(Sampl
           nucleus_bin = c.index;
           nucleus_bin_need = remaining - static_cast<double>(c.before) * scale;
           top_p_done = true;
-          ends_in_window = kWindow && window.lo <= c.index && c.index <= window.hi &&
-                           window_held(sh, window_capacity);
-          if (ends_in_window) {
-            // (before the walk reuses the histogram's arrays)
-            const int first_bin = threadIdx.x * kPerThread;
-            unsigned long long local = 0;
-            for (int i = 0; i < kPerThread; ++i) {
-              if (first_bin + i < window.lo) local += sh.mass[first_bin + i];
-            }
-            const unsigned long long above = block_all_reduce(
-                local, SumU64{}, scratch_as<unsigned long long>(sh));
-            window_kept_mass = static_cast<double>(above) * scale / kMassScale;
-          }
         }
       }
     }
@@ -1052,14 +896,8 @@ __global__ void __launch_bounds__(kThreads, kWindow ? 1 : 2) sample_kernel(Sampl
     // ---- the draw: Gumbel argmax and kept mass over the kept set
     Final fin{0.0, Best::none()};
     float kept_mass = 0.0f;
-    if (ends_in_window) {
-      draw.max_changed(m);  // pass 1's p's were relative to M, the ones from here to m
-    } else {
-      // Pass 1's draw (if any) was over the wrong set. (Reassigning the noise too keeps it out
-      // of the registers of the passes before, where it is not used.)
-      noise = row_noise(a, row, step);
-      draw = GumbelArgmax::start(m);
-    }
+    RowNoise noise = row_noise(a, row, step);
+    GumbelArgmax draw = GumbelArgmax::start(m);
     auto offer_kept = [&](int64_t v, float s) {
       if (!f.kept(s)) return;
       const float p = fast_exp(s - m);
@@ -1075,57 +913,24 @@ __global__ void __launch_bounds__(kThreads, kWindow ? 1 : 2) sample_kernel(Sampl
     if (kept_in_shared) {
       offer_candidates(n_candidates);
     } else if (nucleus_bin >= 0) {
-      // The survivors of the bins above the crossing one are all in the nucleus (tau_p lies in
-      // the crossing bin, whose values are all smaller) and drawn over now; the crossing bin is
-      // gathered, its threshold found as select_threshold would, and its kept tokens drawn over
-      // after. Until then f.tau_p is -inf, so offer_kept keeps every survivor.
-      auto offer_or_gather = [&](auto&& offer, int64_t v, float s) {
-        const int bin = s > bin_ref ? -1 : level0_bin(s, bin_ref);  // -1: above every bin
-        if (bin < nucleus_bin) {
-          offer(v, s);
-        } else if (bin == nucleus_bin) {
-          push_candidate(sh, s, v);
-        }
-      };
-      if (ends_in_window) {
-#if defined(LATRO_CUDA_EMULATION)
-        if (threadIdx.x == 0) ++emulated::rows_ended_in_window;
-#endif
-        // No more reads: pass 1 drew over the bins above the window; left are the tokens
-        // above M (the candidates, every one kept) and the window's. They lie in shared
-        // memory in the atomics' order, so which thread sees which varies from run to run:
-        // their mass is summed in fixed point (exact, order-free), not in float.
-        unsigned long long held_mass = 0;
-        auto offer_held = [&](int64_t v, float s) {
-          held_mass += fixed_mass(s, m);
-          draw.offer(noise, v, s, fast_exp(s - m), m);
-        };
-        for (int i = threadIdx.x; i < candidates_held(sh); i += blockDim.x) {
-          const unsigned long long c = sh.candidates[i];
-          offer_held(candidate_index(c), candidate_value(c));
-        }
-        __syncthreads();  // every thread has read the candidates before they are reset
-        if (threadIdx.x == 0) sh.candidate_count = 0;
-        __syncthreads();
-        const int held = static_cast<int>(sh.window_count);
-        for (int i = threadIdx.x; i < held; i += blockDim.x) {
-          const unsigned long long c = window_tokens[i];
-          offer_or_gather(offer_held, candidate_index(c), candidate_value(c));
-        }
-        window_kept_mass += static_cast<double>(block_all_reduce(
-                                 held_mass, SumU64{}, scratch_as<unsigned long long>(sh))) /
-                             kMassScale;
-      } else {
-        // One more pass over the row.
-        if (threadIdx.x == 0) sh.candidate_count = 0;
-        __syncthreads();
-        for_each_scaled<kLoads>(
-            x, a.vocab, a.temperature,
-            [&](int64_t v, float s) {
-              if (f.survives(s)) offer_or_gather(offer_kept, v, s);
-            },
-            a.prefetch_ahead);
-      }
+      // One pass: the survivors of the bins above the crossing one are all in the nucleus (tau_p
+      // lies in the crossing bin, whose values are all smaller) and drawn over now; the crossing
+      // bin is gathered, its threshold found as select_threshold would, and its kept tokens
+      // drawn over after. Until then f.tau_p is -inf, so offer_kept keeps every survivor.
+      if (threadIdx.x == 0) sh.candidate_count = 0;
+      __syncthreads();
+      for_each_scaled(
+          x, a.vocab, a.temperature,
+          [&](int64_t v, float s) {
+            if (!f.survives(s)) return;
+            const int bin = s > bin_ref ? -1 : level0_bin(s, bin_ref);  // -1: above every bin
+            if (bin < nucleus_bin) {
+              offer_kept(v, s);
+            } else if (bin == nucleus_bin) {
+              push_candidate(sh, s, v);
+            }
+          },
+          a.prefetch_ahead);
       __syncthreads();
       const int n = sort_candidates(sh);
       f.tau_p = walk_candidates(sh, n, f, true, false, nucleus_bin_need, false);
@@ -1133,7 +938,7 @@ __global__ void __launch_bounds__(kThreads, kWindow ? 1 : 2) sample_kernel(Sampl
     } else {
       for_each_scaled(x, a.vocab, a.temperature, offer_kept, a.prefetch_ahead);
     }
-    fin.mass = kept_mass + (threadIdx.x == 0 ? window_kept_mass : 0.0);
+    fin.mass = kept_mass;
     fin.best = draw.best;
     fin = block_all_reduce(fin, CombineFinal{}, scratch_as<Final>(sh));
     if (threadIdx.x == 0) {
@@ -1174,70 +979,11 @@ unsigned int filtered_grid(int64_t rows) {
 // flight per thread, which leaves a block streaming its row latency-bound; more loads in flight
 // spill (ptxas: 100 bytes with two). An L2 prefetch needs no register:
 // LATRO_CUDA_SAMPLE_PREFETCH=<iterations> has each thread ask for its vector that many
-// iterations ahead in the passes over the whole row (unset or 0: none, the default until a GPU
-// has measured it; benchmarks/bench_gpu.py sweeps it). At most 64.
-int64_t filtered_prefetch() { return tuning_variable("LATRO_CUDA_SAMPLE_PREFETCH", 64); }
-
-// Top-p's window (see Window), in tokens of 8 bytes held in dynamic shared memory. By default
-// as many as fit beside the kernel's static shared memory in its one block per SM: about 23,800
-// on an H100 (228 KiB per SM), 15,600 on an A100. LATRO_CUDA_SAMPLE_WINDOW=<tokens> sets it (0:
-// no window: the kernel of two blocks per SM, and a flat row's top-p reads the row twice; at
-// most what one block may hold). The window's kernel may use that much: its dynamic shared
-// memory limit is raised once per device to the most a block may have, with the carveout
-// preferring shared memory.
-struct WindowLimits {
-  int64_t default_tokens;
-  int64_t max_tokens;
-};
-
-template <typename T>
-WindowLimits window_limits() {
-  static std::mutex mutex;
-  static std::map<int, WindowLimits> per_device;
-  int device = 0;
-  LATRO_CUDA_CHECK(cudaGetDevice(&device));
-  const std::lock_guard<std::mutex> lock(mutex);
-  const auto found = per_device.find(device);
-  if (found != per_device.end()) return found->second;
-  int per_sm = 0, reserved = 0, per_block = 0;
-  LATRO_CUDA_CHECK(
-      cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device));
-  LATRO_CUDA_CHECK(
-      cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, device));
-  LATRO_CUDA_CHECK(
-      cudaDeviceGetAttribute(&per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  const auto kernel = sample_kernel<T, true, true>;
-  cudaFuncAttributes attributes{};
-  LATRO_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
-  const int64_t fixed = static_cast<int64_t>(attributes.sharedSizeBytes);
-  const int64_t most = per_block - fixed;
-  const int64_t one_block = per_sm - reserved - fixed;  // (the kernel runs one block per SM)
-  const int64_t token = sizeof(unsigned long long);
-  WindowLimits limits{one_block > 0 ? std::min(one_block, most) / token : 0,
-                      most > 0 ? most / token : 0};
-  if (most > 0) {
-    LATRO_CUDA_CHECK(cudaFuncSetAttribute(
-        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(most)));
-    LATRO_CUDA_CHECK(cudaFuncSetAttribute(
-        kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared));
-  }
-  per_device.emplace(device, limits);
-  return limits;
-}
-
-// 0 for rows without a prefix (vocab <= kBins: nothing predicts a window) and where the
-// variable asks for none, without touching the device's attributes.
-template <typename T>
-int64_t window_capacity(int64_t vocab) {
-  constexpr const char* kName = "LATRO_CUDA_SAMPLE_WINDOW";
-  const int64_t asked = tuning_variable(kName, int64_t{1} << 40, -1);  // -1: unset
-  if (asked == 0 || vocab <= kBins) return 0;
-  const WindowLimits limits = window_limits<T>();
-  if (asked < 0) return limits.default_tokens;
-  LATRO_CHECK(asked <= limits.max_tokens, kName, " must be an integer in [0, ",
-              limits.max_tokens, "] on this device, got '", std::getenv(kName), "'");
-  return asked;
-}
+// iterations ahead in the passes over the whole row (0: none; at most 64; benchmarks/bench_gpu.py
+// sweeps it). Unset, 2: on the H100 run of 2026-11-27 (256 rows of 128,256 float32 logits) it
+// was best or tied in every filtered case, top-k 0.121 -> 0.115 ms, min-p 0.147 -> 0.133, all
+// three filters 0.125 -> 0.118, top-p alone unchanged; 8 iterations and more were slower.
+int64_t filtered_prefetch() { return tuning_variable("LATRO_CUDA_SAMPLE_PREFETCH", 64, 2); }
 
 }  // namespace
 
@@ -1270,7 +1016,6 @@ void sample(const SampleArgs& args, cudaStream_t stream, uint64_t* status) {
   const bool top_p_only = args.temperature > 0.0f && !top_k_on && args.top_p < 1.0f &&
                           !(args.min_p > 0.0f);
   a.prefetch_ahead = plain ? 0 : filtered_prefetch();  // the filtered kernel's alone
-  a.window_capacity = 0;  // top-p alone's (below)
   LATRO_DISPATCH_DTYPE(args.dtype, T, [&] {
     if (plain && args.temperature == 1.0f) {
       detail::launch(plain_sample_kernel<T, true>, detail::row_blocks(args.rows), kThreads,
@@ -1278,16 +1023,10 @@ void sample(const SampleArgs& args, cudaStream_t stream, uint64_t* status) {
     } else if (plain) {
       detail::launch(plain_sample_kernel<T, false>, detail::row_blocks(args.rows), kThreads,
                      stream, a);
-    } else if (top_p_only && (a.window_capacity = window_capacity<T>(args.vocab)) > 0) {
-      const size_t window_bytes =
-          static_cast<size_t>(a.window_capacity) * sizeof(unsigned long long);
-      detail::launch_with_shared(sample_kernel<T, true, true>, filtered_grid(args.rows),
-                                 kThreads, window_bytes, stream, a);
     } else if (top_p_only) {
-      detail::launch(sample_kernel<T, true, false>, filtered_grid(args.rows), kThreads, stream, a);
+      detail::launch(sample_kernel<T, true>, filtered_grid(args.rows), kThreads, stream, a);
     } else {
-      detail::launch(sample_kernel<T, false, false>, filtered_grid(args.rows), kThreads, stream,
-                     a);
+      detail::launch(sample_kernel<T, false>, filtered_grid(args.rows), kThreads, stream, a);
     }
   });
   LATRO_CUDA_CHECK(cudaGetLastError());
