@@ -52,8 +52,8 @@ inline unsigned int row_blocks(int64_t rows) {
 
 // kernel<<<grid, block, dynamic_shared_bytes, stream>>>(args...), the one spelling of a launch:
 // a C++ compiler cannot parse <<< >>>, and cpp_tests/cuda_emulator runs the kernels on the CPU
-// through here. A kernel reads its dynamic shared memory through dynamic_shared<T>(); beyond
-// 48 KiB in all, the caller must first raise the kernel's cudaFuncAttributeMaxDynamicSharedMemorySize.
+// through here. Beyond 48 KiB of shared memory in all, the caller must first raise the kernel's
+// cudaFuncAttributeMaxDynamicSharedMemorySize.
 template <typename... Params, typename... Args>
 void launch_with_shared(void (*kernel)(Params...), dim3 grid, dim3 block,
                         size_t dynamic_shared_bytes, cudaStream_t stream, Args&&... args) {
@@ -70,17 +70,6 @@ template <typename... Params, typename... Args>
 void launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream,
             Args&&... args) {
   launch_with_shared(kernel, grid, block, 0, stream, std::forward<Args>(args)...);
-}
-
-// The block's dynamic shared memory (the launch's dynamic_shared_bytes), 16-byte aligned.
-template <typename T>
-__device__ __forceinline__ T* dynamic_shared() {
-#if defined(LATRO_CUDA_EMULATION)
-  return static_cast<T*>(::latro_emu::dynamic_shared());
-#else
-  extern __shared__ __align__(16) unsigned char latro_dynamic_shared[];
-  return reinterpret_cast<T*>(latro_dynamic_shared);
-#endif
 }
 
 // ---------------------------------------------------------------- rows
