@@ -980,9 +980,10 @@ unsigned int filtered_grid(int64_t rows) {
 // spill (ptxas: 100 bytes with two). An L2 prefetch needs no register:
 // LATRO_CUDA_SAMPLE_PREFETCH=<iterations> has each thread ask for its vector that many
 // iterations ahead in the passes over the whole row (0: none; at most 64; benchmarks/bench_gpu.py
-// sweeps it). Unset, 2: on the H100 run of 2026-11-27 (256 rows of 128,256 float32 logits) it
-// was best or tied in every filtered case, top-k 0.121 -> 0.115 ms, min-p 0.147 -> 0.133, all
-// three filters 0.125 -> 0.118, top-p alone unchanged; 8 iterations and more were slower.
+// sweeps it). Unset, 2: on the H100 run of 2026-11-27 (256 flat rows of 128,256 float32
+// logits) it was best or tied in every filtered case, top-k 0.121 -> 0.115 ms, min-p 0.147 ->
+// 0.133, all three filters 0.125 -> 0.118, top-p alone unchanged; 8 iterations and more were
+// slower.
 int64_t filtered_prefetch() { return tuning_variable("LATRO_CUDA_SAMPLE_PREFETCH", 64, 2); }
 
 }  // namespace
