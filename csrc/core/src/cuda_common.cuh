@@ -171,21 +171,16 @@ __device__ __forceinline__ void prefetch_l2(const void* p) {
 // 16-byte alignment, then one 16-byte vector per call (coalesced), then a scalar tail. `values`
 // is a float array of 1 or kVec<T> elements; each thread sees its indices in increasing order.
 //
-// kLoads: 16-byte loads each thread issues before it processes any of them. With one, a thread
-// waits out a whole memory latency per vector, and a block streaming a row alone on its SM is
-// latency-bound: on an H100 the plain sampling kernel read 64 rows of 128k bf16 logits in 80 us,
-// about 3.2 GB/s per block, an eighth of an SM's share of the bandwidth. More loads in flight cost
-// 4 registers each. The order in which f sees a thread's indices is the same for every kLoads,
-// so results do not depend on it.
-//
-// prefetch_ahead > 0 (with kLoads = 1; with more loads, only their tail loop prefetches): with
-// each vector, the thread also asks L2 for its vector that many iterations ahead (prefetch_l2),
-// which keeps more of the row in flight without registers (for kernels already at their
-// register budget); 0 leaves it out. Results never depend on it.
-template <int kLoads = 1, typename T, typename F>
+// One 16-byte load in flight per thread: a block streaming a row alone on its SM waits out a
+// memory latency per vector (the plain sampler read 64 rows of 128k bf16 logits in 80 us on an
+// H100, about 3.2 GB/s per block). Four loads issued before processing any, held to 64
+// registers, made the sampler slower on the H100 run of 2026-11-27 (0.263 ms against 0.151).
+// prefetch_ahead > 0: with each vector, the thread also asks L2 for its vector that many
+// iterations ahead (prefetch_l2), which keeps more of the row in flight without registers (for
+// kernels already at their register budget); 0 leaves it out. Results never depend on it.
+template <typename T, typename F>
 __device__ __forceinline__ void for_each_in_row(const T* row, int64_t n, F&& f,
                                                 int64_t prefetch_ahead = 0) {
-  static_assert(kLoads >= 1, "at least one load in flight");
   const int64_t head = misaligned_head(row, n);
   for (int64_t i = threadIdx.x; i < head; i += blockDim.x) {
     const float one[1] = {load_float(row[i])};
@@ -194,22 +189,8 @@ __device__ __forceinline__ void for_each_in_row(const T* row, int64_t n, F&& f,
   const int64_t vectors = (n - head) / kVec<T>;
   const uint4* body = reinterpret_cast<const uint4*>(row + head);
   const int64_t stride = blockDim.x;
-  int64_t j = threadIdx.x;
-  if constexpr (kLoads > 1) {
-    for (; j + (kLoads - 1) * stride < vectors; j += kLoads * stride) {
-      uint4 raw[kLoads];
-#pragma unroll
-      for (int u = 0; u < kLoads; ++u) raw[u] = body[j + u * stride];
-#pragma unroll
-      for (int u = 0; u < kLoads; ++u) {
-        float values[kVec<T>];
-        unpack<T>(raw[u], values);
-        f(head + (j + u * stride) * kVec<T>, values);
-      }
-    }
-  }
   const int64_t ahead = prefetch_ahead * stride;
-  for (; j < vectors; j += stride) {
+  for (int64_t j = threadIdx.x; j < vectors; j += stride) {
     if (ahead > 0 && j + ahead < vectors) prefetch_l2(body + j + ahead);
     float values[kVec<T>];
     unpack<T>(body[j], values);

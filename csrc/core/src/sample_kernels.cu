@@ -965,10 +965,10 @@ int64_t tuning_variable(const char* name, int64_t max, int64_t unset = 0) {
 
 // Blocks of the filtered kernel (each loops over rows). Filters read a row up to three times;
 // with fewer rows in flight their logits may stay in L2 between passes (a 128k float32 row is
-// 0.5 MiB; an H100 has 50 MiB of L2, and 264 rows in flight need 130 MiB). Whether that beats
-// one block per row is for a GPU to tell: LATRO_CUDA_SAMPLE_GRID=<blocks> sets the grid
-// (unset or 0: one block per row, the default until measured), and benchmarks/bench_gpu.py
-// sweeps it.
+// 0.5 MiB; an H100 has 50 MiB of L2, and 264 rows in flight need 130 MiB). It does not: on
+// the H100 runs of 2026-11-26 and -27 one block per row was fastest or within 6% in every case.
+// LATRO_CUDA_SAMPLE_GRID=<blocks> sets the grid (unset or 0: one block per row), and
+// benchmarks/bench_gpu.py sweeps it.
 unsigned int filtered_grid(int64_t rows) {
   const int64_t blocks = tuning_variable("LATRO_CUDA_SAMPLE_GRID", int64_t{1} << 30);
   if (blocks > 0 && blocks < rows) return static_cast<unsigned int>(blocks);
@@ -982,8 +982,8 @@ unsigned int filtered_grid(int64_t rows) {
 // iterations ahead in the passes over the whole row (0: none; at most 64; benchmarks/bench_gpu.py
 // sweeps it). Unset, 2: on the H100 run of 2026-11-27 (256 flat rows of 128,256 float32
 // logits) it was best or tied in every filtered case, top-k 0.121 -> 0.115 ms, min-p 0.147 ->
-// 0.133, all three filters 0.125 -> 0.118, top-p alone unchanged; 8 iterations and more were
-// slower.
+// 0.133, all three filters 0.125 -> 0.118; 8 iterations and more were slower. (Top-p alone
+// then ran a kernel since removed: this one is not yet timed with the prefetch.)
 int64_t filtered_prefetch() { return tuning_variable("LATRO_CUDA_SAMPLE_PREFETCH", 64, 2); }
 
 }  // namespace
