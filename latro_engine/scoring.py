@@ -140,48 +140,6 @@ def _check_lengths(lengths: torch.Tensor, ids: torch.Tensor, name: str, ids_name
                          f"got {int(lengths[row])} for row {row}")
 
 
-def pack_sequences(
-    prompt_ids: torch.Tensor,
-    prompt_mask: torch.Tensor,
-    rationale_ids: torch.Tensor,
-    rationale_lengths: torch.Tensor,
-    answer_ids: torch.Tensor,
-    answer_lengths: torch.Tensor,
-    pad_token_id: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Builds left-padded ``[x (non-pad), z[:len], y[:len]]`` rows.
-
-    Returns ``(input_ids [B, T], attention_mask [B, T], rationale_start [B], answer_start [B])``
-    where the starts are column indices of the first rationale / answer token in each row.
-    Vectorized: every token's destination column is computed from per-row lengths, no loop.
-    Inputs are not checked here: :func:`score_sequences` checks them.
-    """
-    device = prompt_ids.device
-    rows = prompt_ids.shape[0]
-    prompt_mask = prompt_mask.long()
-    p_len = prompt_mask.sum(-1)
-    r_len, a_len = rationale_lengths.long(), answer_lengths.long()
-    total = p_len + r_len + a_len
-    width = int(total.max()) if rows else 0
-    offset = width - total  # left padding per row
-    ids = torch.full((rows, width), pad_token_id, dtype=torch.int64, device=device)
-    mask = torch.zeros((rows, width), dtype=torch.int64, device=device)
-
-    def place(src: torch.Tensor, valid: torch.Tensor, rank: torch.Tensor, start: torch.Tensor) -> None:
-        r, c = valid.nonzero(as_tuple=True)
-        dest = start[r] + rank[r, c]
-        ids[r, dest] = src[r, c].long()
-        mask[r, dest] = 1
-
-    prompt_rank = prompt_mask.cumsum(-1) - 1  # works for any padding side
-    place(prompt_ids, prompt_mask.bool(), prompt_rank, offset)
-    r_cols = torch.arange(rationale_ids.shape[1], device=device).expand(rows, -1)
-    place(rationale_ids, r_cols < r_len[:, None], r_cols, offset + p_len)
-    a_cols = torch.arange(answer_ids.shape[1], device=device).expand(rows, -1)
-    place(answer_ids, a_cols < a_len[:, None], a_cols, offset + p_len + r_len)
-    return ids, mask, offset + p_len, offset + p_len + r_len
-
-
 # Scoring forwards on CUDA run at widths of whole steps of this many tokens (see _attention_width).
 ATTENTION_WIDTH_STEP = 32
 
@@ -202,6 +160,49 @@ def _attention_width(width: int, device: torch.device) -> int:
     step = ATTENTION_WIDTH_STEP
     padded = -(-width // step) * step
     return padded + step if padded % 128 == 64 else padded
+
+
+def pack_sequences(
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    rationale_ids: torch.Tensor,
+    rationale_lengths: torch.Tensor,
+    answer_ids: torch.Tensor,
+    answer_lengths: torch.Tensor,
+    pad_token_id: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Builds left-padded ``[x (non-pad), z[:len], y[:len]]`` rows, as wide as the longest
+    (on CUDA rounded up: see :func:`_attention_width`).
+
+    Returns ``(input_ids [B, T], attention_mask [B, T], rationale_start [B], answer_start [B])``
+    where the starts are column indices of the first rationale / answer token in each row.
+    Vectorized: every token's destination column is computed from per-row lengths, no loop.
+    Inputs are not checked here: :func:`score_sequences` checks them.
+    """
+    device = prompt_ids.device
+    rows = prompt_ids.shape[0]
+    prompt_mask = prompt_mask.long()
+    p_len = prompt_mask.sum(-1)
+    r_len, a_len = rationale_lengths.long(), answer_lengths.long()
+    total = p_len + r_len + a_len
+    width = _attention_width(int(total.max()), device) if rows else 0
+    offset = width - total  # left padding per row
+    ids = torch.full((rows, width), pad_token_id, dtype=torch.int64, device=device)
+    mask = torch.zeros((rows, width), dtype=torch.int64, device=device)
+
+    def place(src: torch.Tensor, valid: torch.Tensor, rank: torch.Tensor, start: torch.Tensor) -> None:
+        r, c = valid.nonzero(as_tuple=True)
+        dest = start[r] + rank[r, c]
+        ids[r, dest] = src[r, c].long()
+        mask[r, dest] = 1
+
+    prompt_rank = prompt_mask.cumsum(-1) - 1  # works for any padding side
+    place(prompt_ids, prompt_mask.bool(), prompt_rank, offset)
+    r_cols = torch.arange(rationale_ids.shape[1], device=device).expand(rows, -1)
+    place(rationale_ids, r_cols < r_len[:, None], r_cols, offset + p_len)
+    a_cols = torch.arange(answer_ids.shape[1], device=device).expand(rows, -1)
+    place(answer_ids, a_cols < a_len[:, None], a_cols, offset + p_len + r_len)
+    return ids, mask, offset + p_len, offset + p_len + r_len
 
 
 def _decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -403,11 +404,6 @@ def score_sequences(
             )
         loss_weights = tuple(w.to(device) for w in loss_weights)
     ids, mask, r_start, a_start = pack_sequences(prompt_ids, prompt_mask, rationale_ids, r_len, a_ids, a_len)
-    extra = _attention_width(ids.shape[1], device) - ids.shape[1]
-    if extra > 0:  # more left padding (see _attention_width)
-        ids = torch.nn.functional.pad(ids, (extra, 0), value=0)
-        mask = torch.nn.functional.pad(mask, (extra, 0), value=0)
-        r_start, a_start = r_start + extra, a_start + extra
     counts = (r_len, a_len)
     step = micro_batch_size if micro_batch_size and micro_batch_size < rows else rows
     if step == rows:
