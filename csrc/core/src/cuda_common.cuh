@@ -50,26 +50,19 @@ inline unsigned int row_blocks(int64_t rows) {
   return static_cast<unsigned int>(rows < kMaxBlocks ? rows : kMaxBlocks);
 }
 
-// kernel<<<grid, block, dynamic_shared_bytes, stream>>>(args...), the one spelling of a launch:
-// a C++ compiler cannot parse <<< >>>, and cpp_tests/cuda_emulator runs the kernels on the CPU
-// through here. Beyond 48 KiB of shared memory in all, the caller must first raise the kernel's
-// cudaFuncAttributeMaxDynamicSharedMemorySize.
-template <typename... Params, typename... Args>
-void launch_with_shared(void (*kernel)(Params...), dim3 grid, dim3 block,
-                        size_t dynamic_shared_bytes, cudaStream_t stream, Args&&... args) {
-#if defined(LATRO_CUDA_EMULATION)
-  (void)stream;
-  ::latro_emu::launch(grid, block, dynamic_shared_bytes,
-                      reinterpret_cast<::latro_emu::KernelKey>(kernel), [&] { kernel(args...); });
-#else
-  kernel<<<grid, block, dynamic_shared_bytes, stream>>>(std::forward<Args>(args)...);
-#endif
-}
-
+// kernel<<<grid, block, 0, stream>>>(args...), the one spelling of a launch: a C++ compiler
+// cannot parse <<< >>>, and cpp_tests/cuda_emulator runs the kernels on the CPU through here.
+// No kernel uses dynamic shared memory.
 template <typename... Params, typename... Args>
 void launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream,
             Args&&... args) {
-  launch_with_shared(kernel, grid, block, 0, stream, std::forward<Args>(args)...);
+#if defined(LATRO_CUDA_EMULATION)
+  (void)stream;
+  ::latro_emu::launch(grid, block, 0, reinterpret_cast<::latro_emu::KernelKey>(kernel),
+                      [&] { kernel(args...); });
+#else
+  kernel<<<grid, block, 0, stream>>>(std::forward<Args>(args)...);
+#endif
 }
 
 // ---------------------------------------------------------------- rows

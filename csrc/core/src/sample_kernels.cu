@@ -109,12 +109,9 @@ __device__ __forceinline__ uint32_t key_bin_lo(int bin) {
 }
 __device__ __forceinline__ uint32_t key_bin_hi(int bin) { return key_bin_lo(bin) | 0x1FFFFFu; }
 
-// A mass e = exp(s - m) in 32.32 fixed point: integer sums are exact and order-free.
-__device__ __forceinline__ unsigned long long fixed_of(float e) {
-  return __float2ull_rn(e * kMassScale);
-}
+// A mass exp(s - m) in 32.32 fixed point: integer sums are exact and order-free.
 __device__ __forceinline__ unsigned long long fixed_mass(float s, float m) {
-  return fixed_of(expf(s - m));
+  return __float2ull_rn(expf(s - m) * kMassScale);
 }
 
 // Adds a fixed-point mass to a shared histogram bin with 32-bit atomics. There is no native
