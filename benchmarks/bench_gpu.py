@@ -135,7 +135,8 @@ def peak_gib(
 @contextlib.contextmanager
 def environment(name: str, value: str | None):
     """Sets (or, for None, unsets) an environment variable for the block; the extension reads
-    LATRO_CUDA_CHECKS and the LATRO_CUDA_SAMPLE_* tuning variables at each call."""
+    LATRO_CUDA_CHECKS and the LATRO_CUDA_SAMPLE_* tuning variables at each call, the scorer
+    LATRO_SCORING_ATTENTION at each forward."""
     before = os.environ.pop(name, None)
     if value is not None:
         os.environ[name] = value
@@ -978,6 +979,7 @@ def ours_step(
     amp: Callable[[], Any] = contextlib.nullcontext,
     phase: Callable[[str], Any] = _no_phases,
     checkpointing: bool = False,
+    torch_attention: bool = False,
 ) -> float:
     """One LaTRO step with the engine: the rollout (stop detection and compaction), then the
     trainer's own two passes (``latro_engine.trainer.advantages_pass`` and ``gradient_pass``,
@@ -990,13 +992,20 @@ def ours_step(
     instead of three. Forwards run under ``amp()``, backwards outside it, as in the trainer.
     ``checkpointing``: the grad passes keep only each decoder layer's input and recompute the
     rest in the backward (the trainer's ``gradient_checkpointing`` option), trading about a
-    third more training compute for most of the activation memory. Returns the rationales'
+    third more training compute for most of the activation memory. ``torch_attention``: the
+    scoring and training forwards let torch pick their SDPA kernel (cuDNN on an H100) instead
+    of ``scoring_attention``'s (``LATRO_SCORING_ATTENTION=default``). Returns the rationales'
     mean length in tokens."""
     from latro_engine.config import LatroConfig
     from latro_engine.distributed import Distributed
     from latro_engine.scoring import reference_logprobs, score_sequences
     from latro_engine.trainer import advantages_pass, gradient_pass, set_activation_checkpointing
 
+    if torch_attention:
+        with environment("LATRO_SCORING_ATTENTION", "default"):
+            return ours_step(model, ref_model, optimizer, prompt_ids, prompt_mask, answer, k=k,
+                             max_len=max_len, stops=stops, kl_coef=kl_coef, micro=micro,
+                             seed=seed, amp=amp, phase=phase, checkpointing=checkpointing)
     model.eval()
     with phase("rollout"), amp():
         rollout = ours_rollout(model, prompt_ids, prompt_mask, max_len, stops, k=k, seed=seed)
@@ -1072,6 +1081,12 @@ def guarded_update(model, optimizer, dist, advantages, again: Callable[[], Any])
 IMPLEMENTATIONS: dict[str, tuple[str, Callable[..., None], bool, bool]] = {
     "reference": ("reference pattern", reference_pattern_step, False, False),
     "ours": ("ours", ours_step, False, False),
+    "ours-torch-attention": (
+        "ours, torch's choice of attention kernel (cuDNN)",
+        functools.partial(ours_step, torch_attention=True),
+        False,
+        False,
+    ),
     "checkpointing": (
         "ours, gradient checkpointing",
         functools.partial(ours_step, checkpointing=True),
@@ -1087,6 +1102,20 @@ IMPLEMENTATIONS: dict[str, tuple[str, Callable[..., None], bool, bool]] = {
     "all-on-host": (
         "ours, checkpointing + reference and AdamW state on host",
         functools.partial(ours_step, checkpointing=True),
+        True,
+        True,
+    ),
+    # Without checkpointing's recompute: smaller micro-batches keep the activations small
+    # instead (the memory a third of the baseline's asks for is mostly the gradients then).
+    "all-on-host-micro-2": (
+        "ours, reference and AdamW state on host, micro-batches of 2",
+        functools.partial(ours_step, micro=2),
+        True,
+        True,
+    ),
+    "all-on-host-micro-1": (
+        "ours, reference and AdamW state on host, micro-batches of 1",
+        functools.partial(ours_step, micro=1),
         True,
         True,
     ),

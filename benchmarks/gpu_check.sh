@@ -14,23 +14,21 @@
 #   bash benchmarks/gpu_check.sh                      # all three
 #   STAGES="test bench" BENCH_SECTIONS="rollout" bash benchmarks/gpu_check.sh   # prebuilt module
 #
-# Timings of the one call of 2026-11-27 (H100, 571 s in all): build 229 s (the sampler's file
-# last: its top-p window kernel, since removed, had made it about 2.5x slower to compile), CUDA
-# tests 76 s in six xdist processes (the device
-# image has pytest-xdist; 165 s in one process on 2026-11-26), sections: sample 2 s, scorer 18 s,
-# stop 1 s, attention 2 s, rollout 68 s, latro with stopping rationales 89 s (the reference
-# pattern's warm-up step alone 44 s). On a 15-minute device budget (a start costs a minute or
-# two), this one call:
+# Timings of the call of 2026-11-27 (H100, 427 s in all): build 80 s (100 s on another
+# machine), CUDA tests 82 s in six xdist processes (the device image has pytest-xdist), sections:
+# latro with stopping rationales and four settings 127 s (the reference pattern's warm-up step
+# alone 38-46 s), rollout 59 s, scorer 16 s, sample, stop and attention 1-2 s each. The LaTRO
+# section at full length with three settings took 104 s. On a 15-minute device budget (a start
+# costs a minute or two), this one call (about 7-8 minutes):
 #   PYTEST_OPTIONS="-n 6" STAGES="build test bench" \
-#     BENCH_SECTIONS="sample scorer stop attention rollout" SECTION_TIMEOUT=100 \
-#     TEST_TIMEOUT=150 bash benchmarks/gpu_check.sh; \
-#   STAGES="bench" BENCH_SECTIONS="latro" SECTION_TIMEOUT=200 \
-#     BENCH_ARGS="--latro-weights bfloat16 --latro-rationales stop" bash benchmarks/gpu_check.sh
-# The LaTRO section's full-length rows (the reference pattern's step alone takes 40 s, twice
-# with its warm-up) and its float32 rows need a call of their own:
-#   STAGES="bench" BENCH_SECTIONS="latro" BENCH_ARGS="--latro-weights bfloat16 --latro-rationales full" \
-#     SECTION_TIMEOUT=330 bash benchmarks/gpu_check.sh                     # about 5 minutes
-# A later call on the same warm machine (within its 30 idle seconds) finds the in-place build.
+#     BENCH_SECTIONS="latro rollout scorer sample stop attention" SECTION_TIMEOUT=200 \
+#     TEST_TIMEOUT=120 BENCH_ARGS="--latro-weights bfloat16 --latro-rationales stop \
+#     --latro-settings reference,ours,ours-torch-attention,all-on-host,all-on-host-micro-2" \
+#     bash benchmarks/gpu_check.sh
+# then, at once on the same warm machine (within its 30 idle seconds; it finds the build):
+#   STAGES="bench" BENCH_SECTIONS="latro" SECTION_TIMEOUT=250 BENCH_ARGS="--latro-weights \
+#     bfloat16 --latro-rationales full --latro-settings reference,ours,all-on-host" \
+#     bash benchmarks/gpu_check.sh                                          # about 2 minutes
 #
 # Outputs go to $OUT when it is set (the device tool's folder), else build/gpu-check:
 # gpu_check.log (everything), nvidia-smi.txt, pytest.log, bench_gpu.md, bench_gpu.json and the

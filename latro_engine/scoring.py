@@ -7,14 +7,17 @@ the earlier z tokens. Here that pass runs the decoder body only (no LM head), ga
 states at the positions that predict rationale and answer tokens, and feeds just those rows to
 :func:`latro_engine.ops.linear_token_logprobs`, which never holds [tokens, V] logits in float32.
 
-Rows are left-padded (pads moved to the left, as in the reference code) with position ids
-``cumsum(mask) - 1`` clamped at 0, which is what sampling used, so scores match the sampler's
-view of each sequence.
+Rows are right-padded: each starts with its prompt's tokens (its pads dropped) at column 0, and
+its position ids are ``cumsum(mask) - 1`` clamped at 0, which is what sampling used, so scores
+match the sampler's view of each sequence. (The reference code pads on the left; the sums are
+the same, but then a pad query sees no key at all, which some attention kernels turn into NaN:
+see :func:`scoring_attention`.)
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -36,6 +39,7 @@ __all__ = [
     "score_reference",
     "score_rollout",
     "score_sequences",
+    "scoring_attention",
 ]
 
 #: Config fields that transform the LM head's output (soft-capping, scaling); a model that sets
@@ -146,20 +150,45 @@ ATTENTION_WIDTH_STEP = 32
 
 def _attention_width(width: int, device: torch.device) -> int:
     """The width a scoring forward over rows of at most ``width`` tokens runs at (the extra
-    columns are left padding): ``width`` on the CPU; on CUDA the next multiple of 32 tokens
-    that is not 64 mod 128. PyTorch 2.11's cuDNN attention, the default SDPA backend for masked
-    inputs on H100/H200, returns NaN query gradients at sequence lengths of 64 mod 128 when a
-    row's log-sum-exp is below about -88.7, as a left-pad query that sees no key has
-    (pytorch/pytorch#196678), most likely what made the LaTRO step's weights NaN on the H100
-    run of 2026-11-27. And cuDNN builds an execution plan for each new length (tens of
-    milliseconds), most likely why scoring and training micro-batches of rationales of every
-    length took 4.2 s of a 5.3 s step there. Whole steps of 32 tokens bound the lengths it
-    sees."""
+    columns are padding): ``width`` on the CPU; on CUDA the next multiple of 32 tokens that is
+    not 64 mod 128. PyTorch 2.11's cuDNN attention returns NaN query gradients at sequence
+    lengths of 64 mod 128 when a row's log-sum-exp is below about -88.7, as a query that sees
+    no key has (pytorch/pytorch#196678): with left padding that made the LaTRO step's weights
+    NaN on the H100 run of 2026-11-27, and this rule fixed it on the run after. Right padding
+    (every query sees its row's first token) and :func:`scoring_attention` (no cuDNN) now keep
+    scoring away from that bug twice over; the widths stay in whole steps so that the kernels
+    and library plans a scoring forward needs are few (cuDNN and torch.compile build one per
+    new length)."""
     if device.type != "cuda" or width == 0:
         return width
     step = ATTENTION_WIDTH_STEP
     padded = -(-width // step) * step
     return padded + step if padded % 128 == 64 else padded
+
+
+# LATRO_SCORING_ATTENTION=default leaves the choice of SDPA kernel to torch (see scoring_attention).
+SCORING_ATTENTION_ENV = "LATRO_SCORING_ATTENTION"
+
+
+@contextmanager
+def scoring_attention(device: torch.device) -> Iterator[None]:
+    """Scoring and training forwards on CUDA (and the recomputing backwards of activation
+    checkpointing: the trainer wraps its backward too) run torch's SDPA without its cuDNN
+    backend: flash attention where there is no mask, else the memory-efficient kernel, else
+    the math one. On the H100 run of 2026-11-27 each cuDNN attention call took 0.74 ms of host
+    time forward and 0.52 ms backward (its graph and plan lookups), about 20 ms of every 62 ms
+    training micro-batch of a LaTRO step with stopping rationales, which the host, not the GPU,
+    paced; the attention's GPU time was 2% of that step. PyTorch 2.11's cuDNN attention also
+    has the NaN bug :func:`_attention_width` describes. ``LATRO_SCORING_ATTENTION=default``
+    leaves the choice to torch; elsewhere than CUDA this does nothing."""
+    if device.type != "cuda" or os.environ.get(SCORING_ATTENTION_ENV, "") == "default":
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    with sdpa_kernel(backends):
+        yield
 
 
 def pack_sequences(
@@ -171,7 +200,7 @@ def pack_sequences(
     answer_lengths: torch.Tensor,
     pad_token_id: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Builds left-padded ``[x (non-pad), z[:len], y[:len]]`` rows, as wide as the longest
+    """Builds right-padded ``[x (non-pad), z[:len], y[:len]]`` rows, as wide as the longest
     (on CUDA rounded up: see :func:`_attention_width`).
 
     Returns ``(input_ids [B, T], attention_mask [B, T], rationale_start [B], answer_start [B])``
@@ -186,7 +215,7 @@ def pack_sequences(
     r_len, a_len = rationale_lengths.long(), answer_lengths.long()
     total = p_len + r_len + a_len
     width = _attention_width(int(total.max()), device) if rows else 0
-    offset = width - total  # left padding per row
+    start = torch.zeros_like(total)  # every row starts at column 0 (right padding)
     ids = torch.full((rows, width), pad_token_id, dtype=torch.int64, device=device)
     mask = torch.zeros((rows, width), dtype=torch.int64, device=device)
 
@@ -197,12 +226,12 @@ def pack_sequences(
         mask[r, dest] = 1
 
     prompt_rank = prompt_mask.cumsum(-1) - 1  # works for any padding side
-    place(prompt_ids, prompt_mask.bool(), prompt_rank, offset)
+    place(prompt_ids, prompt_mask.bool(), prompt_rank, start)
     r_cols = torch.arange(rationale_ids.shape[1], device=device).expand(rows, -1)
-    place(rationale_ids, r_cols < r_len[:, None], r_cols, offset + p_len)
+    place(rationale_ids, r_cols < r_len[:, None], r_cols, start + p_len)
     a_cols = torch.arange(answer_ids.shape[1], device=device).expand(rows, -1)
-    place(answer_ids, a_cols < a_len[:, None], a_cols, offset + p_len + r_len)
-    return ids, mask, offset + p_len, offset + p_len + r_len
+    place(answer_ids, a_cols < a_len[:, None], a_cols, start + p_len + r_len)
+    return ids, mask, start + p_len, start + p_len + r_len
 
 
 def _decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -298,8 +327,9 @@ def _score_batch(
         fast_path = _use_fast_path(model, decoder, head)
     loss = None
     if fast_path:
-        hidden = decoder(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                         use_cache=False).last_hidden_state
+        with scoring_attention(input_ids.device):
+            hidden = decoder(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                             use_cache=False).last_hidden_state
         rows_h = hidden[row_idx, col_idx - 1].to(head.weight.dtype)  # autocast may differ
         if token_weights is None:
             logp = ops.linear_token_logprobs(rows_h, head.weight, targets, bias=head.bias,
@@ -309,8 +339,9 @@ def _score_batch(
                 rows_h, head.weight, targets, token_weights, bias=head.bias, chunk_size=chunk_size
             )
     else:
-        logits = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                       use_cache=False).logits
+        with scoring_attention(input_ids.device):
+            logits = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                           use_cache=False).logits
         logp = ops.token_logprobs(logits[row_idx, col_idx - 1], targets)
         if token_weights is not None:
             loss, logp = (logp * token_weights).sum(), logp.detach()
@@ -420,13 +451,12 @@ def score_sequences(
     for begin in range(0, rows, step):
         idx = order[begin: begin + step]
         sub_mask = mask[idx]
-        # All-pad leading columns of this micro-batch go, down to its attention width (at most
+        # All-pad trailing columns of this micro-batch go, down to its attention width (at most
         # the batch's: the width of fewer tokens is never larger).
-        kept = ids.shape[1] - int((sub_mask.sum(0) == 0).sum())
-        drop = ids.shape[1] - _attention_width(kept, device)
+        kept = _attention_width(ids.shape[1] - int((sub_mask.sum(0) == 0).sum()), device)
         sub_weights = None if loss_weights is None else tuple(w[idx] for w in loss_weights)
-        z, y, loss = _score_batch(model, ids[idx, drop:], sub_mask[:, drop:], r_start[idx] - drop,
-                                  r_len[idx], a_start[idx] - drop, a_len[idx], fast_path,
+        z, y, loss = _score_batch(model, ids[idx, :kept], sub_mask[:, :kept], r_start[idx],
+                                  r_len[idx], a_start[idx], a_len[idx], fast_path,
                                   chunk_size, sub_weights)
         parts_z.append(z)
         parts_y.append(y)

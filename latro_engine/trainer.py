@@ -41,7 +41,7 @@ from latro_engine.metrics import MetricsLog, plot_curves, read_metrics
 from latro_engine.objective import batch_advantages, latro_loss, loss_weights
 from latro_engine.offload import HostStateAdamW, keep_on_host
 from latro_engine.rollout import Rollout, sample_rationales, stop_token_sequences
-from latro_engine.scoring import SequenceScores, reference_logprobs
+from latro_engine.scoring import SequenceScores, reference_logprobs, scoring_attention
 
 logger = logging.getLogger(__name__)
 
@@ -180,7 +180,9 @@ def gradient_pass(
                 penalty_mode=config.penalty_mode,
                 advantages=known,
             )
-            (loss * share if known is None else scores.loss).backward()
+            # the recompute of activation checkpointing runs in the backward: same kernels
+            with scoring_attention(rollout.prompt_ids.device):
+                (loss * share if known is None else scores.loss).backward()
         if known is None:
             own_scores.append((scores.answer_logp.detach(), scores.rationale_logp.detach()))
         for key, value in mb_stats.items():
@@ -790,7 +792,8 @@ class SFTTrainer(_Trainer):
                         answers[sl],
                         loss_weights=(torch.zeros_like(answer_w[sl]), answer_w[sl]),
                     )
-                scores.loss.backward()
+                with scoring_attention(self.device):  # checkpointing's recompute
+                    scores.loss.backward()
             loss_sum -= float(scores.answer_logp.sum()) / total
         grad_norm, finite = self._apply_gradients(loss_sum)
         elapsed = time.perf_counter() - start

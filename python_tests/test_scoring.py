@@ -69,17 +69,20 @@ def _oracle(model, dtype=torch.float64):
     return z, y
 
 
-def test_pack_sequences_left_pads_and_concatenates():
+def test_pack_sequences_right_pads_and_concatenates():
+    """Every row starts at column 0 (so every query of the attention sees at least its row's
+    first token: no row of the attention is fully masked) and pads go on the right."""
     ids, mask, r_ids, r_len = _inputs()
     a_ids = torch.tensor([a + [PAD] * (4 - len(a)) for a in ANSWERS])
     a_len = torch.tensor([len(a) for a in ANSWERS])
     packed, pmask, r_start, a_start = pack_sequences(ids, mask, r_ids, r_len, a_ids, a_len, PAD)
+    width = packed.shape[1]
+    assert width == max(len(p + r + a) for p, r, a in zip(PROMPTS, RATIONALES, ANSWERS))
     for row in range(len(PROMPTS)):
         want = PROMPTS[row] + RATIONALES[row] + ANSWERS[row]
-        width = packed.shape[1]
-        assert packed[row, width - len(want):].tolist() == want
-        assert pmask[row].tolist() == [0] * (width - len(want)) + [1] * len(want)
-        assert int(r_start[row]) == width - len(want) + len(PROMPTS[row])
+        assert packed[row].tolist() == want + [PAD] * (width - len(want))
+        assert pmask[row].tolist() == [1] * len(want) + [0] * (width - len(want))
+        assert int(r_start[row]) == len(PROMPTS[row])
         assert int(a_start[row]) == int(r_start[row]) + len(RATIONALES[row])
 
 
@@ -344,11 +347,11 @@ def test_attention_widths_on_cuda_avoid_the_cudnn_nan_length():
 
 
 @pytest.mark.parametrize("micro_batch_size", [None, 3])
-def test_extra_left_padding_of_the_cuda_widths_leaves_scores_and_gradients_alone(
+def test_extra_padding_of_the_cuda_widths_leaves_scores_and_gradients_alone(
     llama, micro_batch_size, monkeypatch
 ):
-    """The columns _attention_width adds are left padding: the same sums and the same gradient
-    (run on the CPU with the CUDA rule forced)."""
+    """The columns _attention_width adds are padding: the same sums and the same gradient (run
+    on the CPU with the CUDA rule forced)."""
     from latro_engine import scoring
 
     model = copy.deepcopy(llama).double()
@@ -379,3 +382,27 @@ def test_extra_left_padding_of_the_cuda_widths_leaves_scores_and_gradients_alone
     torch.testing.assert_close(padded.loss, plain.loss)
     for a, b in zip(padded_grads, plain_grads):
         torch.testing.assert_close(a, b)
+
+
+def test_scoring_attention_leaves_out_cudnn_on_cuda_only(monkeypatch):
+    """On CUDA the scoring forwards (and the trainer's backwards) run SDPA without its cuDNN
+    backend, unless LATRO_SCORING_ATTENTION=default; on the CPU nothing changes. The flags are
+    torch's global ones, restored after the block (they can be read without a GPU)."""
+    from latro_engine.scoring import SCORING_ATTENTION_ENV, scoring_attention
+
+    flags = torch.backends.cuda
+    before = (flags.cudnn_sdp_enabled(), flags.flash_sdp_enabled(), flags.mem_efficient_sdp_enabled(),
+              flags.math_sdp_enabled())
+    assert before[0], "torch's default enables cuDNN attention"
+    monkeypatch.delenv(SCORING_ATTENTION_ENV, raising=False)
+    with scoring_attention(torch.device("cuda")):
+        assert not flags.cudnn_sdp_enabled()
+        assert flags.flash_sdp_enabled() and flags.mem_efficient_sdp_enabled() and flags.math_sdp_enabled()
+    with scoring_attention(torch.device("cpu")):
+        assert flags.cudnn_sdp_enabled()
+    monkeypatch.setenv(SCORING_ATTENTION_ENV, "default")
+    with scoring_attention(torch.device("cuda")):
+        assert flags.cudnn_sdp_enabled()
+    after = (flags.cudnn_sdp_enabled(), flags.flash_sdp_enabled(), flags.mem_efficient_sdp_enabled(),
+             flags.math_sdp_enabled())
+    assert after == before
