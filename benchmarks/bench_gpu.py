@@ -415,6 +415,25 @@ def bench_sample(device: torch.device, small: bool) -> None:
               [(", flat", logits), (", peaked", peaked)]),
     )
 
+    # Plain sampling with each row split over blocks (LATRO_CUDA_SAMPLE_SLICES; 0 = the plan's
+    # choice, about two blocks per SM), for as many rows as the benchmark's and as a rollout's.
+    slice_rows = []
+    with cuda_checks("off"):
+        for rows_n, dtype in ((b, torch.float32), (64, torch.float32), (64, torch.bfloat16),
+                              (16, torch.float32)):
+            x = logits[:rows_n].to(dtype)
+            row: dict[str, Any] = {"rows, dtype": f"{x.shape[0]}, {str(dtype).removeprefix('torch.')}"}
+            for slices in (1, 0, 2, 4, 8, 16):
+                with environment("LATRO_CUDA_SAMPLE_SLICES", str(slices)):
+                    row[f"slices {slices or 'planned'} ms"] = time_ms(
+                        lambda x=x: ops.sample(x, seed=seeds[: x.shape[0]], offset=offset),
+                        device,
+                        repeat=50,
+                    )
+            slice_rows.append(row)
+    table("sample_slices", f"plain sampling (temperature 1), rows of {v:,} logits split over "
+          f"blocks ({sms} SMs)", slice_rows)
+
 
 # ----------------------------------------------------------------------------- attention
 def torch_rotary(x, cos, sin):

@@ -69,17 +69,23 @@ struct Sampled {
   float logprob(size_t i) const { return latro::bits_to_float(logprob_bits[i]); }
 };
 
-// `data`: where the kernel reads the logits (default: the matrix's own storage).
+// `data`: where the kernel reads the logits (default: the matrix's own storage). `slices` > 1
+// splits each row of plain sampling over that many blocks (latro::cuda::SamplePlan).
 Sampled emulated_sample(const Matrix& logits, const std::vector<int64_t>& seeds,
                         bool per_row_seeds, int64_t offset, const Options& o,
-                        const void* data = nullptr, bool only_forward = false) {
+                        const void* data = nullptr, bool only_forward = false,
+                        int64_t slices = 1) {
   Draws out;
   uint64_t status = 0;
+  latro::cuda::SamplePlan plan;
+  plan.slices = slices;
+  plan.workspace_bytes = slices > 1 ? logits.rows * slices * 64 : 0;  // >= a partial per block
+  std::vector<unsigned char> workspace(static_cast<size_t>(plan.workspace_bytes));
   auto launch = [&] {
     latro::SampleArgs args = sample_args(logits, seeds, per_row_seeds, &offset, o, out);
     if (data != nullptr) args.logits = data;
     latro::cuda::reset_status(&status, nullptr);
-    latro::cuda::sample(args, nullptr, &status);
+    latro::cuda::sample(args, plan, workspace.data(), nullptr, &status);
   };
   auto collect = [&] { return Sampled{out.ids, bits_of(out.logprobs), status}; };
   return under_every_schedule(launch, collect, only_forward);
@@ -97,8 +103,9 @@ Draws cpu_sample(const Matrix& logits, const std::vector<int64_t>& seeds, bool p
 // allows, with the CPU's log-probability when the ids agree.
 void expect_cpu_draws(const Matrix& logits, const std::vector<int64_t>& seeds, bool per_row_seeds,
                       int64_t offset, const Options& o, const void* data = nullptr,
-                      bool only_forward = false) {
-  const Sampled got = emulated_sample(logits, seeds, per_row_seeds, offset, o, data, only_forward);
+                      bool only_forward = false, int64_t slices = 1) {
+  const Sampled got =
+      emulated_sample(logits, seeds, per_row_seeds, offset, o, data, only_forward, slices);
   const Draws want = cpu_sample(logits, seeds, per_row_seeds, offset, o);
   ASSERT_EQ(got.status, latro::cuda::kStatusOk) << options_str(o);
   for (int64_t r = 0; r < logits.rows; ++r) {
@@ -146,6 +153,29 @@ TEST_P(EmulatedSample, DrawsTheCpuIds) {
   }
 }
 
+// Plain sampling with each row split over several blocks: the ids of one block per row (and so
+// the CPU's), log-probabilities within the rounding of the merge. Slices past the row's end
+// (vocab < 64 x slices) are empty and change nothing.
+TEST_P(EmulatedSample, SlicedRowsDrawTheSameIds) {
+  std::mt19937 rng(static_cast<unsigned>(rows() * 7 + vocab() + static_cast<int>(dtype())));
+  std::mt19937_64 seed_rng(9);
+  const Matrix logits = random_logits_with_masked(dtype(), rows(), vocab(), vocab(), rng);
+  const std::vector<int64_t> seeds = random_seeds(rows(), seed_rng);
+  for (const Options& o : {Options{1.0f, 0, 1.0f, 0.0f}, Options{0.6f, 0, 1.0f, 0.0f}}) {
+    const Sampled one = emulated_sample(logits, seeds, true, 3, o, nullptr, true);
+    for (int64_t slices : {2, 3, 64}) {
+      SCOPED_TRACE(std::to_string(slices) + " slices, " + options_str(o));
+      const Sampled sliced = emulated_sample(logits, seeds, true, 3, o, nullptr, false, slices);
+      EXPECT_EQ(sliced.ids, one.ids);
+      EXPECT_EQ(sliced.status, one.status);
+      for (size_t r = 0; r < one.ids.size(); ++r) {
+        EXPECT_TRUE(close(sliced.logprob(r), one.logprob(r), {1e-6, 1e-6})) << "row " << r;
+      }
+      expect_cpu_draws(logits, seeds, true, 3, o, nullptr, true, slices);
+    }
+  }
+}
+
 TEST_P(EmulatedSample, RowsThatStartMisaligned) {
   // An odd stride and a copy of the logits one element past a 16-byte boundary: every row
   // starts misaligned, so the kernels take their scalar head and tail around the 16-byte
@@ -158,6 +188,7 @@ TEST_P(EmulatedSample, RowsThatStartMisaligned) {
   for (const Options& o : sampling_options()) {
     expect_cpu_draws(logits, {99}, false, 1, o, shifted.data() + element);
   }
+  expect_cpu_draws(logits, {99}, false, 1, Options{}, shifted.data() + element, false, 3);
 }
 
 INSTANTIATE_TEST_SUITE_P(DTypesAndSizes, EmulatedSample,
@@ -173,6 +204,7 @@ TEST(EmulatedSampleLarge, Llama3Vocabulary) {
     std::mt19937 rng(2);
     const Matrix logits = random_matrix(dtype, 2, 128256, 128256, rng, 2.0);
     for (const Options& o : filter_configs()) expect_cpu_draws(logits, {11, 12}, true, 3, o);
+    expect_cpu_draws(logits, {11, 12}, true, 3, Options{}, nullptr, true, 31);  // plain, sliced
   }
 }
 
@@ -291,9 +323,10 @@ TEST(EmulatedSampleErrors, BadRowsGetMinusOneAndNaNAndTheFirstIsRecorded) {
                                                         {ninf, ninf, ninf},
                                                         {1.0f, kInfF, 0.0f},
                                                         {0.5f, 0.25f, 0.0f}});
-  for (const Options& o : {Options{}, Options{1.0f, 2, 0.9f, 0.1f}}) {
-    SCOPED_TRACE(options_str(o));
-    const Sampled got = emulated_sample(logits, {3}, false, 0, o);
+  for (const auto& [o, slices] : {std::pair{Options{}, int64_t{1}}, std::pair{Options{}, int64_t{2}},
+                                  std::pair{Options{1.0f, 2, 0.9f, 0.1f}, int64_t{1}}}) {
+    SCOPED_TRACE(options_str(o) + ", " + std::to_string(slices) + " slices");
+    const Sampled got = emulated_sample(logits, {3}, false, 0, o, nullptr, false, slices);
     EXPECT_EQ(latro::cuda::decode_status(got.status).row, 1);
     EXPECT_EQ(latro::cuda::decode_status(got.status).kind, latro::cuda::StatusKind::RowHasNaN);
     for (size_t r : {size_t{1}, size_t{2}, size_t{3}}) {
@@ -306,10 +339,75 @@ TEST(EmulatedSampleErrors, BadRowsGetMinusOneAndNaNAndTheFirstIsRecorded) {
   const Matrix no_finite = matrix_of_rows(DType::Float32, {{0.0f, 1.0f}, {ninf, ninf}});
   EXPECT_EQ(latro::cuda::decode_status(emulated_sample(no_finite, {3}, false, 0, {}).status).kind,
             latro::cuda::StatusKind::RowHasNoFinite);
-  const Sampled negative = emulated_sample(logits, {3}, false, -1, {});
-  EXPECT_EQ(latro::cuda::decode_status(negative.status).kind,
-            latro::cuda::StatusKind::NegativeOffset);
-  for (int64_t id : negative.ids) EXPECT_EQ(id, -1);
+  EXPECT_EQ(
+      latro::cuda::decode_status(emulated_sample(no_finite, {3}, false, 0, {}, nullptr, false, 2).status)
+          .kind,
+      latro::cuda::StatusKind::RowHasNoFinite);
+  for (int64_t slices : {1, 3}) {
+    const Sampled negative = emulated_sample(logits, {3}, false, -1, {}, nullptr, false, slices);
+    EXPECT_EQ(latro::cuda::decode_status(negative.status).kind,
+              latro::cuda::StatusKind::NegativeOffset);
+    for (int64_t id : negative.ids) EXPECT_EQ(id, -1);
+  }
+}
+
+TEST(EmulatedSamplePlan, SlicesFillTheDeviceForPlainSamplingOnly) {
+  std::mt19937 rng(4);
+  const Matrix logits = random_matrix(DType::Float32, 64, 128256, 128256, rng);
+  std::vector<int64_t> seeds = {1};
+  int64_t offset = 0;
+  Draws out;
+  latro::SampleArgs args = sample_args(logits, seeds, false, &offset, {}, out);
+  // 64 rows on 132 SMs: 264 / 64 = 4 slices; the workspace holds a partial per block.
+  latro::cuda::SamplePlan plan = latro::cuda::plan_sample(args, 132);
+  EXPECT_EQ(plan.slices, 4);
+  EXPECT_GE(plan.workspace_bytes, 64 * 4 * 24);
+  args.rows = 300;  // more rows than two blocks per SM: one block per row
+  EXPECT_EQ(latro::cuda::plan_sample(args, 132).slices, 1);
+  EXPECT_EQ(latro::cuda::plan_sample(args, 132).workspace_bytes, 0);
+  args.rows = 1;  // at most 64 slices, each of at least 4,096 tokens
+  EXPECT_EQ(latro::cuda::plan_sample(args, 132).slices, 31);
+  args.vocab = 5000;
+  EXPECT_EQ(latro::cuda::plan_sample(args, 132).slices, 1);
+  args.vocab = 128256 * 4;
+  args.row_stride = args.vocab;
+  EXPECT_EQ(latro::cuda::plan_sample(args, 132).slices, 64);
+  args = sample_args(logits, seeds, false, &offset, Options{1.0f, 40, 1.0f, 0.0f}, out);
+  EXPECT_EQ(latro::cuda::plan_sample(args, 132).slices, 1);  // filters: one block per row
+  args = sample_args(logits, seeds, false, &offset, Options{0.0f, 0, 1.0f, 0.0f}, out);
+  EXPECT_EQ(latro::cuda::plan_sample(args, 132).slices, 1);  // greedy
+  args = sample_args(logits, seeds, false, &offset, {}, out);
+  {
+    const ScopedVariable chosen("LATRO_CUDA_SAMPLE_SLICES", "7");
+    EXPECT_EQ(latro::cuda::plan_sample(args, 132).slices, 7);
+  }
+  {
+    const ScopedVariable bad("LATRO_CUDA_SAMPLE_SLICES", "65");
+    EXPECT_LATRO_ERROR(latro::cuda::plan_sample(args, 132),
+                       "LATRO_CUDA_SAMPLE_SLICES must be an integer in [0, 64], got '65'");
+  }
+  EXPECT_LATRO_ERROR(latro::cuda::plan_sample(args, 0), "multiprocessors must be >= 1");
+}
+
+TEST(EmulatedSamplePlan, APlanThatDoesNotFitIsAnError) {
+  const Matrix logits = matrix_of_rows(DType::Float32, {{1.0f, 2.0f}, {3.0f, 4.0f}});
+  std::vector<int64_t> seeds = {1};
+  int64_t offset = 0;
+  Draws out;
+  std::vector<unsigned char> workspace(4096);
+  latro::SampleArgs args = sample_args(logits, seeds, false, &offset, {}, out);
+  latro::cuda::SamplePlan plan{2, 8};
+  EXPECT_LATRO_ERROR(latro::cuda::sample(args, plan, workspace.data(), nullptr),
+                     "plan.workspace_bytes = 8 is below the");
+  plan.workspace_bytes = 4096;
+  EXPECT_LATRO_ERROR(latro::cuda::sample(args, plan, nullptr, nullptr), "workspace is a null");
+  for (int64_t slices : {0, 65}) {
+    EXPECT_LATRO_ERROR(latro::cuda::sample(args, {slices, 4096}, workspace.data(), nullptr),
+                       "plan.slices must be in [1, 64]");
+  }
+  args = sample_args(logits, seeds, false, &offset, Options{1.0f, 1, 1.0f, 0.0f}, out);
+  EXPECT_LATRO_ERROR(latro::cuda::sample(args, plan, workspace.data(), nullptr),
+                     "splits rows of plain temperature sampling only");
 }
 
 TEST(EmulatedSampleErrors, HostVisibleMistakesThrowLikeTheCpu) {

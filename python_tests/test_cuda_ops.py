@@ -271,14 +271,19 @@ def test_sample_ties_and_crowded_bins(options, kind):
     _check_same_draws(cuda, cpu, logits, options)
 
 
-# The filtered kernel's tuning variables (the benchmark's sweeps): LATRO_CUDA_SAMPLE_GRID makes
-# its blocks loop over rows, LATRO_CUDA_SAMPLE_PREFETCH sets how far ahead its passes prefetch
-# into L2 over rows long enough for several iterations (0: none; the default, 2, is every other
-# test's). (variable, value, logits shape, seed, offset)
+# The sampler's tuning variables (the benchmark's sweeps): LATRO_CUDA_SAMPLE_GRID makes the
+# filtered kernel's blocks loop over rows, LATRO_CUDA_SAMPLE_PREFETCH sets how far ahead its
+# passes prefetch into L2 over rows long enough for several iterations (0: none; the default, 2,
+# is every other test's), LATRO_CUDA_SAMPLE_SLICES splits each row of plain sampling over that
+# many blocks (1: one block per row; left unset, few long rows are split, as in the tests of
+# the 128k vocabulary, peaked rows and CUDA graphs). (variable, value, logits shape, seed, offset)
 TUNINGS = [
     ("LATRO_CUDA_SAMPLE_GRID", "3", (11, 3001), 17, 7),
     ("LATRO_CUDA_SAMPLE_PREFETCH", "4", (5, 20011), 19, 2),
     ("LATRO_CUDA_SAMPLE_PREFETCH", "0", (5, 20011), 23, 1),
+    ("LATRO_CUDA_SAMPLE_SLICES", "1", (6, 20011), 29, 3),
+    ("LATRO_CUDA_SAMPLE_SLICES", "4", (3, 20011), 31, 4),
+    ("LATRO_CUDA_SAMPLE_SLICES", "64", (2, 9001), 37, 5),  # capped at 2: slices of >= 4,096
 ]
 
 
@@ -328,12 +333,15 @@ def test_sample_without_host_synchronization(monkeypatch):
     torch.cuda.set_sync_debug_mode("error")
     try:
         ids, logp = ops.sample(logits, seed=seeds, offset=offset, top_k=50, top_p=0.9)
+        plain = ops.sample(logits[:8], seed=seeds[:8], offset=offset)  # rows split over blocks
         tokens = ids[:, None].expand(64, 5).contiguous()
         ops.stop_positions_step(tokens, stops, step=offset.clamp(max=4), positions=stop)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     expected = ops.sample(logits.cpu(), seed=seeds.cpu(), offset=7, top_k=50, top_p=0.9)
     assert (ids.cpu() == expected[0]).float().mean() >= 63 / 64  # ties aside
+    expected = ops.sample(logits[:8].cpu(), seed=seeds[:8].cpu(), offset=7)
+    assert (plain[0].cpu() == expected[0]).float().mean() >= 7 / 8
 
 
 @pytest.mark.parametrize(

@@ -212,6 +212,16 @@ void token_logprobs_backward_inplace_cuda(const at::Tensor& grad, at::Tensor& lo
   backward_into(grad, rows, targets, lse, ignore_index, logits);
 }
 
+// The SM count of a tensor's device, which the kernel plans split their work by. The runtime's
+// attribute query, not ATen/cuda/CUDAContext.h (which needs the cuSPARSE and cuBLAS headers,
+// absent from a bare toolkit).
+int multiprocessors(const at::Tensor& on) {
+  int count = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount,
+                                        on.device().index()));
+  return count;
+}
+
 // ------------------------------------------------------------------ sample
 std::tuple<at::Tensor, at::Tensor> sample_cuda(const at::Tensor& logits_in,
                                                const at::Tensor& seeds_in,
@@ -229,7 +239,18 @@ std::tuple<at::Tensor, at::Tensor> sample_cuda(const at::Tensor& logits_in,
   const Status status = Status::make(logits, stream);
   const latro::SampleArgs args =
       sample_args(logits, seeds, offset, temperature, top_k, top_p, min_p, ids, logprobs);
-  call_cuda([&] { latro::cuda::sample(args, stream, status.ptr()); });
+  // Plain sampling of few rows splits each over several blocks, with a workspace for their
+  // partials (from torch's allocator: inside a CUDA graph capture, from the graph's pool).
+  latro::cuda::SamplePlan plan;
+  call_cuda([&] { plan = latro::cuda::plan_sample(args, multiprocessors(logits)); });
+  at::Tensor workspace;
+  if (plan.workspace_bytes > 0) {
+    workspace = at::empty({plan.workspace_bytes}, logits.options().dtype(at::kByte));
+  }
+  call_cuda([&] {
+    latro::cuda::sample(args, plan, workspace.defined() ? workspace.data_ptr() : nullptr, stream,
+                        status.ptr());
+  });
   const StatusRecord record = status.read();
   if (record.kind == StatusKind::NegativeOffset) {
     TORCH_CHECK_VALUE(false, "offset must be >= 0, got ", offset.item<int64_t>());
@@ -339,13 +360,8 @@ at::Tensor decode_attention_cuda(const at::Tensor& query, at::Tensor& cache_k, a
   const latro::DecodeAttentionArgs args = decode_attention_args(
       t.query, cache_k, cache_v, t.new_k, t.new_v, t.slot_mask, t.rotary_cos, t.rotary_sin,
       t.rotary_dtype, length, scale, t.out);
-  // The runtime's attribute query, not ATen/cuda/CUDAContext.h (which needs the cuSPARSE and
-  // cuBLAS headers, absent from a bare toolkit).
-  int multiprocessors = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount,
-                                        query.device().index()));
   latro::cuda::DecodeAttentionPlan plan;
-  call_cuda([&] { plan = latro::cuda::plan_decode_attention(args, multiprocessors); });
+  call_cuda([&] { plan = latro::cuda::plan_decode_attention(args, multiprocessors(query)); });
   at::Tensor workspace;
   if (plan.workspace_floats > 0) {
     workspace = at::empty({plan.workspace_floats}, query.options().dtype(at::kFloat));

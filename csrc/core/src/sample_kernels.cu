@@ -44,6 +44,7 @@
 //
 // Histogram masses are 32.32 fixed-point integers added with 32-bit integer atomics (add_mass),
 // so their sums, and with them every threshold, are the same on every run.
+#include <algorithm>
 #include <cerrno>
 #include <cstdlib>
 
@@ -566,84 +567,151 @@ __device__ __forceinline__ float fast_exp(float x) {
 #endif
 }
 
-// Temperature sampling without filters (the rollout's case): one read of the row computes its
-// max, the normalizer online, and the Gumbel argmax. A kernel of its own: without the filters'
-// histograms it needs a tenth of the shared memory. One 16-byte load in flight per thread
-// (47 registers, two blocks per SM): the H100 runs measured this form at 0.151 ms for 256 rows
-// of 128,256 float32 logits (2026-11-26) and four loads held to 64 registers at 0.263 ms
-// (2026-11-27; 109 us against 80 per rollout step), so it stays at one. kUnit: temperature 1,
-// no division (x / 1 == x).
+// Temperature sampling without filters (the rollout's case): one read of a row computes its
+// max, the normalizer online, and the Gumbel argmax. Kernels of their own: without the filters'
+// histograms they need a tenth of the shared memory. One 16-byte load in flight per thread
+// (47 registers, two blocks per SM): the H100 runs measured this form at 0.151-0.163 ms for 256
+// rows of 128,256 float32 logits (2026-11-26, -27) and four loads held to 64 registers at 0.263
+// ms, so it stays at one. A block streams its tokens latency-bound, so a row may be split over
+// several blocks ("slices", see plan_sample) when there are too few rows to give every SM two
+// blocks: each slice's block reduces its tokens to a partial (max, normalizer, best key) and
+// a second kernel merges a row's partials. Keys compare exactly and the best key is the same
+// whichever block saw it, so the ids do not depend on the slices; the normalizer differs by the
+// rounding of its merge (float64). kUnit: temperature 1, no division (x / 1 == x).
+template <typename T, bool kUnit>
+__device__ __forceinline__ FirstPass plain_pass(const SampleKernelArgs& a, int64_t row,
+                                                int64_t begin, int64_t end, int64_t step,
+                                                FirstPass* scratch) {
+  RowNoise noise = row_noise(a, row, step);
+  const PhiloxKey key = sampling_key(noise.seed);  // round keys once per row (whole blocks)
+  FirstPass first{neg_inf(), 0u, 0.0, Best::none()};
+  float sum = 0.0f;
+  GumbelArgmax draw = GumbelArgmax::start(neg_inf());
+  auto visit = [&](int64_t v, float s, auto&& bits) {
+    first.nan |= s != s;
+    if (s > first.max) {
+      sum *= first.max == neg_inf() ? 0.0f : expf(first.max - s);
+      first.max = s;
+      draw.max_changed(s);
+    }
+    if (s == neg_inf()) return;
+    const float p = fast_exp(s - first.max);
+    sum += p;
+    draw.offer(v, s, p, first.max, bits);  // first.max <= the row max: its skips stay exact
+  };
+  const T* x = static_cast<const T*>(a.logits) + row * a.row_stride + begin;
+  for_each_in_row(x, end - begin, [&](int64_t from, const auto& values) {
+    constexpr int n = count_of<decltype(values)>;
+    const int64_t base = begin + from;  // the token index within the row
+    float s[n];
+#pragma unroll
+    for (int i = 0; i < n; ++i) s[i] = kUnit ? values[i] : values[i] / a.temperature;
+    bool whole_blocks = false;
+    if constexpr (n % 4 == 0) whole_blocks = (base & 3) == 0;
+    if (whole_blocks) {
+      // Whole Philox blocks: each computed once (when a token may need it), words picked by
+      // constant index, no per-token block bookkeeping.
+#pragma unroll
+      for (int g = 0; g < n / 4; ++g) {
+        bool needed = false;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) needed |= s[4 * g + i] >= draw.floor;
+        Philox4 words{};
+        if (needed) {
+          words = sampling_random_block(key, noise.stream, noise.step,
+                                        static_cast<uint32_t>(base >> 2) + g);
+        }
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          visit(base + 4 * g + i, s[4 * g + i], [&] { return words.v[i]; });
+        }
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < n; ++i) {
+        const int64_t v = base + i;
+        visit(v, s[i], [&] { return noise.bits(static_cast<uint32_t>(v)); });
+      }
+    }
+  });
+  first.sum = sum;
+  first.best = draw.best;
+  return block_all_reduce(first, CombineFirstPass{}, scratch);
+}
+
+// A row's draw from its reduced pass (thread 0 writes it), or the row fails.
+__device__ void finish_plain_row(const SampleKernelArgs& a, int64_t row, const FirstPass& first) {
+  if (row_unsampleable(a, row, first.nan, first.max)) return;
+  if (threadIdx.x == 0) {
+    a.ids[row] = first.best.index;
+    a.logprobs[row] = static_cast<float>(static_cast<double>(first.best.value) - first.max -
+                                         log(first.sum));
+  }
+}
+
+// One block per row.
 template <typename T, bool kUnit>
 __global__ void __launch_bounds__(kThreads) plain_sample_kernel(SampleKernelArgs a) {
   alignas(16) __shared__ unsigned char scratch[(kMaxWarps + 1) * sizeof(FirstPass)];
   const int64_t step = *a.offset;
-  const T* logits = static_cast<const T*>(a.logits);
   for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
     __syncthreads();  // the scratch is reused from the previous row
     if (step < 0) {
       fail_row(a, row, -1, StatusKind::NegativeOffset);
       continue;
     }
-    RowNoise noise = row_noise(a, row, step);
-    const PhiloxKey key = sampling_key(noise.seed);  // round keys once per row (whole blocks)
-    FirstPass first{neg_inf(), 0u, 0.0, Best::none()};
-    float sum = 0.0f;
-    GumbelArgmax draw = GumbelArgmax::start(neg_inf());
-    auto visit = [&](int64_t v, float s, auto&& bits) {
-      first.nan |= s != s;
-      if (s > first.max) {
-        sum *= first.max == neg_inf() ? 0.0f : expf(first.max - s);
-        first.max = s;
-        draw.max_changed(s);
-      }
-      if (s == neg_inf()) return;
-      const float p = fast_exp(s - first.max);
-      sum += p;
-      draw.offer(v, s, p, first.max, bits);  // first.max <= the row max: its skips stay exact
-    };
-    const T* x = logits + row * a.row_stride;
-    for_each_in_row(x, a.vocab, [&](int64_t base, const auto& values) {
-      constexpr int n = count_of<decltype(values)>;
-      float s[n];
-#pragma unroll
-      for (int i = 0; i < n; ++i) s[i] = kUnit ? values[i] : values[i] / a.temperature;
-      bool whole_blocks = false;
-      if constexpr (n % 4 == 0) whole_blocks = (base & 3) == 0;
-      if (whole_blocks) {
-        // Whole Philox blocks: each computed once (when a token may need it), words picked by
-        // constant index, no per-token block bookkeeping.
-#pragma unroll
-        for (int g = 0; g < n / 4; ++g) {
-          bool needed = false;
-#pragma unroll
-          for (int i = 0; i < 4; ++i) needed |= s[4 * g + i] >= draw.floor;
-          Philox4 words{};
-          if (needed) {
-            words = sampling_random_block(key, noise.stream, noise.step,
-                                          static_cast<uint32_t>(base >> 2) + g);
-          }
-#pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            visit(base + 4 * g + i, s[4 * g + i], [&] { return words.v[i]; });
-          }
-        }
-      } else {
-#pragma unroll
-        for (int i = 0; i < n; ++i) {
-          const int64_t v = base + i;
-          visit(v, s[i], [&] { return noise.bits(static_cast<uint32_t>(v)); });
-        }
-      }
-    });
-    first.sum = sum;
-    first.best = draw.best;
-    first = block_all_reduce(first, CombineFirstPass{}, reinterpret_cast<FirstPass*>(scratch));
-    if (row_unsampleable(a, row, first.nan, first.max)) continue;
-    if (threadIdx.x == 0) {
-      a.ids[row] = first.best.index;
-      a.logprobs[row] = static_cast<float>(static_cast<double>(first.best.value) - first.max -
-                                           log(first.sum));
+    const FirstPass first =
+        plain_pass<T, kUnit>(a, row, 0, a.vocab, step, reinterpret_cast<FirstPass*>(scratch));
+    finish_plain_row(a, row, first);
+  }
+}
+
+// The tokens of one slice of a row: a whole multiple of 64 (so every slice starts on a Philox
+// block and keeps the row's 16-byte alignment); the row's last slice is shorter, and slices
+// past its end are empty.
+int64_t slice_length(int64_t vocab, int64_t slices) {
+  return ((vocab + slices - 1) / slices + 63) / 64 * 64;
+}
+
+// Block b (one per slice: the grid is rows x slices < 2^31 blocks) reduces slice b % slices of
+// row b / slices, tokens [slice x length, + length) cut at the row's end, to partials[b];
+// nothing with a negative offset (the combining kernel fails every row then). No loop and
+// 32-bit indices: the 64 registers of two blocks per SM hold the half-precision forms only so.
+template <typename T, bool kUnit>
+__global__ void __launch_bounds__(kThreads) plain_sample_slices_kernel(SampleKernelArgs a,
+                                                                       uint32_t slices,
+                                                                       int64_t length,
+                                                                       FirstPass* partials) {
+  alignas(16) __shared__ unsigned char scratch[(kMaxWarps + 1) * sizeof(FirstPass)];
+  const int64_t step = *a.offset;
+  if (step < 0) return;
+  const uint32_t row = blockIdx.x / slices;
+  const int64_t start = static_cast<int64_t>(blockIdx.x - row * slices) * length;
+  const int64_t begin = start < a.vocab ? start : a.vocab;
+  const int64_t end = begin + length < a.vocab ? begin + length : a.vocab;
+  const FirstPass first = plain_pass<T, kUnit>(a, row, begin, end, step,
+                                               reinterpret_cast<FirstPass*>(scratch));
+  if (threadIdx.x == 0) partials[blockIdx.x] = first;
+}
+
+// A warp per row merges its slices' partials (a fixed tree: the same sums on every run).
+constexpr int kCombineThreads = 32;
+__global__ void __launch_bounds__(kCombineThreads) plain_sample_combine_kernel(
+    SampleKernelArgs a, int64_t slices, const FirstPass* partials) {
+  alignas(16) __shared__ unsigned char scratch[(kMaxWarps + 1) * sizeof(FirstPass)];
+  const int64_t step = *a.offset;
+  for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
+    __syncthreads();  // the scratch is reused from the previous row
+    if (step < 0) {
+      fail_row(a, row, -1, StatusKind::NegativeOffset);
+      continue;
     }
+    FirstPass first{neg_inf(), 0u, 0.0, Best::none()};
+    for (int64_t s = threadIdx.x; s < slices; s += blockDim.x) {
+      first = CombineFirstPass{}(first, partials[row * slices + s]);
+    }
+    first = block_all_reduce(first, CombineFirstPass{}, reinterpret_cast<FirstPass*>(scratch));
+    finish_plain_row(a, row, first);
   }
 }
 
@@ -979,17 +1047,62 @@ unsigned int filtered_grid(int64_t rows) {
 // iterations ahead in the passes over the whole row (0: none; at most 64; benchmarks/bench_gpu.py
 // sweeps it). Unset, 2: on the H100 run of 2026-11-27 (256 flat rows of 128,256 float32
 // logits) it was best or tied in every filtered case, top-k 0.121 -> 0.115 ms, min-p 0.147 ->
-// 0.133, all three filters 0.125 -> 0.118; 8 iterations and more were slower. (Top-p alone
-// then ran a kernel since removed: this one is not yet timed with the prefetch.)
+// 0.133, all three filters 0.125 -> 0.118, and on the run after top-p alone 0.399 -> 0.386; 8
+// iterations and more were slower.
 int64_t filtered_prefetch() { return tuning_variable("LATRO_CUDA_SAMPLE_PREFETCH", 64, 2); }
+
+// The most slices a row is split into, and the fewest tokens a slice holds.
+constexpr int64_t kMaxSlices = 64;
+constexpr int64_t kMinSliceTokens = 4096;
+
+bool plain_sampling(const SampleArgs& args) {
+  const bool top_k_on = args.top_k > 0 && args.top_k < args.vocab;
+  return args.temperature > 0.0f && !top_k_on && !(args.top_p < 1.0f) && !(args.min_p > 0.0f);
+}
 
 }  // namespace
 
+SamplePlan plan_sample(const SampleArgs& args, int multiprocessors) {
+  detail::check_sample_args(args);
+  LATRO_CHECK(multiprocessors >= 1, "multiprocessors must be >= 1, got ", multiprocessors);
+  SamplePlan plan;
+  if (!plain_sampling(args) || args.rows == 0) return plan;
+  // Two blocks per SM fill the device (the plain kernels' registers allow two); fewer rows
+  // than that leave SMs idle unless rows are split. LATRO_CUDA_SAMPLE_SLICES=<n> sets the
+  // slices (benchmarks/bench_gpu.py sweeps it); unset or 0: this rule.
+  const int64_t most = std::max<int64_t>(
+      1, std::min(kMaxSlices, args.vocab / kMinSliceTokens));
+  const int64_t chosen = tuning_variable("LATRO_CUDA_SAMPLE_SLICES", kMaxSlices);
+  const int64_t wanted = chosen > 0 ? chosen : 2 * int64_t{multiprocessors} / args.rows;
+  plan.slices = std::max<int64_t>(1, std::min(wanted, most));
+  plan.workspace_bytes =
+      plan.slices > 1 ? args.rows * plan.slices * static_cast<int64_t>(sizeof(FirstPass)) : 0;
+  return plan;
+}
+
 void sample(const SampleArgs& args, cudaStream_t stream, uint64_t* status) {
+  sample(args, SamplePlan{}, nullptr, stream, status);
+}
+
+void sample(const SampleArgs& args, const SamplePlan& plan, void* workspace, cudaStream_t stream,
+            uint64_t* status) {
   const int64_t stride = detail::check_sample_args(args);
   // Candidates carry 32-bit token indices.
   LATRO_CHECK(args.vocab <= INT32_MAX, "vocab must be below 2^31 on CUDA, got ", args.vocab);
+  const bool plain = plain_sampling(args);
+  LATRO_CHECK(plan.slices >= 1 && plan.slices <= kMaxSlices, "plan.slices must be in [1, ",
+              kMaxSlices, "], got ", plan.slices);
+  LATRO_CHECK(plan.slices == 1 || plain, "plan.slices = ", plan.slices,
+              " splits rows of plain temperature sampling only (use plan_sample)");
+  const int64_t needed =
+      plan.slices > 1 ? args.rows * plan.slices * static_cast<int64_t>(sizeof(FirstPass)) : 0;
+  LATRO_CHECK(plan.workspace_bytes >= needed, "plan.workspace_bytes = ", plan.workspace_bytes,
+              " is below the ", needed, " bytes the slices need");
+  LATRO_CHECK(workspace != nullptr || needed == 0 || args.rows == 0,
+              "workspace is a null pointer");
   if (args.rows == 0) return;
+  LATRO_CHECK(args.rows * plan.slices < (int64_t{1} << 31),
+              "rows x slices exceeds the CUDA grid (", args.rows, " rows)");
   SampleKernelArgs a;
   a.logits = args.logits;
   a.rows = args.rows;
@@ -1009,13 +1122,27 @@ void sample(const SampleArgs& args, cudaStream_t stream, uint64_t* status) {
   a.logprobs = args.logprobs;
   a.status = status;
   const bool top_k_on = args.top_k > 0 && args.top_k < args.vocab;
-  const bool plain = args.temperature > 0.0f && !top_k_on && !(args.top_p < 1.0f) &&
-                     !(args.min_p > 0.0f);
   const bool top_p_only = args.temperature > 0.0f && !top_k_on && args.top_p < 1.0f &&
                           !(args.min_p > 0.0f);
   a.prefetch_ahead = plain ? 0 : filtered_prefetch();  // the filtered kernel's alone
+  const bool unit = args.temperature == 1.0f;
+  auto* partials = static_cast<FirstPass*>(workspace);
   LATRO_DISPATCH_DTYPE(args.dtype, T, [&] {
-    if (plain && args.temperature == 1.0f) {
+    if (plain && plan.slices > 1) {
+      const auto blocks = static_cast<unsigned int>(args.rows * plan.slices);  // < 2^31
+      const auto slices = static_cast<uint32_t>(plan.slices);
+      const int64_t length = slice_length(args.vocab, plan.slices);
+      if (unit) {
+        detail::launch(plain_sample_slices_kernel<T, true>, blocks, kThreads, stream, a, slices,
+                       length, partials);
+      } else {
+        detail::launch(plain_sample_slices_kernel<T, false>, blocks, kThreads, stream, a, slices,
+                       length, partials);
+      }
+      detail::launch(plain_sample_combine_kernel, detail::row_blocks(args.rows),
+                     kCombineThreads, stream, a, plan.slices,
+                     static_cast<const FirstPass*>(partials));
+    } else if (plain && unit) {
       detail::launch(plain_sample_kernel<T, true>, detail::row_blocks(args.rows), kThreads,
                      stream, a);
     } else if (plain) {

@@ -114,6 +114,21 @@ void token_logprobs_backward(const TokenLogprobsBackwardArgs& args, cudaStream_t
 // all -inf, +inf) gets id -1 and log-prob NaN; a negative offset gives that to every row.
 void sample(const SampleArgs& args, cudaStream_t stream, uint64_t* status = nullptr);
 
+// Plain temperature sampling (no top-k, top-p or min-p: the rollout's case) may split each row
+// over several blocks, "slices", whose partials (max, normalizer, best Gumbel key) a second
+// kernel merges, so that a few rows still fill the device. The ids are the same for any number
+// of slices (log-probabilities within rounding). plan_sample picks the slices for a device
+// with `multiprocessors` SMs: about two blocks per SM, each slice at least 4,096 tokens, at
+// most 64 (LATRO_CUDA_SAMPLE_SLICES=<n> sets them); 1 for any other sampling. The overload
+// above is sample with SamplePlan{} (one block per row, no workspace).
+struct SamplePlan {
+  int64_t slices = 1;           // blocks per row
+  int64_t workspace_bytes = 0;  // device workspace the launch needs (0 when slices == 1)
+};
+SamplePlan plan_sample(const SampleArgs& args, int multiprocessors);
+void sample(const SampleArgs& args, const SamplePlan& plan, void* workspace, cudaStream_t stream,
+            uint64_t* status = nullptr);
+
 // Semantics of latro::stop_positions / stop_positions_step. `stops` points to device memory;
 // its offsets are validated on the device against stops.token_count (BadStopTable: every
 // output is then len / positions_in). stop_positions_step reads `step` from device memory
