@@ -64,14 +64,27 @@ def latro_loss(
     sft_loss = -answer_logp.mean()
     loss = pg_loss + sft_weight * sft_loss
     stats.update(
-        {
-            "loss": float(loss.detach()),
-            "pg_loss": float(pg_loss.detach()),
-            "sft_loss": float(sft_loss.detach()),
-            "advantage_abs_mean": float(advantages.abs().mean()),
-        }
+        _floats(
+            {
+                "loss": loss,
+                "pg_loss": pg_loss,
+                "sft_loss": sft_loss,
+                "advantage_abs_mean": advantages.abs().mean(),
+            }
+        )
     )
     return loss, stats
+
+
+def _floats(named: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Scalar tensors as plain floats for the metrics log, in one copy to the host: each
+    ``float(tensor)`` on a GPU waits for the device, and micro-batches log several."""
+    values = torch.stack([t.detach().float().reshape(()) for t in named.values()]).tolist()
+    return dict(zip(named, values))
+
+
+def _std(x: torch.Tensor) -> torch.Tensor:
+    return x.std() if x.numel() > 1 else x.new_zeros((), dtype=torch.float32)
 
 
 def loss_weights(
@@ -94,17 +107,22 @@ def reward_stats(
     rationale_logp: torch.Tensor,
     ref_rationale_logp: torch.Tensor,
     finished: torch.Tensor,
+    **more: torch.Tensor,
 ) -> dict[str, float]:
-    """Means over the batch of what the rewards are made of, for the metrics log."""
+    """Means over the batch of what the rewards are made of, for the metrics log (with any
+    ``more`` scalars, in the same copy to the host)."""
     kl = (rationale_logp.detach() - ref_rationale_logp.detach()).float()
-    return {
-        "reward_mean": float(rewards.mean()),
-        "reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
-        "answer_logp_mean": float(answer_logp.detach().float().mean()),
-        "rationale_logp_mean": float(rationale_logp.detach().float().mean()),
-        "kl_mean": float(kl.mean()),
-        "finished_frac": float(finished.float().mean()),
-    }
+    return _floats(
+        {
+            "reward_mean": rewards.mean(),
+            "reward_std": _std(rewards),
+            "answer_logp_mean": answer_logp.detach().float().mean(),
+            "rationale_logp_mean": rationale_logp.detach().float().mean(),
+            "kl_mean": kl.mean(),
+            "finished_frac": finished.float().mean(),
+            **more,
+        }
+    )
 
 
 def batch_advantages(
@@ -130,7 +148,8 @@ def batch_advantages(
         penalty_mode=penalty_mode,
     )
     advantages = ops.rloo_advantages(rewards, k)
-    stats = reward_stats(rewards, answer_logp, rationale_logp, ref_rationale_logp, finished)
-    stats["advantage_std"] = float(advantages.std()) if advantages.numel() > 1 else 0.0
-    stats["advantage_abs_max"] = float(advantages.abs().max())
+    stats = reward_stats(
+        rewards, answer_logp, rationale_logp, ref_rationale_logp, finished,
+        advantage_std=_std(advantages), advantage_abs_max=advantages.abs().max(),
+    )
     return advantages, stats

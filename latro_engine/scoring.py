@@ -216,14 +216,16 @@ def pack_sequences(
     total = p_len + r_len + a_len
     width = _attention_width(int(total.max()), device) if rows else 0
     start = torch.zeros_like(total)  # every row starts at column 0 (right padding)
-    ids = torch.full((rows, width), pad_token_id, dtype=torch.int64, device=device)
-    mask = torch.zeros((rows, width), dtype=torch.int64, device=device)
+    # One column more than the rows need: the tokens not placed (pads of the inputs) are
+    # scattered there and dropped, so placing needs no data-dependent shape (no wait for the
+    # device, as nonzero has).
+    ids = torch.full((rows, width + 1), pad_token_id, dtype=torch.int64, device=device)
+    mask = torch.zeros((rows, width + 1), dtype=torch.int64, device=device)
 
     def place(src: torch.Tensor, valid: torch.Tensor, rank: torch.Tensor, start: torch.Tensor) -> None:
-        r, c = valid.nonzero(as_tuple=True)
-        dest = start[r] + rank[r, c]
-        ids[r, dest] = src[r, c].long()
-        mask[r, dest] = 1
+        dest = torch.where(valid, start[:, None] + rank, width)
+        ids.scatter_(1, dest, torch.where(valid, src.long(), pad_token_id))
+        mask.scatter_(1, dest, valid.long())
 
     prompt_rank = prompt_mask.cumsum(-1) - 1  # works for any padding side
     place(prompt_ids, prompt_mask.bool(), prompt_rank, start)
@@ -231,7 +233,7 @@ def pack_sequences(
     place(rationale_ids, r_cols < r_len[:, None], r_cols, start + p_len)
     a_cols = torch.arange(answer_ids.shape[1], device=device).expand(rows, -1)
     place(answer_ids, a_cols < a_len[:, None], a_cols, start + p_len + r_len)
-    return ids, mask, start + p_len, start + p_len + r_len
+    return ids[:, :width].contiguous(), mask[:, :width].contiguous(), start + p_len, start + p_len + r_len
 
 
 def _decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -446,14 +448,16 @@ def score_sequences(
                            loss_weights)
         return SequenceScores(*out[:2], *counts, out[2])
 
-    order = torch.argsort(mask.sum(-1), stable=True)
+    row_lengths = mask.sum(-1)
+    order = torch.argsort(row_lengths, stable=True)
+    sorted_lengths = row_lengths[order].tolist()  # one copy for every micro-batch's width
     parts_z, parts_y, losses = [], [], []
     for begin in range(0, rows, step):
         idx = order[begin: begin + step]
         sub_mask = mask[idx]
-        # All-pad trailing columns of this micro-batch go, down to its attention width (at most
+        # Columns past this micro-batch's longest row go, down to its attention width (at most
         # the batch's: the width of fewer tokens is never larger).
-        kept = _attention_width(ids.shape[1] - int((sub_mask.sum(0) == 0).sum()), device)
+        kept = _attention_width(max(sorted_lengths[begin: begin + step]), device)
         sub_weights = None if loss_weights is None else tuple(w[idx] for w in loss_weights)
         z, y, loss = _score_batch(model, ids[idx, :kept], sub_mask[:, :kept], r_start[idx],
                                   r_len[idx], a_start[idx], a_len[idx], fast_path,
