@@ -208,14 +208,30 @@ def pack_sequences(
     Vectorized: every token's destination column is computed from per-row lengths, no loop.
     Inputs are not checked here: :func:`score_sequences` checks them.
     """
+    total = prompt_mask.long().sum(-1) + rationale_lengths.long() + answer_lengths.long()
+    longest = int(total.max()) if prompt_ids.shape[0] else 0
+    return _pack_sequences(prompt_ids, prompt_mask, rationale_ids, rationale_lengths, answer_ids,
+                           answer_lengths, longest, pad_token_id)
+
+
+def _pack_sequences(
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    rationale_ids: torch.Tensor,
+    rationale_lengths: torch.Tensor,
+    answer_ids: torch.Tensor,
+    answer_lengths: torch.Tensor,
+    longest: int,
+    pad_token_id: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`pack_sequences` with the longest row's length known on the host (no wait)."""
     device = prompt_ids.device
     rows = prompt_ids.shape[0]
     prompt_mask = prompt_mask.long()
     p_len = prompt_mask.sum(-1)
     r_len, a_len = rationale_lengths.long(), answer_lengths.long()
-    total = p_len + r_len + a_len
-    width = _attention_width(int(total.max()), device) if rows else 0
-    start = torch.zeros_like(total)  # every row starts at column 0 (right padding)
+    width = _attention_width(longest, device)
+    start = torch.zeros_like(p_len)  # every row starts at column 0 (right padding)
     # One column more than the rows need: the tokens not placed (pads of the inputs) are
     # scattered there and dropped, so placing needs no data-dependent shape (no wait for the
     # device, as nonzero has).
@@ -306,17 +322,25 @@ def _score_batch(
     a_len: torch.Tensor,
     fast_path: bool | None,
     chunk_size: int | None,
-    loss_weights: tuple[torch.Tensor, torch.Tensor] | None = None,
+    loss_weights: tuple[torch.Tensor, torch.Tensor] | None,
+    target_count: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    rows, width = input_ids.shape
+    """Scores packed rows (``_pack_sequences``: each row's answer right after its rationale);
+    ``target_count``: their rationale and answer tokens in all, known on the host, so that
+    listing them waits for nothing."""
+    rows = input_ids.shape[0]
+    device = input_ids.device
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    cols = torch.arange(width, device=input_ids.device).expand(rows, -1)
-    in_z = (cols >= r_start[:, None]) & (cols < (r_start + r_len)[:, None])
-    in_y = (cols >= a_start[:, None]) & (cols < (a_start + a_len)[:, None])
+    # The scored tokens of row r are the columns [r_start, a_start + a_len): its rationale then
+    # its answer, listed row by row (the order of nonzero on the mask of those columns).
+    per_row = r_len + a_len
+    row_idx = torch.repeat_interleave(torch.arange(rows, device=device), per_row,
+                                      output_size=target_count)
+    first = torch.cumsum(per_row, 0) - per_row  # each row's first entry in the list
+    col_idx = r_start[row_idx] + torch.arange(target_count, device=device) - first[row_idx]
     # column c is predicted by the hidden state at c - 1 (prompts are non-empty, so c >= 1)
-    row_idx, col_idx = (in_z | in_y).nonzero(as_tuple=True)
     targets = input_ids[row_idx, col_idx]
-    is_answer = in_y[row_idx, col_idx]
+    is_answer = col_idx >= a_start[row_idx]
 
     # A loss linear in the sums is one with per-token weights: its row's weight for each token.
     token_weights = None
@@ -418,16 +442,23 @@ def score_sequences(
                          f"{micro_batch_size}")
     a_ids, a_len = _as_padded(answer_ids, answer_lengths, rows, group_size, device)
     r_len = rationale_lengths.to(device=device, dtype=torch.int64)
+    lengths: list[int] = []  # each row's tokens, and below the tokens it scores, on the host
+    scored: list[int] = []
     if rows:
         checks = torch.stack([
             *prompt_mask_flags(prompt_mask),
             ((r_len < 0) | (r_len > rationale_ids.shape[1])).any(),
             ((a_len < 0) | (a_len > a_ids.shape[1])).any(),
         ])
-        if bool(checks.any()):  # one host synchronization for every check on tensor contents
-            raise_for_prompt_mask(bool(checks[0]), bool(checks[1]))
+        p_len = (prompt_mask != 0).sum(-1)
+        # One copy to the host (one wait for the device) for every check on tensor contents
+        # and every length the packing and the micro-batches need.
+        host = torch.cat([checks.long(), p_len + r_len + a_len, r_len + a_len]).tolist()
+        if any(host[:4]):
+            raise_for_prompt_mask(bool(host[0]), bool(host[1]))
             _check_lengths(r_len, rationale_ids, "rationale_lengths", "rationale_ids")
             _check_lengths(a_len, a_ids, "answer_lengths", "answer_ids")
+        lengths, scored = host[4: 4 + rows], host[4 + rows:]
     if loss_weights is not None:
         if len(loss_weights) != 2 or any(
             not isinstance(w, torch.Tensor) or w.shape != (rows,) for w in loss_weights
@@ -436,7 +467,8 @@ def score_sequences(
                 f"loss_weights must be (rationale_weight, answer_weight), two [B] = [{rows}] tensors"
             )
         loss_weights = tuple(w.to(device) for w in loss_weights)
-    ids, mask, r_start, a_start = pack_sequences(prompt_ids, prompt_mask, rationale_ids, r_len, a_ids, a_len)
+    ids, mask, r_start, a_start = _pack_sequences(prompt_ids, prompt_mask, rationale_ids, r_len,
+                                                  a_ids, a_len, max(lengths, default=0))
     counts = (r_len, a_len)
     step = micro_batch_size if micro_batch_size and micro_batch_size < rows else rows
     if step == rows:
@@ -445,23 +477,23 @@ def score_sequences(
             loss = empty.sum() if loss_weights is not None else None
             return SequenceScores(empty, empty.clone(), *counts, loss)
         out = _score_batch(model, ids, mask, r_start, r_len, a_start, a_len, fast_path, chunk_size,
-                           loss_weights)
+                           loss_weights, sum(scored))
         return SequenceScores(*out[:2], *counts, out[2])
 
-    row_lengths = mask.sum(-1)
-    order = torch.argsort(row_lengths, stable=True)
-    sorted_lengths = row_lengths[order].tolist()  # one copy for every micro-batch's width
+    # Rows by length (stable), so micro-batches carry little padding.
+    host_order = sorted(range(rows), key=lengths.__getitem__)
+    order = torch.tensor(host_order, device=device)
     parts_z, parts_y, losses = [], [], []
     for begin in range(0, rows, step):
+        chunk = host_order[begin: begin + step]
         idx = order[begin: begin + step]
-        sub_mask = mask[idx]
         # Columns past this micro-batch's longest row go, down to its attention width (at most
         # the batch's: the width of fewer tokens is never larger).
-        kept = _attention_width(max(sorted_lengths[begin: begin + step]), device)
+        kept = _attention_width(max(lengths[i] for i in chunk), device)
         sub_weights = None if loss_weights is None else tuple(w[idx] for w in loss_weights)
-        z, y, loss = _score_batch(model, ids[idx, :kept], sub_mask[:, :kept], r_start[idx],
+        z, y, loss = _score_batch(model, ids[idx, :kept], mask[idx, :kept], r_start[idx],
                                   r_len[idx], a_start[idx], a_len[idx], fast_path,
-                                  chunk_size, sub_weights)
+                                  chunk_size, sub_weights, sum(scored[i] for i in chunk))
         parts_z.append(z)
         parts_y.append(y)
         losses.append(loss)
