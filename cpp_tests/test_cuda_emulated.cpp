@@ -361,7 +361,7 @@ TEST(EmulatedSamplePlan, SlicesFillTheDeviceForPlainSamplingOnly) {
   // 64 rows on 132 SMs: 264 / 64 = 4 slices; the workspace holds a partial per block.
   latro::cuda::SamplePlan plan = latro::cuda::plan_sample(args, 132);
   EXPECT_EQ(plan.slices, 4);
-  EXPECT_GE(plan.workspace_bytes, 64 * 4 * 24);
+  EXPECT_EQ(plan.workspace_bytes, 64 * 4 * 32);  // 32-byte partials (max, flag, sum, best)
   args.rows = 300;  // more rows than two blocks per SM: one block per row
   EXPECT_EQ(latro::cuda::plan_sample(args, 132).slices, 1);
   EXPECT_EQ(latro::cuda::plan_sample(args, 132).workspace_bytes, 0);
@@ -385,6 +385,16 @@ TEST(EmulatedSamplePlan, SlicesFillTheDeviceForPlainSamplingOnly) {
     const ScopedVariable bad("LATRO_CUDA_SAMPLE_SLICES", "65");
     EXPECT_LATRO_ERROR(latro::cuda::plan_sample(args, 132),
                        "LATRO_CUDA_SAMPLE_SLICES must be an integer in [0, 64], got '65'");
+    latro::SampleArgs filtered = sample_args(logits, seeds, false, &offset,
+                                             Options{1.0f, 40, 1.0f, 0.0f}, out);
+    EXPECT_LATRO_ERROR(latro::cuda::plan_sample(filtered, 132),  // read for any sampling
+                       "LATRO_CUDA_SAMPLE_SLICES must be an integer");
+  }
+  {
+    const ScopedVariable many("LATRO_CUDA_SAMPLE_SLICES", "64");
+    latro::SampleArgs tall = args;  // 2^30 rows: the grid holds one slice per row
+    tall.rows = int64_t{1} << 30;
+    EXPECT_EQ(latro::cuda::plan_sample(tall, 132).slices, 1);
   }
   EXPECT_LATRO_ERROR(latro::cuda::plan_sample(args, 0), "multiprocessors must be >= 1");
 }

@@ -9,9 +9,10 @@ states at the positions that predict rationale and answer tokens, and feeds just
 
 Rows are right-padded: each starts with its prompt's tokens (its pads dropped) at column 0, and
 its position ids are ``cumsum(mask) - 1`` clamped at 0, which is what sampling used, so scores
-match the sampler's view of each sequence. (The reference code pads on the left; the sums are
-the same, but then a pad query sees no key at all, which some attention kernels turn into NaN:
-see :func:`scoring_attention`.)
+match the sampler's view of each sequence. The forward gets no attention mask: under causal
+attention no real token sees the pads after it. (The reference code pads on the left and masks
+the pads; the sums are the same, but a pad query then sees no key at all, which some attention
+kernels turn into NaN: see :func:`_attention_width` and :func:`scoring_attention`.)
 """
 
 from __future__ import annotations
@@ -174,19 +175,33 @@ SCORING_ATTENTION_ENV = "LATRO_SCORING_ATTENTION"
 def scoring_attention(device: torch.device) -> Iterator[None]:
     """Scoring and training forwards on CUDA (and the recomputing backwards of activation
     checkpointing: the trainer wraps its backward too) run torch's SDPA without its cuDNN
-    backend: flash attention where there is no mask, else the memory-efficient kernel, else
-    the math one. On the H100 run of 2026-11-27 each cuDNN attention call took 0.74 ms of host
-    time forward and 0.52 ms backward (its graph and plan lookups), about 20 ms of every 62 ms
-    training micro-batch of a LaTRO step with stopping rationales, which the host, not the GPU,
-    paced; the attention's GPU time was 2% of that step. PyTorch 2.11's cuDNN attention also
-    has the NaN bug :func:`_attention_width` describes. ``LATRO_SCORING_ATTENTION=default``
-    leaves the choice to torch; elsewhere than CUDA this does nothing."""
+    backend: flash attention (the scoring forwards pass no mask), else the memory-efficient
+    kernel, else the math one, of those the caller left enabled. On the H100 run of 2026-11-27
+    each cuDNN attention call took 0.74 ms of host time forward and 0.52 ms backward (its graph
+    and plan lookups), about 20 ms of every 62 ms training micro-batch of a LaTRO step with
+    stopping rationales, which the host, not the GPU, paced; the attention's GPU time was 2% of
+    that step. PyTorch 2.11's cuDNN attention also has the NaN bug :func:`_attention_width`
+    describes. ``LATRO_SCORING_ATTENTION=default`` leaves the choice to torch; elsewhere than
+    CUDA this does nothing. The flags are torch's process-wide ones (which is also why the
+    backward, which autograd runs on a thread of its own per device, sees them)."""
     if device.type != "cuda" or os.environ.get(SCORING_ATTENTION_ENV, "") == "default":
         yield
         return
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    flags = torch.backends.cuda
+    backends = [
+        backend
+        for backend, enabled in (
+            (SDPBackend.FLASH_ATTENTION, flags.flash_sdp_enabled()),
+            (SDPBackend.EFFICIENT_ATTENTION, flags.mem_efficient_sdp_enabled()),
+            (SDPBackend.MATH, flags.math_sdp_enabled()),
+        )
+        if enabled
+    ]
+    if not backends:  # the caller allows cuDNN alone: leave it so
+        yield
+        return
     with sdpa_kernel(backends):
         yield
 
@@ -352,9 +367,14 @@ def _score_batch(
     if fast_path is None:
         fast_path = _use_fast_path(model, decoder, head)
     loss = None
+    # No attention mask: rows are right-padded, so under causal attention no real token sees a
+    # pad, and the scores and their gradients are those of the masked pass. Every query then
+    # sees at least its row's first token, also in sliding-window layers (a padding mask would
+    # leave a pad query past its row's window with no key: NaN in some kernels), and torch's
+    # SDPA runs its causal flash kernel, with no mask to build or read.
     if fast_path:
         with scoring_attention(input_ids.device):
-            hidden = decoder(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+            hidden = decoder(input_ids=input_ids, attention_mask=None, position_ids=position_ids,
                              use_cache=False).last_hidden_state
         rows_h = hidden[row_idx, col_idx - 1].to(head.weight.dtype)  # autocast may differ
         if token_weights is None:
@@ -366,7 +386,7 @@ def _score_batch(
             )
     else:
         with scoring_attention(input_ids.device):
-            logits = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+            logits = model(input_ids=input_ids, attention_mask=None, position_ids=position_ids,
                            use_cache=False).logits
         logp = ops.token_logprobs(logits[row_idx, col_idx - 1], targets)
         if token_weights is not None:

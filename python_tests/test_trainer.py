@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -580,3 +581,33 @@ def test_scoring_pass_takes_the_gradient_when_the_advantages_are_known(
         assert calls == {"weighted": micro_batches, "grad_plain": 0}
     else:
         assert calls["weighted"] == 0 and calls["grad_plain"] == micro_batches
+
+
+def test_backward_passes_run_under_the_scoring_attention(tmp_path, monkeypatch):
+    """The LaTRO and SFT steps run their backward inside scoring_attention, so the recompute of
+    activation checkpointing uses the kernels the scoring forwards chose (on CUDA: SDPA without
+    cuDNN), not torch's default."""
+    depth = {"now": 0}
+    seen: list[bool] = []
+
+    @contextlib.contextmanager
+    def recorder(device):
+        depth["now"] += 1
+        try:
+            yield
+        finally:
+            depth["now"] -= 1
+
+    real_backward = torch.autograd.backward
+
+    def spy(*args, **kwargs):
+        seen.append(depth["now"] > 0)
+        return real_backward(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "scoring_attention", recorder)
+    monkeypatch.setattr(torch.autograd, "backward", spy)
+    for cls in (LatroTrainer, SFTTrainer):
+        seen.clear()
+        config = tiny.config(tmp_path / cls.name, steps=1, micro_batch_size=3)
+        cls(tiny.model(), tiny.tokenizer(), tiny.examples(8), config).train()
+        assert seen and all(seen), (cls.name, seen)

@@ -1065,14 +1065,15 @@ bool plain_sampling(const SampleArgs& args) {
 SamplePlan plan_sample(const SampleArgs& args, int multiprocessors) {
   detail::check_sample_args(args);
   LATRO_CHECK(multiprocessors >= 1, "multiprocessors must be >= 1, got ", multiprocessors);
-  SamplePlan plan;
-  if (!plain_sampling(args) || args.rows == 0) return plan;
   // Two blocks per SM fill the device (the plain kernels' registers allow two); fewer rows
   // than that leave SMs idle unless rows are split. LATRO_CUDA_SAMPLE_SLICES=<n> sets the
-  // slices (benchmarks/bench_gpu.py sweeps it); unset or 0: this rule.
-  const int64_t most = std::max<int64_t>(
-      1, std::min(kMaxSlices, args.vocab / kMinSliceTokens));
+  // slices of plain sampling (benchmarks/bench_gpu.py sweeps it), read (and so checked) for
+  // any sampling; unset or 0: this rule. Either way at most one grid of 2^31 blocks.
   const int64_t chosen = tuning_variable("LATRO_CUDA_SAMPLE_SLICES", kMaxSlices);
+  SamplePlan plan;
+  if (!plain_sampling(args) || args.rows == 0) return plan;
+  const int64_t most = std::max<int64_t>(
+      1, std::min({kMaxSlices, args.vocab / kMinSliceTokens, (int64_t{1} << 31) / args.rows - 1}));
   const int64_t wanted = chosen > 0 ? chosen : 2 * int64_t{multiprocessors} / args.rows;
   plan.slices = std::max<int64_t>(1, std::min(wanted, most));
   plan.workspace_bytes =
