@@ -649,10 +649,11 @@ __device__ void finish_plain_row(const SampleKernelArgs& a, int64_t row, const F
   }
 }
 
-// One block per row.
-template <typename T, bool kUnit>
-__global__ void __launch_bounds__(kThreads) plain_sample_kernel(SampleKernelArgs a) {
-  alignas(16) __shared__ unsigned char scratch[(kMaxWarps + 1) * sizeof(FirstPass)];
+// The rows of a block (a grid-stride loop): each row's reduced pass, pass(row, step, scratch),
+// gives its draw; a negative offset fails every row.
+template <typename Pass>
+__device__ __forceinline__ void draw_plain_rows(const SampleKernelArgs& a, FirstPass* scratch,
+                                                Pass&& pass) {
   const int64_t step = *a.offset;
   for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
     __syncthreads();  // the scratch is reused from the previous row
@@ -660,10 +661,18 @@ __global__ void __launch_bounds__(kThreads) plain_sample_kernel(SampleKernelArgs
       fail_row(a, row, -1, StatusKind::NegativeOffset);
       continue;
     }
-    const FirstPass first =
-        plain_pass<T, kUnit>(a, row, 0, a.vocab, step, reinterpret_cast<FirstPass*>(scratch));
-    finish_plain_row(a, row, first);
+    finish_plain_row(a, row, pass(row, step, scratch));
   }
+}
+
+// One block per row.
+template <typename T, bool kUnit>
+__global__ void __launch_bounds__(kThreads) plain_sample_kernel(SampleKernelArgs a) {
+  alignas(16) __shared__ unsigned char scratch[(kMaxWarps + 1) * sizeof(FirstPass)];
+  draw_plain_rows(a, reinterpret_cast<FirstPass*>(scratch),
+                  [&](int64_t row, int64_t step, FirstPass* sh) {
+                    return plain_pass<T, kUnit>(a, row, 0, a.vocab, step, sh);
+                  });
 }
 
 // The tokens of one slice of a row: a whole multiple of 64 (so every slice starts on a Philox
@@ -699,20 +708,14 @@ constexpr int kCombineThreads = 32;
 __global__ void __launch_bounds__(kCombineThreads) plain_sample_combine_kernel(
     SampleKernelArgs a, int64_t slices, const FirstPass* partials) {
   alignas(16) __shared__ unsigned char scratch[(kMaxWarps + 1) * sizeof(FirstPass)];
-  const int64_t step = *a.offset;
-  for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
-    __syncthreads();  // the scratch is reused from the previous row
-    if (step < 0) {
-      fail_row(a, row, -1, StatusKind::NegativeOffset);
-      continue;
-    }
-    FirstPass first{neg_inf(), 0u, 0.0, Best::none()};
-    for (int64_t s = threadIdx.x; s < slices; s += blockDim.x) {
-      first = CombineFirstPass{}(first, partials[row * slices + s]);
-    }
-    first = block_all_reduce(first, CombineFirstPass{}, reinterpret_cast<FirstPass*>(scratch));
-    finish_plain_row(a, row, first);
-  }
+  draw_plain_rows(a, reinterpret_cast<FirstPass*>(scratch),
+                  [&](int64_t row, int64_t, FirstPass* sh) {
+                    FirstPass first{neg_inf(), 0u, 0.0, Best::none()};
+                    for (int64_t s = threadIdx.x; s < slices; s += blockDim.x) {
+                      first = CombineFirstPass{}(first, partials[row * slices + s]);
+                    }
+                    return block_all_reduce(first, CombineFirstPass{}, sh);
+                  });
 }
 
 // Greedy decoding and sampling with top-k / top-p / min-p. Two blocks per SM (at most 64
