@@ -214,6 +214,8 @@ def pack_sequences(
     answer_ids: torch.Tensor,
     answer_lengths: torch.Tensor,
     pad_token_id: int = 0,
+    *,
+    longest: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Builds right-padded ``[x (non-pad), z[:len], y[:len]]`` rows, as wide as the longest
     (on CUDA rounded up: see :func:`_attention_width`).
@@ -221,50 +223,35 @@ def pack_sequences(
     Returns ``(input_ids [B, T], attention_mask [B, T], rationale_start [B], answer_start [B])``
     where the starts are column indices of the first rationale / answer token in each row.
     Vectorized: every token's destination column is computed from per-row lengths, no loop.
-    Inputs are not checked here: :func:`score_sequences` checks them.
+    ``longest``: the longest row's tokens when the caller has it on the host (else read from
+    the device: one wait). Inputs are not checked here: :func:`score_sequences` checks them.
     """
-    total = prompt_mask.long().sum(-1) + rationale_lengths.long() + answer_lengths.long()
-    longest = int(total.max()) if prompt_ids.shape[0] else 0
-    return _pack_sequences(prompt_ids, prompt_mask, rationale_ids, rationale_lengths, answer_ids,
-                           answer_lengths, longest, pad_token_id)
-
-
-def _pack_sequences(
-    prompt_ids: torch.Tensor,
-    prompt_mask: torch.Tensor,
-    rationale_ids: torch.Tensor,
-    rationale_lengths: torch.Tensor,
-    answer_ids: torch.Tensor,
-    answer_lengths: torch.Tensor,
-    longest: int,
-    pad_token_id: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`pack_sequences` with the longest row's length known on the host (no wait)."""
     device = prompt_ids.device
     rows = prompt_ids.shape[0]
     prompt_mask = prompt_mask.long()
     p_len = prompt_mask.sum(-1)
     r_len, a_len = rationale_lengths.long(), answer_lengths.long()
+    if longest is None:
+        longest = int((p_len + r_len + a_len).max()) if rows else 0
     width = _attention_width(longest, device)
-    start = torch.zeros_like(p_len)  # every row starts at column 0 (right padding)
     # One column more than the rows need: the tokens not placed (pads of the inputs) are
     # scattered there and dropped, so placing needs no data-dependent shape (no wait for the
     # device, as nonzero has).
     ids = torch.full((rows, width + 1), pad_token_id, dtype=torch.int64, device=device)
     mask = torch.zeros((rows, width + 1), dtype=torch.int64, device=device)
 
-    def place(src: torch.Tensor, valid: torch.Tensor, rank: torch.Tensor, start: torch.Tensor) -> None:
-        dest = torch.where(valid, start[:, None] + rank, width)
+    def place(src: torch.Tensor, valid: torch.Tensor, column: torch.Tensor) -> None:
+        dest = torch.where(valid, column, width)
         ids.scatter_(1, dest, torch.where(valid, src.long(), pad_token_id))
         mask.scatter_(1, dest, valid.long())
 
-    prompt_rank = prompt_mask.cumsum(-1) - 1  # works for any padding side
-    place(prompt_ids, prompt_mask.bool(), prompt_rank, start)
+    # Every row starts at column 0 (right padding): its prompt, then its rationale, its answer.
+    place(prompt_ids, prompt_mask.bool(), prompt_mask.cumsum(-1) - 1)  # any padding side
     r_cols = torch.arange(rationale_ids.shape[1], device=device).expand(rows, -1)
-    place(rationale_ids, r_cols < r_len[:, None], r_cols, start + p_len)
+    place(rationale_ids, r_cols < r_len[:, None], r_cols + p_len[:, None])
     a_cols = torch.arange(answer_ids.shape[1], device=device).expand(rows, -1)
-    place(answer_ids, a_cols < a_len[:, None], a_cols, start + p_len + r_len)
-    return ids[:, :width].contiguous(), mask[:, :width].contiguous(), start + p_len, start + p_len + r_len
+    place(answer_ids, a_cols < a_len[:, None], a_cols + (p_len + r_len)[:, None])
+    return ids[:, :width].contiguous(), mask[:, :width].contiguous(), p_len, p_len + r_len
 
 
 def _decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -340,7 +327,7 @@ def _score_batch(
     loss_weights: tuple[torch.Tensor, torch.Tensor] | None,
     target_count: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Scores packed rows (``_pack_sequences``: each row's answer right after its rationale);
+    """Scores packed rows (:func:`pack_sequences`: each row's answer right after its rationale);
     ``target_count``: their rationale and answer tokens in all, known on the host, so that
     listing them waits for nothing."""
     rows = input_ids.shape[0]
@@ -487,8 +474,8 @@ def score_sequences(
                 f"loss_weights must be (rationale_weight, answer_weight), two [B] = [{rows}] tensors"
             )
         loss_weights = tuple(w.to(device) for w in loss_weights)
-    ids, mask, r_start, a_start = _pack_sequences(prompt_ids, prompt_mask, rationale_ids, r_len,
-                                                  a_ids, a_len, max(lengths, default=0))
+    ids, mask, r_start, a_start = pack_sequences(prompt_ids, prompt_mask, rationale_ids, r_len,
+                                                 a_ids, a_len, longest=max(lengths, default=0))
     counts = (r_len, a_len)
     step = micro_batch_size if micro_batch_size and micro_batch_size < rows else rows
     if step == rows:

@@ -222,6 +222,16 @@ int multiprocessors(const at::Tensor& on) {
   return count;
 }
 
+// The device workspace a kernel plan asks for, from torch's allocator (inside a CUDA graph
+// capture, from the graph's pool); none when it needs no elements. workspace_ptr: its data, or
+// null for none.
+at::Tensor plan_workspace(int64_t elements, const at::TensorOptions& options) {
+  return elements > 0 ? at::empty({elements}, options) : at::Tensor();
+}
+void* workspace_ptr(const at::Tensor& workspace) {
+  return workspace.defined() ? workspace.data_ptr() : nullptr;
+}
+
 // ------------------------------------------------------------------ sample
 std::tuple<at::Tensor, at::Tensor> sample_cuda(const at::Tensor& logits_in,
                                                const at::Tensor& seeds_in,
@@ -240,16 +250,13 @@ std::tuple<at::Tensor, at::Tensor> sample_cuda(const at::Tensor& logits_in,
   const latro::SampleArgs args =
       sample_args(logits, seeds, offset, temperature, top_k, top_p, min_p, ids, logprobs);
   // Plain sampling of few rows splits each over several blocks, with a workspace for their
-  // partials (from torch's allocator: inside a CUDA graph capture, from the graph's pool).
+  // partials.
   latro::cuda::SamplePlan plan;
   call_cuda([&] { plan = latro::cuda::plan_sample(args, multiprocessors(logits)); });
-  at::Tensor workspace;
-  if (plan.workspace_bytes > 0) {
-    workspace = at::empty({plan.workspace_bytes}, logits.options().dtype(at::kByte));
-  }
+  const at::Tensor workspace =
+      plan_workspace(plan.workspace_bytes, logits.options().dtype(at::kByte));
   call_cuda([&] {
-    latro::cuda::sample(args, plan, workspace.defined() ? workspace.data_ptr() : nullptr, stream,
-                        status.ptr());
+    latro::cuda::sample(args, plan, workspace_ptr(workspace), stream, status.ptr());
   });
   const StatusRecord record = status.read();
   if (record.kind == StatusKind::NegativeOffset) {
@@ -362,14 +369,11 @@ at::Tensor decode_attention_cuda(const at::Tensor& query, at::Tensor& cache_k, a
       t.rotary_dtype, length, scale, t.out);
   latro::cuda::DecodeAttentionPlan plan;
   call_cuda([&] { plan = latro::cuda::plan_decode_attention(args, multiprocessors(query)); });
-  at::Tensor workspace;
-  if (plan.workspace_floats > 0) {
-    workspace = at::empty({plan.workspace_floats}, query.options().dtype(at::kFloat));
-  }
+  const at::Tensor workspace =
+      plan_workspace(plan.workspace_floats, query.options().dtype(at::kFloat));
   call_cuda([&] {
-    latro::cuda::decode_attention(
-        args, plan, workspace.defined() ? workspace.data_ptr<float>() : nullptr, stream,
-        status.ptr());
+    latro::cuda::decode_attention(args, plan, static_cast<float*>(workspace_ptr(workspace)),
+                                  stream, status.ptr());
   });
   const StatusRecord record = status.read();
   if (record.kind == StatusKind::LengthOutOfRange) raise_length_error();
