@@ -999,6 +999,7 @@ def ours_step(
     phase: Callable[[str], Any] = _no_phases,
     checkpointing: bool = False,
     torch_attention: bool = False,
+    micro_tokens: int = 0,
 ) -> float:
     """One LaTRO step with the engine: the rollout (stop detection and compaction), then the
     trainer's own two passes (``latro_engine.trainer.advantages_pass`` and ``gradient_pass``,
@@ -1013,37 +1014,46 @@ def ours_step(
     rest in the backward (the trainer's ``gradient_checkpointing`` option), trading about a
     third more training compute for most of the activation memory. ``torch_attention``: the
     scoring and training forwards let torch pick their SDPA kernel (cuDNN on an H100) instead
-    of ``scoring_attention``'s (``LATRO_SCORING_ATTENTION=default``). Returns the rationales'
-    mean length in tokens."""
+    of ``scoring_attention``'s (``LATRO_SCORING_ATTENTION=default``). ``micro_tokens``: the
+    trainer's ``micro_batch_tokens`` (micro-batches of up to ``micro`` rows and this many
+    tokens). Returns the rationales' mean length in tokens."""
     from latro_engine.config import LatroConfig
     from latro_engine.distributed import Distributed
     from latro_engine.scoring import reference_logprobs, score_sequences
-    from latro_engine.trainer import advantages_pass, gradient_pass, set_activation_checkpointing
+    from latro_engine.trainer import (
+        advantages_pass,
+        gradient_pass,
+        no_grad_batch,
+        set_activation_checkpointing,
+    )
 
     if torch_attention:
         with environment("LATRO_SCORING_ATTENTION", "default"):
             return ours_step(model, ref_model, optimizer, prompt_ids, prompt_mask, answer, k=k,
                              max_len=max_len, stops=stops, kl_coef=kl_coef, micro=micro,
-                             seed=seed, amp=amp, phase=phase, checkpointing=checkpointing)
+                             seed=seed, amp=amp, phase=phase, checkpointing=checkpointing,
+                             micro_tokens=micro_tokens)
     model.eval()
     with phase("rollout"), amp():
         rollout = ours_rollout(model, prompt_ids, prompt_mask, max_len, stops, k=k, seed=seed)
     model.train()
     micro = micro or k  # None: one whole group per micro-batch
-    config = LatroConfig(k=k, micro_batch_size=micro, kl_coef=kl_coef, nonstop_penalty=-10.0,
-                         penalty_mode="constant", sft_weight=1.0)
+    config = LatroConfig(k=k, micro_batch_size=micro, micro_batch_tokens=micro_tokens,
+                         kl_coef=kl_coef, nonstop_penalty=-10.0, penalty_mode="constant",
+                         sft_weight=1.0)
     answers = [answer.tolist()] * rollout.batch_size
     args = (rollout.prompt_ids, rollout.prompt_mask, rollout.rationale_ids, rollout.rationale_lengths)
 
-    def score(rows, *, micro_batch_size=None, weights=None):
+    def score(rows, *, micro_batch_size=None, max_tokens=None, weights=None):
         with amp():
             return score_sequences(model, *(t[rows] for t in args), [answers[i] for i in rows.tolist()],
-                                   micro_batch_size=micro_batch_size, loss_weights=weights)
+                                   micro_batch_size=micro_batch_size, max_tokens=max_tokens,
+                                   loss_weights=weights)
 
     def reference(rows):
         with amp():
             return reference_logprobs(model, ref_model, *(t[rows] for t in args),
-                                      micro_batch_size=micro * 4).rationale_logp
+                                      **no_grad_batch(config)).rationale_logp
 
     dist = Distributed(config, prompt_ids.device)
     with phase("scoring"):
@@ -1135,6 +1145,21 @@ IMPLEMENTATIONS: dict[str, tuple[str, Callable[..., None], bool, bool]] = {
     "all-on-host-micro-1": (
         "ours, reference and AdamW state on host, micro-batches of 1",
         functools.partial(ours_step, micro=1),
+        True,
+        True,
+    ),
+    # Checkpointing keeps a few KB per token (each layer's input): micro-batches can then be
+    # large, cut by a token budget (micro_batch_tokens) instead of 4 rows, which divides the
+    # host-paced launches of the training passes (up to all 48 rows of short rationales in one).
+    "all-on-host-tokens-4k": (
+        "ours, checkpointing + reference and AdamW state on host, micro-batches of 4,096 tokens",
+        functools.partial(ours_step, checkpointing=True, micro=48, micro_tokens=4096),
+        True,
+        True,
+    ),
+    "all-on-host-tokens-8k": (
+        "ours, checkpointing + reference and AdamW state on host, micro-batches of 8,192 tokens",
+        functools.partial(ours_step, checkpointing=True, micro=48, micro_tokens=8192),
         True,
         True,
     ),

@@ -23,11 +23,12 @@
 #   PYTEST_OPTIONS="-n 6" STAGES="build test bench" \
 #     BENCH_SECTIONS="latro rollout scorer sample stop attention" SECTION_TIMEOUT=200 \
 #     TEST_TIMEOUT=120 BENCH_ARGS="--latro-weights bfloat16 --latro-rationales stop \
-#     --latro-settings reference,ours,ours-torch-attention,all-on-host,all-on-host-micro-2" \
+#     --latro-settings \
+#     reference,ours,ours-torch-attention,all-on-host,all-on-host-tokens-4k,all-on-host-tokens-8k" \
 #     bash benchmarks/gpu_check.sh
 # then, at once on the same warm machine (within its 30 idle seconds; it finds the build):
 #   STAGES="bench" BENCH_SECTIONS="latro" SECTION_TIMEOUT=250 BENCH_ARGS="--latro-weights \
-#     bfloat16 --latro-rationales full --latro-settings reference,ours,all-on-host" \
+#     bfloat16 --latro-rationales full --latro-settings reference,ours,all-on-host-tokens-4k" \
 #     bash benchmarks/gpu_check.sh                                          # about 2 minutes
 #
 # Outputs go to $OUT when it is set (the device tool's folder), else build/gpu-check:

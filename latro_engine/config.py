@@ -100,6 +100,14 @@ class LatroConfig:
     micro_batch_size: int = _opt(
         4, "sequences per forward/backward; gradients accumulate (paper: 4)"
     )
+    micro_batch_tokens: int = _opt(
+        0,
+        "tokens per forward/backward, padding included (rows x the longest row; a longer row "
+        "alone); micro-batches then take up to micro_batch_size rows of similar length, so "
+        "short rationales share larger micro-batches at the same activation memory; the "
+        "no-grad scoring passes take 4x as many; the rewards come from a no-grad pass "
+        "first; 0 = off; not with distributed fsdp",
+    )
     steps: int = _opt(100, "optimizer steps, one per rollout batch (on-policy)")
     # --- precision and memory
     bf16: str = _opt("auto", "'auto' (bf16 autocast on CUDA, float32 on CPU), 'on' or 'off'")
@@ -269,6 +277,14 @@ class LatroConfig:
                 "reference_on_host has nothing to move with lora_rank > 0 (the reference is "
                 "the policy with its adapters off)"
             )
+        if self.micro_batch_tokens < 0:
+            raise ConfigError(
+                f"micro_batch_tokens must be >= 0 (0 = off), got {self.micro_batch_tokens}"
+            )
+        if self.micro_batch_tokens and self.distributed == "fsdp":
+            raise ConfigError("micro_batch_tokens does not combine with distributed: fsdp "
+                              "(every rank must run as many forwards, each gathering the "
+                              "sharded layers; micro-batches by tokens differ between ranks)")
         if self.optimizer_on_host and self.distributed == "fsdp":
             raise ConfigError("optimizer_on_host does not combine with distributed: fsdp "
                               "(FSDP shards the optimizer state across ranks instead)")

@@ -73,14 +73,16 @@ class HostStateAdamW(torch.optim.AdamW):
     """``torch.optim.AdamW`` whose moment estimates (``exp_avg``, ``exp_avg_sq``: twice the
     parameters' size) live in pinned host memory between steps.
 
-    ``step`` walks the parameters in chunks of about ``chunk_bytes`` of state: it uploads a
+    ``step`` walks the parameters in chunks of at most ``chunk_bytes`` of state: it uploads a
     chunk's moments (asynchronously, on the current stream), runs AdamW's own update on that
     chunk on the parameters' device, and copies the moments back; one synchronization at the
-    end makes the host copies final (for the next step and for checkpoints). The device then
-    holds one chunk of optimizer state instead of all of it, for one round trip of the moments
-    over the host link per step. The update itself is AdamW's, so the results are the same as
-    ``torch.optim.AdamW`` with the same arguments (bit for bit: tested), and ``state_dict`` /
-    ``load_state_dict`` keep the usual format.
+    end makes the host copies final (for the next step and for checkpoints). A parameter whose
+    moments alone exceed ``chunk_bytes`` (an embedding or LM head of a 128k vocabulary: 1 GiB
+    in bf16) is updated in slices of its flattened elements, AdamW being elementwise. The
+    device then holds one chunk of optimizer state instead of all of it, for one round trip of
+    the moments over the host link per step. The update itself is AdamW's, so the results are
+    the same as ``torch.optim.AdamW`` with the same arguments (bit for bit: tested), and
+    ``state_dict`` / ``load_state_dict`` keep the usual format.
     """
 
     _MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
@@ -91,11 +93,12 @@ class HostStateAdamW(torch.optim.AdamW):
         super().__init__(params, **kwargs)
         self.chunk_bytes = chunk_bytes
 
-    def _to_host(self, tensor: torch.Tensor) -> torch.Tensor:
-        host = torch.empty(
+    def _to_host(self, tensor: torch.Tensor, *, zeros: bool = False) -> torch.Tensor:
+        """A pinned host copy of ``tensor`` (asynchronous), or pinned zeros of its shape."""
+        host = (torch.zeros if zeros else torch.empty)(
             tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=torch.cuda.is_available()
         )
-        return host.copy_(tensor, non_blocking=True)
+        return host if zeros else host.copy_(tensor, non_blocking=True)
 
     def _moments_to_host(self, state: dict, host: dict | None = None) -> None:
         """Moves a parameter's moments that are on a device back to the host, asynchronously:
@@ -109,14 +112,36 @@ class HostStateAdamW(torch.optim.AdamW):
                 else:
                     state[name] = self._to_host(value)
 
-    def _chunks(self, params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
-        chunks, current, size = [], [], 0
+    @staticmethod
+    def _sliceable(p: torch.Tensor) -> bool:
+        return p.is_contiguous() and (p.grad is None or p.grad.is_contiguous())
+
+    def _chunks(
+        self, params: list[torch.Tensor], *, split: bool = False
+    ) -> list[list[tuple[torch.Tensor, int, int]]]:
+        """The parameters as chunks of ``(parameter, first, end)`` pieces (flattened elements)
+        whose moments take at most ``chunk_bytes`` (one piece may take more when it cannot be
+        split). With ``split``, a contiguous parameter larger than that comes in slices of
+        ``chunk_bytes``, each in a chunk of its own or with whole parameters: never two slices
+        of one parameter in a chunk."""
+        chunks: list[list[tuple[torch.Tensor, int, int]]] = []
+        current: list[tuple[torch.Tensor, int, int]] = []
+        size = 0
         for p in params:
-            current.append(p)
-            size += 2 * p.numel() * p.element_size()
-            if size >= self.chunk_bytes:
-                chunks.append(current)
-                current, size = [], 0
+            per_element = 2 * p.element_size()
+            n = p.numel()
+            step = max(1, self.chunk_bytes // per_element)
+            if split and n > step and self._sliceable(p):
+                pieces = [(begin, min(begin + step, n)) for begin in range(0, n, step)]
+            else:
+                pieces = [(0, n)]
+            for begin, end in pieces:
+                piece = (end - begin) * per_element
+                if current and size + piece > self.chunk_bytes:
+                    chunks.append(current)
+                    current, size = [], 0
+                current.append((p, begin, end))
+                size += piece
         if current:
             chunks.append(current)
         return chunks
@@ -129,30 +154,55 @@ class HostStateAdamW(torch.optim.AdamW):
                 loss = closure()
         groups = [group["params"] for group in self.param_groups]
         devices = set()
+        # AdamW's update itself: once any AdamW exists, torch wraps AdamW.step with the step
+        # hooks, which belong to this whole step (wrapped the same way), not to each chunk.
+        update = getattr(torch.optim.AdamW.step, "__wrapped__", torch.optim.AdamW.step)
+        steps_before: dict[torch.Tensor, torch.Tensor] = {}  # a sliced parameter's step count
+        sliced: dict[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] = {}  # its whole tensors
         try:
             for index in range(len(self.param_groups)):
                 live = [p for p in groups[index] if p.grad is not None]
-                for chunk in self._chunks(live):
+                for chunk in self._chunks(live, split=True):
                     # Only this chunk is visible to AdamW's step; the other groups see nothing.
                     for other, g in enumerate(self.param_groups):
-                        g["params"] = chunk if other == index else []
-                    hosts = []  # each parameter's host moments, written back in place
-                    for p in chunk:
+                        g["params"] = [p for p, _, _ in chunk] if other == index else []
+                    pieces = []  # (parameter, first, end, its host moments, its whole tensors)
+                    for p, begin, end in chunk:
                         devices.add(p.device)
                         state, host = self.state[p], {}
+                        self._moments_to_host(state)  # a load or torch's AdamW left them there
                         for name in self._MOMENTS:
                             if name in state:
                                 host[name] = state[name]
-                                state[name] = host[name].to(p.device, non_blocking=True)
-                        hosts.append(host)
-                    # AdamW's update itself: once any AdamW exists, torch wraps AdamW.step with
-                    # the step hooks, which belong to this whole step (wrapped the same way),
-                    # not to each chunk.
-                    update = getattr(torch.optim.AdamW.step, "__wrapped__", torch.optim.AdamW.step)
+                        whole = None
+                        if end - begin < p.numel():  # a slice: the views are the parameter's
+                            whole = sliced[p] = (p.data, p.grad)
+                            p.data = whole[0].view(-1)[begin:end]
+                            p.grad = whole[1].view(-1)[begin:end]
+                            if host:  # each slice starts from the step count before this step
+                                state["step"] = steps_before.setdefault(p, state["step"]).clone()
+                        for name, moment in host.items():
+                            piece = moment if whole is None else moment.view(-1)[begin:end]
+                            state[name] = piece.to(p.device, non_blocking=True)
+                        pieces.append((p, begin, end, host, whole))
                     update(self)
-                    for p, host in zip(chunk, hosts):
-                        self._moments_to_host(self.state[p], host)
+                    for p, begin, end, host, whole in pieces:
+                        state = self.state[p]
+                        if whole is None:
+                            self._moments_to_host(state, host)
+                            continue
+                        if not host:  # its first step: AdamW made the slice's moments
+                            for name in self._MOMENTS:
+                                if name in state:
+                                    host[name] = self._to_host(whole[0], zeros=True)
+                            steps_before[p] = state["step"].clone().sub_(1)
+                        for name, moment in host.items():
+                            moment.view(-1)[begin:end].copy_(state[name], non_blocking=True)
+                            state[name] = moment
+                        p.data, p.grad = sliced.pop(p)
         finally:
+            for p, (data, grad) in sliced.items():  # an update that raised: whole again
+                p.data, p.grad = data, grad
             for group, params in zip(self.param_groups, groups):
                 group["params"] = params
         for device in devices:
@@ -171,8 +221,8 @@ class HostStateAdamW(torch.optim.AdamW):
             super().load_state_dict(state_dict)
         id_of = {p: i for p, i in zip(params, saved_ids)}
         loaded = {}
-        for chunk in self._chunks(params):
-            ids = {id_of[p] for p in chunk}
+        for chunk in self._chunks(params):  # whole parameters: a loaded state is whole
+            ids = {id_of[p] for p, _, _ in chunk}
             super().load_state_dict(  # the param groups' settings each time; state of this chunk
                 {**state_dict, "state": {i: v for i, v in state_dict["state"].items() if i in ids}}
             )

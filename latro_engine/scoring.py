@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "SequenceScores",
+    "length_batches",
     "pack_sequences",
     "reference_logprobs",
     "reference_model",
@@ -204,6 +205,29 @@ def scoring_attention(device: torch.device) -> Iterator[None]:
         return
     with sdpa_kernel(backends):
         yield
+
+
+def length_batches(
+    lengths: Sequence[int], max_rows: int | None = None, max_tokens: int | None = None
+) -> list[list[int]]:
+    """The row indices in order of length (stable), cut into batches of at most ``max_rows``
+    rows whose padded size, rows x the longest row's length, is at most ``max_tokens`` (a row
+    longer than that alone). None or 0: no limit. A batch is as wide as its longest row, so
+    rows of similar length share one; a token budget keeps each batch's activations alike
+    whether its rows are short or long (many short rows, few long ones)."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:  # ascending: the row that joins is the batch's longest
+        full = bool(max_rows) and len(current) >= max_rows
+        too_wide = bool(max_tokens) and (len(current) + 1) * lengths[i] > max_tokens
+        if current and (full or too_wide):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
 
 
 def pack_sequences(
@@ -395,6 +419,7 @@ def score_sequences(
     *,
     group_size: int = 1,
     micro_batch_size: int | None = None,
+    max_tokens: int | None = None,
     fast_path: bool | None = None,
     chunk_size: int | None = None,
     loss_weights: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -414,6 +439,9 @@ def score_sequences(
         micro_batch_size: rows per forward (default: all). Rows are sorted by length first so
             micro-batches carry little padding. With grad enabled every micro-batch's graph
             is kept until backward; use it to bound memory under ``torch.no_grad()``.
+        max_tokens: tokens per forward, padding included (rows x the longest row's tokens;
+            a longer row alone; None or 0: no limit), with ``micro_batch_size`` or alone
+            (see :func:`length_batches`).
         fast_path: None picks automatically: decoder body + ``ops.linear_token_logprobs`` on
             the LM head, which never materializes ``[B, T, V]`` logits, unless the head is
             not a plain ``nn.Linear`` (e.g. LoRA on the head) or the model transforms its
@@ -444,9 +472,9 @@ def score_sequences(
     _check_integer(rationale_lengths, "rationale_lengths", (rows,))
     if group_size < 1:
         raise ValueError(f"group_size must be >= 1, got {group_size}")
-    if micro_batch_size is not None and micro_batch_size < 0:
-        raise ValueError(f"micro_batch_size must be >= 1 (None or 0: all rows at once), got "
-                         f"{micro_batch_size}")
+    for name, limit in (("micro_batch_size", micro_batch_size), ("max_tokens", max_tokens)):
+        if limit is not None and limit < 0:
+            raise ValueError(f"{name} must be >= 1 (None or 0: no limit), got {limit}")
     a_ids, a_len = _as_padded(answer_ids, answer_lengths, rows, group_size, device)
     r_len = rationale_lengths.to(device=device, dtype=torch.int64)
     lengths: list[int] = []  # each row's tokens, and below the tokens it scores, on the host
@@ -477,8 +505,9 @@ def score_sequences(
     ids, mask, r_start, a_start = pack_sequences(prompt_ids, prompt_mask, rationale_ids, r_len,
                                                  a_ids, a_len, longest=max(lengths, default=0))
     counts = (r_len, a_len)
-    step = micro_batch_size if micro_batch_size and micro_batch_size < rows else rows
-    if step == rows:
+    # Rows by length (stable), so micro-batches carry little padding.
+    batches = length_batches(lengths, micro_batch_size, max_tokens)
+    if len(batches) <= 1:
         if rows == 0:
             empty = torch.zeros(0, dtype=torch.float32, device=device)
             loss = empty.sum() if loss_weights is not None else None
@@ -487,20 +516,19 @@ def score_sequences(
                            loss_weights, sum(scored))
         return SequenceScores(*out[:2], *counts, out[2])
 
-    # Rows by length (stable), so micro-batches carry little padding.
-    host_order = sorted(range(rows), key=lengths.__getitem__)
-    order = torch.tensor(host_order, device=device)
+    order = torch.tensor([i for batch in batches for i in batch], device=device)
     parts_z, parts_y, losses = [], [], []
-    for begin in range(0, rows, step):
-        chunk = host_order[begin: begin + step]
-        idx = order[begin: begin + step]
+    begin = 0
+    for batch in batches:
+        idx = order[begin: begin + len(batch)]
+        begin += len(batch)
         # Columns past this micro-batch's longest row go, down to its attention width (at most
         # the batch's: the width of fewer tokens is never larger).
-        kept = _attention_width(max(lengths[i] for i in chunk), device)
+        kept = _attention_width(max(lengths[i] for i in batch), device)
         sub_weights = None if loss_weights is None else tuple(w[idx] for w in loss_weights)
         z, y, loss = _score_batch(model, ids[idx, :kept], mask[idx, :kept], r_start[idx],
                                   r_len[idx], a_start[idx], a_len[idx], fast_path,
-                                  chunk_size, sub_weights, sum(scored[i] for i in chunk))
+                                  chunk_size, sub_weights, sum(scored[i] for i in batch))
         parts_z.append(z)
         parts_y.append(y)
         losses.append(loss)

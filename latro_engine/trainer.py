@@ -41,24 +41,45 @@ from latro_engine.metrics import MetricsLog, plot_curves, read_metrics
 from latro_engine.objective import batch_advantages, latro_loss, loss_weights
 from latro_engine.offload import HostStateAdamW, keep_on_host
 from latro_engine.rollout import Rollout, sample_rationales, stop_token_sequences
-from latro_engine.scoring import SequenceScores, reference_logprobs, scoring_attention
+from latro_engine.scoring import (
+    SequenceScores,
+    length_batches,
+    reference_logprobs,
+    scoring_attention,
+)
 
 logger = logging.getLogger(__name__)
 
 
 # The LaTRO step after its rollout, as two passes that the trainer (and the whole-step benchmark)
-# run: ``score(rows, micro_batch_size=None, weights=None)`` scores rows of the rollout with the
-# policy (``score_sequences``, under the run's autocast), ``reference(rows)`` gives their
-# log p_ref(z|x).
+# run: ``score(rows, micro_batch_size=None, max_tokens=None, weights=None)`` scores rows of the
+# rollout with the policy (``score_sequences``, under the run's autocast), ``reference(rows)``
+# gives their log p_ref(z|x).
 Score = Callable[..., SequenceScores]
 Reference = Callable[[torch.Tensor], torch.Tensor]
+
+# The no-grad scoring passes (the rewards' and the reference's) keep no activations for a
+# backward: their forwards take this many times a micro-batch's rows and tokens.
+NO_GRAD_BATCH_SCALE = 4
+
+
+def no_grad_batch(config: LatroConfig) -> dict[str, int]:
+    """``score_sequences``' rows and tokens per forward for a no-grad pass."""
+    return {
+        "micro_batch_size": config.micro_batch_size * NO_GRAD_BATCH_SCALE,
+        "max_tokens": config.micro_batch_tokens * NO_GRAD_BATCH_SCALE,
+    }
 
 
 def rewards_in_gradient_pass(config: LatroConfig) -> bool:
     """Whether micro-batches get their rewards from their own gradient pass: when they hold
-    whole groups and the penalty needs no batch-wide mean. Two forwards per sequence
-    (reference, policy) instead of three."""
-    return config.micro_batch_size % config.k == 0 and config.penalty_mode == "constant"
+    whole groups and the penalty needs no batch-wide mean (and they are not cut by tokens,
+    which splits groups). Two forwards per sequence (reference, policy) instead of three."""
+    return (
+        config.micro_batch_size % config.k == 0
+        and config.penalty_mode == "constant"
+        and not config.micro_batch_tokens
+    )
 
 
 # A micro-batch of whole groups is scored in one pass before its loss (the rewards need every
@@ -108,7 +129,7 @@ def advantages_pass(
         return None, {}
     rows = torch.arange(rollout.batch_size, device=rollout.prompt_ids.device)
     with torch.no_grad():
-        scores = score(rows, micro_batch_size=config.micro_batch_size * 4)
+        scores = score(rows, **no_grad_batch(config))
     ref = reference(rows)
     advantages, stats = batch_advantages(
         *dist.gather_rows(scores.answer_logp, scores.rationale_logp, ref, rollout.finished),
@@ -135,28 +156,34 @@ def gradient_pass(
     rows in order of length; without, the reference scores every row first (one pass) and
     each micro-batch (whole groups, in order) computes its own rewards."""
     total, mb = rollout.batch_size, config.micro_batch_size
-    all_rows = torch.arange(total, device=rollout.prompt_ids.device)
+    device = rollout.prompt_ids.device
     lengths = rollout.prompt_mask.sum(-1) + rollout.rationale_lengths
     if advantages is not None:
         # With the advantages known, any rows may share a micro-batch: rows of similar length
         # do, as a micro-batch is as wide as its longest row (rationales that stop early would
-        # otherwise be padded to the length of those that ran on).
-        all_rows = torch.argsort(lengths, stable=True)
+        # otherwise be padded to the length of those that ran on), up to micro_batch_size rows
+        # and micro_batch_tokens tokens.
+        batches = length_batches(lengths.tolist(), mb, config.micro_batch_tokens)
+    else:  # whole groups, in order
+        batches = [list(range(b, min(b + mb, total))) for b in range(0, total, mb)]
     sums: dict[str, float] = {}
     own_scores: list[tuple[torch.Tensor, torch.Tensor]] = []  # (answer, rationale), in row order
     # The reference scores every row in one no-grad pass (one upload of its weights per step
     # when they are kept on the host), not one per micro-batch.
-    all_ref = reference(all_rows) if advantages is None else None
-    for begin in range(0, total, mb):
-        rows = all_rows[begin : begin + mb]
-        share = len(rows) / total
+    all_ref = reference(torch.arange(total, device=device)) if advantages is None else None
+    begin = 0
+    for number, batch in enumerate(batches):
+        rows = torch.tensor(batch, device=device)
+        last = number == len(batches) - 1
+        share = len(batch) / total
         known = advantages[rows] if advantages is not None else None
-        ref = all_ref[begin : begin + mb] if all_ref is not None else None
+        ref = all_ref[begin : begin + len(batch)] if all_ref is not None else None
+        begin += len(batch)
         weights = None
         if known is not None:
             weights = tuple(w * share for w in loss_weights(known, config.sft_weight))
         # gradients cross ranks once per step: in the last micro-batch's backward
-        with dist.gradient_sync(begin + mb >= total):
+        with dist.gradient_sync(last):
             if known is None:  # whole groups: their forwards split by length (rows_per_forward)
                 size = rows_per_forward(lengths[rows].tolist())
                 if dist.mode == "fsdp":
@@ -700,6 +727,7 @@ class LatroTrainer(_Trainer):
         answers: list[list[int]] | None,
         micro_batch_size: int | None = None,
         weights: tuple[torch.Tensor, torch.Tensor] | None = None,
+        max_tokens: int | None = None,
     ):
         idx = rows.tolist()
         with self._autocast():
@@ -710,6 +738,7 @@ class LatroTrainer(_Trainer):
                 rollout.rationale_lengths[rows],
                 [answers[i] for i in idx] if answers is not None else None,
                 micro_batch_size=micro_batch_size,
+                max_tokens=max_tokens,
                 loss_weights=weights,
             )
 
@@ -722,7 +751,7 @@ class LatroTrainer(_Trainer):
                 rollout.prompt_mask[rows],
                 rollout.rationale_ids[rows],
                 rollout.rationale_lengths[rows],
-                micro_batch_size=self.config.micro_batch_size * 4,
+                **no_grad_batch(self.config),
                 fast_path=self.dist.fast_path,
             ).rationale_logp
 
@@ -780,16 +809,20 @@ class SFTTrainer(_Trainer):
         total, loss_sum = len(examples), 0.0
         # loss = -mean_i log p(y_i | x_i): linear in the scores, its gradient taken in the pass
         answer_w = torch.full((total,), -1.0 / total, device=self.device)
-        for begin in range(0, total, config.micro_batch_size):
-            sl = slice(begin, begin + config.micro_batch_size)
-            with self.dist.gradient_sync(begin + config.micro_batch_size >= total):
+        # Micro-batches of questions of similar length (up to micro_batch_size rows and
+        # micro_batch_tokens tokens), as in the LaTRO step's gradient pass.
+        lengths = [p + len(a) for p, a in zip(prompt_mask.sum(-1).tolist(), answers)]
+        batches = length_batches(lengths, config.micro_batch_size, config.micro_batch_tokens)
+        for number, batch in enumerate(batches):
+            sl = torch.tensor(batch, device=self.device)
+            with self.dist.gradient_sync(number == len(batches) - 1):
                 with self._autocast():
                     scores = self._scorer(
                         prompt_ids[sl],
                         prompt_mask[sl],
                         empty[sl],
                         no_rationale[sl],
-                        answers[sl],
+                        [answers[i] for i in batch],
                         loss_weights=(torch.zeros_like(answer_w[sl]), answer_w[sl]),
                     )
                 with scoring_attention(self.device):  # checkpointing's recompute

@@ -78,6 +78,9 @@ def test_yaml_and_overrides(tmp_path):
         ({"distributed_timeout_minutes": 0}, "distributed_timeout_minutes must be > 0"),
         ({"keep_best": True}, "keep_best needs eval_every > 0"),
         ({"distributed_timeout_minutes": float("inf")}, "must be a finite number"),
+        ({"micro_batch_tokens": -1}, r"micro_batch_tokens must be >= 0 \(0 = off\), got -1"),
+        ({"micro_batch_tokens": 4096, "distributed": "fsdp"},
+         "micro_batch_tokens does not combine with distributed: fsdp"),
     ],
 )
 def test_rejects_bad_settings(values, match):

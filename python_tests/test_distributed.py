@@ -37,6 +37,9 @@ RECIPES = {
     "fsdp": {"micro_batch_size": 3, "penalty_mode": "batch_mean", "nonstop_penalty": 2.0},
     "groups-fsdp": {},
     "sft-ddp": {"micro_batch_size": 1},  # the SFT baseline: two micro-batches per rank
+    # micro-batches by tokens: each rank cuts its rows by length, so the ranks may run
+    # different numbers of micro-batches (DDP syncs once, in each rank's last backward)
+    "tokens-ddp": {"micro_batch_size": 8, "micro_batch_tokens": 170},
 }
 COMPARED = (
     "loss", "pg_loss", "sft_loss", "reward_mean", "reward_std", "kl_mean", "answer_logp_mean",

@@ -120,6 +120,60 @@ def _trained(optimizer_cls, steps: int = 4, **kwargs):
     return model, optimizer
 
 
+@pytest.mark.parametrize("chunk_bytes,amsgrad", [(1000, True), (6, False)])
+def test_host_state_adamw_in_slices_is_adamw_bit_for_bit(chunk_bytes, amsgrad):
+    """Parameters larger than a chunk, updated in slices of odd sizes (125 float32 elements;
+    one element), from their first step (AdamW creates a slice's moments) on."""
+    want, plain = _trained(torch.optim.AdamW, amsgrad=amsgrad)
+    got, offloaded = _trained(HostStateAdamW, chunk_bytes=chunk_bytes, amsgrad=amsgrad)
+    names = ("exp_avg", "exp_avg_sq", "step") + (("max_exp_avg_sq",) if amsgrad else ())
+    for a, b in zip(want.parameters(), got.parameters()):
+        assert torch.equal(a, b)
+        for name in names:
+            assert torch.equal(plain.state[a][name], offloaded.state[b][name]), name
+            assert offloaded.state[b][name].shape == plain.state[a][name].shape
+
+
+def test_host_state_adamw_chunks_cover_each_parameter_once_within_the_budget():
+    model = tiny.model()
+    params = list(model.parameters())
+    optimizer = HostStateAdamW(params, chunk_bytes=3000)
+    chunks = optimizer._chunks(params, split=True)
+    covered = {id(p): [] for p in params}
+    for chunk in chunks:
+        assert sum(2 * (end - begin) * p.element_size() for p, begin, end in chunk) <= 3000
+        assert len({id(p) for p, _, _ in chunk}) == len(chunk)  # no parameter twice in a chunk
+        for p, begin, end in chunk:
+            covered[id(p)].append((begin, end))
+    for p in params:
+        pieces = covered[id(p)]
+        assert pieces[0][0] == 0 and pieces[-1][1] == p.numel()
+        assert all(a[1] == b[0] for a, b in zip(pieces, pieces[1:]))
+    assert any(len(covered[id(p)]) > 1 for p in params)
+    # Without split (loading a state) every parameter is one piece.
+    assert all(
+        (begin, end) == (0, p.numel()) for chunk in optimizer._chunks(params) for p, begin, end in chunk
+    )
+
+
+def test_host_state_adamw_restores_sliced_parameters_when_the_update_raises(monkeypatch):
+    model = tiny.model()
+    params = list(model.parameters())
+    optimizer = HostStateAdamW(params, lr=1e-3, chunk_bytes=1000)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    shapes = [(p.shape, p.grad.shape) for p in params]
+
+    def fails(self, *args, **kwargs):
+        raise RuntimeError("update failed")
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", fails)
+    with pytest.raises(RuntimeError, match="update failed"):
+        optimizer.step()
+    assert [(p.shape, p.grad.shape) for p in params] == shapes
+    assert [g["params"] for g in optimizer.param_groups] == [params]
+
+
 def test_host_state_adamw_is_adamw_bit_for_bit():
     want, plain = _trained(torch.optim.AdamW)
     # Small chunks: many chunks per group, each updated on its own.
@@ -168,6 +222,7 @@ def test_host_state_adamw_loads_a_chunk_at_a_time(monkeypatch):
     optimizer.load_state_dict(plain.state_dict())
     chunks = optimizer._chunks([p for g in optimizer.param_groups for p in g["params"]])
     assert len(loads) == len(chunks) > 2 and loads == [len(c) for c in chunks]
+    assert all((begin, end) == (0, p.numel()) for c in chunks for p, begin, end in c)
     assert len(optimizer.state) == len(list(model.parameters()))
 
 
@@ -229,6 +284,33 @@ def test_cuda_host_state_adamw_matches_adamw_on_the_device():
             assert all(m.device.type == "cpu" and m.is_pinned() for m in moments)
     for a, b in zip(results[torch.optim.AdamW], results[HostStateAdamW]):
         assert torch.equal(a, b)
+
+
+@needs_cuda
+def test_cuda_host_state_adamw_holds_one_chunk_of_state_on_the_device():
+    """A parameter of 8 MiB of moments (an embedding's shape) updated with 1 MiB chunks: the
+    step's device memory beyond the weights and gradients stays near one chunk (the moments'
+    copies and AdamW's temporaries), where a whole-parameter chunk would take 8 MiB and more;
+    and the update is torch's AdamW's on the device."""
+    results = {}
+    for cls, kwargs in ((torch.optim.AdamW, {}), (HostStateAdamW, {"chunk_bytes": 1 << 20})):
+        torch.manual_seed(0)
+        embedding = torch.nn.Embedding(8191, 128).cuda()  # 1,048,448 float32 elements
+        optimizer = cls(embedding.parameters(), lr=1e-3, weight_decay=0.05, **kwargs)
+        ids = torch.randint(0, 8191, (64,), device="cuda")
+        for _ in range(3):
+            embedding(ids).square().sum().backward()
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            optimizer.step()
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() - before
+            optimizer.zero_grad(set_to_none=True)
+        results[cls] = embedding.weight.detach().cpu()
+        if cls is HostStateAdamW:
+            assert peak <= 3 * (1 << 20), peak
+    assert torch.equal(results[torch.optim.AdamW], results[HostStateAdamW])
 
 
 @needs_cuda

@@ -9,8 +9,10 @@ import pytest
 import torch
 import transformers
 
+from latro_engine import scoring
 from latro_engine.rollout import Rollout
 from latro_engine.scoring import (
+    length_batches,
     pack_sequences,
     reference_logprobs,
     score_reference,
@@ -180,6 +182,7 @@ def test_bad_inputs_raise_errors_naming_the_argument(llama):
          "answer_lengths is only for a right-padded answer_ids tensor, got answer_ids as token lists"),
         (dict(answer_lengths=a_len), ValueError, "answer_lengths is only for.*got answer_ids as None"),
         (dict(micro_batch_size=-1), ValueError, "micro_batch_size must be >= 1"),
+        (dict(max_tokens=-5), ValueError, r"max_tokens must be >= 1 \(None or 0: no limit\), got -5"),
         (dict(answer_ids=ANSWERS[:2], group_size=0), ValueError, "group_size must be >= 1, got 0"),
     ]
     good = dict(prompt_ids=ids, prompt_mask=mask, rationale_ids=r_ids, rationale_lengths=r_len)
@@ -194,16 +197,49 @@ def test_bad_inputs_raise_errors_naming_the_argument(llama):
     torch.testing.assert_close(got.answer_logp, want.answer_logp)
 
 
-def test_micro_batches_equal_one_batch(llama):
+def test_micro_batches_equal_one_batch(llama, monkeypatch):
+    """By rows, by tokens and by both: the same sums in the input order as one forward, and
+    every forward within its limits."""
     prompts, rationales = PROMPTS * 2, RATIONALES[::-1] * 2
     answers = ANSWERS * 2
     ids, mask, r_ids, r_len = _inputs(prompts, rationales)
+    widths: list[tuple[int, int]] = []
+    score_batch = scoring._score_batch
+
+    def recorded(model, ids, mask, *args):
+        widths.append((ids.shape[0], int(mask.sum(-1).max())))
+        return score_batch(model, ids, mask, *args)
+
     with torch.no_grad():
         whole = score_sequences(llama, ids, mask, r_ids, r_len, answers)
-        for size in (1, 3, 5):
-            part = score_sequences(llama, ids, mask, r_ids, r_len, answers, micro_batch_size=size)
+        monkeypatch.setattr(scoring, "_score_batch", recorded)
+        for size, tokens in ((1, None), (3, None), (5, None), (None, 40), (None, 1), (3, 45)):
+            widths.clear()
+            part = score_sequences(llama, ids, mask, r_ids, r_len, answers, micro_batch_size=size,
+                                   max_tokens=tokens)
             torch.testing.assert_close(part.rationale_logp, whole.rationale_logp, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(part.answer_logp, whole.answer_logp, rtol=1e-5, atol=1e-5)
+            assert sum(rows for rows, _ in widths) == len(prompts)
+            assert len(widths) > 1, (size, tokens)
+            for rows, longest in widths:
+                assert rows <= (size or rows)
+                if tokens:
+                    assert rows == 1 or rows * longest <= tokens, (size, tokens)
+
+
+@pytest.mark.parametrize(
+    "lengths,max_rows,max_tokens,want",
+    [
+        ([5, 3, 9, 3], None, None, [[1, 3, 0, 2]]),  # by length, stable
+        ([5, 3, 9, 3], 3, None, [[1, 3, 0], [2]]),
+        ([5, 3, 9, 3], None, 10, [[1, 3], [0], [2]]),  # 3 x 5 > 10; 9 alone
+        ([5, 3, 9, 3], 0, 0, [[1, 3, 0, 2]]),  # 0: no limit
+        ([20, 2, 2, 2, 2], 3, 8, [[1, 2, 3], [4], [0]]),  # rows first, a row over the budget alone
+        ([], 4, 100, []),
+    ],
+)
+def test_length_batches(lengths, max_rows, max_tokens, want):
+    assert length_batches(lengths, max_rows, max_tokens) == want
 
 
 def test_rollout_with_per_prompt_answers_and_no_answer(llama):

@@ -399,18 +399,26 @@ def _latro_gradient_float64(model, ref_model, rollout, answers, config):
 
 
 @pytest.mark.parametrize(
-    "micro_batch_size,penalty_mode,penalty",
-    [(3, "constant", -10.0), (3, "batch_mean", 2.0), (4, "constant", -10.0), (4, "batch_mean", 2.0)],
+    "micro_batch_size,penalty_mode,penalty,micro_batch_tokens",
+    [
+        (3, "constant", -10.0, 0),
+        (3, "batch_mean", 2.0, 0),
+        (4, "constant", -10.0, 0),
+        (4, "batch_mean", 2.0, 0),
+        (8, "constant", -10.0, 170),
+    ],
 )
 def test_a_step_takes_the_gradient_of_the_latro_estimator(
-    tmp_path, monkeypatch, micro_batch_size, penalty_mode, penalty
+    tmp_path, monkeypatch, micro_batch_size, penalty_mode, penalty, micro_batch_tokens
 ):
     """End to end against _latro_gradient_float64: a reference that differs from the policy
     (a KL term), rationales that never stopped, stopped early or are empty, sft_weight 0.3; the
-    two-pass path (micro-batches of 3) and whole groups (4, with the constant penalty)."""
+    two-pass path (micro-batches of 3), whole groups (4, with the constant penalty) and
+    micro-batches cut by a token budget (up to 8 rows: the two-pass path, rows of the two
+    groups mixed)."""
     config = tiny.config(tmp_path, micro_batch_size=micro_batch_size, penalty_mode=penalty_mode,
                          nonstop_penalty=penalty, sft_weight=0.3, kl_coef=0.25, bf16="off",
-                         max_grad_norm=0.0)
+                         max_grad_norm=0.0, micro_batch_tokens=micro_batch_tokens)
     trainer = LatroTrainer(tiny.model(), tiny.tokenizer(), tiny.examples(16), config)
     with torch.no_grad():
         g = torch.Generator().manual_seed(7)
@@ -443,20 +451,28 @@ def test_a_step_takes_the_gradient_of_the_latro_estimator(
                                    msg=lambda m, name=name: f"{name}: {m}")
 
 
-def test_known_advantages_micro_batches_take_rows_of_similar_length(tmp_path, monkeypatch):
+@pytest.mark.parametrize("micro_batch_tokens", [0, 170])
+def test_known_advantages_micro_batches_take_rows_of_similar_length(
+    tmp_path, monkeypatch, micro_batch_tokens
+):
     """A micro-batch is as wide as its longest row. With the advantages known any rows may share
     one, so the gradient pass takes the rows in order of length: no row of a micro-batch is
-    longer than a row of the next, and every row comes once."""
-    config = tiny.config(tmp_path, micro_batch_size=3, penalty_mode="batch_mean", nonstop_penalty=2.0)
+    longer than a row of the next, and every row comes once. With micro_batch_tokens a
+    micro-batch's rows x its longest row stay within the budget (a longer row alone), and the
+    no-grad passes take four times the rows and tokens."""
+    config = tiny.config(tmp_path, micro_batch_size=3, penalty_mode="batch_mean", nonstop_penalty=2.0,
+                         micro_batch_tokens=micro_batch_tokens)
     trainer = LatroTrainer(tiny.model(), tiny.tokenizer(), tiny.examples(16), config)
-    seen: dict = {"batches": []}
+    seen: dict = {"batches": [], "no_grad": []}
     rollout_fn, score_fn = trainer._rollout, trainer._score
     monkeypatch.setattr(trainer, "_rollout", lambda *a: seen.setdefault("rollout", rollout_fn(*a)))
 
-    def score(rollout, rows, answers, micro_batch_size=None, weights=None):
+    def score(rollout, rows, answers, weights=None, **kwargs):
         if weights is not None:  # the gradient pass's calls
             seen["batches"].append(rows.tolist())
-        return score_fn(rollout, rows, answers, micro_batch_size=micro_batch_size, weights=weights)
+        else:
+            seen["no_grad"].append(kwargs)
+        return score_fn(rollout, rows, answers, weights=weights, **kwargs)
 
     monkeypatch.setattr(trainer, "_score", score)
     trainer.train_step()
@@ -467,6 +483,13 @@ def test_known_advantages_micro_batches_take_rows_of_similar_length(tmp_path, mo
     assert sorted(i for b in batches for i in b) == list(range(rollout.batch_size))
     for this, after in zip(batches, batches[1:]):
         assert max(lengths[i] for i in this) <= min(lengths[i] for i in after)
+    assert all(len(b) <= 3 for b in batches)
+    assert seen["no_grad"] == [{"micro_batch_size": 12, "max_tokens": 4 * micro_batch_tokens}]
+    if micro_batch_tokens:
+        assert any(len(b) < 3 for b in batches[:-1]), "the budget never cut a micro-batch"
+        for b in batches:
+            assert len(b) == 1 or len(b) * max(lengths[i] for i in b) <= micro_batch_tokens
+
 
 @pytest.mark.parametrize(
     "lengths,want",
@@ -495,10 +518,10 @@ def test_whole_group_micro_batches_split_their_forward_by_length(tmp_path, monke
     rollout_fn, score_fn = trainer._rollout, trainer._score
     monkeypatch.setattr(trainer, "_rollout", lambda *a: seen.setdefault("rollout", rollout_fn(*a)))
 
-    def score(rollout, rows, answers, micro_batch_size=None, weights=None):
+    def score(rollout, rows, answers, micro_batch_size=None, **kwargs):
         if torch.is_grad_enabled():
             seen["sizes"].append(micro_batch_size)
-        return score_fn(rollout, rows, answers, micro_batch_size=micro_batch_size, weights=weights)
+        return score_fn(rollout, rows, answers, micro_batch_size=micro_batch_size, **kwargs)
 
     monkeypatch.setattr(trainer, "_score", score)
     _capture_gradients(trainer, monkeypatch, seen)
