@@ -434,6 +434,24 @@ def bench_sample(device: torch.device, small: bool) -> None:
     table("sample_slices", f"plain sampling (temperature 1), rows of {v:,} logits split over "
           f"blocks ({sms} SMs)", slice_rows)
 
+    # The plain kernels' L2 prefetch distance (LATRO_CUDA_SAMPLE_PLAIN_PREFETCH, iterations
+    # ahead; 0 = none, the default until timed), whole rows and the rollout's sliced rows.
+    prefetch_rows = []
+    with cuda_checks("off"):
+        for label, x in (("float32, flat", logits), ("float32, peaked", peaked),
+                         ("bfloat16, flat (a rollout's: sliced)", logits[:64].to(torch.bfloat16))):
+            row = {"rows, dtype, logits": f"{x.shape[0]}, {label}"}
+            for ahead in (0, 1, 2, 4, 8):
+                with environment("LATRO_CUDA_SAMPLE_PLAIN_PREFETCH", str(ahead)):
+                    row[f"prefetch {ahead} ms"] = time_ms(
+                        lambda x=x: ops.sample(x, seed=seeds[: x.shape[0]], offset=offset),
+                        device,
+                        repeat=50,
+                    )
+            prefetch_rows.append(row)
+    table("sample_plain_prefetch", "plain sampling (temperature 1), L2 prefetch iterations ahead "
+          "(0 = none, the default)", prefetch_rows)
+
 
 # ----------------------------------------------------------------------------- attention
 def torch_rotary(x, cos, sin):

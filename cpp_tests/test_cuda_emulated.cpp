@@ -286,6 +286,23 @@ TEST(EmulatedSampleLarge, L2PrefetchChangesNoDraw) {
   }
 }
 
+TEST(EmulatedSampleLarge, PlainL2PrefetchChangesNoDraw) {
+  // LATRO_CUDA_SAMPLE_PLAIN_PREFETCH: the plain kernels' pass prefetches the same way (each
+  // byte prefetched is read here, so ASan checks the bound), over whole rows and slices, in
+  // every dtype and with misaligned row starts.
+  const ScopedVariable tuned("LATRO_CUDA_SAMPLE_PLAIN_PREFETCH", "3");
+  const Options plain{1.0f, 0, 1.0f, 0.0f};
+  for (DType dtype : {DType::Float32, DType::BFloat16, DType::Float16}) {
+    SCOPED_TRACE(latro::dtype_name(dtype));
+    std::mt19937 rng(41);
+    const Matrix logits = random_matrix(dtype, 3, 20011, 20011 + 3, rng, 2.0);
+    for (int64_t slices : {1, 4}) {
+      SCOPED_TRACE(std::to_string(slices) + " slices");
+      expect_cpu_draws(logits, {3, 5, 8}, true, 2, plain, nullptr, false, slices);
+    }
+  }
+}
+
 TEST(EmulatedSampleLarge, TopPAloneOnFlatRowsTakesTheSecondPass) {
   // Top-p alone on flat rows: pass 1 builds the mass histogram (relative to the row prefix's
   // max), and the nucleus ends in a bin that the second pass gathers while it draws over the
@@ -441,7 +458,8 @@ TEST(EmulatedSampleErrors, MalformedTuningVariablesAreErrorsNamingThem) {
   Options filtered;
   filtered.top_k = 1;
   const latro::SampleArgs args = sample_args(logits, seeds, false, &offset, filtered, out);
-  for (const char* name : {"LATRO_CUDA_SAMPLE_PREFETCH", "LATRO_CUDA_SAMPLE_GRID"}) {
+  for (const char* name : {"LATRO_CUDA_SAMPLE_PREFETCH", "LATRO_CUDA_SAMPLE_PLAIN_PREFETCH",
+                           "LATRO_CUDA_SAMPLE_GRID"}) {
     for (const char* bad : {"4abc", "-1", "99999999999999999999"}) {
       const ScopedVariable tuned(name, bad);
       EXPECT_LATRO_ERROR(latro::cuda::sample(args, nullptr),

@@ -83,7 +83,7 @@ struct SampleKernelArgs {
   float top_p;
   float min_p;
   float log_min_p;  // computed on the host exactly as the CPU does
-  int64_t prefetch_ahead;  // LATRO_CUDA_SAMPLE_PREFETCH (see filtered_prefetch), 0: none
+  int64_t prefetch_ahead;  // L2 prefetch distance in iterations (see filtered_prefetch), 0: none
   int64_t* ids;
   float* logprobs;
   uint64_t* status;
@@ -633,7 +633,7 @@ __device__ __forceinline__ FirstPass plain_pass(const SampleKernelArgs& a, int64
         visit(v, s[i], [&] { return noise.bits(static_cast<uint32_t>(v)); });
       }
     }
-  });
+  }, a.prefetch_ahead);
   first.sum = sum;
   first.best = draw.best;
   return block_all_reduce(first, CombineFirstPass{}, scratch);
@@ -1054,6 +1054,10 @@ unsigned int filtered_grid(int64_t rows) {
 // iterations and more were slower.
 int64_t filtered_prefetch() { return tuning_variable("LATRO_CUDA_SAMPLE_PREFETCH", 64, 2); }
 
+// The same for the plain kernels' one pass (LATRO_CUDA_SAMPLE_PLAIN_PREFETCH, whole rows and
+// slices alike). Unset, 0 (none) until a GPU run times it: benchmarks/bench_gpu.py sweeps it.
+int64_t plain_prefetch() { return tuning_variable("LATRO_CUDA_SAMPLE_PLAIN_PREFETCH", 64, 0); }
+
 // The most slices a row is split into, and the fewest tokens a slice holds.
 constexpr int64_t kMaxSlices = 64;
 constexpr int64_t kMinSliceTokens = 4096;
@@ -1128,7 +1132,9 @@ void sample(const SampleArgs& args, const SamplePlan& plan, void* workspace, cud
   const bool top_k_on = args.top_k > 0 && args.top_k < args.vocab;
   const bool top_p_only = args.temperature > 0.0f && !top_k_on && args.top_p < 1.0f &&
                           !(args.min_p > 0.0f);
-  a.prefetch_ahead = plain ? 0 : filtered_prefetch();  // the filtered kernel's alone
+  // Both read (and so checked) for any sampling, as LATRO_CUDA_SAMPLE_SLICES.
+  const int64_t plain_ahead = plain_prefetch(), filtered_ahead = filtered_prefetch();
+  a.prefetch_ahead = plain ? plain_ahead : filtered_ahead;
   const bool unit = args.temperature == 1.0f;
   auto* partials = static_cast<FirstPass*>(workspace);
   LATRO_DISPATCH_DTYPE(args.dtype, T, [&] {
