@@ -290,6 +290,47 @@ def bench_scorer(device: torch.device, small: bool) -> None:
         rows,
     )
 
+    # Where the forward's time beyond the bare matmul goes, per chunk size: the op's vocabulary
+    # blocks' matmuls alone (into its buffer, one -inf column wider rounded up to 64 columns,
+    # and into one exactly as wide as a block) against the whole op (checks off). The blocks
+    # are csrc/torch/registration.cpp's resolve_block_columns: chunk rows x V logits over N
+    # rows, rounded up to 128 columns.
+    def blocked_matmuls(columns: int, width: int) -> Callable[[], None]:
+        buffer = torch.empty(n, width, device=device, dtype=dtype)
+
+        def run() -> None:
+            for begin in range(0, v, columns):
+                m = min(columns, v - begin)
+                torch.mm(hidden, weight[begin : begin + m].t(), out=buffer[:, :m])
+
+        return run
+
+    bare = time_ms(lambda: hidden @ weight.t(), device)
+    parts = []
+    for chunk in (max(1, (1 << 27) // v), 2048, 4096):
+        columns = min(v, _round_up(-(-chunk * v // n), 128))
+        width = _round_up(columns + 1, 64)
+        with cuda_checks("off"):
+            t_op = time_ms(lambda c=chunk: ours_fwd(c), device)
+        t_buffer = time_ms(blocked_matmuls(columns, width), device)
+        t_exact = time_ms(blocked_matmuls(columns, columns), device)
+        parts.append({
+            "chunk rows": chunk,
+            "block columns": columns,
+            "op ms": t_op,
+            "block matmuls, op's buffer ms": t_buffer,
+            "block matmuls, exact width ms": t_exact,
+            "bare matmul ms": bare,
+            "op / bare": _ratio(t_op, bare),
+            "op - block matmuls ms": t_op - t_buffer,
+        })
+    table("scorer_parts", "linear_token_logprobs forward: the vocabulary blocks' matmuls alone "
+          "against the whole op (checks off)", parts)
+
+
+def _round_up(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple
+
 
 def _three_matmuls_ms(hidden: torch.Tensor, weight: torch.Tensor, device: torch.device) -> float:
     """The backward's floor: the forward matmul and the two gradient matmuls."""
