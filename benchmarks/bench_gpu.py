@@ -476,22 +476,26 @@ def bench_sample(device: torch.device, small: bool) -> None:
           f"blocks ({sms} SMs)", slice_rows)
 
     # The plain kernels' L2 prefetch distance (LATRO_CUDA_SAMPLE_PLAIN_PREFETCH, iterations
-    # ahead; 0 = none, the default until timed), whole rows and the rollout's sliced rows.
+    # ahead; 0 = none, the default until timed) without and with each thread's next vector
+    # loaded early (LATRO_CUDA_SAMPLE_PLAIN_LOAD_AHEAD=1), whole rows and the rollout's sliced
+    # rows.
     prefetch_rows = []
     with cuda_checks("off"):
         for label, x in (("float32, flat", logits), ("float32, peaked", peaked),
                          ("bfloat16, flat (a rollout's: sliced)", logits[:64].to(torch.bfloat16))):
-            row = {"rows, dtype, logits": f"{x.shape[0]}, {label}"}
-            for ahead in (0, 1, 2, 4, 8):
-                with environment("LATRO_CUDA_SAMPLE_PLAIN_PREFETCH", str(ahead)):
-                    row[f"prefetch {ahead} ms"] = time_ms(
-                        lambda x=x: ops.sample(x, seed=seeds[: x.shape[0]], offset=offset),
-                        device,
-                        repeat=50,
-                    )
-            prefetch_rows.append(row)
+            for load_ahead in (0, 1):
+                row = {"rows, dtype, logits": f"{x.shape[0]}, {label}", "load ahead": load_ahead}
+                for ahead in (0, 1, 2, 4, 8):
+                    with environment("LATRO_CUDA_SAMPLE_PLAIN_PREFETCH", str(ahead)), \
+                            environment("LATRO_CUDA_SAMPLE_PLAIN_LOAD_AHEAD", str(load_ahead)):
+                        row[f"prefetch {ahead} ms"] = time_ms(
+                            lambda x=x: ops.sample(x, seed=seeds[: x.shape[0]], offset=offset),
+                            device,
+                            repeat=50,
+                        )
+                prefetch_rows.append(row)
     table("sample_plain_prefetch", "plain sampling (temperature 1), L2 prefetch iterations ahead "
-          "(0 = none, the default)", prefetch_rows)
+          "(0 = none, the default) without and with the next vector loaded early", prefetch_rows)
 
 
 # ----------------------------------------------------------------------------- attention
@@ -1121,10 +1125,12 @@ def ours_step(
         set_activation_checkpointing(model, True)
     try:
         with phase("training"):
-            gradient_pass(rollout, advantages, config, score, reference, dist)
+            answer_lengths = [len(a) for a in answers]
+            gradient_pass(rollout, advantages, config, score, reference, dist, answer_lengths)
             guarded_update(
                 model, optimizer, dist, advantages,
-                again=lambda: gradient_pass(rollout, advantages, config, score, reference, dist),
+                again=lambda: gradient_pass(rollout, advantages, config, score, reference, dist,
+                                            answer_lengths),
             )
     finally:
         if checkpointing:

@@ -286,19 +286,29 @@ TEST(EmulatedSampleLarge, L2PrefetchChangesNoDraw) {
   }
 }
 
-TEST(EmulatedSampleLarge, PlainL2PrefetchChangesNoDraw) {
+TEST(EmulatedSampleLarge, PlainPrefetchAndLoadAheadChangeNoDraw) {
   // LATRO_CUDA_SAMPLE_PLAIN_PREFETCH: the plain kernels' pass prefetches the same way (each
-  // byte prefetched is read here, so ASan checks the bound), over whole rows and slices, in
-  // every dtype and with misaligned row starts.
-  const ScopedVariable tuned("LATRO_CUDA_SAMPLE_PLAIN_PREFETCH", "3");
-  const Options plain{1.0f, 0, 1.0f, 0.0f};
-  for (DType dtype : {DType::Float32, DType::BFloat16, DType::Float16}) {
-    SCOPED_TRACE(latro::dtype_name(dtype));
-    std::mt19937 rng(41);
-    const Matrix logits = random_matrix(dtype, 3, 20011, 20011 + 3, rng, 2.0);
-    for (int64_t slices : {1, 4}) {
-      SCOPED_TRACE(std::to_string(slices) + " slices");
-      expect_cpu_draws(logits, {3, 5, 8}, true, 2, plain, nullptr, false, slices);
+  // byte prefetched is read here, so ASan checks the bound); LATRO_CUDA_SAMPLE_PLAIN_LOAD_AHEAD:
+  // each thread loads its next vector before processing the current one (the last vector's
+  // load is not made past the row). Each and both, over whole rows and slices, in every dtype,
+  // with misaligned row starts and temperatures 1 and 0.7.
+  const std::vector<std::pair<const char*, const char*>> settings = {
+      {"3", "0"}, {"0", "1"}, {"2", "1"}};
+  for (const auto& [prefetch, load_ahead] : settings) {
+    const ScopedVariable tuned("LATRO_CUDA_SAMPLE_PLAIN_PREFETCH", prefetch);
+    const ScopedVariable ahead("LATRO_CUDA_SAMPLE_PLAIN_LOAD_AHEAD", load_ahead);
+    for (DType dtype : {DType::Float32, DType::BFloat16, DType::Float16}) {
+      SCOPED_TRACE(std::string(latro::dtype_name(dtype)) + ", prefetch " + prefetch +
+                   ", load ahead " + load_ahead);
+      std::mt19937 rng(41);
+      const Matrix logits = random_matrix(dtype, 3, 20011, 20011 + 3, rng, 2.0);
+      for (int64_t slices : {1, 4}) {
+        SCOPED_TRACE(std::to_string(slices) + " slices");
+        for (float temperature : {1.0f, 0.7f}) {
+          expect_cpu_draws(logits, {3, 5, 8}, true, 2, Options{temperature, 0, 1.0f, 0.0f},
+                           nullptr, false, slices);
+        }
+      }
     }
   }
 }
@@ -459,7 +469,7 @@ TEST(EmulatedSampleErrors, MalformedTuningVariablesAreErrorsNamingThem) {
   filtered.top_k = 1;
   const latro::SampleArgs args = sample_args(logits, seeds, false, &offset, filtered, out);
   for (const char* name : {"LATRO_CUDA_SAMPLE_PREFETCH", "LATRO_CUDA_SAMPLE_PLAIN_PREFETCH",
-                           "LATRO_CUDA_SAMPLE_GRID"}) {
+                           "LATRO_CUDA_SAMPLE_PLAIN_LOAD_AHEAD", "LATRO_CUDA_SAMPLE_GRID"}) {
     for (const char* bad : {"4abc", "-1", "99999999999999999999"}) {
       const ScopedVariable tuned(name, bad);
       EXPECT_LATRO_ERROR(latro::cuda::sample(args, nullptr),

@@ -130,7 +130,12 @@ class HostStateAdamW(torch.optim.AdamW):
         for p in params:
             per_element = 2 * p.element_size()
             n = p.numel()
+            # Slices start at whole multiples of 64 elements where a chunk holds that many:
+            # vectorized update kernels (torch's fused CPU AdamW) round the elements of their
+            # scalar tails differently, and aligned starts keep every element in the path it
+            # takes in the whole parameter's update.
             step = max(1, self.chunk_bytes // per_element)
+            step = step // 64 * 64 if step >= 64 else step
             if split and n > step and self._sliceable(p):
                 pieces = [(begin, min(begin + step, n)) for begin in range(0, n, step)]
             else:
@@ -158,7 +163,9 @@ class HostStateAdamW(torch.optim.AdamW):
         # hooks, which belong to this whole step (wrapped the same way), not to each chunk.
         update = getattr(torch.optim.AdamW.step, "__wrapped__", torch.optim.AdamW.step)
         steps_before: dict[torch.Tensor, torch.Tensor] = {}  # a sliced parameter's step count
-        sliced: dict[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] = {}  # its whole tensors
+        # A sliced parameter's whole data and gradient and its host moments, while a slice
+        # is updated: put back if the update raises.
+        sliced: dict[torch.Tensor, tuple[torch.Tensor, torch.Tensor, dict]] = {}
         try:
             for index in range(len(self.param_groups)):
                 live = [p for p in groups[index] if p.grad is not None]
@@ -176,7 +183,8 @@ class HostStateAdamW(torch.optim.AdamW):
                                 host[name] = state[name]
                         whole = None
                         if end - begin < p.numel():  # a slice: the views are the parameter's
-                            whole = sliced[p] = (p.data, p.grad)
+                            whole = (p.data, p.grad)
+                            sliced[p] = (*whole, host)
                             p.data = whole[0].view(-1)[begin:end]
                             p.grad = whole[1].view(-1)[begin:end]
                             if host:  # each slice starts from the step count before this step
@@ -199,10 +207,19 @@ class HostStateAdamW(torch.optim.AdamW):
                         for name, moment in host.items():
                             moment.view(-1)[begin:end].copy_(state[name], non_blocking=True)
                             state[name] = moment
-                        p.data, p.grad = sliced.pop(p)
+                        p.data, p.grad = sliced.pop(p)[:2]
         finally:
-            for p, (data, grad) in sliced.items():  # an update that raised: whole again
+            # An update that raised: each sliced parameter whole again, with its whole host
+            # moments and the step count it had (no state at all if this was its first step
+            # and no slice of it was done: AdamW made the slice's moments).
+            for p, (data, grad, host) in sliced.items():
                 p.data, p.grad = data, grad
+                if not host:
+                    self.state.pop(p, None)
+                    continue
+                self.state[p].update(host)
+                if p in steps_before:
+                    self.state[p]["step"] = steps_before[p]
             for group, params in zip(self.param_groups, groups):
                 group["params"] = params
         for device in devices:
@@ -214,7 +231,9 @@ class HostStateAdamW(torch.optim.AdamW):
         """AdamW's load, a chunk of parameters at a time: torch's casts every moment to its
         parameter's device at once, which is all the device memory this class exists to
         spare (a resume could run out of memory where training does not). Each chunk's
-        moments go back to the host before the next chunk is loaded."""
+        moments go back to the host before the next chunk is loaded. Chunks hold whole
+        parameters here (torch's load casts whole tensors): a parameter larger than a chunk
+        brings its whole moments to the device for a moment, before any activation exists."""
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         params = [p for group in self.param_groups for p in group["params"]]
         if len(saved_ids) != len(params):  # torch's own check names the mismatch

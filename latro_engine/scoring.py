@@ -208,19 +208,24 @@ def scoring_attention(device: torch.device) -> Iterator[None]:
 
 
 def length_batches(
-    lengths: Sequence[int], max_rows: int | None = None, max_tokens: int | None = None
+    lengths: Sequence[int],
+    max_rows: int | None = None,
+    max_tokens: int | None = None,
+    device: torch.device | None = None,
 ) -> list[list[int]]:
     """The row indices in order of length (stable), cut into batches of at most ``max_rows``
-    rows whose padded size, rows x the longest row's length, is at most ``max_tokens`` (a row
-    longer than that alone). None or 0: no limit. A batch is as wide as its longest row, so
-    rows of similar length share one; a token budget keeps each batch's activations alike
-    whether its rows are short or long (many short rows, few long ones)."""
+    rows whose padded size, rows x the width a forward over them runs at (the longest row's
+    tokens, on ``device`` rounded up as :func:`score_sequences` pads them), is at most
+    ``max_tokens`` (a row wider than that alone). None or 0: no limit. A batch is as wide as
+    its longest row, so rows of similar length share one; a token budget keeps each batch's
+    activations alike whether its rows are short or long (many short rows, few long ones)."""
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
     batches: list[list[int]] = []
     current: list[int] = []
     for i in order:  # ascending: the row that joins is the batch's longest
+        width = lengths[i] if device is None else _attention_width(lengths[i], device)
         full = bool(max_rows) and len(current) >= max_rows
-        too_wide = bool(max_tokens) and (len(current) + 1) * lengths[i] > max_tokens
+        too_wide = bool(max_tokens) and (len(current) + 1) * width > max_tokens
         if current and (full or too_wide):
             batches.append(current)
             current = []
@@ -439,9 +444,9 @@ def score_sequences(
         micro_batch_size: rows per forward (default: all). Rows are sorted by length first so
             micro-batches carry little padding. With grad enabled every micro-batch's graph
             is kept until backward; use it to bound memory under ``torch.no_grad()``.
-        max_tokens: tokens per forward, padding included (rows x the longest row's tokens;
-            a longer row alone; None or 0: no limit), with ``micro_batch_size`` or alone
-            (see :func:`length_batches`).
+        max_tokens: tokens per forward, padding included (rows x the width the longest
+            row's tokens run at; a wider row alone; None or 0: no limit), with
+            ``micro_batch_size`` or alone (see :func:`length_batches`).
         fast_path: None picks automatically: decoder body + ``ops.linear_token_logprobs`` on
             the LM head, which never materializes ``[B, T, V]`` logits, unless the head is
             not a plain ``nn.Linear`` (e.g. LoRA on the head) or the model transforms its
@@ -506,7 +511,7 @@ def score_sequences(
                                                  a_ids, a_len, longest=max(lengths, default=0))
     counts = (r_len, a_len)
     # Rows by length (stable), so micro-batches carry little padding.
-    batches = length_batches(lengths, micro_batch_size, max_tokens)
+    batches = length_batches(lengths, micro_batch_size, max_tokens, device)
     if len(batches) <= 1:
         if rows == 0:
             empty = torch.zeros(0, dtype=torch.float32, device=device)

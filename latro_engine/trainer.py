@@ -148,13 +148,16 @@ def gradient_pass(
     score: Score,
     reference: Reference,
     dist: Distributed,
+    answer_lengths: Sequence[int] | None = None,
 ) -> dict[str, float]:
     """Accumulates the step's gradient over micro-batches (their losses weighted by their share
     of the rows); returns latro_loss's stats averaged over them. With ``advantages`` the loss is
     linear in the scores with known coefficients and each scoring pass takes its gradient as it
     goes (``loss_weights``: three LM-head matmuls instead of four), and micro-batches take the
     rows in order of length; without, the reference scores every row first (one pass) and
-    each micro-batch (whole groups, in order) computes its own rewards."""
+    each micro-batch (whole groups, in order) computes its own rewards. ``answer_lengths``:
+    each row's answer tokens, counted in ``micro_batch_tokens`` (the scored rows are
+    ``[x, z, y]``)."""
     total, mb = rollout.batch_size, config.micro_batch_size
     device = rollout.prompt_ids.device
     lengths = rollout.prompt_mask.sum(-1) + rollout.rationale_lengths
@@ -163,7 +166,10 @@ def gradient_pass(
         # do, as a micro-batch is as wide as its longest row (rationales that stop early would
         # otherwise be padded to the length of those that ran on), up to micro_batch_size rows
         # and micro_batch_tokens tokens.
-        batches = length_batches(lengths.tolist(), mb, config.micro_batch_tokens)
+        tokens = lengths.tolist()
+        if answer_lengths is not None:
+            tokens = [t + a for t, a in zip(tokens, answer_lengths, strict=True)]
+        batches = length_batches(tokens, mb, config.micro_batch_tokens, device)
     else:  # whole groups, in order
         batches = [list(range(b, min(b + mb, total))) for b in range(0, total, mb)]
     sums: dict[str, float] = {}
@@ -770,7 +776,8 @@ class LatroTrainer(_Trainer):
 
         advantages, stats = advantages_pass(rollout, config, score, reference, self.dist)
         score_time = time.perf_counter() - start - rollout_time
-        sums = gradient_pass(rollout, advantages, config, score, reference, self.dist)
+        sums = gradient_pass(rollout, advantages, config, score, reference, self.dist,
+                             answer_lengths=[len(a) for a in answers])
         grad_norm, finite = self._apply_gradients(sums.get("loss", 0.0))
         elapsed = time.perf_counter() - start
         lengths = rollout.rationale_lengths.float()
@@ -812,7 +819,9 @@ class SFTTrainer(_Trainer):
         # Micro-batches of questions of similar length (up to micro_batch_size rows and
         # micro_batch_tokens tokens), as in the LaTRO step's gradient pass.
         lengths = [p + len(a) for p, a in zip(prompt_mask.sum(-1).tolist(), answers)]
-        batches = length_batches(lengths, config.micro_batch_size, config.micro_batch_tokens)
+        batches = length_batches(
+            lengths, config.micro_batch_size, config.micro_batch_tokens, self.device
+        )
         for number, batch in enumerate(batches):
             sl = torch.tensor(batch, device=self.device)
             with self.dist.gradient_sync(number == len(batches) - 1):

@@ -39,7 +39,7 @@ RECIPES = {
     "sft-ddp": {"micro_batch_size": 1},  # the SFT baseline: two micro-batches per rank
     # micro-batches by tokens: each rank cuts its rows by length, so the ranks may run
     # different numbers of micro-batches (DDP syncs once, in each rank's last backward)
-    "tokens-ddp": {"micro_batch_size": 8, "micro_batch_tokens": 170},
+    "tokens-ddp": {"micro_batch_size": 8, "micro_batch_tokens": 200},
 }
 COMPARED = (
     "loss", "pg_loss", "sft_loss", "reward_mean", "reward_std", "kl_mean", "answer_logp_mean",

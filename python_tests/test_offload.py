@@ -120,12 +120,22 @@ def _trained(optimizer_cls, steps: int = 4, **kwargs):
     return model, optimizer
 
 
-@pytest.mark.parametrize("chunk_bytes,amsgrad", [(1000, True), (6, False)])
-def test_host_state_adamw_in_slices_is_adamw_bit_for_bit(chunk_bytes, amsgrad):
-    """Parameters larger than a chunk, updated in slices of odd sizes (125 float32 elements;
-    one element), from their first step (AdamW creates a slice's moments) on."""
-    want, plain = _trained(torch.optim.AdamW, amsgrad=amsgrad)
-    got, offloaded = _trained(HostStateAdamW, chunk_bytes=chunk_bytes, amsgrad=amsgrad)
+@pytest.mark.parametrize(
+    "chunk_bytes,options",
+    [
+        (1000, {"amsgrad": True}),  # slices of 64 float32 elements (125 rounded down)
+        (6, {}),  # of one element
+        (1000, {"fused": True}),  # torch's vectorized CPU kernel: slices start aligned
+        (1000, {"fused": True, "amsgrad": True}),
+        (264, {"foreach": False}),
+    ],
+)
+def test_host_state_adamw_in_slices_is_adamw_bit_for_bit(chunk_bytes, options):
+    """Parameters larger than a chunk, updated in slices, from their first step (AdamW creates
+    a slice's moments) on, with AdamW's implementations on the CPU."""
+    amsgrad = options.get("amsgrad", False)
+    want, plain = _trained(torch.optim.AdamW, **options)
+    got, offloaded = _trained(HostStateAdamW, chunk_bytes=chunk_bytes, **options)
     names = ("exp_avg", "exp_avg_sq", "step") + (("max_exp_avg_sq",) if amsgrad else ())
     for a, b in zip(want.parameters(), got.parameters()):
         assert torch.equal(a, b)
@@ -156,22 +166,42 @@ def test_host_state_adamw_chunks_cover_each_parameter_once_within_the_budget():
     )
 
 
-def test_host_state_adamw_restores_sliced_parameters_when_the_update_raises(monkeypatch):
+@pytest.mark.parametrize("first_step", [True, False])
+def test_host_state_adamw_restores_sliced_parameters_when_the_update_raises(monkeypatch, first_step):
+    """An update that raises in the middle of a step (the third chunk) leaves every parameter,
+    gradient and moment whole-shaped, so the next step runs (and a checkpoint holds the
+    usual shapes)."""
     model = tiny.model()
     params = list(model.parameters())
     optimizer = HostStateAdamW(params, lr=1e-3, chunk_bytes=1000)
     for p in params:
         p.grad = torch.ones_like(p)
+    if not first_step:
+        optimizer.step()
     shapes = [(p.shape, p.grad.shape) for p in params]
+    update = torch.optim.AdamW.step
+    calls = []
 
-    def fails(self, *args, **kwargs):
-        raise RuntimeError("update failed")
+    def fails_third(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("update failed")
+        return getattr(update, "__wrapped__", update)(self, *args, **kwargs)
 
-    monkeypatch.setattr(torch.optim.AdamW, "step", fails)
+    monkeypatch.setattr(torch.optim.AdamW, "step", fails_third)
     with pytest.raises(RuntimeError, match="update failed"):
         optimizer.step()
+    monkeypatch.setattr(torch.optim.AdamW, "step", update)
     assert [(p.shape, p.grad.shape) for p in params] == shapes
     assert [g["params"] for g in optimizer.param_groups] == [params]
+    for p, state in optimizer.state.items():
+        for name in ("exp_avg", "exp_avg_sq"):
+            assert state[name].shape == p.shape, name
+        # done before the failure, or put back to the count before this step
+        assert float(state["step"]) in ((0.0, 1.0) if first_step else (1.0, 2.0))
+    optimizer.step()
+    for p in params:
+        assert optimizer.state[p]["exp_avg"].shape == p.shape
 
 
 def test_host_state_adamw_is_adamw_bit_for_bit():

@@ -242,6 +242,14 @@ def test_length_batches(lengths, max_rows, max_tokens, want):
     assert length_batches(lengths, max_rows, max_tokens) == want
 
 
+def test_length_batches_count_the_width_a_forward_runs_at():
+    """On CUDA a forward over rows of 33 or 40 tokens runs 96 wide (whole steps of 32, never
+    64 mod 128: scoring._attention_width): the budget counts that, not the tokens."""
+    assert length_batches([33, 20, 40], None, 200) == [[1, 0, 2]]
+    assert length_batches([33, 20, 40], None, 200, torch.device("cpu")) == [[1, 0, 2]]
+    assert length_batches([33, 20, 40], None, 200, torch.device("cuda")) == [[1, 0], [2]]
+
+
 def test_rollout_with_per_prompt_answers_and_no_answer(llama):
     ids, mask, r_ids, r_len = _inputs()
     k = 2

@@ -137,6 +137,37 @@ def test_sft_baseline_trains(tmp_path):
     assert records[-1]["loss"] < records[0]["loss"] * 1.5
 
 
+def test_sft_micro_batches_by_tokens_take_the_same_gradient(tmp_path, monkeypatch):
+    """SFT's micro-batches by length and tokens (up to 8 rows, budgets that cut them to two or
+    three questions, rows x width within the budget) give the gradient of one micro-batch of
+    every question."""
+    grads, forwards = {}, {}
+    for tokens in (0, 180, 270):
+        config = tiny.config(tmp_path / str(tokens), prompts_per_step=5, micro_batch_size=8,
+                             micro_batch_tokens=tokens, bf16="off")
+        trainer = SFTTrainer(tiny.model(), tiny.tokenizer(), tiny.examples(8), config)
+        seen: dict = {}
+        widths: list[tuple[int, int]] = []
+        scorer = trainer._scorer
+
+        def recorded(prompt_ids, prompt_mask, r_ids, r_len, answers, scorer=scorer,
+                     widths=widths, **kwargs):
+            widths.append((len(answers), int(max(
+                int(m.sum()) + len(a) for m, a in zip(prompt_mask, answers)))))
+            return scorer(prompt_ids, prompt_mask, r_ids, r_len, answers, **kwargs)
+
+        monkeypatch.setattr(trainer, "_scorer", recorded)
+        _capture_gradients(trainer, monkeypatch, seen)
+        trainer.train_step()
+        grads[tokens], forwards[tokens] = seen["grads"], widths
+    assert len(forwards[0]) == 1 and len(forwards[180]) > len(forwards[270]) > 1
+    for tokens in (180, 270):
+        assert sum(rows for rows, _ in forwards[tokens]) == 5
+        assert all(rows == 1 or rows * width <= tokens for rows, width in forwards[tokens])
+        for got, want in zip(grads[tokens], grads[0]):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
 def test_evaluate_writes_per_example_jsonl(tmp_path):
     config = tiny.config(tmp_path)
     data = tiny.examples(5)
@@ -405,7 +436,7 @@ def _latro_gradient_float64(model, ref_model, rollout, answers, config):
         (3, "batch_mean", 2.0, 0),
         (4, "constant", -10.0, 0),
         (4, "batch_mean", 2.0, 0),
-        (8, "constant", -10.0, 170),
+        (8, "constant", -10.0, 200),
     ],
 )
 def test_a_step_takes_the_gradient_of_the_latro_estimator(
@@ -451,7 +482,7 @@ def test_a_step_takes_the_gradient_of_the_latro_estimator(
                                    msg=lambda m, name=name: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("micro_batch_tokens", [0, 170])
+@pytest.mark.parametrize("micro_batch_tokens", [0, 200])
 def test_known_advantages_micro_batches_take_rows_of_similar_length(
     tmp_path, monkeypatch, micro_batch_tokens
 ):
@@ -476,8 +507,10 @@ def test_known_advantages_micro_batches_take_rows_of_similar_length(
 
     monkeypatch.setattr(trainer, "_score", score)
     trainer.train_step()
-    rollout, _ = seen["rollout"]
-    lengths = (rollout.prompt_mask.sum(-1) + rollout.rationale_lengths).tolist()
+    rollout, answers = seen["rollout"]
+    # the scored rows' tokens: [x, z, y]
+    lengths = [int(p + r) + len(a) for p, r, a in
+               zip(rollout.prompt_mask.sum(-1), rollout.rationale_lengths, answers)]
     assert len(set(lengths)) > 1, "the rollout's rows all have one length: nothing to order"
     batches = seen["batches"]
     assert sorted(i for b in batches for i in b) == list(range(rollout.batch_size))

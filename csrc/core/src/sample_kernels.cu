@@ -47,6 +47,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstdlib>
+#include <type_traits>
 
 #include "cuda_common.cuh"
 #include "latro/gumbel.h"
@@ -577,8 +578,9 @@ __device__ __forceinline__ float fast_exp(float x) {
 // blocks: each slice's block reduces its tokens to a partial (max, normalizer, best key) and
 // a second kernel merges a row's partials. Keys compare exactly and the best key is the same
 // whichever block saw it, so the ids do not depend on the slices; the normalizer differs by the
-// rounding of its merge (float64). kUnit: temperature 1, no division (x / 1 == x).
-template <typename T, bool kUnit>
+// rounding of its merge (float64). kUnit: temperature 1, no division (x / 1 == x). kLoadAhead:
+// see for_each_in_row (LATRO_CUDA_SAMPLE_PLAIN_LOAD_AHEAD).
+template <typename T, bool kUnit, bool kLoadAhead>
 __device__ __forceinline__ FirstPass plain_pass(const SampleKernelArgs& a, int64_t row,
                                                 int64_t begin, int64_t end, int64_t step,
                                                 FirstPass* scratch) {
@@ -600,7 +602,7 @@ __device__ __forceinline__ FirstPass plain_pass(const SampleKernelArgs& a, int64
     draw.offer(v, s, p, first.max, bits);  // first.max <= the row max: its skips stay exact
   };
   const T* x = static_cast<const T*>(a.logits) + row * a.row_stride + begin;
-  for_each_in_row(x, end - begin, [&](int64_t from, const auto& values) {
+  for_each_in_row<kLoadAhead>(x, end - begin, [&](int64_t from, const auto& values) {
     constexpr int n = count_of<decltype(values)>;
     const int64_t base = begin + from;  // the token index within the row
     float s[n];
@@ -666,12 +668,12 @@ __device__ __forceinline__ void draw_plain_rows(const SampleKernelArgs& a, First
 }
 
 // One block per row.
-template <typename T, bool kUnit>
+template <typename T, bool kUnit, bool kLoadAhead>
 __global__ void __launch_bounds__(kThreads) plain_sample_kernel(SampleKernelArgs a) {
   alignas(16) __shared__ unsigned char scratch[(kMaxWarps + 1) * sizeof(FirstPass)];
   draw_plain_rows(a, reinterpret_cast<FirstPass*>(scratch),
                   [&](int64_t row, int64_t step, FirstPass* sh) {
-                    return plain_pass<T, kUnit>(a, row, 0, a.vocab, step, sh);
+                    return plain_pass<T, kUnit, kLoadAhead>(a, row, 0, a.vocab, step, sh);
                   });
 }
 
@@ -686,7 +688,7 @@ int64_t slice_length(int64_t vocab, int64_t slices) {
 // row b / slices, tokens [slice x length, + length) cut at the row's end, to partials[b];
 // nothing with a negative offset (the combining kernel fails every row then). No loop and
 // 32-bit indices: the 64 registers of two blocks per SM hold the half-precision forms only so.
-template <typename T, bool kUnit>
+template <typename T, bool kUnit, bool kLoadAhead>
 __global__ void __launch_bounds__(kThreads) plain_sample_slices_kernel(SampleKernelArgs a,
                                                                        uint32_t slices,
                                                                        int64_t length,
@@ -698,7 +700,7 @@ __global__ void __launch_bounds__(kThreads) plain_sample_slices_kernel(SampleKer
   const int64_t start = static_cast<int64_t>(blockIdx.x - row * slices) * length;
   const int64_t begin = start < a.vocab ? start : a.vocab;
   const int64_t end = begin + length < a.vocab ? begin + length : a.vocab;
-  const FirstPass first = plain_pass<T, kUnit>(a, row, begin, end, step,
+  const FirstPass first = plain_pass<T, kUnit, kLoadAhead>(a, row, begin, end, step,
                                                reinterpret_cast<FirstPass*>(scratch));
   if (threadIdx.x == 0) partials[blockIdx.x] = first;
 }
@@ -1058,6 +1060,13 @@ int64_t filtered_prefetch() { return tuning_variable("LATRO_CUDA_SAMPLE_PREFETCH
 // slices alike). Unset, 0 (none) until a GPU run times it: benchmarks/bench_gpu.py sweeps it.
 int64_t plain_prefetch() { return tuning_variable("LATRO_CUDA_SAMPLE_PLAIN_PREFETCH", 64, 0); }
 
+// LATRO_CUDA_SAMPLE_PLAIN_LOAD_AHEAD=1: the plain kernels of float32 logits load each thread's
+// next vector before processing the current one (for_each_in_row's kLoadAhead), a second load
+// in flight (59-64 registers against 40, ptxas sm_90: still two blocks per SM; the 16-bit
+// kernels, at 64 already, would spill: they ignore it).
+// Unset, 0 until a GPU run times it (benchmarks/bench_gpu.py sweeps it).
+bool plain_load_ahead() { return tuning_variable("LATRO_CUDA_SAMPLE_PLAIN_LOAD_AHEAD", 1) == 1; }
+
 // The most slices a row is split into, and the fewest tokens a slice holds.
 constexpr int64_t kMaxSlices = 64;
 constexpr int64_t kMinSliceTokens = 4096;
@@ -1134,30 +1143,37 @@ void sample(const SampleArgs& args, const SamplePlan& plan, void* workspace, cud
                           !(args.min_p > 0.0f);
   // Both read (and so checked) for any sampling, as LATRO_CUDA_SAMPLE_SLICES.
   const int64_t plain_ahead = plain_prefetch(), filtered_ahead = filtered_prefetch();
+  const bool load_ahead = plain_load_ahead();
   a.prefetch_ahead = plain ? plain_ahead : filtered_ahead;
   const bool unit = args.temperature == 1.0f;
   auto* partials = static_cast<FirstPass*>(workspace);
   LATRO_DISPATCH_DTYPE(args.dtype, T, [&] {
-    if (plain && plan.slices > 1) {
-      const auto blocks = static_cast<unsigned int>(args.rows * plan.slices);  // < 2^31
-      const auto slices = static_cast<uint32_t>(plan.slices);
-      const int64_t length = slice_length(args.vocab, plan.slices);
-      if (unit) {
-        detail::launch(plain_sample_slices_kernel<T, true>, blocks, kThreads, stream, a, slices,
-                       length, partials);
+    // The plain kernels for a temperature of 1 or not, loading ahead or not.
+    const auto launch_plain = [&](auto unit_flag, auto load_ahead_flag) {
+      constexpr bool kUnit = decltype(unit_flag)::value;
+      // Float32 logits only: the 16-bit kernels are at 64 registers already and spill with
+      // the second load (ptxas, sm_90).
+      constexpr bool kLoadAhead = decltype(load_ahead_flag)::value && std::is_same_v<T, float>;
+      if (plan.slices > 1) {
+        const auto blocks = static_cast<unsigned int>(args.rows * plan.slices);  // < 2^31
+        const auto slices = static_cast<uint32_t>(plan.slices);
+        const int64_t length = slice_length(args.vocab, plan.slices);
+        detail::launch(plain_sample_slices_kernel<T, kUnit, kLoadAhead>, blocks, kThreads,
+                       stream, a, slices, length, partials);
+        detail::launch(plain_sample_combine_kernel, detail::row_blocks(args.rows),
+                       kCombineThreads, stream, a, plan.slices,
+                       static_cast<const FirstPass*>(partials));
       } else {
-        detail::launch(plain_sample_slices_kernel<T, false>, blocks, kThreads, stream, a, slices,
-                       length, partials);
+        detail::launch(plain_sample_kernel<T, kUnit, kLoadAhead>, detail::row_blocks(args.rows),
+                       kThreads, stream, a);
       }
-      detail::launch(plain_sample_combine_kernel, detail::row_blocks(args.rows),
-                     kCombineThreads, stream, a, plan.slices,
-                     static_cast<const FirstPass*>(partials));
-    } else if (plain && unit) {
-      detail::launch(plain_sample_kernel<T, true>, detail::row_blocks(args.rows), kThreads,
-                     stream, a);
+    };
+    using Yes = std::true_type;
+    using No = std::false_type;
+    if (plain && load_ahead) {
+      unit ? launch_plain(Yes{}, Yes{}) : launch_plain(No{}, Yes{});
     } else if (plain) {
-      detail::launch(plain_sample_kernel<T, false>, detail::row_blocks(args.rows), kThreads,
-                     stream, a);
+      unit ? launch_plain(Yes{}, No{}) : launch_plain(No{}, No{});
     } else if (top_p_only) {
       detail::launch(sample_kernel<T, true>, filtered_grid(args.rows), kThreads, stream, a);
     } else {
