@@ -1213,6 +1213,14 @@ IMPLEMENTATIONS: dict[str, tuple[str, Callable[..., None], bool, bool]] = {
         True,
         True,
     ),
+    # Micro-batches by tokens without the memory settings: fewer, larger training passes (at
+    # full length 6 rows of 640 columns instead of 4) for the activations of 4,096 tokens.
+    "ours-tokens-4k": (
+        "ours, micro-batches of 4,096 tokens",
+        functools.partial(ours_step, micro=48, micro_tokens=4096),
+        False,
+        False,
+    ),
     # Checkpointing keeps a few KB per token (each layer's input): micro-batches can then be
     # large, cut by a token budget (micro_batch_tokens) instead of 4 rows, which divides the
     # host-paced launches of the training passes (up to all 48 rows of short rationales in one).

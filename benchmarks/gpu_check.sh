@@ -28,7 +28,8 @@
 #     bash benchmarks/gpu_check.sh
 # then, at once on the same warm machine (within its 30 idle seconds; it finds the build):
 #   STAGES="bench" BENCH_SECTIONS="latro" SECTION_TIMEOUT=250 BENCH_ARGS="--latro-weights \
-#     bfloat16 --latro-rationales full --latro-settings reference,ours,all-on-host-tokens-4k" \
+#     bfloat16 --latro-rationales full --latro-settings \
+#     reference,ours,ours-tokens-4k,all-on-host-tokens-4k" \
 #     bash benchmarks/gpu_check.sh                                          # about 2 minutes
 #
 # Outputs go to $OUT when it is set (the device tool's folder), else build/gpu-check:
