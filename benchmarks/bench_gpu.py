@@ -1082,6 +1082,7 @@ def ours_step(
     tokens). Returns the rationales' mean length in tokens."""
     from latro_engine.config import LatroConfig
     from latro_engine.distributed import Distributed
+    from latro_engine.offload import prefetch
     from latro_engine.scoring import reference_logprobs, score_sequences
     from latro_engine.trainer import (
         advantages_pass,
@@ -1096,6 +1097,7 @@ def ours_step(
                              max_len=max_len, stops=stops, kl_coef=kl_coef, micro=micro,
                              seed=seed, amp=amp, phase=phase, checkpointing=checkpointing,
                              micro_tokens=micro_tokens)
+    prefetch(ref_model, prompt_ids.device)  # as the trainer: a host-resident reference's upload
     model.eval()
     with phase("rollout"), amp():
         rollout = ours_rollout(model, prompt_ids, prompt_mask, max_len, stops, k=k, seed=seed)

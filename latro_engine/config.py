@@ -123,8 +123,9 @@ class LatroConfig:
     reference_on_host: bool = _opt(
         False,
         "keep the frozen reference model's weights in host memory and upload them for its one "
-        "scoring pass per step (frees their device memory for one host-to-device copy per step; "
-        "not with LoRA, whose reference is the policy itself, nor with distributed fsdp)",
+        "scoring pass per step (frees their device memory in the training passes for one "
+        "host-to-device copy per step, made while the rollout runs; not with LoRA, whose "
+        "reference is the policy itself, nor with distributed fsdp)",
     )
     lora_rank: int = _opt(
         0,

@@ -6,7 +6,9 @@ for the whole step, through the rollout and the training passes where the peak m
 ``keep_on_host`` moves its weights to pinned host memory once; ``visiting`` uploads them
 asynchronously (on the current stream, so the forward that follows waits for nothing else) for
 the duration of a block and drops the device copies after it. The cost is one host-to-device
-copy of the weights per step, a few hundred milliseconds for billions of parameters.
+copy of the weights per step, a few hundred milliseconds for billions of parameters, which
+``prefetch`` hides behind other work: it starts the copy on a side stream (the trainer calls it
+before the rollout), and the next visit uses the copies once they are there.
 """
 
 from __future__ import annotations
@@ -18,6 +20,18 @@ from collections.abc import Iterator
 import torch
 
 _HOST_RESIDENT: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
+# model -> (device, [(its tensor, the device copy)], the event the copies are ready at or None)
+_PREFETCHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _indexed(device: torch.device | str) -> torch.device:
+    """``device`` with its index ("cuda" is the current CUDA device), so that two names of one
+    device compare equal."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def _tensors(model: torch.nn.Module) -> list[torch.Tensor]:
@@ -45,6 +59,34 @@ def is_host_resident(model: torch.nn.Module) -> bool:
     return model in _HOST_RESIDENT
 
 
+def prefetch(model: torch.nn.Module, device: torch.device | str, *, force: bool = False) -> None:
+    """Starts copying a host-resident model's weights to ``device`` on a side stream, so that
+    the copy overlaps the work queued after this call (the rollout); the next
+    :func:`visiting` of the model on that device uses these copies, its stream waiting for
+    them. The copies take the weights' size of device memory from now until that visit ends
+    (during a rollout, which holds no gradients, that is below a training pass's peak). A
+    no-op for a model that is not host-resident, or on the CPU (unless ``force``: tests copy
+    there at once). A second call before a visit replaces the first's copies."""
+    device = _indexed(device)
+    if not is_host_resident(model) or (device.type == "cpu" and not force):
+        return
+    _PREFETCHED.pop(model, None)  # an unused earlier prefetch: its copies go first
+    ready = None
+    if device.type == "cuda":
+        # One side stream per device: the copies' memory goes back to that stream's pool,
+        # where the next step's copies find it.
+        if device not in _SIDE_STREAMS:
+            _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+        side = _SIDE_STREAMS[device]
+        with torch.cuda.stream(side):
+            copies = [(t, t.data.to(device, non_blocking=True, copy=True)) for t in _tensors(model)]
+            ready = torch.cuda.Event()
+            ready.record(side)
+    else:
+        copies = [(t, t.data.to(device, copy=True)) for t in _tensors(model)]
+    _PREFETCHED[model] = (device, copies, ready)
+
+
 @contextlib.contextmanager
 def visiting(
     model: torch.nn.Module, device: torch.device | str, *, force: bool = False
@@ -53,14 +95,27 @@ def visiting(
     dropped and the host weights are the model's again. A no-op for a model that is not
     host-resident, or when ``device`` is the CPU (unless ``force``: tests use it to exercise the
     swap without a GPU)."""
-    device = torch.device(device)
+    device = _indexed(device)
     if not is_host_resident(model) or (device.type == "cpu" and not force):
         yield model
         return
     host = [(tensor, tensor.data) for tensor in _tensors(model)]
+    prefetched = _PREFETCHED.pop(model, None)
+    if prefetched is not None and prefetched[0] != device:
+        prefetched = None  # copies for another device: dropped, the usual upload instead
     try:
-        for tensor, data in host:
-            tensor.data = data.to(device, non_blocking=True, copy=True)
+        if prefetched is not None:
+            _, copies, ready = prefetched
+            if ready is not None:  # made on the side stream, used on this one
+                stream = torch.cuda.current_stream(device)
+                stream.wait_event(ready)
+                for _, copy in copies:
+                    copy.record_stream(stream)
+            for tensor, copy in copies:
+                tensor.data = copy
+        else:
+            for tensor, data in host:
+                tensor.data = data.to(device, non_blocking=True, copy=True)
         yield model
     finally:
         # Work queued on the stream still reads the device copies: the caching allocator reuses

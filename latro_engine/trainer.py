@@ -39,7 +39,7 @@ from latro_engine.generation import (
 )
 from latro_engine.metrics import MetricsLog, plot_curves, read_metrics
 from latro_engine.objective import batch_advantages, latro_loss, loss_weights
-from latro_engine.offload import HostStateAdamW, keep_on_host
+from latro_engine.offload import HostStateAdamW, keep_on_host, prefetch
 from latro_engine.rollout import Rollout, sample_rationales, stop_token_sequences
 from latro_engine.scoring import (
     SequenceScores,
@@ -765,6 +765,10 @@ class LatroTrainer(_Trainer):
         config = self.config
         start = time.perf_counter()
         examples, first = self._next_shard()
+        # A reference kept in host memory: its upload for this step's reference pass overlaps
+        # the rollout (a no-op otherwise).
+        if self.ref_model is not None:
+            prefetch(self.ref_model, self.device)
         rollout, answers = self._rollout(examples, first)
         rollout_time = time.perf_counter() - start
 

@@ -10,7 +10,13 @@ import tiny
 import torch
 
 from latro_engine.config import ConfigError
-from latro_engine.offload import HostStateAdamW, is_host_resident, keep_on_host, visiting
+from latro_engine.offload import (
+    HostStateAdamW,
+    is_host_resident,
+    keep_on_host,
+    prefetch,
+    visiting,
+)
 from latro_engine.scoring import reference_logprobs
 from latro_engine.trainer import LatroTrainer
 
@@ -42,6 +48,38 @@ def test_visiting_swaps_in_device_copies_and_restores_the_host_weights():
     before = [p.data_ptr() for p in plain.parameters()]
     with visiting(plain, "cpu", force=True):
         assert [p.data_ptr() for p in plain.parameters()] == before
+
+
+def test_a_prefetched_visit_uses_the_prefetched_copies_once():
+    """prefetch starts the upload ahead (at once on the CPU, forced); the next visit swaps in
+    those copies, the one after makes its own; copies for another device are dropped; a model
+    that is not host-resident is not copied."""
+    model = keep_on_host(tiny.model())
+    host = {name: t.data_ptr() for name, t in model.state_dict(keep_vars=True).items()}
+    prefetch(model, "cpu")  # not forced: nothing on the CPU
+    with visiting(model, "cpu", force=True):
+        fresh = {name: t.data_ptr() for name, t in model.state_dict(keep_vars=True).items()}
+    prefetch(model, "cpu", force=True)
+    prefetch(model, "cpu", force=True)  # a second prefetch replaces the first
+    from latro_engine import offload
+
+    _, copies, ready = offload._PREFETCHED[model]
+    assert ready is None and len(copies) == len(offload._tensors(model))
+    with visiting(model, "cpu", force=True):
+        inside = model.state_dict(keep_vars=True)
+        assert all(t.data_ptr() != host[n] for n, t in inside.items())
+        # (the copies also hold buffers the state dict leaves out, the rotary table)
+        assert {t.data_ptr() for t in inside.values()} <= {c.data_ptr() for _, c in copies}
+        assert any(t.data_ptr() != fresh[n] for n, t in inside.items())
+    assert model not in offload._PREFETCHED  # used once
+    assert all(t.data_ptr() == host[n] for n, t in model.state_dict(keep_vars=True).items())
+    offload._PREFETCHED[model] = (torch.device("meta"), copies, None)  # for another device
+    with visiting(model, "cpu", force=True):
+        inside = model.state_dict(keep_vars=True)
+        assert not {t.data_ptr() for t in inside.values()} & {c.data_ptr() for _, c in copies}
+    plain = tiny.model()
+    prefetch(plain, "cpu", force=True)
+    assert plain not in offload._PREFETCHED
 
 
 def test_tied_weights_stay_tied_through_a_visit():
@@ -354,3 +392,17 @@ def test_cuda_reference_on_host_scores_like_the_device_copy():
     got = reference_logprobs(policy, host_ref, *args).rationale_logp
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert all(p.device.type == "cpu" for p in host_ref.parameters())  # the visit ended
+    # Prefetched on the side stream ahead of other work, the same scores; after the visit its
+    # copies are freed (the allocated memory is back where it was before the prefetch).
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    prefetch(host_ref, "cuda")
+    busy = torch.randn(2048, 2048, device="cuda")
+    for _ in range(20):  # work queued after the prefetch, as a rollout is
+        busy = busy @ busy.t() / 2048
+    got = reference_logprobs(policy, host_ref, *args).rationale_logp
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    del busy, got
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == before
+    assert all(p.device.type == "cpu" for p in host_ref.parameters())
