@@ -1097,9 +1097,11 @@ def ours_step(
                              max_len=max_len, stops=stops, kl_coef=kl_coef, micro=micro,
                              seed=seed, amp=amp, phase=phase, checkpointing=checkpointing,
                              micro_tokens=micro_tokens)
-    prefetch(ref_model, prompt_ids.device)  # as the trainer: a host-resident reference's upload
     model.eval()
     with phase("rollout"), amp():
+        # As the trainer: a host-resident reference's upload overlaps the rollout (inside the
+        # phase, whose timer starts after a device-wide synchronize).
+        prefetch(ref_model, prompt_ids.device)
         rollout = ours_rollout(model, prompt_ids, prompt_mask, max_len, stops, k=k, seed=seed)
     model.train()
     micro = micro or k  # None: one whole group per micro-batch

@@ -20,15 +20,15 @@ from collections.abc import Iterator
 import torch
 
 _HOST_RESIDENT: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
-# model -> (device, [(its tensor, the device copy)], the event the copies are ready at or None)
+# model -> (device, [(its tensor, its host data's address, the device copy)], the event the
+# copies are ready at or None)
 _PREFETCHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
 
-def _indexed(device: torch.device | str) -> torch.device:
+def _indexed(device: torch.device) -> torch.device:
     """``device`` with its index ("cuda" is the current CUDA device), so that two names of one
     device compare equal."""
-    device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         return torch.device("cuda", torch.cuda.current_device())
     return device
@@ -64,54 +64,75 @@ def prefetch(model: torch.nn.Module, device: torch.device | str, *, force: bool 
     the copy overlaps the work queued after this call (the rollout); the next
     :func:`visiting` of the model on that device uses these copies, its stream waiting for
     them. The copies take the weights' size of device memory from now until that visit ends
-    (during a rollout, which holds no gradients, that is below a training pass's peak). A
-    no-op for a model that is not host-resident, or on the CPU (unless ``force``: tests copy
-    there at once). A second call before a visit replaces the first's copies."""
-    device = _indexed(device)
+    (during a rollout, which holds no gradients, that is below a training pass's peak); they
+    are allocated from the current stream's memory, which the training passes reuse after the
+    visit. A no-op for a model that is not host-resident, or on the CPU (unless ``force``:
+    tests copy there at once). A second call before a visit replaces the first's copies;
+    :func:`discard_prefetch` drops them."""
+    device = torch.device(device)
     if not is_host_resident(model) or (device.type == "cpu" and not force):
         return
-    _PREFETCHED.pop(model, None)  # an unused earlier prefetch: its copies go first
+    device = _indexed(device)
+    discard_prefetch(model)  # an unused earlier prefetch: its copies go first
+    tensors = _tensors(model)
     ready = None
     if device.type == "cuda":
-        # One side stream per device: the copies' memory goes back to that stream's pool,
-        # where the next step's copies find it.
+        current = torch.cuda.current_stream(device)
         if device not in _SIDE_STREAMS:
             _SIDE_STREAMS[device] = torch.cuda.Stream(device)
         side = _SIDE_STREAMS[device]
+        # Allocated on the current stream (its pool is the one the training passes draw
+        # from); their memory may have been freed by work still queued there, which the
+        # side stream waits for before it writes.
+        copies = [torch.empty_like(t.data, device=device) for t in tensors]
+        side.wait_stream(current)
         with torch.cuda.stream(side):
-            copies = [(t, t.data.to(device, non_blocking=True, copy=True)) for t in _tensors(model)]
+            for t, copy in zip(tensors, copies):
+                copy.copy_(t.data, non_blocking=True)
+                copy.record_stream(side)
             ready = torch.cuda.Event()
             ready.record(side)
     else:
-        copies = [(t, t.data.to(device, copy=True)) for t in _tensors(model)]
-    _PREFETCHED[model] = (device, copies, ready)
+        copies = [t.data.to(device, copy=True) for t in tensors]
+    entries = [(t, t.data.data_ptr(), copy) for t, copy in zip(tensors, copies)]
+    _PREFETCHED[model] = (device, entries, ready)
+
+
+def discard_prefetch(model: torch.nn.Module) -> None:
+    """Drops the copies of an unused :func:`prefetch` (a step that failed before its visit)."""
+    _PREFETCHED.pop(model, None)
 
 
 @contextlib.contextmanager
 def visiting(
     model: torch.nn.Module, device: torch.device | str, *, force: bool = False
 ) -> Iterator[torch.nn.Module]:
-    """Within the block the model's weights are copies on ``device``; after it the copies are
-    dropped and the host weights are the model's again. A no-op for a model that is not
+    """Within the block the model's weights are copies on ``device`` (a :func:`prefetch`'s
+    when there is one for this device and these weights); after it the copies are dropped
+    and the host weights are the model's again. A no-op for a model that is not
     host-resident, or when ``device`` is the CPU (unless ``force``: tests use it to exercise the
     swap without a GPU)."""
-    device = _indexed(device)
+    device = torch.device(device)
     if not is_host_resident(model) or (device.type == "cpu" and not force):
         yield model
         return
-    host = [(tensor, tensor.data) for tensor in _tensors(model)]
+    device = _indexed(device)
+    tensors = _tensors(model)
+    host = [(tensor, tensor.data) for tensor in tensors]
     prefetched = _PREFETCHED.pop(model, None)
-    if prefetched is not None and prefetched[0] != device:
-        prefetched = None  # copies for another device: dropped, the usual upload instead
+    if prefetched is not None and (
+        prefetched[0] != device
+        or len(prefetched[1]) != len(tensors)  # weights replaced since
+        or any(t is not now or t.data.data_ptr() != ptr
+               for (t, ptr, _), now in zip(prefetched[1], tensors))
+    ):
+        prefetched = None  # copies of something else: dropped, the usual upload instead
     try:
         if prefetched is not None:
-            _, copies, ready = prefetched
-            if ready is not None:  # made on the side stream, used on this one
-                stream = torch.cuda.current_stream(device)
-                stream.wait_event(ready)
-                for _, copy in copies:
-                    copy.record_stream(stream)
-            for tensor, copy in copies:
+            _, entries, ready = prefetched
+            if ready is not None:  # copied on the side stream
+                torch.cuda.current_stream(device).wait_event(ready)
+            for tensor, _, copy in entries:
                 tensor.data = copy
         else:
             for tensor, data in host:

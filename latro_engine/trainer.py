@@ -39,7 +39,7 @@ from latro_engine.generation import (
 )
 from latro_engine.metrics import MetricsLog, plot_curves, read_metrics
 from latro_engine.objective import batch_advantages, latro_loss, loss_weights
-from latro_engine.offload import HostStateAdamW, keep_on_host, prefetch
+from latro_engine.offload import HostStateAdamW, discard_prefetch, keep_on_host, prefetch
 from latro_engine.rollout import Rollout, sample_rationales, stop_token_sequences
 from latro_engine.scoring import (
     SequenceScores,
@@ -766,22 +766,26 @@ class LatroTrainer(_Trainer):
         start = time.perf_counter()
         examples, first = self._next_shard()
         # A reference kept in host memory: its upload for this step's reference pass overlaps
-        # the rollout (a no-op otherwise).
+        # the rollout (a no-op otherwise); a step that fails first drops the copies.
         if self.ref_model is not None:
             prefetch(self.ref_model, self.device)
-        rollout, answers = self._rollout(examples, first)
-        rollout_time = time.perf_counter() - start
+        try:
+            rollout, answers = self._rollout(examples, first)
+            rollout_time = time.perf_counter() - start
 
-        def score(rows: torch.Tensor, **kwargs: Any) -> SequenceScores:
-            return self._score(rollout, rows, answers, **kwargs)
+            def score(rows: torch.Tensor, **kwargs: Any) -> SequenceScores:
+                return self._score(rollout, rows, answers, **kwargs)
 
-        def reference(rows: torch.Tensor) -> torch.Tensor:
-            return self._reference(rollout, rows)
+            def reference(rows: torch.Tensor) -> torch.Tensor:
+                return self._reference(rollout, rows)
 
-        advantages, stats = advantages_pass(rollout, config, score, reference, self.dist)
-        score_time = time.perf_counter() - start - rollout_time
-        sums = gradient_pass(rollout, advantages, config, score, reference, self.dist,
-                             answer_lengths=[len(a) for a in answers])
+            advantages, stats = advantages_pass(rollout, config, score, reference, self.dist)
+            score_time = time.perf_counter() - start - rollout_time
+            sums = gradient_pass(rollout, advantages, config, score, reference, self.dist,
+                                 answer_lengths=[len(a) for a in answers])
+        finally:
+            if self.ref_model is not None:
+                discard_prefetch(self.ref_model)
         grad_norm, finite = self._apply_gradients(sums.get("loss", 0.0))
         elapsed = time.perf_counter() - start
         lengths = rollout.rationale_lengths.float()

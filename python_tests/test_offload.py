@@ -3,12 +3,14 @@ only inside ``visiting``, its scores are unchanged, and training with it is the 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
 import tiny
 import torch
 
+from latro_engine import scoring as scoring_module
 from latro_engine.config import ConfigError
 from latro_engine.offload import (
     HostStateAdamW,
@@ -52,31 +54,57 @@ def test_visiting_swaps_in_device_copies_and_restores_the_host_weights():
 
 def test_a_prefetched_visit_uses_the_prefetched_copies_once():
     """prefetch starts the upload ahead (at once on the CPU, forced); the next visit swaps in
-    those copies, the one after makes its own; copies for another device are dropped; a model
-    that is not host-resident is not copied."""
-    model = keep_on_host(tiny.model())
-    host = {name: t.data_ptr() for name, t in model.state_dict(keep_vars=True).items()}
-    prefetch(model, "cpu")  # not forced: nothing on the CPU
-    with visiting(model, "cpu", force=True):
-        fresh = {name: t.data_ptr() for name, t in model.state_dict(keep_vars=True).items()}
-    prefetch(model, "cpu", force=True)
-    prefetch(model, "cpu", force=True)  # a second prefetch replaces the first
+    those copies, the one after makes its own; copies for another device, or of weights
+    replaced since, are not used; discard_prefetch drops them; a model that is not
+    host-resident is not copied."""
     from latro_engine import offload
 
-    _, copies, ready = offload._PREFETCHED[model]
-    assert ready is None and len(copies) == len(offload._tensors(model))
-    with visiting(model, "cpu", force=True):
-        inside = model.state_dict(keep_vars=True)
-        assert all(t.data_ptr() != host[n] for n, t in inside.items())
-        # (the copies also hold buffers the state dict leaves out, the rotary table)
-        assert {t.data_ptr() for t in inside.values()} <= {c.data_ptr() for _, c in copies}
-        assert any(t.data_ptr() != fresh[n] for n, t in inside.items())
+    model = keep_on_host(tiny.model())
+    host = {name: t.data_ptr() for name, t in model.state_dict(keep_vars=True).items()}
+
+    held = []  # the prefetched copies stay alive here, so no later copy reuses their memory
+
+    def prefetched_ptrs():
+        held.append(offload._PREFETCHED[model][1])
+        return {copy.data_ptr() for _, _, copy in held[-1]}
+
+    def visited_ptrs():
+        with visiting(model, "cpu", force=True):
+            inside = model.state_dict(keep_vars=True)
+            assert all(t.data_ptr() != host[n] for n, t in inside.items())
+            return {t.data_ptr() for t in inside.values()}
+
+    prefetch(model, "cpu")  # not forced: nothing on the CPU
+    assert model not in offload._PREFETCHED
+    prefetch(model, "cpu", force=True)
+    prefetch(model, "cpu", force=True)  # a second prefetch replaces the first
+    _, entries, ready = offload._PREFETCHED[model]
+    assert ready is None and len(entries) == len(offload._tensors(model))
+    copies = prefetched_ptrs()
+    # (the copies also hold buffers the state dict leaves out, the rotary table)
+    assert visited_ptrs() <= copies
     assert model not in offload._PREFETCHED  # used once
     assert all(t.data_ptr() == host[n] for n, t in model.state_dict(keep_vars=True).items())
-    offload._PREFETCHED[model] = (torch.device("meta"), copies, None)  # for another device
-    with visiting(model, "cpu", force=True):
-        inside = model.state_dict(keep_vars=True)
-        assert not {t.data_ptr() for t in inside.values()} & {c.data_ptr() for _, c in copies}
+    assert not visited_ptrs() & copies  # the next visit: its own copies
+
+    prefetch(model, "cpu", force=True)
+    copies = prefetched_ptrs()
+    device, entries, ready = offload._PREFETCHED[model]
+    offload._PREFETCHED[model] = (torch.device("meta"), entries, ready)  # another device's
+    assert not visited_ptrs() & copies
+
+    prefetch(model, "cpu", force=True)
+    copies = prefetched_ptrs()
+    weight = next(model.parameters())
+    weight.data = weight.data.clone()  # reloaded since the prefetch: its copies are stale
+    host[next(n for n, t in model.state_dict(keep_vars=True).items() if t is weight)] = (
+        weight.data_ptr()
+    )
+    assert not visited_ptrs() & copies
+
+    prefetch(model, "cpu", force=True)
+    offload.discard_prefetch(model)
+    assert model not in offload._PREFETCHED
     plain = tiny.model()
     prefetch(plain, "cpu", force=True)
     assert plain not in offload._PREFETCHED
@@ -121,6 +149,44 @@ def test_training_with_the_reference_on_host_is_the_same_run(tmp_path):
         runs[on_host] = trainer.train()
     for a, b in zip(runs[False], runs[True]):
         assert a["loss"] == b["loss"] and a["kl_mean"] == b["kl_mean"]
+
+
+def test_a_step_uses_its_prefetched_reference_or_drops_it(tmp_path, monkeypatch):
+    """The trainer prefetches the host-resident reference before the rollout (forced here on
+    the CPU): a step's reference pass uses those copies, the same losses as the usual upload;
+    a step that fails before its reference pass drops them."""
+    from latro_engine import offload
+    from latro_engine import trainer as trainer_module
+
+    runs, visits = {}, []
+    visiting_now = offload.visiting
+
+    @contextlib.contextmanager
+    def seen(model, device, **kwargs):
+        visits.append(model in offload._PREFETCHED)
+        with visiting_now(model, device, **kwargs) as visited:
+            yield visited
+
+    for forced in (False, True):
+        config = tiny.config(tmp_path / str(forced), reference_on_host=True, steps=2)
+        trainer = LatroTrainer(tiny.model(), tiny.tokenizer(), tiny.examples(8), config)
+        if forced:
+            monkeypatch.setattr(trainer_module, "prefetch",
+                                lambda model, device: offload.prefetch(model, device, force=True))
+            monkeypatch.setattr(scoring_module, "visiting",
+                                lambda model, device: seen(model, device, force=True))
+        runs[forced] = trainer.train()
+    assert visits == [True, True]  # each step's reference pass found its prefetch
+    for a, b in zip(runs[False], runs[True]):
+        assert a["loss"] == b["loss"] and a["kl_mean"] == b["kl_mean"]
+
+    def fails(*args):
+        raise RuntimeError("rollout failed")
+
+    monkeypatch.setattr(trainer, "_rollout", fails)
+    with pytest.raises(RuntimeError, match="rollout failed"):
+        trainer.train_step()
+    assert trainer.ref_model not in offload._PREFETCHED
 
 
 @pytest.mark.parametrize(
@@ -406,3 +472,10 @@ def test_cuda_reference_on_host_scores_like_the_device_copy():
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() == before
     assert all(p.device.type == "cpu" for p in host_ref.parameters())
+    # The copies came from the current stream's pool: tensors of the weights' shapes made on
+    # it after the visit reuse their memory instead of reserving more (copies allocated on
+    # the side stream would sit in its pool, reserved through the training passes).
+    reserved = torch.cuda.memory_reserved()
+    reuse = [torch.empty_like(t, device="cuda") for t in host_ref.parameters()]
+    assert torch.cuda.memory_reserved() == reserved
+    del reuse
