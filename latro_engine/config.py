@@ -103,10 +103,10 @@ class LatroConfig:
     micro_batch_tokens: int = _opt(
         0,
         "tokens per forward/backward, padding included (rows x the longest row's width, "
-        "answer included; a wider row alone); micro-batches then take up to micro_batch_size rows of similar length, so "
-        "short rationales share larger micro-batches at the same activation memory; the "
-        "no-grad scoring passes take 4x as many; the rewards come from a no-grad pass "
-        "first; 0 = off; not with distributed fsdp",
+        "answer included; a wider row alone); micro-batches then take up to "
+        "micro_batch_size rows of similar length, so short rationales share larger "
+        "micro-batches at the same activation memory; the no-grad scoring passes take 4x as "
+        "many; the rewards come from a no-grad pass first; 0 = off; not with distributed fsdp",
     )
     steps: int = _opt(100, "optimizer steps, one per rollout batch (on-policy)")
     # --- precision and memory

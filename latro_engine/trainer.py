@@ -177,14 +177,12 @@ def gradient_pass(
     # The reference scores every row in one no-grad pass (one upload of its weights per step
     # when they are kept on the host), not one per micro-batch.
     all_ref = reference(torch.arange(total, device=device)) if advantages is None else None
-    begin = 0
     for number, batch in enumerate(batches):
         rows = torch.tensor(batch, device=device)
         last = number == len(batches) - 1
         share = len(batch) / total
         known = advantages[rows] if advantages is not None else None
-        ref = all_ref[begin : begin + len(batch)] if all_ref is not None else None
-        begin += len(batch)
+        ref = all_ref[rows] if all_ref is not None else None
         weights = None
         if known is not None:
             weights = tuple(w * share for w in loss_weights(known, config.sft_weight))

@@ -164,10 +164,11 @@ __device__ __forceinline__ void prefetch_l2(const void* p) {
 // 16-byte alignment, then one 16-byte vector per call (coalesced), then a scalar tail. `values`
 // is a float array of 1 or kVec<T> elements; each thread sees its indices in increasing order.
 //
-// By default one 16-byte load in flight per thread: a block streaming a row alone on its SM waits out a
-// memory latency per vector (the plain sampler read 64 rows of 128k bf16 logits in 80 us on an
-// H100, about 3.2 GB/s per block). Four loads issued before processing any, held to 64
-// registers, made the sampler slower on the H100 run of 2026-11-27 (0.263 ms against 0.151).
+// By default one 16-byte load in flight per thread: a block streaming a row alone on its SM
+// waits out a memory latency per vector (the plain sampler read 64 rows of 128k bf16 logits in
+// 80 us on an H100, about 3.2 GB/s per block). Four loads issued before processing any, held
+// to 64 registers, made the sampler slower on the H100 run of 2026-11-27 (0.263 ms against
+// 0.151).
 // prefetch_ahead > 0: with each vector, the thread also asks L2 for its vector that many
 // iterations ahead (prefetch_l2), which keeps more of the row in flight without registers (for
 // kernels already at their register budget); 0 leaves it out. kLoadAhead: each thread loads
@@ -185,24 +186,22 @@ __device__ __forceinline__ void for_each_in_row(const T* row, int64_t n, F&& f,
   const uint4* body = reinterpret_cast<const uint4*>(row + head);
   const int64_t stride = blockDim.x;
   const int64_t ahead = prefetch_ahead * stride;
+  [[maybe_unused]] uint4 next{};  // kLoadAhead: the thread's next vector, one iteration early
   if constexpr (kLoadAhead) {
-    int64_t j = threadIdx.x;
-    uint4 next = j < vectors ? body[j] : uint4{};
-    for (; j < vectors; j += stride) {
-      const uint4 current = next;
+    if (threadIdx.x < vectors) next = body[threadIdx.x];
+  }
+  for (int64_t j = threadIdx.x; j < vectors; j += stride) {
+    uint4 current;
+    if constexpr (kLoadAhead) {
+      current = next;
       if (j + stride < vectors) next = body[j + stride];
-      if (ahead > 0 && j + ahead < vectors) prefetch_l2(body + j + ahead);
-      float values[kVec<T>];
-      unpack<T>(current, values);
-      f(head + j * kVec<T>, values);
+    } else {
+      current = body[j];
     }
-  } else {
-    for (int64_t j = threadIdx.x; j < vectors; j += stride) {
-      if (ahead > 0 && j + ahead < vectors) prefetch_l2(body + j + ahead);
-      float values[kVec<T>];
-      unpack<T>(body[j], values);
-      f(head + j * kVec<T>, values);
-    }
+    if (ahead > 0 && j + ahead < vectors) prefetch_l2(body + j + ahead);
+    float values[kVec<T>];
+    unpack<T>(current, values);
+    f(head + j * kVec<T>, values);
   }
   for (int64_t i = head + vectors * kVec<T> + threadIdx.x; i < n; i += blockDim.x) {
     const float one[1] = {load_float(row[i])};
