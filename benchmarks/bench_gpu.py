@@ -456,6 +456,11 @@ def bench_sample(device: torch.device, small: bool) -> None:
               [(", flat", logits), (", peaked", peaked)]),
     )
 
+    def plain_ms(x: torch.Tensor) -> float:
+        """Plain sampling (temperature 1) of the rows of ``x``, under the tuning in effect."""
+        return time_ms(lambda: ops.sample(x, seed=seeds[: x.shape[0]], offset=offset), device,
+                       repeat=50)
+
     # Plain sampling with each row split over blocks (LATRO_CUDA_SAMPLE_SLICES; 0 = the plan's
     # choice, about two blocks per SM), for as many rows as the benchmark's and as a rollout's.
     slice_rows = []
@@ -466,11 +471,7 @@ def bench_sample(device: torch.device, small: bool) -> None:
             row: dict[str, Any] = {"rows, dtype": f"{x.shape[0]}, {str(dtype).removeprefix('torch.')}"}
             for slices in (1, 0, 2, 4, 8, 16):
                 with environment("LATRO_CUDA_SAMPLE_SLICES", str(slices)):
-                    row[f"slices {slices or 'planned'} ms"] = time_ms(
-                        lambda x=x: ops.sample(x, seed=seeds[: x.shape[0]], offset=offset),
-                        device,
-                        repeat=50,
-                    )
+                    row[f"slices {slices or 'planned'} ms"] = plain_ms(x)
             slice_rows.append(row)
     table("sample_slices", f"plain sampling (temperature 1), rows of {v:,} logits split over "
           f"blocks ({sms} SMs)", slice_rows)
@@ -488,11 +489,7 @@ def bench_sample(device: torch.device, small: bool) -> None:
                 for ahead in (0, 1, 2, 4, 8):
                     with environment("LATRO_CUDA_SAMPLE_PLAIN_PREFETCH", str(ahead)), \
                             environment("LATRO_CUDA_SAMPLE_PLAIN_LOAD_AHEAD", str(load_ahead)):
-                        row[f"prefetch {ahead} ms"] = time_ms(
-                            lambda x=x: ops.sample(x, seed=seeds[: x.shape[0]], offset=offset),
-                            device,
-                            repeat=50,
-                        )
+                        row[f"prefetch {ahead} ms"] = plain_ms(x)
                 prefetch_rows.append(row)
     table("sample_plain_prefetch", "plain sampling (temperature 1), L2 prefetch iterations ahead "
           "(0 = none, the default) without and with the next vector loaded early", prefetch_rows)
