@@ -29,17 +29,18 @@ same dtypes as the model's own forward under the same autocast state.
 A decoder, its buffers and graphs are kept per model between rollouts with the same shape and
 sampling settings (training calls the rollout with the same settings every step); the
 ``KEPT_DECODERS`` most recently used are kept, sharing one set of weight copies, and
-:func:`release_static_decoder` frees them.
+:func:`release_static_decoder` frees them. A call with more rows or a longer prompt than the
+decoder of its settings holds replaces that decoder by one with the larger of each capacity.
 :func:`static_decoder_unsupported` says why a model cannot use this path; the rollout then
 falls back to the Hugging Face loop in :mod:`latro_engine.rollout`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -350,7 +351,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class _Key:
     """What a cached decoder was built for; any change rebuilds it."""
 
@@ -364,12 +365,21 @@ class _Key:
     pad_token_id: int
 
 
+@dataclasses.dataclass(frozen=True)
+class _WeightCopies:
+    """A kept decoder's weight copies (its layers' and LM head's), lent to a new decoder without
+    keeping the old one's KV cache alive while the new one allocates its own."""
+
+    layers: list
+    lm_head: object
+
+
 # ----------------------------------------------------------------------------- the decoder
 class StaticDecoder:
     """Static-cache decoding for one model, one row/slot capacity and one sampling setting."""
 
-    def __init__(self, model: torch.nn.Module, key: _Key, donor: StaticDecoder | None = None):
-        """``donor``: a kept decoder of the same model whose weight copies this one shares."""
+    def __init__(self, model: torch.nn.Module, key: _Key, donor: _WeightCopies | None = None):
+        """``donor``: the weight copies of a kept decoder of the same model, shared."""
         inner = _unwrap(model)
         config = inner.config
         body = inner.model
@@ -717,11 +727,23 @@ def decode_static(
     kept = [d for d in _DECODERS.get(model, []) if d.params == params]
     decoder = next((d for d in kept if _fits(d.key, key)), None)
     if decoder is None:
+        # A kept decoder with these settings but too few rows or slots (a longer prompt than
+        # any before, a larger batch) is replaced by one with the larger of each capacity: it
+        # serves every call the old one did, so training whose prompts grow does not hold two
+        # KV caches for its rollouts until evaluation happens to evict one.
+        outgrown = [d.key for d in kept if _same_settings(d.key, key)]
+        key = dataclasses.replace(
+            key,
+            rows=max([key.rows, *(k.rows for k in outgrown)]),
+            slots=max([key.slots, *(k.slots for k in outgrown)]),
+        )
+        donor = _WeightCopies(kept[-1].layers, kept[-1].lm_head) if kept else None
+        kept = [d for d in kept if d.key not in outgrown]
         kept = kept[-(KEPT_DECODERS - 1) :] if KEPT_DECODERS > 1 else []
-        _DECODERS[model] = kept  # drop the others before allocating a new one
+        _DECODERS[model] = kept  # drop the others (their KV caches) before allocating a new one
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        decoder = StaticDecoder(model, key, donor=kept[-1] if kept else None)
+        decoder = StaticDecoder(model, key, donor=donor)
         decoder.params = params
     else:
         kept.remove(decoder)
@@ -732,17 +754,14 @@ def decode_static(
         )
 
 
+def _same_settings(have: _Key, want: _Key) -> bool:
+    """The keys differ at most in their row and slot capacities."""
+    return dataclasses.replace(have, rows=want.rows, slots=want.slots) == want
+
+
 def _fits(have: _Key, want: _Key) -> bool:
     """A decoder built for ``have`` serves ``want``: same settings, enough rows and slots."""
-    same = (
-        have.device == want.device
-        and have.matmul_dtype == want.matmul_dtype
-        and have.limit == want.limit
-        and have.sampling == want.sampling
-        and have.stops == want.stops
-        and have.pad_token_id == want.pad_token_id
-    )
-    return same and have.rows >= want.rows and have.slots >= want.slots
+    return _same_settings(have, want) and have.rows >= want.rows and have.slots >= want.slots
 
 
 def release_static_decoder(model: torch.nn.Module) -> None:

@@ -189,9 +189,17 @@ def test_prompt_and_limit_changes_reuse_or_rebuild_the_decoder():
     assert static_decoder._DECODERS[model] == [first, second]
     _assert_same(*_both(model))  # the first again, now the most recent
     assert static_decoder._DECODERS[model] == [second, first]
-    _assert_same(*_both(model, prompts=PROMPTS * 3, k=3))  # more rows: the oldest goes
-    assert len(static_decoder._DECODERS[model]) == 2
-    assert static_decoder._DECODERS[model][0] is first
+    # More rows: the first is outgrown and replaced by one that serves its calls too (the
+    # larger of each capacity), not kept beside it; the other settings' decoder stays.
+    _assert_same(*_both(model, prompts=PROMPTS * 3, k=3))
+    kept, grown = static_decoder._DECODERS[model]
+    assert kept is second and grown.key.rows > first.key.rows
+    _assert_same(*_both(model, prompts=[PROMPTS[0] * 10]))  # a longer prompt (40), one row
+    assert static_decoder._DECODERS[model][0] is second
+    longer = static_decoder._DECODERS[model][1]
+    assert longer.key.slots > grown.key.slots and longer.key.rows == grown.key.rows
+    _assert_same(*_both(model))  # every earlier call of these settings: served, no rebuild
+    assert static_decoder._DECODERS[model] == [second, longer]
     static_decoder.release_static_decoder(model)
     assert model not in static_decoder._DECODERS
 
@@ -253,10 +261,15 @@ def test_kept_decoders_share_their_weight_copies():
     assert first.key.sampling != second.key.sampling
     for a, b in [(first.lm_head, second.lm_head), (first.layers[1]["down"], second.layers[1]["down"])]:
         assert a.weight.dtype == torch.bfloat16 and a.weight.data_ptr() == b.weight.data_ptr()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # more rows: the first one's replacement
+        sample_rationales(model, ids, mask, decoder="static", **{**kw, "k": 5}, temperature=1.0)
+    kept_other, grown = static_decoder._DECODERS[model]
+    assert kept_other is second and grown.key.rows > first.key.rows
+    assert grown.lm_head.weight.data_ptr() == second.lm_head.weight.data_ptr()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.3)
-    kept, _ = both(temperature=1.0)  # the first decoder again, after the update
+    kept, _ = both(temperature=1.0)  # the first one's replacement, after the update
     static_decoder.release_static_decoder(model)
     fresh, _ = both(temperature=1.0)  # a decoder built from the updated weights
     _assert_same(kept, fresh)
