@@ -766,6 +766,22 @@ TEST(EmulatedStops, WholeRowsReportABadTableAndStopNone) {
     EXPECT_EQ(latro::cuda::decode_status(status).kind, latro::cuda::StatusKind::BadStopTable);
     std::copy(saved.begin(), saved.end(), offsets.begin());  // (stops points into it)
   }
+  // A table of no sequences (stops no row): good with no tokens and offsets {0} or none, bad
+  // otherwise.
+  for (int bad = 0; bad < 4; ++bad) {
+    SCOPED_TRACE("table of no sequences " + std::to_string(bad));
+    std::vector<int64_t> out(kRows, -7);
+    const std::vector<int64_t> first_offset{bad == 2 ? 3 : 0};
+    const latro::StopSequences empty{stop_tokens.data(), bad == 3 ? nullptr : first_offset.data(),
+                                     0, bad == 1 ? 2 : 0};
+    status = latro::cuda::kStatusOk;
+    latro::cuda::stop_positions(tokens.data(), kRows, kLen, kLen, empty, 0, out.data(), nullptr,
+                                &status);
+    const bool good = bad == 0 || bad == 3;
+    EXPECT_EQ(out, none);
+    EXPECT_EQ(latro::cuda::decode_status(status).kind,
+              good ? latro::cuda::StatusKind::Ok : latro::cuda::StatusKind::BadStopTable);
+  }
 }
 
 TEST(EmulatedAdvantages, RlooAndRewardsEqualTheCpuBitForBit) {

@@ -308,8 +308,17 @@ TEST_F(StopErrors, OffsetsMustEndAtTheTokenCount) {
   Stops short_of({{1, 2}, {3}});
   short_of.offsets = {0, 1, 2};
   EXPECT_LATRO_ERROR(positions(short_of.view()), "offsets end at 2 but there are 3");
-  latro::StopSequences none;  // no sequence: nothing to read, any token count is consistent
+  latro::StopSequences none;  // no sequence, no tokens: offsets may be left out, or {0}
   EXPECT_NO_THROW(positions(none));
+  const std::vector<int64_t> zero{0}, five{5}, two_tokens{7, 8};
+  none.offsets = zero.data();
+  EXPECT_NO_THROW(positions(none));
+  none.offsets = five.data();
+  EXPECT_LATRO_ERROR(positions(none), "offsets must start at 0, got 5");
+  latro::StopSequences tokens_without_sequences{two_tokens.data(), zero.data(), 0, 2};
+  EXPECT_LATRO_ERROR(latro::check_stop_sequences(tokens_without_sequences),
+                     "offsets end at 0 but there are 2 stop tokens");
+  EXPECT_LATRO_ERROR(step(tokens_without_sequences, 1), "stop tokens");
 }
 
 TEST_F(StopErrors, BadStartAndStep) {

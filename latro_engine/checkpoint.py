@@ -11,6 +11,7 @@ State files load with ``torch.load(weights_only=True)``, which cannot run code.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -36,6 +37,24 @@ REPLACED = ".replaced-"
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, incomplete or unsafe to load."""
+
+
+@contextlib.contextmanager
+def must_fit(path: Path, what: str):
+    """Loading ``what`` from checkpoint ``path`` into live objects: torch's errors for state
+    that does not fit them (other shapes: another model, another set of trainable parameters)
+    become a CheckpointError that says so."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except (RuntimeError, ValueError, KeyError) as error:
+        first = str(error).strip().splitlines()
+        raise CheckpointError(
+            f"{path}: the saved {what} does not fit ({type(error).__name__}: "
+            f"{' '.join(first[:3])[:500]}); resume with the model and settings of the run "
+            "that wrote it, or choose another output_dir"
+        ) from error
 
 
 # ----------------------------------------------------------------------------- file helpers
@@ -262,7 +281,8 @@ def load_model_weights(model: torch.nn.Module, model_dir: Path) -> None:
         state: dict[str, torch.Tensor] = {}
         for f in files:
             state.update(load_file(f))
-        result = set_peft_model_state_dict(model, state)
+        with must_fit(model_dir, "LoRA adapters"):
+            result = set_peft_model_state_dict(model, state)
         # Adapters saved for other modules (another lora_target_modules) would load nothing.
         unexpected = list(getattr(result, "unexpected_keys", []))
         missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
@@ -273,7 +293,9 @@ def load_model_weights(model: torch.nn.Module, model_dir: Path) -> None:
                 "lora_rank as the run that saved them?"
             )
         return
-    missing, unexpected = model.load_state_dict(read_model_weights(model_dir), strict=False)
+    weights = read_model_weights(model_dir)
+    with must_fit(model_dir, "model"):
+        missing, unexpected = model.load_state_dict(weights, strict=False)
     check_weights_fit(model, model_dir, missing, unexpected)
 
 
@@ -334,9 +356,11 @@ def load_checkpoint(
     if model is not None:
         load_model_weights(model, path / "model")
     if optimizer is not None:
-        optimizer.load_state_dict(optim_state["optimizer"])
+        with must_fit(path, "optimizer state"):
+            optimizer.load_state_dict(optim_state["optimizer"])
     if scheduler is not None:
-        scheduler.load_state_dict(optim_state["scheduler"])
+        with must_fit(path, "learning-rate schedule"):
+            scheduler.load_state_dict(optim_state["scheduler"])
     if restore_rng:
         set_rng_state(rng)
     return state

@@ -144,8 +144,9 @@ def _run_training(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def _train(args: argparse.Namespace, config: LatroConfig) -> int:
-    from latro_engine.trainer import LatroTrainer, SFTTrainer
+    from latro_engine.trainer import LatroTrainer, SFTTrainer, check_run_settings
 
+    check_run_settings(config, has_eval_data=bool(args.eval_data))  # before loading anything
     train_set = _load_examples(args, args.train_data)
     eval_set = _load_examples(args, args.eval_data) if args.eval_data else None
     model, tokenizer = _load_model(args)

@@ -177,7 +177,11 @@ class LatroConfig:
     progress: bool = _opt(True, "show progress bars")
     # --- reproducibility and placement
     seed: int = _opt(0, "seed of data order, sampling and initialisation")
-    deterministic: bool = _opt(False, "torch.use_deterministic_algorithms (exact resume on CPU)")
+    deterministic: bool = _opt(
+        False,
+        "torch.use_deterministic_algorithms (exact resume on CPU; on CUDA it also sets "
+        "CUBLAS_WORKSPACE_CONFIG=:4096:8 unless set)",
+    )
     device: str = _opt("auto", "'auto' (cuda when available), 'cpu', 'cuda' or 'cuda:N'")
     threads: int = _opt(0, "torch.set_num_threads when > 0")
     distributed: str = _opt(
@@ -273,6 +277,12 @@ class LatroConfig:
             raise ConfigError(f"seed must be in [0, 2^32), got {self.seed}")
         if self.lora_rank and not self.lora_target_modules:
             raise ConfigError("lora_rank > 0 needs at least one module in lora_target_modules")
+        for name in self.lora_target_modules:
+            if not name or any(c in name for c in ", \t\n"):
+                raise ConfigError(
+                    f"lora_target_modules: {name!r} is not a module name; list several as a "
+                    "YAML list, e.g. --lora_target_modules '[q_proj, v_proj]'"
+                )
         if self.reference_on_host and self.lora_rank:
             raise ConfigError(
                 "reference_on_host has nothing to move with lora_rank > 0 (the reference is "
@@ -372,6 +382,14 @@ class LatroConfig:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> LatroConfig:
         known = {f.name: f for f in dataclasses.fields(cls)}
+        # YAML reads keys such as 1 or on/off/yes/no as numbers and booleans.
+        not_text = [k for k in values if not isinstance(k, str)]
+        if not_text:
+            raise ConfigError(
+                "config keys must be text, got "
+                + ", ".join(f"{k!r} ({type(k).__name__})" for k in not_text)
+                + " (quote a key YAML reads as a number or a boolean)"
+            )
         unknown = sorted(set(values) - set(known))
         if unknown:
             raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")

@@ -19,7 +19,6 @@ import csv
 import io
 import json
 import logging
-import math
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from latro_engine.answers import is_plain_number, normalize_number
+from latro_engine.config import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +99,17 @@ class _RowError(Exception):
     """A row-level problem, carried to the loader loop that knows the line number."""
 
 
+# Numbers longer than this, written out without an exponent, are not an answer or an id.
+_MAX_NUMBER_CHARS = 1000
+
+
+def _written_length(value: Decimal) -> int:
+    """The digits of format(value, "f"), without formatting it."""
+    _, digits, exponent = value.as_tuple()
+    assert isinstance(exponent, int)  # finite
+    return len(digits) + exponent if exponent >= 0 else max(len(digits), -exponent) + 1
+
+
 def _text(record: Mapping[str, Any], key: str, *, allow_number: bool = False) -> str:
     """``record[key]`` as stripped, non-empty text; numbers allowed for answers ("72" or 72)."""
     if key not in record or record[key] is None:
@@ -108,8 +119,11 @@ def _text(record: Mapping[str, Any], key: str, *, allow_number: bool = False) ->
     if allow_number and number:
         # JSON numbers arrive as int or Decimal (their digits as written: no float rounding);
         # a float here is one of JSON's NaN / Infinity.
-        if isinstance(value, float) or not math.isfinite(value):
+        if isinstance(value, float) or (isinstance(value, Decimal) and not value.is_finite()):
             raise _RowError(f"field {key!r} is {value}, not a finite number")
+        if isinstance(value, Decimal) and _written_length(value) > _MAX_NUMBER_CHARS:
+            # 1e-100000000 is finite, and 100 million characters written out.
+            raise _RowError(f"field {key!r} is {value}, a number too long to write out")
         value = str(value) if isinstance(value, int) else format(value, "f")
     if not isinstance(value, str):
         kind = "a number" if number else type(value).__name__
@@ -481,7 +495,7 @@ def build_prompt(
     if not chat_template_in_use(tokenizer, use_chat_template):
         return content
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("use_chat_template=True but the tokenizer has no chat template")
+        raise ConfigError("use_chat_template is on but the tokenizer has no chat template")
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
     )

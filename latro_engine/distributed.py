@@ -363,13 +363,13 @@ class Distributed:
             state = ckpt.load_checkpoint(path, model=None, scheduler=scheduler)
             model_state, optim_state = get_state_dict(model, optimizer)
             target = {"model": model_state, "optimizer": optim_state}
-            with warnings.catch_warnings():  # "assuming ... a single process": so it is
+            with warnings.catch_warnings(), ckpt.must_fit(path / "dcp", "sharded state"):
                 warnings.filterwarnings("ignore", "torch.distributed is disabled")
                 dcp.load(target, checkpoint_id=path / "dcp", no_dist=self.mode == "none")
-            set_state_dict(
-                model, optimizer, model_state_dict=target["model"],
-                optim_state_dict=target["optimizer"],
-            )
+                set_state_dict(
+                    model, optimizer, model_state_dict=target["model"],
+                    optim_state_dict=target["optimizer"],
+                )
             return state
         if self.mode != "fsdp":
             return ckpt.load_checkpoint(
@@ -392,9 +392,10 @@ class Distributed:
             )
         state = ckpt.load_checkpoint(path, model=None, scheduler=scheduler)
         weights = ckpt.read_model_weights(path / "model")
-        keys = set_model_state_dict(
-            model, weights, options=StateDictOptions(full_state_dict=True, strict=False)
-        )
+        with ckpt.must_fit(path / "model", "model"):
+            keys = set_model_state_dict(
+                model, weights, options=StateDictOptions(full_state_dict=True, strict=False)
+            )
         ckpt.check_weights_fit(model, path / "model", keys.missing_keys, keys.unexpected_keys)
         saved = ckpt.safe_torch_load(path / "optim.pt")["optimizer"]
         names = [name for name, p in model.named_parameters() if p.requires_grad]
@@ -404,7 +405,8 @@ class Distributed:
                 {**g, "params": [names[i] for i in g["params"]]} for g in saved["param_groups"]
             ],
         }
-        set_optimizer_state_dict(
-            model, optimizer, by_name, options=StateDictOptions(full_state_dict=True)
-        )
+        with ckpt.must_fit(path, "optimizer state"):
+            set_optimizer_state_dict(
+                model, optimizer, by_name, options=StateDictOptions(full_state_dict=True)
+            )
         return state

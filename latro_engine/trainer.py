@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -24,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from latro_engine import checkpoint as ckpt
-from latro_engine.config import LatroConfig
+from latro_engine.config import ConfigError, LatroConfig
 from latro_engine.data import Example
 from latro_engine.distributed import Distributed
 from latro_engine.evaluation import EvalResult, Kind, write_eval_jsonl
@@ -238,9 +239,29 @@ class TrainingError(RuntimeError):
 
 
 def resolve_device(name: str) -> torch.device:
+    """The config's ``device``; a CUDA device this machine does not have is a ConfigError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"device {name!r}: this machine has no CUDA device (torch "
+                              f"{torch.__version__}, CUDA build: {torch.version.cuda or 'no'})")
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"device {name!r}: this machine has {count} CUDA device(s)")
+    return device
+
+
+def check_run_settings(config: LatroConfig, *, has_eval_data: bool) -> torch.device:
+    """The checks of a run's settings against this machine and the run's data (the CLI makes
+    them before it loads any model); returns the device."""
+    if config.keep_best and not has_eval_data:
+        raise ConfigError("keep_best needs an eval_dataset to evaluate every eval_every steps")
+    output_dir = Path(config.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConfigError(f"output_dir {str(output_dir)!r} is a file, not a directory")
+    return resolve_device(config.device)
 
 
 def seed_everything(seed: int) -> None:
@@ -270,6 +291,23 @@ def _data_digest(examples: Sequence[Example]) -> str:
     return f"{len(examples)} examples, sha256 {digest.hexdigest()[:16]}"
 
 
+def _weights_digest(*models: torch.nn.Module | None) -> str:
+    """A digest of the weights a run starts from: each parameter's name and shape and 64 of its
+    values spread over it, bit for bit. Cheap (no pass over the weights) and exact: any update
+    of a model changes most values, so a checkpoint of the run or another fine-tune passed as
+    the model differs."""
+    digest = hashlib.sha256()
+    count = 0
+    for model in models:
+        for name, p in model.named_parameters() if model is not None else ():
+            flat = p.detach().reshape(-1)
+            picks = torch.linspace(0, max(flat.numel() - 1, 0), min(64, flat.numel()))
+            sample = flat[picks.long().to(flat.device)].double().cpu()
+            digest.update(f"{name} {tuple(p.shape)} ".encode() + sample.numpy().tobytes())
+            count += 1
+    return f"{count} tensors, sha256 {digest.hexdigest()[:16]}"
+
+
 class _Trainer:
     """What LaTRO and SFT share: device, optimizer, data order, checkpoints, metrics, eval."""
 
@@ -297,9 +335,16 @@ class _Trainer:
         eval_dataset: Sequence[Example] | None = None,
         *,
         eval_kind: Kind = "gsm8k",
+        reference_model: torch.nn.Module | None = None,
     ):
+        """``reference_model``: a frozen reference given apart from ``model`` (LaTRO's), whose
+        weights are part of the run's identity as ``model``'s are."""
         if len(train_dataset) == 0:
             raise ValueError("train_dataset is empty")
+        device = check_run_settings(config, has_eval_data=bool(eval_dataset))
+        # Saved with each checkpoint: resuming must start from the same weights, which are also
+        # the KL term's reference (a copy of them, or LoRA's base) and what LoRA adapts.
+        self.start_weights = _weights_digest(model, reference_model)
         self.config = config
         self.tokenizer = tokenizer
         # Examples too long for the model are reported with their line, then skipped or
@@ -319,9 +364,14 @@ class _Trainer:
         if config.threads:
             torch.set_num_threads(config.threads)
         if config.deterministic:
+            if device.type == "cuda":
+                # cuBLAS is deterministic only with a fixed workspace, which torch insists on
+                # (a RuntimeError at the first matmul otherwise). Set before the model moves
+                # to the device and runs its first matmul.
+                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
         seed_everything(config.seed)
-        self.dist = Distributed(config, resolve_device(config.device))
+        self.dist = Distributed(config, device)
         self.device = self.dist.device
         self.autocast = config.bf16_autocast(self.device.type)
         self.model = self.dist.prepare(
@@ -347,8 +397,8 @@ class _Trainer:
         # keep_best: the step and greedy accuracy of the best in-training evaluation so far
         self.best_step: int | None = None
         self.best_accuracy: float | None = None
-        if config.keep_best and not self.eval_dataset:
-            raise ValueError("keep_best needs an eval_dataset to evaluate every eval_every steps")
+        if config.keep_best and not self.eval_dataset:  # every eval example was too long
+            raise ConfigError("keep_best needs an eval_dataset to evaluate every eval_every steps")
         self._order = self._epoch_order(0)
 
     # ------------------------------------------------------------------ set-up
@@ -360,16 +410,22 @@ class _Trainer:
                 from peft import LoraConfig, get_peft_model
             except ImportError as error:
                 raise ImportError("lora_rank > 0 needs peft: pip install peft") from error
-            model = get_peft_model(
-                model,
-                LoraConfig(
-                    r=self.config.lora_rank,
-                    lora_alpha=self.config.lora_alpha,
-                    lora_dropout=self.config.lora_dropout,
-                    target_modules=list(self.config.lora_target_modules),
-                    task_type="CAUSAL_LM",
-                ),
-            )
+            try:
+                model = get_peft_model(
+                    model,
+                    LoraConfig(
+                        r=self.config.lora_rank,
+                        lora_alpha=self.config.lora_alpha,
+                        lora_dropout=self.config.lora_dropout,
+                        target_modules=list(self.config.lora_target_modules),
+                        task_type="CAUSAL_LM",
+                    ),
+                )
+            except ValueError as error:  # peft: no module of the model has one of the names
+                raise ConfigError(
+                    f"lora_target_modules {list(self.config.lora_target_modules)}: "
+                    f"{str(error).splitlines()[0]}"
+                ) from error
         model.train()
         return model
 
@@ -409,6 +465,7 @@ class _Trainer:
             "trainer": self.name,
             "config": self.config.to_dict(),
             "train_data": self.train_data_digest,
+            "start_weights": self.start_weights,
         }
 
     def _check_same_run(self, path: str | Path, state: dict[str, Any]) -> None:
@@ -430,6 +487,15 @@ class _Trainer:
                 f"{path} is a checkpoint of another run ({'; '.join(differ)}): use another "
                 "output_dir for this run (resume is on, and continuing that run with these "
                 "settings or data would silently mix the two)"
+            )
+        started = state.get("start_weights")  # (absent from checkpoints of older versions)
+        if started is not None and started != self.start_weights:
+            raise ckpt.CheckpointError(
+                f"{path} continues a run that started from other weights ({started} there, "
+                f"{self.start_weights} here; the same weights in another dtype differ too): "
+                "resume with the model the run started from, not one of its checkpoints, since "
+                "the KL term's reference and LoRA's base are those weights (to train on from a "
+                "checkpoint as a new run, use another output_dir)"
             )
 
     def save_checkpoint(self) -> Path:
@@ -680,9 +746,13 @@ class LatroTrainer(_Trainer):
         *,
         eval_kind: Kind = "gsm8k",
     ):
+        given_reference = ref_model
         if ref_model is None and not config.lora_rank:
             ref_model = copy.deepcopy(model)
-        super().__init__(model, tokenizer, train_dataset, config, eval_dataset, eval_kind=eval_kind)
+        super().__init__(
+            model, tokenizer, train_dataset, config, eval_dataset, eval_kind=eval_kind,
+            reference_model=given_reference,
+        )
         self.ref_model = ref_model
         if ref_model is not None:
             frozen = ref_model.to(self.device).eval().requires_grad_(False)

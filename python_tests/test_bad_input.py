@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import device_backend_pairs
+from conftest import device_backend_pairs, requires_native
 
 from latro_engine import ops
 
@@ -99,6 +99,8 @@ def test_sample_errors(device, backend, use_backend):
         ops.sample(logits, seed=torch.arange(3, device=device).float())
     with _raises(ValueError, "offset must be"):
         ops.sample(logits, seed=0, offset=torch.arange(2, device=device))
+    with _raises(ValueError, "offset must be >= 0"):  # an empty batch fails like a full one
+        ops.sample(logits[:0], seed=0, offset=torch.tensor(-1, device=device))
     with _raises(ValueError, "logits must have 2"):
         ops.sample(logits[0], seed=0)
     with _raises(TypeError, "logits"):
@@ -128,6 +130,23 @@ def test_stop_errors(device, backend, use_backend):
         ops.stop_positions_step(tokens, [[1]], step=5, positions=positions)
     with _raises(ValueError, "positions must have shape"):
         ops.stop_positions_step(tokens, [[1]], step=0, positions=positions[:1])
+    with _raises(ValueError, r"step must be in \[0, 5\)"):  # an empty batch too
+        ops.stop_positions_step(tokens[:0], [[1]], step=5, positions=positions[:0])
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+@requires_native
+def test_raw_stop_tables_are_checked_without_sequences_or_rows(device):
+    """torch.ops callers may pass any table: one of no sequences (which no kernel reads) or an
+    empty batch (which runs no kernel) is checked all the same, on every device."""
+    stop_positions = torch.ops.latro_engine.stop_positions
+    tokens = torch.zeros(2, 5, dtype=torch.long, device=device)
+    two_tokens, no_sequences = (torch.tensor(v, device=device) for v in ([7, 8], [0]))
+    for rows in (tokens, tokens[:0]):
+        with _raises(ValueError, "offsets end at 0 but there are 2 stop tokens"):
+            stop_positions(rows, two_tokens, no_sequences, 0)
+    with _raises(ValueError, "stop_sequences"):
+        stop_positions(tokens[:0], two_tokens, torch.tensor([0, 3], device=device), 0)
 
 
 @pytest.mark.parametrize("device,backend", PAIRS)

@@ -101,6 +101,13 @@ def test_weights_that_do_not_fit_are_rejected(tmp_path):
     path = ckpt.save_checkpoint(
         tmp_path, 1, model=model, tokenizer=None, optimizer=opt, scheduler=sched, trainer_state={}
     )
+    wider = tiny.model().config
+    wider.hidden_size, wider.intermediate_size = 48, 96  # another model of the family
+    with pytest.raises(ckpt.CheckpointError, match="the saved model does not fit"):
+        ckpt.load_checkpoint(path, model=type(model)(wider))
+    other_params = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3))])  # another optimizer
+    with pytest.raises(ckpt.CheckpointError, match="the saved optimizer state does not fit"):
+        ckpt.load_checkpoint(path, model=tiny.model(), optimizer=other_params)
     os.remove(path / "model" / "model.safetensors")
     with pytest.raises(ckpt.CheckpointError, match="no safetensors"):
         ckpt.load_checkpoint(path, model=tiny.model())

@@ -122,3 +122,23 @@ def test_train_and_eval_end_to_end(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert '"greedy_accuracy"' in printed
     assert len((tmp_path / "eval.jsonl").read_text().splitlines()) == 8
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--keep_best", "true", "--eval_every", "1"], "keep_best needs an eval_dataset"),
+        (["--device", "cuda:99"], "device 'cuda:99': this machine has "),
+        (["--output_dir", "{file}"], "is a file, not a directory"),
+    ],
+)
+def test_settings_the_machine_or_the_data_cannot_run_are_rejected_before_loading(
+    tmp_path, capsys, flags, message
+):
+    """Checked before the model loads (it does not even exist here), as a CLI error."""
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"question": "q", "answer": "#### 3"}\n')
+    flags = [f.format(file=data) for f in flags]
+    argv = ["train", "--model", str(tmp_path / "no-model"), "--train-data", str(data), *flags]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err

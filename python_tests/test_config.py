@@ -62,6 +62,11 @@ def test_yaml_and_overrides(tmp_path):
         ({"adam_betas": [0.9, 1.0]}, r"adam_betas must both be in \[0, 1\)"),
         ({"lora_dropout": 1.0}, "lora_dropout"),
         ({"lora_rank": 8, "lora_target_modules": []}, "lora_target_modules"),
+        ({"lora_target_modules": "q_proj,v_proj"},  # one text where a list was meant
+         r"'q_proj,v_proj' is not a module name; list several as a YAML list"),
+        ({"lora_target_modules": ["q_proj", " "]}, "' ' is not a module name"),
+        ({1: 3, "k": 4}, r"config keys must be text, got 1 \(int\)"),
+        ({True: 3}, r"got True \(bool\) \(quote a key"),  # YAML reads `on:` as True
         ({"prompt_template": "{question} and {hint}"}, "only placeholder"),
         ({"answer_template": "{answer} {0}"}, "only placeholder"),
         ({"device": "cuda:one"}, "device"),
@@ -95,6 +100,9 @@ def test_bad_yaml_and_overrides(tmp_path):
         LatroConfig.from_yaml(bad)
     with pytest.raises(ConfigError, match="has no value"):
         parse_overrides(["--k"])
+    bad.write_text("k: 4\non: 3\n")
+    with pytest.raises(ConfigError, match=r"config keys must be text, got True \(bool\)"):
+        LatroConfig.from_yaml(bad)
 
 
 def test_text_overrides_keep_the_text_as_typed(tmp_path):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from latro_engine.config import ConfigError
 from latro_engine.data import (
     DataError,
     DatasetSpec,
@@ -224,9 +225,10 @@ def test_jsonl_records_default_ids_and_numeric_answers(tmp_path):
 
 def test_jsonl_numbers_keep_their_digits_and_odd_lines_are_rows_errors(tmp_path):
     """JSON numbers as answers keep the digits written (no float rounding); NaN / Infinity,
-    integers past Python's 4,300-digit limit, nesting past the recursion limit and lone
-    surrogate escapes (no tokenizer takes them) are row errors with their line, not a crash of
-    the loader or of the run when the prompt is first encoded."""
+    integers past Python's 4,300-digit limit, decimals with exponents that would write out
+    millions of digits, nesting past the recursion limit and lone surrogate escapes (no
+    tokenizer takes them) are row errors with their line, not a crash of the loader, a memory
+    error or of the run when the prompt is first encoded."""
     path = tmp_path / "recs.jsonl"
     lines = [
         '{"q": "a?", "a": 12345678901234567.0}',  # 1
@@ -238,20 +240,26 @@ def test_jsonl_numbers_keep_their_digits_and_odd_lines_are_rows_errors(tmp_path)
         "[" * 100_000 + "]" * 100_000,  # 7
         '{"q": "g \\ud800 h?", "a": "1"}',  # 8
         '{"q": "i?", "a": 2}',  # 9
+        '{"q": "j?", "a": 1e-100000000}',  # 10
+        '{"q": "k?", "a": 1e999999999999}',  # 11
+        '{"q": "l?", "a": 1.5e-3}',  # 12
     ]
     path.write_text("\n".join(lines) + "\n")
     examples = load_records(path, "q", "a")
     assert [(e.answer, e.source_line) for e in examples] == [
-        ("12345678901234567.0", 1), ("100000000000000000000", 2), ("0.1", 3), ("2", 9)
+        ("12345678901234567.0", 1), ("100000000000000000000", 2), ("0.1", 3), ("2", 9),
+        ("0.0015", 12),
     ]
     with pytest.raises(DataError) as info:
         load_records(path, "q", "a", on_error="raise")
     message = str(info.value)
-    assert [line for line, _ in info.value.problems] == [4, 5, 6, 7, 8]
+    assert [line for line, _ in info.value.problems] == [4, 5, 6, 7, 8, 10, 11]
     for expected in ("line 4: field 'a' is nan, not a finite number",
                      "line 5: field 'a' is -inf, not a finite number",
                      "line 6: unreadable JSON (ValueError", "line 7: unreadable JSON (RecursionError",
-                     "line 8: a string holds a lone UTF-16 surrogate"):  # fmt: skip
+                     "line 8: a string holds a lone UTF-16 surrogate",
+                     "line 10: field 'a' is 1E-100000000, a number too long to write out",
+                     "line 11: field 'a' is 1E+999999999999, a number too long"):  # fmt: skip
         assert expected in message, expected
 
 
@@ -402,7 +410,7 @@ def char_tokenizer():
 def test_build_prompt_plain_without_chat_template(char_tokenizer):
     assert not getattr(char_tokenizer, "chat_template", None)
     assert build_prompt(char_tokenizer, "What is 2+2?") == "What is 2+2? Let's think step by step."
-    with pytest.raises(ValueError, match="no chat template"):
+    with pytest.raises(ConfigError, match="use_chat_template is on but the tokenizer has no"):
         build_prompt(char_tokenizer, "q", use_chat_template=True)
 
 

@@ -15,6 +15,7 @@ from conftest import DEVICES
 
 from latro_engine import checkpoint as ckpt
 from latro_engine import trainer as trainer_module
+from latro_engine.config import ConfigError
 from latro_engine.generation import evaluate_model, pad_id
 from latro_engine.metrics import read_metrics
 from latro_engine.objective import batch_advantages, latro_loss
@@ -271,6 +272,32 @@ def test_lora_adapters_for_other_modules_are_refused(tmp_path):
     # still refused when its adapters do not fit.
     with pytest.raises(ckpt.CheckpointError, match="LoRA adapters do not fit"):
         ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "run"), model=trainer.model)
+
+
+def test_lora_target_modules_the_model_lacks_are_a_config_error(tmp_path):
+    pytest.importorskip("peft")
+    config = tiny.config(tmp_path, lora_rank=4, lora_target_modules=("qproj",))
+    with pytest.raises(ConfigError, match=r"lora_target_modules \['qproj'\]: Target modules"):
+        LatroTrainer(tiny.model(), tiny.tokenizer(), tiny.examples(8), config)
+
+
+def test_resuming_from_other_starting_weights_is_refused(tmp_path):
+    """The KL term's reference is the weights the run started from: resuming with one of the
+    run's own checkpoints as the model (or another model) would silently change it."""
+    data = tiny.examples(8)
+    LatroTrainer(tiny.model(), tiny.tokenizer(), data, tiny.config(tmp_path, steps=2)).train()
+    more = tiny.config(tmp_path, steps=3)
+    trained = tiny.model()
+    ckpt.load_model_weights(trained, ckpt.latest_checkpoint(tmp_path / "run") / "model")
+    for other in (trained, tiny.model(seed=3)):
+        with pytest.raises(ckpt.CheckpointError, match="started from other weights"):
+            LatroTrainer(other, tiny.tokenizer(), data, more).train()
+    reference = tiny.model(seed=4)  # a reference given apart is part of the identity too
+    with pytest.raises(ckpt.CheckpointError, match="started from other weights"):
+        LatroTrainer(tiny.model(), tiny.tokenizer(), data, more, ref_model=reference).train()
+    resumed = LatroTrainer(tiny.model(), tiny.tokenizer(), data, more)
+    resumed.train()
+    assert resumed.step == 3
 
 
 def test_a_run_does_not_start_among_another_runs_checkpoints(tmp_path):

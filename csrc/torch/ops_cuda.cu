@@ -245,7 +245,13 @@ std::tuple<at::Tensor, at::Tensor> sample_cuda(const at::Tensor& logits_in,
   const int64_t rows = logits.size(0);
   at::Tensor ids = at::empty({rows}, logits.options().dtype(at::kLong));
   at::Tensor logprobs = at::empty({rows}, logits.options().dtype(at::kFloat));
-  if (rows == 0) return {ids, logprobs};
+  auto raise_offset_error = [&] {
+    TORCH_CHECK_VALUE(false, "offset must be >= 0, got ", offset.item<int64_t>());
+  };
+  if (rows == 0) {  // no kernel runs: an empty batch still fails like a full one
+    if (synchronizing_checks(stream) && offset.item<int64_t>() < 0) raise_offset_error();
+    return {ids, logprobs};
+  }
   const Status status = Status::make(logits, stream);
   const latro::SampleArgs args =
       sample_args(logits, seeds, offset, temperature, top_k, top_p, min_p, ids, logprobs);
@@ -259,9 +265,7 @@ std::tuple<at::Tensor, at::Tensor> sample_cuda(const at::Tensor& logits_in,
     latro::cuda::sample(args, plan, workspace_ptr(workspace), stream, status.ptr());
   });
   const StatusRecord record = status.read();
-  if (record.kind == StatusKind::NegativeOffset) {
-    TORCH_CHECK_VALUE(false, "offset must be >= 0, got ", offset.item<int64_t>());
-  }
+  if (record.kind == StatusKind::NegativeOffset) raise_offset_error();
   TORCH_CHECK_VALUE(record.kind != StatusKind::RowHasNaN, "logits row ", record.row,
                     " contains NaN");
   TORCH_CHECK_VALUE(record.kind != StatusKind::RowHasNoFinite, "logits row ", record.row,
@@ -279,14 +283,25 @@ StopTable stop_table(const at::Tensor& tokens, const at::Tensor& stop_tokens,
   return StopTable{tokens.contiguous(), stop_tokens.contiguous(), stop_offsets.contiguous()};
 }
 
-// A bad table gets the CPU's message, from the CPU's own check on a host copy of the offsets
-// (only ever on this error path; the check does not read the tokens, left on the device).
-[[noreturn]] void raise_stop_table_error(const StopTable& table) {
+// The CPU's own check of the table on a host copy of its offsets (it does not read the tokens,
+// left on the device), so a bad table gets the CPU's message. The kernels check the offsets
+// themselves; this runs on their error path, and where no kernel runs.
+void check_stop_table_on_host(const StopTable& table) {
   const at::Tensor offsets = table.stop_offsets.cpu();
   latro::StopSequences host = table.view();
   host.offsets = offsets.data_ptr<int64_t>();
   call_core([&] { latro::check_stop_sequences(host); });
+}
+
+[[noreturn]] void raise_stop_table_error(const StopTable& table) {
+  check_stop_table_on_host(table);
   TORCH_CHECK_VALUE(false, "stop_sequences offsets are invalid");
+}
+
+// An empty batch runs no kernel to check the table: it is checked on the host then (when
+// checks are on), so an empty batch fails like a full one.
+void check_stop_table_of_empty_batch(const StopTable& table, int64_t rows, cudaStream_t stream) {
+  if (rows == 0 && synchronizing_checks(stream)) check_stop_table_on_host(table);
 }
 
 at::Tensor stop_positions_cuda(const at::Tensor& tokens, const at::Tensor& stop_tokens,
@@ -296,6 +311,7 @@ at::Tensor stop_positions_cuda(const at::Tensor& tokens, const at::Tensor& stop_
   const cudaStream_t stream = current_stream(tokens);
   const int64_t rows = tokens.size(0), len = tokens.size(1);
   at::Tensor out = at::empty({rows}, tokens.options());
+  check_stop_table_of_empty_batch(table, rows, stream);
   if (rows == 0) return out;
   const Status status = Status::make(tokens, stream);
   call_cuda([&] {
@@ -318,7 +334,17 @@ at::Tensor stop_positions_step_cuda(const at::Tensor& tokens, const at::Tensor& 
   const int64_t rows = tokens.size(0), len = tokens.size(1);
   const at::Tensor positions = positions_in.contiguous();
   at::Tensor out = at::empty({rows}, tokens.options());
-  if (rows == 0) return out;
+  auto raise_step_error = [&] {
+    TORCH_CHECK_VALUE(false, "step must be in [0, ", len, "), got ", step.item<int64_t>());
+  };
+  check_stop_table_of_empty_batch(table, rows, stream);
+  if (rows == 0) {  // no kernel runs: an empty batch still fails like a full one
+    if (synchronizing_checks(stream)) {
+      const int64_t value = step.item<int64_t>();
+      if (value < 0 || value >= len) raise_step_error();
+    }
+    return out;
+  }
   const Status status = Status::make(tokens, stream);
   call_cuda([&] {
     latro::cuda::stop_positions_step(table.tokens.data_ptr<int64_t>(), rows, len, len,
@@ -328,9 +354,7 @@ at::Tensor stop_positions_step_cuda(const at::Tensor& tokens, const at::Tensor& 
   });
   const StatusRecord record = status.read();
   if (record.kind == StatusKind::BadStopTable) raise_stop_table_error(table);
-  if (record.kind == StatusKind::StepOutOfRange) {
-    TORCH_CHECK_VALUE(false, "step must be in [0, ", len, "), got ", step.item<int64_t>());
-  }
+  if (record.kind == StatusKind::StepOutOfRange) raise_step_error();
   if (record.kind == StatusKind::PositionOutOfRange) {
     TORCH_CHECK_VALUE(false, "positions[", record.row, "] = ",
                       positions[record.row].item<int64_t>(), " is outside [0, ", len, "]");

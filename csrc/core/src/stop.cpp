@@ -8,7 +8,13 @@ namespace latro {
 
 void check_stop_sequences(const StopSequences& stops) {
   detail::check_stop_table_fields(stops);
-  if (stops.count == 0) return;
+  if (stops.count == 0) {  // no sequences, so no tokens; the offsets ([0]) may be left out
+    LATRO_CHECK(stops.offsets == nullptr || stops.offsets[0] == 0,
+                "stop_sequences offsets must start at 0, got ", stops.offsets[0]);
+    LATRO_CHECK(stops.token_count == 0, "stop_sequences offsets end at 0 but there are ",
+                stops.token_count, " stop tokens");
+    return;
+  }
   LATRO_CHECK(stops.offsets[0] == 0, "stop_sequences offsets must start at 0, got ",
               stops.offsets[0]);
   for (int64_t i = 0; i < stops.count; ++i) {

@@ -13,7 +13,9 @@ constexpr unsigned kFullWarp = 0xFFFFFFFFu;
 // Offsets start at 0, increase strictly and end at the number of stop tokens: checked by a
 // whole warp, its lanes splitting the table; every lane gets the answer.
 __device__ bool warp_stop_table_ok(const StopSequences& stops, int lane) {
-  if (stops.count == 0) return true;
+  if (stops.count == 0) {  // as check_stop_sequences: no tokens, offsets [0] or left out
+    return stops.token_count == 0 && (stops.offsets == nullptr || stops.offsets[0] == 0);
+  }
   bool ok = true;
   if (lane == 0) ok = stops.offsets[0] == 0 && stops.offsets[stops.count] == stops.token_count;
   for (int64_t i = lane; i < stops.count; i += detail::kWarp) {
