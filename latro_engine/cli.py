@@ -71,7 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(train)
     _add_data_args(train, train=True)
     sft = sub.add_parser(
-        "sft", help="train the SFT baseline (question -> answer), same budget", **kw
+        "sft",
+        help="train the SFT baseline (question -> worked solution and answer, or answer alone "
+        "where the data has no solution), same budget",
+        **kw,
     )
     _add_model_args(sft)
     _add_data_args(sft, train=True)

@@ -73,6 +73,12 @@ class LatroConfig:
     sft_weight: float = _opt(
         1.0, "weight of grad log p(y|x,z) in the loss (paper: 1; reference code: 0)"
     )
+    sft_target: str = _opt(
+        "rationale",
+        "the SFT baseline's target: 'rationale' (the data's worked solution, GSM8K's, then y, "
+        "where an example has one; y alone elsewhere, ARC's: the paper's baseline) or 'answer' "
+        "(y alone)",
+    )
     nonstop_penalty: float = _opt(
         -10.0,
         "self-reward of a rationale that never stopped, in place of log p(y|x,z) (its KL term "
@@ -144,7 +150,17 @@ class LatroConfig:
     answer_template: str = _opt(
         "The answer is {answer}.", "the answer y scored by the self-reward (EOS appended)"
     )
-    answer_prefix: str = _opt(" ", "text between the rationale and the answer")
+    answer_prefix: str = _opt(
+        " ",
+        "text between the rationale and the answer where it did not end at a stop string "
+        "(see answer_after_stop)",
+    )
+    answer_after_stop: str = _opt(
+        "own",
+        "'own': y goes on from the stop string the rationale ended at, as the model wrote it "
+        "(its tokens, then ' {answer}' and the rest of answer_template); 'template': y is "
+        "answer_prefix + answer_template for every rationale (the reference code, with prefix '')",
+    )
     use_chat_template: str = _opt("auto", "'auto' (when the tokenizer has one), 'on' or 'off'")
     on_data_error: str = _opt(
         "skip",
@@ -229,6 +245,12 @@ class LatroConfig:
             raise ConfigError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.top_k < 0:
             raise ConfigError(f"top_k must be >= 0, got {self.top_k}")
+        if self.sft_target not in ("rationale", "answer"):
+            raise ConfigError(f"sft_target must be 'rationale' or 'answer', got {self.sft_target!r}")
+        if self.answer_after_stop not in ("own", "template"):
+            raise ConfigError(
+                f"answer_after_stop must be 'own' or 'template', got {self.answer_after_stop!r}"
+            )
         if self.penalty_mode not in ("constant", "batch_mean"):
             raise ConfigError(
                 f"penalty_mode must be 'constant' or 'batch_mean', got {self.penalty_mode!r}"

@@ -86,6 +86,8 @@ class Example:
     ``answer`` is the gold as text: the number for GSM8K ("72"), the option label for
     multiple choice ("B"). ``options`` holds ``(label, text)`` pairs, empty for open answers.
     ``source_line`` points back into the file so an odd example can be found by hand.
+    ``rationale``: a worked solution where the data has one (GSM8K's, before "####"), which
+    only the SFT baseline trains on; LaTRO never reads it.
     """
 
     id: str
@@ -93,6 +95,7 @@ class Example:
     answer: str
     options: tuple[tuple[str, str], ...] = ()
     source_line: int = 0
+    rationale: str = ""
 
 
 class _RowError(Exception):
@@ -133,13 +136,18 @@ def _text(record: Mapping[str, Any], key: str, *, allow_number: bool = False) ->
     return value.strip()
 
 
+# GSM8K's calculator annotations ("$<<9*2=18>>18"): markup for a tool, not text to learn.
+_CALCULATOR_ANNOTATION = re.compile(r"<<[^<>]*>>")
+
+
 def _gsm8k_row(record: Mapping[str, Any], line: int, default_id: str) -> Example:
-    """GSM8K: the gold is what follows the last "####", commas removed, and must be numeric."""
+    """GSM8K: the gold is what follows the last "####", commas removed, and must be numeric; the
+    worked solution before it, without its calculator annotations, is the rationale."""
     question = _text(record, "question")
     full = _text(record, "answer", allow_number=True)
     if "####" not in full:
         raise _RowError("answer has no '####' marker")
-    written = full.rsplit("####", 1)[1].strip()
+    worked, written = (part.strip() for part in full.rsplit("####", 1))
     gold = written.replace(",", "")
     if not gold:
         raise _RowError("empty answer after '####'")
@@ -148,7 +156,8 @@ def _gsm8k_row(record: Mapping[str, Any], line: int, default_id: str) -> Example
     if not is_plain_number(written) or normalize_number(gold) is None:
         raise _RowError(f"answer after '####' is not a plain number: {written!r}")
     rid = str(record["id"]) if record.get("id") not in (None, "") else default_id
-    return Example(id=rid, question=question, answer=gold, source_line=line)
+    rationale = _CALCULATOR_ANNOTATION.sub("", worked)
+    return Example(id=rid, question=question, answer=gold, source_line=line, rationale=rationale)
 
 
 def _arc_row(record: Mapping[str, Any], line: int, default_id: str) -> Example:

@@ -151,6 +151,75 @@ def encode_answers(
     return out
 
 
+def sft_targets(
+    tokenizer: Any, examples: Sequence[Example], config: LatroConfig
+) -> tuple[list[list[int]], list[list[int]]]:
+    """The SFT baseline's target after each prompt, as (rationale, answer) token lists: the
+    example's worked solution (``sft_target`` 'rationale', where it has one; else empty), then
+    :func:`encode_answers`' y (answer_prefix + answer_template + the turn's end)."""
+    use = config.sft_target == "rationale"
+    rationales = [
+        list(tokenizer(ex.rationale, add_special_tokens=False)["input_ids"])
+        if use and ex.rationale
+        else []
+        for ex in examples
+    ]
+    return rationales, encode_answers(tokenizer, examples, config)
+
+
+def answers_after_rationales(
+    tokenizer: Any,
+    examples: Sequence[Example],
+    config: LatroConfig,
+    stop_sequences: Sequence[Sequence[int]],
+    stop_index: Sequence[int],
+) -> list[list[int]]:
+    """y for each rollout row (``config.k`` rows per example, in order; ``stop_index``: the
+    rollout's). A row whose rationale ended at an answer template (a stop sequence other than
+    a lone end id) goes on as the model began it: the template's tokens as sampled, then " "
+    and the gold with the rest of ``answer_template`` ("." by default), then the turn's end, so
+    that "...; the answer is" or "...\nThe answer is" is scored with the gold as written there
+    instead of a capitalised template after a space the model did not write. The other rows
+    (the turn's end, the length limit), and every row when ``answer_after_stop`` is
+    "template", get :func:`encode_answers`' y: answer_prefix + answer_template."""
+    k = config.k
+    fixed = encode_answers(tokenizer, examples, config)
+    if len(stop_index) != len(examples) * k:
+        raise ValueError(f"stop_index has {len(stop_index)} rows for {len(examples)} x k = {k}")
+    rows = [fixed[i // k] for i in range(len(examples) * k)]
+    if config.answer_after_stop == "template":
+        return rows
+    ends = set(end_ids(tokenizer, config))
+    end = turn_end_id(tokenizer, config)
+    template = config.answer_template
+    rest = " " + template[template.index("{answer}") :]  # validated: one {answer}
+    made: dict[tuple[int, str], list[int]] = {}
+    for row, index in enumerate(stop_index):
+        if index < 0 or (len(stop_sequences[index]) == 1 and stop_sequences[index][0] in ends):
+            continue
+        gold = gold_answer_string(examples[row // k])
+        if (index, gold) not in made:
+            stop = [int(t) for t in stop_sequences[index]]
+            made[index, gold] = stop + _continuation(tokenizer, stop, rest.format(answer=gold))
+            made[index, gold].append(end)
+        rows[row] = made[index, gold]
+    return rows
+
+
+def _continuation(tokenizer: Any, head: list[int], text: str) -> list[int]:
+    """The tokens ``text`` adds after the tokens ``head``: encoded together with the head's
+    text, so that a subword tokenizer spells it as it does there (SentencePiece's " 1" after
+    "is" is not its " 1" at the start of a text), or alone where the head's text does not
+    encode back to a prefix of that."""
+
+    def encode(text: str) -> list[int]:
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    head_text = tokenizer.decode(head)
+    first, whole = encode(head_text), encode(head_text + text)
+    return whole[len(first) :] if whole[: len(first)] == first else encode(text)
+
+
 def context_length(model: torch.nn.Module) -> int | None:
     """The longest sequence the model takes (``config.max_position_embeddings``), if it says."""
     value = getattr(getattr(model, "config", None), "max_position_embeddings", None)
@@ -170,7 +239,7 @@ def fit_to_context(
     with their line and skipped, or all raised in one DataError (``config.on_data_error``).
 
     The longest sequence: prompt + ``max_rationale_tokens`` + answer for LaTRO training,
-    prompt + answer for SFT, prompt + the completion limit for evaluation.
+    prompt + :func:`sft_targets` for SFT, prompt + the completion limit for evaluation.
     """
     if context is None or not examples:
         return list(examples)
@@ -178,10 +247,13 @@ def fit_to_context(
     if use == "eval":
         limit = config.eval_max_new_tokens or config.max_rationale_tokens + 32
         after, what = [limit] * len(examples), "the completion limit"
-    else:
-        rationale = config.max_rationale_tokens if use == "latro" else 0
+    elif use == "latro":
+        rationale = config.max_rationale_tokens
         after = [rationale + len(a) for a in encode_answers(tokenizer, examples, config)]
-        what = "the rationale limit and the answer" if use == "latro" else "the answer"
+        what = "the rationale limit and the answer"
+    else:
+        after = [len(r) + len(a) for r, a in zip(*sft_targets(tokenizer, examples, config))]
+        what = "its SFT target"
     kept, problems = [], []
     for ex, prompt, more in zip(examples, prompts, after):
         if len(prompt) + more <= context:

@@ -63,6 +63,9 @@ class Rollout:
             distribution it was sampled from (after temperature/top-k/top-p/min-p; 0 for
             greedy), 0 past the length.
         group_size: k.
+        stop_index: int64 ``[B]``: which of the ``stop_sequences`` ended each finished row (its
+            index in the list the sampler was given), -1 for rows that did not finish; None
+            for rollouts built by hand.
     """
 
     prompt_ids: torch.Tensor
@@ -72,6 +75,7 @@ class Rollout:
     finished: torch.Tensor
     sample_logprobs: torch.Tensor
     group_size: int
+    stop_index: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -289,7 +293,31 @@ def sample_rationales(
         finished=stop_pos < limit,
         sample_logprobs=logps.masked_fill(beyond, 0.0),
         group_size=k,
+        stop_index=_matched_stops(tokens, stop_pos, stop_sequences),
     )
+
+
+def _matched_stops(
+    tokens: torch.Tensor, stop_pos: torch.Tensor, stop_sequences: Sequence[Sequence[int]]
+) -> torch.Tensor:
+    """Per row, the index of the stop sequence that ended it (-1: none): the shortest one that
+    starts at the row's stop position, first in list order among equals. A row stops at the
+    first step that completes any sequence, so a longer one starting there too could only have
+    been completed by tokens drawn after the row had stopped."""
+    rows, limit = tokens.shape
+    found = torch.full((rows,), -1, dtype=torch.int64, device=tokens.device)
+    length = torch.full((rows,), limit + 1, dtype=torch.int64, device=tokens.device)
+    for index, sequence in enumerate(stop_sequences):
+        n = len(sequence)
+        if n > limit:
+            continue
+        columns = (stop_pos[:, None] + torch.arange(n, device=tokens.device)).clamp(max=limit - 1)
+        window = tokens.gather(1, columns)
+        target = torch.tensor(list(sequence), dtype=torch.int64, device=tokens.device)
+        match = (stop_pos + n <= limit) & (window == target).all(1) & (n < length)
+        found = torch.where(match, index, found)
+        length = torch.where(match, n, length)
+    return found
 
 
 def prompt_mask_flags(prompt_mask: torch.Tensor) -> list[torch.Tensor]:

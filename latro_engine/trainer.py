@@ -30,13 +30,14 @@ from latro_engine.data import Example
 from latro_engine.distributed import Distributed
 from latro_engine.evaluation import EvalResult, Kind, write_eval_jsonl
 from latro_engine.generation import (
+    answers_after_rationales,
     context_length,
-    encode_answers,
     encode_prompts,
     end_ids,
     evaluate_model,
     fit_to_context,
     pad_id,
+    sft_targets,
 )
 from latro_engine.metrics import MetricsLog, plot_curves, read_metrics
 from latro_engine.objective import batch_advantages, latro_loss, loss_weights
@@ -729,6 +730,7 @@ class LatroTrainer(_Trainer):
         "top_p",
         "min_p",
         "stop_strings",
+        "answer_after_stop",
         "kl_coef",
         "sft_weight",
         "nonstop_penalty",
@@ -769,7 +771,6 @@ class LatroTrainer(_Trainer):
         rows are seeded by global index, so any world size draws the same rationales."""
         config = self.config
         prompt_ids, prompt_mask = encode_prompts(self.tokenizer, examples, config, self.device)
-        answers = encode_answers(self.tokenizer, examples, config)
         self.model.eval()  # sample without dropout
         try:
             with self.dist.full_params(self.model), self._autocast():
@@ -791,8 +792,11 @@ class LatroTrainer(_Trainer):
                 )
         finally:
             self.model.train()
-        per_row_answers = [answers[i // config.k] for i in range(rollout.batch_size)]
-        return rollout, per_row_answers
+        assert rollout.stop_index is not None
+        answers = answers_after_rationales(
+            self.tokenizer, examples, config, self.stops, rollout.stop_index.tolist()
+        )
+        return rollout, answers
 
     def _score(
         self,
@@ -876,25 +880,38 @@ class LatroTrainer(_Trainer):
 
 
 class SFTTrainer(_Trainer):
-    """The SFT baseline of the paper: question -> answer template, same data and budget
-    (``steps`` x ``prompts_per_step`` questions), loss = -mean_i log p(y_i | x_i)."""
+    """The SFT baseline of the paper: question -> the data's worked solution, then the answer
+    template (GSM8K), or the answer template alone where there is none (ARC), same data and
+    budget (``steps`` x ``prompts_per_step`` questions), loss = -mean_i log p(z_i, y_i | x_i)
+    (``sft_target``: :func:`latro_engine.generation.sft_targets`)."""
 
     name = "sft"
+    identity_fields = (*_Trainer.identity_fields, "sft_target")
 
     def train_step(self) -> dict[str, Any]:
         config = self.config
         start = time.perf_counter()
         examples, _ = self._next_shard()
         prompt_ids, prompt_mask = encode_prompts(self.tokenizer, examples, config, self.device)
-        answers = encode_answers(self.tokenizer, examples, config)
-        empty = torch.zeros((len(examples), 0), dtype=torch.int64, device=self.device)
-        no_rationale = torch.zeros(len(examples), dtype=torch.int64, device=self.device)
-        total, loss_sum = len(examples), 0.0
-        # loss = -mean_i log p(y_i | x_i): linear in the scores, its gradient taken in the pass
-        answer_w = torch.full((total,), -1.0 / total, device=self.device)
+        rationales, answers = sft_targets(self.tokenizer, examples, config)
+        rationale_lengths = [len(r) for r in rationales]
+        rationale_ids = torch.full(
+            (len(examples), max(rationale_lengths)), pad_id(self.tokenizer), dtype=torch.int64
+        )
+        for row, r in enumerate(rationales):
+            rationale_ids[row, : len(r)] = torch.tensor(r, dtype=torch.int64)
+        rationale_ids = rationale_ids.to(self.device)
+        rationale_lengths_t = torch.tensor(rationale_lengths, device=self.device)
+        total, loss_sum, rationale_sum = len(examples), 0.0, 0.0
+        # loss = -mean_i log p(z_i, y_i | x_i): linear in the scores, its gradient taken in the
+        # pass
+        weight = torch.full((total,), -1.0 / total, device=self.device)
         # Micro-batches of questions of similar length (up to micro_batch_size rows and
         # micro_batch_tokens tokens), as in the LaTRO step's gradient pass.
-        lengths = [p + len(a) for p, a in zip(prompt_mask.sum(-1).tolist(), answers)]
+        lengths = [
+            p + r + len(a)
+            for p, r, a in zip(prompt_mask.sum(-1).tolist(), rationale_lengths, answers)
+        ]
         batches = length_batches(
             lengths, config.micro_batch_size, config.micro_batch_tokens, self.device
         )
@@ -905,19 +922,23 @@ class SFTTrainer(_Trainer):
                     scores = self._scorer(
                         prompt_ids[sl],
                         prompt_mask[sl],
-                        empty[sl],
-                        no_rationale[sl],
+                        rationale_ids[sl],
+                        rationale_lengths_t[sl],
                         [answers[i] for i in batch],
-                        loss_weights=(torch.zeros_like(answer_w[sl]), answer_w[sl]),
+                        loss_weights=(weight[sl], weight[sl]),
                     )
                 with scoring_attention(self.device):  # checkpointing's recompute
                     scores.loss.backward()
-            loss_sum -= float(scores.answer_logp.sum()) / total
+            answer_sum = float(scores.answer_logp.sum())
+            batch_rationale = float(scores.rationale_logp.sum())
+            loss_sum -= (answer_sum + batch_rationale) / total
+            rationale_sum += batch_rationale / total
         grad_norm, finite = self._apply_gradients(loss_sum)
         elapsed = time.perf_counter() - start
         return {
             "loss": loss_sum,
-            "answer_logp_mean": -loss_sum,
+            "answer_logp_mean": -loss_sum - rationale_sum,
+            "rationale_logp_mean": rationale_sum,
             "grad_norm": grad_norm,
             "update_skipped": not finite,
             "skipped_steps": self.skipped_steps,

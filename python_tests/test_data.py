@@ -575,3 +575,68 @@ def test_trainer_checks_prompt_lengths_before_any_step(tmp_path):
     trainer = LatroTrainer(tiny.model(), tiny.tokenizer(), data, skip, eval_dataset=data)
     assert [e.id for e in trainer.train_dataset] == [e.id for e in data[:4]]
     assert len(trainer.eval_dataset) == 4
+
+
+def _byte_level_bpe():
+    """A GPT-2 / Llama 3 style byte-level BPE, trained in memory on answer endings."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = ["Therefore, the answer is 18.", "So 3 + 15 = 18.\nThe answer is 18.",
+              "So the total is 18. The answer is 18.", "The answer is 7.", "Answer: 5"] * 50
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<eos>"], initial_alphabet=alphabet))
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>", pad_token="<eos>")
+
+
+@pytest.mark.parametrize("after_stop", ["own", "template"])
+def test_answers_go_on_from_the_template_each_rationale_ended_at(after_stop):
+    """The answer y after a rationale cut at "\\nThe answer is" or ", the answer is" starts with
+    the template's tokens as the model wrote them: z + y is the model's own text up to the gold
+    (a fixed " The answer is" would score "\\n The answer is", "Therefore, The answer is").
+    Rows that ended at EOS or the limit, and every row with answer_after_stop 'template', get
+    the fixed y."""
+    import torch
+
+    from latro_engine import ops
+    from latro_engine.config import LatroConfig
+    from latro_engine.generation import answers_after_rationales, encode_answers, end_ids
+    from latro_engine.rollout import _matched_stops, stop_token_sequences
+
+    tok = _byte_level_bpe()
+    config = LatroConfig(k=2, progress=False, use_chat_template="off", answer_after_stop=after_stop)
+    stops = stop_token_sequences(tok, config.stop_strings, end_ids=end_ids(tok, config))
+    written = ["Therefore, the answer is 18.", "So 3 + 15 = 18.\nThe answer is 18.",
+               "So the total is 18. The answer is 18.", "Answer: 18.", "So 18", "So 3 + 15"]
+    encode = [tok(t, add_special_tokens=False)["input_ids"] for t in written]
+    encode[4] = encode[4] + [tok.eos_token_id]  # the turn's end
+    width = max(map(len, encode))
+    tokens = torch.tensor([ids + [tok.eos_token_id] * (width - len(ids)) for ids in encode])
+    tokens[5, len(encode[5]):] = tokens[5, 0]  # never stops: runs to the limit
+    stop_pos = ops.stop_positions(tokens, stops)
+    index = _matched_stops(tokens, stop_pos, stops).tolist()
+    assert [i >= 0 for i in index] == [True] * 5 + [False]
+    examples = [Example(id=str(i), question="q", answer="18", source_line=i) for i in range(3)]
+    answers = answers_after_rationales(tok, examples, config, stops, index)
+    (fixed,) = encode_answers(tok, examples[:1], config)
+    for row, (text, ids, y) in enumerate(zip(written, encode, answers)):
+        if after_stop == "own" and row < 4:
+            assert y[-1] == tok.eos_token_id and tok.decode(ids[: stop_pos[row]] + y[:-1]) == text
+            assert y[: len(stops[index[row]])] == stops[index[row]]
+        else:
+            assert y == fixed
+    assert tok.decode(fixed) == " The answer is 18.<eos>"
+
+
+def test_gsm8k_rows_keep_their_worked_solution_without_calculator_marks(tmp_path):
+    """The worked solution (for the SFT baseline) is the text before "####", without GSM8K's
+    calculator annotations."""
+    path = tmp_path / "g.jsonl"
+    row = {"question": "q?", "answer": "She sells 9 * 2 = $<<9*2=18>>18.\n#### 18"}
+    path.write_text(json.dumps(row) + "\n")
+    (example,) = load_gsm8k(path)
+    assert (example.answer, example.rationale) == ("18", "She sells 9 * 2 = $18.")

@@ -10,7 +10,13 @@ import transformers
 from transformers import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from latro_engine.rollout import Rollout, row_seeds, sample_rationales, stop_token_sequences
+from latro_engine.rollout import (
+    Rollout,
+    _matched_stops,
+    row_seeds,
+    sample_rationales,
+    stop_token_sequences,
+)
 from latro_engine.tokenizer import train_char_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -77,11 +83,24 @@ def test_rows_stop_at_stop_sequences_and_exclude_them():
     assert got[5] == [10, 11, 1, 2, 3, 4]     # completes the stop at the very last step
     assert r.finished.tolist() == [True, True, False, True, False, True]
     assert r.rationale_lengths.tolist() == [1, 5, 8, 1, 8, 6]
+    assert r.stop_index.tolist() == [0, 0, -1, 1, -1, 0]  # which of STOP ended each row
     L = r.rationale_ids.shape[1]
     past = torch.arange(L)[None] >= r.rationale_lengths[:, None]
     assert bool((r.rationale_ids[past] == PAD).all())
     assert bool((r.sample_logprobs == 0).all())  # every draw was certain
     assert r.prompt_ids.shape == (6, 2) and r.group_size == 1
+
+
+def test_the_stop_that_ended_a_row_is_the_shortest_one_starting_there():
+    """A longer sequence that also starts at the stop position could only be completed by
+    tokens after the row stopped (a loop that kept drawing them, or pads that happen to
+    match): the shorter one ended the row, whatever the list order."""
+    tokens = torch.tensor([[1, 5, 6, 7], [5, 6, 7, 9], [2, 2, 5, 6], [5, 9, 9, 9]])
+    stop_pos = torch.tensor([1, 0, 2, 4])
+    stops = [[5, 6, 7], [5, 6], [6], [5, 6]]
+    assert _matched_stops(tokens, stop_pos, stops).tolist() == [1, 1, 1, -1]
+    assert _matched_stops(tokens[:, :0], stop_pos * 0, stops).tolist() == [-1] * 4
+    assert _matched_stops(tokens, stop_pos, []).tolist() == [-1] * 4
 
 
 def test_finished_rows_leave_the_batch_and_loop_ends_early():

@@ -78,6 +78,7 @@ def _assert_same(a, b):
     assert torch.equal(a.rationale_ids, b.rationale_ids)
     assert torch.equal(a.rationale_lengths, b.rationale_lengths)
     assert torch.equal(a.finished, b.finished)
+    assert torch.equal(a.stop_index, b.stop_index)
     assert torch.allclose(a.sample_logprobs, b.sample_logprobs, atol=1e-5)
     assert torch.equal(a.prompt_ids, b.prompt_ids)
 
