@@ -478,9 +478,12 @@ class _Trainer:
             )
         ours = {**self.config.to_dict(), "train_data": self.train_data_digest}
         theirs = {**state.get("config", {}), "train_data": state.get("train_data")}
+        fields = [*self.identity_fields, "train_data"]
+        if not ours["lora_rank"] and not theirs.get("lora_rank"):  # no adapters either side
+            fields = [f for f in fields if f not in ("lora_alpha", "lora_target_modules")]
         differ = [
             f"{name} {theirs[name]!r} there, {ours[name]!r} here"
-            for name in (*self.identity_fields, "train_data")
+            for name in fields
             if theirs.get(name) is not None and theirs[name] != ours[name]
         ]
         if differ:
@@ -542,6 +545,13 @@ class _Trainer:
             )
         self.scheduler.base_lrs = [config.learning_rate] * len(groups)
         factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)  # this config's schedule
+        saved_lr = groups[0]["lr"]
+        if not math.isclose(saved_lr, config.learning_rate * factor, rel_tol=1e-9, abs_tol=0.0):
+            # Another schedule, steps or warm-up: the rate moves at once, which a curve shows.
+            logger.info(
+                "resuming at step %d with learning rate %.3g (the checkpoint's run was at %.3g)",
+                self.step, config.learning_rate * factor, saved_lr,
+            )
         for group in groups:
             group.update(
                 initial_lr=config.learning_rate,

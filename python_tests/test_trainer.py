@@ -113,16 +113,20 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch, host_sta
 def test_resume_takes_this_runs_optimizer_settings(tmp_path, caplog):
     """The checkpoint brings back the AdamW moments and the schedule's position; the learning
     rate, betas and weight decay are the resuming run's (a run stopped for non-finite steps is
-    resumed with a lower learning rate)."""
+    resumed with a lower learning rate), and the log says where the rate jumps. LoRA settings
+    without LoRA on either side do not make it another run."""
     data = tiny.examples(16)
     first = tiny.config(tmp_path, steps=2, learning_rate=1e-3, lr_schedule="constant")
     LatroTrainer(tiny.model(), tiny.tokenizer(), data, first).train()
     lower = tiny.config(tmp_path, steps=4, learning_rate=1e-5, weight_decay=0.25,
-                        adam_betas=(0.8, 0.9), lr_schedule="linear")
+                        adam_betas=(0.8, 0.9), lr_schedule="linear", lora_alpha=4.0)
     trainer = LatroTrainer(tiny.model(), tiny.tokenizer(), data, lower)
     with caplog.at_level("INFO", logger="latro_engine.trainer"):
         trainer.train()
     assert "the checkpoint's: (0.001" in caplog.text
+    assert "resuming at step 2 with learning rate 5e-06 (the checkpoint's run was at 0.001)" in (
+        caplog.text
+    )
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
     lrs = {r["step"]: r["lr"] for r in records if "lr" in r}
     # linear decay over 4 steps from 1e-5: after steps 3 and 4, 1e-5 * (1 - 3/4) and 0
