@@ -4,6 +4,7 @@ evaluation (greedy and maj@k) on a dataset."""
 from __future__ import annotations
 
 import logging
+import string
 import weakref
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -155,16 +156,31 @@ def sft_targets(
     tokenizer: Any, examples: Sequence[Example], config: LatroConfig
 ) -> tuple[list[list[int]], list[list[int]]]:
     """The SFT baseline's target after each prompt, as (rationale, answer) token lists: the
-    example's worked solution (``sft_target`` 'rationale', where it has one; else empty), then
+    example's worked solution (``sft_target`` 'rationale', where it has one; else empty),
+    spelled as it continues the prompt's text (after a space where the prompt does not end in
+    one: a plain prompt ends "...step by step."; a chat template's ends with a newline), then
     :func:`encode_answers`' y (answer_prefix + answer_template + the turn's end)."""
     use = config.sft_target == "rationale"
-    rationales = [
-        list(tokenizer(ex.rationale, add_special_tokens=False)["input_ids"])
-        if use and ex.rationale
-        else []
-        for ex in examples
-    ]
+    rationales = []
+    for example, prompt in zip(examples, prompt_texts(tokenizer, examples, config)):
+        if use and example.rationale:
+            space = "" if prompt[-1:].isspace() else " "
+            rationales.append(_continuation(tokenizer, prompt, space + example.rationale))
+        else:
+            rationales.append([])
     return rationales, encode_answers(tokenizer, examples, config)
+
+
+def _template_around_answer(template: str, gold: str) -> tuple[str, str]:
+    """``template``'s text before its first {answer} field, and the rest filled with the gold
+    (validated: {answer} is its only field; literal braces unescaped)."""
+    parts = list(string.Formatter().parse(template))
+    first = next(i for i, (_, field, _, _) in enumerate(parts) if field is not None)
+    lead = "".join(literal for literal, _, _, _ in parts[: first + 1])
+    rest = "".join(
+        literal + (gold if field is not None else "") for literal, field, _, _ in parts[first + 1 :]
+    )
+    return lead, gold + rest
 
 
 def answers_after_rationales(
@@ -175,13 +191,15 @@ def answers_after_rationales(
     stop_index: Sequence[int],
 ) -> list[list[int]]:
     """y for each rollout row (``config.k`` rows per example, in order; ``stop_index``: the
-    rollout's). A row whose rationale ended at an answer template (a stop sequence other than
-    a lone end id) goes on as the model began it: the template's tokens as sampled, then " "
-    and the gold with the rest of ``answer_template`` ("." by default), then the turn's end, so
-    that "...; the answer is" or "...\nThe answer is" is scored with the gold as written there
-    instead of a capitalised template after a space the model did not write. The other rows
-    (the turn's end, the length limit), and every row when ``answer_after_stop`` is
-    "template", get :func:`encode_answers`' y: answer_prefix + answer_template."""
+    rollout's). A row whose rationale ended at a stop string that ``answer_template`` begins
+    with (or holds before its {answer}: "The answer is" in "The answer is ({answer})."; case
+    aside) goes on as the model began it: the stop's tokens as sampled, then the rest of the
+    template filled with the gold (" 18." by default), then the turn's end, so that "...; the
+    answer is" or "...\nThe answer is" is scored with the gold as written there instead of a
+    capitalised template after a space the model did not write. The other rows (the turn's
+    end, the length limit, a stop the template does not hold such as "Answer:"), and every
+    row when ``answer_after_stop`` is "template", get :func:`encode_answers`' y:
+    answer_prefix + answer_template."""
     k = config.k
     fixed = encode_answers(tokenizer, examples, config)
     if len(stop_index) != len(examples) * k:
@@ -191,32 +209,33 @@ def answers_after_rationales(
         return rows
     ends = set(end_ids(tokenizer, config))
     end = turn_end_id(tokenizer, config)
-    template = config.answer_template
-    rest = " " + template[template.index("{answer}") :]  # validated: one {answer}
-    made: dict[tuple[int, str], list[int]] = {}
+    made: dict[tuple[int, str], list[int] | None] = {}
     for row, index in enumerate(stop_index):
         if index < 0 or (len(stop_sequences[index]) == 1 and stop_sequences[index][0] in ends):
             continue
         gold = gold_answer_string(examples[row // k])
         if (index, gold) not in made:
             stop = [int(t) for t in stop_sequences[index]]
-            made[index, gold] = stop + _continuation(tokenizer, stop, rest.format(answer=gold))
-            made[index, gold].append(end)
-        rows[row] = made[index, gold]
+            lead, filled = _template_around_answer(config.answer_template, gold)
+            stop_text = tokenizer.decode(stop)
+            at = lead.lower().find(stop_text.strip().lower()) if stop_text.strip() else -1
+            made[index, gold] = None
+            if at >= 0:
+                after = lead[at + len(stop_text.strip()) :] + filled
+                made[index, gold] = [*stop, *_continuation(tokenizer, stop_text, after), end]
+        rows[row] = made[index, gold] or rows[row]
     return rows
 
 
-def _continuation(tokenizer: Any, head: list[int], text: str) -> list[int]:
-    """The tokens ``text`` adds after the tokens ``head``: encoded together with the head's
-    text, so that a subword tokenizer spells it as it does there (SentencePiece's " 1" after
-    "is" is not its " 1" at the start of a text), or alone where the head's text does not
-    encode back to a prefix of that."""
+def _continuation(tokenizer: Any, head: str, text: str) -> list[int]:
+    """The tokens ``text`` adds after the text ``head``: encoded together with it, so that a
+    subword tokenizer spells it as it does there (SentencePiece's " 1" after "is" is not its
+    " 1" at the start of a text), or alone where ``head`` does not encode to a prefix of that."""
 
     def encode(text: str) -> list[int]:
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    head_text = tokenizer.decode(head)
-    first, whole = encode(head_text), encode(head_text + text)
+    first, whole = encode(head), encode(head + text)
     return whole[len(first) :] if whole[: len(first)] == first else encode(text)
 
 

@@ -283,13 +283,21 @@ def _lr_lambda(config: LatroConfig):
     return factor
 
 
-def _data_digest(examples: Sequence[Example]) -> str:
+def _data_digest(examples: Sequence[Example], *, rationales: bool = False) -> str:
     """A digest of the examples in their order (the data order is drawn over their indices, so
-    resuming over other data would continue another sequence)."""
+    resuming over other data would continue another sequence); with their worked solutions
+    where the run trains on them (SFT)."""
     digest = hashlib.sha256()
     for e in examples:
-        digest.update(json.dumps([e.id, e.question, e.answer, e.options]).encode())
+        fields = [e.id, e.question, e.answer, e.options, *([e.rationale] if rationales else [])]
+        digest.update(json.dumps(fields).encode())
     return f"{len(examples)} examples, sha256 {digest.hexdigest()[:16]}"
+
+
+# Settings added after checkpoints were first written, with the value their runs had: a run
+# saved without one is compared as having it, so resuming it under a new default is refused
+# by name instead of silently training on with another objective.
+_SETTINGS_BEFORE_THEY_EXISTED = {"answer_after_stop": "template", "sft_target": "answer"}
 
 
 def _weights_digest(*models: torch.nn.Module | None) -> str:
@@ -344,8 +352,9 @@ class _Trainer:
             raise ValueError("train_dataset is empty")
         device = check_run_settings(config, has_eval_data=bool(eval_dataset))
         # Saved with each checkpoint: resuming must start from the same weights, which are also
-        # the KL term's reference (a copy of them, or LoRA's base) and what LoRA adapts.
-        self.start_weights = _weights_digest(model, reference_model)
+        # the KL term's reference (a copy of them, or LoRA's base) and what LoRA adapts. Rank
+        # 0's (below), whose weights every rank takes.
+        start_weights = _weights_digest(model, reference_model)
         self.config = config
         self.tokenizer = tokenizer
         # Examples too long for the model are reported with their line, then skipped or
@@ -355,7 +364,10 @@ class _Trainer:
         self.train_dataset = fit_to_context(
             tokenizer, train_dataset, config, context, use=use, source="train_dataset"
         )
-        self.train_data_digest = _data_digest(self.train_dataset)  # saved with each checkpoint
+        # saved with each checkpoint
+        self.train_data_digest = _data_digest(
+            self.train_dataset, rationales=self.name == "sft" and config.sft_target == "rationale"
+        )
         self.eval_dataset = None
         if eval_dataset is not None:
             self.eval_dataset = fit_to_context(
@@ -373,6 +385,7 @@ class _Trainer:
             torch.use_deterministic_algorithms(True)
         seed_everything(config.seed)
         self.dist = Distributed(config, device)
+        self.start_weights = self.dist.from_main(start_weights)
         self.device = self.dist.device
         self.autocast = config.bf16_autocast(self.device.type)
         self.model = self.dist.prepare(
@@ -477,7 +490,10 @@ class _Trainer:
                 "output_dir for this run"
             )
         ours = {**self.config.to_dict(), "train_data": self.train_data_digest}
-        theirs = {**state.get("config", {}), "train_data": state.get("train_data")}
+        saved = state.get("config", {})
+        theirs = {**_SETTINGS_BEFORE_THEY_EXISTED, **saved, "train_data": state.get("train_data")}
+        if not saved:  # a checkpoint without its settings (written by hand): nothing to compare
+            theirs = {"train_data": state.get("train_data")}
         fields = [*self.identity_fields, "train_data"]
         if not ours["lora_rank"] and not theirs.get("lora_rank"):  # no adapters either side
             fields = [f for f in fields if f not in ("lora_alpha", "lora_target_modules")]

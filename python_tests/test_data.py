@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -624,12 +625,23 @@ def test_answers_go_on_from_the_template_each_rationale_ended_at(after_stop):
     answers = answers_after_rationales(tok, examples, config, stops, index)
     (fixed,) = encode_answers(tok, examples[:1], config)
     for row, (text, ids, y) in enumerate(zip(written, encode, answers)):
-        if after_stop == "own" and row < 4:
+        if after_stop == "own" and row < 3:  # not "Answer:", which the template does not hold
             assert y[-1] == tok.eos_token_id and tok.decode(ids[: stop_pos[row]] + y[:-1]) == text
             assert y[: len(stops[index[row]])] == stops[index[row]]
         else:
             assert y == fixed
     assert tok.decode(fixed) == " The answer is 18.<eos>"
+    # Templates with text between the stop string and {answer}, or around it: the row goes on
+    # with the rest of the template; one that does not hold the stop string gets the fixed y.
+    for template, after in [("The answer is ({answer}).", " (18)."),
+                            ("The answer is: {answer}", ": 18"),
+                            ("\\boxed{{{answer}}}", None)]:
+        other = dataclasses.replace(config, answer_template=template)
+        y = answers_after_rationales(tok, examples, other, stops, index)[0]
+        if after_stop == "own" and after is not None:
+            assert tok.decode(encode[0][: stop_pos[0]] + y[:-1]) == "Therefore, the answer is" + after
+        else:
+            assert y == encode_answers(tok, examples[:1], other)[0]
 
 
 def test_gsm8k_rows_keep_their_worked_solution_without_calculator_marks(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import json
 import math
 from types import SimpleNamespace
 
@@ -152,7 +153,7 @@ def test_sft_trains_on_the_worked_solutions_where_the_data_has_them(tmp_path, mo
     import random
 
     from latro_engine import synthetic
-    from latro_engine.generation import encode_answers, encode_prompts
+    from latro_engine.generation import encode_prompts, prompt_texts, sft_targets
 
     problems = synthetic.sample_problems(4, 0, tiny.TASK, "train")
     examples = [
@@ -167,12 +168,15 @@ def test_sft_trains_on_the_worked_solutions_where_the_data_has_them(tmp_path, mo
     _capture_gradients(trainer, monkeypatch, {})
     record = trainer.train_step()
     ids, mask = encode_prompts(tok, examples, config, "cpu")
+    rationales, answers = sft_targets(tok, examples, config)
     want = 0.0
     with torch.no_grad():
-        for i, (ex, answer) in enumerate(zip(examples, encode_answers(tok, examples, config))):
+        for i, (ex, rationale, answer) in enumerate(zip(examples, rationales, answers)):
             prompt = ids[i][mask[i].bool()].tolist()
-            rationale = (tok(ex.rationale, add_special_tokens=False)["input_ids"]
-                         if target == "rationale" else [])
+            # The solution continues the prompt's text, after a space where it ends without one.
+            text = prompt_texts(tok, [ex], config)[0]
+            assert tok.decode(rationale) == ("" if target == "answer" or not i else
+                                             (" " if not text[-1].isspace() else "") + ex.rationale)
             full = torch.tensor([prompt + rationale + answer])
             logp = trainer.model(full).logits.float().log_softmax(-1)[0, :-1]
             scored = logp.gather(-1, full[0, 1:, None])[len(prompt) - 1 :]
@@ -340,6 +344,23 @@ def test_resuming_from_other_starting_weights_is_refused(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match="started from other weights"):
         LatroTrainer(tiny.model(), tiny.tokenizer(), data, more, ref_model=reference).train()
     resumed = LatroTrainer(tiny.model(), tiny.tokenizer(), data, more)
+    resumed.train()
+    assert resumed.step == 3
+
+
+def test_a_run_saved_before_a_setting_existed_resumes_only_with_its_old_value(tmp_path):
+    """A checkpoint written before answer_after_stop existed trained with the fixed y: resuming
+    it under the new default is refused by name, and goes on with the old value."""
+    data = tiny.examples(8)
+    LatroTrainer(tiny.model(), tiny.tokenizer(), data, tiny.config(tmp_path, steps=2)).train()
+    state_file = ckpt.latest_checkpoint(tmp_path / "run") / ckpt.STATE_FILE
+    state = json.loads(state_file.read_text())
+    del state["config"]["answer_after_stop"]
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(ckpt.CheckpointError, match="answer_after_stop 'template' there, 'own'"):
+        LatroTrainer(tiny.model(), tiny.tokenizer(), data, tiny.config(tmp_path, steps=3)).train()
+    old = tiny.config(tmp_path, steps=3, answer_after_stop="template")
+    resumed = LatroTrainer(tiny.model(), tiny.tokenizer(), data, old)
     resumed.train()
     assert resumed.step == 3
 
