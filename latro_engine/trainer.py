@@ -672,9 +672,10 @@ class _Trainer:
                 limit = config.max_nonfinite_steps
                 if limit and self.nonfinite_in_a_row >= limit:
                     path = self.save_checkpoint()
+                    in_a_row = self.nonfinite_in_a_row  # (more than limit after a resume)
                     raise TrainingError(
-                        f"{limit} non-finite steps in a row (loss or gradients NaN/inf; no "
-                        f"update since step {self.step - limit}) at step {self.step}: stopped "
+                        f"{in_a_row} non-finite steps in a row (loss or gradients NaN/inf; no "
+                        f"update since step {self.step - in_a_row}) at step {self.step}: stopped "
                         f"and saved {path}. Lower the learning rate or check the data, then "
                         "resume (max_nonfinite_steps sets the limit)."
                     )

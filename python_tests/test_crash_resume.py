@@ -254,3 +254,9 @@ def test_too_many_non_finite_steps_in_a_row_stop_with_a_checkpoint(tmp_path):
     assert [r["update_skipped"] for r in records] == [False, True, True]
     state = ckpt.load_checkpoint(latest, model=tiny.model(), restore_rng=False)
     assert state["skipped_steps"] == 2 and state["nonfinite_in_a_row"] == 2
+    # Resumed unchanged, one more bad step stops it again, counting the steps before.
+    resumed = LatroTrainer(tiny.model(), tiny.tokenizer(), tiny.examples(8), config)
+    _poison_gradients(resumed.model, bad_calls={1})
+    with pytest.raises(TrainingError, match=r"^3 non-finite steps in a row \(.*no update since "
+                       r"step 1\) at step 4"):
+        resumed.train()
