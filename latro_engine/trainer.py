@@ -408,6 +408,7 @@ class _Trainer:
         self.epoch, self.index = 0, 0
         self.nonfinite_in_a_row = 0
         self.skipped_steps = 0
+        self._resumed_from: Path | None = None  # a checkpoint resume_from was given
         # keep_best: the step and greedy accuracy of the best in-training evaluation so far
         self.best_step: int | None = None
         self.best_accuracy: float | None = None
@@ -532,7 +533,10 @@ class _Trainer:
         )
 
     def resume_from(self, path: str | Path) -> None:
+        """Continues from checkpoint ``path``; :meth:`train` then goes on from it (and refuses
+        an ``output_dir`` holding later checkpoints, or another run's)."""
         self._check_same_run(path, ckpt.read_trainer_state(path))
+        self._resumed_from = Path(path)
         state = self.dist.load_checkpoint(
             path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler
         )
@@ -612,9 +616,20 @@ class _Trainer:
         resume_step = None
         # Rank 0 looks and every rank follows: ranks that each scanned their own view of
         # output_dir (a node-local disk, a stale network mount) could resume different steps.
-        found = [p.name for _, p in ckpt.list_checkpoints(self.output_dir)]
-        found = self.dist.from_main(found)
-        if config.resume:
+        saved = self.dist.from_main([(s, p.name) for s, p in ckpt.list_checkpoints(self.output_dir)])
+        found = [name for _, name in saved]
+        if self._resumed_from is not None:  # resume_from was called: train on from there
+            resume_step = self.step
+            elsewhere = self._resumed_from.resolve().parent != self.output_dir.resolve()
+            mixed = found if elsewhere else [name for s, name in saved if s > self.step]
+            if mixed:
+                raise ckpt.CheckpointError(
+                    f"resumed from {self._resumed_from} at step {self.step}, but "
+                    f"{self.output_dir} holds {', '.join(mixed)}, which this run's checkpoints "
+                    "would be mixed with (a later resume or pruning goes by step number): "
+                    "choose another output_dir, or move them away"
+                )
+        elif config.resume:
             if found:
                 latest = self.output_dir / found[-1]
                 if self.dist.any_rank(not ckpt.is_complete(latest)):  # every rank raises alike

@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import json
 import math
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -346,6 +347,36 @@ def test_resuming_from_other_starting_weights_is_refused(tmp_path):
     resumed = LatroTrainer(tiny.model(), tiny.tokenizer(), data, more)
     resumed.train()
     assert resumed.step == 3
+
+
+def test_train_goes_on_from_the_checkpoint_resume_from_was_given(tmp_path):
+    """resume_from(an older checkpoint) then train() goes on from it, not from the newest; an
+    output_dir with later checkpoints (which a later resume would pick) is refused, as is one
+    holding another run's."""
+    data = tiny.examples(8)
+    config = tiny.config(tmp_path, steps=3, save_every=1, keep_checkpoints=5)
+    LatroTrainer(tiny.model(), tiny.tokenizer(), data, config).train()
+    run = tmp_path / "run"
+    again = LatroTrainer(tiny.model(), tiny.tokenizer(), data, config)
+    again.resume_from(run / "checkpoint-1")
+    with pytest.raises(ckpt.CheckpointError, match="holds checkpoint-2, checkpoint-3, which"):
+        again.train()
+    other = tiny.config(tmp_path / "other", steps=3)
+    elsewhere = LatroTrainer(tiny.model(), tiny.tokenizer(), data, other)
+    elsewhere.resume_from(run / "checkpoint-3")  # into an empty output_dir: fine
+    assert elsewhere.train() == [] and elsewhere.step == 3
+    for name in ("checkpoint-2", "checkpoint-3"):
+        shutil.move(run / name, tmp_path / name)
+    branch = LatroTrainer(tiny.model(), tiny.tokenizer(), data, config)
+    branch.resume_from(run / "checkpoint-1")
+    records = branch.train()  # the log's step 1, then steps 2 and 3 trained again
+    assert [r["step"] for r in records] == [1, 2, 3] and branch.step == 3
+    assert sorted(p.name for _, p in ckpt.list_checkpoints(run)) == [
+        "checkpoint-1", "checkpoint-2", "checkpoint-3"]
+    foreign = LatroTrainer(tiny.model(), tiny.tokenizer(), data, config)
+    foreign.resume_from(tmp_path / "checkpoint-2")  # a checkpoint from outside output_dir
+    with pytest.raises(ckpt.CheckpointError, match="holds checkpoint-1, checkpoint-2, checkpoint-3"):
+        foreign.train()
 
 
 def test_a_run_saved_before_a_setting_existed_resumes_only_with_its_old_value(tmp_path):
