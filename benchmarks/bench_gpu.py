@@ -906,10 +906,17 @@ def _left_pad(
 
 def _full_vocab_sums(model, ids, mask, positions, weight_mask) -> torch.Tensor:
     """Sum of log p(token) over the positions in weight_mask, from a float32 log_softmax over
-    the whole vocabulary and sequence (the reference code's scoring)."""
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
-    logp = torch.log_softmax(logits[:, :-1].float(), -1)
-    token_logp = logp.gather(-1, ids[:, 1:, None])[..., 0]
+    the whole vocabulary and sequence (the reference code's scoring, ``get_logprob_reward``:
+    its forward keeps every layer's hidden states, and its transformers gave float32 logits,
+    so only the float32 logits and their log_softmax are alive at once: the bf16 ones are
+    dropped as soon as they are cast)."""
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                output_hidden_states=True)
+    logits = out.logits.float()
+    del out
+    logp = torch.log_softmax(logits, -1)
+    del logits
+    token_logp = logp[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
     return (token_logp * weight_mask[:, 1:]).sum(-1)
 
 
@@ -928,16 +935,20 @@ class PhaseStats:
 
     @contextlib.contextmanager
     def __call__(self, name: str):
+        """A phase entered more than once (the reference pattern's rollout and scoring, once
+        per rollout batch) adds its seconds and keeps its largest peak."""
         _sync(self.device)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         t0 = time.perf_counter()
         yield
         _sync(self.device)
-        self.seconds[name] = time.perf_counter() - t0
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
         if self.device.type == "cuda":
-            self.peaks[name] = torch.cuda.max_memory_allocated(self.device) / 2**30
-            self.reserved[name] = torch.cuda.max_memory_reserved(self.device) / 2**30
+            peak = torch.cuda.max_memory_allocated(self.device) / 2**30
+            reserved = torch.cuda.max_memory_reserved(self.device) / 2**30
+            self.peaks[name] = max(self.peaks.get(name, 0.0), peak)
+            self.reserved[name] = max(self.reserved.get(name, 0.0), reserved)
 
     def step_peak(self) -> float | None:
         return max(self.peaks.values()) if self.peaks else None
@@ -969,65 +980,81 @@ def reference_pattern_step(
     stops: list[list[int]],
     kl_coef: float = 0.05,
     micro: int = 4,
-    score_batch: int = 16,
+    rollout_batch: int | None = None,
+    seed: int = 0,
     amp: Callable[[], Any] = contextlib.nullcontext,
     phase: Callable[[str], Any] = _no_phases,
 ) -> float:
-    """One LaTRO step the reference implementation's way (/work/shared/LATRO.md): full-length
-    sampling with ``generate`` keeping the scores, the rationales cut at stop strings
-    afterwards, three separate no-grad forwards with a float32 log_softmax over the whole
-    vocabulary and sequence (policy on x+z, reference on x+z, policy on x+z+y), leave-one-out
-    advantages with the non-stop penalty 2 x the batch's mean reward, then micro-batches of
-    ``micro`` with two grad forwards each (x+z for log p(z|x), x+z+y for log p(y|x,z)) and one
-    optimizer step. Forwards run under ``amp()``, backwards outside it (as the trainer does).
-    Returns the rationales' mean length in tokens."""
+    """One LaTRO step the reference implementation's way (/work/shared/LATRO.md; its
+    ``LatroTrainer.train`` and ``utils/trainer_utils.py``): per batch of ``rollout_batch`` rows
+    (None: ``LATRO_REFERENCE_BATCH``), full-length sampling with ``generate`` keeping the
+    scores, which its helper stacks into one tensor before they are dropped (so the rollout
+    holds them twice), the rationales cut at stop strings afterwards, and three separate
+    no-grad forwards over those rows with a float32 log_softmax over the whole vocabulary and
+    sequence (policy on x+z, reference on x+z, policy on x+z+y); then leave-one-out advantages
+    with the non-stop penalty 2 x the batch's mean reward, micro-batches of ``micro`` with two
+    grad forwards each (x+z for log p(z|x), x+z+y for log p(y|x,z)) and one optimizer step.
+    Forwards run under ``amp()``, backwards outside it (as the trainer does). Left out: the
+    reference code's ~150 ``gc.collect()`` / ``torch.cuda.empty_cache()`` calls a step (the
+    issue's 7.75 s leaves them out too; they would only slow the baseline). ``seed`` seeds
+    the sampling. Returns the rationales' mean length in tokens."""
     device = prompt_ids.device
     ids = prompt_ids.repeat_interleave(k, 0)
     mask = prompt_mask.repeat_interleave(k, 0)
-    model.eval()
-    with phase("rollout"), torch.no_grad(), amp():
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            do_sample=True,
-            temperature=1.0,
-            top_k=0,
-            top_p=1.0,
-            max_new_tokens=max_len,
-            min_new_tokens=max_len,
-            pad_token_id=0,
-            output_scores=True,
-            return_dict_in_generate=True,
-        )
-    model.train()
-    rationale, lengths = _cut(out.sequences[:, ids.shape[1] :], stops, 0)
-    # The scores (500 x [48, V] float32: about 11.5 GiB for the 1.5B model) are kept through
-    # generate, as the pattern has them; whether the reference code holds them for the rest of
-    # the step is not known, so they are freed here: the smaller peak for the baseline.
-    del out
-    finished = lengths < max_len
-    z_mask = (torch.arange(max_len, device=device)[None] < lengths[:, None]).long()
-    y = answer.to(device)[None].expand(ids.shape[0], -1)
+    n = ids.shape[0]
+    batch = rollout_batch or LATRO_REFERENCE_BATCH
+    y = answer.to(device)[None].expand(n, -1)
     y_mask = torch.ones_like(y)
     zero = lambda t: torch.zeros_like(t)  # noqa: E731
-    # [x, z] and [x, z, y] with pads on the left; which tokens to score, aligned the same way.
-    xz = _left_pad([(ids, mask), (rationale, z_mask)])
-    xz_w = _left_pad([(zero(ids), mask), (z_mask, z_mask)])[0]
-    xzy = _left_pad([(ids, mask), (rationale, z_mask), (y, y_mask)])
-    xzy_w = _left_pad([(zero(ids), mask), (zero(rationale), z_mask), (y_mask, y_mask)])[0]
-    n = ids.shape[0]
-    with phase("scoring"), torch.no_grad(), amp():
-        parts: dict[str, list[torch.Tensor]] = {"z": [], "ref": [], "y": []}
-        for b in range(0, n, score_batch):
-            s = slice(b, b + score_batch)
-            parts["z"].append(_full_vocab_sums(model, xz[0][s], xz[1][s], xz[2][s], xz_w[s]))
-            parts["ref"].append(_full_vocab_sums(ref_model, xz[0][s], xz[1][s], xz[2][s], xz_w[s]))
-            parts["y"].append(_full_vocab_sums(model, xzy[0][s], xzy[1][s], xzy[2][s], xzy_w[s]))
-        logp_z, ref_z, logp_y = (torch.cat(parts[key]) for key in ("z", "ref", "y"))
-        reward = logp_y - kl_coef * (logp_z - ref_z)
-        reward = torch.where(finished, reward, 2.0 * reward.mean())
-        r = reward.view(-1, k)
-        advantage = (r - (r.sum(-1, keepdim=True) - r) / (k - 1)).view(-1)
+    torch.manual_seed(seed)
+    parts: dict[str, list[torch.Tensor]] = {"z": [], "ref": [], "y": [], "length": []}
+    inputs: dict[str, list[torch.Tensor]] = {"xz": [], "xz_w": [], "xzy": [], "xzy_w": []}
+    for b in range(0, n, batch):
+        s = slice(b, b + batch)
+        model.eval()
+        with phase("rollout"), torch.no_grad(), amp():
+            out = model.generate(
+                input_ids=ids[s],
+                attention_mask=mask[s],
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=max_len,
+                min_new_tokens=max_len,
+                pad_token_id=0,
+                output_scores=True,
+                return_dict_in_generate=True,
+            )
+            scores = torch.stack(out.scores, 1)  # the helper's copy, then both are dropped
+            sequences = out.sequences
+            del out, scores
+        model.train()
+        rationale, lengths = _cut(sequences[:, ids.shape[1] :], stops, 0)
+        z_mask = (torch.arange(max_len, device=device)[None] < lengths[:, None]).long()
+        # [x, z] and [x, z, y] with pads on the left; which tokens to score, aligned the same way.
+        xz = _left_pad([(ids[s], mask[s]), (rationale, z_mask)])
+        xz_w = _left_pad([(zero(ids[s]), mask[s]), (z_mask, z_mask)])[0]
+        xzy = _left_pad([(ids[s], mask[s]), (rationale, z_mask), (y[s], y_mask[s])])
+        xzy_w = _left_pad(
+            [(zero(ids[s]), mask[s]), (zero(rationale), z_mask), (y_mask[s], y_mask[s])]
+        )[0]
+        with phase("scoring"), torch.no_grad(), amp():
+            parts["z"].append(_full_vocab_sums(model, *xz, xz_w))
+            parts["ref"].append(_full_vocab_sums(ref_model, *xz, xz_w))
+            parts["y"].append(_full_vocab_sums(model, *xzy, xzy_w))
+        parts["length"].append(lengths)
+        for key, value in (("xz", xz), ("xz_w", xz_w), ("xzy", xzy), ("xzy_w", xzy_w)):
+            inputs[key].append(value)
+    logp_z, ref_z, logp_y, lengths = (torch.cat(parts[key]) for key in ("z", "ref", "y", "length"))
+    xz = tuple(torch.cat([t[i] for t in inputs["xz"]]) for i in range(3))
+    xzy = tuple(torch.cat([t[i] for t in inputs["xzy"]]) for i in range(3))
+    xz_w, xzy_w = torch.cat(inputs["xz_w"]), torch.cat(inputs["xzy_w"])
+    finished = lengths < max_len
+    # The penalty replaces the answer's log-prob (2 x its mean), then the KL term is added.
+    reward = torch.where(finished, logp_y, 2.0 * logp_y.mean()) - kl_coef * (logp_z - ref_z)
+    r = reward.view(-1, k)
+    advantage = (r - (r.sum(-1, keepdim=True) - r) / (k - 1)).view(-1)
     with phase("training"):
         for b in range(0, n, micro):
             s = slice(b, b + micro)
@@ -1248,6 +1275,11 @@ LATRO_SETTINGS = tuple(IMPLEMENTATIONS)  # --latro-settings: the reference patte
 # --latro-rationales: rationales that never stop (the random model's own behaviour) and ones
 # that stop at a realistic length.
 LATRO_RATIONALES = ("full", "stop")
+# --latro-reference-batch: the reference code's rollout_batch_size, the rows of each generate
+# call and of each of its no-grad scoring forwards. 48 (all rows at once) is the setting of
+# the issue's measurement (one generate of 5.9 s; its 63.5 GiB peak is a 48-row scoring
+# forward's float32 logits); the code's default is 16 (three generate calls a step).
+LATRO_REFERENCE_BATCH = 48
 
 
 def bench_latro(device: torch.device, small: bool) -> None:
@@ -1303,7 +1335,8 @@ def bench_latro(device: torch.device, small: bool) -> None:
                     # in training. Its seconds are printed too: a first step far slower than the
                     # second is a one-time cost, not the implementation's speed.
                     t0 = time.perf_counter()
-                    step(model, reference, optimizer, ids, mask, answer, max_len=max_len, **kwargs)
+                    step(model, reference, optimizer, ids, mask, answer, max_len=max_len,
+                         seed=0, **kwargs)
                     _sync(device)
                     warm_seconds = time.perf_counter() - t0
                     state = None  # weights, reference, AdamW state (and our kept decoder)
@@ -1320,6 +1353,7 @@ def bench_latro(device: torch.device, small: bool) -> None:
                         answer,
                         max_len=max_len,
                         phase=phases,
+                        seed=1,  # new draws: not the warm-up's lengths and shapes again
                         **kwargs,
                     )
                     _sync(device)
@@ -1341,7 +1375,7 @@ def bench_latro(device: torch.device, small: bool) -> None:
                     )
                     if name == "ours":
                         again = functools.partial(step, model, reference, optimizer, ids, mask,
-                                                  answer, max_len=max_len, **kwargs)
+                                                  answer, max_len=max_len, seed=2, **kwargs)
                         profile_kernels(again, f"{weights}, {label}, {name}: one more step",
                                         device, host_calls=True)
                         del again  # it holds the optimizer (its AdamW state) alive
@@ -1369,7 +1403,8 @@ def bench_latro(device: torch.device, small: bool) -> None:
     table(
         "latro",
         f"one LaTRO step, K={k}, {prompts} prompts, L={max_len}, {prompt_len}-token "
-        f"prompts, {parameters:.2f}B parameters, AdamW",
+        f"prompts, {parameters:.2f}B parameters, AdamW; the reference pattern's rollout batch "
+        f"{LATRO_REFERENCE_BATCH} rows",
         rows,
     )
 
@@ -1428,13 +1463,23 @@ def main(argv: list[str] | None = None) -> int:
         f"{', '.join(IMPLEMENTATIONS)} (the reference pattern always runs: every ratio is to it)",
     )
     parser.add_argument(
+        "--latro-reference-batch",
+        type=int,
+        default=48,
+        help="the reference pattern's rollout batch: rows per generate call and per no-grad "
+        "scoring forward (48: the issue's measurement; the reference code's default is 16)",
+    )
+    parser.add_argument(
         "--latro-rationales",
         default="full,stop",
         help="the LaTRO step's rationale lengths, comma-separated: full (never stop, L tokens), "
         "stop (stop after about 150 tokens)",
     )
     args = parser.parse_args(argv)
-    global LATRO_WEIGHTS, LATRO_SETTINGS, LATRO_RATIONALES
+    global LATRO_WEIGHTS, LATRO_SETTINGS, LATRO_RATIONALES, LATRO_REFERENCE_BATCH
+    if args.latro_reference_batch < 1:
+        parser.error(f"--latro-reference-batch must be >= 1, got {args.latro_reference_batch}")
+    LATRO_REFERENCE_BATCH = args.latro_reference_batch
     chosen = {w.strip() for w in args.latro_settings.split(",") if w.strip()}
     if chosen - set(IMPLEMENTATIONS):
         parser.error(f"--latro-settings: unknown {sorted(chosen - set(IMPLEMENTATIONS))}; "
