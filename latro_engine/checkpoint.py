@@ -46,7 +46,7 @@ def must_fit(path: Path, what: str):
     become a CheckpointError that says so."""
     try:
         yield
-    except CheckpointError:
+    except (CheckpointError, torch.OutOfMemoryError):  # (an OOM is no misfit)
         raise
     except (RuntimeError, ValueError, KeyError) as error:
         first = str(error).strip().splitlines()

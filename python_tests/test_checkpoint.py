@@ -207,3 +207,17 @@ def test_the_best_step_is_kept_beside_the_newest(tmp_path):
     ckpt.save_checkpoint(tmp_path, 5, trainer_state={}, **kw)  # no best any more: pruned
     assert [p.name for _, p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-5"]
     assert ckpt.best_checkpoint(tmp_path) is None
+
+
+def test_only_state_that_does_not_fit_is_reported_as_such(tmp_path):
+    """must_fit names a misfit (torch's size mismatch) as the checkpoint's, but lets an
+    out-of-memory error (the device, not the checkpoint) and its own errors through."""
+    with pytest.raises(ckpt.CheckpointError, match="the saved model does not fit"):
+        with ckpt.must_fit(tmp_path, "model"):
+            raise RuntimeError("size mismatch for lm_head.weight")
+    with pytest.raises(torch.OutOfMemoryError):
+        with ckpt.must_fit(tmp_path, "model"):
+            raise torch.OutOfMemoryError("CUDA out of memory")
+    with pytest.raises(ckpt.CheckpointError, match="^no adapters$"):
+        with ckpt.must_fit(tmp_path, "model"):
+            raise ckpt.CheckpointError("no adapters")
