@@ -39,6 +39,26 @@ class CheckpointError(RuntimeError):
     """A checkpoint that is missing, incomplete or unsafe to load."""
 
 
+def _not_a_misfit() -> tuple[type[BaseException], ...]:
+    """Errors of loading that say nothing about the checkpoint: the device's memory, the
+    process group's communication."""
+    kinds: list[type[BaseException]] = [CheckpointError, torch.cuda.OutOfMemoryError]
+    dist_error = getattr(torch.distributed, "DistError", None)  # (torch builds without it)
+    if dist_error is not None:
+        kinds.append(dist_error)
+    return tuple(kinds)
+
+
+def _sharded_misfit() -> tuple[type[BaseException], ...]:
+    """torch.distributed.checkpoint's error for a sharded load that does not fit (a
+    BaseException, which no `except Exception` sees)."""
+    try:
+        from torch.distributed.checkpoint.api import CheckpointException
+    except ImportError:  # (torch builds without distributed)
+        return ()
+    return (CheckpointException,)
+
+
 @contextlib.contextmanager
 def must_fit(path: Path, what: str):
     """Loading ``what`` from checkpoint ``path`` into live objects: torch's errors for state
@@ -46,13 +66,17 @@ def must_fit(path: Path, what: str):
     become a CheckpointError that says so."""
     try:
         yield
-    except (CheckpointError, torch.OutOfMemoryError):  # (an OOM is no misfit)
+    except _not_a_misfit():
         raise
-    except (RuntimeError, ValueError, KeyError) as error:
-        first = str(error).strip().splitlines()
+    except (RuntimeError, ValueError, KeyError, *_sharded_misfit()) as error:
+        failures = getattr(error, "failures", None)  # a sharded load's: {rank: (error, trace)}
+        if isinstance(failures, dict):
+            causes = [f"rank {rank}: {pair[0]!r}" for rank, pair in failures.items()]
+        else:
+            causes = str(error).strip().splitlines()[:3]
         raise CheckpointError(
             f"{path}: the saved {what} does not fit ({type(error).__name__}: "
-            f"{' '.join(first[:3])[:500]}); resume with the model and settings of the run "
+            f"{' '.join(causes)[:500]}); resume with the model and settings of the run "
             "that wrote it, or choose another output_dir"
         ) from error
 

@@ -728,10 +728,11 @@ def decode_static(
     decoder = next((d for d in kept if _fits(d.key, key)), None)
     if decoder is None:
         # A kept decoder with these settings but too few rows or slots (a longer prompt than
-        # any before, a larger batch) is replaced by one with the larger of each capacity: it
-        # serves every call the old one did, so training whose prompts grow does not hold two
-        # KV caches for its rollouts until evaluation happens to evict one.
-        outgrown = [d.key for d in kept if _same_settings(d.key, key)]
+        # any before, a larger batch) is replaced by one with the larger of each capacity,
+        # where that cache is no larger than the two would be: it serves every call the old
+        # one did, so training whose prompts grow does not hold two KV caches for its
+        # rollouts until evaluation happens to evict one.
+        outgrown = [d.key for d in kept if _same_settings(d.key, key) and _merge_pays(d.key, key)]
         key = dataclasses.replace(
             key,
             rows=max([key.rows, *(k.rows for k in outgrown)]),
@@ -757,6 +758,13 @@ def decode_static(
 def _same_settings(have: _Key, want: _Key) -> bool:
     """The keys differ at most in their row and slot capacities."""
     return dataclasses.replace(have, rows=want.rows, slots=want.slots) == want
+
+
+def _merge_pays(have: _Key, want: _Key) -> bool:
+    """One cache of the larger of each capacity holds no more slots than the two apart (a call
+    of many short rows and one of a few long ones would not: they stay two decoders)."""
+    union = max(have.rows, want.rows) * max(have.slots, want.slots)
+    return union <= have.rows * have.slots + want.rows * want.slots
 
 
 def _fits(have: _Key, want: _Key) -> bool:

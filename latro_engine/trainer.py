@@ -310,8 +310,10 @@ def _weights_digest(*models: torch.nn.Module | None) -> str:
     for model in models:
         for name, p in model.named_parameters() if model is not None else ():
             flat = p.detach().reshape(-1)
-            picks = torch.linspace(0, max(flat.numel() - 1, 0), min(64, flat.numel()))
-            sample = flat[picks.long().to(flat.device)].double().cpu()
+            n, m = flat.numel(), min(64, flat.numel())
+            # Integer picks: a float32 linspace rounds past the end beyond 2^24 elements.
+            picks = torch.arange(m, dtype=torch.int64) * (n - 1) // max(m - 1, 1)
+            sample = flat[picks.to(flat.device)].double().cpu()
             digest.update(f"{name} {tuple(p.shape)} ".encode() + sample.numpy().tobytes())
             count += 1
     return f"{count} tensors, sha256 {digest.hexdigest()[:16]}"

@@ -210,14 +210,23 @@ def test_the_best_step_is_kept_beside_the_newest(tmp_path):
 
 
 def test_only_state_that_does_not_fit_is_reported_as_such(tmp_path):
-    """must_fit names a misfit (torch's size mismatch) as the checkpoint's, but lets an
-    out-of-memory error (the device, not the checkpoint) and its own errors through."""
+    """must_fit names a misfit (torch's size mismatch, a sharded load's CheckpointException)
+    as the checkpoint's, but lets an out-of-memory error or a process group's failure (the
+    device or the network, not the checkpoint) and its own errors through."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
     with pytest.raises(ckpt.CheckpointError, match="the saved model does not fit"):
         with ckpt.must_fit(tmp_path, "model"):
             raise RuntimeError("size mismatch for lm_head.weight")
-    with pytest.raises(torch.OutOfMemoryError):
-        with ckpt.must_fit(tmp_path, "model"):
-            raise torch.OutOfMemoryError("CUDA out of memory")
+    with pytest.raises(ckpt.CheckpointError, match=r"the saved sharded state does not fit "
+                       r"\(CheckpointException: rank 0: ValueError\('Size mismatch'\)\)"):
+        with ckpt.must_fit(tmp_path, "sharded state"):
+            raise CheckpointException("load", {0: (ValueError("Size mismatch"), None)})
+    for error in (torch.cuda.OutOfMemoryError("CUDA out of memory"),
+                  torch.distributed.DistBackendError("NCCL error")):
+        with pytest.raises(type(error)):
+            with ckpt.must_fit(tmp_path, "model"):
+                raise error
     with pytest.raises(ckpt.CheckpointError, match="^no adapters$"):
         with ckpt.must_fit(tmp_path, "model"):
             raise ckpt.CheckpointError("no adapters")

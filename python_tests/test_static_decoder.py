@@ -195,12 +195,18 @@ def test_prompt_and_limit_changes_reuse_or_rebuild_the_decoder():
     _assert_same(*_both(model, prompts=PROMPTS * 3, k=3))
     kept, grown = static_decoder._DECODERS[model]
     assert kept is second and grown.key.rows > first.key.rows
-    _assert_same(*_both(model, prompts=[PROMPTS[0] * 10]))  # a longer prompt (40), one row
+    longer_prompts = [PROMPTS[0] * 10, *PROMPTS[1:]] * 3  # as many rows, one prompt of 40
+    _assert_same(*_both(model, prompts=longer_prompts, k=3))
     assert static_decoder._DECODERS[model][0] is second
     longer = static_decoder._DECODERS[model][1]
     assert longer.key.slots > grown.key.slots and longer.key.rows == grown.key.rows
     _assert_same(*_both(model))  # every earlier call of these settings: served, no rebuild
     assert static_decoder._DECODERS[model] == [second, longer]
+    # Few rows with a much longer prompt: one cache of the larger of each capacity would hold
+    # more than the two apart, so it gets its own decoder (the least recently used goes).
+    _assert_same(*_both(model, prompts=[PROMPTS[0] * 40], k=1))
+    few = static_decoder._DECODERS[model][-1]
+    assert static_decoder._DECODERS[model] == [longer, few] and few.key.rows == 8
     static_decoder.release_static_decoder(model)
     assert model not in static_decoder._DECODERS
 

@@ -330,6 +330,19 @@ def test_lora_target_modules_the_model_lacks_are_a_config_error(tmp_path):
         LatroTrainer(tiny.model(), tiny.tokenizer(), tiny.examples(8), config)
 
 
+def test_the_starting_weights_digest_reads_large_and_empty_parameters():
+    """Picks past 2^24 elements stay in range (a float32 linspace rounded the last one past the
+    end: every 7B model's embedding), the last element is one of them, and an empty parameter
+    counts by its name and shape."""
+    big = torch.nn.Linear(1, 2**24 + 3, bias=False)
+    empty = torch.nn.Linear(0, 5)
+    digest = trainer_module._weights_digest(big, empty)
+    assert digest.startswith("3 tensors, sha256 ")
+    with torch.no_grad():
+        big.weight[-1] += 1.0
+    assert trainer_module._weights_digest(big, empty) != digest
+
+
 def test_resuming_from_other_starting_weights_is_refused(tmp_path):
     """The KL term's reference is the weights the run started from: resuming with one of the
     run's own checkpoints as the model (or another model) would silently change it."""
