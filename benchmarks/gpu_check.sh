@@ -18,7 +18,10 @@
 # machine), CUDA tests 82 s in six xdist processes (the device image has pytest-xdist), sections:
 # latro with stopping rationales and four settings 127 s (the reference pattern's warm-up step
 # alone 38-46 s), rollout 59 s, scorer 16 s, sample, stop and attention 1-2 s each. The LaTRO
-# section at full length with three settings took 104 s. On a 15-minute device budget (a start
+# section at full length with three settings took 104 s. (Since then the reference pattern
+# scores in one 48-row batch and holds its generate scores twice, as the reference code does:
+# about the same time, a larger peak; --latro-reference-batch 16, the code's default, makes
+# three generate calls, about 20 s more a step.) On a 15-minute device budget (a start
 # costs a minute or two), this one call (about 7-8 minutes):
 #   PYTEST_OPTIONS="-n 6" STAGES="build test bench" \
 #     BENCH_SECTIONS="latro rollout scorer sample stop attention" SECTION_TIMEOUT=200 \
