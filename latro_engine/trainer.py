@@ -631,6 +631,8 @@ class _Trainer:
                     "would be mixed with (a later resume or pruning goes by step number): "
                     "choose another output_dir, or move them away"
                 )
+            if elsewhere:  # its best checkpoint is not in this output_dir: keep_best starts over
+                self.best_step, self.best_accuracy = None, None
         elif config.resume:
             if found:
                 latest = self.output_dir / found[-1]

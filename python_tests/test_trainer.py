@@ -377,7 +377,8 @@ def test_train_goes_on_from_the_checkpoint_resume_from_was_given(tmp_path):
     other = tiny.config(tmp_path / "other", steps=3)
     elsewhere = LatroTrainer(tiny.model(), tiny.tokenizer(), data, other)
     elsewhere.resume_from(run / "checkpoint-3")  # into an empty output_dir: fine
-    assert elsewhere.train() == [] and elsewhere.step == 3
+    elsewhere.best_step = 2  # (as keep_best would have it: its best is not in this output_dir)
+    assert elsewhere.train() == [] and elsewhere.step == 3 and elsewhere.best_step is None
     for name in ("checkpoint-2", "checkpoint-3"):
         shutil.move(run / name, tmp_path / name)
     branch = LatroTrainer(tiny.model(), tiny.tokenizer(), data, config)
