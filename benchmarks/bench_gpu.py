@@ -692,7 +692,8 @@ def _cache_kwarg(model: torch.nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def hf_generate(model, ids, mask, new_tokens: int):
+def hf_generate(model, ids, mask, new_tokens: int, **extra):
+    """Full-length sampling with Hugging Face ``generate`` (``extra``: more of its options)."""
     return model.generate(
         input_ids=ids,
         attention_mask=mask,
@@ -703,6 +704,7 @@ def hf_generate(model, ids, mask, new_tokens: int):
         max_new_tokens=new_tokens,
         min_new_tokens=new_tokens,
         pad_token_id=0,
+        **extra,
     )
 
 
@@ -1013,19 +1015,8 @@ def reference_pattern_step(
         s = slice(b, b + batch)
         model.eval()
         with phase("rollout"), torch.no_grad(), amp():
-            out = model.generate(
-                input_ids=ids[s],
-                attention_mask=mask[s],
-                do_sample=True,
-                temperature=1.0,
-                top_k=0,
-                top_p=1.0,
-                max_new_tokens=max_len,
-                min_new_tokens=max_len,
-                pad_token_id=0,
-                output_scores=True,
-                return_dict_in_generate=True,
-            )
+            out = hf_generate(model, ids[s], mask[s], max_len, output_scores=True,
+                              return_dict_in_generate=True)
             scores = torch.stack(out.scores, 1)  # the helper's copy, then both are dropped
             sequences = out.sequences
             del out, scores

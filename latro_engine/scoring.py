@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "SequenceScores",
+    "as_padded",
     "length_batches",
     "pack_sequences",
     "reference_logprobs",
@@ -78,7 +79,7 @@ class SequenceScores:
     loss: torch.Tensor | None = None
 
 
-def _as_padded(
+def as_padded(
     seqs: torch.Tensor | Sequence[Sequence[int]] | None,
     lengths: torch.Tensor | None,
     rows: int,
@@ -480,7 +481,7 @@ def score_sequences(
     for name, limit in (("micro_batch_size", micro_batch_size), ("max_tokens", max_tokens)):
         if limit is not None and limit < 0:
             raise ValueError(f"{name} must be >= 1 (None or 0: no limit), got {limit}")
-    a_ids, a_len = _as_padded(answer_ids, answer_lengths, rows, group_size, device)
+    a_ids, a_len = as_padded(answer_ids, answer_lengths, rows, group_size, device)
     r_len = rationale_lengths.to(device=device, dtype=torch.int64)
     lengths: list[int] = []  # each row's tokens, and below the tokens it scores, on the host
     scored: list[int] = []

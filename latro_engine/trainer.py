@@ -45,6 +45,7 @@ from latro_engine.offload import HostStateAdamW, discard_prefetch, keep_on_host,
 from latro_engine.rollout import Rollout, sample_rationales, stop_token_sequences
 from latro_engine.scoring import (
     SequenceScores,
+    as_padded,
     length_batches,
     reference_logprobs,
     scoring_attention,
@@ -940,23 +941,17 @@ class SFTTrainer(_Trainer):
         examples, _ = self._next_shard()
         prompt_ids, prompt_mask = encode_prompts(self.tokenizer, examples, config, self.device)
         rationales, answers = sft_targets(self.tokenizer, examples, config)
-        rationale_lengths = [len(r) for r in rationales]
-        rationale_ids = torch.full(
-            (len(examples), max(rationale_lengths)), pad_id(self.tokenizer), dtype=torch.int64
-        )
-        for row, r in enumerate(rationales):
-            rationale_ids[row, : len(r)] = torch.tensor(r, dtype=torch.int64)
-        rationale_ids = rationale_ids.to(self.device)
-        rationale_lengths_t = torch.tensor(rationale_lengths, device=self.device)
-        total, loss_sum, rationale_sum = len(examples), 0.0, 0.0
+        total = len(examples)
+        rationale_ids, rationale_lengths = as_padded(rationales, None, total, 1, self.device)
+        answer_sum, rationale_sum = 0.0, 0.0  # of the scores, over all rows / total
         # loss = -mean_i log p(z_i, y_i | x_i): linear in the scores, its gradient taken in the
         # pass
         weight = torch.full((total,), -1.0 / total, device=self.device)
         # Micro-batches of questions of similar length (up to micro_batch_size rows and
         # micro_batch_tokens tokens), as in the LaTRO step's gradient pass.
         lengths = [
-            p + r + len(a)
-            for p, r, a in zip(prompt_mask.sum(-1).tolist(), rationale_lengths, answers)
+            p + len(r) + len(a)
+            for p, r, a in zip(prompt_mask.sum(-1).tolist(), rationales, answers)
         ]
         batches = length_batches(
             lengths, config.micro_batch_size, config.micro_batch_tokens, self.device
@@ -969,21 +964,20 @@ class SFTTrainer(_Trainer):
                         prompt_ids[sl],
                         prompt_mask[sl],
                         rationale_ids[sl],
-                        rationale_lengths_t[sl],
+                        rationale_lengths[sl],
                         [answers[i] for i in batch],
                         loss_weights=(weight[sl], weight[sl]),
                     )
                 with scoring_attention(self.device):  # checkpointing's recompute
                     scores.loss.backward()
-            answer_sum = float(scores.answer_logp.sum())
-            batch_rationale = float(scores.rationale_logp.sum())
-            loss_sum -= (answer_sum + batch_rationale) / total
-            rationale_sum += batch_rationale / total
-        grad_norm, finite = self._apply_gradients(loss_sum)
+            answer_sum += float(scores.answer_logp.sum()) / total
+            rationale_sum += float(scores.rationale_logp.sum()) / total
+        loss = -(answer_sum + rationale_sum)
+        grad_norm, finite = self._apply_gradients(loss)
         elapsed = time.perf_counter() - start
         return {
-            "loss": loss_sum,
-            "answer_logp_mean": -loss_sum - rationale_sum,
+            "loss": loss,
+            "answer_logp_mean": answer_sum,
             "rationale_logp_mean": rationale_sum,
             "grad_norm": grad_norm,
             "update_skipped": not finite,
