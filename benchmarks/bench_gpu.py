@@ -135,8 +135,8 @@ def peak_gib(
 @contextlib.contextmanager
 def environment(name: str, value: str | None):
     """Sets (or, for None, unsets) an environment variable for the block; the extension reads
-    LATRO_CUDA_CHECKS and the LATRO_CUDA_SAMPLE_* tuning variables at each call, the scorer
-    LATRO_SCORING_ATTENTION at each forward."""
+    LATRO_CUDA_CHECKS and the LATRO_CUDA_SAMPLE_* and LATRO_CUDA_LOGPROBS_* tuning variables at
+    each call, the scorer LATRO_SCORING_ATTENTION at each forward."""
     before = os.environ.pop(name, None)
     if value is not None:
         os.environ[name] = value
@@ -178,7 +178,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 # ----------------------------------------------------------------------------- scorer
 def bench_scorer(device: torch.device, small: bool) -> None:
-    from latro_engine import ops
+    from latro_engine import ops, reference
 
     n, d, v = (512, 256, 32_000) if small else (16_384, 4_096, 128_256)
     dtype = torch.bfloat16
@@ -195,7 +195,8 @@ def bench_scorer(device: torch.device, small: bool) -> None:
         return torch.log_softmax(logits.float(), -1).gather(-1, targets[:, None])[:, 0]
 
     # The default (the op waits once per chunk to raise bad-target errors), without those
-    # waits, and with chunks of 4096 rows instead of the default ~2^27 logits (1,046 rows here).
+    # waits, and with chunks of 4096 rows instead of the default ~512 MiB of logits (2,092 rows
+    # here).
     variants = [
         ("ours", None, None),
         ("ours, LATRO_CUDA_CHECKS=off", "off", None),
@@ -307,7 +308,9 @@ def bench_scorer(device: torch.device, small: bool) -> None:
 
     bare = time_ms(lambda: hidden @ weight.t(), device)
     parts = []
-    for chunk in (max(1, (1 << 27) // v), 2048, 4096):
+    default_chunk = reference.default_chunk_size(n, v, hidden.element_size())
+    # 1,046 rows: the default before 2026-11-27's run (2^27 logits).
+    for chunk in sorted({max(1, (1 << 27) // v), default_chunk, 4096}):
         columns = min(v, _round_up(-(-chunk * v // n), 128))
         width = _round_up(columns + 1, 64)
         with cuda_checks("off"):
@@ -326,6 +329,15 @@ def bench_scorer(device: torch.device, small: bool) -> None:
         })
     table("scorer_parts", "linear_token_logprobs forward: the vocabulary blocks' matmuls alone "
           "against the whole op (checks off)", parts)
+
+    # The log-sum-exp kernel's threads per row (LATRO_CUDA_LOGPROBS_VECTORS: 16-byte vectors a
+    # thread, 8 by default; 2 was the mapping before 2026-11-27's run), default chunks.
+    sweep_row = {"chunk rows": default_chunk, "bare matmul ms": bare}
+    for vectors in (2, 4, 8, 16, 32):
+        with cuda_checks("off"), environment("LATRO_CUDA_LOGPROBS_VECTORS", str(vectors)):
+            sweep_row[f"{vectors} a thread ms"] = time_ms(lambda: ours_fwd(None), device)
+    table("scorer_vectors", "linear_token_logprobs forward (checks off), 16-byte vectors per "
+          "thread of the log-sum-exp kernel (LATRO_CUDA_LOGPROBS_VECTORS)", [sweep_row])
 
 
 def _round_up(x: int, multiple: int) -> int:

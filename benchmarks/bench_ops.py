@@ -21,7 +21,7 @@ Cases (at V = 32,000 and V = 128,256):
   (``topk`` threshold, mask, softmax, multinomial) warpers.
 
 ``linear_token_logprobs`` runs with ``chunk_size = N // 4`` rows (``--chunk-rows`` changes it):
-the library's default, about 2^27 logits per chunk, would not chunk at all at these N. Its
+the library's default, about 512 MiB of logits per chunk, would not chunk at all at these N. Its
 backward recomputes the logits (in vocabulary blocks), one matmul more than torch's autograd does;
 ``linear_weighted_logprob_sum`` does torch's three.
 

@@ -14,26 +14,23 @@
 #   bash benchmarks/gpu_check.sh                      # all three
 #   STAGES="test bench" BENCH_SECTIONS="rollout" bash benchmarks/gpu_check.sh   # prebuilt module
 #
-# Timings of the call of 2026-11-27 (H100, 427 s in all): build 80 s (100 s on another
-# machine), CUDA tests 82 s in six xdist processes (the device image has pytest-xdist), sections:
-# latro with stopping rationales and four settings 127 s (the reference pattern's warm-up step
-# alone 38-46 s), rollout 59 s, scorer 16 s, sample, stop and attention 1-2 s each. The LaTRO
-# section at full length with three settings took 104 s. (Since then the reference pattern
-# scores in one 48-row batch and holds its generate scores twice, as the reference code does:
-# about the same time, a larger peak; --latro-reference-batch 16, the code's default, makes
-# three generate calls, about 20 s more a step.) On a 15-minute device budget (a start
-# costs a minute or two), this one call (about 7-8 minutes):
+# Timings of the last call (H100, 2026-11-27, 528 s in all; the machine's start took about
+# a minute more): build 96 s, error probe 11 s, CUDA tests 91 s in six xdist processes (the
+# device image has pytest-xdist), sections: latro with stopping rationales and six settings
+# 176 s (the reference pattern's warm-up step alone 44 s), rollout 72 s, scorer 19 s, sample,
+# stop and attention 1-2 s each. The LaTRO section at full length with four settings took
+# 124 s (158 s for the call). On a 15-minute device budget (a start
+# costs a minute or two), this one call (about 7 minutes):
 #   PYTEST_OPTIONS="-n 6" STAGES="build test bench" \
-#     BENCH_SECTIONS="latro rollout scorer sample stop attention" SECTION_TIMEOUT=200 \
-#     TEST_TIMEOUT=120 BENCH_ARGS="--latro-weights bfloat16 --latro-rationales stop \
-#     --latro-settings \
-#     reference,ours,ours-torch-attention,all-on-host,all-on-host-tokens-4k,all-on-host-tokens-8k" \
+#     BENCH_SECTIONS="scorer sample rollout stop attention latro" SECTION_TIMEOUT=200 \
+#     TEST_TIMEOUT=150 BENCH_ARGS="--latro-weights bfloat16 --latro-rationales stop \
+#     --latro-settings reference,ours,all-on-host-tokens-4k,all-on-host-tokens-8k" \
 #     bash benchmarks/gpu_check.sh
 # then, at once on the same warm machine (within its 30 idle seconds; it finds the build):
 #   STAGES="bench" BENCH_SECTIONS="latro" SECTION_TIMEOUT=250 BENCH_ARGS="--latro-weights \
 #     bfloat16 --latro-rationales full --latro-settings \
-#     reference,ours,ours-tokens-4k,all-on-host-tokens-4k" \
-#     bash benchmarks/gpu_check.sh                                          # about 2 minutes
+#     reference,ours,all-on-host-tokens-4k,all-on-host-tokens-8k" \
+#     bash benchmarks/gpu_check.sh                                          # about 3 minutes
 #
 # Outputs go to $OUT when it is set (the device tool's folder), else build/gpu-check:
 # gpu_check.log (everything), nvidia-smi.txt, pytest.log, bench_gpu.md, bench_gpu.json and the

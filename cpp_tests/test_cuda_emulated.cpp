@@ -582,6 +582,38 @@ TEST(EmulatedTokenLogprobs, NonFiniteRowsAsOnTheCpu) {
   }
 }
 
+// LATRO_CUDA_LOGPROBS_VECTORS sets the threads per row (16-byte vectors a thread): 1 gives
+// 512 threads to these rows, 64 the minimum of 64 threads (each thread then loops). Every
+// mapping scores as the CPU does; a value outside [0, 64] is an error naming the variable.
+TEST(EmulatedTokenLogprobs, ThreadsPerRowFromTheTuningVariable) {
+  std::mt19937 rng(43);
+  for (DType dtype : {DType::Float32, DType::BFloat16}) {
+    SCOPED_TRACE(dtype_str(dtype));
+    const Matrix logits = random_matrix(dtype, 3, 5003, 5008, rng);
+    const auto targets = random_targets(3, 5003, rng, kIgnore, /*with_ignored=*/false);
+    std::vector<float> cpu_logp(3), cpu_lse(3);
+    latro::token_logprobs(forward_args(logits, targets, cpu_logp, &cpu_lse));
+    for (const char* vectors : {"1", "2", "0", "64"}) {
+      SCOPED_TRACE(std::string("LATRO_CUDA_LOGPROBS_VECTORS=") + vectors);
+      const ScopedVariable tuned("LATRO_CUDA_LOGPROBS_VECTORS", vectors);
+      std::vector<float> logp(3), lse(3);
+      latro::cuda::token_logprobs(forward_args(logits, targets, logp, &lse), nullptr);
+      EXPECT_TRUE(all_close(to_double(logp), to_double(cpu_logp), float32_result_tolerance()));
+      EXPECT_TRUE(all_close(to_double(lse), to_double(cpu_lse), float32_result_tolerance()));
+      expect_backward_matches_the_cpu(logits, targets, cpu_lse, {0.5f, -1.0f, 2.0f});
+    }
+  }
+  const Matrix logits = matrix_of_rows(DType::Float32, {{1.0f, 2.0f}});
+  const std::vector<int64_t> targets = {1};
+  std::vector<float> logp(1);
+  for (const char* bad : {"65", "-1", "8x"}) {
+    const ScopedVariable tuned("LATRO_CUDA_LOGPROBS_VECTORS", bad);
+    EXPECT_LATRO_ERROR(
+        latro::cuda::token_logprobs(forward_args(logits, targets, logp, nullptr), nullptr),
+        "LATRO_CUDA_LOGPROBS_VECTORS must be an integer in [0, 64], got '");
+  }
+}
+
 TEST(EmulatedTokenLogprobsErrors, TargetOutOfRangeIsNaNAndRecorded) {
   const Matrix logits = matrix_of_rows(DType::Float32, {{1.0f, 2.0f}, {0.0f, 0.0f}, {3.0f, 1.0f}});
   const std::vector<int64_t> targets = {1, 2, -5};

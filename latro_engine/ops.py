@@ -76,9 +76,10 @@ def linear_token_logprobs(
             float64 runs the reference on every backend).
         targets: int64 ``[N]``.
         chunk_size: bounds the logits held at once to about ``chunk_size x V`` (default: about
-            2^27 logits); the native op holds them as vocabulary blocks of all N rows (multiples of
-            128 columns but the last), so each pass reads the LM head once. Rows whose log-sum-exp is
-            extreme (|lse| >= 64) are redone over whole rows, ``chunk_size`` at a time.
+            512 MiB of logits in their dtype); the native op holds them as vocabulary blocks of
+            all N rows (multiples of 128 columns but the last), so each pass reads the LM head
+            once. Rows whose log-sum-exp is extreme (|lse| >= 64) are redone over whole rows,
+            ``chunk_size`` at a time.
     Returns:
         float32 ``[N]`` equal to ``token_logprobs(hidden @ weight.T + bias, targets)`` while never
         holding more than about ``chunk_size x V`` logits. Differentiable w.r.t. hidden, weight and
@@ -120,8 +121,8 @@ def linear_weighted_logprob_sum(
         token_weights: floating ``[N]`` (used in float32; float64 with float64 inputs): the
             loss's coefficients, not differentiated.
         chunk_size: rows per chunk, about ``chunk_size x V`` logits held at once (default: about
-            2^27 logits). With gradients, every chunk reads the LM head three times and adds into
-            the weight gradient in the weight's dtype (bf16: one rounding per chunk, as
+            512 MiB of logits). With gradients, every chunk reads the LM head three times and
+            adds into the weight gradient in the weight's dtype (bf16: one rounding per chunk, as
             accumulating micro-batch gradients in a bf16 ``.grad``); without, the op is
             :func:`linear_token_logprobs`' forward.
     Returns:

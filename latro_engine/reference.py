@@ -142,9 +142,10 @@ def _check_linear(
         )
 
 
-def default_chunk_size(rows: int, vocab: int) -> int:
-    """Rows per chunk: about 2^27 logits (256 MiB in bf16), as the native op chooses."""
-    return max(1, min(max(rows, 1), (1 << 27) // vocab))
+def default_chunk_size(rows: int, vocab: int, element_size: int) -> int:
+    """Rows per chunk: about 512 MiB of logits of ``element_size`` bytes, as the native op
+    chooses."""
+    return max(1, min(max(rows, 1), (1 << 29) // (vocab * element_size)))
 
 
 def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -217,7 +218,9 @@ def linear_token_logprobs(
     if chunk_size is not None and chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive (or None), got {chunk_size}")
     _check_targets(targets, weight.shape[0], ignore_index)
-    chunk = chunk_size or default_chunk_size(hidden.shape[0], weight.shape[0])
+    chunk = chunk_size or default_chunk_size(
+        hidden.shape[0], weight.shape[0], hidden.element_size()
+    )
     return _ChunkedLinearLogprobs.apply(hidden, weight, bias, targets, chunk, ignore_index)
 
 

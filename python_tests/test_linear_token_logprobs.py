@@ -81,8 +81,11 @@ def test_gradcheck_float64_reference_and_native_jacobian(device, backend, use_ba
 
 
 def test_default_chunk_bounds_logits_memory():
-    assert reference.default_chunk_size(16_384, 128_256) * 128_256 <= 1 << 27
-    assert reference.default_chunk_size(3, 7) == 3
+    # About 512 MiB of logits: 2,092 rows of 128k bf16 logits, half as many in float32.
+    assert reference.default_chunk_size(16_384, 128_256, 2) == 2_092
+    assert reference.default_chunk_size(16_384, 128_256, 4) == 1_046
+    assert reference.default_chunk_size(16_384, 128_256, 2) * 128_256 * 2 <= 1 << 29
+    assert reference.default_chunk_size(3, 7, 4) == 3
 
 
 # ----------------------------------------------------------------------------- autocast

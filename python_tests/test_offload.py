@@ -459,7 +459,9 @@ def test_cuda_reference_on_host_scores_like_the_device_copy():
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert all(p.device.type == "cpu" for p in host_ref.parameters())  # the visit ended
     # Prefetched on the side stream ahead of other work, the same scores; after the visit its
-    # copies are freed (the allocated memory is back where it was before the prefetch).
+    # copies are freed (the allocated memory is back where it was before the prefetch; the first
+    # scores go first, or their 512-byte block would count in `before` and not after).
+    del got
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     prefetch(host_ref, "cuda")

@@ -7,8 +7,10 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cerrno>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #include <utility>
@@ -42,6 +44,21 @@ using ::latro::detail::resolve_row_stride;
 inline void check_groups(const RowGroups& groups, const char* name) {
   LATRO_CHECK(groups.rows_per_group >= 0 && groups.group_stride >= 0, name,
               " must have non-negative rows_per_group and group_stride");
+}
+
+// ---------------------------------------------------------------- tuning variables
+// A tuning variable's value: unset or empty gives `unset`; anything but an integer in [0, max]
+// is an error naming the variable (not a silent default, which would hide a typo in a sweep).
+// Host code: read at launch, so benchmarks/bench_gpu.py can sweep a kernel's shape in one process.
+inline int64_t tuning_variable(const char* name, int64_t max, int64_t unset = 0) {
+  const char* text = std::getenv(name);
+  if (text == nullptr || *text == '\0') return unset;
+  char* end = nullptr;
+  errno = 0;
+  const long long value = std::strtoll(text, &end, 10);
+  LATRO_CHECK(errno == 0 && *end == '\0' && value >= 0 && value <= max, name,
+              " must be an integer in [0, ", max, "], got '", text, "'");
+  return value;
 }
 
 // Blocks for a grid that gives each row one block (rows beyond the cap loop inside the kernel).

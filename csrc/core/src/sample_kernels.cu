@@ -45,8 +45,6 @@
 // Histogram masses are 32.32 fixed-point integers added with 32-bit integer atomics (add_mass),
 // so their sums, and with them every threshold, are the same on every run.
 #include <algorithm>
-#include <cerrno>
-#include <cstdlib>
 #include <type_traits>
 
 #include "cuda_common.cuh"
@@ -62,6 +60,7 @@ using detail::count_of;
 using detail::for_each_in_row;
 using detail::kMaxWarps;
 using detail::neg_inf;
+using detail::tuning_variable;
 
 constexpr int kThreads = 512;
 constexpr int kBins = 2048;             // histogram bins, and candidates held in shared memory
@@ -1020,18 +1019,6 @@ __global__ void __launch_bounds__(kThreads, 2) sample_kernel(SampleKernelArgs a)
   }
 }
 
-// A tuning variable's value: unset or empty gives `unset`; anything but an integer in [0, max]
-// is an error naming the variable (not a silent default, which would hide a typo in a sweep).
-int64_t tuning_variable(const char* name, int64_t max, int64_t unset = 0) {
-  const char* text = std::getenv(name);
-  if (text == nullptr || *text == '\0') return unset;
-  char* end = nullptr;
-  errno = 0;
-  const long long value = std::strtoll(text, &end, 10);
-  LATRO_CHECK(errno == 0 && *end == '\0' && value >= 0 && value <= max, name,
-              " must be an integer in [0, ", max, "], got '", text, "'");
-  return value;
-}
 
 // Blocks of the filtered kernel (each loops over rows). Filters read a row up to three times;
 // with fewer rows in flight their logits may stay in L2 between passes (a 128k float32 row is

@@ -55,10 +55,21 @@ using detail::kVec;
 using detail::load_float;
 using detail::neg_inf;
 using detail::row_start;
+using detail::tuning_variable;
 
-// Threads per row: enough for two 16-byte vectors each, 64 to 512, a power of two.
+// Threads per row (one block per row): enough for `vectors` 16-byte vectors each, 64 to 512, a
+// power of two. The LM-head scorer runs these kernels on vocabulary blocks of all N rows, short
+// rows (8,192 bf16 logits: 1,024 vectors), where a row's time is mostly fixed costs: a load
+// latency per vector round, the block's reduction, thread 0's finish. With two vectors a thread
+// (the old mapping) a block of 512 threads took one such row, four per SM, and the H100 run of
+// 2026-11-27 measured 0.2-0.3 ms per block of 16,384 such rows beyond its matmul (about 0.9 TB/s).
+// Eight a thread give 128-thread blocks, sixteen rows per SM; rows of 128k logits keep 512
+// threads. LATRO_CUDA_LOGPROBS_VECTORS sets the vectors a thread (1 to 64; unset or 0: 8;
+// bench_gpu.py's scorer_vectors table sweeps it).
 int threads_for(int64_t vocab, int vec) {
-  const int64_t want = (vocab + 2 * vec - 1) / (2 * vec);
+  const int64_t per_thread = tuning_variable("LATRO_CUDA_LOGPROBS_VECTORS", 64, 8);
+  const int64_t vectors = per_thread > 0 ? per_thread : 8;
+  const int64_t want = (vocab + vectors * vec - 1) / (vectors * vec);
   int threads = 64;
   while (threads < 512 && threads < want) threads *= 2;
   return threads;
@@ -121,6 +132,8 @@ __global__ void __launch_bounds__(512)
       continue;
     }
     const T* x = logits + row_start(row, row_stride, groups);
+    // Thread 0's target logit is loaded before the row, so its latency overlaps the row's.
+    const float target_logit = threadIdx.x == 0 ? load_float(x[target]) : 0.0f;
     const Lse total = row_lse(x, vocab, scratch);
     if (threadIdx.x == 0) {
       // In float64, as on the CPU, and as (x - max) - log(sum), never x - lse: rounding the
@@ -128,8 +141,7 @@ __global__ void __launch_bounds__(512)
       // max + log(sum) rounds back to max even in float64. The max contributes exactly 1 to
       // the sum, so log(sum) >= 0 and the result is never above 0.
       const double log_sum = log(total.sum);
-      const double shifted =
-          static_cast<double>(load_float(x[target])) - static_cast<double>(total.max);
+      const double shifted = static_cast<double>(target_logit) - static_cast<double>(total.max);
       logprobs[row] = static_cast<float>(shifted - log_sum);
       if (lse_out) lse_out[row] = static_cast<float>(static_cast<double>(total.max) + log_sum);
     }
