@@ -488,23 +488,23 @@ def bench_sample(device: torch.device, small: bool) -> None:
     table("sample_slices", f"plain sampling (temperature 1), rows of {v:,} logits split over "
           f"blocks ({sms} SMs)", slice_rows)
 
-    # The plain kernels' L2 prefetch distance (LATRO_CUDA_SAMPLE_PLAIN_PREFETCH, iterations
-    # ahead; 0 = none, the default until timed) without and with each thread's next vector
-    # loaded early (LATRO_CUDA_SAMPLE_PLAIN_LOAD_AHEAD=1), whole rows and the rollout's sliced
-    # rows.
-    prefetch_rows = []
+    # The plain kernels' warm start (LATRO_CUDA_SAMPLE_PLAIN_WARM: 1, the default, shares the
+    # block's max and best key after each thread's first vector; 0 starts every thread from
+    # nothing) and L2 prefetch distance (LATRO_CUDA_SAMPLE_PLAIN_PREFETCH, iterations ahead;
+    # 0 = none, the default), whole rows and the rollout's sliced rows.
+    warm_rows = []
     with cuda_checks("off"):
         for label, x in (("float32, flat", logits), ("float32, peaked", peaked),
                          ("bfloat16, flat (a rollout's: sliced)", logits[:64].to(torch.bfloat16))):
-            for load_ahead in (0, 1):
-                row = {"rows, dtype, logits": f"{x.shape[0]}, {label}", "load ahead": load_ahead}
-                for ahead in (0, 1, 2, 4, 8):
+            for warm in (1, 0):
+                row = {"rows, dtype, logits": f"{x.shape[0]}, {label}", "warm start": warm}
+                for ahead in (0, 2):
                     with environment("LATRO_CUDA_SAMPLE_PLAIN_PREFETCH", str(ahead)), \
-                            environment("LATRO_CUDA_SAMPLE_PLAIN_LOAD_AHEAD", str(load_ahead)):
+                            environment("LATRO_CUDA_SAMPLE_PLAIN_WARM", str(warm)):
                         row[f"prefetch {ahead} ms"] = plain_ms(x)
-                prefetch_rows.append(row)
-    table("sample_plain_prefetch", "plain sampling (temperature 1), L2 prefetch iterations ahead "
-          "(0 = none, the default) without and with the next vector loaded early", prefetch_rows)
+                warm_rows.append(row)
+    table("sample_plain_warm", "plain sampling (temperature 1) with and without the warm start "
+          "(1 = the default), L2 prefetch iterations ahead (0 = the default)", warm_rows)
 
 
 # ----------------------------------------------------------------------------- attention

@@ -286,20 +286,22 @@ TEST(EmulatedSampleLarge, L2PrefetchChangesNoDraw) {
   }
 }
 
-TEST(EmulatedSampleLarge, PlainPrefetchAndLoadAheadChangeNoDraw) {
+TEST(EmulatedSampleLarge, PlainPrefetchAndWarmStartChangeNoDraw) {
   // LATRO_CUDA_SAMPLE_PLAIN_PREFETCH: the plain kernels' pass prefetches the same way (each
-  // byte prefetched is read here, so ASan checks the bound); LATRO_CUDA_SAMPLE_PLAIN_LOAD_AHEAD:
-  // each thread loads its next vector before processing the current one (the last vector's
-  // load is not made past the row). Each and both, over whole rows and slices, in every dtype,
-  // with misaligned row starts and temperatures 1 and 0.7.
+  // byte prefetched is read here, so ASan checks the bound); LATRO_CUDA_SAMPLE_PLAIN_WARM=0:
+  // each thread starts its argmax from nothing instead of from the block's max and best key
+  // after its first vector (the default, which every other test runs: here with a prefetch).
+  // Over whole rows and slices (the float32 slices of 5,056 tokens share a start, the 16-bit
+  // ones are too short to), in every dtype, with misaligned row starts and temperatures 1 and
+  // 0.7.
   const std::vector<std::pair<const char*, const char*>> settings = {
-      {"3", "0"}, {"0", "1"}, {"2", "1"}};
-  for (const auto& [prefetch, load_ahead] : settings) {
+      {"3", "1"}, {"0", "0"}, {"2", "0"}};
+  for (const auto& [prefetch, warm] : settings) {
     const ScopedVariable tuned("LATRO_CUDA_SAMPLE_PLAIN_PREFETCH", prefetch);
-    const ScopedVariable ahead("LATRO_CUDA_SAMPLE_PLAIN_LOAD_AHEAD", load_ahead);
+    const ScopedVariable started("LATRO_CUDA_SAMPLE_PLAIN_WARM", warm);
     for (DType dtype : {DType::Float32, DType::BFloat16, DType::Float16}) {
       SCOPED_TRACE(std::string(latro::dtype_name(dtype)) + ", prefetch " + prefetch +
-                   ", load ahead " + load_ahead);
+                   ", warm start " + warm);
       std::mt19937 rng(41);
       const Matrix logits = random_matrix(dtype, 3, 20011, 20011 + 3, rng, 2.0);
       for (int64_t slices : {1, 4}) {
@@ -310,6 +312,71 @@ TEST(EmulatedSampleLarge, PlainPrefetchAndLoadAheadChangeNoDraw) {
         }
       }
     }
+  }
+}
+
+TEST(EmulatedSampleLarge, WarmStartDrawsExactlyTheIdsOfAColdStart) {
+  // The warm start only skips noise that cannot win, so with and without it the kernels draw
+  // the same ids (not merely ids the float64 reference cannot tell apart) and log-probabilities
+  // within rounding: whole rows and slices long enough for it in every dtype (the 16-bit slices
+  // of 40,009 logits over 4 blocks hold 10,048 tokens, more than twice their 4,096 first-vector
+  // tokens), at temperatures 1 and 0.7, with misaligned row starts.
+  for (DType dtype : {DType::Float32, DType::BFloat16, DType::Float16}) {
+    std::mt19937 rng(53);
+    const Matrix logits = random_matrix(dtype, 2, 40009, 40009 + 5, rng, 2.0);
+    for (int64_t slices : {1, 4}) {
+      for (float temperature : {1.0f, 0.7f}) {
+        SCOPED_TRACE(std::string(latro::dtype_name(dtype)) + ", " + std::to_string(slices) +
+                     " slices, temperature " + std::to_string(temperature));
+        const Options o{temperature, 0, 1.0f, 0.0f};
+        Sampled cold, warm;
+        {
+          const ScopedVariable started("LATRO_CUDA_SAMPLE_PLAIN_WARM", "0");
+          cold = emulated_sample(logits, {5, 6}, true, 3, o, nullptr, false, slices);
+        }
+        warm = emulated_sample(logits, {5, 6}, true, 3, o, nullptr, false, slices);
+        EXPECT_EQ(warm.status, latro::cuda::kStatusOk);
+        EXPECT_EQ(warm.ids, cold.ids);
+        for (size_t r = 0; r < 2; ++r) {
+          EXPECT_TRUE(close(warm.logprob(r), cold.logprob(r), {1e-6, 1e-6})) << "row " << r;
+        }
+      }
+    }
+  }
+}
+
+TEST(EmulatedSampleLarge, WarmStartOverRowsWhoseFirstVectorsAreNotFinite) {
+  // Rows long enough for the warm start (9,001 float32 logits: 2,048 in the threads' first
+  // vectors) whose start holds what the shared max and key must survive: all -inf (no max and
+  // no key to share), the row's max with the winner far after it, a peak that wins at once, and
+  // NaN or +inf in the start (the row fails as it would without the warm start).
+  constexpr int64_t kVocab = 9001;
+  std::mt19937 rng(47);
+  std::normal_distribution<float> normal;
+  std::vector<std::vector<float>> rows(3, std::vector<float>(kVocab));
+  for (auto& row : rows) {
+    for (float& x : row) x = 2.0f * normal(rng);
+  }
+  std::fill(rows[0].begin(), rows[0].begin() + 4500, -kInfF);
+  rows[1][7] = 9.0f;
+  rows[2][3] = 40.0f;
+  for (const char* warm : {"1", "0"}) {
+    const ScopedVariable started("LATRO_CUDA_SAMPLE_PLAIN_WARM", warm);
+    SCOPED_TRACE(std::string("warm start ") + warm);
+    const Matrix logits = matrix_of_rows(DType::Float32, rows);
+    for (int64_t offset : {0, 1, 2, 3}) {
+      expect_cpu_draws(logits, {11, 12, 13}, true, offset, Options{}, nullptr);
+    }
+    std::vector<std::vector<float>> bad = rows;
+    bad[1][100] = kNaNF;
+    bad[2][50] = kInfF;
+    const Sampled got = emulated_sample(matrix_of_rows(DType::Float32, bad), {3}, false, 0, {});
+    EXPECT_EQ(latro::cuda::decode_status(got.status).row, 1);
+    EXPECT_EQ(latro::cuda::decode_status(got.status).kind, latro::cuda::StatusKind::RowHasNaN);
+    EXPECT_GE(got.ids[0], 4500);
+    EXPECT_EQ(got.ids[1], -1);
+    EXPECT_EQ(got.ids[2], -1);
+    EXPECT_TRUE(std::isnan(got.logprob(2)));
   }
 }
 
@@ -469,7 +536,7 @@ TEST(EmulatedSampleErrors, MalformedTuningVariablesAreErrorsNamingThem) {
   filtered.top_k = 1;
   const latro::SampleArgs args = sample_args(logits, seeds, false, &offset, filtered, out);
   for (const char* name : {"LATRO_CUDA_SAMPLE_PREFETCH", "LATRO_CUDA_SAMPLE_PLAIN_PREFETCH",
-                           "LATRO_CUDA_SAMPLE_PLAIN_LOAD_AHEAD", "LATRO_CUDA_SAMPLE_GRID"}) {
+                           "LATRO_CUDA_SAMPLE_PLAIN_WARM", "LATRO_CUDA_SAMPLE_GRID"}) {
     for (const char* bad : {"4abc", "-1", "99999999999999999999"}) {
       const ScopedVariable tuned(name, bad);
       EXPECT_LATRO_ERROR(latro::cuda::sample(args, nullptr),
@@ -582,22 +649,27 @@ TEST(EmulatedTokenLogprobs, NonFiniteRowsAsOnTheCpu) {
   }
 }
 
-// LATRO_CUDA_LOGPROBS_VECTORS sets the threads per row (16-byte vectors a thread): 1 gives
-// 512 threads to these rows, 64 the minimum of 64 threads (each thread then loops). Every
-// mapping scores as the CPU does; a value outside [0, 64] is an error naming the variable.
+// LATRO_CUDA_LOGPROBS_VECTORS sets the threads per row (16-byte vectors a thread): for these
+// rows of 20,011 logits, 1 and 8 (unset: 0) give 512 threads to float32 and 512 / 256 to
+// bfloat16, 16 gives 256 / 128, 32 gives 128 / 64, 64 the minimum of 64 (each thread loops).
+// Every mapping scores as the CPU does, forward and backward under every schedule, on rows
+// that start misaligned and with ignored targets; a value outside [0, 64] is an error naming
+// the variable.
 TEST(EmulatedTokenLogprobs, ThreadsPerRowFromTheTuningVariable) {
   std::mt19937 rng(43);
   for (DType dtype : {DType::Float32, DType::BFloat16}) {
     SCOPED_TRACE(dtype_str(dtype));
-    const Matrix logits = random_matrix(dtype, 3, 5003, 5008, rng);
-    const auto targets = random_targets(3, 5003, rng, kIgnore, /*with_ignored=*/false);
+    const Matrix logits = random_matrix(dtype, 3, 20011, 20011 + 3, rng);
+    const auto targets = random_targets(3, 20011, rng, kIgnore, /*with_ignored=*/true);
     std::vector<float> cpu_logp(3), cpu_lse(3);
     latro::token_logprobs(forward_args(logits, targets, cpu_logp, &cpu_lse));
-    for (const char* vectors : {"1", "2", "0", "64"}) {
+    for (const char* vectors : {"1", "0", "16", "32", "64"}) {
       SCOPED_TRACE(std::string("LATRO_CUDA_LOGPROBS_VECTORS=") + vectors);
       const ScopedVariable tuned("LATRO_CUDA_LOGPROBS_VECTORS", vectors);
       std::vector<float> logp(3), lse(3);
-      latro::cuda::token_logprobs(forward_args(logits, targets, logp, &lse), nullptr);
+      under_every_schedule(
+          [&] { latro::cuda::token_logprobs(forward_args(logits, targets, logp, &lse), nullptr); },
+          [&] { return std::make_pair(bits_of(logp), bits_of(lse)); });
       EXPECT_TRUE(all_close(to_double(logp), to_double(cpu_logp), float32_result_tolerance()));
       EXPECT_TRUE(all_close(to_double(lse), to_double(cpu_lse), float32_result_tolerance()));
       expect_backward_matches_the_cpu(logits, targets, cpu_lse, {0.5f, -1.0f, 2.0f});

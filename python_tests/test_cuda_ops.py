@@ -275,7 +275,8 @@ def test_sample_ties_and_crowded_bins(options, kind):
 # filtered kernel's blocks loop over rows, LATRO_CUDA_SAMPLE_PREFETCH sets how far ahead its
 # passes prefetch into L2 over rows long enough for several iterations (0: none; the default, 2,
 # is every other test's), LATRO_CUDA_SAMPLE_PLAIN_PREFETCH the same for plain sampling (default
-# 0), LATRO_CUDA_SAMPLE_PLAIN_LOAD_AHEAD=1 has its threads load their next vector early,
+# 0), LATRO_CUDA_SAMPLE_PLAIN_WARM=0 has its threads start without the block's max and best
+# key (the default, 1, is every other test's),
 # LATRO_CUDA_SAMPLE_SLICES splits each row of plain sampling over that
 # many blocks (1: one block per row; left unset, few long rows are split, as in the tests of
 # the 128k vocabulary, peaked rows and CUDA graphs). (variable, value, logits shape, seed, offset)
@@ -285,8 +286,8 @@ TUNINGS = [
     ("LATRO_CUDA_SAMPLE_PREFETCH", "0", (5, 20011), 23, 1),
     ("LATRO_CUDA_SAMPLE_PLAIN_PREFETCH", "3", (300, 20011), 43, 2),  # a block per row
     ("LATRO_CUDA_SAMPLE_PLAIN_PREFETCH", "3", (2, 40009), 47, 3),  # sliced rows
-    ("LATRO_CUDA_SAMPLE_PLAIN_LOAD_AHEAD", "1", (300, 20011), 53, 2),
-    ("LATRO_CUDA_SAMPLE_PLAIN_LOAD_AHEAD", "1", (2, 40009), 59, 3),
+    ("LATRO_CUDA_SAMPLE_PLAIN_WARM", "0", (300, 20011), 53, 2),
+    ("LATRO_CUDA_SAMPLE_PLAIN_WARM", "0", (2, 40009), 59, 3),
     ("LATRO_CUDA_SAMPLE_SLICES", "1", (6, 20011), 29, 3),
     ("LATRO_CUDA_SAMPLE_SLICES", "4", (3, 20011), 31, 4),
     ("LATRO_CUDA_SAMPLE_SLICES", "64", (2, 9001), 37, 5),  # capped at 2: slices of >= 4,096

@@ -181,17 +181,14 @@ __device__ __forceinline__ void prefetch_l2(const void* p) {
 // 16-byte alignment, then one 16-byte vector per call (coalesced), then a scalar tail. `values`
 // is a float array of 1 or kVec<T> elements; each thread sees its indices in increasing order.
 //
-// By default one 16-byte load in flight per thread: a block streaming a row alone on its SM
-// waits out a memory latency per vector (the plain sampler read 64 rows of 128k bf16 logits in
-// 80 us on an H100, about 3.2 GB/s per block). Four loads issued before processing any, held
-// to 64 registers, made the sampler slower on the H100 run of 2026-11-27 (0.263 ms against
-// 0.151).
+// One 16-byte load in flight per thread: four loads issued before processing any, held to 64
+// registers, made the plain sampler slower on the H100 run of 2026-11-27 (0.263 ms against
+// 0.151), and loading each thread's next vector before processing the current one changed
+// nothing on the run after (0.155-0.163 ms for 256 rows, flat or peaked).
 // prefetch_ahead > 0: with each vector, the thread also asks L2 for its vector that many
 // iterations ahead (prefetch_l2), which keeps more of the row in flight without registers (for
-// kernels already at their register budget); 0 leaves it out. kLoadAhead: each thread loads
-// its next vector before processing the current one (one 16-byte register block more), so a
-// load is in flight while it computes. Results never depend on either.
-template <bool kLoadAhead = false, typename T, typename F>
+// kernels already at their register budget); 0 leaves it out. Results never depend on it.
+template <typename T, typename F>
 __device__ __forceinline__ void for_each_in_row(const T* row, int64_t n, F&& f,
                                                 int64_t prefetch_ahead = 0) {
   const int64_t head = misaligned_head(row, n);
@@ -203,18 +200,8 @@ __device__ __forceinline__ void for_each_in_row(const T* row, int64_t n, F&& f,
   const uint4* body = reinterpret_cast<const uint4*>(row + head);
   const int64_t stride = blockDim.x;
   const int64_t ahead = prefetch_ahead * stride;
-  [[maybe_unused]] uint4 next{};  // kLoadAhead: the thread's next vector, one iteration early
-  if constexpr (kLoadAhead) {
-    if (threadIdx.x < vectors) next = body[threadIdx.x];
-  }
   for (int64_t j = threadIdx.x; j < vectors; j += stride) {
-    uint4 current;
-    if constexpr (kLoadAhead) {
-      current = next;
-      if (j + stride < vectors) next = body[j + stride];
-    } else {
-      current = body[j];
-    }
+    const uint4 current = body[j];
     if (ahead > 0 && j + ahead < vectors) prefetch_l2(body + j + ahead);
     float values[kVec<T>];
     unpack<T>(current, values);

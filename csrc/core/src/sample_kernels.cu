@@ -84,6 +84,7 @@ struct SampleKernelArgs {
   float min_p;
   float log_min_p;  // computed on the host exactly as the CPU does
   int64_t prefetch_ahead;  // L2 prefetch distance in iterations (see filtered_prefetch), 0: none
+  bool warm_start;         // plain kernels: share a first stretch's max and best key (plain_pass)
   int64_t* ids;
   float* logprobs;
   uint64_t* status;
@@ -187,6 +188,18 @@ struct CombineFirstPass {
     return FirstPass{m.max, a.nan | b.nan, m.sum, CombineBest{}(a.best, b.best)};
   }
 };
+
+// A block's largest scaled logit and largest Gumbel key (plain_pass's shared start).
+struct MaxAndKey {
+  float max;
+  float key;
+};
+struct CombineMaxAndKey {
+  __device__ MaxAndKey operator()(const MaxAndKey& a, const MaxAndKey& b) const {
+    return MaxAndKey{fmaxf(a.max, b.max), fmaxf(a.key, b.key)};
+  }
+};
+static_assert(sizeof(MaxAndKey) <= sizeof(FirstPass), "the plain kernels' scratch holds it");
 
 struct SumU64 {
   __device__ unsigned long long operator()(unsigned long long a, unsigned long long b) const {
@@ -570,16 +583,26 @@ __device__ __forceinline__ float fast_exp(float x) {
 // Temperature sampling without filters (the rollout's case): one read of a row computes its
 // max, the normalizer online, and the Gumbel argmax. Kernels of their own: without the filters'
 // histograms they need a tenth of the shared memory. One 16-byte load in flight per thread
-// (47 registers, two blocks per SM): the H100 runs measured this form at 0.151-0.163 ms for 256
-// rows of 128,256 float32 logits (2026-11-26, -27) and four loads held to 64 registers at 0.263
-// ms, so it stays at one. A block streams its tokens latency-bound, so a row may be split over
-// several blocks ("slices", see plan_sample) when there are too few rows to give every SM two
-// blocks: each slice's block reduces its tokens to a partial (max, normalizer, best key) and
-// a second kernel merges a row's partials. Keys compare exactly and the best key is the same
-// whichever block saw it, so the ids do not depend on the slices; the normalizer differs by the
-// rounding of its merge (float64). kUnit: temperature 1, no division (x / 1 == x). kLoadAhead:
-// see for_each_in_row (LATRO_CUDA_SAMPLE_PLAIN_LOAD_AHEAD).
-template <typename T, bool kUnit, bool kLoadAhead>
+// (two blocks per SM). A row may be split over several blocks ("slices", see plan_sample) when
+// there are too few rows to give every SM two blocks: each slice's block reduces its tokens to
+// a partial (max, normalizer, best key) and a second kernel merges a row's partials. Keys
+// compare exactly and the best key is the same whichever block saw it, so the ids do not
+// depend on the slices; the normalizer differs by the rounding of its merge (float64). kUnit:
+// temperature 1, no division (x / 1 == x).
+//
+// What the pass spends is instructions more than loads (the H100 run of 2026-11-27: 0.155-0.175
+// ms for 256 rows of 128,256 float32 logits, flat or peaked, with or without more loads in
+// flight). A warp runs a branch when any of its lanes takes it, and each thread starts its own
+// argmax from nothing: its max and best key rise over its first tokens, and while they do, some
+// lane of nearly every warp redoes the skip bounds (a new max) or computes a key's logarithms
+// at about one token position in three (a simulation of 128k flat or peaked logits over 512
+// threads). So with a.warm_start (rows of more than two vectors a thread), after each thread's
+// first vector the block shares its max and best key (one reduction of two floats) and every
+// thread goes on from them: the max as its
+// own (its normalizer rescaled onto it), the best key as the bar its skips compare with
+// (GumbelArgmax::raise_bar; the winner is still found among its own tokens, and the skips stay
+// exact). The same simulation then has about one position in thirty taking either branch.
+template <typename T, bool kUnit>
 __device__ __forceinline__ FirstPass plain_pass(const SampleKernelArgs& a, int64_t row,
                                                 int64_t begin, int64_t end, int64_t step,
                                                 FirstPass* scratch) {
@@ -600,8 +623,12 @@ __device__ __forceinline__ FirstPass plain_pass(const SampleKernelArgs& a, int64
     sum += p;
     draw.offer(v, s, p, first.max, bits);  // first.max <= the row max: its skips stay exact
   };
+  // The stretch: every thread's first vector, where the row is long enough for the shared
+  // values to pay off (one loop; a second copy of it for the stretch cost the kernels 20-40
+  // registers, ptxas sm_90).
+  bool warm_pending = a.warm_start && end - begin > 2 * int64_t{kThreads} * detail::kVec<T>;
   const T* x = static_cast<const T*>(a.logits) + row * a.row_stride + begin;
-  for_each_in_row<kLoadAhead>(x, end - begin, [&](int64_t from, const auto& values) {
+  for_each_in_row(x, end - begin, [&](int64_t from, const auto& values) {
     constexpr int n = count_of<decltype(values)>;
     const int64_t base = begin + from;  // the token index within the row
     float s[n];
@@ -632,6 +659,22 @@ __device__ __forceinline__ FirstPass plain_pass(const SampleKernelArgs& a, int64
       for (int i = 0; i < n; ++i) {
         const int64_t v = base + i;
         visit(v, s[i], [&] { return noise.bits(static_cast<uint32_t>(v)); });
+      }
+    }
+    if constexpr (n > 1) {
+      // Every thread's first vector call is the loop's first iteration (the row holds more
+      // than twice kThreads vectors less a head of under one, so each thread has at least
+      // one): the block reaches the reduction together.
+      if (warm_pending) {
+        warm_pending = false;
+        const MaxAndKey shared = block_all_reduce(MaxAndKey{first.max, draw.best.key},
+                                                  CombineMaxAndKey{},
+                                                  reinterpret_cast<MaxAndKey*>(scratch));
+        if (shared.max > first.max) {  // finite, or +inf (the row then fails)
+          sum *= first.max == neg_inf() ? 0.0f : expf(first.max - shared.max);
+          first.max = shared.max;
+        }
+        draw.raise_bar(shared.key, first.max);
       }
     }
   }, a.prefetch_ahead);
@@ -666,13 +709,15 @@ __device__ __forceinline__ void draw_plain_rows(const SampleKernelArgs& a, First
   }
 }
 
-// One block per row.
-template <typename T, bool kUnit, bool kLoadAhead>
-__global__ void __launch_bounds__(kThreads) plain_sample_kernel(SampleKernelArgs a) {
+// One block per row. Both plain kernels are bounded to two blocks per SM (64 registers): ptxas
+// (sm_90) then fits them in 51-63 registers without spilling, where unbounded it gave the
+// 16-bit whole-row forms 64 registers and spills.
+template <typename T, bool kUnit>
+__global__ void __launch_bounds__(kThreads, 2) plain_sample_kernel(SampleKernelArgs a) {
   alignas(16) __shared__ unsigned char scratch[(kMaxWarps + 1) * sizeof(FirstPass)];
   draw_plain_rows(a, reinterpret_cast<FirstPass*>(scratch),
                   [&](int64_t row, int64_t step, FirstPass* sh) {
-                    return plain_pass<T, kUnit, kLoadAhead>(a, row, 0, a.vocab, step, sh);
+                    return plain_pass<T, kUnit>(a, row, 0, a.vocab, step, sh);
                   });
 }
 
@@ -687,8 +732,8 @@ int64_t slice_length(int64_t vocab, int64_t slices) {
 // row b / slices, tokens [slice x length, + length) cut at the row's end, to partials[b];
 // nothing with a negative offset (the combining kernel fails every row then). No loop and
 // 32-bit indices: the 64 registers of two blocks per SM hold the half-precision forms only so.
-template <typename T, bool kUnit, bool kLoadAhead>
-__global__ void __launch_bounds__(kThreads) plain_sample_slices_kernel(SampleKernelArgs a,
+template <typename T, bool kUnit>
+__global__ void __launch_bounds__(kThreads, 2) plain_sample_slices_kernel(SampleKernelArgs a,
                                                                        uint32_t slices,
                                                                        int64_t length,
                                                                        FirstPass* partials) {
@@ -699,7 +744,7 @@ __global__ void __launch_bounds__(kThreads) plain_sample_slices_kernel(SampleKer
   const int64_t start = static_cast<int64_t>(blockIdx.x - row * slices) * length;
   const int64_t begin = start < a.vocab ? start : a.vocab;
   const int64_t end = begin + length < a.vocab ? begin + length : a.vocab;
-  const FirstPass first = plain_pass<T, kUnit, kLoadAhead>(a, row, begin, end, step,
+  const FirstPass first = plain_pass<T, kUnit>(a, row, begin, end, step,
                                                reinterpret_cast<FirstPass*>(scratch));
   if (threadIdx.x == 0) partials[blockIdx.x] = first;
 }
@@ -1019,7 +1064,6 @@ __global__ void __launch_bounds__(kThreads, 2) sample_kernel(SampleKernelArgs a)
   }
 }
 
-
 // Blocks of the filtered kernel (each loops over rows). Filters read a row up to three times;
 // with fewer rows in flight their logits may stay in L2 between passes (a 128k float32 row is
 // 0.5 MiB; an H100 has 50 MiB of L2, and 264 rows in flight need 130 MiB). It does not: on
@@ -1047,12 +1091,11 @@ int64_t filtered_prefetch() { return tuning_variable("LATRO_CUDA_SAMPLE_PREFETCH
 // slices alike). Unset, 0 (none) until a GPU run times it: benchmarks/bench_gpu.py sweeps it.
 int64_t plain_prefetch() { return tuning_variable("LATRO_CUDA_SAMPLE_PLAIN_PREFETCH", 64, 0); }
 
-// LATRO_CUDA_SAMPLE_PLAIN_LOAD_AHEAD=1: the plain kernels of float32 logits load each thread's
-// next vector before processing the current one (for_each_in_row's kLoadAhead), a second load
-// in flight (59-64 registers against 40, ptxas sm_90: still two blocks per SM; the 16-bit
-// kernels, at 64 already, would spill: they ignore it).
-// Unset, 0 until a GPU run times it (benchmarks/bench_gpu.py sweeps it).
-bool plain_load_ahead() { return tuning_variable("LATRO_CUDA_SAMPLE_PLAIN_LOAD_AHEAD", 1) == 1; }
+// LATRO_CUDA_SAMPLE_PLAIN_WARM: 1 (unset: the default) starts the plain kernels' threads from
+// the max and best key of a first stretch of the row (plain_pass), 0 from nothing. The draws are
+// the same either way. Not yet timed on a GPU: benchmarks/bench_gpu.py's sample_plain_warm
+// table compares both.
+bool plain_warm_start() { return tuning_variable("LATRO_CUDA_SAMPLE_PLAIN_WARM", 1, 1) == 1; }
 
 // The most slices a row is split into, and the fewest tokens a slice holds.
 constexpr int64_t kMaxSlices = 64;
@@ -1128,39 +1171,32 @@ void sample(const SampleArgs& args, const SamplePlan& plan, void* workspace, cud
   const bool top_k_on = args.top_k > 0 && args.top_k < args.vocab;
   const bool top_p_only = args.temperature > 0.0f && !top_k_on && args.top_p < 1.0f &&
                           !(args.min_p > 0.0f);
-  // Both read (and so checked) for any sampling, as LATRO_CUDA_SAMPLE_SLICES.
+  // All read (and so checked) for any sampling, as LATRO_CUDA_SAMPLE_SLICES.
   const int64_t plain_ahead = plain_prefetch(), filtered_ahead = filtered_prefetch();
-  const bool load_ahead = plain_load_ahead();
+  a.warm_start = plain_warm_start();
   a.prefetch_ahead = plain ? plain_ahead : filtered_ahead;
   const bool unit = args.temperature == 1.0f;
   auto* partials = static_cast<FirstPass*>(workspace);
   LATRO_DISPATCH_DTYPE(args.dtype, T, [&] {
-    // The plain kernels for a temperature of 1 or not, loading ahead or not.
-    const auto launch_plain = [&](auto unit_flag, auto load_ahead_flag) {
+    // The plain kernels for a temperature of 1 or not.
+    const auto launch_plain = [&](auto unit_flag) {
       constexpr bool kUnit = decltype(unit_flag)::value;
-      // Float32 logits only: the 16-bit kernels are at 64 registers already and spill with
-      // the second load (ptxas, sm_90).
-      constexpr bool kLoadAhead = decltype(load_ahead_flag)::value && std::is_same_v<T, float>;
       if (plan.slices > 1) {
         const auto blocks = static_cast<unsigned int>(args.rows * plan.slices);  // < 2^31
         const auto slices = static_cast<uint32_t>(plan.slices);
         const int64_t length = slice_length(args.vocab, plan.slices);
-        detail::launch(plain_sample_slices_kernel<T, kUnit, kLoadAhead>, blocks, kThreads,
-                       stream, a, slices, length, partials);
+        detail::launch(plain_sample_slices_kernel<T, kUnit>, blocks, kThreads, stream, a, slices,
+                       length, partials);
         detail::launch(plain_sample_combine_kernel, detail::row_blocks(args.rows),
                        kCombineThreads, stream, a, plan.slices,
                        static_cast<const FirstPass*>(partials));
       } else {
-        detail::launch(plain_sample_kernel<T, kUnit, kLoadAhead>, detail::row_blocks(args.rows),
-                       kThreads, stream, a);
+        detail::launch(plain_sample_kernel<T, kUnit>, detail::row_blocks(args.rows), kThreads,
+                       stream, a);
       }
     };
-    using Yes = std::true_type;
-    using No = std::false_type;
-    if (plain && load_ahead) {
-      unit ? launch_plain(Yes{}, Yes{}) : launch_plain(No{}, Yes{});
-    } else if (plain) {
-      unit ? launch_plain(Yes{}, No{}) : launch_plain(No{}, No{});
+    if (plain) {
+      unit ? launch_plain(std::true_type{}) : launch_plain(std::false_type{});
     } else if (top_p_only) {
       detail::launch(sample_kernel<T, true>, filtered_grid(args.rows), kThreads, stream, a);
     } else {

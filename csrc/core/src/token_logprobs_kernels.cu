@@ -57,21 +57,23 @@ using detail::neg_inf;
 using detail::row_start;
 using detail::tuning_variable;
 
-// Threads per row (one block per row): enough for `vectors` 16-byte vectors each, 64 to 512, a
-// power of two. The LM-head scorer runs these kernels on vocabulary blocks of all N rows, short
-// rows (8,192 bf16 logits: 1,024 vectors), where a row's time is mostly fixed costs: a load
-// latency per vector round, the block's reduction, thread 0's finish. With two vectors a thread
-// (the old mapping) a block of 512 threads took one such row, four per SM, and the H100 run of
-// 2026-11-27 measured 0.2-0.3 ms per block of 16,384 such rows beyond its matmul (about 0.9 TB/s).
-// Eight a thread give 128-thread blocks, sixteen rows per SM; rows of 128k logits keep 512
-// threads. LATRO_CUDA_LOGPROBS_VECTORS sets the vectors a thread (1 to 64; unset or 0: 8;
-// bench_gpu.py's scorer_vectors table sweeps it).
+// Threads per row (one block per row): the largest power of two, 64 to 512, that gives every
+// thread at least `vectors` 16-byte vectors (so between that and twice as many). The LM-head
+// scorer runs these kernels on vocabulary blocks of all N rows: short rows (16,448 bf16
+// columns at the default chunk: a block and its -inf column, rounded up to 64), where a row's
+// time is mostly fixed costs: a load latency per vector round, the block's reduction, thread
+// 0's finish. The old mapping, at least two vectors a thread rounded up to the power of two,
+// gave such rows 512 threads, four rows per SM, and the H100 run of 2026-11-27 measured
+// 0.3-0.4 ms per block of 16,384 rows beyond its matmul (8,256-column rows: about 0.9 TB/s).
+// Eight give 256 threads to those rows (eight per SM: the kernels hold 30-32 registers), and
+// rows of 128k logits keep 512. LATRO_CUDA_LOGPROBS_VECTORS sets the vectors a thread (1 to
+// 64; unset or 0: 8; bench_gpu.py's scorer_vectors table sweeps it).
 int threads_for(int64_t vocab, int vec) {
   const int64_t per_thread = tuning_variable("LATRO_CUDA_LOGPROBS_VECTORS", 64, 8);
   const int64_t vectors = per_thread > 0 ? per_thread : 8;
-  const int64_t want = (vocab + vectors * vec - 1) / (vectors * vec);
+  const int64_t fit = vocab / (vectors * vec);  // threads that each get `vectors` vectors
   int threads = 64;
-  while (threads < 512 && threads < want) threads *= 2;
+  while (threads < 512 && 2 * threads <= fit) threads *= 2;
   return threads;
 }
 

@@ -101,19 +101,32 @@ struct GumbelArgmax {
   GumbelWinner best;
   float skip_factor;
   float floor;
+  // The key a token must beat to be worth its noise: the best key seen here, or a larger one
+  // known to belong to another token of the same draw (raise_bar).
+  float bar;
   LATRO_HOST_DEVICE static GumbelArgmax start(float max) {
-    GumbelArgmax draw{GumbelWinner::none(), 0.0f, 0.0f};
+    GumbelArgmax draw{GumbelWinner::none(), 0.0f, 0.0f, -INFINITY};
     draw.max_changed(max);
     return draw;
   }
   // Call when the max the p's are relative to changes (or the best key does).
   LATRO_HOST_DEVICE void max_changed(float max) {
-    skip_factor = gumbel_skip_factor(best.key, max);
-    // Below the best key (less the slack) by more than the largest noise, a key rounds below
-    // the best one; -inf while no key is known.
-    const float by_best = best_key_less_slack(best.key) - kGumbelCeiling;
+    const float key = best.key > bar ? best.key : bar;
+    skip_factor = gumbel_skip_factor(key, max);
+    // Below the bar (less the slack) by more than the largest noise, a key rounds below it;
+    // -inf while no key is known.
+    const float by_best = best_key_less_slack(key) - kGumbelCeiling;
     const float by_max = max - kGumbelSpan;
     floor = by_best > by_max ? by_best : by_max;
+  }
+  // Skips from now on as if `key` were the best key so far, without making it the winner (the
+  // GPU's threads share the best key of a first stretch of the row): `key` must be the exact key
+  // of a token of the same draw that another argmax holds, so the draw's winner is that token or
+  // beats it, and a token skipped for it (its key rounds strictly below `key`) cannot win, tie
+  // included. `max` as for max_changed.
+  LATRO_HOST_DEVICE void raise_bar(float key, float max) {
+    if (key > bar) bar = key;
+    max_changed(max);
   }
   // Offers token v; `bits()` gives its random word and is called only when the token passes
   // the floor. The floor never decreases, so a caller may skip a group's Philox block when no
