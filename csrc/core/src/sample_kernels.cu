@@ -590,18 +590,18 @@ __device__ __forceinline__ float fast_exp(float x) {
 // depend on the slices; the normalizer differs by the rounding of its merge (float64). kUnit:
 // temperature 1, no division (x / 1 == x).
 //
-// What the pass spends is instructions more than loads (the H100 run of 2026-11-27: 0.155-0.175
-// ms for 256 rows of 128,256 float32 logits, flat or peaked, with or without more loads in
-// flight). A warp runs a branch when any of its lanes takes it, and each thread starts its own
-// argmax from nothing: its max and best key rise over its first tokens, and while they do, some
-// lane of nearly every warp redoes the skip bounds (a new max) or computes a key's logarithms
-// at about one token position in three (a simulation of 128k flat or peaked logits over 512
-// threads). So with a.warm_start (rows of more than two vectors a thread), after each thread's
-// first vector the block shares its max and best key (one reduction of two floats) and every
-// thread goes on from them: the max as its
-// own (its normalizer rescaled onto it), the best key as the bar its skips compare with
+// What the pass spends is most likely instructions more than loads (the H100 run of
+// 2026-11-27: 0.155-0.175 ms for 256 rows of 128,256 float32 logits, flat or peaked, with or
+// without more loads in flight). A warp runs a branch when any of its lanes takes it, and each
+// thread starts its own argmax from nothing: its max and best key rise over its first tokens,
+// and while they do, some lane redoes the skip bounds (a new max) or computes a key's
+// logarithms at about one token position in three (benchmarks/sample_branch_model.py: 128k
+// flat or peaked logits over 512 threads). So with a.warm_start (rows of more than two vectors
+// a thread), after each thread's first vector the block shares its max and best key (one
+// reduction of two floats) and every thread goes on from them: the max as its own (its
+// normalizer rescaled onto it), the best key as the bar its skips compare with
 // (GumbelArgmax::raise_bar; the winner is still found among its own tokens, and the skips stay
-// exact). The same simulation then has about one position in thirty taking either branch.
+// exact). The same model then has 2-5% of positions taking either branch.
 template <typename T, bool kUnit>
 __device__ __forceinline__ FirstPass plain_pass(const SampleKernelArgs& a, int64_t row,
                                                 int64_t begin, int64_t end, int64_t step,
