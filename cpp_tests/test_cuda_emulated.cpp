@@ -350,13 +350,8 @@ TEST(EmulatedSampleLarge, WarmStartOverRowsWhoseFirstVectorsAreNotFinite) {
   // vectors) whose start holds what the shared max and key must survive: all -inf (no max and
   // no key to share), the row's max with the winner far after it, a peak that wins at once, and
   // NaN or +inf in the start (the row fails as it would without the warm start).
-  constexpr int64_t kVocab = 9001;
   std::mt19937 rng(47);
-  std::normal_distribution<float> normal;
-  std::vector<std::vector<float>> rows(3, std::vector<float>(kVocab));
-  for (auto& row : rows) {
-    for (float& x : row) x = 2.0f * normal(rng);
-  }
+  std::vector<std::vector<float>> rows = normal_rows(3, 9001, rng, 2.0f);
   std::fill(rows[0].begin(), rows[0].begin() + 4500, -kInfF);
   rows[1][7] = 9.0f;
   rows[2][3] = 40.0f;
@@ -616,13 +611,8 @@ TEST_P(EmulatedTokenLogprobs, ForwardAndBackwardMatchTheCpu) {
 // rows longer than a block's stride so the reductions combine them across threads): forward
 // and backward give the CPU's NaN, infinities and values.
 TEST(EmulatedTokenLogprobs, NonFiniteRowsAsOnTheCpu) {
-  constexpr int64_t kVocab = 1301;
   std::mt19937 rng(41);
-  std::normal_distribution<float> normal;
-  std::vector<std::vector<float>> values(8, std::vector<float>(kVocab));
-  for (auto& row : values) {
-    for (float& x : row) x = normal(rng);
-  }
+  std::vector<std::vector<float>> values = normal_rows(8, 1301, rng);
   const std::vector<int64_t> targets = {2, 0, 3, 1000, 1, 3, 4, 900};
   values[0][700] = kNaNF;                                 // NaN elsewhere: NaN
   values[1][0] = -kInfF;                                  // -inf at the target: -inf

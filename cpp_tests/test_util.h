@@ -154,6 +154,19 @@ inline Matrix random_matrix(DType dtype, int64_t rows, int64_t cols, int64_t str
   return m;
 }
 
+// rows x cols of N(0, scale^2) as editable float rows (for matrix_of_rows, after a test plants
+// its special values).
+inline std::vector<std::vector<float>> normal_rows(int64_t rows, int64_t cols, std::mt19937& rng,
+                                                   float scale = 1.0f) {
+  std::normal_distribution<float> normal(0.0f, scale);
+  std::vector<std::vector<float>> values(static_cast<size_t>(rows),
+                                         std::vector<float>(static_cast<size_t>(cols)));
+  for (auto& row : values) {
+    for (float& x : row) x = normal(rng);
+  }
+  return values;
+}
+
 // Dense rows of the given values, rounded to dtype (`values` must be rectangular).
 inline Matrix matrix_of_rows(DType dtype, const std::vector<std::vector<float>>& values) {
   Matrix m;

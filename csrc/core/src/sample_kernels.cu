@@ -611,11 +611,15 @@ __device__ __forceinline__ FirstPass plain_pass(const SampleKernelArgs& a, int64
   FirstPass first{neg_inf(), 0u, 0.0, Best::none()};
   float sum = 0.0f;
   GumbelArgmax draw = GumbelArgmax::start(neg_inf());
+  // A larger max m: the normalizer moves onto it (a side that saw only -inf holds 0s).
+  auto grow_max = [&](float m) {
+    sum *= first.max == neg_inf() ? 0.0f : expf(first.max - m);
+    first.max = m;
+  };
   auto visit = [&](int64_t v, float s, auto&& bits) {
     first.nan |= s != s;
     if (s > first.max) {
-      sum *= first.max == neg_inf() ? 0.0f : expf(first.max - s);
-      first.max = s;
+      grow_max(s);
       draw.max_changed(s);
     }
     if (s == neg_inf()) return;
@@ -670,10 +674,7 @@ __device__ __forceinline__ FirstPass plain_pass(const SampleKernelArgs& a, int64
         const MaxAndKey shared = block_all_reduce(MaxAndKey{first.max, draw.best.key},
                                                   CombineMaxAndKey{},
                                                   reinterpret_cast<MaxAndKey*>(scratch));
-        if (shared.max > first.max) {  // finite, or +inf (the row then fails)
-          sum *= first.max == neg_inf() ? 0.0f : expf(first.max - shared.max);
-          first.max = shared.max;
-        }
+        if (shared.max > first.max) grow_max(shared.max);  // finite, or +inf (the row fails)
         draw.raise_bar(shared.key, first.max);
       }
     }
