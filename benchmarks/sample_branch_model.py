@@ -16,6 +16,11 @@ for threads that start from nothing (LATRO_CUDA_SAMPLE_PLAIN_WARM=0) and for thr
 start from the block's max and best key after their first vector (the default). The uniform
 draws are torch's, not the kernel's Philox stream: the rates are what matters, not the ids.
 
+It models the loop as the H100 run of 2026-11-27 timed it (four tokens per call, a 32-bit word
+per token, the max raised token by token). The kernel has since moved to eight tokens per call
+(one coarse Philox block, philox.h), a max raised once per call and skip tests on the coarse
+bits; the model keeps the older loop, whose rates are the ones the README quotes.
+
     python benchmarks/sample_branch_model.py [--vocab 128256] [--scales 2,8]
 """
 

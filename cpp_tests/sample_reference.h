@@ -123,16 +123,16 @@ inline KeptSet reference_kept_set(const std::vector<double>& logits, const Optio
 }
 
 // What the documentation says a draw is: argmax over the kept set of scaled logit + Gumbel
-// noise, the noise of token v from Philox block v / 4 (word v % 4) at (stream, offset) under the
-// seed. Returns -1 when the two best scores are too close to call.
+// noise, the noise of token v from its coarse and fine bits (philox.h's sampling_token_bits)
+// at (stream, offset) under the seed. Returns -1 when the two best scores are too close to call.
 inline int64_t reference_gumbel_draw(const KeptSet& ks, uint64_t seed, uint32_t stream, uint64_t offset) {
   int64_t best = -1;
   double best_score = -kInf, second = -kInf;
   for (size_t v = 0; v < ks.scaled.size(); ++v) {
     if (!ks.kept[v]) continue;
-    const latro::Philox4 block =
-        latro::sampling_random_block(seed, stream, offset, static_cast<uint32_t>(v / 4));
-    const double score = ks.scaled[v] + static_cast<double>(latro::gumbel_noise(block.v[v % 4]));
+    const uint32_t bits =
+        latro::sampling_token_bits(seed, stream, offset, static_cast<uint32_t>(v));
+    const double score = ks.scaled[v] + static_cast<double>(latro::gumbel_noise(bits));
     if (score > best_score) {
       second = best_score;
       best_score = score;

@@ -290,10 +290,10 @@ TEST(EmulatedSampleLarge, PlainPrefetchAndWarmStartChangeNoDraw) {
   // LATRO_CUDA_SAMPLE_PLAIN_PREFETCH: the plain kernels' pass prefetches the same way (each
   // byte prefetched is read here, so ASan checks the bound); LATRO_CUDA_SAMPLE_PLAIN_WARM=0:
   // each thread starts its argmax from nothing instead of from the block's max and best key
-  // after its first vector (the default, which every other test runs: here with a prefetch).
-  // Over whole rows and slices (the float32 slices of 5,056 tokens share a start, the 16-bit
-  // ones are too short to), in every dtype, with misaligned row starts and temperatures 1 and
-  // 0.7.
+  // after its first call (the default, which every other test runs: here with a prefetch).
+  // Over whole rows (20,011 tokens share a start) and slices (5,056 tokens, too short to: the
+  // first calls alone take 4,096), in every dtype, with misaligned row starts and temperatures
+  // 1 and 0.7.
   const std::vector<std::pair<const char*, const char*>> settings = {
       {"3", "1"}, {"0", "0"}, {"2", "0"}};
   for (const auto& [prefetch, warm] : settings) {
@@ -318,9 +318,9 @@ TEST(EmulatedSampleLarge, PlainPrefetchAndWarmStartChangeNoDraw) {
 TEST(EmulatedSampleLarge, WarmStartDrawsExactlyTheIdsOfAColdStart) {
   // The warm start only skips noise that cannot win, so with and without it the kernels draw
   // the same ids (not merely ids the float64 reference cannot tell apart) and log-probabilities
-  // within rounding: whole rows and slices long enough for it in every dtype (the 16-bit slices
-  // of 40,009 logits over 4 blocks hold 10,048 tokens, more than twice their 4,096 first-vector
-  // tokens), at temperatures 1 and 0.7, with misaligned row starts.
+  // within rounding: whole rows and slices long enough for it in every dtype (the slices of
+  // 40,009 logits over 4 blocks hold 10,048 tokens, more than twice the 4,096 of the threads'
+  // first calls of eight), at temperatures 1 and 0.7, with misaligned row starts.
   for (DType dtype : {DType::Float32, DType::BFloat16, DType::Float16}) {
     std::mt19937 rng(53);
     const Matrix logits = random_matrix(dtype, 2, 40009, 40009 + 5, rng, 2.0);
@@ -346,8 +346,8 @@ TEST(EmulatedSampleLarge, WarmStartDrawsExactlyTheIdsOfAColdStart) {
 }
 
 TEST(EmulatedSampleLarge, WarmStartOverRowsWhoseFirstVectorsAreNotFinite) {
-  // Rows long enough for the warm start (9,001 float32 logits: 2,048 in the threads' first
-  // vectors) whose start holds what the shared max and key must survive: all -inf (no max and
+  // Rows long enough for the warm start (9,001 float32 logits: 4,096 in the threads' first
+  // calls) whose start holds what the shared max and key must survive: all -inf (no max and
   // no key to share), the row's max with the winner far after it, a peak that wins at once, and
   // NaN or +inf in the start (the row fails as it would without the warm start).
   std::mt19937 rng(47);
@@ -372,6 +372,39 @@ TEST(EmulatedSampleLarge, WarmStartOverRowsWhoseFirstVectorsAreNotFinite) {
     EXPECT_EQ(got.ids[1], -1);
     EXPECT_EQ(got.ids[2], -1);
     EXPECT_TRUE(std::isnan(got.logprob(2)));
+  }
+}
+
+TEST(EmulatedSampleLarge, NonFiniteValuesInsideCallsFailRowsAsOnTheCpu) {
+  // The plain kernels test a thread's call of eight tokens against the running max before its
+  // tokens (a NaN fails that test, +inf passes it as a new max). Rows of 9,001 float32 logits
+  // (aligned; long enough for the warm start): +inf in thread 1's first call and NaN in its
+  // second (tokens 8 and 8 + 8 x 512; NaN decides), +inf alone, NaN alone, -inf over every
+  // thread's first call then finite values. Each in a one-row batch, so the recorded failure is
+  // that row's, whole or in slices, warm or cold.
+  std::mt19937 rng(61);
+  std::vector<std::vector<float>> rows = normal_rows(4, 9001, rng, 2.0f);
+  rows[0][8] = kInfF;
+  rows[0][8 + 8 * 512] = kNaNF;
+  rows[1][601] = kInfF;
+  rows[2][2050] = kNaNF;
+  std::fill(rows[3].begin(), rows[3].begin() + 8 * 512, -kInfF);
+  const latro::cuda::StatusKind want[3] = {latro::cuda::StatusKind::RowHasNaN,
+                                          latro::cuda::StatusKind::RowHasPosInf,
+                                          latro::cuda::StatusKind::RowHasNaN};
+  for (const char* warm : {"1", "0"}) {
+    const ScopedVariable started("LATRO_CUDA_SAMPLE_PLAIN_WARM", warm);
+    for (int64_t slices : {1, 3}) {
+      SCOPED_TRACE(std::string("warm start ") + warm + ", " + std::to_string(slices) + " slices");
+      for (size_t r = 0; r < 3; ++r) {
+        const Matrix one = matrix_of_rows(DType::Float32, {rows[r]});
+        const Sampled got = emulated_sample(one, {3}, false, 0, {}, nullptr, false, slices);
+        EXPECT_EQ(latro::cuda::decode_status(got.status).kind, want[r]) << "row " << r;
+        EXPECT_EQ(got.ids[0], -1) << "row " << r;
+      }
+      expect_cpu_draws(matrix_of_rows(DType::Float32, {rows[3]}), {5}, false, 2, Options{},
+                       nullptr, false, slices);
+    }
   }
 }
 

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdint>
 #include <random>
+#include <utility>
 #include <vector>
 
 #include "latro/gumbel.h"
@@ -80,15 +81,16 @@ TEST(Philox, UniformOpen01StaysInside) {
   EXPECT_LT(latro::gumbel_noise(0u), latro::gumbel_noise(0xffffffffu));
 }
 
-TEST(Philox, UniformComplementIsExact) {
-  std::mt19937 rng(5);
-  std::vector<uint32_t> bits = {0u, 1u, 0x1FFu, 0x200u, 0x7FFFFFFFu, 0xFFFFFDFFu, 0xFFFFFE00u,
-                                0xFFFFFFFFu};
-  for (int i = 0; i < 10000; ++i) bits.push_back(static_cast<uint32_t>(rng()));
-  for (uint32_t b : bits) {
-    EXPECT_EQ(static_cast<double>(latro::uniform_open01_complement(b)),
-              1.0 - static_cast<double>(latro::uniform_open01(b)))
-        << std::hex << b;
+// Every one of the 2^23 uniforms and its complement against the integer formulas, in double.
+TEST(Philox, UniformAndComplementAreExact) {
+  for (uint32_t n = 0; n < (1u << 23); ++n) {
+    for (uint32_t low : {0u, 0x1FFu}) {  // the 9 unused bits must not matter
+      const uint32_t b = (n << 9) | low;
+      const double u = (static_cast<double>(n) + 0.5) / 8388608.0;
+      ASSERT_EQ(static_cast<double>(latro::uniform_open01(b)), u) << std::hex << b;
+      ASSERT_EQ(static_cast<double>(latro::uniform_open01_complement(b)), 1.0 - u)
+          << std::hex << b;
+    }
   }
 }
 
@@ -149,25 +151,84 @@ TEST(Philox, GumbelSkipFactorEdgeCases) {
   EXPECT_FALSE(latro::gumbel_cannot_win(0xFFFFFFFFu, 1.0f, far));
 }
 
-TEST(Philox, UniformMomentsLookUniform) {
-  // 4 * 50000 draws: mean 1/2 and variance 1/12 within generous bounds.
-  double sum = 0.0, sum_sq = 0.0;
-  const int blocks = 50000;
-  for (int b = 0; b < blocks; ++b) {
-    const latro::Philox4 w = latro::sampling_random_block(2024, 0, 0, static_cast<uint32_t>(b));
-    for (uint32_t bits : w.v) {
-      const double u = latro::uniform_open01(bits);
-      ASSERT_GT(u, 0.0);
-      ASSERT_LT(u, 1.0);
-      sum += u;
-      sum_sq += u * u;
+// A token's bits pinned to their documented layout (philox.h): values computed when the
+// layout was written, by this header and independently by latro_engine/reference.py.
+TEST(Philox, TokenBitsKnownAnswers) {
+  const uint64_t seed = 0x0123456789ABCDEFull;
+  const uint64_t step = (uint64_t{1} << 32) + 3;
+  const std::vector<std::pair<uint32_t, uint32_t>> known = {
+      {0u, 0xCFB26400u},  {1u, 0x43D31800u},  {2u, 0x85A00800u},
+      {7u, 0xFD1EE800u},  {8u, 0xBC1AF000u},  {15u, 0x3B3F0800u},
+      {16u, 0x47725600u}, {1000003u, 0x7D93E400u}, {0xFFFFFFFEu, 0x8DDA2E00u}};
+  for (const auto& [v, bits] : known) {
+    EXPECT_EQ(latro::sampling_token_bits(seed, 7, step, v), bits) << "token " << v;
+  }
+}
+
+TEST(Philox, TokenBitsComeFromTheDocumentedWords) {
+  const latro::PhiloxKey key = latro::sampling_key(99);
+  for (uint32_t v = 0; v < 64; ++v) {
+    const latro::Philox4 c = latro::sampling_random_block(key, 2, 5, v / 8);
+    const latro::Philox4 f = latro::sampling_random_block(key, 2, 5, 0x80000000u + v / 16);
+    const uint32_t coarse = (c.v[(v / 2) % 4] >> (16 * (v % 2))) & 0xFFFFu;
+    const uint32_t fine = (f.v[(v / 4) % 4] >> (8 * (v % 4))) & 0x7Fu;
+    EXPECT_EQ(latro::sampling_token_bits(key, 2, 5, v), (coarse << 16) | (fine << 9)) << v;
+    EXPECT_EQ(latro::coarse_bits(c, v), coarse) << v;
+    EXPECT_EQ(latro::fine_bits(f, v), fine) << v;
+  }
+  // The low 9 bits, which no uniform reads, are zero; the ranges of blocks do not meet.
+  EXPECT_EQ(latro::token_bits(0xFFFFu, 0x7Fu), 0xFFFFFE00u);
+  EXPECT_EQ(latro::coarse_block_index(0xFFFFFFFFu), 0x1FFFFFFFu);
+  EXPECT_EQ(latro::fine_block_index(0u), 0x80000000u);
+}
+
+// The coarse skip: the least 1 - u among the 128 uniforms sharing coarse bits is the one of
+// coarse_bound_bits, so a token the coarse test skips is one the exact test skips.
+TEST(Philox, CoarseBoundIsTheLeastComplementOfItsUniforms) {
+  std::mt19937 rng(13);
+  std::vector<uint32_t> coarse = {0u, 1u, 0x7FFFu, 0xFFFEu, 0xFFFFu};
+  for (int i = 0; i < 300; ++i) coarse.push_back(static_cast<uint32_t>(rng()) & 0xFFFFu);
+  for (uint32_t c : coarse) {
+    const float least = latro::uniform_open01_complement(latro::coarse_bound_bits(c));
+    for (uint32_t f = 0; f < 128; ++f) {
+      const float complement = latro::uniform_open01_complement(latro::token_bits(c, f));
+      ASSERT_GE(complement, least) << c << " " << f;
+      ASSERT_EQ(complement == least, f == 127u) << c << " " << f;
+      for (float pf : {least * 0.5f, least, std::nextafter(least, 0.0f), complement}) {
+        if (latro::gumbel_cannot_win(latro::coarse_bound_bits(c), pf, 1.0f)) {
+          ASSERT_TRUE(latro::gumbel_cannot_win(latro::token_bits(c, f), pf, 1.0f)) << c << " " << f;
+        }
+      }
     }
   }
-  const double n = 4.0 * blocks;
+}
+
+TEST(Philox, UniformMomentsLookUniform) {
+  // 200000 tokens' uniforms: mean 1/2 and variance 1/12 within generous bounds, and the fine
+  // bits (the 7 lowest of n) evenly spread over their 128 values.
+  double sum = 0.0, sum_sq = 0.0;
+  std::vector<int> fine_counts(128, 0);
+  const int tokens = 200000;
+  const latro::PhiloxKey key = latro::sampling_key(2024);
+  for (int v = 0; v < tokens; ++v) {
+    const uint32_t bits = latro::sampling_token_bits(key, 0, 0, static_cast<uint32_t>(v));
+    const double u = latro::uniform_open01(bits);
+    ASSERT_GT(u, 0.0);
+    ASSERT_LT(u, 1.0);
+    sum += u;
+    sum_sq += u * u;
+    ++fine_counts[(bits >> 9) & 0x7Fu];
+  }
+  const double n = tokens;
   const double mean = sum / n;
   const double var = sum_sq / n - mean * mean;
   EXPECT_NEAR(mean, 0.5, 5 * std::sqrt(1.0 / 12 / n));
   EXPECT_NEAR(var, 1.0 / 12, 0.002);
+  // Chi-square with 127 degrees of freedom: mean 127, sd 16; 250 is far in the tail.
+  const double expected = n / 128;
+  double chi2 = 0.0;
+  for (int count : fine_counts) chi2 += (count - expected) * (count - expected) / expected;
+  EXPECT_LT(chi2, 250.0);
 }
 
 }  // namespace

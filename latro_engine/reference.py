@@ -279,21 +279,40 @@ def philox4x32_10(
     return [c0, c1, c2, c3]
 
 
-def gumbel_noise(seeds: torch.Tensor, streams: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
-    """The sampler's Gumbel noise, float32 [B, vocab], for per-row seeds and streams [B]."""
-    device = seeds.device
-    blocks = torch.arange((vocab + 3) // 4, dtype=torch.int64, device=device)[None, :]
-    step_t = torch.tensor(step, dtype=torch.int64, device=device)
+_FINE_BLOCKS = 0x80000000  # philox.h's kFineBlocks: the first block of the fine bits' range
+
+
+def _sampling_blocks(
+    seeds: torch.Tensor, streams: torch.Tensor, step: int, blocks: torch.Tensor
+) -> torch.Tensor:
+    """Philox blocks ``blocks`` [n] of each row's stream: int64 words [B, n, 4]."""
+    step_t = torch.tensor(step, dtype=torch.int64, device=seeds.device)
     counter = (
-        blocks,
+        blocks[None, :],
         (streams & _MASK32)[:, None],
         (step_t & _MASK32).expand(1, 1),
         ((step_t >> 32) & _MASK32).expand(1, 1),
     )
     key = ((seeds & _MASK32)[:, None], ((seeds >> 32) & _MASK32)[:, None])
-    words = torch.stack(torch.broadcast_tensors(*philox4x32_10(counter, key)), dim=-1)
-    bits = words.reshape(seeds.shape[0], -1)[:, :vocab]
-    uniform = ((bits >> 9).to(torch.float32) + 0.5) * 2.0**-23
+    return torch.stack(torch.broadcast_tensors(*philox4x32_10(counter, key)), dim=-1)
+
+
+def gumbel_noise(seeds: torch.Tensor, streams: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
+    """The sampler's Gumbel noise, float32 [B, vocab], for per-row seeds and streams [B].
+
+    Token v's uniform is u = (n + 0.5) / 2^23 with n = coarse * 2^7 + fine (philox.h): coarse,
+    16 bits, is half v % 2 of word (v / 2) % 4 of block v / 8; fine, the low 7 bits of byte
+    v % 4 of word (v / 4) % 4 of block 2^31 + v / 16.
+    """
+    device = seeds.device
+    v = torch.arange(vocab, dtype=torch.int64, device=device)
+    coarse_blocks = torch.arange((vocab + 7) // 8, dtype=torch.int64, device=device)
+    fine_blocks = _FINE_BLOCKS + torch.arange((vocab + 15) // 16, dtype=torch.int64, device=device)
+    coarse_words = _sampling_blocks(seeds, streams, step, coarse_blocks).reshape(seeds.shape[0], -1)
+    fine_words = _sampling_blocks(seeds, streams, step, fine_blocks).reshape(seeds.shape[0], -1)
+    coarse = (coarse_words[:, v >> 1] >> (16 * (v & 1))) & 0xFFFF
+    fine = (fine_words[:, v >> 2] >> (8 * (v & 3))) & 0x7F
+    uniform = (((coarse << 7) | fine).to(torch.float32) + 0.5) * 2.0**-23
     return -torch.log(-torch.log(uniform))
 
 

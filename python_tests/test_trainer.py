@@ -525,8 +525,10 @@ def test_step_with_known_advantages_takes_the_latro_loss_gradient(tmp_path, monk
     loss, _ = latro_loss(scores.answer_logp, scores.rationale_logp, ref, rollout.finished,
                          sft_weight=config.sft_weight, advantages=advantages, **kw)
     loss.backward()
-    # CUDA sums in other orders (micro-batches against the whole batch): float32 rounding
-    rtol, atol = (1e-4, 1e-6) if device == "cpu" else (1e-3, 1e-5)
+    # Micro-batches sum in other orders than the whole batch: float32 rounding, relative to
+    # gradient entries of up to about 35 here (on the CPU 6e-6 in absolute terms for 2 of 1,024
+    # entries of one rollout), and more on CUDA
+    rtol, atol = (1e-4, 1e-5) if device == "cpu" else (1e-3, 1e-5)
     for (name, param), got in zip(trainer.model.named_parameters(), seen["grads"]):
         torch.testing.assert_close(got, param.grad, rtol=rtol, atol=atol, msg=lambda m, name=name: f"{name}: {m}")
     assert any(g.abs().sum() > 0 for g in seen["grads"])

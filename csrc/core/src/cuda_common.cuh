@@ -19,6 +19,14 @@
 #include "latro/latro.h"
 #include "launch_checks.h"
 
+// A device function the compiler must not inline (code kept out of a kernel's register
+// budget); the CPU emulation, which has no such budget, lets the host compiler decide.
+#if defined(LATRO_CUDA_EMULATION)
+#define LATRO_DEVICE_NOINLINE
+#else
+#define LATRO_DEVICE_NOINLINE __noinline__
+#endif
+
 namespace latro::cuda::detail {
 
 constexpr int kWarp = 32;
@@ -178,42 +186,54 @@ __device__ __forceinline__ void prefetch_l2(const void* p) {
 }
 
 // Calls f(index, values) over row[0, n) split across the block's threads: a scalar head until
-// 16-byte alignment, then one 16-byte vector per call (coalesced), then a scalar tail. `values`
-// is a float array of 1 or kVec<T> elements; each thread sees its indices in increasing order.
+// 16-byte alignment, then kVectors consecutive 16-byte vectors per call (coalesced for one),
+// then a scalar tail. `values` is a float array of 1 or kVectors * kVec<T> elements; each
+// thread sees its indices in increasing order. kVectors > 1 hands a thread more consecutive
+// tokens per call (the plain sampler's float32 rows: eight, one coarse Philox block): a warp's
+// load then covers every other 16 bytes of a span and its next load the rest, from L1.
 //
 // One 16-byte load in flight per thread: four loads issued before processing any, held to 64
 // registers, made the plain sampler slower on the H100 run of 2026-11-27 (0.263 ms against
 // 0.151), and loading each thread's next vector before processing the current one changed
 // nothing on the run after (0.155-0.163 ms for 256 rows, flat or peaked).
-// prefetch_ahead > 0: with each vector, the thread also asks L2 for its vector that many
+// prefetch_ahead > 0: with each call, the thread also asks L2 for its vectors that many
 // iterations ahead (prefetch_l2), which keeps more of the row in flight without registers (for
 // kernels already at their register budget); 0 leaves it out. Results never depend on it.
-template <typename T, typename F>
+template <int kVectors = 1, typename T, typename F>
 __device__ __forceinline__ void for_each_in_row(const T* row, int64_t n, F&& f,
                                                 int64_t prefetch_ahead = 0) {
+  constexpr int kTokens = kVectors * kVec<T>;
   const int64_t head = misaligned_head(row, n);
   for (int64_t i = threadIdx.x; i < head; i += blockDim.x) {
     const float one[1] = {load_float(row[i])};
     f(i, one);
   }
-  const int64_t vectors = (n - head) / kVec<T>;
+  const int64_t calls = (n - head) / kTokens;
   const uint4* body = reinterpret_cast<const uint4*>(row + head);
   const int64_t stride = blockDim.x;
   const int64_t ahead = prefetch_ahead * stride;
-  for (int64_t j = threadIdx.x; j < vectors; j += stride) {
-    const uint4 current = body[j];
-    if (ahead > 0 && j + ahead < vectors) prefetch_l2(body + j + ahead);
-    float values[kVec<T>];
-    unpack<T>(current, values);
-    f(head + j * kVec<T>, values);
+  for (int64_t j = threadIdx.x; j < calls; j += stride) {
+    uint4 current[kVectors];
+#pragma unroll
+    for (int q = 0; q < kVectors; ++q) current[q] = body[j * kVectors + q];
+    if (ahead > 0 && j + ahead < calls) prefetch_l2(body + (j + ahead) * kVectors);
+    float values[kTokens];
+#pragma unroll
+    for (int q = 0; q < kVectors; ++q) {
+      float one[kVec<T>];
+      unpack<T>(current[q], one);
+#pragma unroll
+      for (int i = 0; i < kVec<T>; ++i) values[q * kVec<T> + i] = one[i];
+    }
+    f(head + j * kTokens, values);
   }
-  for (int64_t i = head + vectors * kVec<T> + threadIdx.x; i < n; i += blockDim.x) {
+  for (int64_t i = head + calls * kTokens + threadIdx.x; i < n; i += blockDim.x) {
     const float one[1] = {load_float(row[i])};
     f(i, one);
   }
 }
 
-// The length of the float array a for_each_in_row callback receives (1 or kVec<T>).
+// The length of the float array a for_each_in_row callback receives (1 or kVectors * kVec<T>).
 template <typename A>
 constexpr int count_of = static_cast<int>(std::extent_v<std::remove_cv_t<std::remove_reference_t<A>>>);
 

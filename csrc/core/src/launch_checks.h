@@ -81,7 +81,8 @@ inline int64_t check_sample_args(const SampleArgs& args) {
   const int64_t stride = resolve_row_stride(args.row_stride, args.vocab, "row_stride");
   checked_elements("logits", {args.rows, stride});
   check_sampling_options(args.temperature, args.top_k, args.top_p, args.min_p);
-  // The noise of token v is word v % 4 of Philox block v / 4, both 32-bit (latro/gumbel.h).
+  // The noise of token v comes from Philox blocks v / 8 and 2^31 + v / 16, 32-bit counters
+  // (latro/philox.h).
   LATRO_CHECK(args.vocab <= int64_t{0xFFFFFFFF}, "vocab must be below 2^32 for sampling, got ",
               args.vocab);
   LATRO_CHECK(args.seeds != nullptr, "seeds is a null pointer");

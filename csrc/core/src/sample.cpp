@@ -92,12 +92,13 @@ LATRO_CPU_CLONES float scale_row(const float* x, int64_t n, float temperature, f
 }
 
 // The Gumbel-max draw over the kept tokens of s[0, n) and their mass sum exp(s - m) (m: the
-// row max, which the kept set holds). Eight tokens at a time (two Philox blocks): their
-// exps, the kept-set tests and the skip test of gumbel.h run as vectors, and only tokens that
-// could still beat the best key reach draw.offer, which tests them again against the current
-// best. The vector tests use the draw's floor and skip factor as of the group's start; both
-// only tighten as the best key grows, so they skip a subset of what offer would: the winner is
-// the one the scalar loop (the tail, and builds without vector extensions) finds.
+// row max, which the kept set holds). Eight tokens at a time (one coarse Philox block): their
+// exps, the kept-set tests and the coarse skip test of gumbel.h run as vectors, and only tokens
+// that could still beat the best key reach draw.offer, which computes their fine bits (one
+// block for the group) and tests them again against the current best. The vector tests use
+// the draw's floor and skip factor as of the group's start; both only tighten as the best key
+// grows, so they skip a subset of what offer would: the winner is the one the scalar loop (the
+// tail, and builds without vector extensions) finds.
 LATRO_CPU_CLONES void draw_from_kept(const float* s, int64_t n, float m, const KeptSet& keep,
                                      uint64_t seed, uint32_t stream, uint64_t step,
                                      GumbelArgmax& draw, double& kept_mass) {
@@ -109,19 +110,18 @@ LATRO_CPU_CLONES void draw_from_kept(const float* s, int64_t n, float m, const K
   typedef uint32_t vuint __attribute__((vector_size(32)));
   typedef float vfloat4 __attribute__((vector_size(16)));
   typedef double vdouble4 __attribute__((vector_size(32)));
-  static_assert(kVecWidth == 8, "a group is two Philox blocks of four tokens");
+  static_assert(kVecWidth == 8, "a group is the eight tokens of one coarse block");
   const PhiloxKey key = sampling_key(seed);
   vdouble4 mass_lo{}, mass_hi{};
-  // Whether any lane of a mask is set, in lanes [0, 4) and [4, 8): OR-ing 64-bit words costs
-  // a few instructions where extracting eight lanes costs sixteen.
-  auto any_by_half = [](vint mask, bool (&half)[2]) {
+  // Whether any lane of a mask is set: OR-ing 64-bit words costs a few instructions where
+  // extracting eight lanes costs sixteen.
+  auto any = [](vint mask) {
     uint64_t words[4];
     std::memcpy(words, &mask, sizeof(words));
-    half[0] = (words[0] | words[1]) != 0;
-    half[1] = (words[2] | words[3]) != 0;
-    return half[0] || half[1];
+    return ((words[0] | words[1]) | (words[2] | words[3])) != 0;
   };
-  bool half_set[2];
+  // Lane j's coarse bits: half j % 2 of word j / 2 (philox.h's coarse_bits for v = 8b + j).
+  const vuint word_shift = {0, 16, 0, 16, 0, 16, 0, 16};
   for (; i + kVecWidth <= n; i += kVecWidth) {
     const vfloat x = detail::vload(s + i);
     const vint kept = (x != kNegInf) & (x >= keep.kth_largest) & ((x - m) >= keep.log_min_p) &
@@ -132,26 +132,24 @@ LATRO_CPU_CLONES void draw_from_kept(const float* s, int64_t n, float m, const K
     mass_lo += __builtin_convertvector(halves[0], vdouble4);
     mass_hi += __builtin_convertvector(halves[1], vdouble4);
     const vint candidates = kept & (x >= draw.floor);
-    if (!any_by_half(candidates, half_set)) continue;
-    uint32_t words[kVecWidth] = {};
-    const uint32_t block = static_cast<uint32_t>(i >> 2);
-    for (int half = 0; half < 2; ++half) {
-      if (half_set[half]) {
-        const Philox4 b = sampling_random_block(key, stream, step, block + half);
-        std::memcpy(words + 4 * half, b.v, sizeof(b.v));
-      }
-    }
-    vuint w;
-    std::memcpy(&w, words, sizeof(w));
-    // uniform_open01_complement of each word, exactly as philox.h computes it.
-    // (under 2^23, so the conversion through int32 is exact)
-    const vfloat complement =
-        (__builtin_convertvector(reinterpret_cast<vint>(0x7FFFFFu - (w >> 9)), vfloat) + 0.5f) *
-        0x1.0p-23f;
-    const vint may_win = candidates & ~(complement > p * draw.skip_factor);
-    if (!any_by_half(may_win, half_set)) continue;
+    if (!any(candidates)) continue;
+    const uint32_t token = static_cast<uint32_t>(i);
+    const Philox4 b = sampling_random_block(key, stream, step, coarse_block_index(token));
+    const vuint words = {b.v[0], b.v[0], b.v[1], b.v[1], b.v[2], b.v[2], b.v[3], b.v[3]};
+    const vuint coarse = (words >> word_shift) & 0xFFFFu;
+    // uniform_open01_complement of coarse_bound_bits, as philox.h computes them
+    // (half_odd_over_2p23): gumbel_cannot_win's coarse test.
+    const vuint bound = (coarse << 16) | (0x7Fu << 9);
+    const vfloat least_complement =
+        reinterpret_cast<vfloat>(0x3F800000u | (~bound >> 9)) - 0x1.fffffep-1f;
+    const vint may_win = candidates & ~(least_complement > p * draw.skip_factor);
+    if (!any(may_win)) continue;
+    const Philox4 fine = sampling_random_block(key, stream, step, fine_block_index(token));
     for (int j = 0; j < kVecWidth; ++j) {
-      if (may_win[j]) draw.offer(i + j, x[j], p[j], m, [&] { return words[j]; });
+      if (!may_win[j]) continue;
+      const uint32_t v = token + static_cast<uint32_t>(j);
+      draw.offer(i + j, x[j], p[j], m, [&] { return coarse[j]; },
+                 [&] { return fine_bits(fine, v); });
     }
   }
   for (int j = 0; j < 4; ++j) kept_mass += mass_lo[j] + mass_hi[j];

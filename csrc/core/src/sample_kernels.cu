@@ -1,9 +1,10 @@
 // Sampling with temperature, top-k, top-p and min-p on CUDA (semantics in latro.h).
 //
 // One block per row. Tokens are drawn by Gumbel-max with the CPU's Philox stream (latro/philox.h),
-// so both backends return the same ids. The noise's two logarithms are computed only for the
-// few tokens per thread that could still beat the best key (gumbel_cannot_win): the cost per
-// token is the Philox words (one call per four tokens), one exp and a compare.
+// so both backends return the same ids. A token's fine bits and the noise's two logarithms are
+// computed only for the few tokens per thread that could still beat the best key
+// (gumbel_cannot_win on the coarse bits): the cost per token is its coarse bits (one Philox
+// block per eight tokens), one exp and a compare.
 //
 // Without filters (plain_sample_kernel) one read of the row does everything: the online max and
 // sum of exp(s - m) and the Gumbel argmax. With filters (sample_kernel), nothing sorts the
@@ -566,6 +567,16 @@ __device__ RowNoise row_noise(const SampleKernelArgs& a, int64_t row, int64_t st
                       static_cast<uint64_t>(step));
 }
 
+// Token v's fine bits (philox.h), in a call of its own: a draw needs them for a handful of
+// tokens per row, and a Philox block inlined at each offer site pushed the kernels past their
+// 64 registers into spills (ptxas sm_90, CUDA 13.0: 24-52 bytes in the filtered kernels and 36
+// in the plain slices kernels; out of line, 8 bytes remain in sample_kernel<float, false> and
+// <bfloat16, false>, none elsewhere). The plain kernels' group of eight may call it for several
+// of its tokens (one fine block each time): a few per row.
+__device__ LATRO_DEVICE_NOINLINE uint32_t fine_bits_out_of_line(const RowNoise& noise, uint32_t v) {
+  return noise.fine(v);
+}
+
 // exp(x) as one ex2.approx.ftz: 0 below exp(-87) (flushed, as gumbel.h's skip test allows);
 // relative error about 1e-6 for |x| < 20, growing with |x| to 5e-6 near 87 (the rounding of
 // x * log2(e)). Only for the normalizers, where that moves a log-probability by about 1e-6;
@@ -596,8 +607,8 @@ __device__ __forceinline__ float fast_exp(float x) {
 // thread starts its own argmax from nothing: its max and best key rise over its first tokens,
 // and while they do, some lane redoes the skip bounds (a new max) or computes a key's
 // logarithms at about one token position in three (benchmarks/sample_branch_model.py: 128k
-// flat or peaked logits over 512 threads). So with a.warm_start (rows of more than two vectors
-// a thread), after each thread's first vector the block shares its max and best key (one
+// flat or peaked logits over 512 threads). So with a.warm_start (rows of more than two calls
+// a thread), after each thread's first call the block shares its max and best key (one
 // reduction of two floats) and every thread goes on from them: the max as its own (its
 // normalizer rescaled onto it), the best key as the bar its skips compare with
 // (GumbelArgmax::raise_bar; the winner is still found among its own tokens, and the skips stay
@@ -606,6 +617,10 @@ template <typename T, bool kUnit>
 __device__ __forceinline__ FirstPass plain_pass(const SampleKernelArgs& a, int64_t row,
                                                 int64_t begin, int64_t end, int64_t step,
                                                 FirstPass* scratch) {
+  // Eight consecutive tokens per call (one coarse Philox block): two 16-byte vectors of
+  // float32, one of 16-bit values.
+  constexpr int kVectors = 8 / detail::kVec<T> > 1 ? 8 / detail::kVec<T> : 1;
+  constexpr int64_t kCallTokens = kVectors * detail::kVec<T>;
   RowNoise noise = row_noise(a, row, step);
   const PhiloxKey key = sampling_key(noise.seed);  // round keys once per row (whole blocks)
   FirstPass first{neg_inf(), 0u, 0.0, Best::none()};
@@ -616,7 +631,8 @@ __device__ __forceinline__ FirstPass plain_pass(const SampleKernelArgs& a, int64
     sum *= first.max == neg_inf() ? 0.0f : expf(first.max - m);
     first.max = m;
   };
-  auto visit = [&](int64_t v, float s, auto&& bits) {
+  // One token with everything checked: NaN, a new max, -inf. coarse() and fine() give its bits.
+  auto visit = [&](int64_t v, float s, auto&& coarse, auto&& fine) {
     first.nan |= s != s;
     if (s > first.max) {
       grow_max(s);
@@ -625,50 +641,87 @@ __device__ __forceinline__ FirstPass plain_pass(const SampleKernelArgs& a, int64
     if (s == neg_inf()) return;
     const float p = fast_exp(s - first.max);
     sum += p;
-    draw.offer(v, s, p, first.max, bits);  // first.max <= the row max: its skips stay exact
+    draw.offer(v, s, p, first.max, coarse, fine);  // first.max <= the row max: skips stay exact
   };
-  // The stretch: every thread's first vector, where the row is long enough for the shared
+  // The stretch: every thread's first call, where the row is long enough for the shared
   // values to pay off (one loop; a second copy of it for the stretch cost the kernels 20-40
   // registers, ptxas sm_90).
-  bool warm_pending = a.warm_start && end - begin > 2 * int64_t{kThreads} * detail::kVec<T>;
+  bool warm_pending = a.warm_start && end - begin > 2 * int64_t{kThreads} * kCallTokens;
   const T* x = static_cast<const T*>(a.logits) + row * a.row_stride + begin;
-  for_each_in_row(x, end - begin, [&](int64_t from, const auto& values) {
+  detail::for_each_in_row<kVectors>(x, end - begin, [&](int64_t from, const auto& values) {
     constexpr int n = count_of<decltype(values)>;
     const int64_t base = begin + from;  // the token index within the row
     float s[n];
 #pragma unroll
     for (int i = 0; i < n; ++i) s[i] = kUnit ? values[i] : values[i] / a.temperature;
     bool whole_blocks = false;
-    if constexpr (n % 4 == 0) whole_blocks = (base & 3) == 0;
+    if constexpr (n % 8 == 0) whole_blocks = (base & 7) == 0;
     if (whole_blocks) {
-      // Whole Philox blocks: each computed once (when a token may need it), words picked by
-      // constant index, no per-token block bookkeeping.
+      // Whole coarse blocks: each computed once (when a token may need it), bits picked by
+      // constant index, no per-token block bookkeeping. The call's max first (fmaxf skips
+      // NaN), so that a new max costs one update per call; then the usual call: a finite max
+      // that no token exceeds (a NaN fails the test too). Its tokens need no branch of their
+      // own: exps, sums and the coarse skip tests run for all eight, and one rarely taken
+      // branch computes the group's fine block and offers the group when any may win (offer
+      // tests each again, against a best key an earlier one may have raised, as visit would
+      // have). NaN, and -inf while the row has shown nothing else, go through visit.
+      float call_max = s[0];
 #pragma unroll
-      for (int g = 0; g < n / 4; ++g) {
+      for (int i = 1; i < n; ++i) call_max = fmaxf(call_max, s[i]);
+      if (call_max > first.max) {
+        grow_max(call_max);
+        draw.max_changed(call_max);
+      }
+      bool usual = first.max > neg_inf();
+#pragma unroll
+      for (int i = 0; i < n; ++i) usual &= s[i] <= first.max;
+#pragma unroll
+      for (int g = 0; g < n / 8; ++g) {
+        const float* t = s + 8 * g;
+        const uint32_t token = static_cast<uint32_t>(base) + 8u * g;
         bool needed = false;
 #pragma unroll
-        for (int i = 0; i < 4; ++i) needed |= s[4 * g + i] >= draw.floor;
+        for (int i = 0; i < 8; ++i) needed |= t[i] >= draw.floor;
         Philox4 words{};
-        if (needed) {
-          words = sampling_random_block(key, noise.stream, noise.step,
-                                        static_cast<uint32_t>(base >> 2) + g);
-        }
+        if (needed) words = sampling_random_block(key, noise.stream, noise.step, token >> 3);
+        // Token token + i's coarse bits (philox.h's coarse_bits at a constant index).
+        auto coarse = [&](int i) { return (words.v[i >> 1] >> (16 * (i & 1))) & 0xFFFFu; };
+        auto fine = [&](int i) { return fine_bits_out_of_line(noise, token + static_cast<uint32_t>(i)); };
+        if (usual) {
+          bool any_may_win = false;
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          visit(base + 4 * g + i, s[4 * g + i], [&] { return words.v[i]; });
+          for (int i = 0; i < 8; ++i) {
+            const float p = fast_exp(t[i] - first.max);
+            sum += p;
+            any_may_win |= draw.may_win(t[i], p, coarse(i));
+          }
+          if (any_may_win) {
+            // The exps again rather than eight more registers live through the common path.
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+              draw.offer(base + 8 * g + i, t[i], fast_exp(t[i] - first.max), first.max,
+                         [&] { return coarse(i); }, [&] { return fine(i); });
+            }
+          }
+        } else {
+#pragma unroll
+          for (int i = 0; i < 8; ++i) {
+            visit(base + 8 * g + i, t[i], [&] { return coarse(i); }, [&] { return fine(i); });
+          }
         }
       }
     } else {
 #pragma unroll
       for (int i = 0; i < n; ++i) {
-        const int64_t v = base + i;
-        visit(v, s[i], [&] { return noise.bits(static_cast<uint32_t>(v)); });
+        const uint32_t v = static_cast<uint32_t>(base + i);
+        visit(base + i, s[i], [&] { return noise.coarse(v); },
+              [&] { return fine_bits_out_of_line(noise, v); });
       }
     }
     if constexpr (n > 1) {
-      // Every thread's first vector call is the loop's first iteration (the row holds more
-      // than twice kThreads vectors less a head of under one, so each thread has at least
-      // one): the block reaches the reduction together.
+      // Every thread's first call is the loop's first iteration (the row holds more than
+      // twice kThreads calls' tokens less a head of under one vector, so each thread has at
+      // least one): the block reaches the reduction together.
       if (warm_pending) {
         warm_pending = false;
         const MaxAndKey shared = block_all_reduce(MaxAndKey{first.max, draw.best.key},
@@ -711,7 +764,7 @@ __device__ __forceinline__ void draw_plain_rows(const SampleKernelArgs& a, First
 }
 
 // One block per row. Both plain kernels are bounded to two blocks per SM (64 registers): ptxas
-// (sm_90) then fits them in 51-63 registers without spilling, where unbounded it gave the
+// (sm_90) then fits them in 56-64 registers without spilling, where unbounded it gave the
 // 16-bit whole-row forms 64 registers and spills.
 template <typename T, bool kUnit>
 __global__ void __launch_bounds__(kThreads, 2) plain_sample_kernel(SampleKernelArgs a) {
@@ -1017,7 +1070,9 @@ __global__ void __launch_bounds__(kThreads, 2) sample_kernel(SampleKernelArgs a)
       if (!f.kept(s)) return;
       const float p = fast_exp(s - m);
       kept_mass += p;
-      draw.offer(noise, v, s, p, m);
+      const uint32_t token = static_cast<uint32_t>(v);
+      draw.offer(v, s, p, m, [&] { return noise.coarse(token); },
+                 [&] { return fine_bits_out_of_line(noise, token); });
     };
     auto offer_candidates = [&](int n) {
       for (int i = threadIdx.x; i < n; i += blockDim.x) {

@@ -15,15 +15,17 @@ constexpr float kGumbelSpan = 20.0f;
 // Above the largest noise, gumbel_noise(0xFFFFFFFF) = 16.636, with room for rounding.
 constexpr float kGumbelCeiling = 16.65f;
 
-// The random words of one sampling row: token v gets word v % 4 of Philox block v / 4 at
-// (seed, stream, step). One block is cached, as consecutive tokens share it.
+// The random bits of one sampling row (philox.h: token v's coarse bits from block v / 8, its
+// fine bits from a block of another range per 16 tokens). The coarse block is cached, as
+// consecutive tokens share it; fine blocks are computed when asked for, a handful per row.
 struct RowNoise {
   uint64_t seed;
   uint32_t stream;
   uint64_t step;
-  uint32_t cached_block;
-  Philox4 words;
+  uint32_t coarse_index;
+  Philox4 coarse_words;
   LATRO_HOST_DEVICE static RowNoise at(uint64_t seed, uint32_t stream, uint64_t step) {
+    // 0xFFFFFFFF is no coarse block's index (they are below 2^29).
     return RowNoise{seed, stream, step, 0xFFFFFFFFu, Philox4{}};
   }
   // Round keys are recomputed per block here (two adds a round): holding the twenty of them
@@ -33,15 +35,15 @@ struct RowNoise {
   }
   // 32-bit token ids (the samplers check vocab < 2^32): 64-bit index arithmetic costs the GPU
   // loop a few instructions per token.
-  LATRO_HOST_DEVICE uint32_t bits(uint32_t v) {
-    if ((v >> 2) != cached_block) {
-      cached_block = v >> 2;
-      words = block(cached_block);
+  LATRO_HOST_DEVICE uint32_t coarse(uint32_t v) {
+    if (coarse_block_index(v) != coarse_index) {
+      coarse_index = coarse_block_index(v);
+      coarse_words = block(coarse_index);
     }
-    // Selects, not words.v[v & 3]: on the GPU a dynamic index puts the words in local memory.
-    const uint32_t lane = v & 3u;
-    return lane == 0 ? words.v[0] : lane == 1 ? words.v[1] : lane == 2 ? words.v[2] : words.v[3];
+    return coarse_bits(coarse_words, v);
   }
+  LATRO_HOST_DEVICE uint32_t fine(uint32_t v) const { return fine_bits(block(fine_block_index(v)), v); }
+  LATRO_HOST_DEVICE uint32_t bits(uint32_t v) { return token_bits(coarse(v), fine(v)); }
 };
 
 // Skipping noise that cannot matter. In the Gumbel argmax a token with scaled logit s beats the
@@ -68,7 +70,9 @@ LATRO_HOST_DEVICE float gumbel_skip_factor(float best_key, float max) {
 }
 
 // True when the token whose exp(s - m) is `p` cannot beat the best key (see gumbel_skip_factor).
-// False for p * factor = NaN (p = 0 with an infinite factor): the key is then computed.
+// False for p * factor = NaN (p = 0 with an infinite factor): the key is then computed. Given
+// coarse_bound_bits(coarse) in place of the token's bits, the test holds for every uniform
+// sharing the coarse bits (1 - u only grows as n falls): the coarse skip of philox.h.
 LATRO_HOST_DEVICE bool gumbel_cannot_win(uint32_t bits, float p, float skip_factor) {
   return uniform_open01_complement(bits) > p * skip_factor;
 }
@@ -94,9 +98,10 @@ struct GumbelWinner {
 
 // A running Gumbel argmax over the tokens one thread (or the CPU's row loop) is shown. Tokens
 // come with p = exp(s - max) for the caller's current max (which it needs for the normalizer);
-// a token is skipped without its Philox words when s is below `floor` (more than the largest
-// noise below the best key, or kGumbelSpan below the max), and without its logarithms when
-// gumbel_cannot_win says so. Skips are exact: the winner is that of computing every key.
+// a token is skipped without its random bits when s is below `floor` (more than the largest
+// noise below the best key, or kGumbelSpan below the max), without its fine bits when
+// gumbel_cannot_win says so of its coarse ones, and without its logarithms when it says so of
+// all its bits. Skips are exact: the winner is that of computing every key.
 struct GumbelArgmax {
   GumbelWinner best;
   float skip_factor;
@@ -128,18 +133,31 @@ struct GumbelArgmax {
     if (key > bar) bar = key;
     max_changed(max);
   }
-  // Offers token v; `bits()` gives its random word and is called only when the token passes
-  // the floor. The floor never decreases, so a caller may skip a group's Philox block when no
+  // Whether token s (p as for offer, `coarse` its coarse bits) passes the tests offer makes
+  // before it needs the fine bits: at or above the floor, and not ruled out by its coarse
+  // bits. For callers that test several tokens before offering those that may win.
+  LATRO_HOST_DEVICE bool may_win(float s, float p, uint32_t coarse) const {
+    // `&`, not `&&`: both tests are cheap, and a branch-free form lets the GPU combine
+    // predicates instead of branching per token.
+    return (s >= floor) & !gumbel_cannot_win(coarse_bound_bits(coarse), p, skip_factor);
+  }
+  // Offers token v: `coarse()` gives its coarse bits and is called only when the token passes
+  // the floor, `fine()` its fine bits, called only when the coarse bits do not rule it out
+  // either. The floor never decreases, so a caller may skip a group's coarse block when no
   // token of the group is at or above the floor when the group starts.
-  template <typename Bits>
-  LATRO_HOST_DEVICE void offer(int64_t v, float s, float p, float max, Bits&& bits) {
+  template <typename Coarse, typename Fine>
+  LATRO_HOST_DEVICE void offer(int64_t v, float s, float p, float max, Coarse&& coarse,
+                               Fine&& fine) {
     if (!(s >= floor)) return;
-    const uint32_t word = bits();
+    const uint32_t c = coarse();
+    if (gumbel_cannot_win(coarse_bound_bits(c), p, skip_factor)) return;
+    const uint32_t word = token_bits(c, fine());
     if (gumbel_cannot_win(word, p, skip_factor)) return;
     if (best.offer(s + gumbel_noise(word), s, v)) max_changed(max);
   }
   LATRO_HOST_DEVICE void offer(RowNoise& noise, int64_t v, float s, float p, float max) {
-    offer(v, s, p, max, [&] { return noise.bits(static_cast<uint32_t>(v)); });
+    const uint32_t token = static_cast<uint32_t>(v);
+    offer(v, s, p, max, [&] { return noise.coarse(token); }, [&] { return noise.fine(token); });
   }
 };
 

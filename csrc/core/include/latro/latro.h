@@ -105,8 +105,9 @@ struct SampleArgs {
 // Filtering order: scale by 1/temperature; top-k and min-p (both thresholds on the scaled
 // logits, order-free); then top-p over the renormalized survivors. A token is drawn as
 // argmax(scaled logit + Gumbel noise) over the kept set, with the noise of token v taken from
-// Philox at counter (v / 4, stream, offset) under the seed: the same inputs give the same ids
-// on every call and every backend (up to ties within rounding).
+// Philox at counters (v / 8, stream, offset) and (2^31 + v / 16, stream, offset) under the seed
+// (latro/philox.h's sampling_token_bits): the same inputs give the same ids on every call and
+// every backend (up to ties within rounding).
 void sample(const SampleArgs& args, int64_t row_begin = 0, int64_t row_end = -1);
 
 // Checks the scalar options alone (temperature finite and >= 0, top_k >= 0, top_p in (0, 1],
