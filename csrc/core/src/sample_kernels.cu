@@ -568,13 +568,17 @@ __device__ RowNoise row_noise(const SampleKernelArgs& a, int64_t row, int64_t st
 }
 
 // Token v's fine bits (philox.h), in a call of its own: a draw needs them for a handful of
-// tokens per row, and a Philox block inlined at each offer site pushed the kernels past their
-// 64 registers into spills (ptxas sm_90, CUDA 13.0: 24-52 bytes in the filtered kernels and 36
-// in the plain slices kernels; out of line, 8 bytes remain in sample_kernel<float, false> and
-// <bfloat16, false>, none elsewhere). The plain kernels' group of eight may call it for several
-// of its tokens (one fine block each time): a few per row.
-__device__ LATRO_DEVICE_NOINLINE uint32_t fine_bits_out_of_line(const RowNoise& noise, uint32_t v) {
-  return noise.fine(v);
+// tokens per row, and a Philox block inlined at every offer site pushed the plain kernels past
+// their 64 registers into spills (ptxas sm_90, CUDA 13.0: 36 bytes in the slices kernels).
+// The plain kernels' group of eight may call it for several of its tokens (one fine block
+// each time): a few per row.
+__device__ LATRO_DEVICE_NOINLINE uint32_t fine_bits_out_of_line(uint64_t seed, uint32_t stream,
+                                                                uint64_t step, uint32_t v) {
+  return fine_bits(sampling_random_block(seed, stream, step, fine_block_index(v)), v);
+}
+// (Arguments by value: a reference to the row's RowNoise would put it in local memory.)
+__device__ __forceinline__ uint32_t fine_bits_out_of_line(const RowNoise& noise, uint32_t v) {
+  return fine_bits_out_of_line(noise.seed, noise.stream, noise.step, v);
 }
 
 // exp(x) as one ex2.approx.ftz: 0 below exp(-87) (flushed, as gumbel.h's skip test allows);
@@ -1071,8 +1075,16 @@ __global__ void __launch_bounds__(kThreads, 2) sample_kernel(SampleKernelArgs a)
       const float p = fast_exp(s - m);
       kept_mass += p;
       const uint32_t token = static_cast<uint32_t>(v);
-      draw.offer(v, s, p, m, [&] { return noise.coarse(token); },
-                 [&] { return fine_bits_out_of_line(noise, token); });
+      // Which form fits 64 registers without spilling is ptxas's call (sm_90, CUDA 13.0): the
+      // fine block inline for float32 rows, out of line for 16-bit ones (either way round
+      // spilled 8-28 bytes; scripts/cuda_compile_check.sh fails any spill).
+      draw.offer(v, s, p, m, [&] { return noise.coarse(token); }, [&] {
+        if constexpr (sizeof(T) == 4) {
+          return noise.fine(token);
+        } else {
+          return fine_bits_out_of_line(noise, token);
+        }
+      });
     };
     auto offer_candidates = [&](int n) {
       for (int i = threadIdx.x; i < n; i += blockDim.x) {

@@ -16,34 +16,37 @@ constexpr float kGumbelSpan = 20.0f;
 constexpr float kGumbelCeiling = 16.65f;
 
 // The random bits of one sampling row (philox.h: token v's coarse bits from block v / 8, its
-// fine bits from a block of another range per 16 tokens). The coarse block is cached, as
-// consecutive tokens share it; fine blocks are computed when asked for, a handful per row.
+// fine bits from a block of another range per 16 tokens). One block is cached, coarse or fine:
+// consecutive tokens share coarse blocks, and a draw needs fine bits for a handful of tokens
+// per row, after which the next token recomputes its coarse block. (A second cached block
+// costs the GPU's filtered kernel registers, and with them spills.)
 struct RowNoise {
   uint64_t seed;
   uint32_t stream;
   uint64_t step;
-  uint32_t coarse_index;
-  Philox4 coarse_words;
+  uint32_t cached_index;
+  Philox4 words;
   LATRO_HOST_DEVICE static RowNoise at(uint64_t seed, uint32_t stream, uint64_t step) {
-    // 0xFFFFFFFF is no coarse block's index (they are below 2^29).
+    // 0xFFFFFFFF is no block's index: coarse ones are below 2^29, fine ones below 2^31 + 2^28.
     return RowNoise{seed, stream, step, 0xFFFFFFFFu, Philox4{}};
   }
   // Round keys are recomputed per block here (two adds a round): holding the twenty of them
   // (sampling_key) costs the GPU's filtered kernel 30 registers, half its occupancy.
-  LATRO_HOST_DEVICE Philox4 block(uint32_t index) const {
-    return sampling_random_block(seed, stream, step, index);
+  LATRO_HOST_DEVICE const Philox4& block(uint32_t index) {
+    if (index != cached_index) {
+      cached_index = index;
+      words = sampling_random_block(seed, stream, step, index);
+    }
+    return words;
   }
   // 32-bit token ids (the samplers check vocab < 2^32): 64-bit index arithmetic costs the GPU
   // loop a few instructions per token.
-  LATRO_HOST_DEVICE uint32_t coarse(uint32_t v) {
-    if (coarse_block_index(v) != coarse_index) {
-      coarse_index = coarse_block_index(v);
-      coarse_words = block(coarse_index);
-    }
-    return coarse_bits(coarse_words, v);
+  LATRO_HOST_DEVICE uint32_t coarse(uint32_t v) { return coarse_bits(block(coarse_block_index(v)), v); }
+  LATRO_HOST_DEVICE uint32_t fine(uint32_t v) { return fine_bits(block(fine_block_index(v)), v); }
+  LATRO_HOST_DEVICE uint32_t bits(uint32_t v) {
+    const uint32_t c = coarse(v);
+    return token_bits(c, fine(v));
   }
-  LATRO_HOST_DEVICE uint32_t fine(uint32_t v) const { return fine_bits(block(fine_block_index(v)), v); }
-  LATRO_HOST_DEVICE uint32_t bits(uint32_t v) { return token_bits(coarse(v), fine(v)); }
 };
 
 // Skipping noise that cannot matter. In the Gumbel argmax a token with scaled logit s beats the
