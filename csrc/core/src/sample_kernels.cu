@@ -666,9 +666,9 @@ __device__ __forceinline__ FirstPass plain_pass(const SampleKernelArgs& a, int64
       // NaN), so that a new max costs one update per call; then the usual call: a finite max
       // that no token exceeds (a NaN fails the test too). Its tokens need no branch of their
       // own: exps, sums and the coarse skip tests run for all eight, and one rarely taken
-      // branch computes the group's fine block and offers the group when any may win (offer
-      // tests each again, against a best key an earlier one may have raised, as visit would
-      // have). NaN, and -inf while the row has shown nothing else, go through visit.
+      // branch offers the group when any may win (offer tests each again, against a best key
+      // an earlier one may have raised, as visit would have, and fetches fine bits only for a
+      // token its coarse bits leave in). NaN, and -inf while the row has shown nothing else, go through visit.
       float call_max = s[0];
 #pragma unroll
       for (int i = 1; i < n; ++i) call_max = fmaxf(call_max, s[i]);

@@ -43,10 +43,6 @@ struct RowNoise {
   // loop a few instructions per token.
   LATRO_HOST_DEVICE uint32_t coarse(uint32_t v) { return coarse_bits(block(coarse_block_index(v)), v); }
   LATRO_HOST_DEVICE uint32_t fine(uint32_t v) { return fine_bits(block(fine_block_index(v)), v); }
-  LATRO_HOST_DEVICE uint32_t bits(uint32_t v) {
-    const uint32_t c = coarse(v);
-    return token_bits(c, fine(v));
-  }
 };
 
 // Skipping noise that cannot matter. In the Gumbel argmax a token with scaled logit s beats the

@@ -5,7 +5,6 @@
 
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 
 #include "latro/types.h"
 
@@ -132,23 +131,12 @@ LATRO_HOST_DEVICE uint32_t sampling_token_bits(uint64_t seed, uint32_t stream, u
   return sampling_token_bits(sampling_key(seed), stream, step, v);
 }
 
-// Bits as a float32, host and device alike.
-LATRO_HOST_DEVICE float float_from_bits(uint32_t bits) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(bits);
-#else
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-#endif
-}
-
 // (m + 0.5) / 2^23 for m < 2^23, exactly: the float 1 + m / 2^23 (m as the mantissa of 1.0)
 // less 1 - 2^-24. The difference (2m + 1) / 2^24 has 24 significant bits, so the subtraction
 // is exact. Two integer operations and an add, where converting m to float would take a
 // conversion (a quarter-rate instruction on the GPU) and a multiply.
 LATRO_HOST_DEVICE float half_odd_over_2p23(uint32_t m) {
-  return float_from_bits(0x3F800000u | m) - 0x1.fffffep-1f;
+  return bits_to_float(0x3F800000u | m) - 0x1.fffffep-1f;
 }
 
 // A uniform float in the open interval (0, 1) from 23 random bits: (2n + 1) / 2^24 is exact
