@@ -33,7 +33,10 @@ Each section prints one markdown table (ours, the torch way, the floor, the rati
   them), with rationales that never stop (a random model) and with rationales that stop at a
   realistic length (a stop set of V/150 single tokens: about 150 tokens on average).
 
-Kernel and op times are CUDA-event medians after warm-up; a rollout or a LaTRO step is timed
+Kernel and op times are CUDA-event medians after warm-up. The ``sample`` section times every
+implementation with :func:`queued_ms` (calls queued behind a spinning kernel, so the host's
+launch costs, tens of microseconds per eager call, are not counted; its main table gives ours
+timed eagerly too); attention and stop detection replay CUDA graphs. A rollout or a LaTRO step is timed
 once, after a whole warm-up run of the same shape, between device synchronizations. Without
 a CUDA device the script says so and exits 0; ``--cpu-smoke`` runs every section at toy sizes
 on the CPU to check the code paths (its numbers mean nothing). Run on a GPU machine through
@@ -90,6 +93,64 @@ def time_ms(
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def queued_ms(fn: Callable[[], Any], device: torch.device, *, calls: int = 16,
+              repeat: int = 7) -> float:
+    """GPU time of one call of fn, host launch costs excluded: ``calls`` calls back to back,
+    queued behind a spinning kernel that outlasts the host's launching of them all, so the GPU
+    runs them without waiting for the host; the median over ``repeat`` bursts. Plain time_ms
+    off the GPU. fn must not synchronize (each burst checks that the host launched every call
+    before the spin ended, doubling the spin until it does).
+
+    Why: an eager call timed alone between two events counts the time the idle GPU waits for
+    the host to reach the launch (tens of microseconds of Python, dispatch and launch), which
+    for a kernel of 0.1 ms is a large part of what the events show and varies with the host.
+    A decode step's CUDA graph launches nothing from the host; sweeps that read a tuning
+    variable at each call cannot be captured, which is why this queues eager calls instead."""
+    if device.type != "cuda" or SMOKE:
+        return time_ms(fn, device)
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize(device)
+    # The spin's rate: torch.cuda._sleep spins for a number of clock cycles.
+    cycles = 1_000_000
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    torch.cuda._sleep(cycles)
+    end.record()
+    end.synchronize()
+    ms_per_cycle = begin.elapsed_time(end) / cycles
+    host_ms = 0.0
+    for _ in range(2):  # the host's time to launch a burst (the second run: warm)
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        host_ms = (time.perf_counter() - t0) * 1e3
+        torch.cuda.synchronize(device)
+    spin_ms = 2.0 * host_ms + 0.5
+    times = []
+    while len(times) < repeat:
+        spun, start, end = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+        t0 = time.perf_counter()
+        spun.record()
+        torch.cuda._sleep(int(spin_ms / ms_per_cycle))
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        launched_ms = (time.perf_counter() - t0) * 1e3
+        end.synchronize()
+        # The spin began on the GPU after the host queued it, so the host had launched every
+        # call before the GPU reached the first one if it took less time than the spin did.
+        if launched_ms < spun.elapsed_time(start):
+            times.append(start.elapsed_time(end) / calls)
+        elif spin_ms > 1e4:
+            raise RuntimeError("queued_ms: the host did not get ahead of a 10 s spin; "
+                               "does fn synchronize?")
+        else:
+            spin_ms *= 2
     return statistics.median(times)
 
 
@@ -375,11 +436,11 @@ def bench_sample(device: torch.device, small: bool) -> None:
     logits = torch.randn(b, v, device=device, generator=g) * 2.0
     seeds = torch.arange(b, device=device) * 7 + 1
     offset = torch.tensor(3, device=device)
-    floor = time_ms(lambda: logits.amax(-1), device, repeat=50)
-    t_multinomial = time_ms(
-        lambda: torch.multinomial(torch.softmax(logits, -1), 1), device, repeat=50
-    )
-    t_sort_top_p = time_ms(lambda: torch_top_p(logits, 0.9), device, repeat=20)
+    # GPU times (queued_ms: host launch costs excluded, for ours and torch's ways alike, as in a
+    # decode step's CUDA graph); the main table also gives ours timed eagerly, launch included.
+    floor = queued_ms(lambda: logits.amax(-1), device)
+    t_multinomial = queued_ms(lambda: torch.multinomial(torch.softmax(logits, -1), 1), device)
+    t_sort_top_p = queued_ms(lambda: torch_top_p(logits, 0.9), device, calls=4)
     cases = [
         ("temperature 1", dict(temperature=1.0)),
         ("top-k 50", dict(top_k=50)),
@@ -393,13 +454,14 @@ def bench_sample(device: torch.device, small: bool) -> None:
         out = []
         with cuda_checks("off"):
             for name, options in cases:
-                t = time_ms(
-                    lambda o=options: ops.sample(x, seed=seeds, offset=offset, **o),
-                    device,
-                    repeat=50,
-                )
+                def call(o=options):
+                    return ops.sample(x, seed=seeds, offset=offset, **o)
+
+                t = queued_ms(call, device)
                 out.append(
-                    {"case": name, "ours ms": t, "multinomial ms": t_multinomial}
+                    {"case": name, "ours ms": t,
+                     "ours ms, eager (host launch included)": time_ms(call, device, repeat=50),
+                     "multinomial ms": t_multinomial}
                     | columns
                     | {"read-once floor ms": floor, "multinomial / ours": _ratio(t_multinomial, t)}
                 )
@@ -417,7 +479,7 @@ def bench_sample(device: torch.device, small: bool) -> None:
     rows.append(
         {
             "case": "top-k 50, top-p 0.9, default checks (one sync per call)",
-            "ours ms": t,
+            "ours ms, eager (host launch included)": t,  # a sync per call: no queueing
             "multinomial ms": t_multinomial,
             "read-once floor ms": floor,
         }
@@ -439,10 +501,9 @@ def bench_sample(device: torch.device, small: bool) -> None:
                     row: dict[str, Any] = {"case": f"{name}{label}"}
                     for value in values:
                         with environment(variable, str(value)):
-                            row[column(value)] = time_ms(
+                            row[column(value)] = queued_ms(
                                 lambda o=options, x=x: ops.sample(x, seed=seeds, offset=offset, **o),
                                 device,
-                                repeat=50,
                             )
                     out.append(row)
         return out
@@ -470,8 +531,7 @@ def bench_sample(device: torch.device, small: bool) -> None:
 
     def plain_ms(x: torch.Tensor) -> float:
         """Plain sampling (temperature 1) of the rows of ``x``, under the tuning in effect."""
-        return time_ms(lambda: ops.sample(x, seed=seeds[: x.shape[0]], offset=offset), device,
-                       repeat=50)
+        return queued_ms(lambda: ops.sample(x, seed=seeds[: x.shape[0]], offset=offset), device)
 
     # Plain sampling with each row split over blocks (LATRO_CUDA_SAMPLE_SLICES; 0 = the plan's
     # choice, about two blocks per SM), for as many rows as the benchmark's and as a rollout's.

@@ -9,7 +9,11 @@
 #              going on past a test that crashes the process (scripts/pytest_through_crashes.sh);
 #   3. bench   benchmarks/bench_gpu.py, one process per section (scorer, sample, attention, stop,
 #              rollout, latro),
-#              each under its own time limit so one slow section cannot hide the others.
+#              each under its own time limit so one slow section cannot hide the others;
+#   4. profile (only when named in STAGES) Nsight Compute on one call of each sampling case
+#              that misses its target (benchmarks/profile_sample.py): occupancy, issue-slot use
+#              and warp stall reasons of the sampling kernels, to ncu_sample.txt. Skipped with
+#              a note where ncu is not installed or may not read the GPU's counters.
 #
 #   bash benchmarks/gpu_check.sh                      # all three
 #   STAGES="test bench" BENCH_SECTIONS="rollout" bash benchmarks/gpu_check.sh   # prebuilt module
@@ -21,11 +25,12 @@
 # stop and attention 1-2 s each. The LaTRO section at full length with four settings took
 # 124 s (158 s for the call). On a 15-minute device budget (a start
 # costs a minute or two), this one call (about 7 minutes):
-#   PYTEST_OPTIONS="-n 6" STAGES="build test bench" \
+#   PYTEST_OPTIONS="-n 6" STAGES="build test bench profile" \
 #     BENCH_SECTIONS="scorer sample rollout stop attention latro" SECTION_TIMEOUT=200 \
 #     TEST_TIMEOUT=150 BENCH_ARGS="--latro-weights bfloat16 --latro-rationales stop \
 #     --latro-settings reference,ours,all-on-host-tokens-4k,all-on-host-tokens-8k" \
 #     bash benchmarks/gpu_check.sh
+# (profile: under a minute where ncu runs; its report says what the sampling kernels wait on)
 # then, at once on the same warm machine (within its 30 idle seconds; it finds the build):
 #   STAGES="bench" BENCH_SECTIONS="latro" SECTION_TIMEOUT=250 BENCH_ARGS="--latro-weights \
 #     bfloat16 --latro-rationales full --latro-settings \
@@ -165,6 +170,30 @@ bench() {
   return $status
 }
 
+profile() {
+  local ncu
+  ncu="$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)"
+  if [[ -z "$ncu" ]]; then
+    echo "profile: no ncu (Nsight Compute) on this machine; skipped"
+    return 0
+  fi
+  # Whole sections, not the full set (each section replays the kernel): about 10 replays a
+  # kernel, 9 sampling kernels.
+  timeout "${PROFILE_TIMEOUT:-180}" "$ncu" --target-processes all --kernel-name regex:sample \
+    --section SpeedOfLight --section Occupancy --section LaunchStats \
+    --section SchedulerStats --section WarpStateStats --section InstructionStats \
+    "$PYTHON" benchmarks/profile_sample.py > "$OUT/ncu_sample.txt" 2>&1
+  local rc=$?
+  # The headline figures of each kernel (the whole report is in the file).
+  grep -E "profile_sample:|^  [a-z_]*sample[a-z_]*<|Duration|Memory Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per Thread|Issue Slots Busy|No Eligible|Warp Cycles Per Issued|Executed Ipc Active" \
+    "$OUT/ncu_sample.txt" | head -n 200
+  if grep -q "ERR_NVGPUCTRPERM" "$OUT/ncu_sample.txt"; then
+    echo "profile: ncu may not read the GPU's performance counters here; skipped"
+    return 0
+  fi
+  return $rc
+}
+
 if stage build; then
   run_stage build build
 else
@@ -177,6 +206,7 @@ fi
 stage test && run_stage "errors probe" errors_probe
 stage test && run_stage "CUDA tests" cuda_tests
 stage bench && run_stage benchmarks bench
+stage profile && run_stage "profile (ncu)" profile
 
 echo
 if [[ ${#failed[@]} -gt 0 ]]; then

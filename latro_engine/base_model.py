@@ -12,6 +12,7 @@ concurrent or interrupted runs never leave a half-written model that looks valid
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -200,6 +201,33 @@ def _collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str,
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def pretraining_environment() -> dict[str, str]:
+    """What besides the settings decides the pretrained weights, saved with them: pretraining
+    is bitwise repeatable on one machine, but another CPU (torch's kernels for its vector
+    unit sum in another order) or other library versions round differently, and over 1,000
+    steps of a tiny model that gives another base (the demo's base scored 21.2% greedy on one
+    machine of this project's pool and 37.6% on another, from the same code)."""
+    import importlib.metadata
+
+    def version(package: str) -> str:
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            return "absent"
+
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpu": cpu,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        **{name: version(name) for name in ("torch", "transformers", "sentencepiece", "numpy")},
+    }
+
+
 def _lr_at(step: int, cfg: PretrainSettings) -> float:
     """Linear warm-up then cosine decay to ``min_lr_ratio``."""
     if step < cfg.warmup_steps:
@@ -265,6 +293,7 @@ def pretrain(
         "num_parameters": n_params,
         "final_loss": float(np.mean(tail)),
         "num_threads": settings.num_threads,
+        "environment": pretraining_environment(),
     }
     logger.info("pretrained base in %.1fs, final loss %.4f", wall, metrics["final_loss"])
     return model, tokenizer, metrics

@@ -25,7 +25,12 @@ from typing import Any
 import torch
 
 from latro_engine import synthetic
-from latro_engine.base_model import BaseSettings, PretrainSettings, load_or_pretrain_base
+from latro_engine.base_model import (
+    BaseSettings,
+    PretrainSettings,
+    load_or_pretrain_base,
+    read_base_metadata,
+)
 from latro_engine.config import LatroConfig
 from latro_engine.data import Example
 from latro_engine.evaluation import EvalResult, write_eval_jsonl
@@ -186,6 +191,9 @@ def run_demo(
         **results,
         "settings": _settings_dict(settings),
         "base_model": str(base_path),
+        # Where the base was pretrained (CPU, library versions): another machine's base, from
+        # the same settings, can score differently (see base_model.pretraining_environment).
+        "base_environment": read_base_metadata(base_path)["metrics"].get("environment"),
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
         "total_s": round(time.perf_counter() - start, 1),
     }

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 from latro_engine.base_model import BaseSettings, ModelSettings, PretrainSettings
 from latro_engine.demo import DemoSettings, run_demo
 
@@ -35,6 +37,9 @@ def test_demo_pipeline_writes_results(tmp_path, monkeypatch):
     assert payload["latro"] == saved["latro"]
     assert (tmp_path / "out" / "training_curves.png").stat().st_size > 0
     assert (tmp_path / "out" / "eval_latro.jsonl").exists()
+    # Where the base was pretrained, which decides its weights as much as the settings do.
+    assert {"cpu", "cpu_capability", "torch", "transformers"} <= set(saved["base_environment"])
+    assert saved["base_environment"]["torch"] == torch.__version__
     # The base model is cached: a second run does not pretrain again.
     cached = list((tmp_path / "cache").iterdir())
     run_demo(tmp_path / "out2", settings=settings)

@@ -103,6 +103,24 @@ def test_the_stop_that_ended_a_row_is_the_shortest_one_starting_there():
     assert _matched_stops(tokens, stop_pos, []).tolist() == [-1] * 4
 
 
+def test_matched_stops_agrees_with_one_sequence_at_a_time():
+    """The batched search (one comparison per distinct length) against the plain rule checked
+    sequence by sequence: random rows, stop positions anywhere (the end included), sequences
+    of 1-4 tokens over a small alphabet (so many match, prefixes and repeats among them)."""
+    g = torch.Generator().manual_seed(5)
+    for _ in range(30):
+        rows, limit = int(torch.randint(1, 9, (1,), generator=g)), int(torch.randint(1, 7, (1,), generator=g))
+        tokens = torch.randint(0, 3, (rows, limit), generator=g)
+        stop_pos = torch.randint(0, limit + 1, (rows,), generator=g)
+        stops = [torch.randint(0, 3, (int(n),), generator=g).tolist()
+                 for n in torch.randint(1, 5, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g)]
+        expected = []
+        for row, pos in zip(tokens.tolist(), stop_pos.tolist()):
+            fits = [(len(s), i) for i, s in enumerate(stops) if row[pos : pos + len(s)] == s]
+            expected.append(min(fits)[1] if fits else -1)
+        assert _matched_stops(tokens, stop_pos, stops).tolist() == expected
+
+
 def test_finished_rows_leave_the_batch_and_loop_ends_early():
     r, model = _scripted([[3], [3], [10], [15]], 50, compact_every=1)
     # step 0 all 4 rows; [15] stops at step 1 and the two [3] rows at step 2, the loop ends
