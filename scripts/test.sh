@@ -37,3 +37,5 @@ echo "== benchmark smoke run"
 python benchmarks/bench_ops.py --quick
 # The GPU benchmark's code paths at toy sizes on the CPU (its numbers mean nothing here).
 python benchmarks/bench_gpu.py --cpu-smoke
+# The profile stage's calls (gpu_check.sh runs them under Nsight Compute), on the CPU.
+python benchmarks/profile_sample.py
