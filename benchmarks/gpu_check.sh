@@ -172,23 +172,31 @@ bench() {
 
 profile() {
   local ncu
-  ncu="$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)"
+  # The toolkit's own ncu first, else the newest Nsight Compute installed.
+  ncu="$(command -v /usr/local/cuda/bin/ncu || command -v ncu ||
+         ls -d /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | sort -V | tail -n 1)"
   if [[ -z "$ncu" ]]; then
     echo "profile: no ncu (Nsight Compute) on this machine; skipped"
     return 0
   fi
   # Whole sections, not the full set (each section replays the kernel): about 10 replays a
-  # kernel, 9 sampling kernels.
+  # kernel, 9 sampling kernels. --print-details all: WarpStateStats' stall reasons are in the
+  # section's body, which the default leaves out (an older ncu without the option prints less).
+  local details=()
+  "$ncu" --help 2>/dev/null | grep -q -- "--print-details" && details=(--print-details all)
   timeout "${PROFILE_TIMEOUT:-180}" "$ncu" --target-processes all --kernel-name regex:sample \
     --section SpeedOfLight --section Occupancy --section LaunchStats \
-    --section SchedulerStats --section WarpStateStats --section InstructionStats \
+    --section SchedulerStats --section WarpStateStats --section ComputeWorkloadAnalysis \
+    --section InstructionStats "${details[@]}" \
     "$PYTHON" benchmarks/profile_sample.py > "$OUT/ncu_sample.txt" 2>&1
   local rc=$?
-  # The headline figures of each kernel (the whole report is in the file).
-  grep -E "profile_sample:|^  [a-z_]*sample[a-z_]*<|Duration|Memory Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per Thread|Issue Slots Busy|No Eligible|Warp Cycles Per Issued|Executed Ipc Active" \
-    "$OUT/ncu_sample.txt" | head -n 200
-  if grep -q "ERR_NVGPUCTRPERM" "$OUT/ncu_sample.txt"; then
-    echo "profile: ncu may not read the GPU's performance counters here; skipped"
+  # The headline figures of each kernel (the whole report is in the file): the case markers
+  # and ncu's "Profiling" lines interleave (which launch is which case); the reports follow,
+  # in launch order, each headed by its kernel's name.
+  grep -E "profile_sample:|==PROF== Profiling|sample[a-z_]*_kernel.*Context|Duration|Memory Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per Thread|Issue Slots Busy|No Eligible|Warp Cycles Per Issued|Executed Ipc Active|Stall" \
+    "$OUT/ncu_sample.txt" | head -n 300
+  if grep -q -E "ERR_NVGPUCTRPERM|not supported|No kernels were profiled" "$OUT/ncu_sample.txt"; then
+    echo "profile: ncu could not profile the kernels here (see ncu_sample.txt); skipped"
     return 0
   fi
   return $rc

@@ -38,7 +38,8 @@ def main() -> None:
     ]
     os.environ["LATRO_CUDA_CHECKS"] = "off"  # read at each call: no status read-back
     for name, x, options in cases:
-        # The profiler's report lists kernels in launch order; this names the calls between.
+        # ncu prints its reports after the process exits, in launch order; its "==PROF==
+        # Profiling" lines interleave with these markers, which says which launch is which case.
         print(f"profile_sample: {name}", flush=True)
         ops.sample(x, seed=seeds[: x.shape[0]], offset=offset, **options)
         if device.type == "cuda":

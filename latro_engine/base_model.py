@@ -201,7 +201,7 @@ def _collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str,
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def pretraining_environment() -> dict[str, str]:
+def machine_environment() -> dict[str, str]:
     """What besides the settings decides the pretrained weights, saved with them: pretraining
     is bitwise repeatable on one machine, but another CPU (torch's kernels for its vector
     unit sum in another order) or other library versions round differently, and over 1,000
@@ -293,7 +293,7 @@ def pretrain(
         "num_parameters": n_params,
         "final_loss": float(np.mean(tail)),
         "num_threads": settings.num_threads,
-        "environment": pretraining_environment(),
+        "environment": machine_environment(),
     }
     logger.info("pretrained base in %.1fs, final loss %.4f", wall, metrics["final_loss"])
     return model, tokenizer, metrics

@@ -29,6 +29,7 @@ from latro_engine.base_model import (
     BaseSettings,
     PretrainSettings,
     load_or_pretrain_base,
+    machine_environment,
     read_base_metadata,
 )
 from latro_engine.config import LatroConfig
@@ -154,6 +155,7 @@ def run_demo(
     start = time.perf_counter()
     base_settings = dataclasses.replace(settings.base, num_threads=settings.threads)
     model, tokenizer, base_path = load_or_pretrain_base(base_settings)
+    base_environment = read_base_metadata(base_path)["metrics"].get("environment")  # None: older
     timings["base_model_s"] = time.perf_counter() - start
 
     task = settings.base.task
@@ -191,9 +193,11 @@ def run_demo(
         **results,
         "settings": _settings_dict(settings),
         "base_model": str(base_path),
-        # Where the base was pretrained (CPU, library versions): another machine's base, from
-        # the same settings, can score differently (see base_model.pretraining_environment).
-        "base_environment": read_base_metadata(base_path)["metrics"].get("environment"),
+        # Where the base was pretrained and where this run trained (CPU, library versions):
+        # another machine's base, from the same settings, can score differently, and training
+        # rounds differently there too (see base_model.machine_environment).
+        "base_environment": base_environment,
+        "environment": machine_environment(),
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
         "total_s": round(time.perf_counter() - start, 1),
     }

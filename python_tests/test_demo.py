@@ -40,6 +40,7 @@ def test_demo_pipeline_writes_results(tmp_path, monkeypatch):
     # Where the base was pretrained, which decides its weights as much as the settings do.
     assert {"cpu", "cpu_capability", "torch", "transformers"} <= set(saved["base_environment"])
     assert saved["base_environment"]["torch"] == torch.__version__
+    assert saved["environment"] == saved["base_environment"]  # pretrained on this machine
     # The base model is cached: a second run does not pretrain again.
     cached = list((tmp_path / "cache").iterdir())
     run_demo(tmp_path / "out2", settings=settings)
