@@ -134,9 +134,12 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 }  // namespace latro::detail
 
 // Hot loops are compiled twice, for x86-64-v3 (AVX2, FMA, F16C) and the baseline, and the
-// loader picks one at run time, so a portable build still uses the wide units.
+// loader picks one at run time, so a portable build still uses the wide units. A build whose
+// baseline has AVX2 already (-march=native, x86-64-v3 and later) needs no second copy, and
+// GCC 12 stops with an internal compiler error on these clones under -march=native or
+// x86-64-v4 (scripts/test.sh compiles the core that way to keep it building).
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && \
-    !defined(LATRO_NO_CPU_CLONES)
+    !defined(__AVX2__) && !defined(LATRO_NO_CPU_CLONES)
 #define LATRO_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define LATRO_CPU_CLONES
