@@ -574,7 +574,7 @@ __device__ RowNoise row_noise(const SampleKernelArgs& a, int64_t row, int64_t st
 // each time): a few per row.
 __device__ LATRO_DEVICE_NOINLINE uint32_t fine_bits_out_of_line(uint64_t seed, uint32_t stream,
                                                                 uint64_t step, uint32_t v) {
-  return fine_bits(sampling_random_block(seed, stream, step, fine_block_index(v)), v);
+  return RowNoise::at(seed, stream, step).fine(v);
 }
 // (Arguments by value: a reference to the row's RowNoise would put it in local memory.)
 __device__ __forceinline__ uint32_t fine_bits_out_of_line(const RowNoise& noise, uint32_t v) {
